@@ -1,0 +1,34 @@
+# Set-up is two commands: `make demo` and `make test`; both install into .venv first if needed.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, pinned: a CPU build; an open range would pull a multi-GB CUDA build
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	rm -rf out/demo-2bit
+	$(BIN)/vptq compress smollm2 --bits 2 --out out/demo-2bit
+	$(BIN)/vptq eval out/demo-2bit --text $(or $(wildcard ../shared/data/wikitext-2/test.txt),vptq/data/wikitext2-valid.txt) --windows 10
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/quality.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check vptq kernels cli tests bench
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

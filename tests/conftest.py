@@ -1,0 +1,53 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data" / "wikitext-2"
+
+
+def correlated_problem(m=64, n=48, tokens=2048, seed=0):
+    """A weight and a strongly correlated input covariance (so error feedback matters)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(n, n, generator=g) / n**0.5
+    scales = torch.logspace(0, -2, n)
+    x = (torch.randn(tokens, n, generator=g) * scales) @ mix + 0.3 * torch.randn(tokens, 1, generator=g)
+    h = x.t() @ x / tokens
+    w = torch.randn(m, n, generator=g)
+    return w, h
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    from vptq.source import load_tokenizer, resolve
+
+    return load_tokenizer(resolve("smollm2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smol_tokenizer):
+    """A 2-block random Llama with SmolLM2's tokenizer, saved as an HF folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    d = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    model.save_pretrained(d)
+    smol_tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    """Evaluation/calibration text: wikitext-2 when the shared data is there, else the packaged copy."""
+    p = SHARED_DATA / "test.txt"
+    if p.is_file():
+        return p
+    return REPO / "vptq" / "data" / "wikitext2-valid.txt"

@@ -1,0 +1,94 @@
+"""Invariants of the method on toy shapes."""
+
+import pytest
+import torch
+
+from vptq.baselines import gptq_weight, rtn_weight
+from vptq.config import QuantConfig
+from vptq.kmeans import nearest, weighted_kmeans
+from vptq.quantizer import _proxy, dequantize, inverse_hessian_factor, LayerReport, quantize_linear
+
+from .conftest import correlated_problem
+
+
+def _weighted_err(x, w, c):
+    return float((w * ((x - c[nearest(x, c)]) ** 2).sum(1)).sum())
+
+
+def test_weighted_kmeans_beats_unweighted_on_weighted_error():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4000, 2, generator=g)
+    w = torch.where(x[:, 0] > 1.0, 50.0, 0.1)  # a few vectors matter much more
+    cw = weighted_kmeans(x, 16, w, iters=50, seed=0)
+    cu = weighted_kmeans(x, 16, None, iters=50, seed=0)
+    assert _weighted_err(x, w, cw) < 0.8 * _weighted_err(x, w, cu)
+
+
+def test_kmeans_is_deterministic_and_uses_every_code():
+    x = torch.randn(3000, 4, generator=torch.Generator().manual_seed(2))
+    c1 = weighted_kmeans(x, 64, torch.rand(3000, generator=torch.Generator().manual_seed(0)), iters=20, seed=3)
+    c2 = weighted_kmeans(x, 64, torch.rand(3000, generator=torch.Generator().manual_seed(0)), iters=20, seed=3)
+    assert torch.equal(c1, c2)
+    assert nearest(x, c1).unique().numel() == 64
+
+
+def test_vptq_beats_kmeans_beats_rtn_at_two_bits():
+    w, h = correlated_problem()
+    cfg = QuantConfig(vector_len=4, num_centroids=256, enable_norm=False, kmeans_iters=30)
+    _, rep = quantize_linear(w, h, cfg)
+    rtn = _proxy(rtn_weight(w, 2, 48) - w, h / torch.diag(h).mean()) / _proxy(w, h / torch.diag(h).mean())
+    assert rep.proxy_loss < rep.proxy_loss_kmeans < rtn
+    assert rep.proxy_loss < 0.7 * rep.proxy_loss_kmeans  # the column loop is doing real work
+
+
+@pytest.mark.parametrize("kw", [
+    dict(), dict(enable_norm=True), dict(enable_perm=False), dict(group_num=2),
+    dict(num_res_centroids=16), dict(outlier_percent=5.0, outlier_vector_len=2, outlier_centroids=64),
+    dict(vector_len=6), dict(error_feedback=False), dict(weighted_kmeans=False),
+])
+def test_every_part_dequantizes_consistently(kw):
+    w, h = correlated_problem(m=50, n=40, seed=3)
+    cfg = QuantConfig(vector_len=4, num_centroids=64, kmeans_iters=10).with_(**kw)
+    q, rep = quantize_linear(w, h, cfg)
+    what = dequantize(q)
+    assert what.shape == w.shape
+    hn = h / torch.diag(h).mean()
+    assert abs(_proxy(what - w, hn) / _proxy(w, hn) - rep.proxy_loss) < 1e-4
+    assert 0 <= rep.proxy_loss < 1.0
+
+
+def test_residual_codebook_lowers_error():
+    w, h = correlated_problem(seed=5)
+    base = QuantConfig(vector_len=4, num_centroids=64, kmeans_iters=20, enable_norm=False)
+    _, r0 = quantize_linear(w, h, base)
+    _, r1 = quantize_linear(w, h, base.with_(num_res_centroids=64))
+    assert r1.proxy_loss < 0.8 * r0.proxy_loss
+
+
+def test_gptq_beats_rtn():
+    w, h = correlated_problem(seed=7)
+    hn = h / torch.diag(h).mean()
+    e_rtn = _proxy(rtn_weight(w, 3, 16) - w, hn)
+    e_gptq = _proxy(gptq_weight(w, h, 3, 16) - w, hn)
+    assert e_gptq < e_rtn
+
+
+def test_cholesky_retries_with_more_damping_and_records_it():
+    n = 16
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(0)))
+    eig = torch.ones(n)
+    eig[0] = -0.05  # indefinite: fails at damp 0.01 (mean diag ~0.93), works at 0.1
+    h = q @ torch.diag(eig) @ q.t()
+    rep = LayerReport()
+    u = inverse_hessian_factor(h, 0.01, rep)
+    assert torch.isfinite(u).all() and rep.damp_used == pytest.approx(0.1)
+    assert rep.warnings and "damp" in rep.warnings[0]
+
+
+def test_cholesky_total_failure_degrades_with_warning():
+    w = torch.randn(8, 8)
+    h = torch.eye(8)
+    h[0, 1] = h[1, 0] = 1e6  # eigenvalue ~ -1e6: no damping rescues it
+    q, rep = quantize_linear(w, h, QuantConfig(vector_len=4, num_centroids=4, kmeans_iters=5, enable_norm=False))
+    assert any("disabled" in m for m in rep.warnings)
+    assert torch.isfinite(dequantize(q)).all()

@@ -1,0 +1,168 @@
+"""QuantConfig: every knob of VPTQ for one run, plus honest bit accounting.
+
+Bits are counted "all-in": packed indices (with their padding), every codebook of every
+layer, the permutation, the normalization scale/bias. `layer_bits` is checked in the tests
+against the bytes actually written by `vptq.io.save_quantized`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Literal
+
+HessianMode = Literal["sequential", "original"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the fix."""
+
+
+def _is_pow2(x: int) -> bool:
+    return x > 0 and (x & (x - 1)) == 0
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    vector_len: int = 4  # v: elements per vector, along the output dimension
+    num_centroids: int = 256  # k: main codebook size (power of two)
+    num_res_centroids: int = 0  # k_res: residual codebook size, 0 = no residual
+    outlier_percent: float = 0.0  # share of input channels (highest H[j,j]) with own codebook
+    outlier_vector_len: int = 4
+    outlier_centroids: int = 256
+    group_num: int = 1  # G: column groups, one codebook each
+    enable_norm: bool = True  # per-input-channel min/max normalization
+    enable_perm: bool = True  # act-order: most sensitive input channels first
+    weighted_kmeans: bool = True  # k-means weighted by H[j,j]; False = plain k-means
+    error_feedback: bool = True  # channel-independent 2nd-order optimization (column loop)
+    kmeans_iters: int = 40
+    kmeans_max_samples: int = 131072  # vectors used to fit a codebook (weighted subsample)
+    block_size: int = 128  # lazy-batch width of the column loop
+    damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
+    finetune_steps: int = 0  # per-block recovery of codebooks + norms (0 = off)
+    finetune_lr: float = 1e-4
+    hessians: HessianMode = "sequential"
+    seed: int = 0
+    # names of linears inside a decoder block that are quantized (suffix match)
+    targets: tuple[str, ...] = field(
+        default=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    )
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def index_bits(self) -> int:
+        return int(math.log2(self.num_centroids))
+
+    @property
+    def res_bits(self) -> int:
+        return int(math.log2(self.num_res_centroids)) if self.num_res_centroids else 0
+
+    def validate(self) -> None:
+        if self.vector_len < 1 or self.vector_len > 64:
+            raise ConfigError(f"vector_len={self.vector_len}: use 1..64")
+        for name in ("num_centroids", "outlier_centroids"):
+            k = getattr(self, name)
+            if not _is_pow2(k) or k > 65536:
+                raise ConfigError(f"{name}={k}: must be a power of two <= 65536")
+        if self.num_res_centroids and (
+            not _is_pow2(self.num_res_centroids) or self.num_res_centroids > self.num_centroids
+        ):
+            raise ConfigError(
+                f"num_res_centroids={self.num_res_centroids}: use 0 or a power of two "
+                f"<= num_centroids ({self.num_centroids}), as the VPTQ loaders require"
+            )
+        if not 0.0 <= self.outlier_percent < 50.0:
+            raise ConfigError(f"outlier_percent={self.outlier_percent}: use 0 <= x < 50")
+        if self.group_num < 1:
+            raise ConfigError(f"group_num={self.group_num}: must be >= 1")
+        if self.hessians not in ("sequential", "original"):
+            raise ConfigError(f"hessians={self.hessians!r}: use 'sequential' or 'original'")
+        if self.kmeans_iters < 0 or self.block_size < 1 or self.damp <= 0:
+            raise ConfigError("kmeans_iters >= 0, block_size >= 1 and damp > 0 are required")
+
+    def with_(self, **kw) -> QuantConfig:
+        return replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["targets"] = list(self.targets)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> QuantConfig:
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(f"unknown QuantConfig field(s): {sorted(unknown)}")
+        d = dict(d)
+        if "targets" in d:
+            d["targets"] = tuple(d["targets"])
+        return cls(**d)
+
+
+# Presets chosen for small models (hidden 576): codebooks must stay small because each
+# linear stores its own (a 4096x6 fp16 codebook alone is ~1.2 bpw on a 576x576 layer).
+PRESETS: dict[int, QuantConfig] = {
+    2: QuantConfig(vector_len=4, num_centroids=256),
+    3: QuantConfig(vector_len=4, num_centroids=256, num_res_centroids=16),
+    4: QuantConfig(vector_len=4, num_centroids=256, num_res_centroids=256),
+}
+
+
+def preset(bits: int) -> QuantConfig:
+    if bits not in PRESETS:
+        raise ConfigError(f"--bits {bits}: choose one of {sorted(PRESETS)}")
+    return PRESETS[bits]
+
+
+# ----------------------------------------------------------------------------- layout
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """How the input channels of one (M x N) linear split into outliers and groups."""
+
+    out_features: int
+    in_features: int
+    outlier_size: int
+    group_num: int
+    group_size: int
+
+    @classmethod
+    def for_shape(cls, cfg: QuantConfig, out_features: int, in_features: int) -> LayerLayout:
+        n = in_features
+        outlier = math.ceil(cfg.outlier_percent / 100.0 * n) if cfg.outlier_percent > 0 else 0
+        g = cfg.group_num
+        if g > n - outlier:
+            raise ConfigError(f"group_num={g} is larger than the {n} input channels")
+        # grow the outlier block until the rest divides evenly into groups (as the authors do)
+        while (n - outlier) % g:
+            outlier += 1
+        return cls(out_features, in_features, outlier, g, (n - outlier) // g)
+
+
+def layer_bits(cfg: QuantConfig, out_features: int, in_features: int) -> dict[str, int]:
+    """Every stored bit of one quantized linear, by component (no bias: ours have none)."""
+    lay = LayerLayout.for_shape(cfg, out_features, in_features)
+    v, m = cfg.vector_len, out_features
+    rows = math.ceil(m / v)
+    width = cfg.index_bits + cfg.res_bits
+    words = math.ceil(lay.group_size * width / 32)
+    bits = {
+        "indices": 32 * lay.group_num * rows * words,
+        "centroids": 16 * lay.group_num * cfg.num_centroids * v,
+        "res_centroids": 16 * lay.group_num * cfg.num_res_centroids * v,
+        "outlier_indices": 0,
+        "outlier_centroids": 0,
+        "perm": 16 * in_features if cfg.enable_perm else 0,
+        "norm": 2 * 16 * in_features if cfg.enable_norm else 0,
+    }
+    if lay.outlier_size:
+        v0 = cfg.outlier_vector_len
+        bits["outlier_indices"] = 16 * math.ceil(m / v0) * lay.outlier_size
+        bits["outlier_centroids"] = 16 * cfg.outlier_centroids * v0
+    return bits
+
+
+def layer_bpw(cfg: QuantConfig, out_features: int, in_features: int) -> float:
+    return sum(layer_bits(cfg, out_features, in_features).values()) / (out_features * in_features)

@@ -1,0 +1,145 @@
+"""Block-by-block driver: capture block inputs, collect Hessians, quantize, propagate.
+
+Only one decoder block and one batch of its activations sit on the compute device at a time;
+the model and the calibration activations stay on the CPU, so a model larger than the
+device's memory can be quantized.
+
+hessians="sequential": block l is calibrated on the outputs of the already-quantized blocks
+before it (GPTQ-style). hessians="original": every Hessian comes from the unquantized model
+(the authors' setting), so every linear is independent of the others.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import QuantConfig
+from .finetune import finetune_block
+from .hessian import collect_hessians
+from .layers import VQuantLinear
+from .quantizer import LayerReport, quantize_linear
+
+QuantizeFn = Callable[[str, nn.Linear, torch.Tensor, QuantConfig], tuple[nn.Module, LayerReport]]
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class ModelReport:
+    layers: list[LayerReport] = field(default_factory=list)
+    seconds: float = 0.0
+    finetune: list[dict] = field(default_factory=list)
+
+    @property
+    def bits(self) -> int:
+        return sum(r.bits for r in self.layers)
+
+    @property
+    def weights(self) -> int:
+        return sum(r.shape[0] * r.shape[1] for r in self.layers)
+
+    @property
+    def bpw(self) -> float:
+        return self.bits / max(self.weights, 1)
+
+    @property
+    def warnings(self) -> list[str]:
+        return [f"{r.name}: {w}" for r in self.layers for w in r.warnings]
+
+
+def vptq_linear(name: str, lin: nn.Linear, h: torch.Tensor, cfg: QuantConfig):
+    """Default per-linear quantizer: VPTQ -> VQuantLinear (on the linear's device)."""
+    q, rep = quantize_linear(lin.weight, h, cfg, name)
+    mod = VQuantLinear.from_weights(q, lin.bias.detach() if lin.bias is not None else None)
+    return mod.to(lin.weight.device), rep
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"{type(model).__name__}: expected a decoder-only model with model.layers")
+    return layers
+
+
+def target_linears(block: nn.Module, cfg: QuantConfig) -> dict[str, nn.Linear]:
+    return {
+        n: m for n, m in block.named_modules()
+        if isinstance(m, nn.Linear) and n.split(".")[-1] in cfg.targets
+    }
+
+
+def _run_block(block: nn.Module, x: torch.Tensor, pe) -> torch.Tensor:
+    out = block(x, position_embeddings=pe, attention_mask=None)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _rotary(model: nn.Module, x: torch.Tensor):
+    pos = torch.arange(x.shape[1], device=x.device)[None]
+    return model.model.rotary_emb(x, pos)
+
+
+@torch.no_grad()
+def _forward_all(block, xs: torch.Tensor, pe, device, batch: int) -> torch.Tensor:
+    out = torch.empty_like(xs)
+    for s in range(0, xs.shape[0], batch):
+        out[s : s + batch] = _run_block(block, xs[s : s + batch].to(device), pe).to(out.device)
+    return out
+
+
+def quantize_model(
+    model: nn.Module,
+    calib: torch.Tensor,
+    cfg: QuantConfig,
+    device: str | torch.device = "cpu",
+    quantize_fn: QuantizeFn = vptq_linear,
+    progress: Progress | None = None,
+    batch: int = 4,
+    blocks: int | None = None,
+) -> ModelReport:
+    """Quantize the target linears of every decoder block in place. calib: (n, seqlen) ids.
+
+    `blocks` limits the run to the first blocks (tests, quick looks); the rest stay FP.
+    """
+    t0 = time.perf_counter()
+    device = torch.device(device)
+    model.eval()
+    layers = decoder_layers(model)
+    n_blocks = len(layers) if blocks is None else min(blocks, len(layers))
+    report = ModelReport()
+    with torch.no_grad():
+        x = model.model.embed_tokens(calib.to(model.model.embed_tokens.weight.device)).float()
+    x = x.cpu()
+    fp_x = x.clone() if cfg.finetune_steps else None  # teacher chain of the original model
+    pe = _rotary(model, x[:1].to(device))
+    for i in range(n_blocks):
+        block = layers[i].to(device)
+        lins = target_linears(block, cfg)
+        prefix = f"model.layers.{i}."
+        with collect_hessians(lins) as hs:
+            fp_out = _forward_all(block, x, pe, device, batch)
+        target = _forward_all(block, fp_x, pe, device, batch) if fp_x is not None else None
+        for j, (name, lin) in enumerate(lins.items()):
+            if progress:
+                progress(i, n_blocks, f"block {i} {name}")
+            new, rep = quantize_fn(prefix + name, lin, hs[name].to(device), cfg)
+            report.layers.append(rep)
+            block.set_submodule(name, new)
+        del hs
+        if cfg.finetune_steps and target is not None:
+            report.finetune.append(finetune_block(block, x, target, pe, cfg, device, batch))
+        if cfg.hessians == "sequential" or cfg.finetune_steps:
+            x = _forward_all(block, x, pe, device, batch)  # inputs as the quantized model sees them
+        else:
+            x = fp_out
+        if target is not None:
+            fp_x = target
+        layers[i] = block.to("cpu") if device.type != "cpu" else block
+        if progress:
+            progress(i + 1, n_blocks, f"block {i} done")
+    report.seconds = time.perf_counter() - t0
+    return report

