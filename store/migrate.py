@@ -1,0 +1,63 @@
+"""Schema migrations: apply Alembic revisions, read the current one, open a database at head.
+
+An SQLite database is created and upgraded on first use; PostgreSQL is upgraded only on request
+(`vptq db upgrade`), since a shared server's schema is an operator's decision.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine
+
+from store.db import make_engine
+from store.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+INI = Path(__file__).with_name("alembic.ini")
+
+
+def alembic_config() -> Config:
+    """The packaged Alembic config (script location resolved relative to the package)."""
+    return Config(str(INI))
+
+
+def head_revision() -> str:
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def upgrade(engine: Engine, revision: str = "head") -> str | None:
+    """Apply migrations up to revision in one transaction; returns the revision now current."""
+    cfg = alembic_config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
+    now = current_revision(engine)
+    log.info("database schema at revision %s", now)
+    return now
+
+
+def open_database(url: str | None = None) -> Engine:
+    """An engine whose schema is at head: SQLite is upgraded in place, others must be upgraded first."""
+    engine = make_engine(url)
+    head = head_revision()
+    current = current_revision(engine)
+    if current == head:
+        return engine
+    if engine.dialect.name == "sqlite":
+        upgrade(engine)
+        return engine
+    engine.dispose()
+    state = "has no vptq schema" if current is None else f"is at revision {current}, code expects {head}"
+    raise StoreError(f"database {engine.url.render_as_string()} {state}; run `vptq db upgrade`")
