@@ -54,12 +54,12 @@ def parse_url(raw: str) -> URL:
     try:
         url = make_url(raw)
     except ArgumentError:
-        raise StoreError(f"VPTQ_DB_URL {mask_url(raw)!r} is not a database URL: {_URL_HELP}", raw) from None
+        raise StoreError(f"VPTQ_DB_URL {mask_url(raw)!r} is not a database URL: {_URL_HELP}") from None
     backend = url.get_backend_name()
     if backend not in ("sqlite", "postgresql"):
         raise StoreError(f"VPTQ_DB_URL {url.render_as_string()!r}: unsupported database {backend!r}; {_URL_HELP}")
-    if backend == "postgresql" and url.get_driver_name() not in ("psycopg", "psycopg2"):
-        # Only psycopg (3) is a dependency; plain postgresql:// would pick psycopg2 and fail obscurely.
+    if url.drivername == "postgresql":
+        # Only psycopg (3) is a dependency; plain postgresql:// would pick psycopg2.
         url = url.set(drivername="postgresql+psycopg")
     if backend == "postgresql" and not url.database:
         raise StoreError(f"VPTQ_DB_URL {url.render_as_string()!r} names no database; {_URL_HELP}")
@@ -76,7 +76,7 @@ def make_engine(raw_url: str | None = None) -> Engine:
             engine = _sqlite_engine(url)
         else:
             engine = create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 5})
-    except NoSuchModuleError:
+    except (NoSuchModuleError, ImportError):
         raise StoreError(f"VPTQ_DB_URL {shown!r}: no driver {url.drivername!r}; {_URL_HELP}") from None
     try:
         with engine.connect() as conn:
