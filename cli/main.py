@@ -165,6 +165,11 @@ def eval_(
         _emit(data, as_json, f"perplexity {r.perplexity:.3f} over {r.windows} x {r.seqlen} tokens")
 
 
+from cli.db import register as _register_store  # noqa: E402 - store commands: db, artifacts, pull
+
+_register_store(app)
+
+
 def main() -> None:  # console-script entry point
     app()
 
