@@ -162,6 +162,14 @@ class VQuantLinear(nn.Module):
         return dequantize(self.to_weights(), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            # numba.cuda kernels: fused gemv for <= 8 token rows, dequantize + F.linear above.
+            # Imported lazily so numba stays optional; None = use the torch path below.
+            from kernels.dispatch import vq_linear_forward
+
+            y = vq_linear_forward(self, x)
+            if y is not None:
+                return y
         if torch.is_grad_enabled():
             w = self.dequantized_weight(x.dtype)
         else:

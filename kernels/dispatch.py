@@ -1,0 +1,129 @@
+"""Entry points for vptq/: numba.cuda kernels for CUDA tensors, the torch references otherwise.
+
+Importing this module never imports numba; the kernels' modules import it on first use.
+
+    nearest(x, centroids, c_sq=None) -> idx            drop-in for vptq.kmeans.nearest
+    assign(x, centroids, weights=None, c_sq=None) -> (idx, dist)
+    dequantize(layer, dtype) -> W                       layer: PackedLayer or VQuantLinear
+    gemv(x, layer) -> y                                 y = x W^T + bias, 1..8 rows
+    vq_linear_forward(module, x) -> y or None           VQuantLinear's CUDA route
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _numba as nb
+from .assign import MAX_K, SUPPORTED_V, assign_ref
+from .dequant import PackedLayer, check_layer, dequantize_ref, inverse_perm
+from .gemv import MAX_BATCH, gemv_ref
+
+FUSED_MAX_ROWS = MAX_BATCH  # token rows up to which VQuantLinear uses the fused gemv
+
+
+def _assign_on_kernel(x: torch.Tensor, centroids: torch.Tensor) -> bool:
+    return (nb.use_kernels(x, centroids) and x.dim() == 2 and x.shape[1] in SUPPORTED_V
+            and 0 < centroids.shape[0] <= MAX_K and x.dtype in (torch.float16, torch.float32)
+            and centroids.dtype in (torch.float16, torch.float32))
+
+
+def assign(x: torch.Tensor, centroids: torch.Tensor, weights: torch.Tensor | None = None,
+           c_sq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) int64 nearest-centroid index and (N,) float32 (weighted) squared distance."""
+    if _assign_on_kernel(x, centroids):
+        from .assign import assign as assign_kernel
+
+        return assign_kernel(x.contiguous(), centroids.contiguous(),
+                             None if weights is None else weights.contiguous(),
+                             None if c_sq is None else c_sq.contiguous())
+    return assign_ref(x, centroids, weights, c_sq)
+
+
+def nearest(x: torch.Tensor, centroids: torch.Tensor, c_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """Index (int64) of the nearest centroid for each row of x: (n, v) x (k, v) -> (n,)."""
+    return assign(x, centroids, None, c_sq)[0]
+
+
+def _packed(layer) -> PackedLayer:
+    return layer if isinstance(layer, PackedLayer) else PackedLayer.from_module(layer)
+
+
+def _kernel_layer(p: PackedLayer, *tensors: torch.Tensor) -> bool:
+    f16 = (p.centroids, p.res_centroids, p.outlier_centroids)
+    ok_f = all(t is None or t.dtype == torch.float16 for t in f16)
+    ok_n = all(t is None or t.dtype in (torch.float16, torch.float32)
+               for t in (p.weight_scale, p.weight_bias, p.bias))
+    return ok_f and ok_n and p.vector_len <= 16 and nb.use_kernels(p.indices, *tensors)
+
+
+def dequantize(layer, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """Dense (M, N) weight of a stored layer in dtype."""
+    p = _packed(layer)
+    if dtype in (torch.float16, torch.float32) and _kernel_layer(p):
+        from .dequant import dequantize as dequantize_kernel
+
+        return dequantize_kernel(p, dtype)
+    return dequantize_ref(p, dtype)
+
+
+def gemv(x: torch.Tensor, layer) -> torch.Tensor:
+    """y = x W^T + bias for x (B, N), B <= 8, without forming W on CUDA."""
+    p = _packed(layer)
+    if x.dim() == 2 and 1 <= x.shape[0] <= MAX_BATCH and x.dtype in (torch.float16, torch.float32) \
+            and _kernel_layer(p, x):
+        from .gemv import gemv as gemv_kernel
+
+        return gemv_kernel(x.contiguous(), p)
+    return gemv_ref(x, p)
+
+
+def _layer_state(mod) -> tuple[PackedLayer, torch.Tensor | None]:
+    """PackedLayer + inverse perm of a VQuantLinear, validated once and cached on the module."""
+    key = tuple((t.data_ptr(), t._version) for t in (*mod.parameters(), *mod.buffers()))
+    st = getattr(mod, "_kernel_state", None)
+    if st is None or st[0] != key:
+        p = PackedLayer.from_module(mod)
+        check_layer(p, kernel=True, check_values=True)
+        st = (key, p, inverse_perm(p))
+        mod._kernel_state = st
+    return st[1], st[2]
+
+
+def vq_linear_forward(mod, x: torch.Tensor, *, force: bool = False) -> torch.Tensor | None:
+    """VQuantLinear.forward on the kernels, or None when the torch path must run instead.
+
+    None when: autograd needs the graph, x is not CUDA, the dtype or codebook is not fp16/fp32,
+    or numba is unavailable. <= 8 token rows: fused gemv; more: dequantize kernel + F.linear
+    (the dense weight is not cached: that would cost the fp16 model's memory).
+    `force` lets tests drive the kernels with CPU tensors under the simulator.
+    """
+    if torch.is_grad_enabled() and (x.requires_grad or any(q.requires_grad for q in mod.parameters())):
+        return None
+    if x.dtype not in (torch.float16, torch.float32):
+        return None
+    if not force and not x.is_cuda:
+        return None
+    if mod.centroids.weight.dtype != torch.float16:
+        return None
+    if not force and not (nb.available() and nb.use_kernels(x, mod.indices)):
+        return None
+    if force and not nb.available():
+        return None
+    from .dequant import dequantize as dequantize_kernel
+    from .gemv import gemv as gemv_kernel
+
+    p, invperm = _layer_state(mod)
+    if not _kernel_layer_dtypes(p):
+        return None
+    x2 = x.reshape(-1, mod.in_features)
+    if x2.shape[0] <= FUSED_MAX_ROWS and x2.shape[0] > 0:
+        y = gemv_kernel(x2.contiguous(), p, checked=True)
+    else:
+        w = dequantize_kernel(p, x.dtype, invperm=invperm, checked=True)
+        y = torch.nn.functional.linear(x2, w, None if p.bias is None else p.bias.to(x.dtype))
+    return y.reshape(*x.shape[:-1], mod.out_features)
+
+
+def _kernel_layer_dtypes(p: PackedLayer) -> bool:
+    return all(t is None or t.dtype in (torch.float16, torch.float32)
+               for t in (p.weight_scale, p.weight_bias, p.bias)) and p.vector_len <= 16
