@@ -93,6 +93,10 @@ def list_(name: Optional[str] = typer.Argument(None, help="Only this artifact na
           debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")) -> None:
     """Published versions in the artifact store (VPTQ_ARTIFACTS), newest first."""
     with _store_errors(debug):
+        from store.registry import parse_ref
+
+        if name is not None:
+            parse_ref(name)
         for m in _registry(with_db=False).list(name):
             if as_json:
                 sys.stdout.write(json.dumps({"name": m.name, "version": m.version, "size": m.size,
@@ -114,6 +118,8 @@ def publish(ref: str = typer.Argument(..., help="NAME:VERSION to publish as."),
         name, version = parse_ref(ref)
         if version is None:
             raise StoreError(f"publish needs an explicit version: {ref}:VERSION")
+        if not folder.is_dir():
+            raise StoreError(f"cannot publish {ref}: {folder} is not a folder")
         m = _registry(with_db=True).publish(name, version, folder, job_id=job_id)
         typer.echo(f"published {m.name}:{m.version}: {len(m.files)} files, {m.size} bytes")
 
@@ -123,6 +129,9 @@ def pull(ref: str = typer.Argument(..., help="NAME or NAME:VERSION (newest versi
          debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")) -> None:
     """Download an artifact, verify every sha256, and create DEST only when all files check out."""
     with _store_errors(debug):
+        from store.registry import parse_ref
+
+        parse_ref(ref)  # bad input is reported before any store is contacted
         r = _registry(with_db=False).pull(ref, dest)
         typer.echo(f"pulled {r.name}:{r.version} into {r.dest}: {r.files} files verified "
                    f"({r.downloaded} downloaded, {r.reused} already present)")

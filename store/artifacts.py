@@ -182,7 +182,7 @@ class S3Store(ArtifactStore):
                               "server is running")
         if isinstance(e, ClientError):
             code = str(e.response.get("Error", {}).get("Code", ""))
-            if code == "NoSuchBucket":
+            if code == "NoSuchBucket" or (code == "404" and what == "check bucket"):  # HEAD has no body
                 return StoreError(f"bucket {self.bucket!r} does not exist at {self.endpoint}: create it or fix "
                                   "VPTQ_ARTIFACTS")
             if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):

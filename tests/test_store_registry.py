@@ -1,0 +1,238 @@
+"""Registry tests: real S3 over HTTP (moto server) and the local store, rows in SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from store.artifacts import LocalStore, S3Store, open_artifact_store
+from store.errors import StoreError
+from store.registry import MANIFEST, Registry, parse_ref
+from tests.store_fixtures import (  # noqa: F401 - fixtures
+    S3_SECRET,
+    bucket,
+    db_url,
+    free_port,
+    make_folder,
+    moto_server,
+    repo,
+    s3_client,
+    s3_env,
+)
+
+FILES = {"config.json": 300, "model.safetensors": 200_000, "tokenizer/tokenizer.json": 5_000, "empty.txt": 0}
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli():
+    from cli.db import register
+
+    app = typer.Typer()
+    register(app)
+    return app
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(params=["s3", "local"])
+def registry(request, repo, tmp_path, monkeypatch):  # noqa: F811
+    if request.param == "s3":
+        request.getfixturevalue("bucket")
+        store = open_artifact_store()
+        assert isinstance(store, S3Store)
+    else:
+        monkeypatch.setenv("VPTQ_HOME", str(tmp_path / "home"))
+        monkeypatch.delenv("VPTQ_ARTIFACTS", raising=False)
+        store = open_artifact_store()
+        assert isinstance(store, LocalStore) and store.root == (tmp_path / "home" / "artifacts").resolve()
+    store.check()
+    return Registry(store, repo)
+
+
+def test_publish_pull_round_trip_is_byte_identical(registry, tmp_path):
+    src = make_folder(tmp_path / "src", FILES)
+    job = registry.repo.create_job("smollm2", {"bits": 2})
+    m = registry.publish("smol-2bit", "v1", src, lineage={"model_sha256": "a" * 64}, job_id=job.id)
+    assert m.size == sum(FILES.values()) and [f.path for f in m.files] == sorted(FILES)
+
+    r = registry.pull("smol-2bit:v1", tmp_path / "dest")
+    assert (r.files, r.downloaded, r.reused) == (len(FILES), len(FILES), 0)
+    got = _tree(tmp_path / "dest")
+    assert got.pop(MANIFEST) == registry.store.get_bytes(f"smol-2bit/v1/{MANIFEST}")
+    assert got == _tree(src)
+    manifest = json.loads((tmp_path / "dest" / MANIFEST).read_bytes())
+    assert manifest["lineage"] == {"model_sha256": "a" * 64, "job_id": job.id}
+    assert {f["path"]: f["sha256"] for f in manifest["files"]} == {
+        k: hashlib.sha256(v).hexdigest() for k, v in _tree(src).items()}
+
+    row = registry.repo.get_artifact("smol-2bit", "v1")
+    assert row.job_id == job.id and row.size == m.size
+    assert row.sha256 == hashlib.sha256(registry.store.get_bytes(f"smol-2bit/v1/{MANIFEST}")).hexdigest()
+    assert row.uri == registry.store.uri_of("smol-2bit/v1")
+
+    again = registry.pull("smol-2bit:v1", tmp_path / "dest")  # already there and verified: a no-op
+    assert (again.downloaded, again.reused) == (0, len(FILES))
+    make_folder(tmp_path / "src2", {"config.json": 10}, seed=1)
+    registry.publish("smol-2bit", "v2", tmp_path / "src2")
+    assert registry.pull("smol-2bit", tmp_path / "latest").version == "v2"  # no version: the newest
+    assert [(x.name, x.version) for x in registry.list()] == [("smol-2bit", "v2"), ("smol-2bit", "v1")]
+    with pytest.raises(StoreError, match="exists and is not empty"):
+        registry.pull("smol-2bit:v2", tmp_path / "src")
+
+
+def test_duplicate_version_refused(registry, tmp_path):
+    src = make_folder(tmp_path / "src", {"a.bin": 100})
+    registry.publish("m", "1.0", src)
+    before = registry.store.get_bytes(f"m/1.0/{MANIFEST}")
+    make_folder(tmp_path / "other", {"a.bin": 100}, seed=7)
+    with pytest.raises(StoreError, match="m:1.0 already exists"):
+        registry.publish("m", "1.0", tmp_path / "other")
+    assert registry.store.get_bytes(f"m/1.0/{MANIFEST}") == before
+    assert registry.pull("m:1.0", tmp_path / "d").files == 1
+    assert (tmp_path / "d" / "a.bin").read_bytes() == (src / "a.bin").read_bytes()
+
+
+def test_flipped_byte_in_bucket_is_detected_and_pull_resumes(repo, bucket, tmp_path):  # noqa: F811
+    registry = Registry(open_artifact_store(), repo)
+    files = {"a.bin": 1000, "b.bin": 1000, "c.bin": 70_000, "d.bin": 1000}
+    src = make_folder(tmp_path / "src", files)
+    registry.publish("m", "v1", src)
+    key = "models/m/v1/c.bin"
+    good = bytearray(s3_client().get_object(Bucket=bucket, Key=key)["Body"].read())
+    bad = bytearray(good)
+    bad[12_345] ^= 0x01
+    s3_client().put_object(Bucket=bucket, Key=key, Body=bytes(bad))
+
+    dest = tmp_path / "dest"
+    with pytest.raises(StoreError, match=r"m:v1 is corrupted: c.bin has sha256 .*nothing was written"):
+        registry.pull("m:v1", dest)
+    assert not dest.exists()
+    staging = tmp_path / ".dest.partial"
+    assert sorted(p.name for p in staging.iterdir()) == ["a.bin", "b.bin"]  # only verified files kept
+
+    s3_client().put_object(Bucket=bucket, Key=key, Body=bytes(good))  # repaired: the pull resumes
+    r = registry.pull("m:v1", dest)
+    assert (r.downloaded, r.reused) == (2, 2)
+    assert {k: v for k, v in _tree(dest).items() if k != MANIFEST} == _tree(src)
+    assert not staging.exists()
+
+    s3_client().delete_object(Bucket=bucket, Key="models/m/v1/d.bin")
+    with pytest.raises(StoreError, match="m:v1 is incomplete: d.bin is missing"):
+        registry.pull("m:v1", tmp_path / "dest2")
+    assert not (tmp_path / "dest2").exists()
+
+
+def test_killed_publish_is_invisible_and_retry_succeeds(repo, bucket, tmp_path):  # noqa: F811
+    src = make_folder(tmp_path / "src", {"a.bin": 100, "b.bin": 100, "c.bin": 100, "d.bin": 100})
+    code = ("import sys; from tests.store_fixtures import publish_then_die; "
+            "publish_then_die(sys.argv[1], 'm', 'v1', 2)")
+    proc = subprocess.run([sys.executable, "-c", code, str(src)], cwd=REPO_ROOT, env=os.environ.copy(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 17, proc.stderr
+    registry = Registry(open_artifact_store(), repo)
+    assert registry.store.list_keys("m/v1/") == ["m/v1/a.bin", "m/v1/b.bin"]  # orphans, but no manifest
+    assert registry.list() == []
+    with pytest.raises(StoreError, match="artifact m:v1 not found"):
+        registry.pull("m:v1", tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()
+
+    registry.publish("m", "v1", src)  # the retry is not refused as a duplicate
+    assert registry.pull("m:v1", tmp_path / "dest").files == 4
+    assert repo.get_artifact("m", "v1") is not None
+
+
+def test_big_file_goes_multipart_and_back(bucket, tmp_path):  # noqa: F811
+    store = S3Store(bucket, "models", multipart_threshold=5 * 2**20, multipart_chunksize=5 * 2**20)
+    src = make_folder(tmp_path / "src", {"model.safetensors": 11 * 2**20 + 3})
+    Registry(store).publish("big", "v1", src)
+    etag = s3_client().head_object(Bucket=bucket, Key="models/big/v1/model.safetensors")["ETag"]
+    assert etag.strip('"').endswith("-3")  # three parts: uploaded through the transfer manager
+    Registry(store).pull("big:v1", tmp_path / "dest")
+    assert (tmp_path / "dest" / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
+
+
+def test_delete_needs_confirmation_then_removes_everything(repo, bucket, tmp_path):  # noqa: F811
+    registry = Registry(open_artifact_store(), repo)
+    registry.publish("m", "v1", make_folder(tmp_path / "src", {"a.bin": 10, "b/c.bin": 10}))
+    runner = CliRunner()
+    refused = runner.invoke(_cli(), ["artifacts", "delete", "m:v1"])  # no terminal, no --yes
+    assert refused.exit_code == 1 and "pass --yes" in refused.stderr
+    assert registry.manifest("m", "v1") is not None
+    ok = runner.invoke(_cli(), ["artifacts", "delete", "m:v1", "--yes"])
+    assert ok.exit_code == 0, ok.output
+    assert registry.store.list_keys("m/") == [] and repo.get_artifact("m", "v1") is None
+    with pytest.raises(StoreError, match="not found"):
+        registry.delete("m", "v1")
+
+
+def test_hostile_manifest_cannot_escape_dest(bucket, tmp_path):  # noqa: F811
+    registry = Registry(open_artifact_store())
+    registry.publish("m", "v1", make_folder(tmp_path / "src", {"a.bin": 10}))
+    doc = json.loads(registry.store.get_bytes(f"m/v1/{MANIFEST}"))
+    doc["files"][0]["path"] = "../../escaped.bin"
+    registry.store.put_bytes(f"m/v1/{MANIFEST}", json.dumps(doc).encode())
+    with pytest.raises(StoreError, match="manifest.json is corrupted .*unsafe file path"):
+        registry.pull("m:v1", tmp_path / "x" / "dest")
+    assert not list(tmp_path.rglob("escaped.bin"))
+
+
+def test_s3_credentials_never_in_logs_or_errors(repo, bucket, tmp_path, caplog):  # noqa: F811
+    caplog.set_level(logging.DEBUG)
+    registry = Registry(open_artifact_store(), repo)
+    registry.publish("m", "v1", make_folder(tmp_path / "src", {"a.bin": 10}))
+    registry.pull("m:v1", tmp_path / "dest")
+    with pytest.raises(StoreError) as e:
+        open_artifact_store(f"s3://AKIAXX:{S3_SECRET}@{bucket}/models")
+    assert "carries credentials" in str(e.value)
+    assert S3_SECRET not in str(e.value) and S3_SECRET not in caplog.text
+    assert "botocore" in caplog.text  # the check saw botocore's DEBUG records, not an empty log
+    with repo._engine.connect() as conn:
+        from sqlalchemy import text
+
+        assert S3_SECRET not in repr(conn.execute(text("SELECT * FROM artifacts")).all())
+
+
+@pytest.mark.parametrize("ref", ["", "bad name", "a:b:c", "../up", "m:", "m:-v1", "x" * 200])
+def test_bad_refs_refused(ref):
+    with pytest.raises(StoreError, match="bad artifact reference"):
+        parse_ref(ref)
+
+
+@pytest.mark.parametrize("artifacts, expect", [
+    ("s3://", "is not a valid bucket name"),
+    ("s3://Bad_Bucket/p", "is not a valid bucket name"),
+    ("gs://bucket/p", "unsupported scheme 'gs'"),
+    ("s3://AKIA:topsecret@bucket/p", "carries credentials"),
+    ("s3://no-such-bucket-here/p", "bucket 'no-such-bucket-here' does not exist"),
+])
+def test_bad_artifacts_setting_is_one_clear_line(artifacts, expect, s3_env, monkeypatch, tmp_path):  # noqa: F811
+    monkeypatch.setenv("VPTQ_ARTIFACTS", artifacts)
+    result = CliRunner().invoke(_cli(), ["pull", "m:v1", str(tmp_path / "dest")])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], result.stderr
+    assert "topsecret" not in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "dest").exists()
+
+
+def test_unreachable_endpoint_and_bad_ref_via_cli(s3_env, monkeypatch, tmp_path):  # noqa: F811
+    monkeypatch.setenv("VPTQ_ARTIFACTS", "s3://some-bucket/p")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    result = CliRunner().invoke(_cli(), ["pull", "m:v1", str(tmp_path / "dest")])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: cannot reach S3 endpoint http://127.0.0.1:"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    bad = CliRunner().invoke(_cli(), ["pull", "no good:v1", str(tmp_path / "dest")])
+    assert bad.exit_code == 1 and "bad artifact reference 'no good:v1'" in bad.stderr
+    assert not (tmp_path / "dest").exists()
