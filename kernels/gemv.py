@@ -126,15 +126,15 @@ def _kernel(v: int, batch: int, has_res: bool, has_out: bool, has_perm: bool, ha
             if lane == 0:
                 red[wid, e] = tot
         cuda.syncthreads()  # all warp partials in shared memory
-        if tid < batch * v:
-            b = tid // v
-            t = tid - b * v
+        for e in range(tid, batch * v, threads):
+            b = e // v
+            t = e - b * v
             row = r * v + t
             if row < m:
                 tot = float32(0.0)
                 tb = float32(0.0)
                 for w in range(nwarps):
-                    tot += red[w, tid]
+                    tot += red[w, e]
                     tb += red[w, batch * v + b]
                 if has_bias:
                     tot += float32(bias[row])

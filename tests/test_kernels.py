@@ -1,0 +1,224 @@
+"""numba.cuda kernels against their torch oracles.
+
+Without a GPU (CI) the kernels run in numba's CUDA simulator on CPU tensors; with one, the
+same tests run on real CUDA. Shapes are small and are not multiples of the tiles.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:  # must be set before numba is imported; CPU code never routes to the simulator
+    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
+pytest.importorskip("numba")
+pytest.importorskip("numba.cuda")
+
+from kernels import _numba as nb  # noqa: E402
+from kernels import dispatch  # noqa: E402
+from kernels.assign import assign, assign_ref  # noqa: E402
+from kernels.dequant import PackedLayer, dequantize, dequantize_ref  # noqa: E402
+from kernels.gemv import gemv, gemv_ref  # noqa: E402
+from vptq.config import LayerLayout  # noqa: E402
+from vptq.layers import VQuantLinear  # noqa: E402
+from vptq.quantizer import VQWeights  # noqa: E402
+
+DEV = torch.device("cuda" if HAS_GPU else "cpu")
+SMALL = {} if HAS_GPU else {"threads": 32}  # the simulator runs one Python thread per CUDA thread
+
+
+def _layer(m=37, n=29, v=4, k=16, kr=4, o=5, v0=2, k0=8, g=2, perm=True, norm=True, bias=True, seed=0):
+    """A random VQuantLinear in the published stored format."""
+    gen = torch.Generator().manual_seed(seed)
+    gs = (n - o) // g
+    assert o + g * gs == n
+    r = -(-m // v)
+    q = VQWeights(layout=LayerLayout(m, n, o, g, gs), vector_len=v,
+                  centroids=torch.randn(g, k, v, generator=gen).half(),
+                  indices=torch.randint(0, k, (g, r, gs), generator=gen))
+    if kr:
+        q.res_centroids = (0.1 * torch.randn(g, kr, v, generator=gen)).half()
+        q.res_indices = torch.randint(0, kr, (g, r, gs), generator=gen)
+    if o:
+        q.outlier_vector_len = v0
+        q.outlier_centroids = torch.randn(1, k0, v0, generator=gen).half()
+        q.outlier_indices = torch.randint(0, k0, (1, -(-m // v0), o), generator=gen)
+    if perm:
+        q.perm = torch.randperm(n, generator=gen)
+    if norm:
+        q.weight_scale = (torch.rand(n, generator=gen) + 0.5).half()
+        q.weight_bias = (0.1 * torch.randn(n, generator=gen)).half()
+    b = torch.randn(m, generator=gen).half() if bias else None
+    return VQuantLinear.from_weights(q, b).to(DEV)
+
+
+LAYERS = {
+    # everything: outliers (v0=2), 2 groups, residual, perm, norm, bias; 24-bit-ish codes cross words
+    "full": dict(),
+    # released 2-bit format v8-k65536-style (16-bit codes), M not a multiple of v
+    "v8_16bit": dict(m=45, n=33, v=8, k=65536, kr=0, o=0, g=1),
+    # 3-bit released style: 16 + 8 bit codes
+    "v8_res256": dict(m=19, n=27, v=8, k=65536, kr=256, o=0, g=1, bias=False),
+    # odd vector length, no perm / norm / bias, 12-bit codes
+    "v6_plain": dict(m=23, n=31, v=6, k=4096, kr=0, o=3, v0=4, g=4, perm=False, norm=False, bias=False),
+}
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 2e-3) -> None:
+    a, b = a.float().cpu(), b.float().cpu()
+    assert a.shape == b.shape
+    err = (a - b).abs().max().item()
+    assert err <= rel * max(1.0, b.abs().max().item()), err
+
+
+# ------------------------------------------------------------------------------ assign
+def _grid_data(n, k, v, seed):
+    """Coordinates on a 1/4 grid: every distance is exact in fp16/fp32, so ties are real ties."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-8, 9, (n, v), generator=g).float() / 4
+    c = torch.randint(-8, 9, (k, v), generator=g).float() / 4
+    return x.to(DEV), c.to(DEV)
+
+
+@pytest.mark.parametrize("v,n,k,dtype", [(8, 301, 300, torch.float32), (2, 45, 70, torch.float16),
+                                         (6, 77, 33, torch.float32), (16, 40, 19, torch.float16)])
+def test_assign_exact_indices(v, n, k, dtype):
+    x, c = _grid_data(n, k, v, seed=v)
+    w = torch.rand(n, generator=torch.Generator().manual_seed(1)).to(DEV)
+    cfg = {} if HAS_GPU else {"threads": 32, "tile_k": 64, "rows_per_thread": 2}
+    idx, dist = assign(x.to(dtype), c, w, **cfg)
+    ridx, rdist = assign_ref(x.to(dtype), c, w)
+    assert idx.dtype == torch.int64 and dist.dtype == torch.float32
+    assert torch.equal(idx.cpu(), ridx.cpu())  # exact arithmetic: ties go to the lowest index
+    _close(dist, rdist, 1e-6)
+
+
+def test_assign_default_tiles_random_floats():
+    """Default launch config (tile 256 > K here, 128 threads) on real-valued data."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(150, 8, generator=g).to(DEV)
+    c = torch.randn(261, 8, generator=g).to(DEV)
+    idx, dist = assign(x, c)
+    ridx, rdist = assign_ref(x, c)
+    true = ((x[:, None, :].double() - c[None].double()) ** 2).sum(-1)
+    # same index, or an index whose exact distance ties the best to float32 rounding
+    picked = true.gather(1, idx[:, None]).squeeze(1)
+    assert torch.all(picked <= true.min(1).values * (1 + 1e-5) + 1e-6)
+    assert (idx == ridx).float().mean() > 0.99
+    _close(dist, rdist, 1e-5)
+
+
+def test_dispatch_nearest_matches_reference():
+    x, c = _grid_data(64, 40, 4, seed=5)
+    assert torch.equal(dispatch.nearest(x, c).cpu(), assign_ref(x, c)[0].cpu())
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda x, c: (x, c[:, :4].contiguous()), "centroids: vector length 4"),
+    (lambda x, c: (x[:, :5].contiguous(), c[:, :5].contiguous()), "x: vector length 5"),
+    (lambda x, c: (x.double(), c), "x: dtype"),
+    (lambda x, c: (x[::2], c), "x: must be contiguous"),
+    (lambda x, c: (x, c.t()), "centroids"),
+])
+def test_assign_bad_input(bad, match):
+    x, c = _grid_data(16, 10, 8, seed=0)
+    xb, cb = bad(x, c)
+    with pytest.raises(ValueError, match=match):
+        assign(xb, cb)
+
+
+# ------------------------------------------------------------------------------ dequantize
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_dequant_matches_oracle(name):
+    mod = _layer(**LAYERS[name])
+    p = PackedLayer.from_module(mod)
+    ref = dequantize_ref(p, torch.float16)
+    # the oracle is the format: it equals vptq's own dequantization bit for bit
+    assert torch.equal(ref, mod.dequantized_weight(torch.float16))
+    w = dequantize(p, torch.float16, **SMALL)
+    assert w.dtype == torch.float16 and w.shape == (mod.out_features, mod.in_features)
+    _close(w, ref)  # kernel rounds once from fp32; the oracle rounds after each fp16 op
+    _close(dequantize(p, torch.float32, **SMALL), dequantize_ref(p, torch.float32), 1e-5)
+
+
+# ------------------------------------------------------------------------------ gemv
+@pytest.mark.parametrize("name,batch", [("full", 1), ("full", 3), ("v8_16bit", 2), ("v8_res256", 1),
+                                        ("v6_plain", 8)])
+def test_gemv_matches_oracle(name, batch):
+    mod = _layer(**LAYERS[name])
+    p = PackedLayer.from_module(mod)
+    x = torch.randn(batch, mod.in_features, generator=torch.Generator().manual_seed(batch)).half().to(DEV)
+    y = gemv(x, p, **SMALL)
+    assert y.dtype == torch.float16 and y.shape == (batch, mod.out_features)
+    _close(y, gemv_ref(x.float(), p), 3e-3)
+
+
+def test_layer_forward_routes_to_kernels():
+    """VQuantLinear on the kernels (gemv for <= 8 rows, dequant + F.linear above) = torch path."""
+    mod = _layer(**LAYERS["full"])
+    with torch.no_grad():
+        for rows in (2, 11):
+            x = torch.randn(1, rows, mod.in_features, generator=torch.Generator().manual_seed(rows))
+            x = x.half().to(DEV)
+            if HAS_GPU:
+                y = mod(x)  # the real route
+            else:
+                if rows <= dispatch.FUSED_MAX_ROWS:  # full-size blocks are slow in the simulator
+                    continue
+                y = dispatch.vq_linear_forward(mod, x, force=True)
+            assert y is not None and y.shape == (1, rows, mod.out_features)
+            yr = torch.nn.functional.linear(x.float(), dequantize_ref(PackedLayer.from_module(mod), torch.float32),
+                                            mod.bias.float())
+            _close(y, yr, 3e-3)
+
+
+def test_cpu_forward_never_uses_kernels(monkeypatch):
+    """CPU tensors keep the torch path (bit-for-bit), also with the simulator on."""
+    import kernels.dispatch as d
+
+    mod = _layer(**LAYERS["v8_16bit"]).cpu()
+    monkeypatch.setattr(d, "vq_linear_forward", lambda *a, **k: pytest.fail("kernel route on CPU"))
+    x = torch.randn(2, mod.in_features).half()
+    with torch.no_grad():
+        y = mod(x)
+    assert torch.equal(y, torch.nn.functional.linear(x, mod.dequantized_weight(torch.float16), mod.bias))
+    assert not nb.use_kernels(x)
+
+
+# ------------------------------------------------------------------------------ bad input
+def _replace(p: PackedLayer, **kw) -> PackedLayer:
+    from dataclasses import replace
+
+    return replace(p, **kw)
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda p: _replace(p, num_centroids=32), "centroids: holds 16 codes"),
+    (lambda p: _replace(p, centroids=p.centroids[:, :-1].contiguous()), "centroids: row length"),
+    (lambda p: _replace(p, outlier_indices=torch.full_like(p.outlier_indices, 9)), "outlier_indices: values out"),
+    (lambda p: _replace(p, indices=p.indices.transpose(1, 2).contiguous().transpose(1, 2)), "indices: must be contiguous"),
+    (lambda p: _replace(p, indices=p.indices.long()), "indices: dtype"),
+    (lambda p: _replace(p, centroids=p.centroids.float(), res_centroids=p.res_centroids.float(),
+                        outlier_centroids=p.outlier_centroids.float()), "centroids: the kernels read fp16"),
+    (lambda p: _replace(p, perm=p.perm.to(torch.int64) + 100), "perm: values out of range"),
+    (lambda p: _replace(p, group_size=p.group_size + 1), "in_features"),
+])
+def test_layer_bad_input(mutate, match):
+    p = mutate(PackedLayer.from_module(_layer(**LAYERS["full"])))
+    with pytest.raises(ValueError, match=match):
+        dequantize(p)
+    x = torch.randn(1, p.in_features).half().to(DEV)
+    with pytest.raises(ValueError, match=match):
+        gemv(x, p)
+
+
+def test_gemv_bad_x():
+    p = PackedLayer.from_module(_layer(**LAYERS["full"]))
+    with pytest.raises(ValueError, match="x: expected"):
+        gemv(torch.randn(1, p.in_features + 1).half().to(DEV), p)
+    with pytest.raises(ValueError, match="x: batch 9"):
+        gemv(torch.randn(9, p.in_features).half().to(DEV), p)
+    with pytest.raises(ValueError, match="x: must be contiguous"):
+        gemv(torch.randn(p.in_features, 2).half().to(DEV).t(), p)
