@@ -79,7 +79,7 @@ def as_array(t: torch.Tensor) -> Any:
 
 @functools.lru_cache(maxsize=64)
 def _external_stream(ptr: int):
-    return cuda().external_stream(ptr)
+    return cuda().default_stream() if ptr == 0 else cuda().external_stream(ptr)
 
 
 def stream_for(t: torch.Tensor) -> Any:
