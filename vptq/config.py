@@ -35,12 +35,16 @@ class QuantConfig:
     enable_perm: bool = True  # act-order: most sensitive input channels first
     weighted_kmeans: bool = True  # k-means weighted by H[j,j]; False = plain k-means
     error_feedback: bool = True  # channel-independent 2nd-order optimization (column loop)
+    refine_iters: int = 2  # rounds of (closed-form codebook update, column loop); 0 = off
     kmeans_iters: int = 40
     kmeans_max_samples: int = 131072  # vectors used to fit a codebook (weighted subsample)
     block_size: int = 128  # lazy-batch width of the column loop
     damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
     finetune_steps: int = 0  # per-block recovery of codebooks + norms (0 = off)
     finetune_lr: float = 1e-4
+    e2e_steps: int = 0  # end-to-end KL fine-tuning steps after all blocks (0 = off)
+    e2e_lr: float = 1e-4
+    e2e_batch: int = 1  # calibration windows per end-to-end step
     hessians: HessianMode = "sequential"
     seed: int = 0
     # names of linears inside a decoder block that are quantized (suffix match)
@@ -79,6 +83,13 @@ class QuantConfig:
             raise ConfigError(f"group_num={self.group_num}: must be >= 1")
         if self.hessians not in ("sequential", "original"):
             raise ConfigError(f"hessians={self.hessians!r}: use 'sequential' or 'original'")
+        if self.finetune_steps < 0 or self.e2e_steps < 0 or self.e2e_batch < 1:
+            raise ConfigError("finetune_steps and e2e_steps must be >= 0 and e2e_batch >= 1")
+        if not (self.finetune_lr > 0 and self.e2e_lr > 0):
+            raise ConfigError(f"learning rates must be positive numbers (finetune_lr={self.finetune_lr}, "
+                              f"e2e_lr={self.e2e_lr})")
+        if self.refine_iters < 0:
+            raise ConfigError(f"refine_iters={self.refine_iters}: must be >= 0")
         if self.kmeans_iters < 0 or self.block_size < 1 or self.damp <= 0:
             raise ConfigError("kmeans_iters >= 0, block_size >= 1 and damp > 0 are required")
 

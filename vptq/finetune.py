@@ -1,6 +1,10 @@
-"""Layer-wise recovery (paper 1.10): after a block is quantized, train its continuous parts
-(codebooks, per-channel scale/bias, RMSNorm weights) so that the quantized block, fed the
-quantized model's own inputs, reproduces the original model's block output. Indices stay fixed.
+"""Recovery fine-tuning (paper 1.10): train the continuous parts of a quantized model
+(codebooks, per-channel scale/bias, RMSNorm weights) against the original; indices stay fixed.
+
+Block-wise: after a block is quantized, its output on the quantized model's own inputs is pulled
+towards the original model's block output (MSE). End-to-end: the whole student's next-token
+distribution is pulled towards the teacher's (KL(teacher || student)) on calibration windows.
+Gradients flow through the dequantization (a gather); no dense copy of a weight is kept.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from .config import QuantConfig
 from .layers import VQuantLinear
 
 
-def _trainable(block: nn.Module) -> list[nn.Parameter]:
+def _trainable(block: nn.Module, norms: bool = True) -> list[nn.Parameter]:
     params = []
     for mod in block.modules():
         if isinstance(mod, VQuantLinear):
@@ -21,7 +25,7 @@ def _trainable(block: nn.Module) -> list[nn.Parameter]:
                       getattr(mod, "weight_scale", None), getattr(mod, "weight_bias", None)):
                 if p is not None:
                     params.append(p)
-        elif "norm" in type(mod).__name__.lower() and getattr(mod, "weight", None) is not None:
+        elif norms and "norm" in type(mod).__name__.lower() and getattr(mod, "weight", None) is not None:
             params.append(mod.weight)
     return params
 
@@ -70,3 +74,55 @@ def finetune_block(
     with torch.no_grad():
         after = float(loss_on(probe))
     return {"mse_before": before, "mse_after": after, "steps": cfg.finetune_steps}
+
+
+def finetune_model(
+    student: nn.Module, teacher: nn.Module, windows: torch.Tensor, cfg: QuantConfig,
+    device: torch.device, progress=None,
+) -> dict:
+    """Adam on KL(teacher || student) over next-token distributions, cfg.e2e_steps steps of
+    cfg.e2e_batch calibration windows each. Returns the loss on a fixed probe before and after."""
+    quant = [m for m in student.modules() if isinstance(m, VQuantLinear)]
+    stored = {m: m.centroids.weight.dtype for m in quant}
+    for m in quant:
+        m.float()
+    student.to(device)
+    teacher.to(device).eval()
+    params = _trainable(student)
+    keep = {id(p) for p in params}
+    for p in student.parameters():
+        p.requires_grad_(id(p) in keep)
+    opt = torch.optim.Adam(params, lr=cfg.e2e_lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(cfg.e2e_steps, 1))
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    n = windows.shape[0]
+    batch = max(1, min(cfg.e2e_batch, n))
+
+    def kl(ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            t = torch.log_softmax(teacher(ids).logits.float(), -1)
+        s = torch.log_softmax(student(ids).logits.float(), -1)
+        # mean over tokens of sum_v p_t (log p_t - log p_s)
+        return nn.functional.kl_div(s.flatten(0, 1), t.flatten(0, 1), log_target=True, reduction="batchmean")
+
+    probe = windows[:batch].to(device)
+    with torch.no_grad():
+        before = float(kl(probe))
+    student.train()
+    for step in range(cfg.e2e_steps):
+        idx = torch.randperm(n, generator=gen)[:batch]
+        opt.zero_grad(set_to_none=True)
+        loss = kl(windows[idx].to(device))
+        loss.backward()
+        opt.step()
+        sched.step()
+        if progress:
+            progress(step + 1, cfg.e2e_steps, f"kl {float(loss):.4f}")
+    student.eval()
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for m in quant:
+        m.to(stored[m])  # back to the checkpoint dtype (fp16 centroids)
+    with torch.no_grad():
+        after = float(kl(probe))
+    return {"kl_before": before, "kl_after": after, "steps": cfg.e2e_steps}

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import torch
 
-_CHUNK = 1 << 16  # vectors per distance tile: bounds memory at CHUNK x k floats
+_TILE = 1 << 27  # floats per distance tile (512 MiB): a full 2M x 65536 matrix would be 0.5 TB
+
+
+def _chunk(k: int) -> int:
+    return max(1024, _TILE // k)
 
 
 def nearest(x: torch.Tensor, centroids: torch.Tensor, c_sq: torch.Tensor | None = None) -> torch.Tensor:
@@ -16,11 +20,12 @@ def nearest(x: torch.Tensor, centroids: torch.Tensor, c_sq: torch.Tensor | None 
     if c_sq is None:
         c_sq = (centroids * centroids).sum(1)
     out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-    for s in range(0, x.shape[0], _CHUNK):
-        xs = x[s : s + _CHUNK]
+    step = _chunk(centroids.shape[0])
+    for s in range(0, x.shape[0], step):
+        xs = x[s : s + step]
         # ||x||^2 is constant per row, so argmin of ||c||^2 - 2 x.c is the nearest centroid
         d = torch.addmm(c_sq.unsqueeze(0), xs, centroids.t(), beta=1.0, alpha=-2.0)
-        out[s : s + _CHUNK] = d.argmin(1)
+        out[s : s + step] = d.argmin(1)
     return out
 
 

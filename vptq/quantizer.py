@@ -12,8 +12,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .codebook import refine_codebooks
 from .config import LayerLayout, QuantConfig, layer_bits
 from .kmeans import nearest, weighted_kmeans
+
+# the closed-form codebook update solves a (T x T) system, T = all centroids of a layer:
+# beyond this (e.g. one 65,536-entry codebook) it is skipped
+MAX_REFINE_CENTROIDS = 4096
 
 
 @dataclass
@@ -40,6 +45,7 @@ class LayerReport:
     shape: tuple[int, int] = (0, 0)
     proxy_loss: float = 0.0  # tr(dW H dW^T) / tr(W H W^T), unnormalized space
     proxy_loss_kmeans: float = 0.0  # same before the column loop (codebook assignment only)
+    proxy_loss_loop: float = 0.0  # after the column loop, before the codebook refinement
     seconds: float = 0.0
     bits: int = 0
     bpw: float = 0.0
@@ -185,8 +191,38 @@ def quantize_linear(
 
     u = inverse_hessian_factor(h, cfg.damp, rep)
 
+    def segments():
+        """(column slice, main codebook, residual codebook or None, vector length)."""
+        if o:
+            yield slice(0, o), books.outlier, None, v0
+        for g in range(lay.group_num):
+            s = o + g * lay.group_size
+            yield slice(s, s + lay.group_size), books.main[g], books.res[g], v
+
+    def assign_all(w_start: torch.Tensor, use_res: bool):
+        """No error feedback: every vector independently to its nearest code (vectorized)."""
+        q = torch.zeros_like(w_start)
+        codes: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        for sl, cb, rc, vl in segments():
+            x = _vectors(w_start[:, sl], vl)  # (C*R, vl), column-major blocks of R vectors
+            idx = nearest(x, cb)
+            qv = cb[idx]
+            ridx = None
+            if use_res and rc is not None:
+                ridx = nearest(x - qv, rc)
+                qv = qv + rc[ridx]
+            cols = sl.stop - sl.start
+            rows = x.shape[0] // cols
+            q[:, sl] = qv.reshape(cols, rows * vl).t()[:m]
+            for c in range(cols):
+                codes[sl.start + c] = (idx[c * rows : (c + 1) * rows],
+                                       None if ridx is None else ridx[c * rows : (c + 1) * rows])
+        return q, w_start - q, codes
+
     def loop(w_start: torch.Tensor, use_res: bool, feedback: bool):
         """The column loop; returns codes and, per column, residual after error feedback."""
+        if not feedback:
+            return assign_all(w_start, use_res)
         wl = w_start.clone()
         q = torch.zeros_like(wl)
         resid = torch.zeros_like(wl)
@@ -239,7 +275,52 @@ def quantize_linear(
             books.res[g] = fit(resid[:, sl], diag[sl], cfg.num_res_centroids, v, gen_seed + 104729 + g)
         q, resid, codes = loop(w, use_res=True, feedback=cfg.error_feedback)
 
+    rep.proxy_loss_loop = _proxy(unperm_denorm(q) - w0, h_eval) / _proxy(w0, h_eval)
     rows = math.ceil(m / v)
+    k, kr, gn = cfg.num_centroids, cfg.num_res_centroids, lay.group_num
+
+    def code_ids(cd):
+        """(R, C) ids of each vector's main / residual code in the stacked codebooks."""
+        u = torch.empty(rows, n - o, dtype=torch.long, device=dev)
+        u2 = torch.empty_like(u) if kr else None
+        for j in range(o, n):
+            g, _ = books.which(j)
+            a, b = cd[j]
+            u[:, j - o] = g * k + a
+            if u2 is not None:
+                u2[:, j - o] = gn * k + g * kr + b
+        return u, u2
+
+    def set_books(theta):
+        for g in range(gn):
+            books.main[g] = theta[g * k : (g + 1) * k]
+            if kr:
+                books.res[g] = theta[gn * k + g * kr : gn * k + (g + 1) * kr]
+
+    def snapshot(qq, cd):
+        return _proxy(qq - w, h), qq, cd, list(books.main), list(books.res)
+
+    if cfg.refine_iters and gn * (k + kr) <= MAX_REFINE_CENTROIDS:
+        best = snapshot(q, codes)
+        for it in range(cfg.refine_iters):
+            ids, ids2 = code_ids(codes)
+            shift = (q[:, :o] - w[:, :o]) @ h[:o, o:] if o else None
+            theta = torch.cat([*books.main, *(books.res if kr else [])])
+            theta = refine_codebooks(w[:, o:], h[o:, o:], theta, ids, ids2, shift=shift)
+            set_books(theta.half().float())  # stored as fp16
+            vals = theta.half().float()[ids] + (theta.half().float()[ids2] if ids2 is not None else 0)
+            q = q.clone()
+            q[:, o:] = vals.permute(0, 2, 1).reshape(rows * v, n - o)[:m]  # (R, v, C) -> rows
+            cand = snapshot(q, codes)
+            if cand[0] < best[0]:
+                best = cand
+            if it + 1 < cfg.refine_iters:  # new codes for the new codebooks
+                q, _, codes = loop(w, use_res=bool(kr), feedback=cfg.error_feedback)
+                cand = snapshot(q, codes)
+                if cand[0] < best[0]:
+                    best = cand
+        _, q, codes, books.main, books.res = best
+
     idx = torch.zeros(lay.group_num, rows, lay.group_size, dtype=torch.long, device=dev)
     ridx = torch.zeros_like(idx) if cfg.num_res_centroids else None
     oidx = torch.zeros(1, math.ceil(m / v0), o, dtype=torch.long, device=dev) if o else None

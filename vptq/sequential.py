@@ -11,6 +11,7 @@ before it (GPTQ-style). hessians="original": every Hessian comes from the unquan
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
-from .finetune import finetune_block
+from .finetune import finetune_block, finetune_model
 from .hessian import collect_hessians
 from .layers import VQuantLinear
 from .quantizer import LayerReport, quantize_linear
@@ -33,6 +34,7 @@ class ModelReport:
     layers: list[LayerReport] = field(default_factory=list)
     seconds: float = 0.0
     finetune: list[dict] = field(default_factory=list)
+    e2e: dict = field(default_factory=dict)
 
     @property
     def bits(self) -> int:
@@ -85,10 +87,36 @@ def _rotary(model: nn.Module, x: torch.Tensor):
 
 @torch.no_grad()
 def _forward_all(block, xs: torch.Tensor, pe, device, batch: int) -> torch.Tensor:
+    """Run a block over all windows, `batch` at a time on `device`; results back where xs lives."""
     out = torch.empty_like(xs)
+    dtype = next(block.parameters()).dtype
     for s in range(0, xs.shape[0], batch):
-        out[s : s + batch] = _run_block(block, xs[s : s + batch].to(device), pe).to(out.device)
+        y = _run_block(block, xs[s : s + batch].to(device, dtype), pe)
+        out[s : s + batch] = y.to(out.device, out.dtype)
     return out
+
+
+def quantize_block(
+    block: nn.Module, x: torch.Tensor, pe, cfg: QuantConfig, device: torch.device,
+    quantize_fn: QuantizeFn = vptq_linear, prefix: str = "", batch: int = 4,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[list[LayerReport], torch.Tensor]:
+    """Collect Hessians of the block's linears on inputs x, quantize them in place.
+
+    Returns the layer reports and the block's outputs on x *before* quantization (the
+    original-model activations that hessians="original" propagates).
+    """
+    lins = target_linears(block, cfg)
+    with collect_hessians(lins) as hs:
+        fp_out = _forward_all(block, x, pe, device, batch)
+    reports = []
+    for name, lin in lins.items():
+        if progress:
+            progress(name)
+        new, rep = quantize_fn(prefix + name, lin, hs.pop(name).to(device), cfg)
+        reports.append(rep)
+        block.set_submodule(name, new)
+    return reports, fp_out
 
 
 def quantize_model(
@@ -111,6 +139,8 @@ def quantize_model(
     layers = decoder_layers(model)
     n_blocks = len(layers) if blocks is None else min(blocks, len(layers))
     report = ModelReport()
+    # the end-to-end stage needs the original as teacher: keep a copy (CPU) before quantizing
+    teacher = copy.deepcopy(model).cpu() if cfg.e2e_steps else None
     with torch.no_grad():
         x = model.model.embed_tokens(calib.to(model.model.embed_tokens.weight.device)).float()
     x = x.cpu()
@@ -118,18 +148,11 @@ def quantize_model(
     pe = _rotary(model, x[:1].to(device))
     for i in range(n_blocks):
         block = layers[i].to(device)
-        lins = target_linears(block, cfg)
-        prefix = f"model.layers.{i}."
-        with collect_hessians(lins) as hs:
-            fp_out = _forward_all(block, x, pe, device, batch)
         target = _forward_all(block, fp_x, pe, device, batch) if fp_x is not None else None
-        for j, (name, lin) in enumerate(lins.items()):
-            if progress:
-                progress(i, n_blocks, f"block {i} {name}")
-            new, rep = quantize_fn(prefix + name, lin, hs[name].to(device), cfg)
-            report.layers.append(rep)
-            block.set_submodule(name, new)
-        del hs
+        reps, fp_out = quantize_block(
+            block, x, pe, cfg, device, quantize_fn, f"model.layers.{i}.", batch,
+            (lambda name, i=i: progress(i, n_blocks, f"block {i} {name}")) if progress else None)
+        report.layers.extend(reps)
         if cfg.finetune_steps and target is not None:
             report.finetune.append(finetune_block(block, x, target, pe, cfg, device, batch))
         if cfg.hessians == "sequential" or cfg.finetune_steps:
@@ -141,5 +164,11 @@ def quantize_model(
         layers[i] = block.to("cpu") if device.type != "cpu" else block
         if progress:
             progress(i + 1, n_blocks, f"block {i} done")
+    if teacher is not None:
+        report.e2e = finetune_model(
+            model, teacher, calib, cfg, device,
+            (lambda d, t, info: progress(d, t, f"fine-tune {info}")) if progress else None)
+        model.cpu()
+        del teacher
     report.seconds = time.perf_counter() - t0
     return report

