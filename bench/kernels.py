@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels.assign import assign  # noqa: E402
-from kernels.dequant import PackedLayer, dequantize, dequantize_ref, inverse_perm  # noqa: E402
+from kernels.dequant import PackedLayer, column_map, dequantize, dequantize_ref  # noqa: E402
 from kernels.gemv import gemv  # noqa: E402
 
 PEAK = 3.35e12  # H100 SXM HBM3, bytes/s
@@ -108,7 +108,7 @@ def bench_matvec(quick: bool) -> list[dict]:
             p0 = make_layer(m, n, k_res, seed=0)
             nl = copies_for(layer_bytes(p0))
             layers = [p0] + [make_layer(m, n, k_res, seed=s) for s in range(1, nl)]
-            invs = [inverse_perm(p) for p in layers]
+            invs = [column_map(p) for p in layers]
             # correctness on this shape: fused kernel vs torch dequantize + matmul
             xr = torch.randn(1, n, device="cuda", dtype=torch.float16)
             y = gemv(xr, p0).float()
@@ -116,7 +116,7 @@ def bench_matvec(quick: bool) -> list[dict]:
             rel = float((y - ref).norm() / ref.norm())
             read = layer_bytes(p0) + n * 2
             t, h = time_device([lambda p=p, x=x: gemv(x, p, checked=True) for p in layers])
-            td, hd = time_device([lambda p=p, iv=iv: dequantize(p, torch.float16, invperm=iv, checked=True)
+            td, hd = time_device([lambda p=p, iv=iv: dequantize(p, torch.float16, colmap=iv, checked=True)
                                   for p, iv in zip(layers, invs, strict=True)])
             rows.append({
                 "shape": sname, "m": m, "n": n, "format": fname, "batch": 1,

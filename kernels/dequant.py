@@ -21,6 +21,8 @@ from . import _numba as nb
 
 THREADS = 128  # threads per block along the columns
 MAX_V = 16
+LOC_SHIFT = 20  # column_map packs (group + 1) above 20 bits of column-within-group
+LOC_MASK = (1 << LOC_SHIFT) - 1
 
 cuda = float32 = int64 = None  # bound lazily by _jit_env(): numba is optional
 
@@ -259,12 +261,11 @@ def device_helpers(v: int):
 
 
 @functools.cache
-def _kernel(v: int, has_res: bool, has_out: bool, has_perm: bool, has_norm: bool, threads: int):
+def _kernel(v: int, has_res: bool, has_out: bool, has_norm: bool, threads: int):
     read_code, add_centroid = device_helpers(v)
 
     @cuda.jit
-    def dequant_kernel(indices, cbw, rcbw, oidx, ocb, invperm, scale, wbias, bits, main_bits,
-                       outlier_size, group_size, v0, out):
+    def dequant_kernel(indices, cbw, rcbw, oidx, ocb, colmap, scale, wbias, bits, main_bits, v0, out):
         """Thread (j, r): W[r*v : r*v+v, j] for original column j."""
         m = out.shape[0]
         n = out.shape[1]
@@ -272,21 +273,22 @@ def _kernel(v: int, has_res: bool, has_out: bool, has_perm: bool, has_norm: bool
         r = cuda.blockIdx.y
         if j >= n:
             return
-        p = int64(invperm[j]) if has_perm else int64(j)
+        loc = int64(colmap[j])  # (group + 1) << LOC_SHIFT | column in group; group 0 = outliers
+        gp = loc >> LOC_SHIFT
+        c = loc & LOC_MASK
         acc = cuda.local.array(v, float32)
         for t in range(v):
             acc[t] = float32(0.0)
-        if has_out and p < outlier_size:
+        if has_out and gp == 0:
             for t in range(v):
                 row = r * v + t
                 if row < m:
                     r0 = row // v0
-                    code = int64(oidx[0, r0, p]) & 0xFFFF
+                    code = int64(oidx[0, r0, c]) & 0xFFFF
                     acc[t] = float32(ocb[0, code * v0 + row - r0 * v0])
         else:
-            q = p - outlier_size
-            g = q // group_size
-            code = read_code(indices, g, r, q - g * group_size, bits, (int64(1) << bits) - 1)
+            g = gp - 1
+            code = read_code(indices, g, r, c, bits, (int64(1) << bits) - 1)
             add_centroid(cbw, g, code & ((int64(1) << main_bits) - 1), acc)
             if has_res:
                 add_centroid(rcbw, g, code >> main_bits, acc)
@@ -300,14 +302,20 @@ def _kernel(v: int, has_res: bool, has_out: bool, has_perm: bool, has_norm: bool
     return dequant_kernel
 
 
-def inverse_perm(p: PackedLayer) -> torch.Tensor | None:
-    """int32 (N,): original column j -> stored position."""
-    if p.perm is None:
-        return None
-    return torch.argsort(_perm64(p.perm)).to(torch.int32)
+def column_map(p: PackedLayer) -> torch.Tensor:
+    """int32 (N,): original column j -> (group + 1) << LOC_SHIFT | column within the group.
+
+    Group 0 is the outlier block. Precomputed once per layer so the kernel does no division.
+    """
+    n = p.in_features
+    pos = torch.argsort(_perm64(p.perm)) if p.perm is not None else torch.arange(n, device=p.device)
+    q = pos - p.outlier_size
+    g = torch.where(q < 0, 0, q // p.group_size + 1)
+    c = torch.where(q < 0, pos, q % p.group_size)
+    return ((g << LOC_SHIFT) | c).to(torch.int32)
 
 
-def dequantize(p: PackedLayer, dtype: torch.dtype = torch.float16, *, invperm: torch.Tensor | None = None,
+def dequantize(p: PackedLayer, dtype: torch.dtype = torch.float16, *, colmap: torch.Tensor | None = None,
                threads: int = THREADS, checked: bool = False) -> torch.Tensor:
     """numba.cuda dequantization; same contract as `dequantize_ref` (dtype fp16 or fp32)."""
     if not checked:
@@ -316,21 +324,20 @@ def dequantize(p: PackedLayer, dtype: torch.dtype = torch.float16, *, invperm: t
         raise ValueError(f"dtype: the kernel writes float16 or float32, got {dtype}")
     dev = p.device
     m, n, v = p.out_features, p.in_features, p.vector_len
-    if p.perm is not None and invperm is None:
-        invperm = inverse_perm(p)
+    if colmap is None:
+        colmap = column_map(p)
     out = torch.empty(m, n, dtype=dtype, device=dev)
     f16 = nb.dummy(dev, torch.float16)
-    kern = _kernel(v, p.num_res_centroids > 0, p.outlier_size > 0, p.perm is not None,
-                   p.weight_scale is not None, threads)
+    kern = _kernel(v, p.num_res_centroids > 0, p.outlier_size > 0, p.weight_scale is not None, threads)
     nb.launch(
         kern, (nb.grid_1d(n, threads), p.rows), threads, nb.stream_for(p.indices),
         p.indices, word_view(p.centroids, v),
         word_view(p.res_centroids, v) if p.num_res_centroids else word_view(p.centroids, v),
         p.outlier_indices if p.outlier_size else nb.dummy(dev, torch.int16).reshape(1, 1, 1),
         p.outlier_centroids if p.outlier_size else f16.reshape(1, 1),
-        invperm if invperm is not None else nb.dummy(dev, torch.int32),
+        colmap,
         p.weight_scale if p.weight_scale is not None else f16,
         p.weight_bias if p.weight_bias is not None else f16,
-        p.code_bits, p.main_bits, p.outlier_size, p.group_size, max(p.outlier_vector_len, 1), out,
+        p.code_bits, p.main_bits, max(p.outlier_vector_len, 1), out,
     )
     return out

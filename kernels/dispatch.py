@@ -15,7 +15,7 @@ import torch
 
 from . import _numba as nb
 from .assign import MAX_K, SUPPORTED_V, assign_ref
-from .dequant import PackedLayer, check_layer, dequantize_ref, inverse_perm
+from .dequant import PackedLayer, check_layer, column_map, dequantize_ref
 from .gemv import MAX_BATCH, gemv_ref
 
 FUSED_MAX_ROWS = MAX_BATCH  # token rows up to which VQuantLinear uses the fused gemv
@@ -77,14 +77,14 @@ def gemv(x: torch.Tensor, layer) -> torch.Tensor:
     return gemv_ref(x, p)
 
 
-def _layer_state(mod) -> tuple[PackedLayer, torch.Tensor | None]:
-    """PackedLayer + inverse perm of a VQuantLinear, validated once and cached on the module."""
+def _layer_state(mod) -> tuple[PackedLayer, torch.Tensor]:
+    """PackedLayer + column map of a VQuantLinear, validated once and cached on the module."""
     key = tuple((t.data_ptr(), t._version) for t in (*mod.parameters(), *mod.buffers()))
     st = getattr(mod, "_kernel_state", None)
     if st is None or st[0] != key:
         p = PackedLayer.from_module(mod)
         check_layer(p, kernel=True, check_values=True)
-        st = (key, p, inverse_perm(p))
+        st = (key, p, column_map(p))
         mod._kernel_state = st
     return st[1], st[2]
 
@@ -112,14 +112,14 @@ def vq_linear_forward(mod, x: torch.Tensor, *, force: bool = False) -> torch.Ten
     from .dequant import dequantize as dequantize_kernel
     from .gemv import gemv as gemv_kernel
 
-    p, invperm = _layer_state(mod)
+    p, colmap = _layer_state(mod)
     if not _kernel_layer_dtypes(p):
         return None
     x2 = x.reshape(-1, mod.in_features)
     if x2.shape[0] <= FUSED_MAX_ROWS and x2.shape[0] > 0:
         y = gemv_kernel(x2.contiguous(), p, checked=True)
     else:
-        w = dequantize_kernel(p, x.dtype, invperm=invperm, checked=True)
+        w = dequantize_kernel(p, x.dtype, colmap=colmap, checked=True)
         y = torch.nn.functional.linear(x2, w, None if p.bias is None else p.bias.to(x.dtype))
     return y.reshape(*x.shape[:-1], mod.out_features)
 

@@ -72,11 +72,24 @@ def _kernel(v: int, batch: int, has_res: bool, has_out: bool, has_perm: bool, ha
                 off //= 2
         return val
 
+    @cuda.jit(device=True)
+    def load_x(x, j, scale, wbias, xv, acc):
+        """xv[b] = x[b, j] * scale[j]; acc[batch*v + b] += x[b, j] * wbias[j]."""
+        if has_norm:
+            s = float32(scale[j])
+            wb = float32(wbias[j])
+            for b in range(batch):
+                xj = float32(x[b, j])
+                xv[b] = xj * s
+                acc[batch * v + b] += xj * wb
+        else:
+            for b in range(batch):
+                xv[b] = float32(x[b, j])
+
     @cuda.jit
     def gemv_kernel(x, indices, cbw, rcbw, oidx, ocb, perm, scale, wbias, bias, bits, main_bits,
                     outlier_size, group_size, v0, y):
         """Block r: y[:, r*v : r*v+v] over all stored columns."""
-        n = x.shape[1]
         m = y.shape[1]
         r = cuda.blockIdx.x
         tid = cuda.threadIdx.x
@@ -88,37 +101,35 @@ def _kernel(v: int, batch: int, has_res: bool, has_out: bool, has_perm: bool, ha
             acc[e] = float32(0.0)
         mask = (int64(1) << bits) - 1
         mmask = (int64(1) << main_bits) - 1
-        for p in range(tid, n, threads):
+        # outlier columns (stored first), then each group: no integer division per code
+        for p in range(tid, outlier_size, threads):
             j = (int64(perm[p]) & 0xFFFF) if has_perm else int64(p)
-            if has_norm:
-                s = float32(scale[j])
-                wb = float32(wbias[j])
-                for b in range(batch):
-                    xj = float32(x[b, j])
-                    xv[b] = xj * s
-                    acc[batch * v + b] += xj * wb
-            else:
-                for b in range(batch):
-                    xv[b] = float32(x[b, j])
+            load_x(x, j, scale, wbias, xv, acc)
             for t in range(v):
                 cv[t] = float32(0.0)
-            if has_out and p < outlier_size:
-                for t in range(v):
-                    row = r * v + t
-                    if row < m:
-                        r0 = row // v0
-                        code = int64(oidx[0, r0, p]) & 0xFFFF
-                        cv[t] = float32(ocb[0, code * v0 + row - r0 * v0])
-            else:
-                q = p - outlier_size
-                g = q // group_size
-                code = read_code(indices, g, r, q - g * group_size, bits, mask)
-                add_centroid(cbw, g, code & mmask, cv)
-                if has_res:
-                    add_centroid(rcbw, g, code >> main_bits, cv)
+                row = r * v + t
+                if row < m:
+                    r0 = row // v0
+                    code = int64(oidx[0, r0, p]) & 0xFFFF
+                    cv[t] = float32(ocb[0, code * v0 + row - r0 * v0])
             for b in range(batch):
                 for t in range(v):
                     acc[b * v + t] += xv[b] * cv[t]
+        for g in range(indices.shape[0]):
+            base = outlier_size + g * group_size
+            for c in range(tid, group_size, threads):
+                p = base + c
+                j = (int64(perm[p]) & 0xFFFF) if has_perm else int64(p)
+                load_x(x, j, scale, wbias, xv, acc)
+                for t in range(v):
+                    cv[t] = float32(0.0)
+                code = read_code(indices, g, r, c, bits, mask)
+                add_centroid(cbw, g, code & mmask, cv)
+                if has_res:
+                    add_centroid(rcbw, g, code >> main_bits, cv)
+                for b in range(batch):
+                    for t in range(v):
+                        acc[b * v + t] += xv[b] * cv[t]
         lane = tid % warp
         wid = tid // warp
         for e in range(ne):
