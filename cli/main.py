@@ -1,22 +1,70 @@
 """`vptq`: the command line. Bad input -> one line on stderr, exit 2; failures exit 1.
 
 `--debug` shows the traceback. Progress bars (rich) go to stderr when it is a terminal, so
-`--json` keeps stdout to exactly one JSON object.
+`--json` keeps stdout to exactly one JSON object: while a `--json` job runs, anything a
+library prints on stdout is sent to stderr. Ctrl-C (exit 130) or SIGTERM (exit 143) mid-run
+leaves nothing at --out: the checkpoint is written to a temporary sibling folder and renamed
+at the end (vptq.io.save_quantized).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
-from contextlib import contextmanager
-from enum import Enum
+import time
+from contextlib import contextmanager, redirect_stdout
+from enum import StrEnum
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
+from typer.core import TyperGroup
+
+try:  # typer >= 0.2x carries its own copy of click; older ones use click itself
+    from typer._click import exceptions as _cx
+except ImportError:  # pragma: no cover - depends on the typer version
+    from click import exceptions as _cx
+
+_NoArgsIsHelp = getattr(_cx, "NoArgsIsHelpError", ())  # click >= 8.2
+
+EXIT_USAGE = 2  # bad input: the message says what to change
+EXIT_FAILURE = 1  # the job itself failed
+EXIT_INTERRUPTED = 130  # Ctrl-C
+EXIT_TERMINATED = 143  # SIGTERM
+
+
+class _OneLineErrors(TyperGroup):
+    """Usage errors (missing option, bad value) as one line on stderr, not a rich panel."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra: Any) -> Any:
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _NoArgsIsHelp as e:  # bare `vptq`: the help, as typer prints it
+            e.show()
+            code = EXIT_USAGE
+        except _cx.UsageError as e:
+            where = e.ctx.command_path if e.ctx else "vptq"
+            msg = " ".join(e.format_message().split())
+            typer.echo(f"error: {msg} (see '{where} --help')", err=True)
+            code = EXIT_USAGE
+        except _cx.ClickException as e:
+            typer.echo(f"error: {' '.join(e.format_message().split())}", err=True)
+            code = e.exit_code
+        except typer.Abort:
+            typer.echo("interrupted", err=True)
+            code = EXIT_INTERRUPTED
+        else:
+            code = rv if isinstance(rv, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
 
 app = typer.Typer(
     name="vptq",
+    cls=_OneLineErrors,
     help="VPTQ compression service: quantize LLMs to 2-4 bits and evaluate them.",
     no_args_is_help=True,
     add_completion=False,
@@ -24,43 +72,97 @@ app = typer.Typer(
 )
 
 
-class Device(str, Enum):
+class Device(StrEnum):
     cpu = "cpu"
     cuda = "cuda"
 
 
-class HessianMode(str, Enum):
+class HessianMode(StrEnum):
     sequential = "sequential"
     original = "original"
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that cleanup (temporary folders) runs."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
 def _err(msg: str, code: int) -> None:
-    typer.echo(f"error: {msg}", err=True)
+    typer.echo("error: " + " ".join(msg.split()), err=True)  # always one line
     raise typer.Exit(code)
+
+
+def _quiet_libraries() -> None:
+    """No tqdm/hub bars on a stderr that is not a terminal (logs, pipes); set before tqdm is imported."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 @contextmanager
 def _errors(debug: bool):
     """Map exceptions to one-line messages and exit codes (2 usage, 1 failure)."""
+    _quiet_libraries()
     from vptq.config import ConfigError
     from vptq.source import SourceError
 
+    previous = None
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (e.g. called from a worker): keep the default
+        pass
     try:
         yield
     except typer.Exit:
         raise
     except KeyboardInterrupt:
-        typer.echo("interrupted: nothing was written", err=True)
-        raise typer.Exit(130) from None
+        typer.echo("interrupted: nothing was written to --out", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except Terminated:
+        typer.echo("terminated: nothing was written to --out", err=True)
+        raise typer.Exit(EXIT_TERMINATED) from None
     except (ConfigError, SourceError, FileExistsError) as e:
         if debug:
             raise
-        _err(str(e), 2)
+        _err(str(e), EXIT_USAGE)
     except Exception as e:  # noqa: BLE001 - the CLI boundary: one line, no traceback
         if debug:
             raise
-        first = str(e).splitlines()[0] if str(e) else ""
-        _err(f"{type(e).__name__}: {first} (run with --debug for the traceback)", 1)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        _err(f"{type(e).__name__}: {first} (run with --debug for the traceback)", EXIT_FAILURE)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def _stdout_to_stderr(enabled: bool):
+    """While a --json job runs, whatever anything prints on stdout (Python or C) goes to stderr."""
+    if not enabled:
+        yield
+        return
+    real = sys.stdout
+    try:
+        fd_out, fd_err = real.fileno(), sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (e.g. a test runner's buffer)
+        fd_out = fd_err = None
+    real.flush()
+    saved = os.dup(fd_out) if fd_out is not None else None
+    if saved is not None:
+        os.dup2(fd_err, fd_out)
+    try:
+        with redirect_stdout(sys.stderr):
+            yield
+    finally:
+        real.flush()
+        sys.stderr.flush()
+        if saved is not None:
+            os.dup2(saved, fd_out)
+            os.close(saved)
 
 
 @contextmanager
@@ -86,6 +188,7 @@ def _progress(enabled: bool, label: str):
 def _emit(data: dict, as_json: bool, human: str) -> None:
     if as_json:
         sys.stdout.write(json.dumps(data) + "\n")
+        sys.stdout.flush()
     else:
         typer.echo(human)
 
@@ -108,12 +211,14 @@ def compress(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Quantize SOURCE with VPTQ and save it in the VPTQ checkpoint format."""
+    if bits not in (2, 3, 4):
+        _err(f"--bits {bits}: choose 2, 3 or 4", EXIT_USAGE)
     with _errors(debug):
         from vptq.config import preset
         from vptq.pipeline import compress as run_compress
 
         cfg = preset(bits).with_(seed=seed, hessians=hessians.value, **_overrides(set_))
-        with _progress(True, "quantize") as cb:
+        with _stdout_to_stderr(as_json), _progress(True, "quantize") as cb:
             result, _, _ = run_compress(source, cfg, out, calib, nsamples, seqlen, device.value,
                                         overwrite, cb)
         s = result.summary()
@@ -158,10 +263,12 @@ def eval_(
     with _errors(debug):
         from vptq.pipeline import evaluate
 
-        with _progress(True, "evaluate") as cb:
+        t0 = time.perf_counter()
+        with _stdout_to_stderr(as_json), _progress(True, "evaluate") as cb:
             r = evaluate(source, text, windows, seqlen, device.value,
                          (lambda d, t: cb(d, t, "")) if cb else None)
-        data = {"perplexity": r.perplexity, "windows": r.windows, "seqlen": r.seqlen, "tokens": r.tokens}
+        data = {"perplexity": r.perplexity, "windows": r.windows, "seqlen": r.seqlen, "tokens": r.tokens,
+                "seconds": round(time.perf_counter() - t0, 2)}
         _emit(data, as_json, f"perplexity {r.perplexity:.3f} over {r.windows} x {r.seqlen} tokens")
 
 

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .config import ConfigError
 from .layers import VQuantLinear
 
 WEIGHTS = "model.safetensors"
@@ -41,13 +42,56 @@ def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
 
 
+def _is_checkpoint(folder: Path) -> bool:
+    """An earlier output of ours (config.json with a VPTQ quantization_config), or an empty folder."""
+    if not any(folder.iterdir()):
+        return True
+    try:
+        qc = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return qc.get("quant_method") == "vptq"
+
+
+def check_out(out: str | Path, overwrite: bool = False) -> Path:
+    """Refuse an --out that cannot be written or would clobber something; cheap, run it first.
+
+    --overwrite replaces only an earlier VPTQ checkpoint (or an empty folder): never a file,
+    nor a folder of something else (say `--out .`).
+    """
+    out = Path(out)
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise FileExistsError(f"--out {out} already exists: choose another --out or pass --overwrite")
+        if out.is_symlink() or not out.is_dir():
+            raise ConfigError(f"--out {out} exists and is not a folder: choose another --out")
+        if not _is_checkpoint(out):
+            raise ConfigError(f"--out {out} is not a VPTQ checkpoint folder, so --overwrite will not "
+                                  f"replace it: choose another --out")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"--out {out}: {parent} is not a folder: choose another --out")
+    try:  # a real probe: os.access says yes to root even on read-only mounts
+        shutil.rmtree(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent))
+    except OSError:
+        raise ConfigError(f"--out {out}: cannot create a folder in {parent}: choose another --out") from None
+    return out
+
+
 def save_quantized(model: nn.Module, out: str | Path, tokenizer=None, report: dict | None = None,
                    overwrite: bool = False) -> Path:
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists: choose another --out or pass --overwrite")
+    """Write the checkpoint to a temporary sibling folder, then rename it to `out`.
+
+    A crash or Ctrl-C leaves nothing at `out` (the temporary folder is removed; only a hard kill
+    can leave a hidden `.NAME.tmp-*` sibling behind). With `overwrite`, an existing `out` is
+    swapped out only once the new checkpoint is complete, and deleted after the swap.
+    """
+    out = check_out(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    old: Path | None = None
     try:
         cfg = model.config.to_dict()
         cfg["quantization_config"] = quantization_config(model)
@@ -57,12 +101,23 @@ def save_quantized(model: nn.Module, out: str | Path, tokenizer=None, report: di
             tokenizer.save_pretrained(tmp)
         if report is not None:
             (tmp / REPORT).write_text(json.dumps(report, indent=2, default=str))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        if out.exists():  # the new checkpoint is complete: now swap the old one out
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        try:
+            if old is not None:
+                os.replace(out, old)  # a rename onto the fresh empty folder
+            os.replace(tmp, out)
+        except BaseException:
+            if old is not None and not out.exists() and any(old.iterdir()):
+                os.replace(old, out)  # put the previous checkpoint back
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists():
+            shutil.rmtree(old, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return out
 
 

@@ -15,9 +15,9 @@ import torch
 
 from .config import ConfigError, QuantConfig
 from .evaluate import PerplexityResult, calibration_windows, perplexity, tokenize_text
-from .io import save_quantized
+from .io import check_out, save_quantized
 from .sequential import ModelReport, Progress, QuantizeFn, quantize_model, vptq_linear
-from .source import load_model, resolve
+from .source import SourceError, load_model, load_tokenizer, resolve
 
 PACKAGE_CALIB = Path(__file__).parent / "data" / "wikitext2-valid.txt"
 
@@ -39,14 +39,31 @@ def check_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def read_text(path: str | Path, what: str) -> str:
+def read_text(path: str | Path, what: str, option: str = "the command") -> str:
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{what} file {str(path)!r} does not exist")
-    text = p.read_text(encoding="utf-8", errors="replace")
+    if p.is_dir():
+        raise ConfigError(f"{what} {str(path)!r} is a folder: give a UTF-8 text file to {option}")
+    if not p.exists():
+        raise ConfigError(f"{what} file {str(path)!r} does not exist: give an existing text file to {option}")
+    try:
+        text = p.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} file {str(path)!r} ({e.strerror}): fix its permissions "
+                          f"or give another file to {option}") from None
     if not text.strip():
-        raise ConfigError(f"{what} file {str(path)!r} is empty: give a text file with content")
+        raise ConfigError(f"{what} file {str(path)!r} is empty: give a text file with content to {option}")
     return text
+
+
+def _load(fn, src, what: str):
+    """fn(src) with a loading failure (bad folder, missing weights) as a one-line SourceError."""
+    try:
+        return fn(src)
+    except SourceError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SourceError(f"cannot load the {what} from {src.uri}: {first}") from e
 
 
 @dataclass
@@ -86,17 +103,24 @@ def compress(
 ):
     """Load, calibrate, quantize, save. Returns (CompressResult, model, tokenizer)."""
     t0 = time.perf_counter()
+    # every cheap check first: a bad argument fails in seconds, not after loading the model
     dev = check_device(device)
-    if out is not None and Path(out).exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists: choose another --out or pass --overwrite")
-    if nsamples < 1 or seqlen < 16:
-        raise ConfigError("--nsamples must be >= 1 and seqlen >= 16")
+    if out is not None:
+        check_out(out, overwrite)
+    if nsamples < 1:
+        raise ConfigError(f"--nsamples {nsamples}: use at least 1 calibration window")
+    if seqlen < 16:
+        raise ConfigError(f"--seqlen {seqlen}: use at least 16 tokens per calibration window")
     src = resolve(source)
     if src.kind == "vptq":
         raise ConfigError(f"{source} is already VPTQ-quantized: compress the original model")
-    text = read_text(calib or default_calibration_text(), "calibration")
-    model, tok = load_model(src)
-    ids = tokenize_text(tok, text)
+    text = read_text(calib or default_calibration_text(), "calibration", "--calib")
+    ids = tokenize_text(_load(load_tokenizer, src, "tokenizer"), text)
+    if ids.numel() < seqlen + 1:
+        raise ConfigError(
+            f"calibration text has {ids.numel()} tokens, windows of {seqlen} need at least {seqlen + 1}: "
+            f"give a longer --calib text or a smaller --seqlen")
+    model, tok = _load(load_model, src, "model")
     windows = calibration_windows(ids, nsamples, seqlen, cfg.seed)
     rep = quantize_model(model, windows, cfg, dev, quantize_fn, progress, blocks=blocks)
     result = CompressResult(Path(out) if out else Path(), rep, 0.0, cfg, int(ids.numel()))
@@ -115,13 +139,23 @@ def evaluate(
 ) -> PerplexityResult:
     """Perplexity of an original or quantized model on the baselines.md protocol."""
     dev = check_device(device)
-    if windows < 1 or seqlen < 2:
-        raise ConfigError("--windows must be >= 1 and --seqlen >= 2")
-    body = read_text(text, "evaluation text")
+    if windows < 1:
+        raise ConfigError(f"--windows {windows}: use at least 1 window")
+    if seqlen < 2:
+        raise ConfigError(f"--seqlen {seqlen}: use at least 2 tokens per window")
+    body = read_text(text, "evaluation text", "--text")
+    src = None
     if model is None:
-        model, tokenizer = load_model(resolve(source))
-    model.to(dev)
+        src = resolve(source)
+        tokenizer = _load(load_tokenizer, src, "tokenizer")
     ids = tokenize_text(tokenizer, body)
+    if ids.numel() < windows * seqlen:  # checked before loading the model
+        raise ConfigError(
+            f"evaluation text has {ids.numel()} tokens, {windows} windows of {seqlen} need "
+            f"{windows * seqlen}: use fewer --windows, a shorter --seqlen or a longer --text")
+    if src is not None:
+        model, _ = _load(load_model, src, "model")
+    model.to(dev)
     try:
         return perplexity(model, ids, windows, seqlen, dev, progress)
     except ValueError as e:
