@@ -80,6 +80,15 @@ def check_out(out: str | Path, overwrite: bool = False) -> Path:
     return out
 
 
+def _plain_modes(folder: Path) -> None:
+    """mkdtemp makes a 0700 folder: give it (and its files) the modes of an ordinary mkdir/open."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for f in folder.rglob("*"):
+        f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
+
+
 def save_quantized(model: nn.Module, out: str | Path, tokenizer=None, report: dict | None = None,
                    overwrite: bool = False) -> Path:
     """Write the checkpoint to a temporary sibling folder, then rename it to `out`.
@@ -101,6 +110,7 @@ def save_quantized(model: nn.Module, out: str | Path, tokenizer=None, report: di
             tokenizer.save_pretrained(tmp)
         if report is not None:
             (tmp / REPORT).write_text(json.dumps(report, indent=2, default=str))
+        _plain_modes(tmp)
         if out.exists():  # the new checkpoint is complete: now swap the old one out
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         try:
