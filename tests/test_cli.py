@@ -53,6 +53,15 @@ def siblings(out: Path) -> list[str]:
     return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
 
 
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """The commands set TQDM_DISABLE & co. for their process; keep them out of the other tests."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="module")
 def calib(tmp_path_factory, text_file) -> Path:
     """A short calibration/evaluation text (enough for 64-token windows, quick to tokenize)."""
