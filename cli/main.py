@@ -199,12 +199,15 @@ def compress(
     bits: int = typer.Option(2, "--bits", help="Target bits per weight preset: 2, 3 or 4."),
     out: Path = typer.Option(..., "--out", help="Output folder (must not exist unless --overwrite)."),
     calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text (default: wikitext-2 valid)."),
-    nsamples: int = typer.Option(32, "--nsamples", help="Calibration windows."),
-    seqlen: int = typer.Option(1024, "--seqlen", help="Tokens per calibration window."),
+    nsamples: int = typer.Option(64, "--nsamples", help="Calibration windows (drawn from the text with --seed)."),
+    seqlen: int = typer.Option(512, "--seqlen", help="Tokens per calibration window."),
     seed: int = typer.Option(0, "--seed", help="Seed for windows and codebooks."),
     device: Device = typer.Option(Device.cpu, "--device", help="Compute device."),
     hessians: HessianMode = typer.Option(HessianMode.sequential, "--hessians",
                                          help="sequential: from the quantized prefix; original: from the FP model."),
+    finetune_steps: Optional[int] = typer.Option(
+        None, "--finetune-steps", help="End-to-end KL fine-tuning steps after quantization (0 = off; "
+        "default: the preset's, 200)."),
     set_: list[str] = typer.Option([], "--set", help="Override a QuantConfig field, e.g. --set enable_norm=false."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
@@ -217,7 +220,12 @@ def compress(
         from vptq.config import preset
         from vptq.pipeline import compress as run_compress
 
-        cfg = preset(bits).with_(seed=seed, hessians=hessians.value, **_overrides(set_))
+        over = _overrides(set_)
+        if finetune_steps is not None:
+            if finetune_steps < 0:
+                _err(f"--finetune-steps {finetune_steps}: use 0 (off) or a positive number of steps", EXIT_USAGE)
+            over["e2e_steps"] = finetune_steps
+        cfg = preset(bits).with_(seed=seed, hessians=hessians.value, **over)
         with _stdout_to_stderr(as_json), _progress(True, "quantize") as cb:
             result, _, _ = run_compress(source, cfg, out, calib, nsamples, seqlen, device.value,
                                         overwrite, cb)

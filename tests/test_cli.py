@@ -24,7 +24,8 @@ import vptq.pipeline
 from cli.main import _progress, app
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--nsamples", "2", "--seqlen", "64", "--set", "num_centroids=16", "--set", "kmeans_iters=3"]
+TINY = ["--nsamples", "2", "--seqlen", "64", "--set", "num_centroids=16", "--set", "kmeans_iters=3",
+        "--finetune-steps", "2"]
 EVAL_TINY = ["--windows", "1", "--seqlen", "64"]
 
 
@@ -143,6 +144,12 @@ class TestBadInput:
         assert_one_line_error(*run("compress", tiny_llama_dir, "--out", tmp_path / "q", "--bogus"), 2, "--bogus")
         assert_one_line_error(*run("compress", tiny_llama_dir, "--out", tmp_path / "q", "--device", "tpu"),
                               2, "--device")
+
+    def test_bad_finetune_settings(self, tiny_llama_dir, tmp_path, calib):
+        r = run("compress", tiny_llama_dir, "--out", tmp_path / "q", "--calib", calib, "--finetune-steps", "-1")
+        assert_one_line_error(*r, 2, "--finetune-steps")
+        r = run("compress", tiny_llama_dir, "--out", tmp_path / "q", "--calib", calib, "--set", "e2e_lr=0")
+        assert_one_line_error(*r, 2, "positive")
 
     def test_bad_set_override(self, tiny_llama_dir, tmp_path, calib):
         r = run("compress", tiny_llama_dir, "--out", tmp_path / "q", "--calib", calib, "--set", "nonsense=1")

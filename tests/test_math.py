@@ -6,7 +6,7 @@ import torch
 from vptq.baselines import gptq_weight, rtn_weight
 from vptq.config import QuantConfig
 from vptq.kmeans import nearest, weighted_kmeans
-from vptq.quantizer import _proxy, dequantize, inverse_hessian_factor, LayerReport, quantize_linear
+from vptq.quantizer import LayerReport, _proxy, dequantize, inverse_hessian_factor, quantize_linear
 
 from .conftest import correlated_problem
 

@@ -114,10 +114,13 @@ class QuantConfig:
 
 # Presets chosen for small models (hidden 576): codebooks must stay small because each
 # linear stores its own (a 4096x6 fp16 codebook alone is ~1.2 bpw on a 576x576 layer).
+# Measured on SmolLM2-135M (bench/RESULTS.md): v5-k1024 beats v4-k256 and v6-k2048 at ~2 bits
+# all-in; the end-to-end KL stage is what brings 2 bits under GPTQ 3-bit.
+_FT = dict(e2e_steps=200, e2e_lr=1e-4, e2e_batch=1)
 PRESETS: dict[int, QuantConfig] = {
-    2: QuantConfig(vector_len=4, num_centroids=256),
-    3: QuantConfig(vector_len=4, num_centroids=256, num_res_centroids=16),
-    4: QuantConfig(vector_len=4, num_centroids=256, num_res_centroids=256),
+    2: QuantConfig(vector_len=5, num_centroids=1024, **_FT),  # 2.24 bpw all-in on SmolLM2
+    3: QuantConfig(vector_len=5, num_centroids=1024, num_res_centroids=32, **_FT),  # 3.25
+    4: QuantConfig(vector_len=4, num_centroids=256, num_res_centroids=256, **_FT),  # 4.13
 }
 
 

@@ -1,0 +1,199 @@
+"""Quality benchmark on the baselines.md protocol: FP, RTN, our GPTQ and VPTQ at 2/3/4 bits,
+both Hessian modes, and the 2-bit ablation (each VPTQ part off in turn).
+
+    python bench/quality.py                      # every run, on the CPU (hours on 2 cores)
+    python bench/quality.py --device cuda --only vptq2,vptq2-no-norm
+    python bench/quality.py --report             # results JSONL -> bench/RESULTS.md + docs/quality.png
+
+Each finished run is appended to bench/results/quality.jsonl at once (a crash loses nothing);
+--report rebuilds the table from every recorded run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from vptq.config import preset  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "quality.jsonl"
+SHARED = ROOT.parent / "shared" / "data" / "wikitext-2"
+
+P2 = preset(2)
+# name -> (method, bits, QuantConfig overrides or baseline options, ablation label)
+RUNS: dict[str, dict] = {
+    "fp": dict(method="fp"),
+    "rtn4": dict(method="rtn", bits=4, group=128),
+    "rtn3": dict(method="rtn", bits=3, group=128),
+    "rtn2": dict(method="rtn", bits=2, group=128),
+    "gptq4": dict(method="gptq", bits=4, group=128),
+    "gptq3": dict(method="gptq", bits=3, group=128),
+    "gptq2": dict(method="gptq", bits=2, group=128),
+    "vptq4": dict(method="vptq", bits=4),
+    "vptq3": dict(method="vptq", bits=3),
+    "vptq2": dict(method="vptq", bits=2),
+    "vptq2-original-hessians": dict(method="vptq", bits=2, cfg=dict(hessians="original")),
+    # one-shot ablation at 2 bits (no end-to-end stage, which would hide the parts' effects):
+    # the full one-shot method, then each part off in turn
+    "vptq2-oneshot": dict(method="vptq", bits=2, cfg=dict(e2e_steps=0)),
+    "vptq2-oneshot-no-refine": dict(method="vptq", bits=2, cfg=dict(e2e_steps=0, refine_iters=0)),
+    "vptq2-oneshot-no-error-feedback": dict(method="vptq", bits=2, cfg=dict(e2e_steps=0, error_feedback=False)),
+    "vptq2-oneshot-no-weighted-kmeans": dict(method="vptq", bits=2, cfg=dict(e2e_steps=0, weighted_kmeans=False)),
+    "vptq2-oneshot-no-perm": dict(method="vptq", bits=2, cfg=dict(e2e_steps=0, enable_perm=False)),
+    "vptq2-oneshot-no-norm": dict(method="vptq", bits=2, cfg=dict(e2e_steps=0, enable_norm=False)),
+    # plain (unweighted) k-means VQ at the same bpw: no Hessian anywhere, no fine-tuning
+    "kmeans-vq2": dict(method="vptq", bits=2, cfg=dict(weighted_kmeans=False, error_feedback=False,
+                                                       enable_perm=False, refine_iters=0, e2e_steps=0)),
+    # other 2-bit shapes at the same recipe
+    "vptq2-v4k256": dict(method="vptq", bits=2, cfg=dict(vector_len=4, num_centroids=256)),
+}
+
+
+def versions() -> dict:
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def machine(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(0)} (+{torch.get_num_threads()} CPU threads)"
+    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def run_one(name: str, spec: dict, args) -> dict:
+    from vptq.baselines import gptq_linear, rtn_linear
+    from vptq.pipeline import compress, evaluate
+    from vptq.sequential import vptq_linear
+    from vptq.source import load_model, resolve
+
+    method = spec["method"]
+    t0 = time.perf_counter()
+    rec = {"name": name, "method": method, "bits": spec.get("bits"), "device": args.device,
+           "machine": machine(args.device), "date": datetime.now(UTC).isoformat(timespec="seconds"),
+           **versions(), "nsamples": args.nsamples, "seqlen": args.seqlen}
+    if method == "fp":
+        model, tok = load_model(resolve("smollm2"))
+        rec.update(bpw=32.0, quant_seconds=0.0)
+    else:
+        cfg = preset(spec["bits"]).with_(**spec.get("cfg", {}))
+        fn = {"vptq": vptq_linear, "rtn": lambda: rtn_linear(spec["bits"], spec["group"]),
+              "gptq": lambda: gptq_linear(spec["bits"], spec["group"])}[method]
+        fn = fn if method == "vptq" else fn()
+        res, model, tok = compress("smollm2", cfg, None, args.calib, args.nsamples, args.seqlen, args.device,
+                                   quantize_fn=fn)
+        rec.update(bpw=res.report.bpw, quant_seconds=res.report.seconds, config=cfg.to_dict(),
+                   mean_proxy_loss=sum(r.proxy_loss for r in res.report.layers) / len(res.report.layers),
+                   warnings=len(res.report.warnings), group=spec.get("group"))
+    ppl = evaluate("smollm2", args.test, 10, 2048, args.device, model=model, tokenizer=tok)
+    rec.update(perplexity=ppl.perplexity, windows=ppl.windows, eval_seqlen=ppl.seqlen,
+               total_seconds=time.perf_counter() - t0)
+    return rec
+
+
+def report(results: Path) -> None:
+    """Rebuild bench/results/quality_table.md and docs/quality.png from the JSONL."""
+    recs: dict[str, dict] = {}
+    for line in results.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            recs[r["name"]] = r  # the latest run of a name wins
+    rows = ["| run | method | bits | bpw all-in | quantize s | device | wikitext-2 ppl |",
+            "|---|---|---|---|---|---|---|"]
+    for name in [*RUNS, *(n for n in recs if n not in RUNS)]:
+        r = recs.get(name)
+        if r:
+            rows.append(f"| {name} | {r['method']} | {r.get('bits') or '-'} | {r['bpw']:.3f} | "
+                        f"{r['quant_seconds']:.0f} | {r['machine']} | {r['perplexity']:.2f} |")
+        else:
+            rows.append(f"| {name} | not run | | | | | |")
+    table = "\n".join(rows)
+    (ROOT / "bench" / "results" / "quality_table.md").write_text(table + "\n")
+    print(table)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, marker in (("rtn", "s"), ("gptq", "^"), ("vptq", "o")):
+        pts = sorted((r["bpw"], r["perplexity"]) for n, r in recs.items()
+                     if r["method"] == method and (method != "vptq" or n in ("vptq2", "vptq3", "vptq4")))
+        if pts:
+            ax.plot(*zip(*pts, strict=False), marker=marker, label=f"{method} (ours)")
+    if "fp" in recs:
+        ax.axhline(recs["fp"]["perplexity"], color="gray", ls="--", label="FP")
+    ax.axhline(34.2, color="red", ls=":", label="GPTQ 3-bit, llm-compressor (34.2)")
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight, all-in")
+    ax.set_ylabel("wikitext-2 test perplexity")
+    ax.set_title("SmolLM2-135M: perplexity vs bits (baselines.md protocol)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    (ROOT / "docs").mkdir(exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(ROOT / "docs" / "quality.png", dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--only", default="", help="comma-separated run names (default: all)")
+    ap.add_argument("--skip-done", action="store_true", help="skip runs already in the JSONL")
+    ap.add_argument("--nsamples", type=int, default=64)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--calib", default=str(SHARED / "valid.txt"))
+    ap.add_argument("--test", default=str(SHARED / "test.txt"))
+    ap.add_argument("--report", action="store_true")
+    ap.add_argument("--results", default=str(RESULTS))
+    ap.add_argument("--custom", action="append", default=[],
+                    help="extra VPTQ run NAME:BITS:field=value,field=value (exploration)")
+    args = ap.parse_args()
+    results = Path(args.results)
+    if args.report:
+        report(results)
+        return
+    for c in args.custom:
+        name, bits, kv = (c.split(":", 2) + [""])[:3]
+        over = {}
+        for item in filter(None, kv.split(",")):
+            k, v = item.split("=")
+            cur = getattr(preset(int(bits)), k)
+            over[k] = (v.lower() in ("1", "true")) if isinstance(cur, bool) else type(cur)(v)
+        RUNS[name] = dict(method="vptq", bits=int(bits), cfg=over)
+    names = [n for n in args.only.split(",") if n] or [n for n in RUNS if ":" not in n]
+    names += [c.split(":")[0] for c in args.custom if c.split(":")[0] not in names]
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        sys.exit(f"unknown run(s) {unknown}; choose from {list(RUNS)}")
+    done = set()
+    if args.skip_done and results.exists():
+        done = {json.loads(x)["name"] for x in results.read_text().splitlines() if x.strip()}
+    results.parent.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if name in done:
+            continue
+        rec = run_one(name, RUNS[name], args)
+        with results.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        print(f"{name}: bpw {rec['bpw']:.3f} ppl {rec['perplexity']:.2f} quant {rec['quant_seconds']:.0f}s",
+              flush=True)
+    report(results)
+
+
+if __name__ == "__main__":
+    main()
