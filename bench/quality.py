@@ -36,9 +36,9 @@ RUNS: dict[str, dict] = {
     "rtn4": dict(method="rtn", bits=4, group=128),
     "rtn3": dict(method="rtn", bits=3, group=128),
     "rtn2": dict(method="rtn", bits=2, group=128),
-    "gptq4": dict(method="gptq", bits=4, group=128),
-    "gptq3": dict(method="gptq", bits=3, group=128),
-    "gptq2": dict(method="gptq", bits=2, group=128),
+    "gptq4": dict(method="gptq", bits=4, group=64),  # llm-compressor's group in baselines.md
+    "gptq3": dict(method="gptq", bits=3, group=64),  # llm-compressor's group in baselines.md
+    "gptq2": dict(method="gptq", bits=2, group=64),  # llm-compressor's group in baselines.md
     "vptq4": dict(method="vptq", bits=4),
     "vptq3": dict(method="vptq", bits=3),
     "vptq2": dict(method="vptq", bits=2),
@@ -88,6 +88,8 @@ def run_one(name: str, spec: dict, args) -> dict:
         rec.update(bpw=32.0, quant_seconds=0.0)
     else:
         cfg = preset(spec["bits"]).with_(**spec.get("cfg", {}))
+        if method != "vptq":  # scalar baselines: one-shot, as llm-compressor's GPTQ in baselines.md
+            cfg = cfg.with_(e2e_steps=0)
         fn = {"vptq": vptq_linear, "rtn": lambda: rtn_linear(spec["bits"], spec["group"]),
               "gptq": lambda: gptq_linear(spec["bits"], spec["group"])}[method]
         fn = fn if method == "vptq" else fn()
@@ -95,7 +97,7 @@ def run_one(name: str, spec: dict, args) -> dict:
                                    quantize_fn=fn)
         rec.update(bpw=res.report.bpw, quant_seconds=res.report.seconds, config=cfg.to_dict(),
                    mean_proxy_loss=sum(r.proxy_loss for r in res.report.layers) / len(res.report.layers),
-                   warnings=len(res.report.warnings), group=spec.get("group"))
+                   warnings=len(res.report.warnings), group=spec.get("group"), e2e=res.report.e2e)
     ppl = evaluate("smollm2", args.test, 10, 2048, args.device, model=model, tokenizer=tok)
     rec.update(perplexity=ppl.perplexity, windows=ppl.windows, eval_seqlen=ppl.seqlen,
                total_seconds=time.perf_counter() - t0)
@@ -109,17 +111,26 @@ def report(results: Path) -> None:
         if line.strip():
             r = json.loads(line)
             recs[r["name"]] = r  # the latest run of a name wins
-    rows = ["| run | method | bits | bpw all-in | quantize s | device | wikitext-2 ppl |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| run | method | bits | bpw all-in | quantize s (of which fine-tune) | machine | date | wikitext-2 ppl |",
+            "|---|---|---|---|---|---|---|---|"]
     for name in [*RUNS, *(n for n in recs if n not in RUNS)]:
         r = recs.get(name)
         if r:
+            e2e = (r.get("e2e") or {}).get("seconds")
             rows.append(f"| {name} | {r['method']} | {r.get('bits') or '-'} | {r['bpw']:.3f} | "
-                        f"{r['quant_seconds']:.0f} | {r['machine']} | {r['perplexity']:.2f} |")
+                        f"{r['quant_seconds']:.0f}{f' (fine-tune {e2e:.0f})' if e2e else ''} | "
+                        f"{r['machine']} | {r['date'][:10]} | {r['perplexity']:.2f} |")
         else:
-            rows.append(f"| {name} | not run | | | | | |")
+            rows.append(f"| {name} | not run | | | | | | |")
     table = "\n".join(rows)
     (ROOT / "bench" / "results" / "quality_table.md").write_text(table + "\n")
+    # refresh the table inside bench/RESULTS.md between its markers (the prose stays by hand)
+    doc = ROOT / "bench" / "RESULTS.md"
+    begin, end = "<!-- quality-table:begin -->", "<!-- quality-table:end -->"
+    if doc.exists() and begin in doc.read_text():
+        text = doc.read_text()
+        head, rest = text.split(begin, 1)
+        doc.write_text(head + begin + "\n" + table + "\n" + end + rest.split(end, 1)[1])
     print(table)
     try:
         import matplotlib
@@ -187,6 +198,7 @@ def main() -> None:
     for name in names:
         if name in done:
             continue
+        print(f"{name}: running", file=sys.stderr, flush=True)
         rec = run_one(name, RUNS[name], args)
         with results.open("a") as f:
             f.write(json.dumps(rec) + "\n")

@@ -9,6 +9,8 @@ Gradients flow through the dequantization (a gather); no dense copy of a weight 
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
@@ -105,6 +107,7 @@ def finetune_model(
         # mean over tokens of sum_v p_t (log p_t - log p_s)
         return nn.functional.kl_div(s.flatten(0, 1), t.flatten(0, 1), log_target=True, reduction="batchmean")
 
+    t0 = time.perf_counter()
     probe = windows[:batch].to(device)
     with torch.no_grad():
         before = float(kl(probe))
@@ -125,4 +128,5 @@ def finetune_model(
         m.to(stored[m])  # back to the checkpoint dtype (fp16 centroids)
     with torch.no_grad():
         after = float(kl(probe))
-    return {"kl_before": before, "kl_after": after, "steps": cfg.e2e_steps}
+    return {"kl_before": before, "kl_after": after, "steps": cfg.e2e_steps,
+            "seconds": round(time.perf_counter() - t0, 2)}

@@ -11,12 +11,22 @@ import torch
 _TILE = 1 << 27  # floats per distance tile (512 MiB): a full 2M x 65536 matrix would be 0.5 TB
 
 
+# below this many vectors (one column of the column loop) a launch costs more than it saves
+_KERNEL_MIN_VECTORS = 1 << 14
+
+
 def _chunk(k: int) -> int:
     return max(1024, _TILE // k)
 
 
 def nearest(x: torch.Tensor, centroids: torch.Tensor, c_sq: torch.Tensor | None = None) -> torch.Tensor:
     """Index of the nearest centroid (Euclidean) for each row of x: (n, v) x (k, v) -> (n,)."""
+    if x.is_cuda and x.shape[0] >= _KERNEL_MIN_VECTORS:
+        # the numba kernel (codebook tiles in shared memory); it falls back to the same
+        # matmul form below when numba is missing or the shape is unsupported
+        from kernels.dispatch import nearest as kernel_nearest
+
+        return kernel_nearest(x, centroids, c_sq)
     if c_sq is None:
         c_sq = (centroids * centroids).sum(1)
     out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
