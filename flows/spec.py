@@ -1,0 +1,55 @@
+"""JobSpec: the validated request of one compression job (the edge's pydantic model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class JobSpec(BaseModel):
+    """What `vptq submit` asks for; stored in the job row and converted once into a QuantConfig."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str  # model folder, .gguf file, `smollm2`, or s3://bucket/prefix
+    name: str  # registry name of the result
+    version: str | None = None  # default: the next vN of name
+    bits: Literal[2, 3, 4] = 2
+    calib: str | None = None  # calibration text (default: wikitext-2 valid)
+    nsamples: int = Field(64, ge=1)
+    seqlen: int = Field(512, ge=16)
+    seed: int = 0
+    hessians: Literal["sequential", "original"] = "sequential"
+    overrides: dict[str, Any] = Field(default_factory=dict)  # QuantConfig fields over the preset
+    device: str = "cpu"
+    eval_text: str | None = None  # held-out text (default: the calibration text)
+    eval_windows: int = Field(4, ge=0)  # 0 = no evaluation
+    eval_seqlen: int = Field(512, ge=2)
+
+    def normalized(self) -> JobSpec:
+        """Local paths made absolute, so the same request from another folder is the same job."""
+        def absolute(p: str | None) -> str | None:
+            if p is None or p.lower() == "smollm2" or "://" in p:
+                return p
+            return str(Path(p).expanduser().absolute())
+
+        return self.model_copy(update={"source": absolute(self.source), "calib": absolute(self.calib),
+                                       "eval_text": absolute(self.eval_text)})
+
+    def quant_config(self):
+        """The preset of `bits` with seed, Hessian mode and overrides applied (ConfigError if invalid)."""
+        from vptq.config import ConfigError, QuantConfig, preset
+
+        fields = set(QuantConfig.__dataclass_fields__) - {"seed", "hessians"}
+        unknown = set(self.overrides) - fields
+        if unknown:
+            raise ConfigError(f"unknown QuantConfig field(s) {sorted(unknown)}: use one of {sorted(fields)}")
+        return preset(self.bits).with_(seed=self.seed, hessians=self.hessians, **self.overrides)
+
+    def key(self) -> str:
+        """Identity of the job: the same request resumes the same job."""
+        from tasks.workspace import digest
+
+        return digest("job", self.model_dump())[:24]

@@ -1,0 +1,14 @@
+"""Prefect tasks: thin wrappers that call vptq/ and store/ and return small metadata.
+
+Large tensors live in the job's workspace folder (VPTQ_HOME/work); task results hold paths,
+hashes and figures only.
+"""
+
+from tasks.blocks import assemble_model, quantize_block
+from tasks.calibration import sample_calibration
+from tasks.evaluation import evaluate_model
+from tasks.model import fetch_model, inspect_model
+from tasks.publish import publish_artifact
+
+__all__ = ["assemble_model", "evaluate_model", "fetch_model", "inspect_model", "publish_artifact",
+           "quantize_block", "sample_calibration"]

@@ -1,0 +1,77 @@
+"""fetch_model: resolve a model source into a local path + sha256; inspect_model: fail fast on bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.workspace import digest, load_fp_model, sha256_path, work_root
+
+
+def no_retry_on_bad_input(task, task_run, state) -> bool:
+    """Retry I/O errors only: a bad source or configuration fails at once."""
+    from vptq.config import ConfigError
+    from vptq.source import SourceError
+
+    try:
+        state.result()
+    except (ConfigError, SourceError):
+        return False
+    except Exception:  # noqa: BLE001 - anything else may be transient
+        return True
+    return False
+
+
+def _download_s3(uri: str) -> Path:
+    """Copy every object under s3://bucket/prefix into VPTQ_HOME/work/models/<hash of uri>."""
+    from store.artifacts import open_artifact_store
+    from vptq.source import SourceError
+
+    store = open_artifact_store(uri)
+    keys = store.list_keys("")
+    if not keys:
+        raise SourceError(f"model source {uri!r} holds no objects: give the prefix of a model folder")
+    dest = work_root() / "models" / digest(uri)[:16]
+    for key in keys:
+        store.get_file(key, dest / key)
+    return dest
+
+
+@task(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=no_retry_on_bad_input, cache_policy=NO_CACHE)
+def fetch_model(source: str) -> dict[str, Any]:
+    """Resolve SOURCE (folder, .gguf, `smollm2`, s3://) to a local path and its sha256."""
+    from vptq.config import ConfigError
+    from vptq.source import resolve
+
+    local = str(_download_s3(source)) if source.startswith("s3://") else source
+    src = resolve(local)
+    if src.kind == "vptq":
+        raise ConfigError(f"{source} is already VPTQ-quantized: compress the original model")
+    return {"source": source, "path": src.uri, "kind": src.kind, "sha256": sha256_path(Path(src.uri))}
+
+
+@task(cache_policy=NO_CACHE)
+def inspect_model(path: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Load the model and check that the configuration fits every target linear."""
+    from vptq.config import ConfigError, LayerLayout, QuantConfig
+    from vptq.sequential import decoder_layers, target_linears
+
+    cfg = QuantConfig.from_dict(config)
+    model, _ = load_fp_model(path)
+    try:
+        layers = decoder_layers(model)
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}; only decoder-only models with model.layers are supported") from None
+    linears = [target_linears(b, cfg) for b in layers]
+    if not any(linears):
+        raise ConfigError(f"{path}: no linear layer named {', '.join(cfg.targets)} in its decoder blocks: "
+                          "nothing to quantize")
+    for lins in linears:
+        for lin in lins.values():
+            LayerLayout.for_shape(cfg, lin.out_features, lin.in_features)
+    return {"blocks": len(layers), "architecture": type(model).__name__,
+            "parameter_count": sum(p.numel() for p in model.parameters()),
+            "linears": sum(len(lins) for lins in linears)}
