@@ -69,8 +69,8 @@ def test_end_to_end_finetune_lowers_kl_and_keeps_indices(tiny_llama_dir, text_fi
     assert e2e["steps"] == 20 and e2e["kl_after"] < e2e["kl_before"]
     # indices are discrete and never trained: same codes as the run without fine-tuning
     ref, ref_model, _ = compress(str(tiny_llama_dir), TINY, None, calib=text_file, nsamples=4, seqlen=64)
-    for (n, a), (_, b) in zip(model.named_buffers(), ref_model.named_buffers(), strict=False):
+    for (n, a), (_, b) in zip(model.named_buffers(), ref_model.named_buffers(), strict=True):
         if n.endswith("indices"):
             assert torch.equal(a, b), n
-    assert any(not torch.equal(a, b) for (n, a), (_, b) in zip(model.named_parameters(), ref_model.named_parameters(), strict=False)
+    assert any(not torch.equal(a, b) for (n, a), (_, b) in zip(model.named_parameters(), ref_model.named_parameters(), strict=True)
                if "centroids" in n)
