@@ -283,6 +283,9 @@ def eval_(
 from cli.db import register as _register_store  # noqa: E402 - store commands: db, artifacts, pull
 
 _register_store(app)
+from cli.jobs import register as _register_jobs  # noqa: E402 - submit, jobs, worker
+
+_register_jobs(app)
 
 
 def main() -> None:  # console-script entry point

@@ -1,0 +1,217 @@
+"""The `compress` Prefect flow and its CLI (`vptq submit`, `vptq jobs`): a tiny random Llama through
+fetch -> calibrate -> per-block quantize -> assemble -> evaluate -> publish on SQLite and the local
+artifact store, then pull and load; resume after a failure and after SIGKILL; bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tests.prefect_fixtures import prefect_harness  # noqa: F401 - the session fixture
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--nsamples", "2", "--seqlen", "64", "--eval-windows", "1", "--eval-seqlen", "64",
+        "--set", "vector_len=4", "--set", "num_centroids=16", "--set", "kmeans_iters=3",
+        "--set", "refine_iters=0", "--set", "e2e_steps=0", "--local", "--json"]
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch, prefect_harness):  # noqa: F811
+    """A fresh VPTQ_HOME (SQLite lineage DB, local artifact store, workspaces) per test."""
+    for k in ("VPTQ_DB_URL", "VPTQ_ARTIFACTS", "PREFECT_API_URL"):
+        monkeypatch.delenv(k, raising=False)
+    saved = dict(os.environ)
+    monkeypatch.setenv("VPTQ_HOME", str(tmp_path / "home"))
+    yield tmp_path / "home"
+    for k in set(os.environ) - set(saved):  # the CLI sets TQDM_DISABLE & co. for its process
+        os.environ.pop(k, None)
+
+
+def run(*args) -> tuple[int, str, str]:
+    from cli.main import app
+
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    return r.exit_code, r.stdout, r.stderr
+
+
+def submit(model: Path, calib: Path, *extra) -> tuple[int, dict | str, str]:
+    code, out, err = run("submit", model, "--name", "tiny", "--calib", calib, *TINY, *extra)
+    return code, (json.loads(out) if code == 0 else out), err
+
+
+def checkpoint_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != "manifest.json"}
+
+
+def test_flow_end_to_end_then_pull_and_generate(home, tiny_llama_dir, text_file, tmp_path):
+    code, s, err = submit(tiny_llama_dir, text_file)
+    assert code == 0, err
+    assert s["status"] == "completed" and s["blocks_total"] == 2 and s["blocks_reused"] == 0
+    assert s["artifact"] == "tiny:v1" and s["perplexity_after"] > 0 and s["error"] is None
+
+    from store.artifacts import open_artifact_store
+    from store.registry import Registry
+    from store.repository import Repository
+    from vptq.io import load_quantized
+
+    repo = Repository.open()
+    job = repo.get_job(s["job_id"])
+    assert job.status == "completed" and job.model_id and job.calibration_set_id and job.prefect_run_id
+    layers = repo.layer_results(job.id)
+    assert len(layers) == 14 and all(r.proxy_loss >= 0 and r.bits_per_weight > 0 for r in layers)
+    art = repo.get_artifact("tiny", "v1")
+    assert art.job_id == job.id and len(repo.evaluations(artifact_id=art.id)) == 1
+    assert len(repo.evaluations(model_id=job.model_id)) == 1
+    repo.close()
+
+    dest = tmp_path / "pulled"
+    Registry(open_artifact_store()).pull("tiny:v1", dest)
+    model = load_quantized(dest)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    out = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 8)
+
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        keys = {a.key for a in client.read_artifacts()}
+    assert {f"job-{job.id}-block-0", f"job-{job.id}-block-1", f"job-{job.id}-summary"} <= keys
+
+    # the identical request is the same job: reported again, nothing recomputed
+    code, again, err = submit(tiny_llama_dir, text_file)
+    assert code == 0, err
+    assert again["job_id"] == s["job_id"] and again["artifact"] == "tiny:v1"
+    assert again["blocks_reused"] == again["blocks_total"] == 2
+
+    code, out, err = run("jobs", "show", job.id, "--json")
+    assert code == 0 and json.loads(out)["status"] == "completed" and len(json.loads(out)["layers"]) == 14
+    code, out, err = run("jobs", "list", "--json")
+    assert code == 0 and [j["job_id"] for j in json.loads(out)] == [job.id]
+
+
+def test_resume_after_a_failure_reuses_blocks_and_is_byte_identical(home, tiny_llama_dir, text_file,
+                                                                     monkeypatch, tmp_path):
+    import vptq.sequential
+
+    real = vptq.sequential.quantize_block
+
+    def fail_on_block_1(block, x, pe, cfg, device, *a, prefix="", **kw):
+        if prefix == "model.layers.1.":
+            raise RuntimeError("worker lost")
+        return real(block, x, pe, cfg, device, *a, prefix=prefix, **kw)
+
+    monkeypatch.setattr(vptq.sequential, "quantize_block", fail_on_block_1)
+    code, out, err = submit(tiny_llama_dir, text_file)
+    assert code == 1 and "worker lost" in err and "Traceback" not in err
+    code, out, _ = run("jobs", "list", "--json")
+    (job,) = json.loads(out)
+    assert job["status"] == "failed" and "worker lost" in job["error"]
+
+    monkeypatch.setattr(vptq.sequential, "quantize_block", real)
+    code, out, err = run("jobs", "resume", job["job_id"], "--json")
+    assert code == 0, err
+    s = json.loads(out)
+    assert s["status"] == "completed" and s["blocks_total"] == 2 and s["blocks_reused"] == 1
+    resumed = checkpoint_bytes(Path(s["workspace"]) / "checkpoint")
+
+    # an uninterrupted run of the same request elsewhere writes the very same bytes
+    monkeypatch.setenv("VPTQ_HOME", str(tmp_path / "other-home"))
+    code, fresh, err = submit(tiny_llama_dir, text_file)
+    assert code == 0 and fresh["blocks_reused"] == 0, err
+    assert checkpoint_bytes(Path(fresh["workspace"]) / "checkpoint") == resumed
+
+
+def test_bad_input_fails_fast_with_one_line(home, tiny_llama_dir, text_file, tmp_path):
+    code, out, err = submit(tmp_path / "no-such-model", text_file)
+    assert code == 2 and out == "" and err.strip().startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert "does not exist" in err
+
+    code, out, err = run("submit", tiny_llama_dir, "--name", "bad name!", "--local")
+    assert code == 2 and "bad artifact reference" in err
+
+    code, out, err = run("submit", tiny_llama_dir, "--name", "tiny", "--set", "nope=1", "--local")
+    assert code == 2 and "nope" in err
+
+    code, out, err = run("jobs", "show", "999")
+    assert code == 2 and "no job with id 999" in err
+
+    # calibration shorter than one window: the job fails before any block, with the reason on its row
+    short = tmp_path / "short.txt"
+    short.write_text("just a few words")
+    code, out, err = submit(tiny_llama_dir, short)
+    assert code == 2 and "calibration text has" in err and "Traceback" not in err
+
+    # a configuration that does not fit the layer shapes
+    code, out, err = submit(tiny_llama_dir, text_file, "--set", "group_num=1000")
+    assert code == 2 and "group_num=1000" in err
+
+    code, out, _ = run("jobs", "list", "--json")
+    jobs = json.loads(out)
+    assert [j["status"] for j in jobs] == ["failed", "failed"]
+    assert "group_num=1000" in jobs[0]["error"] and "calibration text has" in jobs[1]["error"]
+    from store.repository import Repository
+
+    repo = Repository.open()
+    assert all(repo.layer_results(j["job_id"]) == [] for j in jobs)
+    repo.close()
+    code, out, _ = run("jobs", "show", jobs[1]["job_id"], "--json")
+    assert "calibration text has" in json.loads(out)["error"]
+
+
+KILLABLE = """
+import sys, time
+from pathlib import Path
+import vptq.sequential
+real = vptq.sequential.quantize_block
+def slow_block_1(block, x, pe, cfg, device, *a, prefix="", **kw):
+    if prefix == "model.layers.1.":
+        Path(sys.argv[1]).write_text("block 1 started")
+        time.sleep(300)
+    return real(block, x, pe, cfg, device, *a, prefix=prefix, **kw)
+vptq.sequential.quantize_block = slow_block_1
+from cli.main import app
+app(sys.argv[2:])
+"""
+
+
+def test_sigkill_midway_then_resume_recomputes_no_finished_block(home, tiny_llama_dir, text_file, tmp_path):
+    from prefect.settings import PREFECT_API_URL
+
+    marker = tmp_path / "block-1-started"
+    env = dict(os.environ, VPTQ_HOME=str(home), PREFECT_API_URL=PREFECT_API_URL.value())
+    proc = subprocess.Popen([sys.executable, "-c", KILLABLE, str(marker), "submit", str(tiny_llama_dir),
+                             "--name", "tiny", "--calib", str(text_file), *TINY], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), f"block 1 never started (exit {proc.poll()})"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)  # the worker dies without a word
+        proc.wait(timeout=30)
+
+    code, out, _ = run("jobs", "list", "--json")
+    (job,) = json.loads(out)
+    assert job["status"] == "running"  # nobody marked it: `resume` takes it over
+    code, out, err = run("jobs", "resume", job["job_id"], "--json")
+    assert code == 0, err
+    s = json.loads(out)
+    assert s["status"] == "completed" and s["blocks_total"] == 2 and s["blocks_reused"] == 1
+    assert s["artifact"] == "tiny:v1"
+    killed_then_resumed = checkpoint_bytes(Path(s["workspace"]) / "checkpoint")
+    os.environ["VPTQ_HOME"] = str(tmp_path / "uninterrupted")  # restored by the home fixture's monkeypatch
+    code, fresh, err = submit(tiny_llama_dir, text_file)
+    assert code == 0 and fresh["blocks_reused"] == 0, err
+    assert checkpoint_bytes(Path(fresh["workspace"]) / "checkpoint") == killed_then_resumed
