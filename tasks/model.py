@@ -35,7 +35,8 @@ def _download_s3(uri: str) -> Path:
     if not keys:
         raise SourceError(f"model source {uri!r} holds no objects: give the prefix of a model folder")
     dest = work_root() / "models" / digest(uri)[:16]
-    for key in keys:
+    for key in keys:  # every run downloads afresh: the sha256 is taken of what was fetched
+        (dest / key).parent.mkdir(parents=True, exist_ok=True)
         store.get_file(key, dest / key)
     return dest
 

@@ -18,6 +18,7 @@ import torch
 from typer.testing import CliRunner
 
 from tests.prefect_fixtures import prefect_harness  # noqa: F401 - the session fixture
+from tests.store_fixtures import bucket, moto_server, s3_client, s3_env  # noqa: F401 - S3 on moto
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--nsamples", "2", "--seqlen", "64", "--eval-windows", "1", "--eval-seqlen", "64",
@@ -215,3 +216,64 @@ def test_sigkill_midway_then_resume_recomputes_no_finished_block(home, tiny_llam
     code, fresh, err = submit(tiny_llama_dir, text_file)
     assert code == 0 and fresh["blocks_reused"] == 0, err
     assert checkpoint_bytes(Path(fresh["workspace"]) / "checkpoint") == killed_then_resumed
+
+
+def test_model_from_s3_published_to_s3(home, bucket, tiny_llama_dir, text_file, tmp_path):  # noqa: F811
+    client = s3_client()
+    for f in tiny_llama_dir.iterdir():
+        client.upload_file(str(f), bucket, f"sources/tiny/{f.name}")
+    code, s, err = submit(f"s3://{bucket}/sources/tiny", text_file, "--eval-windows", "0")
+    assert code == 0, err
+    assert s["status"] == "completed" and s["artifact"] == "tiny:v1" and s["blocks_total"] == 2
+
+    from store.artifacts import open_artifact_store
+    from store.registry import Registry
+    from vptq.io import load_quantized
+
+    assert Registry(open_artifact_store()).store.uri.startswith("s3://")
+    dest = tmp_path / "pulled"
+    Registry(open_artifact_store()).pull("tiny:v1", dest)
+    assert load_quantized(dest)(torch.tensor([[1, 2, 3]])).logits.shape[:2] == (1, 3)
+
+
+def test_worker_serves_the_deployment_and_submit_queues(home, tiny_llama_dir, text_file, monkeypatch):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    from store.repository import Repository
+
+    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())
+    worker = subprocess.Popen([sys.executable, "-m", "cli.main", "worker"], cwd=REPO, env=dict(os.environ),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        with get_client(sync_client=True) as client:
+            while time.monotonic() < deadline:
+                try:
+                    client.read_deployment_by_name("compress/compress")
+                    break
+                except Exception:  # noqa: BLE001 - not served yet
+                    assert worker.poll() is None, "vptq worker exited"
+                    time.sleep(0.5)
+        args = [a for a in TINY if a != "--local"]
+        code, out, err = run("submit", tiny_llama_dir, "--name", "tiny", "--calib", text_file, *args)
+        assert code == 0, err
+        queued = json.loads(out)
+        assert queued["status"] == "queued" and queued["flow_run_id"]
+        repo = Repository.open()
+        deadline = time.monotonic() + 240
+        while repo.get_job(queued["job_id"]).status not in ("completed", "failed") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        job = repo.get_job(queued["job_id"])
+        repo.close()
+        assert job.status == "completed", job.error
+        assert job.prefect_run_id == queued["flow_run_id"]
+        code, out, _ = run("jobs", "show", job.id, "--json")
+        assert json.loads(out)["artifact"] == "tiny:v1"
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait(timeout=20)
