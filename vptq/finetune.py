@@ -34,6 +34,48 @@ def _trainable(block: nn.Module, norms: bool = True) -> list[nn.Parameter]:
     return params
 
 
+def _train(
+    model: nn.Module, loss_on, n: int, batch: int, steps: int, lr: float, seed: int,
+    cosine: bool = False, progress=None,
+) -> tuple[float, float]:
+    """The loop both modes share: Adam on loss_on(window indices) over the continuous parts of
+    `model` (trained in fp32, stored back in the checkpoint dtype at the end). Returns the loss
+    on a fixed probe batch before and after."""
+    quant = [m for m in model.modules() if isinstance(m, VQuantLinear)]
+    stored = {m: m.centroids.weight.dtype for m in quant}
+    for m in quant:
+        m.float()
+    params = _trainable(model)
+    keep = {id(p) for p in params}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1)) if cosine else None
+    gen = torch.Generator().manual_seed(seed)
+    probe = torch.arange(min(n, batch))
+    with torch.no_grad():
+        before = float(loss_on(probe))
+    model.train()
+    for step in range(steps):
+        idx = torch.randperm(n, generator=gen)[:batch]
+        opt.zero_grad(set_to_none=True)
+        loss = loss_on(idx)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        if progress:
+            progress(step + 1, steps, f"loss {float(loss):.4f}")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in quant:
+        m.to(stored[m])  # back to the checkpoint dtype (fp16 centroids)
+    with torch.no_grad():
+        after = float(loss_on(probe))
+    return before, after
+
+
 def finetune_block(
     block: nn.Module, x: torch.Tensor, target: torch.Tensor, pe, cfg: QuantConfig,
     device: torch.device, batch: int,
@@ -41,42 +83,11 @@ def finetune_block(
     """Adam on MSE(block(x), target) for cfg.finetune_steps minibatches; returns losses."""
     from .sequential import _run_block  # local: sequential imports this module
 
-    quant = [m for m in block.modules() if isinstance(m, VQuantLinear)]
-    stored = {m: m.centroids.weight.dtype for m in quant}
-    for m in quant:  # train in fp32, store back in the checkpoint dtype at the end
-        m.float()
-    params = _trainable(block)
-    keep = {id(p) for p in params}
-    frozen = [p for p in block.parameters() if id(p) not in keep]
-    for p in frozen:
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=cfg.finetune_lr)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    n = x.shape[0]
-
     def loss_on(idx):
         out = _run_block(block, x[idx].to(device), pe)
         return nn.functional.mse_loss(out, target[idx].to(device))
 
-    with torch.no_grad():
-        probe = torch.arange(min(n, batch))
-        before = float(loss_on(probe))
-    block.train()
-    for _ in range(cfg.finetune_steps):
-        idx = torch.randperm(n, generator=gen)[:batch]
-        opt.zero_grad(set_to_none=True)
-        loss = loss_on(idx)
-        loss.backward()
-        opt.step()
-    block.eval()
-    for p in block.parameters():
-        p.requires_grad_(False)
-    for m in quant:
-        m.to(stored[m])
-    with torch.no_grad():
-        after = float(loss_on(probe))
+    before, after = _train(block, loss_on, x.shape[0], batch, cfg.finetune_steps, cfg.finetune_lr, cfg.seed)
     return {"mse_before": before, "mse_after": after, "steps": cfg.finetune_steps}
 
 
@@ -86,19 +97,9 @@ def finetune_model(
 ) -> dict:
     """Adam on KL(teacher || student) over next-token distributions, cfg.e2e_steps steps of
     cfg.e2e_batch calibration windows each. Returns the loss on a fixed probe before and after."""
-    quant = [m for m in student.modules() if isinstance(m, VQuantLinear)]
-    stored = {m: m.centroids.weight.dtype for m in quant}
-    for m in quant:
-        m.float()
+    t0 = time.perf_counter()
     student.to(device)
     teacher.to(device).eval()
-    params = _trainable(student)
-    keep = {id(p) for p in params}
-    for p in student.parameters():
-        p.requires_grad_(id(p) in keep)
-    opt = torch.optim.Adam(params, lr=cfg.e2e_lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(cfg.e2e_steps, 1))
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
     n = windows.shape[0]
     batch = max(1, min(cfg.e2e_batch, n))
 
@@ -109,7 +110,6 @@ def finetune_model(
     def teacher_logp(ids: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(teacher(ids.to(device)).logits.float(), -1)
 
-    t0 = time.perf_counter()
     vocab = int(teacher.get_output_embeddings().weight.shape[0])
     cache = None
     if cfg.e2e_steps * batch > n and windows.numel() * vocab * 2 <= TEACHER_CACHE_BYTES:
@@ -124,25 +124,7 @@ def finetune_model(
         # mean over tokens of sum_v p_t (log p_t - log p_s)
         return nn.functional.kl_div(s.flatten(0, 1), t.flatten(0, 1), log_target=True, reduction="batchmean")
 
-    probe = torch.arange(batch)
-    with torch.no_grad():
-        before = float(kl(probe))
-    student.train()
-    for step in range(cfg.e2e_steps):
-        idx = torch.randperm(n, generator=gen)[:batch]
-        opt.zero_grad(set_to_none=True)
-        loss = kl(idx)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if progress:
-            progress(step + 1, cfg.e2e_steps, f"kl {float(loss):.4f}")
-    student.eval()
-    for p in student.parameters():
-        p.requires_grad_(False)
-    for m in quant:
-        m.to(stored[m])  # back to the checkpoint dtype (fp16 centroids)
-    with torch.no_grad():
-        after = float(kl(probe))
+    before, after = _train(student, kl, n, batch, cfg.e2e_steps, cfg.e2e_lr, cfg.seed + 1, cosine=True,
+                           progress=progress)
     return {"kl_before": before, "kl_after": after, "steps": cfg.e2e_steps,
             "seconds": round(time.perf_counter() - t0, 2)}
