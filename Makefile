@@ -30,7 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/quality.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check vptq kernels cli tests bench
+	$(BIN)/ruff check vptq kernels store tasks flows cli tests bench
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
