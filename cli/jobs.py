@@ -268,6 +268,11 @@ def worker(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Serve the `compress` deployment: run the jobs `vptq submit` queues (needs PREFECT_API_URL)."""
+    from cli.main import EXIT_USAGE, _err
+
+    if not os.environ.get("PREFECT_API_URL"):
+        _err("PREFECT_API_URL is not set: start `vptq server` and export "
+             "PREFECT_API_URL=http://127.0.0.1:4200/api", EXIT_USAGE)
     with _job_errors(debug):
         from flows.compress import DEPLOYMENT
         from flows.compress import compress as compress_flow
@@ -275,8 +280,17 @@ def worker(
         compress_flow.serve(name=DEPLOYMENT, limit=limit)
 
 
+def server(port: int = typer.Option(4200, "--port", help="Port on 127.0.0.1.")) -> None:
+    """Start the Prefect server and UI on 127.0.0.1 (then export PREFECT_API_URL=http://127.0.0.1:PORT/api)."""
+    import shutil
+
+    exe = shutil.which("prefect") or os.path.join(os.path.dirname(sys.executable), "prefect")
+    os.execv(exe, [exe, "server", "start", "--host", "127.0.0.1", "--port", str(port)])
+
+
 def register(main_app: typer.Typer) -> None:
-    """Attach `submit`, `jobs` and `worker` to the main app."""
+    """Attach `submit`, `jobs`, `worker` and `server` to the main app."""
     main_app.command("submit")(submit)
     main_app.add_typer(jobs_app, name="jobs")
     main_app.command("worker")(worker)
+    main_app.command("server")(server)

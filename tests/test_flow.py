@@ -147,6 +147,9 @@ def test_bad_input_fails_fast_with_one_line(home, tiny_llama_dir, text_file, tmp
     code, out, err = run("jobs", "show", "999")
     assert code == 2 and "no job with id 999" in err
 
+    code, out, err = run("worker")  # no Prefect server to serve the deployment on
+    assert code == 2 and "PREFECT_API_URL is not set" in err
+
     # calibration shorter than one window: the job fails before any block, with the reason on its row
     short = tmp_path / "short.txt"
     short.write_text("just a few words")
