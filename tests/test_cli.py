@@ -13,6 +13,7 @@ import pty
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -301,16 +302,22 @@ def test_progress_bar_only_on_a_terminal(checkpoint, calib):
     proc = subprocess.Popen([sys.executable, "-m", "cli.main", "eval", str(checkpoint), "--text", str(calib),
                              *EVAL_TINY, "--json"], cwd=REPO, stdout=subprocess.PIPE, stderr=slave, text=True)
     os.close(slave)
+    chunks: list[bytes] = []
+
+    def drain() -> None:  # read the terminal while the child writes: a full pty would block it
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO once the child has closed its end
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
     stdout, _ = proc.communicate(timeout=600)
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
+    reader.join(timeout=60)
     os.close(master)
     assert proc.returncode == 0
     assert "perplexity" in json.loads(stdout)
