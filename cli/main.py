@@ -286,6 +286,9 @@ _register_store(app)
 from cli.jobs import register as _register_jobs  # noqa: E402 - submit, jobs, worker
 
 _register_jobs(app)
+from cli.generate import register as _register_generate  # noqa: E402 - generate, chat
+
+_register_generate(app)
 
 
 def main() -> None:  # console-script entry point
