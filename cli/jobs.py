@@ -178,7 +178,7 @@ def submit(
                                                     "quant": cfg.to_dict()}, code_version=code_version())
         finally:
             repo.close()
-        if os.environ.get("PREFECT_API_URL") and not local and job.status != "completed":
+        if os.environ.get("PREFECT_API_URL") and not local and job.status != "succeeded":
             from prefect.deployments import run_deployment
 
             run = run_deployment("compress/compress", parameters={"job_id": job.id}, timeout=0)

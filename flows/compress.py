@@ -1,6 +1,6 @@
 """The `compress` flow: fetch -> calibrate -> quantize block by block -> assemble -> evaluate -> publish.
 
-Lineage rows are written at each step and the job row moves queued -> running -> completed |
+Lineage rows are written at each step and the job row moves queued -> running -> succeeded |
 failed | crashed (with the error text). Finished blocks are Prefect-cached under
 hash(model sha, calibration hash, config, code version, index): running the same job again
 recomputes none of them and reports them in `blocks_reused`.
@@ -143,7 +143,7 @@ def compress(job_id: int) -> dict[str, Any]:
     repo = Repository.open()
     try:
         job = repo.get_job(job_id)
-        if job.status == "completed":
+        if job.status == "succeeded":
             return job_summary(repo, job_id)
         spec = JobSpec.model_validate(job.config["spec"])
         start_job(repo, job_id)
@@ -157,7 +157,7 @@ def compress(job_id: int) -> dict[str, Any]:
         except BaseException as e:  # interrupted or terminated: resumable
             repo.set_job_status(job_id, "crashed", error=one_line(e))
             raise
-        repo.set_job_status(job_id, "completed")
+        repo.set_job_status(job_id, "succeeded")
         return job_summary(repo, job_id, out["blocks_total"], out["blocks_reused"], out["extra"])
     finally:
         repo.close()

@@ -66,6 +66,7 @@ class ArtifactRecord:
     sha256: str
     job_id: int | None
     published_at: datetime
+    status: str = "published"  # or "rejected" (failed the job's evaluation gate)
 
     @property
     def ref(self) -> str:

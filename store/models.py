@@ -28,7 +28,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from store import entities
 
-JOB_STATUSES = ("queued", "running", "completed", "failed", "crashed", "cancelled")
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "crashed", "cancelled")
+ARTIFACT_STATUSES = ("published", "rejected")  # rejected: failed its evaluation gate, never "latest"
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -164,7 +165,11 @@ class Artifact(Base):
     """A published registry entry name:version (unique) and where its files live."""
 
     __tablename__ = "artifacts"
-    __table_args__ = (UniqueConstraint("name", "version"), CheckConstraint("size >= 0", name="size_nonnegative"))
+    __table_args__ = (
+        UniqueConstraint("name", "version"),
+        CheckConstraint("size >= 0", name="size_nonnegative"),
+        CheckConstraint("status IN (" + ", ".join(f"'{s}'" for s in ARTIFACT_STATUSES) + ")", name="status"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), index=True)
@@ -174,10 +179,11 @@ class Artifact(Base):
     size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))  # of manifest.json, which hashes every file
     published_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    status: Mapped[str] = mapped_column(String(16), default="published", server_default="published")
 
     def to_entity(self) -> entities.ArtifactRecord:
         return entities.ArtifactRecord(self.id, self.name, self.version, self.uri, self.size, self.sha256,
-                                       self.job_id, self.published_at)
+                                       self.job_id, self.published_at, self.status)
 
 
 class Evaluation(Base):

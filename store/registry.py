@@ -48,6 +48,7 @@ class Manifest:
     published_at: datetime
     files: tuple[FileEntry, ...]
     lineage: dict[str, Any]
+    status: str = "published"  # "rejected": kept, but never resolved as the latest version
 
     @property
     def size(self) -> int:
@@ -57,7 +58,7 @@ class Manifest:
         doc = {"format": FORMAT, "name": self.name, "version": self.version,
                "published_at": self.published_at.isoformat(), "size": self.size,
                "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in self.files],
-               "lineage": self.lineage}
+               "lineage": self.lineage, "status": self.status}
         return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
     @classmethod
@@ -68,7 +69,7 @@ class Manifest:
                 raise ValueError(f"format {doc.get('format')!r}")
             files = tuple(FileEntry(_safe_path(f["path"]), int(f["size"]), str(f["sha256"])) for f in doc["files"])
             return cls(doc["name"], doc["version"], datetime.fromisoformat(doc["published_at"]), files,
-                       dict(doc.get("lineage") or {}))
+                       dict(doc.get("lineage") or {}), str(doc.get("status", "published")))
         except (ValueError, KeyError, TypeError) as e:
             raise StoreError(f"{ref}: manifest.json is corrupted ({e}); republish this version") from None
 
@@ -141,7 +142,11 @@ class Registry:
             versions = self.list(name)
             if not versions:
                 raise StoreError(f"no published artifact named {name!r} in {self.store.uri}")
-            return versions[0]
+            accepted = [m for m in versions if m.status != "rejected"]
+            if not accepted:
+                raise StoreError(f"every version of {name!r} was rejected by its evaluation gate "
+                                 f"({', '.join(m.version for m in versions)}): name one as {name}:VERSION")
+            return accepted[0]
         m = self.manifest(name, version)
         if m is None:
             have = ", ".join(v.version for v in self.list(name)) or "none"
@@ -151,10 +156,14 @@ class Registry:
     # -- publishing ------------------------------------------------------------------------
 
     def publish(self, name: str, version: str, folder: Path, lineage: dict[str, Any] | None = None,
-                job_id: int | None = None, progress: Progress | None = None) -> Manifest:
-        """Upload every file of folder, then its manifest; an existing name:version is refused."""
+                job_id: int | None = None, progress: Progress | None = None, status: str = "published") -> Manifest:
+        """Upload every file of folder, then its manifest; an existing name:version is refused.
+
+        status "rejected" keeps the version (pullable by its full name) but never as the latest."""
         name_, version_ = parse_ref(f"{name}:{version}")
         assert version_ is not None
+        if status not in ("published", "rejected"):
+            raise StoreError(f"unknown artifact status {status!r}; expected published or rejected")
         folder = Path(folder)
         if not folder.is_dir():
             raise StoreError(f"cannot publish {name}:{version}: {folder} is not a folder")
@@ -175,7 +184,7 @@ class Registry:
         lineage = dict(lineage or {})
         if job_id is not None:
             lineage.setdefault("job_id", job_id)
-        manifest = Manifest(name, version, datetime.now(UTC), tuple(entries), lineage)
+        manifest = Manifest(name, version, datetime.now(UTC), tuple(entries), lineage, status)
         data = manifest.to_bytes()
         self._refuse_existing(name, version)  # narrows the window for a concurrent publisher
         self.store.put_bytes(f"{name}/{version}/{MANIFEST}", data)  # the commit point
@@ -183,7 +192,7 @@ class Registry:
                  self.store.uri)
         if self.repo is not None:
             self.repo.record_artifact(name, version, self.store.uri_of(f"{name}/{version}"), manifest.size,
-                                      hashlib.sha256(data).hexdigest(), job_id=job_id)
+                                      hashlib.sha256(data).hexdigest(), job_id=job_id, status=status)
         return manifest
 
     def _refuse_existing(self, name: str, version: str) -> None:

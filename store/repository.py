@@ -18,6 +18,7 @@ from store import entities
 from store.db import session_factory
 from store.errors import StoreError, mask_text, mask_url
 from store.models import (
+    ARTIFACT_STATUSES,
     JOB_STATUSES,
     Artifact,
     CalibrationSet,
@@ -31,13 +32,13 @@ from store.models import (
 # Which status may follow which. A crashed job may be resumed (running) or re-queued.
 TRANSITIONS: dict[str, frozenset[str]] = {
     "queued": frozenset({"running", "failed", "cancelled"}),
-    "running": frozenset({"completed", "failed", "crashed", "cancelled"}),
+    "running": frozenset({"succeeded", "failed", "crashed", "cancelled"}),
     "crashed": frozenset({"running", "queued", "failed", "cancelled"}),
     "failed": frozenset({"queued"}),
-    "completed": frozenset(),
+    "succeeded": frozenset(),
     "cancelled": frozenset(),
 }
-FINISHED = frozenset({"completed", "failed", "cancelled"})
+FINISHED = frozenset({"succeeded", "failed", "cancelled"})
 
 
 class Repository:
@@ -148,7 +149,7 @@ class Repository:
                 row.finished_at = None
             if status in FINISHED or status == "crashed":
                 row.finished_at = now
-            row.error = mask_text(error) if error else (None if status in ("running", "queued", "completed") else row.error)
+            row.error = mask_text(error) if error else (None if status in ("running", "queued", "succeeded") else row.error)
             s.flush()
             return row.to_entity()
 
@@ -189,11 +190,14 @@ class Repository:
     # -- artifacts and evaluations ---------------------------------------------------------
 
     def record_artifact(self, name: str, version: str, uri: str, size: int, sha256: str,
-                        job_id: int | None = None) -> entities.ArtifactRecord:
+                        job_id: int | None = None, status: str = "published") -> entities.ArtifactRecord:
         """Register a published name:version; an existing name:version is refused."""
+        if status not in ARTIFACT_STATUSES:
+            raise StoreError(f"unknown artifact status {status!r}; expected one of {', '.join(ARTIFACT_STATUSES)}")
         try:
             with self.session() as s:
-                row = Artifact(name=name, version=version, uri=mask_url(uri), size=size, sha256=sha256, job_id=job_id)
+                row = Artifact(name=name, version=version, uri=mask_url(uri), size=size, sha256=sha256, job_id=job_id,
+                               status=status)
                 s.add(row)
                 s.flush()
                 return row.to_entity()

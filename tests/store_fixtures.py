@@ -132,7 +132,7 @@ def work_on_job(url: str, job_id: int, layers: int, barrier) -> None:
     for i in range(layers):
         repo.add_layer_result(job_id, f"model.layers.{i}.mlp.up_proj", proxy_loss=i * 0.5, seconds=0.01,
                               bits_per_weight=2.0)
-    repo.set_job_status(job_id, "completed")
+    repo.set_job_status(job_id, "succeeded")
     repo.close()
 
 

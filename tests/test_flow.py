@@ -58,7 +58,7 @@ def checkpoint_bytes(folder: Path) -> dict[str, bytes]:
 def test_flow_end_to_end_then_pull_and_generate(home, tiny_llama_dir, text_file, tmp_path):
     code, s, err = submit(tiny_llama_dir, text_file)
     assert code == 0, err
-    assert s["status"] == "completed" and s["blocks_total"] == 2 and s["blocks_reused"] == 0
+    assert s["status"] == "succeeded" and s["blocks_total"] == 2 and s["blocks_reused"] == 0
     assert s["artifact"] == "tiny:v1" and s["perplexity_after"] > 0 and s["error"] is None
 
     from store.artifacts import open_artifact_store
@@ -68,7 +68,7 @@ def test_flow_end_to_end_then_pull_and_generate(home, tiny_llama_dir, text_file,
 
     repo = Repository.open()
     job = repo.get_job(s["job_id"])
-    assert job.status == "completed" and job.model_id and job.calibration_set_id and job.prefect_run_id
+    assert job.status == "succeeded" and job.model_id and job.calibration_set_id and job.prefect_run_id
     layers = repo.layer_results(job.id)
     assert len(layers) == 14 and all(r.proxy_loss >= 0 and r.bits_per_weight > 0 for r in layers)
     art = repo.get_artifact("tiny", "v1")
@@ -96,7 +96,7 @@ def test_flow_end_to_end_then_pull_and_generate(home, tiny_llama_dir, text_file,
     assert again["blocks_reused"] == again["blocks_total"] == 2
 
     code, out, err = run("jobs", "show", job.id, "--json")
-    assert code == 0 and json.loads(out)["status"] == "completed" and len(json.loads(out)["layers"]) == 14
+    assert code == 0 and json.loads(out)["status"] == "succeeded" and len(json.loads(out)["layers"]) == 14
     code, out, err = run("jobs", "list", "--json")
     assert code == 0 and [j["job_id"] for j in json.loads(out)] == [job.id]
 
@@ -123,7 +123,7 @@ def test_resume_after_a_failure_reuses_blocks_and_is_byte_identical(home, tiny_l
     code, out, err = run("jobs", "resume", job["job_id"], "--json")
     assert code == 0, err
     s = json.loads(out)
-    assert s["status"] == "completed" and s["blocks_total"] == 2 and s["blocks_reused"] == 1
+    assert s["status"] == "succeeded" and s["blocks_total"] == 2 and s["blocks_reused"] == 1
     resumed = checkpoint_bytes(Path(s["workspace"]) / "checkpoint")
 
     # an uninterrupted run of the same request elsewhere writes the very same bytes
@@ -212,7 +212,7 @@ def test_sigkill_midway_then_resume_recomputes_no_finished_block(home, tiny_llam
     code, out, err = run("jobs", "resume", job["job_id"], "--json")
     assert code == 0, err
     s = json.loads(out)
-    assert s["status"] == "completed" and s["blocks_total"] == 2 and s["blocks_reused"] == 1
+    assert s["status"] == "succeeded" and s["blocks_total"] == 2 and s["blocks_reused"] == 1
     assert s["artifact"] == "tiny:v1"
     killed_then_resumed = checkpoint_bytes(Path(s["workspace"]) / "checkpoint")
     os.environ["VPTQ_HOME"] = str(tmp_path / "uninterrupted")  # restored by the home fixture's monkeypatch
@@ -227,7 +227,7 @@ def test_model_from_s3_published_to_s3(home, bucket, tiny_llama_dir, text_file, 
         client.upload_file(str(f), bucket, f"sources/tiny/{f.name}")
     code, s, err = submit(f"s3://{bucket}/sources/tiny", text_file, "--eval-windows", "0")
     assert code == 0, err
-    assert s["status"] == "completed" and s["artifact"] == "tiny:v1" and s["blocks_total"] == 2
+    assert s["status"] == "succeeded" and s["artifact"] == "tiny:v1" and s["blocks_total"] == 2
 
     from store.artifacts import open_artifact_store
     from store.registry import Registry
@@ -265,11 +265,11 @@ def test_worker_serves_the_deployment_and_submit_queues(home, tiny_llama_dir, te
         assert queued["status"] == "queued" and queued["flow_run_id"]
         repo = Repository.open()
         deadline = time.monotonic() + 240
-        while repo.get_job(queued["job_id"]).status not in ("completed", "failed") and time.monotonic() < deadline:
+        while repo.get_job(queued["job_id"]).status not in ("succeeded", "failed") and time.monotonic() < deadline:
             time.sleep(0.5)
         job = repo.get_job(queued["job_id"])
         repo.close()
-        assert job.status == "completed", job.error
+        assert job.status == "succeeded", job.error
         assert job.prefect_run_id == queued["flow_run_id"]
         code, out, _ = run("jobs", "show", job.id, "--json")
         assert json.loads(out)["artifact"] == "tiny:v1"

@@ -62,6 +62,34 @@ def test_migrations_match_models(db_url):  # noqa: F811
     engine.dispose()
 
 
+def test_migration_0002_renames_completed_jobs(db_url):  # noqa: F811
+    """A database written before 0002 keeps its finished jobs: `completed` becomes `succeeded`, and back."""
+    from alembic import command
+
+    from store.db import make_engine
+    from store.migrate import alembic_config, upgrade
+
+    engine = make_engine(db_url)
+    upgrade(engine, "0001")
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO jobs (source_uri, status, config, created_at, updated_at) "
+                          "VALUES ('m', 'completed', '{}', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"))
+    upgrade(engine, "0002")
+    with engine.begin() as conn:
+        assert conn.execute(text("SELECT status FROM jobs")).scalar_one() == "succeeded"
+        with pytest.raises(IntegrityError):  # the old name is no longer a valid status
+            with conn.begin_nested():
+                conn.execute(text("UPDATE jobs SET status = 'completed'"))
+        assert "status" in {c["name"] for c in inspect(conn).get_columns("artifacts")}
+    cfg = alembic_config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0001")
+    with engine.begin() as conn:
+        assert conn.execute(text("SELECT status FROM jobs")).scalar_one() == "completed"
+    engine.dispose()
+
+
 def test_sqlite_default_created_and_upgraded_on_first_use(tmp_path, monkeypatch):
     from store.migrate import head_revision
     from store.repository import Repository
@@ -123,12 +151,12 @@ def test_job_lifecycle_and_layer_results(repo):  # noqa: F811
     assert crashed.error == "worker lost"
     resumed = repo.set_job_status(job.id, "running")
     assert resumed.started_at == running.started_at and resumed.error is None
-    done = repo.set_job_status(job.id, "completed")
+    done = repo.set_job_status(job.id, "succeeded")
     assert done.finished_at >= done.started_at
     got = repo.get_job(job.id)
     assert (got.model_id, got.calibration_set_id, got.prefect_run_id) == (model.id, calib.id, "run-1")
     assert got.config == {"bits": 2, "vector_len": 8}
-    assert [j.id for j in repo.list_jobs(status="completed")] == [job.id]
+    assert [j.id for j in repo.list_jobs(status="succeeded")] == [job.id]
     assert repo.list_jobs(status="queued") == []
     with pytest.raises(StoreError, match="no job with id 999"):
         repo.get_job(999)
@@ -190,7 +218,7 @@ def test_two_processes_updating_different_jobs_lose_no_update(repo, db_url):  # 
         p.join(90)
     assert [p.exitcode for p in procs] == [0, 0]
     for j in (a, b):
-        assert repo.get_job(j.id).status == "completed"
+        assert repo.get_job(j.id).status == "succeeded"
         rows = repo.layer_results(j.id)
         assert len(rows) == layers and {r.job_id for r in rows} == {j.id}
 

@@ -91,6 +91,21 @@ def test_publish_pull_round_trip_is_byte_identical(registry, tmp_path):
         registry.pull("smol-2bit:v2", tmp_path / "src")
 
 
+def test_rejected_version_is_kept_but_never_latest(registry, tmp_path):
+    make_folder(tmp_path / "a", {"a.bin": 10})
+    make_folder(tmp_path / "b", {"a.bin": 10}, seed=3)
+    registry.publish("gate", "v1", tmp_path / "a")
+    registry.publish("gate", "v2", tmp_path / "b", status="rejected")
+    assert registry.resolve("gate").version == "v1"  # the newer one failed its gate
+    assert registry.resolve("gate:v2").status == "rejected"  # still pullable by full name
+    assert registry.repo.get_artifact("gate", "v2").status == "rejected"
+    assert registry.pull("gate:v2", tmp_path / "d").files == 1
+    make_folder(tmp_path / "c", {"a.bin": 10}, seed=4)
+    registry.publish("only", "v1", tmp_path / "c", status="rejected")
+    with pytest.raises(StoreError, match="rejected by its evaluation gate"):
+        registry.resolve("only")
+
+
 def test_duplicate_version_refused(registry, tmp_path):
     src = make_folder(tmp_path / "src", {"a.bin": 100})
     registry.publish("m", "1.0", src)
