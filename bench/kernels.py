@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels.assign import assign  # noqa: E402
 from kernels.dequant import PackedLayer, column_map, dequantize, dequantize_ref  # noqa: E402
-from kernels.gemv import gemv  # noqa: E402
+from kernels.gemv import GemvPlan, gemv  # noqa: E402
 
 PEAK = 3.35e12  # H100 SXM HBM3, bytes/s
 L2_BYTES = 50 * 2**20
@@ -71,26 +71,74 @@ def copies_for(nbytes: int) -> int:
 
 
 def time_device(calls, iters: int = 120, warmup: int = 10) -> tuple[float, float]:
-    """(median device µs, host µs per call). calls: list of zero-arg callables, rotated."""
-    for i in range(warmup):
+    """(median device µs, host µs per call). calls: list of zero-arg callables, rotated.
+
+    Every callable runs at least once in the warm-up (first calls compile and prepare). Host µs =
+    wall time of queueing the timed calls while the GPU is stalled (two event records included),
+    so it is the Python + launch cost per call, not the kernel time.
+    """
+    for i in range(max(warmup, len(calls))):
         calls[i % len(calls)]()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for i in range(20):
         calls[i % len(calls)]()
     torch.cuda.synchronize()
-    host = (time.perf_counter() - t0) / 20
+    est = (time.perf_counter() - t0) / 20
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    # stall the GPU long enough for the host to queue every timed call (2x the measured host time)
-    torch.cuda._sleep(int(min(2.0, 2 * iters * host + 0.01) * 1.98e9))
+    # stall the GPU long enough for the host to queue every timed call (2x the measured time)
+    torch.cuda._sleep(int(min(2.0, 2 * iters * est + 0.01) * 1.98e9))
+    t0 = time.perf_counter()
     for i in range(iters):
         starts[i].record()
         calls[i % len(calls)]()
         ends[i].record()
+    host = (time.perf_counter() - t0) / iters
     torch.cuda.synchronize()
     times = [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends, strict=True)]
     return statistics.median(times), host * 1e6
+
+
+class _NoFastPath(dict):
+    """Plan cache that never keeps the pre-marshalled launch: every call goes through numba's dispatcher."""
+
+    def get(self, *a):
+        return None
+
+    def __setitem__(self, k, v):
+        pass
+
+
+def host_overhead() -> dict:
+    """Host µs per call of one 4096x4096 2-bit layer: GemvPlan fast path, the same plan through
+    numba's dispatcher, the VQuantLinear module path (kernels.dispatch), and torch fp16 F.linear."""
+    from vptq.layers import VQuantLinear
+
+    p = make_layer(4096, 4096, 0, seed=0)
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+    fast = GemvPlan(p, checked=True)
+    slow = GemvPlan(p, checked=True)
+    slow._fast = _NoFastPath()
+    with torch.device("cuda"):
+        mod = VQuantLinear(4096, 4096, [-1, 8], [-1, 65536], [-1, -1], 1, 4096, 0, enable_norm=True,
+                           enable_perm=True)
+    with torch.no_grad():
+        mod.indices.copy_(p.indices)
+        mod.centroids.weight.copy_(p.centroids)
+        mod.perm.copy_(p.perm)
+        mod.weight_scale.copy_(p.weight_scale)
+        mod.weight_bias.copy_(p.weight_bias)
+    w = torch.randn(4096, 4096, device="cuda", dtype=torch.float16)
+    x3 = x[None]
+    res = {}
+    with torch.no_grad():
+        for name, fn in (("plan_fast_path", lambda: fast(x)), ("plan_numba_dispatcher", lambda: slow(x)),
+                         ("VQuantLinear_forward", lambda: mod(x3)),
+                         ("torch_fp16_F_linear", lambda: torch.nn.functional.linear(x3, w))):
+            res[name + "_host_us"] = time_device([fn], iters=200)[1]
+    print(json.dumps(res), flush=True)
+    return res
 
 
 def bench_matvec(quick: bool) -> list[dict]:
@@ -115,14 +163,15 @@ def bench_matvec(quick: bool) -> list[dict]:
             ref = xr.float() @ dequantize_ref(p0, torch.float32).t()
             rel = float((y - ref).norm() / ref.norm())
             read = layer_bytes(p0) + n * 2
-            t, h = time_device([lambda p=p, x=x: gemv(x, p, checked=True) for p in layers])
+            plans = [GemvPlan(p, checked=True) for p in layers]  # per-layer prepared state
+            t, h = time_device([lambda pl=pl, x=x: pl(x) for pl in plans])
             td, hd = time_device([lambda p=p, iv=iv: dequantize(p, torch.float16, colmap=iv, checked=True)
                                   for p, iv in zip(layers, invs, strict=True)])
             rows.append({
                 "shape": sname, "m": m, "n": n, "format": fname, "batch": 1,
                 "gemv_us": t, "gemv_host_us": h, "bytes_read": read, "gemv_GBps": read / t / 1e3,
                 "gemv_pct_peak": 100 * read / (t * 1e-6) / PEAK, "fp16_us": t_fp16, "fp16_host_us": h_fp16,
-                "speedup_vs_fp16": t_fp16 / t, "gemv_rel_err": rel,
+                "speedup_vs_fp16": t_fp16 / t, "gemv_rel_err": rel, "kc": plans[0].kc, "rw": plans[0].rw,
                 "dequant_us": td, "dequant_GBps_written": m * n * 2 / td / 1e3,
                 "dequant_pct_peak_written": 100 * m * n * 2 / (td * 1e-6) / PEAK,
             })
@@ -130,15 +179,51 @@ def bench_matvec(quick: bool) -> list[dict]:
             if sname.startswith("7B q") and k_res == 0 and not quick:
                 for bsz in (2, 4, 8):
                     xb = torch.randn(bsz, n, device="cuda", dtype=torch.float16)
-                    tb, hb = time_device([lambda p=p, xb=xb: gemv(xb, p, checked=True) for p in layers])
+                    tb, hb = time_device([lambda pl=pl, xb=xb: pl(xb) for pl in plans])
                     tf, _ = time_device([lambda w=w, xb=xb: xb @ w.t() for w in
                                          [torch.randn(m, n, device="cuda", dtype=torch.float16) for _ in range(4)]])
                     rows.append({"shape": sname, "m": m, "n": n, "format": fname, "batch": bsz, "gemv_us": tb,
                                  "gemv_host_us": hb, "fp16_us": tf, "speedup_vs_fp16": tf / tb})
                     print(json.dumps(rows[-1]), flush=True)
-            del layers, invs
+            del layers, invs, plans
             torch.cuda.empty_cache()
     return rows
+
+
+def sweep() -> None:
+    """Split-K chunk / rows-per-warp configurations of the 2-bit gemv, batch 1, every shape."""
+    for sname, (m, n) in SHAPES.items():
+        layers = [make_layer(m, n, 0, seed=s) for s in range(copies_for(m * n // 4))]
+        x = torch.randn(1, n, device="cuda", dtype=torch.float16)
+        auto = GemvPlan(layers[0], checked=True)
+        res = {"shape": sname, "auto": (auto.kc, auto.rw)}
+        for kc in (512, 1024, 2048, 4096):
+            for rw in (1, 2, 4):
+                plans = [GemvPlan(p, checked=True, kc=kc, rw=rw) for p in layers]
+                res[f"{kc}/{rw}"] = round(time_device([lambda pl=pl, x=x: pl(x) for pl in plans], iters=100)[0], 1)
+        print(json.dumps(res), flush=True)
+
+
+def graph_check() -> None:
+    """The fused gemv captured in a torch CUDA graph replays to the eager result."""
+    p = make_layer(4096, 4096, 0, seed=0)
+    plan = GemvPlan(p)
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+    y0 = plan(x).clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        plan(x)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        yg = plan(x)
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    torch.cuda.synchronize()
+    ok = torch.allclose(yg.float(), plan(x).float(), rtol=1e-3, atol=1e-3)
+    print(json.dumps({"graph_capture": True, "replay_matches_eager": bool(ok),
+                      "changed_input": not torch.equal(y0, yg)}), flush=True)
 
 
 def bench_assign(quick: bool) -> dict:
@@ -188,7 +273,7 @@ def bench_assign(quick: bool) -> dict:
     return res
 
 
-def markdown(rows: list[dict], asg: dict, device: str) -> str:
+def markdown(rows: list[dict], asg: dict, device: str, hostc: dict) -> str:
     out = [f"Kernels on {device} (torch {torch.__version__}); CUDA-event medians of 120 calls after warm-up, "
            "inputs rotated over > 150 MB; device time (host launch cost separate).", "",
            "| shape (out x in) | format | batch | fused gemv µs | GB/s read | % of 3.35 TB/s | torch fp16 µs "
@@ -211,6 +296,13 @@ def markdown(rows: list[dict], asg: dict, device: str) -> str:
         out.append(f"| {label} | {asg[name + '_s']:.3f} (of {asg[name + '_reps']}) | {asg[name + '_Mvec_per_s']:.2f} |")
     out.append(f"\nSpeedup {asg['speedup_vs_cdist']:.2f}x vs cdist, {asg['speedup_vs_mm']:.2f}x vs the matmul form; "
                f"index agreement with the matmul form {100 * asg['agree_with_mm']:.3f}% (float32 near-ties).")
+    out += ["", "Host cost per call, one 4096x4096 2-bit layer, batch 1 (Python + launch, GPU stalled):", "",
+            "| path | host µs/call |", "|---|---|"]
+    for k, label in (("plan_fast_path", "GemvPlan, pre-marshalled launch (what VQuantLinear uses)"),
+                     ("plan_numba_dispatcher", "same plan through numba's dispatcher (`kernel[grid, block, stream](...)`)"),
+                     ("VQuantLinear_forward", "VQuantLinear.forward (kernels.dispatch.vq_linear_forward + plan)"),
+                     ("torch_fp16_F_linear", "torch fp16 F.linear, same shape")):
+        out.append(f"| {label} | {hostc[k + '_host_us']:.1f} |")
     return "\n".join(out) + "\n"
 
 
@@ -218,16 +310,26 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="only the kc/rw sweep of the 2-bit gemv")
+    ap.add_argument("--graph-check", action="store_true", help="only the CUDA-graph capture check")
     args = ap.parse_args()
+    if args.sweep or args.graph_check:
+        if args.graph_check:
+            graph_check()
+        if args.sweep:
+            sweep()
+        return
     torch.manual_seed(0)
     dev = torch.cuda.get_device_name()
+    hostc = host_overhead()
     rows = bench_matvec(args.quick)
     asg = bench_assign(args.quick)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "kernels_h100.json").write_text(json.dumps({"device": dev, "torch": torch.__version__,
-                                                       "matvec": rows, "assign": asg}, indent=1))
-    md = markdown(rows, asg, dev)
+                                                       "matvec": rows, "assign": asg,
+                                                       "host_overhead": hostc}, indent=1))
+    md = markdown(rows, asg, dev, hostc)
     (out / "kernels.md").write_text(md)
     print(md)
 

@@ -77,25 +77,34 @@ def gemv(x: torch.Tensor, layer) -> torch.Tensor:
     return gemv_ref(x, p)
 
 
-def _layer_state(mod) -> tuple[PackedLayer, torch.Tensor]:
-    """PackedLayer + column map of a VQuantLinear, validated once and cached on the module."""
+def _layer_state(mod):
+    """(PackedLayer, column map, GemvPlan) of a VQuantLinear, validated once and cached on the module.
+
+    Keyed on the data_ptr and _version of every parameter and buffer, so load_state_dict, .to()
+    or in-place training steps rebuild it; the plan holds the folded perm/scale/bias tensors,
+    the launch configuration and the pre-marshalled kernel arguments (one launch per call).
+    """
     key = tuple((t.data_ptr(), t._version) for t in (*mod.parameters(), *mod.buffers()))
     st = getattr(mod, "_kernel_state", None)
     if st is None or st[0] != key:
+        from .gemv import GemvPlan
+
         p = PackedLayer.from_module(mod)
         check_layer(p, kernel=True, check_values=True)
-        st = (key, p, column_map(p))
+        plan = GemvPlan(p, checked=True) if _kernel_layer_dtypes(p) else None
+        st = (key, p, column_map(p), plan)
         mod._kernel_state = st
-    return st[1], st[2]
+    return st[1], st[2], st[3]
 
 
 def vq_linear_forward(mod, x: torch.Tensor, *, force: bool = False) -> torch.Tensor | None:
     """VQuantLinear.forward on the kernels, or None when the torch path must run instead.
 
     None when: autograd needs the graph, x is not CUDA, the dtype or codebook is not fp16/fp32,
-    or numba is unavailable. <= 8 token rows: fused gemv; more: dequantize kernel + F.linear
-    (the dense weight is not cached: that would cost the fp16 model's memory).
-    `force` lets tests drive the kernels with CPU tensors under the simulator.
+    or numba is unavailable. <= 8 token rows: fused gemv (one launch, no host sync: capturable
+    in a CUDA graph); more: dequantize kernel + F.linear (the dense weight is not cached: that
+    would cost the fp16 model's memory). `force` lets tests drive the kernels with CPU tensors
+    under the simulator.
     """
     if torch.is_grad_enabled() and (x.requires_grad or any(q.requires_grad for q in mod.parameters())):
         return None
@@ -109,16 +118,16 @@ def vq_linear_forward(mod, x: torch.Tensor, *, force: bool = False) -> torch.Ten
         return None
     if force and not nb.available():
         return None
-    from .dequant import dequantize as dequantize_kernel
-    from .gemv import gemv as gemv_kernel
-
-    p, colmap = _layer_state(mod)
-    if not _kernel_layer_dtypes(p):
+    p, colmap, plan = _layer_state(mod)
+    if plan is None:
         return None
     x2 = x.reshape(-1, mod.in_features)
-    if x2.shape[0] <= FUSED_MAX_ROWS and x2.shape[0] > 0:
-        y = gemv_kernel(x2.contiguous(), p, checked=True)
+    rows = x2.shape[0]
+    if 0 < rows <= FUSED_MAX_ROWS:
+        y = plan(x2 if x2.is_contiguous() else x2.contiguous())
     else:
+        from .dequant import dequantize as dequantize_kernel
+
         w = dequantize_kernel(p, x.dtype, colmap=colmap, checked=True)
         y = torch.nn.functional.linear(x2, w, None if p.bias is None else p.bias.to(x.dtype))
     return y.reshape(*x.shape[:-1], mod.out_features)

@@ -5,17 +5,33 @@ W[:, j] = Q[:, p] * scale[j] + wbias[j], so
 
     y[b, m] = sum_p (x[b, perm[p]] * scale[perm[p]]) * Q[m, p]  +  x[b] . wbias  +  bias[m].
 
-One block per row of vectors r (outputs r*v .. r*v+v-1): its threads walk the stored columns p,
-fold the normalisation into the activation, decode the packed code, fetch the centroid (64-bit
-codebook words, four fp16 values per load, served by L1/L2) and accumulate v outputs per token
-row in registers. Partial sums are reduced with warp shuffles, then across warps in shared
-memory; x . wbias rides along in the same reduction, the layer bias is added once.
+Layout of the work (one launch per call):
+* A block owns a tile of `rw * warps` rows of vectors (outputs r*v .. r*v+v-1 each) and a chunk
+  of `kc` stored columns (split-K). It first stages the folded activations
+  x'[b, p] = x[b, perm[p]] * scale[perm[p]] of its chunk in shared memory (fp32, in a lane-major
+  order without bank conflicts) and the chunk's share of x . wbias.
+* One warp walks one row of vectors over the chunk: each lane takes U = 8 consecutive codes per
+  pass. For the released 2-bit format (16-bit codes, one group, no outliers) a lane loads its
+  8 codes as two 64-bit words (a warp reads 512 contiguous bytes), then issues the 8 centroid
+  fetches (v/4 64-bit words each, through L1/L2: the 1 MiB v8-k65536 codebook does not fit in
+  shared memory) before using any of them. Other formats (residual codes, several groups,
+  outlier columns, code widths that straddle words) decode code by code, same tiling.
+* Lane partials are summed with xor-shuffles; with one chunk the warp writes y directly; with
+  several, partials go to an fp32 workspace by atomics and the last block of a row tile
+  (atomic counter) writes y (+ bias) and zeroes the workspace and the counter for the next call.
+  No memset, no second kernel, no host sync: the call is capturable in a CUDA graph.
+
+`GemvPlan` is the per-layer prepared state: folded perm/scale/bias tensors, launch configuration
+and the kernel arguments of every constant tensor, marshalled once. A call then marshals only x
+and y and goes straight to the driver (`host_us` in bench/results/kernels.md).
 `gemv_ref` is the torch oracle (dequantize_ref then F.linear), same signature.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import math
 
 import torch
 
@@ -25,8 +41,10 @@ from .dequant import PackedLayer, check_layer, dequantize_ref, device_helpers, w
 THREADS = 256  # threads per block (8 warps)
 WARP = 32
 MAX_BATCH = 8
+U = 8  # consecutive codes per lane per pass
+SMS = 132  # H100 SXM; only steers the split-K heuristic
 
-cuda = float32 = int64 = None  # bound lazily by _kernel(): numba is optional
+cuda = float32 = int64 = int32 = None  # bound lazily by _kernel(): numba is optional
 
 
 def check_gemv_inputs(x: torch.Tensor, p: PackedLayer, *, kernel: bool = True) -> None:
@@ -52,130 +70,336 @@ def gemv_ref(x: torch.Tensor, p: PackedLayer) -> torch.Tensor:
 
 @functools.cache
 def _kernel(v: int, batch: int, has_res: bool, has_out: bool, has_perm: bool, has_norm: bool,
-            has_bias: bool, threads: int):
-    global cuda, float32, int64
+            has_bias: bool, fast16: bool, multi_group: bool, split: bool, kc: int, rw: int,
+            threads: int, xdtype: str):
+    """One compiled kernel per configuration (xdtype only keys the cache: one overload each)."""
+    global cuda, float32, int64, int32
     read_code, add_centroid = device_helpers(v)
+    h2f = nb.half_bits_to_float()
     cuda = nb.cuda()  # a module global: the simulator swaps it for its fake module inside kernels
-    from numba import float32, int64
+    from numba import float32, int32, int64
 
     sim = nb.simulator_enabled()
     warp = 1 if sim else WARP  # the simulator has no shuffles: every thread is its own "warp"
     nwarps = threads // warp
-    ne = batch * v + batch  # values reduced per block: v outputs per token row, plus x . wbias
+    pw = warp * U  # columns per pass of one warp
+    rt = nwarps * rw  # rows of vectors per block
+    ne = batch * v
+    nq = v // 4  # 64-bit codebook words per centroid (fast path: v % 4 == 0)
+    ncw = U * 4  # staged codebook words per lane (nq <= 4)
+    nu = U
+    assert kc % pw == 0
 
     @cuda.jit(device=True)
-    def warp_sum(val):
+    def warp_allsum(val):
         if warp > 1:
             off = warp // 2
             while off > 0:
-                val += cuda.shfl_down_sync(0xFFFFFFFF, val, off)
+                val += cuda.shfl_xor_sync(0xFFFFFFFF, val, off)
                 off //= 2
         return val
 
-    @cuda.jit(device=True)
-    def load_x(x, j, scale, wbias, xv, acc):
-        """xv[b] = x[b, j] * scale[j]; acc[batch*v + b] += x[b, j] * wbias[j]."""
-        if has_norm:
-            s = float32(scale[j])
-            wb = float32(wbias[j])
-            for b in range(batch):
-                xj = float32(x[b, j])
-                xv[b] = xj * s
-                acc[batch * v + b] += xj * wb
-        else:
-            for b in range(batch):
-                xv[b] = float32(x[b, j])
-
     @cuda.jit
-    def gemv_kernel(x, indices, cbw, rcbw, oidx, ocb, perm, scale, wbias, bias, bits, main_bits,
-                    outlier_size, group_size, v0, y):
-        """Block r: y[:, r*v : r*v+v] over all stored columns."""
+    def gemv_kernel(x, xsrc, xscale, xwb, idx, idx64, cbw, rcbw, oidx, ocb, bias, ws, cnt, y,
+                    bits, main_bits, outlier_size, group_size, v0, nsplit):
+        n = x.shape[1]
         m = y.shape[1]
-        r = cuda.blockIdx.x
+        nrows = idx.shape[1]
+        tile = cuda.blockIdx.x
+        k0 = cuda.blockIdx.y * kc
         tid = cuda.threadIdx.x
-        red = cuda.shared.array((nwarps, ne), float32)  # per-warp partial sums
-        acc = cuda.local.array(ne, float32)  # [b*v + t] outputs, [batch*v + b] x . wbias
-        cv = cuda.local.array(v, float32)  # one decoded centroid (+ residual)
-        xv = cuda.local.array(batch, float32)
-        for e in range(ne):
-            acc[e] = float32(0.0)
-        mask = (int64(1) << bits) - 1
-        mmask = (int64(1) << main_bits) - 1
-        # outlier columns (stored first), then each group: no integer division per code
-        for p in range(tid, outlier_size, threads):
-            j = (int64(perm[p]) & 0xFFFF) if has_perm else int64(p)
-            load_x(x, j, scale, wbias, xv, acc)
-            for t in range(v):
-                cv[t] = float32(0.0)
-                row = r * v + t
-                if row < m:
-                    r0 = row // v0
-                    code = int64(oidx[0, r0, p]) & 0xFFFF
-                    cv[t] = float32(ocb[0, code * v0 + row - r0 * v0])
-            for b in range(batch):
-                for t in range(v):
-                    acc[b * v + t] += xv[b] * cv[t]
-        for g in range(indices.shape[0]):
-            base = outlier_size + g * group_size
-            for c in range(tid, group_size, threads):
-                p = base + c
-                j = (int64(perm[p]) & 0xFFFF) if has_perm else int64(p)
-                load_x(x, j, scale, wbias, xv, acc)
-                for t in range(v):
-                    cv[t] = float32(0.0)
-                code = read_code(indices, g, r, c, bits, mask)
-                add_centroid(cbw, g, code & mmask, cv)
-                if has_res:
-                    add_centroid(rcbw, g, code >> main_bits, cv)
-                for b in range(batch):
-                    for t in range(v):
-                        acc[b * v + t] += xv[b] * cv[t]
         lane = tid % warp
         wid = tid // warp
-        for e in range(ne):
-            tot = warp_sum(acc[e])
-            if lane == 0:
-                red[wid, e] = tot
-        cuda.syncthreads()  # all warp partials in shared memory
-        for e in range(tid, batch * v, threads):
-            b = e // v
-            t = e - b * v
-            row = r * v + t
-            if row < m:
-                tot = float32(0.0)
-                tb = float32(0.0)
-                for w in range(nwarps):
-                    tot += red[w, e]
-                    tb += red[w, batch * v + b]
-                if has_bias:
-                    tot += float32(bias[row])
-                y[b, row] = tot + tb
+        xs = cuda.shared.array((batch, kc), float32)
+        wbs = cuda.shared.array(batch, float32)
+        flag = cuda.shared.array(1, int32)
+        acc = cuda.local.array(ne, float32)
+        cv = cuda.local.array(v, float32)
+        cw = cuda.local.array(ncw, int64)
+        wpart = cuda.local.array(batch, float32)
+        if tid < batch:
+            wbs[tid] = float32(0.0)
+        for b in range(batch):
+            wpart[b] = float32(0.0)
+        cuda.syncthreads()
+        # ---- stage x' of this chunk (lane-major order: pass, u, lane) and its x . wbias
+        for cc in range(tid, kc, threads):
+            p = k0 + cc
+            pos = (cc // pw) * pw + (cc % nu) * warp + (cc % pw) // nu
+            if p < n:
+                j = int64(xsrc[p]) if has_perm else p
+                for b in range(batch):
+                    xv = float32(x[b, j])
+                    if has_norm:
+                        xs[b, pos] = xv * xscale[p]
+                        wpart[b] += xv * xwb[p]
+                    else:
+                        xs[b, pos] = xv
+            else:
+                for b in range(batch):
+                    xs[b, pos] = float32(0.0)
+        if has_norm:
+            for b in range(batch):
+                t = warp_allsum(wpart[b])
+                if lane == 0:
+                    cuda.atomic.add(wbs, b, t)
+        cuda.syncthreads()
+        mask = (int64(1) << bits) - 1
+        mmask = (int64(1) << main_bits) - 1
+        # ---- rows of this tile, one warp per row
+        for rr in range(rw):
+            r = tile * rt + rr * nwarps + wid
+            if r < nrows:
+                for e in range(ne):
+                    acc[e] = float32(0.0)
+                for ps in range(0, kc, pw):
+                    c0 = k0 + ps + lane * nu
+                    if fast16 and c0 + nu <= n:
+                        wa = idx64[0, r, c0 >> 2]
+                        wb = idx64[0, r, (c0 >> 2) + 1]
+                        for u in range(nu):
+                            word = wa if u < 4 else wb
+                            code = (word >> (16 * (u & 3))) & 0xFFFF
+                            for q in range(nq):
+                                cw[u * nq + q] = cbw[0, code * nq + q]
+                        for u in range(nu):
+                            for q in range(nq):
+                                wq = cw[u * nq + q]
+                                for h in range(4):
+                                    cv[q * 4 + h] = h2f(wq >> (16 * h))
+                            for b in range(batch):
+                                xv = xs[b, ps + u * warp + lane]
+                                for t in range(v):
+                                    acc[b * v + t] += xv * cv[t]
+                    else:
+                        for u in range(nu):
+                            p = c0 + u
+                            if p < n:
+                                for t in range(v):
+                                    cv[t] = float32(0.0)
+                                if has_out and p < outlier_size:
+                                    for t in range(v):
+                                        row = r * v + t
+                                        if row < m:
+                                            r0 = row // v0
+                                            code = int64(oidx[0, r0, p]) & 0xFFFF
+                                            cv[t] = float32(ocb[0, code * v0 + row - r0 * v0])
+                                else:
+                                    qq = p - outlier_size
+                                    g = qq // group_size if multi_group else 0
+                                    c = qq - g * group_size
+                                    code = read_code(idx, g, r, c, bits, mask)
+                                    add_centroid(cbw, g, code & mmask, cv)
+                                    if has_res:
+                                        add_centroid(rcbw, g, code >> main_bits, cv)
+                                for b in range(batch):
+                                    xv = xs[b, ps + u * warp + lane]
+                                    for t in range(v):
+                                        acc[b * v + t] += xv * cv[t]
+                # ---- warp reduction; lane e % warp owns output e
+                for e in range(ne):
+                    tot = warp_allsum(acc[e])
+                    if lane == e % warp:
+                        b = e // v
+                        row = r * v + e - b * v
+                        if row < m:
+                            if has_norm:
+                                tot += wbs[b]
+                            if split:
+                                cuda.atomic.add(ws, (b, row), tot)
+                            else:
+                                if has_bias:
+                                    tot += bias[row]
+                                y[b, row] = tot
+        if split:
+            # ---- the last block of this row tile writes y and leaves ws / cnt zeroed
+            cuda.threadfence()
+            cuda.syncthreads()
+            if tid == 0:
+                old = cuda.atomic.add(cnt, tile, 1)
+                flag[0] = 1 if old == nsplit - 1 else 0
+            cuda.syncthreads()
+            if flag[0] == 1:
+                row0 = tile * rt * v
+                nr = rt * v
+                for e in range(tid, batch * nr, threads):
+                    b = e // nr
+                    row = row0 + e - b * nr
+                    if row < m:
+                        tot = cuda.atomic.add(ws, (b, row), float32(0.0))  # L2-coherent read
+                        ws[b, row] = float32(0.0)
+                        if has_bias:
+                            tot += bias[row]
+                        y[b, row] = tot
+                if tid == 0:
+                    cnt[tile] = 0
 
     return gemv_kernel
 
 
-def gemv(x: torch.Tensor, p: PackedLayer, *, threads: int = THREADS, checked: bool = False) -> torch.Tensor:
-    """numba.cuda fused dequantize-matvec; same contract as `gemv_ref` (x fp16/fp32, 1..8 rows)."""
+def _choose(rows: int, n: int, pw: int, threads: int, warp: int) -> tuple[int, int]:
+    """(kc, rw): split K until there are enough warps to keep every SM busy (~32 warps each)."""
+    nw = threads // warp
+    kc = pw
+    while kc < n:
+        kc *= 2
+    kc = min(kc, 4096 if pw >= 256 else pw * 4)
+    if warp > 1:
+        while kc > 512 and rows * math.ceil(n / kc) < SMS * 32:
+            kc //= 2
+    kc = max(kc, pw)
+    rw = 1 if rows * math.ceil(n / kc) < SMS * 32 * 2 or warp == 1 else 2
+    rw = min(rw, max(1, math.ceil(rows / nw)))
+    return kc, rw
+
+
+def _arr_args(t: torch.Tensor) -> list:
+    """A torch tensor as numba's kernel ABI for an array argument (meminfo, parent, size, ...)."""
+    it = t.element_size()
+    return [0, 0, t.numel(), it, t.data_ptr(), *t.shape, *(s * it for s in t.stride())]
+
+
+@functools.lru_cache(maxsize=64)
+def _core_stream(ptr: int):
+    """cuda.core stream object for a raw CUDA stream handle (torch's current stream)."""
+    from numba.cuda.cudadrv import driver
+
+    return driver._to_core_stream(nb._external_stream(ptr))
+
+
+class GemvPlan:
+    """Per-layer prepared state for the fused gemv; build once (check + fold), call many times.
+
+    Holds strong references to every tensor it reads; rebuild it when the layer's tensors change
+    (kernels.dispatch keys the cached plan on the tensors' data_ptr and _version).
+    """
+
+    def __init__(self, p: PackedLayer, *, threads: int = THREADS, kc: int | None = None,
+                 rw: int | None = None, checked: bool = False):
+        if not checked:
+            check_layer(p, kernel=True)
+        self.p = p
+        dev = p.device
+        self.sim = nb.simulator_enabled()
+        self.threads = threads
+        self.warp = 1 if self.sim else WARP
+        if threads % self.warp:
+            raise ValueError(f"threads: {threads} is not a multiple of the warp size")
+        v, n = p.vector_len, p.in_features
+        nw = threads // self.warp
+        pw = self.warp * U
+        kc0, rw0 = _choose(p.rows, n, pw, threads, self.warp)
+        self.kc = kc or kc0
+        self.rw = rw or rw0
+        if self.kc % pw:
+            raise ValueError(f"kc: {self.kc} is not a multiple of {pw}")
+        self.rt = nw * self.rw
+        self.tiles = nb.cdiv(p.rows, self.rt)
+        self.nsplit = nb.cdiv(n, self.kc)
+        self.split = self.nsplit > 1
+        words = p.indices.shape[2]
+        self.fast16 = (p.code_bits == 16 and p.num_res_centroids == 0 and p.group_num == 1
+                       and p.outlier_size == 0 and v % 4 == 0 and words % 2 == 0)
+        f32 = torch.float32
+        one = torch.zeros(1, dtype=f32, device=dev)
+        # folded per stored column p: source column, scale and wbias of that column
+        if p.perm is not None:
+            src = p.perm.to(torch.int64) & 0xFFFF if p.perm.dtype == torch.int16 else p.perm.to(torch.int64)
+            self.xsrc = src.to(torch.int32).contiguous()
+        else:
+            src = None
+            self.xsrc = torch.zeros(1, dtype=torch.int32, device=dev)
+        if p.weight_scale is not None:
+            sc, wb = p.weight_scale.to(f32), p.weight_bias.to(f32)
+            self.xscale = (sc[src] if src is not None else sc).contiguous()
+            self.xwb = (wb[src] if src is not None else wb).contiguous()
+        else:
+            self.xscale = self.xwb = one
+        self.bias = p.bias.to(f32).contiguous() if p.bias is not None else one
+        self.idx64 = p.indices.view(torch.int64) if self.fast16 else torch.zeros(1, 1, 1, dtype=torch.int64,
+                                                                                 device=dev)
+        self.cbw = word_view(p.centroids, v)
+        self.rcbw = word_view(p.res_centroids, v) if p.num_res_centroids else self.cbw
+        self.oidx = p.outlier_indices if p.outlier_size else torch.zeros(1, 1, 1, dtype=torch.int16, device=dev)
+        self.ocb = p.outlier_centroids if p.outlier_size else torch.zeros(1, 1, dtype=torch.float16, device=dev)
+        self.cnt = torch.zeros(self.tiles if self.split else 1, dtype=torch.int32, device=dev)
+        self._ws: dict[int, torch.Tensor] = {}
+        self._fast: dict[tuple, tuple] = {}
+        self.bytes_read = sum(t.numel() * t.element_size() for t in
+                              (p.indices, p.centroids, p.res_centroids, p.outlier_indices, p.outlier_centroids,
+                               p.perm, p.weight_scale, p.weight_bias, p.bias) if t is not None)
+
+    def _kern(self, bsz: int, dtype: torch.dtype):
+        p = self.p
+        return _kernel(p.vector_len, bsz, p.num_res_centroids > 0, p.outlier_size > 0, p.perm is not None,
+                       p.weight_scale is not None, p.bias is not None, self.fast16, p.group_num > 1,
+                       self.split, self.kc, self.rw, self.threads, str(dtype))
+
+    def workspace(self, bsz: int) -> torch.Tensor:
+        ws = self._ws.get(bsz)
+        if ws is None:
+            n = bsz * self.p.out_features if self.split else 1
+            ws = torch.zeros(n, dtype=torch.float32, device=self.p.device)
+            ws = ws.view(bsz, self.p.out_features) if self.split else ws.view(1, 1)
+            self._ws[bsz] = ws
+        return ws
+
+    def _static(self, bsz: int) -> list:
+        p = self.p
+        return [self.xsrc, self.xscale, self.xwb, p.indices, self.idx64, self.cbw, self.rcbw, self.oidx,
+                self.ocb, self.bias, self.workspace(bsz), self.cnt]
+
+    def _scalars(self) -> list[int]:
+        p = self.p
+        return [p.code_bits, p.main_bits, p.outlier_size, p.group_size, max(p.outlier_vector_len, 1),
+                self.nsplit]
+
+    def __call__(self, x: torch.Tensor, *, check: bool = True) -> torch.Tensor:
+        if check:
+            check_gemv_inputs(x, self.p, kernel=True)
+        bsz = x.shape[0]
+        y = torch.empty(bsz, self.p.out_features, dtype=x.dtype, device=x.device)
+        fast = self._fast.get((bsz, x.dtype))
+        if fast is not None:
+            launch, cfg, kern, static, scalars = fast
+            stream = _core_stream(torch.cuda.current_stream(x.device).cuda_stream)
+            launch(stream, cfg, kern, *_arr_args(x), *static, *_arr_args(y), *scalars)
+            return y
+        kern = self._kern(bsz, x.dtype)
+        grid = (self.tiles, self.nsplit)
+        nb.launch(kern, grid, self.threads, nb.stream_for(x), x, *self._static(bsz), y, *self._scalars())
+        if not self.sim:
+            self._fast[(bsz, x.dtype)] = self._prepare_fast(kern, bsz, grid)
+        return y
+
+    def _prepare_fast(self, disp, bsz: int, grid):
+        """Marshal the constant arguments once; None-safe: falls back to the dispatcher."""
+        try:
+            from numba.cuda._compat import CUDA_CORE_GE_1_0
+            from numba.cuda.dispatcher import LaunchConfig, launch
+
+            (kern,) = disp.overloads.values()
+            static = []
+            for t in self._static(bsz):
+                static += _arr_args(t)
+            scalars = [ctypes.c_int64(s) for s in self._scalars()]
+            grid3, block3 = (*grid, 1), (self.threads, 1, 1)
+            if CUDA_CORE_GE_1_0:
+                cfg = LaunchConfig(grid=grid3, block=block3, shmem_size=0, is_cooperative=False)
+            else:
+                cfg = LaunchConfig(grid=grid3, block=block3, shmem_size=0, cooperative_launch=False)
+            return (launch, cfg, kern._codelibrary.get_cufunc().kernel, static, scalars)
+        except Exception:  # numba internals moved: keep the (slower) dispatcher path
+            return None
+
+
+def gemv(x: torch.Tensor, p: PackedLayer, *, threads: int = THREADS, checked: bool = False,
+         kc: int | None = None, rw: int | None = None) -> torch.Tensor:
+    """numba.cuda fused dequantize-matvec; same contract as `gemv_ref` (x fp16/fp32, 1..8 rows).
+
+    One-off form: builds a GemvPlan per call (checks included). Hot paths keep the plan.
+    """
     if not checked:
         check_layer(p, kernel=True)
     check_gemv_inputs(x, p, kernel=True)
-    dev = p.device
-    v = p.vector_len
-    bsz = x.shape[0]
-    y = torch.empty(bsz, p.out_features, dtype=x.dtype, device=dev)
-    f16 = nb.dummy(dev, torch.float16)
-    kern = _kernel(v, bsz, p.num_res_centroids > 0, p.outlier_size > 0, p.perm is not None,
-                   p.weight_scale is not None, p.bias is not None, threads)
-    nb.launch(
-        kern, p.rows, threads, nb.stream_for(x),
-        x, p.indices, word_view(p.centroids, v),
-        word_view(p.res_centroids, v) if p.num_res_centroids else word_view(p.centroids, v),
-        p.outlier_indices if p.outlier_size else nb.dummy(dev, torch.int16).reshape(1, 1, 1),
-        p.outlier_centroids if p.outlier_size else f16.reshape(1, 1),
-        p.perm if p.perm is not None else nb.dummy(dev, torch.int16),
-        p.weight_scale if p.weight_scale is not None else f16,
-        p.weight_bias if p.weight_bias is not None else f16,
-        p.bias if p.bias is not None else f16,
-        p.code_bits, p.main_bits, p.outlier_size, p.group_size, max(p.outlier_vector_len, 1), y,
-    )
-    return y
+    return GemvPlan(p, threads=threads, kc=kc, rw=rw, checked=True)(x, check=False)

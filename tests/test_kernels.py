@@ -63,6 +63,9 @@ LAYERS = {
     "v8_res256": dict(m=19, n=27, v=8, k=65536, kr=256, o=0, g=1, bias=False),
     # odd vector length, no perm / norm / bias, 12-bit codes
     "v6_plain": dict(m=23, n=31, v=6, k=4096, kr=0, o=3, v0=4, g=4, perm=False, norm=False, bias=False),
+    # the gemv fast path (16-bit codes, 1 group, no outliers, even words per row); 44 columns:
+    # a partial pass of 8 codes at the end
+    "v8_fast": dict(m=45, n=44, v=8, k=65536, kr=0, o=0, g=1),
 }
 
 
@@ -153,6 +156,30 @@ def test_gemv_matches_oracle(name, batch):
     y = gemv(x, p, **SMALL)
     assert y.dtype == torch.float16 and y.shape == (batch, mod.out_features)
     _close(y, gemv_ref(x.float(), p), 3e-3)
+
+
+@pytest.mark.parametrize("name,batch", [("v8_fast", 1), ("v8_fast", 2), ("full", 2), ("v8_res256", 1)])
+def test_gemv_split_k_plan(name, batch):
+    """Split-K (several column chunks, atomics + last-block epilogue), rows tiles of 2 rows per
+    warp, plan reused across calls: the workspace and counters are left zeroed by each call."""
+    from kernels.gemv import GemvPlan
+
+    wide = {"v8_fast": 300, "full": 301, "v8_res256": 300}[name]  # > one 256-column chunk on CUDA
+    mod = _layer(**{**LAYERS[name], "n": wide})
+    p = PackedLayer.from_module(mod)
+    warp = 1 if nb.simulator_enabled() else 32
+    threads = 2 * warp  # 2 warps x 2 rows per warp: tiles of 4 rows of vectors
+    plan = GemvPlan(p, threads=threads, kc=warp * 8, rw=2)
+    assert plan.nsplit > 1 and plan.tiles == -(-p.rows // 4)
+    for seed in (1, 2):
+        x = torch.randn(batch, mod.in_features, generator=torch.Generator().manual_seed(seed)).half().to(DEV)
+        y = plan(x)
+        _close(y, gemv_ref(x.float(), p), 3e-3)
+        assert not plan.cnt.any() and not plan.workspace(batch).any()
+    if name == "v8_fast":
+        assert plan.fast16
+    xf = torch.randn(1, mod.in_features, generator=torch.Generator().manual_seed(3)).to(DEV)
+    _close(plan(xf), gemv_ref(xf, p), 1e-4)
 
 
 def test_layer_forward_routes_to_kernels():
