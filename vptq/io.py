@@ -2,7 +2,11 @@
 
 config.json = the model config + `quantization_config` (quant_method "vptq",
 config_for_layers with exactly the key set both VPTQ loaders accept); weights in
-model.safetensors; our own run report in vptq_report.json. Writing goes to a temporary
+model.safetensors (or shards model-0000i-of-0000n.safetensors + model.safetensors.index.json
+above `max_shard_bytes`); tokenizer files and generation_config.json; our own run report in
+vptq_report.json. `load_quantized` checks the folder against its quantization_config (key set,
+shapes and dtypes from the safetensors headers, index ranges) before any weight is used and
+raises CheckpointError naming the layer. Writing goes to a temporary
 folder that is renamed into place at the end, so a crash leaves nothing half-written.
 """
 
@@ -15,14 +19,28 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import ConfigError
 from .layers import VQuantLinear
+from .source import SourceError
 
 WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
 REPORT = "vptq_report.json"
+MAX_SHARD_BYTES = 4 * 1024**3
+# the constructor keywords a config_for_layers entry may carry (the published class's signature)
+LAYER_KEYS = ("in_features", "out_features", "vector_lens", "num_centroids", "num_res_centroids", "group_num",
+              "group_size", "outlier_size", "indices_as_float", "enable_norm", "enable_perm", "is_indice_packed",
+              "bias", "vector_quant_dim")
+REQUIRED_KEYS = ("vector_lens", "num_centroids", "num_res_centroids", "group_num", "group_size", "outlier_size")
+
+
+class CheckpointError(SourceError):
+    """A quantized folder that cannot be loaded: missing/foreign quantization_config, or tensors
+    that disagree with it. The message names the file or layer."""
 
 
 def quantization_config(model: nn.Module) -> dict:
@@ -89,8 +107,33 @@ def _plain_modes(folder: Path) -> None:
         f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
 
 
+def write_weights(sd: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
+    """model.safetensors, or HF-style shards + index when the tensors exceed max_shard_bytes."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = total = 0
+    for k, v in sd.items():
+        n = v.numel() * v.element_size()
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += n
+        total += n
+    if len(shards) == 1:
+        save_file(shards[0], folder / WEIGHTS, metadata={"format": "pt"})
+        return [WEIGHTS]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, shard in zip(names, shards, strict=True):
+        save_file(shard, folder / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    (folder / WEIGHTS_INDEX).write_text(json.dumps({"metadata": {"total_size": total},
+                                                    "weight_map": weight_map}, indent=2))
+    return names
+
+
 def save_quantized(model: nn.Module, out: str | Path, tokenizer=None, report: dict | None = None,
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """Write the checkpoint to a temporary sibling folder, then rename it to `out`.
 
     A crash or Ctrl-C leaves nothing at `out` (the temporary folder is removed; only a hard kill
@@ -105,9 +148,12 @@ def save_quantized(model: nn.Module, out: str | Path, tokenizer=None, report: di
         cfg = model.config.to_dict()
         cfg["quantization_config"] = quantization_config(model)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
-        save_file(_state_dict(model), tmp / WEIGHTS, metadata={"format": "pt"})
+        write_weights(_state_dict(model), tmp, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(tmp)
         if report is not None:
             (tmp / REPORT).write_text(json.dumps(report, indent=2, default=str))
         _plain_modes(tmp)
@@ -131,35 +177,231 @@ def save_quantized(model: nn.Module, out: str | Path, tokenizer=None, report: di
     return out
 
 
-def replace_linears(model: nn.Module, config_for_layers: dict[str, dict], dtype=torch.float16) -> None:
-    """Swap each named nn.Linear for an (empty) VQuantLinear built from its config entry."""
+def layer_kwargs(name: str, entry: dict, module: nn.Module | None = None) -> dict:
+    """VQuantLinear keywords of one config entry; in/out features (and bias) default to the
+    replaced nn.Linear's, as transformers' integration takes them."""
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"layer {name}: its quantization_config entry is not an object")
+    missing = [k for k in REQUIRED_KEYS if k not in entry]
+    kw = {k: entry[k] for k in LAYER_KEYS if k in entry}
+    if isinstance(module, nn.Linear):
+        for key, val in (("in_features", module.in_features), ("out_features", module.out_features)):
+            if kw.setdefault(key, val) != val:
+                raise CheckpointError(f"layer {name}: quantization_config says {key}={kw[key]}, the model's "
+                                      f"linear has {val}")
+        kw.setdefault("bias", module.bias is not None)
+    missing += [k for k in ("in_features", "out_features") if k not in kw]
+    if missing:
+        raise CheckpointError(f"layer {name}: its quantization_config entry lacks {', '.join(missing)}")
+    kw.setdefault("indices_as_float", False)
+    return kw
+
+
+def replace_linears(model: nn.Module, config_for_layers: dict[str, dict], dtype=torch.float16,
+                    shared_layer_config: dict[str, dict] | None = None,
+                    modules_to_not_convert: list[str] | None = None) -> dict[str, VQuantLinear]:
+    """Swap each named linear for an (empty) VQuantLinear built from its config entry.
+
+    What transformers' replace_with_vptq_linear means to do: the full module name in
+    config_for_layers, else its last component in shared_layer_config (lm_head and
+    modules_to_not_convert excepted). Returns {name: new module}.
+    """
+    modules = dict(model.named_modules())
+    plan: dict[str, dict] = {}
     for name, entry in config_for_layers.items():
-        kw = {k: entry[k] for k in (
-            "in_features", "out_features", "vector_lens", "num_centroids", "num_res_centroids",
-            "group_num", "group_size", "outlier_size")}
-        kw.update(enable_norm=entry.get("enable_norm", False),
-                  enable_perm=entry.get("enable_perm", False), bias=entry.get("bias", False))
-        model.set_submodule(name, VQuantLinear(**kw, dtype=dtype))
+        if not isinstance(modules.get(name), (nn.Linear, VQuantLinear)):
+            raise CheckpointError(f"layer {name}: named in config_for_layers, but the model has no linear "
+                                  "of that name")
+        plan[name] = entry
+    if shared_layer_config:
+        skip = modules_to_not_convert or ["lm_head"]
+        for name, mod in modules.items():
+            last = name.rsplit(".", 1)[-1]
+            if (isinstance(mod, nn.Linear) and name not in plan and last in shared_layer_config
+                    and not any(s == name or s in name.split(".") for s in skip)):
+                plan[name] = shared_layer_config[last]
+    out = {}
+    for name, entry in plan.items():
+        kw = layer_kwargs(name, entry, modules[name])
+        try:
+            mod = VQuantLinear(**kw, dtype=dtype)
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"layer {name}: {str(e).removeprefix('VQuantLinear: ')}") from None
+        if mod.has_res and mod.num_res_centroids[1] > mod.num_centroids[1]:
+            raise CheckpointError(f"layer {name}: num_res_centroids {mod.num_res_centroids[1]} > num_centroids "
+                                  f"{mod.num_centroids[1]}: the published unpacker would misread these indices")
+        model.set_submodule(name, mod)
+        out[name] = mod
+    return out
 
 
-def load_quantized(folder: str | Path, device: str = "cpu") -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
+# ---------------------------------------------------------------------------------- loading
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def read_quantization_config(folder: str | Path) -> tuple[dict, dict]:
+    """(model config without quantization_config, quantization_config); CheckpointError when the
+    folder is not a VPTQ checkpoint."""
+    folder = Path(folder)
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no config.json, not a model folder")
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} is not a JSON object")
+    qc = raw.pop("quantization_config", None)
+    if not qc:
+        raise CheckpointError(f"{folder}: config.json has no quantization_config, so this is not a VPTQ "
+                              "checkpoint (an original model loads as it is)")
+    if not isinstance(qc, dict) or qc.get("quant_method") != "vptq":
+        method = qc.get("quant_method") if isinstance(qc, dict) else None
+        raise CheckpointError(f"{folder}: quantization_config.quant_method is {method!r}, not 'vptq': "
+                              "not a VPTQ checkpoint")
+    layers, shared = qc.get("config_for_layers") or {}, qc.get("shared_layer_config") or {}
+    if not isinstance(layers, dict) or not isinstance(shared, dict):
+        raise CheckpointError(f"{folder}: quantization_config.config_for_layers and shared_layer_config "
+                              "must be objects")
+    if not layers and not shared:
+        raise CheckpointError(f"{folder}: quantization_config names no quantized layer "
+                              "(config_for_layers and shared_layer_config are empty)")
+    if qc.get("enable_proxy_error"):
+        raise CheckpointError(f"{folder}: quantization_config.enable_proxy_error is true; loaders need false")
+    return raw, qc
+
+
+def weight_files(folder: Path) -> list[Path]:
+    index = folder / WEIGHTS_INDEX
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise CheckpointError(f"{index}: not a valid safetensors index (no weight_map)") from None
+    elif (folder / WEIGHTS).is_file():
+        names = [WEIGHTS]
+    else:
+        raise CheckpointError(f"{folder}: no {WEIGHTS} (nor {WEIGHTS_INDEX})")
+    files = [folder / n for n in names]
+    for f in files:
+        if "/" in str(Path(f).relative_to(folder)) or not f.is_file():
+            raise CheckpointError(f"{folder}: weight file {f.name} is missing")
+    return files
+
+
+def tensor_headers(folder: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype | None, Path]]:
+    """{key: (shape, dtype, file)} from the safetensors headers; no tensor data is read."""
+    out = {}
+    for f in weight_files(folder):
+        try:
+            with safe_open(f, framework="pt") as h:
+                for k in h.keys():
+                    sl = h.get_slice(k)
+                    out[k] = (tuple(sl.get_shape()), _ST_DTYPES.get(sl.get_dtype()), f)
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise CheckpointError(f"{f}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    return out
+
+
+def _owner(key: str, layers: dict) -> str:
+    parts = key.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        if ".".join(parts[:i]) in layers:
+            return ".".join(parts[:i])
+    return ""
+
+
+def check_tensors(model: nn.Module, layers: dict[str, VQuantLinear], headers: dict, tied: bool) -> None:
+    """Every state-dict key of the built model is in the files with the right shape (and, for
+    index tensors, the right dtype), and nothing else is: else CheckpointError naming the layer."""
+    problems: list[tuple[str, str]] = []
+    expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+    if tied:
+        expected.pop("lm_head.weight", None)
+    for key, (shape, dtype) in expected.items():
+        layer = _owner(key, layers)
+        if key not in headers:
+            problems.append((layer, f"tensor {key} is missing from the checkpoint"))
+            continue
+        got_shape, got_dtype, _ = headers[key]
+        if got_shape != shape:
+            problems.append((layer, f"tensor {key} has shape {list(got_shape)}, the quantization_config "
+                                    f"implies {list(shape)}"))
+        elif layer and not dtype.is_floating_point and got_dtype != dtype:
+            problems.append((layer, f"tensor {key} is {got_dtype}, the format stores {dtype}"))
+        elif dtype.is_floating_point and (got_dtype is None or not got_dtype.is_floating_point):
+            problems.append((layer, f"tensor {key} is {got_dtype}, expected a floating-point tensor"))
+    for key in headers:
+        if key not in expected and not (tied and key == "lm_head.weight"):
+            problems.append((_owner(key, layers), f"unexpected tensor {key} (not in the model the "
+                                                  "quantization_config describes)"))
+    if problems:
+        layer, what = problems[0]
+        n = len(problems) - 1
+        more = f" (and {n} more problem{'s' if n > 1 else ''})" if n else ""
+        raise CheckpointError(f"layer {layer}: {what}{more}" if layer else f"{what}{more}")
+
+
+def check_index_ranges(layers: dict[str, VQuantLinear], headers: dict) -> None:
+    """Outlier indices inside their codebook, perm a permutation (the packed main/residual codes
+    are log2(k) bits wide, so they cannot leave their power-of-two codebooks)."""
+    from .packing import from_int16
+
+    def read(key: str) -> torch.Tensor:
+        with safe_open(headers[key][2], framework="pt") as h:
+            t = h.get_tensor(key)
+        return from_int16(t.view(torch.int16) if t.dtype == torch.float16 else t)
+
+    for name, mod in layers.items():
+        if mod.has_outliers:
+            k0 = mod.num_centroids[0]
+            top = int(read(f"{name}.outlier_indices").max())
+            if top >= k0:
+                raise CheckpointError(f"layer {name}: outlier_indices reach {top}, beyond the outlier codebook "
+                                      f"of {k0} centroids")
+        if mod.enable_perm:
+            perm = read(f"{name}.perm")
+            if not torch.equal(perm.sort().values, torch.arange(mod.in_features)):
+                raise CheckpointError(f"layer {name}: perm is not a permutation of 0..{mod.in_features - 1}")
+
+
+def load_quantized(folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Load one of our (or a published) VPTQ checkpoints on CPU or CUDA, checking it first.
+
+    Builds the model the way transformers' VPTQ integration means to (a VQuantLinear for each
+    layer of config_for_layers / shared_layer_config), checks the safetensors headers and index
+    ranges against it, then loads with strict keys (a tied lm_head excepted).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     folder = Path(folder)
-    raw = json.loads((folder / "config.json").read_text())
-    qc = raw.pop("quantization_config")
-    if qc.get("quant_method") != "vptq":
-        raise ValueError(f"{folder}: quantization_config.quant_method is not 'vptq'")
-    config = AutoConfig.for_model(**raw)
+    raw, qc = read_quantization_config(folder)
+    headers = tensor_headers(folder)
+    try:
+        config = AutoConfig.for_model(**raw)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{folder}/config.json: not a transformers model config ({str(e).splitlines()[0]})") from None
+    cb_dtype = next((h[1] for k, h in headers.items() if k.endswith("centroids.weight")), torch.float16)
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
-    sd = load_file(folder / WEIGHTS, device=device)
-    cb_dtype = next((v.dtype for k, v in sd.items() if k.endswith("centroids.weight")), torch.float16)
-    replace_linears(model, qc["config_for_layers"], dtype=cb_dtype)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise ValueError(f"{folder}: checkpoint mismatch, missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if config.tie_word_embeddings:
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    layers = replace_linears(model, qc.get("config_for_layers") or {}, cb_dtype, qc.get("shared_layer_config"),
+                             qc.get("modules_to_not_convert"))
+    check_tensors(model, layers, headers, tied)
+    check_index_ranges(layers, headers)
+    for f in sorted({h[2] for h in headers.values()}):
+        sd = load_file(f)
+        if tied:
+            sd.pop("lm_head.weight", None)
+        model.load_state_dict(sd, strict=False)  # key sets were checked above, over all shards
+    if tied:
         model.tie_weights()
+    if (folder / "generation_config.json").is_file():
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(folder)
+        except (OSError, ValueError):
+            pass  # the model's default generation config stays
     model.eval()
-    return model
+    return model.to(device)

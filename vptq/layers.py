@@ -34,22 +34,50 @@ class VQuantLinear(nn.Module):
         is_indice_packed: bool = True,
         bias: bool = False,
         vector_quant_dim: str = "out",
-        dtype: torch.dtype = torch.float16,
+        device=None,
+        dtype: torch.dtype | None = None,
+        enable_proxy_error: bool = False,
     ):
+        """The published signature (authors' `vptq.VQuantLinear`), as transformers calls it.
+
+        `dtype=None` means fp16 (the codebook dtype of our artifacts). What the published class
+        accepts but this one cannot compute is refused here, with the reason: unpacked indices,
+        `vector_quant_dim="in"` (not implemented upstream either) and `enable_proxy_error=True`
+        (a training-time forward that returns a proxy-error matrix instead of `y`).
+        """
         super().__init__()
-        if not is_indice_packed or indices_as_float or vector_quant_dim != "out":
-            raise ValueError("only packed int32 indices with vector_quant_dim='out' are supported")
+        if not is_indice_packed:
+            raise ValueError("VQuantLinear: only packed indices (is_indice_packed=True) are supported")
+        if vector_quant_dim != "out":
+            raise ValueError(f"VQuantLinear: vector_quant_dim={vector_quant_dim!r} is not supported: use 'out'")
+        if enable_proxy_error:
+            raise ValueError("VQuantLinear: enable_proxy_error=True is a training-time mode; loaders pass False")
+        for name, val in (("vector_lens", vector_lens), ("num_centroids", num_centroids),
+                          ("num_res_centroids", num_res_centroids)):
+            if not isinstance(val, (list, tuple)) or len(val) != 2:
+                raise ValueError(f"VQuantLinear: {name} must be a two-element [outlier, main] list, got {val!r}")
+        v, k = vector_lens[1], num_centroids[1]
+        if v < 1 or k < 2 or k & (k - 1):
+            raise ValueError(f"VQuantLinear: vector_lens[1]={v} must be >= 1 and num_centroids[1]={k} a power of two")
+        kr = num_res_centroids[1]
+        if kr > 0 and kr & (kr - 1):
+            raise ValueError(f"VQuantLinear: num_res_centroids[1]={kr} must be a power of two (or <= 0: none)")
+        if group_num < 1 or group_size < 1 or outlier_size < 0:
+            raise ValueError(f"VQuantLinear: group_num={group_num}, group_size={group_size}, "
+                             f"outlier_size={outlier_size} must be positive")
+        dtype = torch.float16 if dtype is None else dtype
         if outlier_size + group_num * group_size != in_features:
             raise ValueError(
                 f"outlier_size + group_num*group_size = {outlier_size + group_num * group_size}"
                 f" != in_features {in_features}"
             )
+        self.indices_as_float = bool(indices_as_float)
+        self.vector_quant_dim = vector_quant_dim
         self.in_features, self.out_features = in_features, out_features
         self.vector_lens, self.num_centroids = list(vector_lens), list(num_centroids)
         self.num_res_centroids = list(num_res_centroids)
         self.group_num, self.group_size, self.outlier_size = group_num, group_size, outlier_size
         self.enable_norm, self.enable_perm = enable_norm, enable_perm
-        v, k, kr = vector_lens[1], num_centroids[1], num_res_centroids[1]
         self.has_res = kr > 0
         self.has_outliers = vector_lens[0] > 1 and num_centroids[0] > 0 and outlier_size > 0
         self.main_bits = int(math.log2(k))
@@ -64,7 +92,8 @@ class VQuantLinear(nn.Module):
             self.outlier_centroids = nn.Embedding(1, k0 * v0, dtype=dtype)
             self.register_buffer(
                 "outlier_indices",
-                torch.zeros(1, math.ceil(out_features / v0), outlier_size, dtype=torch.int16),
+                torch.zeros(1, math.ceil(out_features / v0), outlier_size,
+                            dtype=torch.float16 if self.indices_as_float else torch.int16),
             )
         else:
             self.outlier_centroids = None
@@ -75,6 +104,8 @@ class VQuantLinear(nn.Module):
             self.weight_bias = nn.Parameter(torch.zeros(in_features, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
         self._cache: tuple | None = None
+        if device is not None:
+            self.to(device)
 
     # ------------------------------------------------------------------ conversion
     def layer_config(self) -> dict:
@@ -91,7 +122,7 @@ class VQuantLinear(nn.Module):
             "enable_norm": self.enable_norm,
             "enable_perm": self.enable_perm,
             "is_indice_packed": True,
-            "indices_as_float": False,
+            "indices_as_float": self.indices_as_float,
             "bias": self.bias is not None,
         }
 
@@ -116,7 +147,7 @@ class VQuantLinear(nn.Module):
             mod.indices.copy_(pack_indices(codes, mod.code_bits))
             if mod.has_outliers:
                 mod.outlier_centroids.weight.copy_(q.outlier_centroids.reshape(1, k0 * v0))
-                mod.outlier_indices.copy_(to_int16(q.outlier_indices))
+                mod.outlier_indices.copy_(to_int16(q.outlier_indices))  # int16: from_weights never sets indices_as_float
             if q.perm is not None:
                 mod.perm.copy_(to_int16(q.perm))
             if q.weight_scale is not None:
@@ -150,7 +181,8 @@ class VQuantLinear(nn.Module):
             v0 = self.vector_lens[0]
             q.outlier_vector_len = v0
             q.outlier_centroids = self.outlier_centroids.weight.reshape(1, -1, v0)
-            q.outlier_indices = from_int16(self.outlier_indices)
+            oidx = self.outlier_indices
+            q.outlier_indices = from_int16(oidx.view(torch.int16) if oidx.dtype == torch.float16 else oidx)
         if self.enable_perm:
             q.perm = from_int16(self.perm)
         if self.enable_norm:
