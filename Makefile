@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test bench lint clean interop-ref
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,3 +34,22 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
+
+# The authors' vptq==0.0.5.post1 (a py3.11 wheel, same import name as ours) in its own venv, as an
+# oracle: our artifacts must load into its VQuantLinear with strict keys and give our logits.
+REF := .venv-ref
+REF_STAMP := $(REF)/.installed
+
+$(REF_STAMP):
+	test -x $(REF)/bin/python || python3.11 -m venv $(REF)
+	$(REF)/bin/python -m pip install -q torch==2.13.0
+	$(REF)/bin/python -m pip install -q transformers==5.24.0 accelerate safetensors tqdm
+	# --no-deps: its gradio/plotly/pynvml/datasets/sentence-transformers are unused by the layer
+	# (the one import of sentence_transformers is stubbed by bench/interop_ref.py)
+	$(REF)/bin/python -m pip install -q --no-deps vptq==0.0.5.post1
+	touch $(REF_STAMP)
+
+# more of our quantized folders: make interop-ref INTEROP_ARTIFACTS="smol4=/tmp/s4"
+interop-ref: $(STAMP) $(REF_STAMP)
+	$(BIN)/python bench/interop_ref.py export --out out/interop $(foreach a,$(INTEROP_ARTIFACTS),--artifact $(a))
+	$(REF)/bin/python bench/interop_ref.py check --dir out/interop
