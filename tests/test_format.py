@@ -166,6 +166,19 @@ def test_constructor_takes_the_published_keywords():
             VQuantLinear(32, 8, **kw | bad)
 
 
+def test_indices_as_float_reads_the_same_bits():
+    w, h = correlated_problem(m=16, n=40)
+    q, _ = quantize_linear(w, h, FOLDER_CFG)
+    mod = VQuantLinear.from_weights(q)
+    entry = mod.layer_config() | {"indices_as_float": True}
+    sd = mod.state_dict()
+    sd["outlier_indices"] = sd["outlier_indices"].view(torch.float16)  # bit-cast, as published
+    flt = VQuantLinear(**entry)
+    assert flt.outlier_indices.dtype == torch.float16
+    flt.load_state_dict(sd)
+    assert torch.equal(flt.dequantized_weight(), mod.dequantized_weight())
+
+
 @pytest.mark.parametrize("edit, match", [
     (lambda c: c.pop("quantization_config"), "no quantization_config"),
     (lambda c: c["quantization_config"].update(quant_method="gptq"), "'gptq', not 'vptq'"),

@@ -194,7 +194,7 @@ class VQuantLinear(nn.Module):
         return dequantize(self.to_weights(), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:
+        if x.is_cuda and not self.indices_as_float:  # the kernels read int16 outlier indices
             # numba.cuda kernels: fused gemv for <= 8 token rows, dequantize + F.linear above.
             # Imported lazily so numba stays optional; None = use the torch path below.
             from kernels.dispatch import vq_linear_forward
