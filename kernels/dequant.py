@@ -249,13 +249,24 @@ def device_helpers(v: int):
             val |= (int64(words[g, r, w0 + 1]) & 0xFFFFFFFF) << 32
         return (val >> sh) & mask
 
+    pair = hw == 4 and nw % 2 == 0  # v = 8, 16: 16-byte loads (one instruction per 8 values)
+    ld128 = nb.load_128()
+
     @cuda.jit(device=True)
     def add_centroid(cbw, g, idx, acc):
         """acc[t] += C_g[idx, t] for t < v, reading the codebook as words of hw fp16 values."""
-        for q in range(nw):
-            w = int64(cbw[g, idx * nw + q])
-            for h in range(hw):
-                acc[q * hw + h] += h2f(w >> (16 * h))
+        if pair:
+            base = g * cbw.shape[1] + idx * nw
+            for q2 in range(nw // 2):
+                wa, wb = ld128(cbw, base + 2 * q2)
+                for h in range(4):
+                    acc[q2 * 8 + h] += h2f(wa >> (16 * h))
+                    acc[q2 * 8 + 4 + h] += h2f(wb >> (16 * h))
+        else:
+            for q in range(nw):
+                w = int64(cbw[g, idx * nw + q])
+                for h in range(hw):
+                    acc[q * hw + h] += h2f(w >> (16 * h))
 
     return read_code, add_centroid
 
