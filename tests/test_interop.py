@@ -77,3 +77,22 @@ def test_patched_transformers_from_pretrained_loads_our_folder_on_cpu(folder):
     assert sum(isinstance(m, vptq.VQuantLinear) for m in model.modules()) == 14
     with torch.no_grad():
         assert torch.equal(model(_ids()).logits, vptq.from_pretrained(folder)(_ids()).logits)
+
+
+REF_PY = __import__("pathlib").Path(__file__).resolve().parents[1] / ".venv-ref" / "bin" / "python"
+
+
+@pytest.mark.skipif(not REF_PY.exists(), reason="no .venv-ref: run `make interop-ref` once to build it")
+def test_reference_vqlinear_reads_our_artifacts(tmp_path):
+    """The authors' vptq 0.0.5.post1 (its own venv) gives our logits exactly (bench/interop_ref.py)."""
+    import subprocess
+    import sys
+
+    root = REF_PY.parents[2]
+    subprocess.run([sys.executable, "bench/interop_ref.py", "export", "--out", str(tmp_path)], cwd=root,
+                   check=True, capture_output=True, timeout=300)
+    r = subprocess.run([str(REF_PY), "bench/interop_ref.py", "check", "--dir", str(tmp_path), "--tol", "0"],
+                       cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 2 and all(row["max_abs_diff"] == 0.0 for row in rows)
