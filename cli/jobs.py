@@ -16,11 +16,12 @@ import logging
 import os
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
-jobs_app = typer.Typer(name="jobs", help="Compression jobs: list, show, resume.", no_args_is_help=True,
+jobs_app = typer.Typer(name="jobs", help="Compression jobs: ls, show, logs, cancel, resume.", no_args_is_help=True,
                        add_completion=False, pretty_exceptions_enable=False)
 
 
@@ -33,6 +34,8 @@ def _job_errors(debug: bool):
     with _errors(debug):
         try:
             yield
+        except typer.Exit:
+            raise
         except StoreError as e:
             if debug:
                 raise
@@ -90,37 +93,138 @@ class _NoTraceback(logging.Formatter):
 
 
 @contextmanager
-def _console_logs():
-    """Prefect's console log handlers write to the current stderr, without tracebacks, meanwhile."""
+def _console_logs(verbose: bool = False):
+    """Prefect's console log lines, meanwhile: muted (the terminal has the progress bar and the
+    summary; `vptq jobs logs ID` and the Prefect UI keep every line), or with --verbose on the
+    current stderr without tracebacks."""
     from prefect.logging.handlers import PrefectConsoleHandler
 
     names = ["", *(n for n in list(logging.root.manager.loggerDict) if n.startswith("prefect"))]
     handlers = {h for name in names for h in getattr(logging.getLogger(name), "handlers", [])
                 if isinstance(h, PrefectConsoleHandler)}
-    saved = {h: (h.formatter, h.console.file) for h in handlers}
+    saved = {h: (h.formatter, h.console.file, h.level) for h in handlers}
     for h in handlers:
         h.setFormatter(_NoTraceback(h.formatter))
         h.console.file = sys.stderr
+        if not verbose:
+            h.setLevel(logging.CRITICAL + 1)
     try:
         yield
     finally:
-        for h, (fmt, file) in saved.items():
+        for h, (fmt, file, level) in saved.items():
             h.setFormatter(fmt)
             h.console.file = file if not getattr(file, "closed", False) else sys.__stderr__
+            h.setLevel(level if verbose else logging.CRITICAL + 1)  # the temporary server's exit line too
 
 
-def _run_flow(job_id: int) -> dict[str, Any]:
+def run_flow(job_id: int, verbose: bool = False) -> dict[str, Any]:
+    """Run (or resume) the job's flow in this process; its summary dict (a failed job raises)."""
     from flows.compress import compress as compress_flow
 
-    with _console_logs():
+    with _console_logs(verbose):
         return compress_flow(job_id)
 
 
+def build_spec(source: str, name: str, bits: int, version: str | None = None, calib: str | None = None,
+               nsamples: int = 64, seqlen: int = 512, seed: int = 0, hessians: str = "sequential",
+               overrides: dict[str, Any] | None = None, device: str = "cpu", eval_text: str | None = None,
+               eval_windows: int = 4, eval_seqlen: int = 512, max_ppl_ratio: float | None = None):
+    """The validated JobSpec of a request; every cheap check runs here, before a job row exists."""
+    from pydantic import ValidationError
+
+    from flows.spec import JobSpec
+    from store.errors import StoreError
+    from store.registry import parse_ref
+    from vptq.config import ConfigError
+    from vptq.evaluate import tokenize_text
+    from vptq.pipeline import _load, check_device, default_calibration_text, read_text
+    from vptq.source import load_tokenizer, resolve
+
+    try:
+        spec = JobSpec(source=source, name=name, version=version, bits=bits, calib=calib, nsamples=nsamples,
+                       seqlen=seqlen, seed=seed, hessians=hessians, overrides=overrides or {}, device=device,
+                       eval_text=eval_text, eval_windows=eval_windows, eval_seqlen=eval_seqlen,
+                       max_ppl_ratio=max_ppl_ratio).normalized()
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise ConfigError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
+    try:
+        parse_ref(f"{name}:{version}" if version else name)
+    except StoreError as e:
+        raise ConfigError(f"--name/--version: {e}") from None
+    if max_ppl_ratio is not None and not eval_windows:
+        raise ConfigError("--max-ppl-ratio needs an evaluation: give --eval-windows 1 or more")
+    spec.quant_config()
+    check_device(device)
+    texts = {}
+    for path, what, opt in ((spec.calib, "calibration", "--calib"), (spec.eval_text, "evaluation text", "--eval-text")):
+        if path:
+            texts[opt] = read_text(path, what, opt)
+    if not spec.source.startswith(("s3://", "hf://")):  # remote sources are checked by fetch_model
+        src = resolve(spec.source)
+        if src.kind == "vptq":
+            raise ConfigError(f"{source} is already VPTQ-quantized: compress the original model")
+        tok = _load(load_tokenizer, src, "tokenizer")
+        ids = tokenize_text(tok, texts.get("--calib") or read_text(default_calibration_text(), "calibration"))
+        if ids.numel() < seqlen + 1:
+            raise ConfigError(f"calibration text has {ids.numel()} tokens, windows of {seqlen} need at least "
+                              f"{seqlen + 1}: give a longer --calib text or a smaller --seqlen")
+    return spec
+
+
+def open_job(spec, refuse_existing_version: bool = True):
+    """The job of this request: the unfinished (or finished) one with the same key, else a new row."""
+    from store.repository import Repository
+    from tasks.workspace import code_version
+    from vptq.config import ConfigError
+
+    with Repository.session_scope() as repo:
+        job = _find_job(repo, spec.key())
+        if job is None:
+            if refuse_existing_version and spec.version and repo.get_artifact(spec.name, spec.version):
+                raise ConfigError(f"{spec.name}:{spec.version} already exists in the registry: choose another "
+                                  "--version, or leave it out to publish the next free one")
+            job = repo.create_job(spec.source, {"spec": spec.model_dump(), "job_key": spec.key(),
+                                                "quant": spec.quant_config().to_dict()},
+                                  code_version=code_version())
+    return job
+
+
+def export_artifact(ref: str, out: Path, overwrite: bool = False) -> Path:
+    """Pull ref (verified) into out; an existing checkpoint at out is swapped out only at the end."""
+    import shutil
+    import tempfile
+
+    from cli.db import _registry
+    from vptq.io import check_out
+
+    out = check_out(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
+    old = None
+    try:
+        _registry(with_db=False).pull(ref, stage / "ckpt")
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old)
+        os.replace(stage / "ckpt", out)
+    except BaseException:
+        if old is not None and not out.exists():
+            os.replace(old, out)
+        raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if old is not None and old.exists():
+            shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
 def submit(
-    source: str = typer.Argument(..., help="HF model folder, a .gguf file, 'smollm2' or s3://bucket/prefix."),
+    source: str = typer.Argument(..., help="HF model folder, a .gguf file, 'smollm2', s3://bucket/prefix or hf://org/name."),
     name: str = typer.Option(..., "--name", help="Registry name of the result (published as NAME:vN)."),
     bits: int = typer.Option(2, "--bits", help="Bits per weight preset: 2, 3 or 4."),
     version: Optional[str] = typer.Option(None, "--version", help="Registry version (default: the next vN)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML or JSON file of QuantConfig fields."),
     calib: Optional[str] = typer.Option(None, "--calib", help="Calibration text (default: wikitext-2 valid)."),
     nsamples: int = typer.Option(64, "--nsamples", help="Calibration windows."),
     seqlen: int = typer.Option(512, "--seqlen", help="Tokens per calibration window."),
@@ -129,56 +233,35 @@ def submit(
     eval_text: Optional[str] = typer.Option(None, "--eval-text", help="Held-out text (default: the calibration text)."),
     eval_windows: int = typer.Option(4, "--eval-windows", help="Perplexity windows before/after (0 = none)."),
     eval_seqlen: int = typer.Option(512, "--eval-seqlen", help="Tokens per perplexity window."),
+    max_ppl_ratio: Optional[float] = typer.Option(
+        None, "--max-ppl-ratio", help="Publish the version as rejected when perplexity after > R x before."),
     device: str = typer.Option("cpu", "--device", help="Compute device (cpu, cuda)."),
+    cron: Optional[str] = typer.Option(None, "--cron", help="Instead of one run: a scheduled deployment "
+                                       "re-running this request on a cron schedule (e.g. '0 3 * * *')."),
     local: bool = typer.Option(False, "--local", help="Run in this process even when PREFECT_API_URL is set."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Submit a compression job: a Prefect flow run on a worker, or in this process."""
-    from cli.main import EXIT_USAGE, _err, _overrides, _stdout_to_stderr
+    from cli.main import EXIT_USAGE, _err, _stdout_to_stderr, overrides_from
 
     if bits not in (2, 3, 4):
         _err(f"--bits {bits}: choose 2, 3 or 4", EXIT_USAGE)
     with _job_errors(debug):
-        from pydantic import ValidationError
+        spec = build_spec(source, name, bits, version, calib, nsamples, seqlen, seed, "sequential",
+                          overrides_from(config, set_), device, eval_text, eval_windows, eval_seqlen, max_ppl_ratio)
+        api = os.environ.get("PREFECT_API_URL")
+        if cron is not None:
+            if not api:
+                _err("--cron needs a Prefect server: start `vptq server`, export PREFECT_API_URL and run "
+                     "`vptq worker`", EXIT_USAGE)
+            from flows.schedule import schedule_request
 
-        from flows.spec import JobSpec
-        from store.errors import StoreError
-        from store.registry import parse_ref
-        from store.repository import Repository
-        from tasks.workspace import code_version
-        from vptq.config import ConfigError
-        from vptq.pipeline import check_device, read_text
-        from vptq.source import resolve
-
-        try:
-            spec = JobSpec(source=source, name=name, version=version, bits=bits, calib=calib, nsamples=nsamples,
-                           seqlen=seqlen, seed=seed, overrides=_overrides(set_), device=device,
-                           eval_text=eval_text, eval_windows=eval_windows, eval_seqlen=eval_seqlen).normalized()
-        except ValidationError as e:
-            err = e.errors()[0]
-            raise ConfigError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
-        # every cheap check before a job row exists: a bad request leaves nothing behind
-        try:
-            parse_ref(f"{name}:{version}" if version else name)
-        except StoreError as e:
-            raise ConfigError(f"--name/--version: {e}") from None
-        cfg = spec.quant_config()
-        check_device(device)
-        if not spec.source.startswith("s3://"):
-            resolve(spec.source)
-        for path, what, opt in ((spec.calib, "calibration", "--calib"), (spec.eval_text, "evaluation text", "--eval-text")):
-            if path:
-                read_text(path, what, opt)
-        repo = Repository.open()
-        try:
-            job = _find_job(repo, spec.key())
-            if job is None:
-                job = repo.create_job(spec.source, {"spec": spec.model_dump(), "job_key": spec.key(),
-                                                    "quant": cfg.to_dict()}, code_version=code_version())
-        finally:
-            repo.close()
-        if os.environ.get("PREFECT_API_URL") and not local and job.status != "succeeded":
+            data = schedule_request(spec, cron)
+            _emit(data, as_json, f"scheduled {data['deployment']} on '{cron}' (next: {data['next_run']})")
+            return
+        job = open_job(spec)
+        if api and not local and job.status != "succeeded":
             from prefect.deployments import run_deployment
 
             run = run_deployment("compress/compress", parameters={"job_id": job.id}, timeout=0)
@@ -187,58 +270,152 @@ def submit(
             _emit(data, as_json, f"job {job.id} queued as flow run {run.id}")
             return
         with _stdout_to_stderr(as_json):
-            s = _run_flow(job.id)
+            s = run_flow(job.id)
         _emit(s, as_json, _human(s))
+        if s.get("status") != "succeeded":
+            raise typer.Exit(1)
 
 
-@jobs_app.command("list")
+def _row(j) -> dict[str, Any]:
+    spec = j.config.get("spec", {})
+    return {"job_id": j.id, "status": j.status, "source": j.source_uri, "name": spec.get("name"),
+            "bits": spec.get("bits"), "created_at": j.created_at.isoformat(),
+            "finished_at": j.finished_at.isoformat() if j.finished_at else None, "error": j.error}
+
+
+@jobs_app.command("ls")
 def list_jobs(
     status: Optional[str] = typer.Option(None, "--status", help="Only jobs in this status."),
     limit: int = typer.Option(50, "--limit", help="At most this many, newest first."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON array on stdout."),
+    as_json: bool = typer.Option(False, "--json", help='Print {"items": [...]} on stdout.'),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Jobs, newest first."""
     with _job_errors(debug):
         from store.repository import Repository
 
-        repo = Repository.open()
-        try:
-            rows = [{"job_id": j.id, "status": j.status, "source": j.source_uri,
-                     "name": j.config.get("spec", {}).get("name"), "created_at": j.created_at.isoformat(),
-                     "error": j.error} for j in repo.list_jobs(status, limit)]
-        finally:
-            repo.close()
+        with Repository.session_scope() as repo:
+            rows = [_row(j) for j in repo.list_jobs(status, limit)]
         if as_json:
-            sys.stdout.write(json.dumps(rows) + "\n")
+            _emit({"items": rows}, True, "")
+        elif not rows:
+            typer.echo("no jobs yet: start one with `vptq compress smollm2 --bits 2` or `vptq submit`")
         else:
             for r in rows:
                 typer.echo(f"{r['job_id']:>5}  {r['status']:<9}  {r['name'] or '-':<20}  {r['source']}"
                            + (f"  ({r['error']})" if r["error"] else ""))
 
 
+jobs_app.command("list", hidden=True)(list_jobs)  # the longer spelling, kept working
+
+
 @jobs_app.command("show")
 def show(
-    job_id: int = typer.Argument(..., help="Job id (see `vptq jobs list`)."),
+    job_id: int = typer.Argument(..., help="Job id (see `vptq jobs ls`)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
-    """One job: status, error, blocks, layers, artifact."""
+    """One job: status, blocks done of total, error, layers, artifact."""
     with _job_errors(debug):
         from flows.compress import job_summary
         from store.repository import Repository
 
-        repo = Repository.open()
-        try:
+        with Repository.session_scope() as repo:
             s = job_summary(repo, job_id)
             s["layers"] = [{"layer": r.layer_name, "proxy_loss": r.proxy_loss, "bpw": r.bits_per_weight,
                             "seconds": r.seconds} for r in repo.layer_results(job_id)]
             s["spec"] = repo.get_job(job_id).config.get("spec")
             s["blocks_reused"] = None  # known only to the run that reported it
-        finally:
-            repo.close()
-        _emit(s, as_json, _human(s) + "".join(f"\n  {r['layer']}: proxy loss {r['proxy_loss']:.4g}, "
-                                              f"{r['bpw']:.3f} bpw" for r in s["layers"]))
+        head = (f"job {s['job_id']} {s['status']}: {s['blocks_done']}/{s['blocks_total']} blocks"
+                + (f", artifact {s['artifact']}" if s.get("artifact") else "")
+                + (f", error: {s['error']}" if s.get("error") else ""))
+        _emit(s, as_json, head + "".join(f"\n  {r['layer']}: proxy loss {r['proxy_loss']:.4g}, "
+                                         f"{r['bpw']:.3f} bpw" for r in s["layers"]))
+
+
+@jobs_app.command("cancel")
+def cancel(
+    job_id: int = typer.Argument(..., help="A queued, running or crashed job."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Cancel a job: a running flow stops before its next block; its Prefect flow run is cancelled."""
+    from cli.main import EXIT_USAGE, _err
+
+    with _job_errors(debug):
+        from store.repository import Repository
+
+        with Repository.session_scope() as repo:
+            job = repo.get_job(job_id)
+            if job.status in ("succeeded", "failed", "cancelled"):
+                _err(f"job {job_id} is already {job.status}: nothing to cancel", EXIT_USAGE)
+            job = repo.set_job_status(job_id, "cancelled", error="cancelled by `vptq jobs cancel`")
+        prefect_state = None
+        if job.prefect_run_id and os.environ.get("PREFECT_API_URL"):
+            prefect_state = _cancel_flow_run(job.prefect_run_id)
+        data = {"job_id": job_id, "status": job.status, "prefect_run_id": job.prefect_run_id,
+                "prefect_state": prefect_state}
+        _emit(data, as_json, f"job {job_id} cancelled" + (f" (flow run {prefect_state})" if prefect_state else ""))
+
+
+def _cancel_flow_run(run_id: str) -> str | None:
+    """Ask the Prefect API to cancel the flow run (a worker then stops its process)."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling
+
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(UUID(run_id))
+        if run.state is not None and run.state.is_final():
+            return run.state.name
+        client.set_flow_run_state(UUID(run_id), Cancelling(), force=True)
+        return "Cancelling"
+
+
+@jobs_app.command("logs")
+def logs(
+    job_id: int = typer.Argument(..., help="Job id (see `vptq jobs ls`)."),
+    limit: int = typer.Option(1000, "--limit", help="At most this many lines, oldest first."),
+    as_json: bool = typer.Option(False, "--json", help='Print {"items": [...]} on stdout.'),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """The job's log lines as the Prefect API stored them (flow and task runs)."""
+    with _job_errors(debug):
+        from store.repository import Repository
+
+        with Repository.session_scope() as repo:
+            job = repo.get_job(job_id)
+        items: list[dict[str, Any]] = []
+        if job.prefect_run_id:
+            items = _read_logs(job.prefect_run_id, limit)
+        if as_json:
+            _emit({"job_id": job_id, "status": job.status, "items": items}, True, "")
+            return
+        if not items:
+            typer.echo(f"job {job_id} ({job.status}) has no log lines"
+                       + ("" if job.prefect_run_id else ": it has not started") + (f"; error: {job.error}" if job.error else ""))
+        for it in items:
+            typer.echo(f"{it['timestamp'][11:19]} {it['level']:<7} {it['message']}")
+
+
+def _read_logs(run_id: str, limit: int) -> list[dict[str, Any]]:
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+
+    rows: list = []
+    with get_client(sync_client=True) as client:
+        while len(rows) < limit:  # the API serves at most 200 lines a request
+            page = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[UUID(run_id)])),
+                                    limit=min(200, limit - len(rows)), offset=len(rows), sort=LogSort.TIMESTAMP_ASC)
+            rows.extend(page)
+            if len(page) < 200:
+                break
+    return [{"timestamp": r.timestamp.isoformat(), "level": logging.getLevelName(r.level), "message": r.message}
+            for r in rows]
 
 
 @jobs_app.command("resume")
@@ -253,13 +430,10 @@ def resume(
     with _job_errors(debug):
         from store.repository import Repository
 
-        repo = Repository.open()
-        try:
+        with Repository.session_scope() as repo:
             repo.get_job(job_id)  # an unknown id fails here, before Prefect starts
-        finally:
-            repo.close()
         with _stdout_to_stderr(as_json):
-            s = _run_flow(job_id)
+            s = run_flow(job_id)
         _emit(s, as_json, _human(s))
 
 

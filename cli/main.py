@@ -101,6 +101,7 @@ def _quiet_libraries() -> None:
         os.environ.setdefault("TQDM_DISABLE", "1")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry calls from a CLI
 
 
 @contextmanager
@@ -193,11 +194,27 @@ def _emit(data: dict, as_json: bool, human: str) -> None:
         typer.echo(human)
 
 
+def _default_name(source: str, bits: int) -> str:
+    """Registry name when --name is not given: the source's last path part, e.g. smollm2-2bit."""
+    import re
+
+    stem = source.rstrip("/").split("/")[-1].split("@")[0]
+    stem = stem[:-5] if stem.lower().endswith(".gguf") else stem
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-._") or "model"
+    return f"{stem[:100]}-{bits}bit"
+
+
 @app.command()
 def compress(
-    source: str = typer.Argument(..., help="HF model folder, a .gguf file, or 'smollm2'."),
+    source: str = typer.Argument(..., help="HF model folder, a .gguf file, 'smollm2', s3://bucket/prefix "
+                                 "or hf://org/name."),
     bits: int = typer.Option(2, "--bits", help="Target bits per weight preset: 2, 3 or 4."),
-    out: Path = typer.Option(..., "--out", help="Output folder (must not exist unless --overwrite)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the checkpoint to this folder "
+                                       "(must not exist unless --overwrite)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Registry name (default: SOURCE-Bbit)."),
+    version: Optional[str] = typer.Option(None, "--version", help="Registry version (default: the next vN)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML or JSON file of QuantConfig fields "
+                                          "(see `vptq config show`); --set wins over it."),
     calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text (default: wikitext-2 valid)."),
     nsamples: int = typer.Option(64, "--nsamples", help="Calibration windows (drawn from the text with --seed)."),
     seqlen: int = typer.Option(512, "--seqlen", help="Tokens per calibration window."),
@@ -209,29 +226,105 @@ def compress(
         None, "--finetune-steps", help="End-to-end KL fine-tuning steps after quantization (0 = off; "
         "default: the preset's, 200)."),
     set_: list[str] = typer.Option([], "--set", help="Override a QuantConfig field, e.g. --set enable_norm=false."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder."),
+    eval_text: Optional[Path] = typer.Option(None, "--eval-text", help="Held-out text for perplexity before/after "
+                                             "(default: the calibration text)."),
+    eval_windows: int = typer.Option(4, "--eval-windows", help="Perplexity windows before/after (0 = none)."),
+    eval_seqlen: int = typer.Option(512, "--eval-seqlen", help="Tokens per perplexity window."),
+    max_ppl_ratio: Optional[float] = typer.Option(
+        None, "--max-ppl-ratio", help="Publish the version as rejected when perplexity after > R x before."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out checkpoint folder."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
-    """Quantize SOURCE with VPTQ and save it in the VPTQ checkpoint format."""
+    """Quantize SOURCE now, in this process, through the `compress` flow; publish NAME:VERSION.
+
+    Re-running the identical command resumes an interrupted job (finished blocks are reused).
+    """
     if bits not in (2, 3, 4):
         _err(f"--bits {bits}: choose 2, 3 or 4", EXIT_USAGE)
-    with _errors(debug):
-        from vptq.config import preset
-        from vptq.pipeline import compress as run_compress
+    from cli.jobs import _job_errors
 
-        over = _overrides(set_)
+    with _job_errors(debug):
+        from cli.jobs import build_spec, export_artifact, open_job, run_flow
+        from vptq.io import check_out
+
+        if out is not None:
+            check_out(out, overwrite)
+        over = overrides_from(config, set_)
         if finetune_steps is not None:
             if finetune_steps < 0:
                 _err(f"--finetune-steps {finetune_steps}: use 0 (off) or a positive number of steps", EXIT_USAGE)
             over["e2e_steps"] = finetune_steps
-        cfg = preset(bits).with_(seed=seed, hessians=hessians.value, **over)
+        spec = build_spec(source, name or _default_name(source, bits), bits, version,
+                          str(calib) if calib else None, nsamples, seqlen, seed, hessians.value, over,
+                          device.value, str(eval_text) if eval_text else None, eval_windows, eval_seqlen,
+                          max_ppl_ratio)
+        job = open_job(spec)
         with _stdout_to_stderr(as_json), _progress(True, "quantize") as cb:
-            result, _, _ = run_compress(source, cfg, out, calib, nsamples, seqlen, device.value,
-                                        overwrite, cb)
-        s = result.summary()
-        _emit(s, as_json, f"wrote {s['out']}: {s['layers']} linears, {s['bpw']:.3f} bpw all-in, "
-              f"{s['seconds']:.1f} s")
+            import flows.compress as fc
+
+            fc.progress_hook = cb
+            try:
+                s = run_flow(job.id)
+            finally:
+                fc.progress_hook = None
+        if s.get("status") != "succeeded":
+            _err(f"job {s['job_id']} {s.get('status')}: {s.get('error') or 'see `vptq jobs logs`'}", EXIT_FAILURE)
+        if out is not None:
+            export_artifact(s["artifact"], out, overwrite)
+            s["out"] = str(out)
+        else:
+            s["out"] = s.get("artifact_uri")
+        human = (f"job {s['job_id']}: {s['artifact']}"
+                 + (" (REJECTED by --max-ppl-ratio)" if s.get("artifact_status") == "rejected" else "")
+                 + f", {s.get('layers', 0)} linears, {s.get('bpw', 0):.3f} bpw all-in, "
+                 f"{s.get('blocks_total')} blocks ({s.get('blocks_reused')} reused), {s.get('seconds', 0):.1f} s")
+        if s.get("perplexity_after") is not None:
+            human += f"\nperplexity {s['perplexity_before']:.3f} -> {s['perplexity_after']:.3f}"
+        if out is not None:
+            human += f"\nwrote {out}"
+        _emit(s, as_json, human)
+
+
+def overrides_from(config: Path | None, items: list[str]) -> dict:
+    """QuantConfig overrides: the --config file's fields, then --set FIELD=VALUE over them."""
+    over = _config_file(config) if config is not None else {}
+    over.update(_overrides(items))
+    return over
+
+
+_FIXED = ("targets", "hessians", "seed")  # set by their own options, not by --set/--config
+
+
+def _config_file(path: Path) -> dict:
+    """A flat TOML or JSON mapping of QuantConfig fields; unknown keys and wrong types refused."""
+    import tomllib
+
+    from vptq.config import ConfigError, QuantConfig
+
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    text = path.read_text(errors="replace")
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as e:
+        kind = "JSON" if path.suffix.lower() == ".json" else "TOML"
+        raise ConfigError(f"--config {path}: not valid {kind} ({' '.join(str(e).split())})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of QuantConfig fields")
+    fields = {k for k in QuantConfig.__dataclass_fields__ if k not in _FIXED}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown key(s) {unknown}; valid keys: {sorted(fields)}")
+    default = QuantConfig()
+    for key, val in data.items():
+        typ = type(getattr(default, key))
+        ok = isinstance(val, typ) and not (typ is int and isinstance(val, bool))
+        if typ is float and isinstance(val, int) and not isinstance(val, bool):
+            data[key], ok = float(val), True
+        if not ok:
+            raise ConfigError(f"--config {path}: {key} = {val!r} is not a {typ.__name__}")
+    return dict(data)
 
 
 def _overrides(items: list[str]) -> dict:
@@ -241,9 +334,9 @@ def _overrides(items: list[str]) -> dict:
     out: dict = {}
     for item in items:
         key, sep, val = item.partition("=")
-        if not sep or key not in fields or key in ("targets", "hessians", "seed"):
+        if not sep or key not in fields or key in _FIXED:
             raise ConfigError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of "
-                              f"{sorted(k for k in fields if k not in ('targets', 'hessians', 'seed'))}")
+                              f"{sorted(k for k in fields if k not in _FIXED)}")
         typ = type(getattr(QuantConfig(), key))
         try:
             if typ is bool:
@@ -289,6 +382,9 @@ _register_jobs(app)
 from cli.generate import register as _register_generate  # noqa: E402 - generate, chat
 
 _register_generate(app)
+from cli.plan import register as _register_plan  # noqa: E402 - plan
+
+_register_plan(app)
 
 
 def main() -> None:  # console-script entry point

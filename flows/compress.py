@@ -1,7 +1,9 @@
 """The `compress` flow: fetch -> calibrate -> quantize block by block -> assemble -> evaluate -> publish.
 
 Lineage rows are written at each step and the job row moves queued -> running -> succeeded |
-failed | crashed (with the error text). Finished blocks are Prefect-cached under
+failed | crashed | cancelled (with the error text). Ctrl-C marks the job cancelled; so does
+`vptq jobs cancel`, which the flow notices before each block. With `max_ppl_ratio` the version is
+published `rejected` (kept, never the latest) when perplexity after > ratio x before. Finished blocks are Prefect-cached under
 hash(model sha, calibration hash, config, code version, index): running the same job again
 recomputes none of them and reports them in `blocks_reused`.
 """
@@ -35,6 +37,19 @@ from tasks.workspace import code_version, run_dir
 
 DEPLOYMENT = "compress"
 
+# In-process callers (the CLI's progress bar) may set this to callback(done, total, info); a
+# module attribute rather than a flow parameter, because flow parameters must serialize.
+progress_hook = None
+
+
+def _progress(done: int, total: int, info: str) -> None:
+    if progress_hook is not None:
+        progress_hook(done, total, info)
+
+
+class JobCancelled(Exception):
+    """The job row was set to cancelled (by `vptq jobs cancel`) while the flow ran."""
+
 
 def one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
@@ -57,11 +72,11 @@ def job_summary(repo, job_id: int, blocks_total: int | None = None, blocks_reuse
     job = repo.get_job(job_id)
     arts = [a for a in repo.list_artifacts() if a.job_id == job_id]
     blocks = {r.layer_name.split(".")[2] for r in repo.layer_results(job_id) if r.layer_name.startswith("model.layers.")}
-    total = blocks_total if blocks_total is not None else len(blocks)
-    return {"job_id": job.id, "status": job.status, "source": job.source_uri,
+    total = blocks_total if blocks_total is not None else job.config.get("blocks_total", len(blocks))
+    return {"job_id": job.id, "status": job.status, "source": job.source_uri, "blocks_done": len(blocks),
             "blocks_total": total, "blocks_reused": total if blocks_reused is None else blocks_reused,
-            "artifact": arts[0].ref if arts else None, "error": job.error,
-            "prefect_run_id": job.prefect_run_id} | (extra or {})
+            "artifact": arts[0].ref if arts else None, "artifact_uri": arts[0].uri if arts else None,
+            "error": job.error, "prefect_run_id": job.prefect_run_id} | (job.config.get("result") or {}) | (extra or {})
 
 
 def _block_table(meta: dict[str, Any], cached: bool) -> list[dict[str, Any]]:
@@ -79,7 +94,8 @@ def run_job(repo, job_id: int, spec: JobSpec) -> dict[str, Any]:
     info = inspect_model(fetched["path"], cfg)
     model = repo.add_model(spec.source, fetched["sha256"], info["architecture"], info["parameter_count"])
     cset = repo.add_calibration_set(calib["source"], spec.nsamples, spec.seqlen, spec.seed, calib["hash"])
-    repo.update_job(job_id, model_id=model.id, calibration_set_id=cset.id)
+    repo.update_job(job_id, model_id=model.id, calibration_set_id=cset.id,
+                    config_updates={"blocks_total": info["blocks"]})
 
     run = run_key(fetched["sha256"], calib["hash"], cfg)
     storage = run_dir(run) / "results"
@@ -87,9 +103,12 @@ def run_job(repo, job_id: int, spec: JobSpec) -> dict[str, Any]:
     n = info["blocks"]
     # a block whose workspace files are gone is recomputed, and so is every block after it
     first_missing = next((i for i in range(n) if not block_done(run, i)), n)
+    _progress(0, n, "blocks")
     progress = create_progress_artifact(0.0, key=f"job-{job_id}-progress", description="blocks quantized (%)")
     reused, metas = 0, []
     for i in range(n):
+        if repo.get_job(job_id).status == "cancelled":
+            raise JobCancelled(f"job {job_id} was cancelled after {i} of {n} blocks")
         block_task = quantize_block.with_options(result_storage=storage, refresh_cache=i >= first_missing)
         state = block_task(run, fetched["path"], fetched["sha256"], calib["path"], calib["hash"], cfg, i,
                            spec.device, return_state=True)
@@ -102,6 +121,7 @@ def run_job(repo, job_id: int, spec: JobSpec) -> dict[str, Any]:
         create_table_artifact(_block_table(meta, cached), key=f"job-{job_id}-block-{i}",
                               description=f"job {job_id}, block {i}{' (reused)' if cached else ''}")
         update_progress_artifact(progress, 100.0 * (i + 1) / n)
+        _progress(i + 1, n, "reused" if cached else f"block {i}: {meta['seconds']:.1f} s")
         log.info("block %d/%d %s", i + 1, n, "reused" if cached else f"quantized in {meta['seconds']:.1f} s")
 
     bits, weights = sum(m["bits"] for m in metas), sum(m["weights"] for m in metas)
@@ -119,18 +139,29 @@ def run_job(repo, job_id: int, spec: JobSpec) -> dict[str, Any]:
         ppl = {"perplexity_before": before["perplexity"], "perplexity_after": after["perplexity"]}
         repo.record_evaluation(text, spec.eval_windows, spec.eval_seqlen, before["perplexity"], model_id=model.id)
 
+    status = "published"
+    if ppl and spec.max_ppl_ratio is not None:
+        ratio = ppl["perplexity_after"] / ppl["perplexity_before"]
+        ppl["perplexity_ratio"] = round(ratio, 4)
+        if ratio > spec.max_ppl_ratio:
+            status = "rejected"
+            log.warning("perplexity ratio %.3f > --max-ppl-ratio %.3f: the version is published as rejected",
+                        ratio, spec.max_ppl_ratio)
     lineage = {"job_id": job_id, "model_sha256": fetched["sha256"], "calibration_hash": calib["hash"],
                "code_version": code_version(), "config": cfg, "checkpoint_sha256": ckpt["sha256"]}
-    art = publish_artifact(ckpt["path"], spec.name, spec.version, job_id, lineage)
+    if repo.get_job(job_id).status == "cancelled":
+        raise JobCancelled(f"job {job_id} was cancelled before publishing")
+    art = publish_artifact(ckpt["path"], spec.name, spec.version, job_id, lineage, status)
     if ppl:
         repo.record_evaluation(text, spec.eval_windows, spec.eval_seqlen, ppl["perplexity_after"],
                                artifact_id=art["artifact_id"])
-    extra = {"bpw": report["bpw"], "seconds": round(time.perf_counter() - t0, 2), "workspace": str(run_dir(run))} | ppl
+    extra = {"bpw": report["bpw"], "layers": report["layers"], "seconds": round(time.perf_counter() - t0, 2),
+             "workspace": str(run_dir(run)), "artifact_status": art["status"]} | ppl
     md = [f"# job {job_id}: {art['ref']}", "", f"- source: `{spec.source}`",
           f"- blocks: {n} ({reused} reused)", f"- bits per weight (all-in): {report['bpw']:.3f}"]
     if ppl:
         md.append(f"- perplexity before -> after: {ppl['perplexity_before']:.3f} -> {ppl['perplexity_after']:.3f}")
-    md.append(f"- artifact: `{art['ref']}` at {art['uri']}")
+    md.append(f"- artifact: `{art['ref']}` ({art['status']}) at {art['uri']}")
     create_markdown_artifact("\n".join(md), key=f"job-{job_id}-summary", description=f"job {job_id} summary")
     return {"blocks_total": n, "blocks_reused": reused, "extra": extra}
 
@@ -151,12 +182,18 @@ def compress(job_id: int) -> dict[str, Any]:
             repo.update_job(job_id, prefect_run_id=str(flow_run.id))
         try:
             out = run_job(repo, job_id, spec)
+        except JobCancelled:
+            raise  # the row already says cancelled
         except Exception as e:
             repo.set_job_status(job_id, "failed", error=one_line(e))
             raise
-        except BaseException as e:  # interrupted or terminated: resumable
+        except KeyboardInterrupt:  # Ctrl-C: the user stopped it (its blocks stay cached for a new job)
+            repo.set_job_status(job_id, "cancelled", error="cancelled (interrupted by the user)")
+            raise
+        except BaseException as e:  # terminated: resumable
             repo.set_job_status(job_id, "crashed", error=one_line(e))
             raise
+        repo.update_job(job_id, config_updates={"result": out["extra"]})
         repo.set_job_status(job_id, "succeeded")
         return job_summary(repo, job_id, out["blocks_total"], out["blocks_reused"], out["extra"])
     finally:

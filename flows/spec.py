@@ -13,7 +13,7 @@ class JobSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    source: str  # model folder, .gguf file, `smollm2`, or s3://bucket/prefix
+    source: str  # model folder, .gguf file, `smollm2`, s3://bucket/prefix or hf://org/name
     name: str  # registry name of the result
     version: str | None = None  # default: the next vN of name
     bits: Literal[2, 3, 4] = 2
@@ -27,6 +27,7 @@ class JobSpec(BaseModel):
     eval_text: str | None = None  # held-out text (default: the calibration text)
     eval_windows: int = Field(4, ge=0)  # 0 = no evaluation
     eval_seqlen: int = Field(512, ge=2)
+    max_ppl_ratio: float | None = Field(None, gt=0)  # gate: reject when after > ratio * before
 
     def normalized(self) -> JobSpec:
         """Local paths made absolute, so the same request from another folder is the same job."""

@@ -55,6 +55,16 @@ class Repository:
 
         return cls(open_database(url))
 
+    @classmethod
+    @contextmanager
+    def session_scope(cls, url: str | None = None) -> Iterator[Repository]:
+        """`with Repository.session_scope() as repo:` opens, yields and always closes a repository."""
+        repo = cls.open(url)
+        try:
+            yield repo
+        finally:
+            repo.close()
+
     @property
     def url(self) -> str:
         """The database URL with the password hidden."""
@@ -154,10 +164,13 @@ class Repository:
             return row.to_entity()
 
     def update_job(self, job_id: int, *, model_id: int | None = None, calibration_set_id: int | None = None,
-                   prefect_run_id: str | None = None) -> entities.JobRecord:
-        """Attach lineage ids to a job (only the arguments given)."""
+                   prefect_run_id: str | None = None, config_updates: dict[str, Any] | None = None
+                   ) -> entities.JobRecord:
+        """Attach lineage ids to a job (only the arguments given); config_updates merge into its config."""
         with self.session() as s:
             row = _job(s, job_id, lock=True)
+            if config_updates:
+                row.config = {**(row.config or {}), **config_updates}  # a new dict: JSON columns track assignment
             if model_id is not None:
                 row.model_id = model_id
             if calibration_set_id is not None:

@@ -41,13 +41,41 @@ def _download_s3(uri: str) -> Path:
     return dest
 
 
+def _download_hf(uri: str) -> Path:
+    """hf://org/name[@revision] through huggingface_hub into VPTQ_HOME/work/models (weights + tokenizer)."""
+    from vptq.source import SourceError
+
+    repo_id, _, revision = uri.removeprefix("hf://").strip("/").partition("@")
+    if repo_id.count("/") != 1:
+        raise SourceError(f"model source {uri!r}: expected hf://ORG/NAME[@REVISION]")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    dest = work_root() / "models" / digest(uri)[:16]
+    try:
+        snapshot_download(repo_id, revision=revision or None, local_dir=dest,
+                          allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"])
+    except RepositoryNotFoundError:
+        raise SourceError(f"model source {uri!r}: no such repository on the Hugging Face hub "
+                          "(or it is private: set HF_TOKEN)") from None
+    except (HfHubHTTPError, OSError) as e:  # offline, DNS, proxy: an I/O error, retried by the task
+        raise OSError(f"cannot download {uri} from the Hugging Face hub ({type(e).__name__}); "
+                      "check the network or set HF_ENDPOINT, or pass a local folder") from None
+    return dest
+
+
 @task(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=no_retry_on_bad_input, cache_policy=NO_CACHE)
 def fetch_model(source: str) -> dict[str, Any]:
-    """Resolve SOURCE (folder, .gguf, `smollm2`, s3://) to a local path and its sha256."""
+    """Resolve SOURCE (folder, .gguf, `smollm2`, s3://, hf://) to a local path and its sha256."""
     from vptq.config import ConfigError
     from vptq.source import resolve
 
-    local = str(_download_s3(source)) if source.startswith("s3://") else source
+    if source.startswith("s3://"):
+        local = str(_download_s3(source))
+    elif source.startswith("hf://"):
+        local = str(_download_hf(source))
+    else:
+        local = source
     src = resolve(local)
     if src.kind == "vptq":
         raise ConfigError(f"{source} is already VPTQ-quantized: compress the original model")

@@ -19,8 +19,10 @@ def next_version(versions: list[str]) -> str:
 
 @task(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=no_retry_on_bad_input, cache_policy=NO_CACHE)
 def publish_artifact(folder: str, name: str, version: str | None, job_id: int,
-                     lineage: dict[str, Any]) -> dict[str, Any]:
-    """Upload folder as name:version (default: next vN) and record it; a job publishes once."""
+                     lineage: dict[str, Any], status: str = "published") -> dict[str, Any]:
+    """Upload folder as name:version (default: next vN) and record it; a job publishes once.
+
+    status "rejected" (the job's perplexity gate failed) keeps the version but never as latest."""
     from store.artifacts import open_artifact_store
     from store.registry import Registry
     from store.repository import Repository
@@ -31,10 +33,10 @@ def publish_artifact(folder: str, name: str, version: str | None, job_id: int,
         if not mine:
             registry = Registry(open_artifact_store(), repo)
             version = version or next_version([m.version for m in registry.list(name)])
-            registry.publish(name, version, Path(folder), lineage, job_id=job_id)
+            registry.publish(name, version, Path(folder), lineage, job_id=job_id, status=status)
             mine = [repo.get_artifact(name, version)]
         a = mine[0]
         return {"artifact_id": a.id, "name": a.name, "version": a.version, "ref": a.ref, "uri": a.uri,
-                "size": a.size, "sha256": a.sha256}
+                "size": a.size, "sha256": a.sha256, "status": a.status}
     finally:
         repo.close()

@@ -1,7 +1,8 @@
 """`vptq compress` / `vptq eval` operability: bad input, --json contracts, interrupted runs.
 
-Bad input: one line on stderr ("error: ..."), exit 2 (usage) or 1 (failure), no traceback,
-nothing at --out, and no model loaded first. The --json and signal tests run the real
+`compress` runs the `compress` Prefect flow in-process (a session-wide Prefect test harness, a
+fresh VPTQ_HOME per test). Bad input: one line on stderr ("error: ..."), exit 2 (usage) or 1
+(failure), no traceback, nothing at --out, no job row, and no model loaded first. The --json and signal tests run the real
 command in a subprocess (real stdout/stderr file descriptors); the rest use typer's CliRunner.
 """
 
@@ -21,12 +22,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import tasks.workspace
 import vptq.pipeline
+import vptq.sequential
 from cli.main import _progress, app
+from tests.prefect_fixtures import prefect_harness  # noqa: F401 - the session fixture
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--nsamples", "2", "--seqlen", "64", "--set", "num_centroids=16", "--set", "kmeans_iters=3",
-        "--finetune-steps", "2"]
+        "--finetune-steps", "2", "--eval-windows", "1", "--eval-seqlen", "64"]
 EVAL_TINY = ["--windows", "1", "--seqlen", "64"]
 
 
@@ -56,6 +60,25 @@ def siblings(out: Path) -> list[str]:
 
 
 @pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch, prefect_harness):  # noqa: F811
+    """A fresh VPTQ_HOME (SQLite lineage DB, local artifact store, workspaces) per test."""
+    for k in ("VPTQ_DB_URL", "VPTQ_ARTIFACTS", "PREFECT_API_URL"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("VPTQ_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def jobs_in(home: Path) -> list:
+    """The job rows of VPTQ_HOME's database (none when it was never created)."""
+    if not (home / "vptq.db").exists():
+        return []
+    from store.repository import Repository
+
+    with Repository.session_scope() as repo:
+        return repo.list_jobs()
+
+
+@pytest.fixture(autouse=True)
 def _restore_environ():
     """The commands set TQDM_DISABLE & co. for their process; keep them out of the other tests."""
     saved = dict(os.environ)
@@ -79,13 +102,20 @@ def no_model_load(monkeypatch):
         raise AssertionError("the model was loaded before the input was validated")
 
     monkeypatch.setattr(vptq.pipeline, "load_model", boom)
+    monkeypatch.setattr(tasks.workspace, "load_fp_model", boom)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_llama_dir, calib, tmp_path_factory) -> Path:
+def checkpoint(tiny_llama_dir, calib, tmp_path_factory, prefect_harness) -> Path:  # noqa: F811
     """A quantized tiny Llama written by the command (also the in-process happy path)."""
+    saved = os.environ.get("VPTQ_HOME")
+    os.environ["VPTQ_HOME"] = str(tmp_path_factory.mktemp("home"))
     out = tmp_path_factory.mktemp("ckpt") / "q"
     code, stdout, err = run("compress", tiny_llama_dir, "--bits", "2", "--out", out, "--calib", calib, *TINY)
+    if saved is None:
+        os.environ.pop("VPTQ_HOME", None)
+    else:
+        os.environ["VPTQ_HOME"] = saved
     assert code == 0, err
     assert "wrote" in stdout and (out / "config.json").is_file()
     return out
@@ -96,6 +126,11 @@ def checkpoint(tiny_llama_dir, calib, tmp_path_factory) -> Path:
 
 @pytest.mark.usefixtures("no_model_load")
 class TestBadInput:
+    @pytest.fixture(autouse=True)
+    def _no_job_row(self, home):
+        yield
+        assert jobs_in(home) == [], "bad input created a job row"
+
     def test_source_does_not_exist(self, tmp_path, calib):
         out = tmp_path / "q"
         r = run("compress", tmp_path / "nope", "--out", out, "--calib", calib)
@@ -138,8 +173,39 @@ class TestBadInput:
         r = run("compress", tiny_llama_dir, "--bits", "two", "--out", tmp_path / "q")
         assert_one_line_error(*r, 2, "--bits", "--help")
 
-    def test_missing_out(self, tiny_llama_dir):
-        assert_one_line_error(*run("compress", tiny_llama_dir), 2, "--out")
+    def test_missing_source(self):
+        assert_one_line_error(*run("compress"), 2, "source")
+
+    def test_version_that_exists_is_refused(self, tiny_llama_dir, calib, home):
+        from store.repository import Repository
+
+        with Repository.session_scope() as repo:
+            repo.record_artifact("taken", "v1", "file:///x", 1, "0" * 64)
+        r = run("compress", tiny_llama_dir, "--calib", calib, "--name", "taken", "--version", "v1")
+        assert_one_line_error(*r, 2, "taken:v1 already exists")
+        assert jobs_in(home) == []
+
+    @pytest.mark.parametrize("name, text, needle", [
+        ("bad.toml", "vector_len = [", "not valid TOML"),
+        ("bad.json", "{not json", "not valid JSON"),
+        ("unknown.toml", "vector_len = 4\nbogus_key = 1\n", "unknown key(s) ['bogus_key']"),
+        ("type.toml", 'vector_len = "four"\n', "vector_len = 'four' is not a int"),
+        ("list.json", "[1, 2]", "expected a mapping"),
+    ])
+    def test_bad_config_file(self, tiny_llama_dir, calib, tmp_path, home, name, text, needle):
+        (tmp_path / name).write_text(text)
+        r = run("compress", tiny_llama_dir, "--calib", calib, "--config", tmp_path / name)
+        assert_one_line_error(*r, 2, needle)
+        assert jobs_in(home) == []
+
+    def test_config_file_that_does_not_exist(self, tiny_llama_dir, calib, tmp_path):
+        assert_one_line_error(*run("compress", tiny_llama_dir, "--config", tmp_path / "nope.toml"), 2, "no such file")
+
+    def test_max_ppl_ratio_needs_an_evaluation(self, tiny_llama_dir, calib):
+        r = run("compress", tiny_llama_dir, "--calib", calib, "--max-ppl-ratio", "1.5", "--eval-windows", "0")
+        assert_one_line_error(*r, 2, "--max-ppl-ratio")
+        assert_one_line_error(*run("compress", tiny_llama_dir, "--calib", calib, "--max-ppl-ratio", "-1"), 2,
+                              "--max-ppl-ratio")
 
     def test_unknown_option_and_device(self, tiny_llama_dir, tmp_path):
         assert_one_line_error(*run("compress", tiny_llama_dir, "--out", tmp_path / "q", "--bogus"), 2, "--bogus")
@@ -237,11 +303,13 @@ def test_failure_mid_run_is_exit_1_one_line_nothing_at_out(monkeypatch, tiny_lla
     def broken(*a, **k):
         raise RuntimeError("out of memory\nwith a second line")
 
-    monkeypatch.setattr(vptq.pipeline, "quantize_model", broken)
+    monkeypatch.setattr(vptq.sequential, "quantize_block", broken)
     out = tmp_path / "q"
     r = run("compress", tiny_llama_dir, "--out", out, "--calib", calib, *TINY)
-    assert_one_line_error(*r, 1, "RuntimeError: out of memory", "--debug")
+    assert_one_line_error(*r, 1, "RuntimeError: out of memory")
     assert not out.exists() and siblings(out) == []
+    [job] = jobs_in(tmp_path / "home")
+    assert job.status == "failed" and "RuntimeError: out of memory" in job.error
 
 
 def test_bare_vptq_shows_help_exit_2():
@@ -345,11 +413,13 @@ def test_ctrl_c_while_quantizing_leaves_nothing(monkeypatch, tiny_llama_dir, cal
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(vptq.pipeline, "quantize_model", interrupted)
+    monkeypatch.setattr(vptq.sequential, "quantize_block", interrupted)
     out = tmp_path / "q"
     code, stdout, err = run("compress", tiny_llama_dir, "--out", out, "--calib", calib, *TINY, "--json")
     assert code == 130 and "interrupted" in err and "Traceback" not in err and stdout == ""
     assert not out.exists() and siblings(out) == []
+    [job] = jobs_in(tmp_path / "home")
+    assert job.status == "cancelled"
 
 
 def test_ctrl_c_while_saving_with_overwrite_keeps_the_old_checkpoint(monkeypatch, tiny_llama_dir, calib,
@@ -394,12 +464,15 @@ def test_killed_while_saving_leaves_nothing_at_out(sig, code, tiny_llama_dir, ca
     out = tmp_path / "q"
     proc = subprocess.Popen([sys.executable, "-c", SLOW_SAVE, "compress", str(tiny_llama_dir), "--out", str(out),
                              "--calib", str(calib), *TINY, "--json"], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 600
     for line in proc.stderr:
         if "SAVING" in line or time.monotonic() > deadline:
             break
-    proc.send_signal(sig)
+    if sig == signal.SIGKILL:  # the whole process group, as a dying machine would: the temporary
+        os.killpg(proc.pid, sig)  # Prefect server child would otherwise hold the pipes open
+    else:
+        proc.send_signal(sig)
     stdout, err = proc.communicate(timeout=300)
     assert proc.returncode == code, err
     assert stdout == "" and "Traceback" not in err

@@ -97,8 +97,10 @@ def test_flow_end_to_end_then_pull_and_generate(home, tiny_llama_dir, text_file,
 
     code, out, err = run("jobs", "show", job.id, "--json")
     assert code == 0 and json.loads(out)["status"] == "succeeded" and len(json.loads(out)["layers"]) == 14
-    code, out, err = run("jobs", "list", "--json")
-    assert code == 0 and [j["job_id"] for j in json.loads(out)] == [job.id]
+    code, out, err = run("jobs", "list", "--json")  # the hidden long spelling
+    assert code == 0 and [j["job_id"] for j in json.loads(out)["items"]] == [job.id]
+    code, out, err = run("jobs", "logs", job.id, "--json")
+    assert code == 0 and any("block 2/2" in it["message"] for it in json.loads(out)["items"]), out
 
 
 def test_resume_after_a_failure_reuses_blocks_and_is_byte_identical(home, tiny_llama_dir, text_file,
@@ -115,8 +117,8 @@ def test_resume_after_a_failure_reuses_blocks_and_is_byte_identical(home, tiny_l
     monkeypatch.setattr(vptq.sequential, "quantize_block", fail_on_block_1)
     code, out, err = submit(tiny_llama_dir, text_file)
     assert code == 1 and "worker lost" in err and "Traceback" not in err
-    code, out, _ = run("jobs", "list", "--json")
-    (job,) = json.loads(out)
+    code, out, _ = run("jobs", "ls", "--json")
+    (job,) = json.loads(out)["items"]
     assert job["status"] == "failed" and "worker lost" in job["error"]
 
     monkeypatch.setattr(vptq.sequential, "quantize_block", real)
@@ -150,27 +152,30 @@ def test_bad_input_fails_fast_with_one_line(home, tiny_llama_dir, text_file, tmp
     code, out, err = run("worker")  # no Prefect server to serve the deployment on
     assert code == 2 and "PREFECT_API_URL is not set" in err
 
-    # calibration shorter than one window: the job fails before any block, with the reason on its row
+    # calibration shorter than one window: refused before a job row exists
     short = tmp_path / "short.txt"
     short.write_text("just a few words")
     code, out, err = submit(tiny_llama_dir, short)
     assert code == 2 and "calibration text has" in err and "Traceback" not in err
+    code, out, _ = run("jobs", "ls", "--json")
+    assert json.loads(out) == {"items": []}
 
     # a configuration that does not fit the layer shapes
     code, out, err = submit(tiny_llama_dir, text_file, "--set", "group_num=1000")
     assert code == 2 and "group_num=1000" in err
 
-    code, out, _ = run("jobs", "list", "--json")
-    jobs = json.loads(out)
-    assert [j["status"] for j in jobs] == ["failed", "failed"]
-    assert "group_num=1000" in jobs[0]["error"] and "calibration text has" in jobs[1]["error"]
+    code, out, _ = run("jobs", "ls", "--json")
+    jobs = json.loads(out)["items"]
+    assert [j["status"] for j in jobs] == ["failed"]  # found by the flow's inspect step, before any block
+    assert "group_num=1000" in jobs[0]["error"]
     from store.repository import Repository
 
     repo = Repository.open()
     assert all(repo.layer_results(j["job_id"]) == [] for j in jobs)
     repo.close()
-    code, out, _ = run("jobs", "show", jobs[1]["job_id"], "--json")
-    assert "calibration text has" in json.loads(out)["error"]
+    code, out, _ = run("jobs", "show", jobs[0]["job_id"], "--json")
+    s = json.loads(out)
+    assert "group_num=1000" in s["error"] and (s["status"], s["blocks_done"]) == ("failed", 0)
 
 
 KILLABLE = """
@@ -206,8 +211,8 @@ def test_sigkill_midway_then_resume_recomputes_no_finished_block(home, tiny_llam
         os.kill(proc.pid, signal.SIGKILL)  # the worker dies without a word
         proc.wait(timeout=30)
 
-    code, out, _ = run("jobs", "list", "--json")
-    (job,) = json.loads(out)
+    code, out, _ = run("jobs", "ls", "--json")
+    (job,) = json.loads(out)["items"]
     assert job["status"] == "running"  # nobody marked it: `resume` takes it over
     code, out, err = run("jobs", "resume", job["job_id"], "--json")
     assert code == 0, err
@@ -280,3 +285,27 @@ def test_worker_serves_the_deployment_and_submit_queues(home, tiny_llama_dir, te
         except subprocess.TimeoutExpired:
             worker.kill()
             worker.wait(timeout=20)
+
+
+def test_cancel_stops_a_running_job_before_its_next_block(home, tiny_llama_dir, text_file, monkeypatch):
+    """`vptq jobs cancel` from another terminal: the flow stops at the next block, nothing is published."""
+    import vptq.sequential
+
+    real = vptq.sequential.quantize_block
+
+    def cancel_during_block_0(block, x, pe, cfg, device, *a, prefix="", **kw):
+        if prefix == "model.layers.0.":
+            code, out, err = run("jobs", "cancel", "1", "--json")
+            assert code == 0 and json.loads(out)["status"] == "cancelled", err
+        return real(block, x, pe, cfg, device, *a, prefix=prefix, **kw)
+
+    monkeypatch.setattr(vptq.sequential, "quantize_block", cancel_during_block_0)
+    code, out, err = submit(tiny_llama_dir, text_file)
+    assert code == 1 and "cancelled after 1 of 2 blocks" in err and "Traceback" not in err
+    code, out, _ = run("jobs", "show", "1", "--json")
+    s = json.loads(out)
+    assert (s["status"], s["blocks_done"], s["blocks_total"], s["artifact"]) == ("cancelled", 1, 2, None)
+    code, out, err = run("jobs", "cancel", "1")
+    assert code == 2 and "already cancelled" in err
+    code, out, err = run("jobs", "cancel", "42")
+    assert code == 2 and "no job with id 42" in err
