@@ -45,6 +45,9 @@ class QuantConfig:
     e2e_steps: int = 0  # end-to-end KL fine-tuning steps after all blocks (0 = off)
     e2e_lr: float = 1e-4
     e2e_batch: int = 1  # calibration windows per end-to-end step
+    # discrete step of the end-to-end stage: after every K steps, re-assign vectors to their
+    # nearest centroid where that lowers the layer's Hessian-weighted error (0 = off)
+    e2e_reassign_every: int = 0
     hessians: HessianMode = "sequential"
     seed: int = 0
     # names of linears inside a decoder block that are quantized (suffix match)
@@ -83,9 +86,18 @@ class QuantConfig:
             raise ConfigError(f"group_num={self.group_num}: must be >= 1")
         if self.hessians not in ("sequential", "original"):
             raise ConfigError(f"hessians={self.hessians!r}: use 'sequential' or 'original'")
+        for name in ("finetune_steps", "e2e_steps", "e2e_batch", "e2e_reassign_every"):
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be an integer")
         if self.finetune_steps < 0 or self.e2e_steps < 0 or self.e2e_batch < 1:
             raise ConfigError("finetune_steps and e2e_steps must be >= 0 and e2e_batch >= 1")
-        if not (self.finetune_lr > 0 and self.e2e_lr > 0):
+        if self.e2e_reassign_every < 0:
+            raise ConfigError(f"e2e_reassign_every={self.e2e_reassign_every}: use 0 (off) or a positive step count")
+        for name in ("finetune_lr", "e2e_lr"):
+            if not isinstance(getattr(self, name), (int, float)) or isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r}: the learning rate must be a positive number")
+        if not (self.finetune_lr > 0 and self.e2e_lr > 0 and math.isfinite(self.finetune_lr)
+                and math.isfinite(self.e2e_lr)):
             raise ConfigError(f"learning rates must be positive numbers (finetune_lr={self.finetune_lr}, "
                               f"e2e_lr={self.e2e_lr})")
         if self.refine_iters < 0:
