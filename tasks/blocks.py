@@ -102,10 +102,58 @@ def quantize_block(run: str, model_path: str, model_sha: str, calib_path: str, c
             "bits": sum(r["bits"] for r in layers), "weights": sum(r["weights"] for r in layers)}
 
 
+FINETUNE_CHECKPOINT_EVERY = 10  # end-to-end fine-tuning steps between two checkpoints
+
+
+def finetune_dir(run: str) -> Path:
+    """Where assemble_model keeps the fine-tuning checkpoint of a run (resumed by a rerun)."""
+    return run_dir(run) / "finetune"
+
+
+def _finetune_progress(run: str):
+    """progress(step, steps, info) for finetune_model: the Prefect run logger (or this module's
+    logger outside a run) and a progress artifact `finetune-<run>` with the loss and ETA."""
+    import logging
+
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    from prefect import get_run_logger
+    from prefect.context import get_run_context
+
+    try:
+        get_run_context()
+        log, art = get_run_logger(), {}
+    except Exception:  # no run context (task called as a plain function): no artifact either
+        log, art = logging.getLogger(__name__), {"id": None}
+    last = [0.0]
+
+    def progress(step: int, steps: int, info: str) -> None:
+        now = time.monotonic()
+        if step != steps and step % 10 and now - last[0] < 30:  # every 10 steps or 30 s
+            return
+        last[0] = now
+        log.info("fine-tune step %d/%d %s", step, steps, info)
+        pct, desc = 100.0 * step / max(steps, 1), f"end-to-end fine-tuning: step {step}/{steps}, {info}"
+        try:
+            if "id" not in art:
+                art["id"] = create_progress_artifact(pct, key=f"finetune-{run.lower()}", description=desc)
+            elif art["id"] is not None:
+                update_progress_artifact(art["id"], pct, description=desc)
+        except Exception as e:  # artifacts need a run context / API; logging still happened
+            art.setdefault("id", None)
+            log.debug("progress artifact not updated: %s", e)
+
+    return progress
+
+
 @task(cache_policy=NO_CACHE)
 def assemble_model(run: str, model_path: str, calib_path: str, config: dict[str, Any], blocks: int,
-                   report: dict[str, Any], device: str = "cpu") -> dict[str, Any]:
-    """Swap every quantized block into the original model, fine-tune end to end if asked, save."""
+                   report: dict[str, Any], device: str = "cpu",
+                   checkpoint_every: int = FINETUNE_CHECKPOINT_EVERY) -> dict[str, Any]:
+    """Swap every quantized block into the original model, fine-tune end to end if asked, save.
+
+    The fine-tuning is checkpointed in the run's workspace (`finetune_dir(run)`) every
+    `checkpoint_every` steps: a rerun of the job (blocks cached) resumes it where it stopped."""
     from vptq.config import QuantConfig
     from vptq.finetune import finetune_model
     from vptq.io import replace_linears, save_quantized
@@ -124,7 +172,9 @@ def assemble_model(run: str, model_path: str, calib_path: str, config: dict[str,
     e2e: dict[str, Any] = {}
     if cfg.e2e_steps:
         ids = load_tensors(Path(calib_path))["input_ids"]
-        e2e = finetune_model(model, copy.deepcopy(fp), ids, cfg, torch.device(device))
+        e2e = finetune_model(model, copy.deepcopy(fp), ids, cfg, torch.device(device),
+                             progress=_finetune_progress(run), checkpoint_dir=finetune_dir(run),
+                             checkpoint_every=checkpoint_every)
         model.cpu()
     out = save_quantized(model, run_dir(run) / "checkpoint", tok, report | {"e2e": e2e}, overwrite=True)
     return {"path": str(out), "sha256": sha256_path(out), "e2e": e2e}

@@ -183,3 +183,41 @@ def test_bad_input_is_refused_with_a_clear_error(setup, tiny_llama_dir):
     with pytest.raises(ValueError, match=r"architecture: model.layers.0.mlp.gate_proj is \(128, 64\) in the student"):
         finetune_model(copy.deepcopy(student), other, windows, FT, CPU)
     assert sum(isinstance(m, VQuantLinear) for m in student.modules()) == 14
+
+
+def test_assemble_task_resumes_fine_tuning_from_the_run_workspace(setup, tiny_llama_dir, tmp_path, monkeypatch):
+    """tasks.blocks.assemble_model keeps the checkpoint in the run's workspace: a rerun after a
+    stop mid-fine-tune resumes there and saves the tensors of an uninterrupted run."""
+    import tasks.blocks as tb
+    from tasks.workspace import load_fp_model, save_tensors
+
+    monkeypatch.setenv("VPTQ_HOME", str(tmp_path / "home"))
+    calib = save_tensors({"input_ids": setup[2]}, tmp_path / "calib.safetensors")
+    cfg, run = FT.to_dict(), "testrun"
+    for i in range(2):
+        tb.quantize_block.fn(run, str(tiny_llama_dir), "sha", str(calib), "calib", cfg, i)
+    real = tb._finetune_progress
+
+    def stopping(run_key):
+        log = real(run_key)
+
+        def progress(done, steps, info):
+            log(done, steps, info)
+            if done == 5:
+                raise Stop
+        return progress
+
+    monkeypatch.setattr(tb, "_finetune_progress", stopping)
+    with pytest.raises(Stop):
+        tb.assemble_model.fn(run, str(tiny_llama_dir), str(calib), cfg, 2, {}, checkpoint_every=3)
+    assert json.loads((tb.finetune_dir(run) / "finetune.json").read_text())["step"] == 3
+    monkeypatch.setattr(tb, "_finetune_progress", real)
+    out = tb.assemble_model.fn(run, str(tiny_llama_dir), str(calib), cfg, 2, {}, checkpoint_every=3)
+    assert out["e2e"]["resumed_from"] == 3
+    resumed = state(load_quantized(out["path"]))
+    for p in tb.finetune_dir(run).iterdir():
+        p.unlink()
+    ref = tb.assemble_model.fn(run, str(tiny_llama_dir), str(calib), cfg, 2, {}, checkpoint_every=3)
+    assert "resumed_from" not in ref["e2e"]
+    assert_same(resumed, state(load_quantized(ref["path"])))
+    load_fp_model.cache_clear()
