@@ -22,8 +22,9 @@ artifacts_app = typer.Typer(name="artifacts", help="Artifact registry: list, pub
 
 @contextmanager
 def _store_errors(debug: bool = False):
-    """StoreError -> one line, exit 1; Ctrl-C -> exit 130 (a pull leaves dest untouched)."""
-    from store.errors import StoreError
+    """StoreError -> one line, exit 1 (2 when the request itself is wrong: a bad or unknown
+    NAME:VERSION); Ctrl-C -> exit 130 (a pull leaves dest untouched)."""
+    from store.errors import StoreError, StoreUsageError
 
     try:
         yield
@@ -31,7 +32,7 @@ def _store_errors(debug: bool = False):
         if debug:
             raise
         typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(2 if isinstance(e, StoreUsageError) else 1) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None
@@ -87,9 +88,9 @@ def current(debug: bool = typer.Option(False, "--debug", help="Show tracebacks."
         typer.echo(f"{engine.url.render_as_string()}: revision {rev or 'none'}, {state}")
 
 
-@artifacts_app.command("list")
+@artifacts_app.command("ls")
 def list_(name: Optional[str] = typer.Argument(None, help="Only this artifact name."),
-          as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
+          as_json: bool = typer.Option(False, "--json", help='Print {"items": [...]} on stdout.'),
           debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")) -> None:
     """Published versions in the artifact store (VPTQ_ARTIFACTS), newest first."""
     with _store_errors(debug):
@@ -97,12 +98,19 @@ def list_(name: Optional[str] = typer.Argument(None, help="Only this artifact na
 
         if name is not None:
             parse_ref(name)
-        for m in _registry(with_db=False).list(name):
-            if as_json:
-                sys.stdout.write(json.dumps({"name": m.name, "version": m.version, "size": m.size,
-                                             "files": len(m.files), "published_at": m.published_at.isoformat()}) + "\n")
-            else:
-                typer.echo(f"{m.name}:{m.version}\t{m.size} bytes\t{len(m.files)} files\t{m.published_at:%Y-%m-%d %H:%M}Z")
+        items = [{"name": m.name, "version": m.version, "ref": f"{m.name}:{m.version}", "size": m.size,
+                  "files": len(m.files), "status": m.status, "job_id": m.lineage.get("job_id"),
+                  "published_at": m.published_at.isoformat()} for m in _registry(with_db=False).list(name)]
+        if as_json:
+            sys.stdout.write(json.dumps({"items": items}) + "\n")
+        elif not items:
+            typer.echo("no artifacts yet: `vptq compress smollm2 --bits 2` publishes one")
+        for it in [] if as_json else items:
+            flag = "  (rejected)" if it["status"] == "rejected" else ""
+            typer.echo(f"{it['ref']}\t{it['size']} bytes\t{it['files']} files\t{it['published_at'][:16]}Z{flag}")
+
+
+artifacts_app.command("list", hidden=True)(list_)  # the longer spelling, kept working
 
 
 @artifacts_app.command()
@@ -124,17 +132,27 @@ def publish(ref: str = typer.Argument(..., help="NAME:VERSION to publish as."),
         typer.echo(f"published {m.name}:{m.version}: {len(m.files)} files, {m.size} bytes")
 
 
-def pull(ref: str = typer.Argument(..., help="NAME or NAME:VERSION (newest version when omitted)."),
-         dest: Path = typer.Argument(..., help="Folder to create."),
+def pull(ref: str = typer.Argument(..., help="NAME or NAME:VERSION (newest accepted version when omitted)."),
+         dest: Optional[Path] = typer.Argument(None, help="Folder to create (default: ./NAME-VERSION)."),
+         as_json: bool = typer.Option(False, "--json", help='Print {"path", "files", "verified"} on stdout.'),
          debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")) -> None:
     """Download an artifact, verify every sha256, and create DEST only when all files check out."""
     with _store_errors(debug):
         from store.registry import parse_ref
 
         parse_ref(ref)  # bad input is reported before any store is contacted
-        r = _registry(with_db=False).pull(ref, dest)
-        typer.echo(f"pulled {r.name}:{r.version} into {r.dest}: {r.files} files verified "
-                   f"({r.downloaded} downloaded, {r.reused} already present)")
+        registry = _registry(with_db=False)
+        if dest is None:
+            m = registry.resolve(ref)
+            ref, dest = f"{m.name}:{m.version}", Path(f"{m.name}-{m.version}")
+        r = registry.pull(ref, dest)
+        if as_json:
+            sys.stdout.write(json.dumps({"path": str(Path(r.dest).absolute()), "files": r.files, "verified": True,
+                                         "artifact": f"{r.name}:{r.version}", "downloaded": r.downloaded,
+                                         "reused": r.reused, "size": r.size}) + "\n")
+        else:
+            typer.echo(f"pulled {r.name}:{r.version} into {r.dest}: {r.files} files verified "
+                       f"({r.downloaded} downloaded, {r.reused} already present)")
 
 
 artifacts_app.command("pull")(pull)

@@ -29,7 +29,7 @@ jobs_app = typer.Typer(name="jobs", help="Compression jobs: ls, show, logs, canc
 def _job_errors(debug: bool):
     """Bad input (config, source, unknown job) -> one line, exit 2; other failures -> one line, exit 1."""
     from cli.main import EXIT_FAILURE, EXIT_USAGE, _err, _errors, _stdout_to_stderr  # noqa: F401
-    from store.errors import StoreError
+    from store.errors import StoreError, StoreUsageError
 
     with _errors(debug):
         try:
@@ -39,7 +39,8 @@ def _job_errors(debug: bool):
         except StoreError as e:
             if debug:
                 raise
-            _err(str(e), EXIT_USAGE if "no job with id" in str(e) else EXIT_FAILURE)
+            usage = isinstance(e, StoreUsageError) or "no job with id" in str(e)
+            _err(str(e), EXIT_USAGE if usage else EXIT_FAILURE)
         except Exception as e:  # noqa: BLE001 - a failed flow: the job row has the reason
             from vptq.config import ConfigError
             from vptq.source import SourceError
@@ -160,6 +161,10 @@ def build_spec(source: str, name: str, bits: int, version: str | None = None, ca
     for path, what, opt in ((spec.calib, "calibration", "--calib"), (spec.eval_text, "evaluation text", "--eval-text")):
         if path:
             texts[opt] = read_text(path, what, opt)
+    if spec.source.startswith("hf://"):
+        repo_id = spec.source.removeprefix("hf://").strip("/").partition("@")[0]
+        if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+            raise ConfigError(f"model source {source!r}: expected hf://ORG/NAME[@REVISION]")
     if not spec.source.startswith(("s3://", "hf://")):  # remote sources are checked by fetch_model
         src = resolve(spec.source)
         if src.kind == "vptq":
@@ -441,17 +446,24 @@ def worker(
     limit: int = typer.Option(1, "--limit", help="Flow runs at once."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
-    """Serve the `compress` deployment: run the jobs `vptq submit` queues (needs PREFECT_API_URL)."""
+    """Serve the `compress` and `compress-scheduled` deployments: run the jobs `vptq submit` queues
+    and the scheduled re-runs of `vptq submit --cron` (needs PREFECT_API_URL)."""
     from cli.main import EXIT_USAGE, _err
 
     if not os.environ.get("PREFECT_API_URL"):
         _err("PREFECT_API_URL is not set: start `vptq server` and export "
              "PREFECT_API_URL=http://127.0.0.1:4200/api", EXIT_USAGE)
     with _job_errors(debug):
+        from prefect import serve
+
         from flows.compress import DEPLOYMENT
         from flows.compress import compress as compress_flow
+        from flows.schedule import DEPLOYMENT as SCHEDULED
+        from flows.schedule import compress_scheduled
 
-        compress_flow.serve(name=DEPLOYMENT, limit=limit)
+        # a deployment applied without schedules keeps the schedules `vptq submit --cron` added
+        serve(compress_flow.to_deployment(name=DEPLOYMENT), compress_scheduled.to_deployment(name=SCHEDULED),
+              limit=limit)
 
 
 def server(port: int = typer.Option(4200, "--port", help="Port on 127.0.0.1.")) -> None:

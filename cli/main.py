@@ -108,6 +108,7 @@ def _quiet_libraries() -> None:
 def _errors(debug: bool):
     """Map exceptions to one-line messages and exit codes (2 usage, 1 failure)."""
     _quiet_libraries()
+    from store.errors import StoreError, StoreUsageError
     from vptq.config import ConfigError
     from vptq.source import SourceError
 
@@ -130,6 +131,10 @@ def _errors(debug: bool):
         if debug:
             raise
         _err(str(e), EXIT_USAGE)
+    except StoreError as e:  # the database or artifact store: its message says what to fix
+        if debug:
+            raise
+        _err(str(e), EXIT_USAGE if isinstance(e, StoreUsageError) else EXIT_FAILURE)
     except Exception as e:  # noqa: BLE001 - the CLI boundary: one line, no traceback
         if debug:
             raise
@@ -259,6 +264,9 @@ def compress(
                           str(calib) if calib else None, nsamples, seqlen, seed, hessians.value, over,
                           device.value, str(eval_text) if eval_text else None, eval_windows, eval_seqlen,
                           max_ppl_ratio)
+        from store.artifacts import open_artifact_store
+
+        open_artifact_store().check()  # an unreachable store fails now, not after the quantization
         job = open_job(spec)
         with _stdout_to_stderr(as_json), _progress(True, "quantize") as cb:
             import flows.compress as fc
@@ -352,7 +360,8 @@ def _overrides(items: list[str]) -> dict:
 
 @app.command("eval")
 def eval_(
-    source: str = typer.Argument(..., help="Original model (folder, .gguf, 'smollm2') or a quantized folder."),
+    source: str = typer.Argument(..., help="Original model (folder, .gguf, 'smollm2'), a quantized folder, "
+                                 "or a registry artifact NAME[:VERSION]."),
     text: Path = typer.Option(..., "--text", help="Evaluation text (e.g. wikitext-2 test.txt)."),
     windows: int = typer.Option(10, "--windows", help="Number of non-overlapping windows."),
     seqlen: int = typer.Option(2048, "--seqlen", help="Tokens per window."),
@@ -362,8 +371,10 @@ def eval_(
 ) -> None:
     """Perplexity of a model on the first WINDOWS windows of SEQLEN tokens of TEXT."""
     with _errors(debug):
+        from cli.refs import local_model
         from vptq.pipeline import evaluate
 
+        source = local_model(source)
         t0 = time.perf_counter()
         with _stdout_to_stderr(as_json), _progress(True, "evaluate") as cb:
             r = evaluate(source, text, windows, seqlen, device.value,
@@ -385,6 +396,9 @@ _register_generate(app)
 from cli.plan import register as _register_plan  # noqa: E402 - plan
 
 _register_plan(app)
+from cli.settings import register as _register_settings  # noqa: E402 - config show
+
+_register_settings(app)
 
 
 def main() -> None:  # console-script entry point

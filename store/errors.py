@@ -20,6 +20,10 @@ class StoreError(Exception):
         super().__init__(mask_text(text))
 
 
+class StoreUsageError(StoreError):
+    """The request named something that is not there or is malformed (CLI exit 2, not 1)."""
+
+
 def mask_url(url: str | None) -> str | None:
     """Hide the password (and any secret-looking query values) of a URL; None stays None."""
     if url is None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from store.artifacts import ArtifactStore
-from store.errors import StoreError
+from store.errors import StoreError, StoreUsageError
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def parse_ref(ref: str) -> tuple[str, str | None]:
     """'name' or 'name:version' -> (name, version or None); StoreError for anything else."""
     name, sep, version = ref.strip().partition(":")
     if not _NAME.match(name) or (sep and not _VERSION.match(version)):
-        raise StoreError(f"bad artifact reference {ref!r}: {_REF_HELP}")
+        raise StoreUsageError(f"bad artifact reference {ref!r}: {_REF_HELP}")
     return name, (version if sep else None)
 
 
@@ -141,16 +141,16 @@ class Registry:
         if version is None:
             versions = self.list(name)
             if not versions:
-                raise StoreError(f"no published artifact named {name!r} in {self.store.uri}")
+                raise StoreUsageError(f"no published artifact named {name!r} in {self.store.uri}")
             accepted = [m for m in versions if m.status != "rejected"]
             if not accepted:
-                raise StoreError(f"every version of {name!r} was rejected by its evaluation gate "
+                raise StoreUsageError(f"every version of {name!r} was rejected by its evaluation gate "
                                  f"({', '.join(m.version for m in versions)}): name one as {name}:VERSION")
             return accepted[0]
         m = self.manifest(name, version)
         if m is None:
             have = ", ".join(v.version for v in self.list(name)) or "none"
-            raise StoreError(f"artifact {name}:{version} not found in {self.store.uri} (published versions: {have})")
+            raise StoreUsageError(f"artifact {name}:{version} not found in {self.store.uri} (published versions: {have})")
         return m
 
     # -- publishing ------------------------------------------------------------------------
@@ -166,7 +166,7 @@ class Registry:
             raise StoreError(f"unknown artifact status {status!r}; expected published or rejected")
         folder = Path(folder)
         if not folder.is_dir():
-            raise StoreError(f"cannot publish {name}:{version}: {folder} is not a folder")
+            raise StoreUsageError(f"cannot publish {name}:{version}: {folder} is not a folder")
         files = sorted(p for p in folder.rglob("*") if p.is_file())
         rel = [p.relative_to(folder).as_posix() for p in files]
         if not files:
@@ -200,7 +200,7 @@ class Registry:
         if not exists and self.repo is not None:
             exists = self.repo.get_artifact(name, version) is not None
         if exists:
-            raise StoreError(f"artifact {name}:{version} already exists; publish a new version "
+            raise StoreUsageError(f"artifact {name}:{version} already exists; publish a new version "
                              "(versions are immutable)")
 
     # -- pulling ---------------------------------------------------------------------------
@@ -215,7 +215,7 @@ class Registry:
             if done is not None:
                 return done
             if not dest.is_dir() or any(dest.iterdir()):
-                raise StoreError(f"cannot pull {ref}: {dest} exists and is not empty; choose a new folder")
+                raise StoreUsageError(f"cannot pull {ref}: {dest} exists and is not empty; choose a new folder")
         staging = dest.parent / f".{dest.name}.partial"
         staging.mkdir(parents=True, exist_ok=True)
         downloaded = reused = 0
@@ -273,7 +273,7 @@ class Registry:
         """Remove a version: manifest first (readers stop seeing it), then its files and row."""
         parse_ref(f"{name}:{version}")
         if self.manifest(name, version) is None and not self.store.list_keys(f"{name}/{version}/"):
-            raise StoreError(f"artifact {name}:{version} not found in {self.store.uri}")
+            raise StoreUsageError(f"artifact {name}:{version} not found in {self.store.uri}")
         self.store.delete_key(f"{name}/{version}/{MANIFEST}")
         n = self.store.delete_prefix(f"{name}/{version}/")
         if self.repo is not None:

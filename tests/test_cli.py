@@ -198,6 +198,21 @@ class TestBadInput:
         assert_one_line_error(*r, 2, needle)
         assert jobs_in(home) == []
 
+    def test_wrong_database_url(self, tiny_llama_dir, calib, monkeypatch):
+        monkeypatch.setenv("VPTQ_DB_URL", "postgresql://nobody@127.0.0.1:1/nowhere")
+        assert_one_line_error(*run("compress", tiny_llama_dir, "--calib", calib), 1, "127.0.0.1:1")
+        assert_one_line_error(*run("jobs", "ls"), 1, "127.0.0.1:1")
+
+    def test_unreachable_s3_endpoint(self, tiny_llama_dir, calib, monkeypatch):
+        monkeypatch.setenv("VPTQ_ARTIFACTS", "s3://bucket/prefix")
+        monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+        assert_one_line_error(*run("compress", tiny_llama_dir, "--calib", calib), 1, "cannot reach S3 endpoint")
+
+    def test_unknown_artifact(self):
+        assert_one_line_error(*run("eval", "nothing:v1", "--text", "x.txt"), 2, "nothing:v1 not found")
+
     def test_config_file_that_does_not_exist(self, tiny_llama_dir, calib, tmp_path):
         assert_one_line_error(*run("compress", tiny_llama_dir, "--config", tmp_path / "nope.toml"), 2, "no such file")
 

@@ -102,6 +102,20 @@ def test_flow_end_to_end_then_pull_and_generate(home, tiny_llama_dir, text_file,
     code, out, err = run("jobs", "logs", job.id, "--json")
     assert code == 0 and any("block 2/2" in it["message"] for it in json.loads(out)["items"]), out
 
+    # the registry from the terminal: list, pull (verified), evaluate by NAME:VERSION
+    code, out, err = run("artifacts", "ls", "--json")
+    assert code == 0 and [(i["ref"], i["status"], i["job_id"]) for i in json.loads(out)["items"]] == [
+        ("tiny:v1", "published", job.id)]
+    code, out, err = run("pull", "tiny", tmp_path / "again", "--json")
+    assert code == 0 and json.loads(out) == json.loads(out) | {"path": str(tmp_path / "again"), "files": 7,
+                                                               "verified": True}, out
+    code, out, err = run("eval", "tiny:v1", "--text", text_file, "--windows", "1", "--seqlen", "64", "--json")
+    assert code == 0 and json.loads(out)["perplexity"] == pytest.approx(s["perplexity_after"], rel=1e-4), err
+    code, out, err = run("pull", "tiny:v9", tmp_path / "v9")
+    assert code == 2 and "tiny:v9 not found" in err and "published versions: v1" in err
+    code, out, err = run("eval", "tiny:v9", "--text", text_file)
+    assert code == 2 and "tiny:v9 not found" in err
+
 
 def test_resume_after_a_failure_reuses_blocks_and_is_byte_identical(home, tiny_llama_dir, text_file,
                                                                      monkeypatch, tmp_path):
@@ -309,3 +323,36 @@ def test_cancel_stops_a_running_job_before_its_next_block(home, tiny_llama_dir, 
     assert code == 2 and "already cancelled" in err
     code, out, err = run("jobs", "cancel", "42")
     assert code == 2 and "no job with id 42" in err
+
+
+def test_max_ppl_ratio_publishes_a_rejected_version_never_latest(home, tiny_llama_dir, text_file, tmp_path):
+    code, s, err = submit(tiny_llama_dir, text_file)
+    assert code == 0 and s["artifact"] == "tiny:v1", err
+    # a gate no quantized model passes: kept as v2 but rejected, so `tiny` still means v1
+    code, s, err = submit(tiny_llama_dir, text_file, "--max-ppl-ratio", "0.5")
+    assert code == 0, err
+    assert (s["status"], s["artifact"], s["artifact_status"]) == ("succeeded", "tiny:v2", "rejected")
+    assert s["perplexity_ratio"] > 0.5
+    code, out, err = run("artifacts", "ls", "--json")
+    assert {i["ref"]: i["status"] for i in json.loads(out)["items"]} == {"tiny:v1": "published", "tiny:v2": "rejected"}
+    code, out, err = run("pull", "tiny", tmp_path / "latest", "--json")
+    assert code == 0 and json.loads(out)["artifact"] == "tiny:v1"
+
+
+def test_config_show_masks_secrets(home, monkeypatch):
+    monkeypatch.setenv("VPTQ_DB_URL", "postgresql://vptq:hunter2@127.0.0.1:5432/test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "hunter2")
+    code, out, err = run("config", "show", "--json")
+    assert code == 0, err
+    s = json.loads(out)
+    assert s["home"] == str(home) and s["database"] == "postgresql://vptq:***@127.0.0.1:5432/test"
+    assert s["env"]["AWS_SECRET_ACCESS_KEY"] == "***" and "hunter2" not in out
+    code, out, err = run("config", "show")
+    assert code == 0 and "hunter2" not in out and str(home) in out
+
+
+def test_bad_hf_source_is_refused_before_a_job(home, text_file):
+    code, out, err = run("submit", "hf://just-a-name", "--name", "x", "--calib", text_file, "--local")
+    assert code == 2 and "hf://ORG/NAME" in err
+    code, out, err = run("jobs", "ls", "--json")
+    assert json.loads(out) == {"items": []}

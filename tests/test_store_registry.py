@@ -249,5 +249,5 @@ def test_unreachable_endpoint_and_bad_ref_via_cli(s3_env, monkeypatch, tmp_path)
     assert result.stderr.startswith("error: cannot reach S3 endpoint http://127.0.0.1:"), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     bad = CliRunner().invoke(_cli(), ["pull", "no good:v1", str(tmp_path / "dest")])
-    assert bad.exit_code == 1 and "bad artifact reference 'no good:v1'" in bad.stderr
+    assert bad.exit_code == 2 and "bad artifact reference 'no good:v1'" in bad.stderr
     assert not (tmp_path / "dest").exists()
