@@ -72,6 +72,8 @@ def _human(p: dict) -> str:
         probe = p["probe"]
         lins = ", ".join(f"{x['name']} {x['shape'][0]}x{x['shape'][1]} {x['seconds']:.2f} s" for x in probe["linears"])
         con.print(f"probe ({probe['seconds']:.1f} s, model loaded: {probe['model_loaded']}): {lins}")
+        for note in p.get("notes", []):
+            con.print(f"note: {note}")
     return cap.get().rstrip("\n")
 
 
