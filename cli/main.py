@@ -186,7 +186,7 @@ def _progress(enabled: bool, label: str):
         task = prog.add_task(label, total=None, info="")
 
         def cb(done: int, total: int, info: str = "") -> None:
-            prog.update(task, completed=done, total=total, info=info)
+            prog.update(task, completed=done, total=total or None, info=info)  # total 0: a stage, not a count
 
         yield cb
 

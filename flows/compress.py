@@ -89,7 +89,9 @@ def run_job(repo, job_id: int, spec: JobSpec) -> dict[str, Any]:
     log = get_run_logger()
     t0 = time.perf_counter()
     cfg = spec.quant_config().to_dict()
+    _progress(0, 0, "fetching the model")
     fetched = fetch_model(spec.source)
+    _progress(0, 0, "sampling calibration windows")
     calib = sample_calibration(fetched["path"], spec.calib, spec.nsamples, spec.seqlen, spec.seed)
     info = inspect_model(fetched["path"], cfg)
     model = repo.add_model(spec.source, fetched["sha256"], info["architecture"], info["parameter_count"])
@@ -129,11 +131,13 @@ def run_job(repo, job_id: int, spec: JobSpec) -> dict[str, Any]:
     report = {"source": spec.source, "model_sha256": fetched["sha256"], "calibration_hash": calib["hash"],
               "nsamples": spec.nsamples, "seqlen": spec.seqlen, "config": cfg, "code_version": code_version(),
               "bpw": round(bits / max(weights, 1), 4), "layers": len(layers), "layer_reports": layers}
+    _progress(n, n, "assembling" + (f" + {cfg['e2e_steps']} fine-tuning steps" if cfg.get("e2e_steps") else ""))
     ckpt = assemble_model(run, fetched["path"], calib["path"], cfg, n, report, spec.device)
 
     ppl: dict[str, float] = {}
     if spec.eval_windows:
         text = spec.eval_text or calib["source"]
+        _progress(n, n, "evaluating before/after")
         before = evaluate_model(fetched["path"], text, spec.eval_windows, spec.eval_seqlen, spec.device)
         after = evaluate_model(ckpt["path"], text, spec.eval_windows, spec.eval_seqlen, spec.device)
         ppl = {"perplexity_before": before["perplexity"], "perplexity_after": after["perplexity"]}
@@ -151,6 +155,7 @@ def run_job(repo, job_id: int, spec: JobSpec) -> dict[str, Any]:
                "code_version": code_version(), "config": cfg, "checkpoint_sha256": ckpt["sha256"]}
     if repo.get_job(job_id).status == "cancelled":
         raise JobCancelled(f"job {job_id} was cancelled before publishing")
+    _progress(n, n, "publishing")
     art = publish_artifact(ckpt["path"], spec.name, spec.version, job_id, lineage, status)
     if ppl:
         repo.record_evaluation(text, spec.eval_windows, spec.eval_seqlen, ppl["perplexity_after"],
