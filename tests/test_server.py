@@ -1,5 +1,6 @@
 """End to end with real processes: `vptq server` (a real `prefect server start` on a free loopback
-port), `vptq worker`, then `vptq submit` -> `vptq jobs show` until succeeded -> `vptq pull` -> load.
+port), `vptq worker`, then `vptq submit` -> `vptq jobs show` until succeeded -> `vptq pull` -> load;
+then `vptq submit --cron` and one firing of that schedule, run by the same worker.
 Every wait is bounded; the processes are ended by process group in a finally.
 """
 
@@ -133,6 +134,27 @@ def test_server_worker_submit_pull_load(tiny_llama_dir, text_file, tmp_path):
         logits = load_quantized(dest)(ids).logits
         assert logits.shape[:2] == (1, 3) and torch.isfinite(logits).all()
         assert torch.equal(vptq_pkg.from_pretrained(dest)(ids).logits, logits)
+        # `vptq submit --cron`: a schedule on the served compress-scheduled deployment; one firing of
+        # it, triggered now with the schedule's parameters, runs on the worker (blocks reused: same model)
+        code, out, err = vptq(client_env, "submit", tiny_llama_dir, "--name", "tiny", "--calib", text_file, *TINY,
+                              "--cron", "0 3 * * *")
+        assert code == 0, err
+        sched = json.loads(out)
+        assert sched["deployment"] == "compress-scheduled/scheduled" and sched["next_run"]
+        dep = get_json(f"{api}/deployments/name/{sched['deployment']}")
+        (schedule,) = [x for x in dep["schedules"] if x["slug"] == sched["schedule"]]
+        assert schedule["schedule"]["cron"] == "0 3 * * *"
+        req = urllib.request.Request(f"{api}/deployments/{dep['id']}/create_flow_run", method="POST",
+                                     data=json.dumps({"parameters": schedule["parameters"]}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            fired = json.loads(r.read())
+        done = wait_for("the scheduled run", lambda: (get_json(f"{api}/flow_runs/{fired['id']}") or {}).get(
+            "state_type") in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"), procs, timeout=300, every=1.0)
+        assert done and get_json(f"{api}/flow_runs/{fired['id']}")["state_type"] == "COMPLETED", tail(logs["worker"])
+        code, out, err = vptq(client_env, "jobs", "show", 2, "--json")
+        job2 = json.loads(out)
+        assert code == 0 and job2["status"] == "succeeded" and job2["artifact"] == "tiny:v2", (err, job2)
         print(f"e2e: submit returned in {submit_s:.1f} s, whole test {time.monotonic() - t0:.1f} s")
     except BaseException:
         for name, log in logs.items():
