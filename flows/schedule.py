@@ -20,7 +20,7 @@ Schedules use Prefect's default timezone (UTC) unless a timezone is given.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone as dt_timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -34,9 +34,9 @@ FULL_NAME = f"{FLOW}/{DEPLOYMENT}"
 
 def check_cron(cron: str, timezone: str | None = None) -> str:
     """The cron expression (5 fields, or an @daily-style alias), else ConfigError."""
+    from prefect.client.schemas.schedules import CronSchedule
     from pydantic import ValidationError
 
-    from prefect.client.schemas.schedules import CronSchedule
     from vptq.config import ConfigError
 
     text = " ".join((cron or "").split())
@@ -58,7 +58,7 @@ def next_run(cron: str, timezone: str | None = None, after: datetime | None = No
     from prefect._vendor.croniter import croniter
 
     tz = ZoneInfo(timezone or "UTC")
-    start = (after or datetime.now(dt_timezone.utc)).astimezone(tz)
+    start = (after or datetime.now(UTC)).astimezone(tz)
     return croniter(cron, start).get_next(datetime).isoformat()
 
 

@@ -100,7 +100,7 @@ def test_server_worker_submit_pull_load(tiny_llama_dir, text_file, tmp_path):
         wait_for("the Prefect API /health", lambda: get_json(f"{api}/health") is True, procs, timeout=120)
         procs["worker"] = start(["worker"], client_env, logs["worker"])
         for dep in ("compress/compress", "compress-scheduled/scheduled"):
-            wait_for(f"the {dep} deployment", lambda: get_json(f"{api}/deployments/name/{dep}"), procs, timeout=120)
+            wait_for(f"the {dep} deployment", lambda dep=dep: get_json(f"{api}/deployments/name/{dep}"), procs, timeout=120)
 
         t_submit = time.monotonic()
         code, out, err = vptq(client_env, "submit", tiny_llama_dir, "--name", "tiny", "--calib", text_file, *TINY)
