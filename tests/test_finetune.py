@@ -4,11 +4,11 @@ re-assignment step, bad input."""
 
 import copy
 import json
-import os
 import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,12 +21,18 @@ from vptq.layers import VQuantLinear
 from vptq.pipeline import compress
 
 TINY = QuantConfig(vector_len=4, num_centroids=64, kmeans_iters=10)
-FT = TINY.with_(e2e_steps=8, e2e_lr=1e-3, e2e_batch=2)
+FT = TINY.with_(e2e_steps=8, e2e_lr=3e-4, e2e_batch=2)
 CPU = torch.device("cpu")
 
 
+# Always the packaged calibration text (wikitext-2 valid): the same windows on every machine, so
+# the loss figures below do not depend on whether ../shared/data is present.
+CALIB = Path(__file__).resolve().parents[1] / "vptq" / "data" / "wikitext2-valid.txt"
+
+
 @pytest.fixture(scope="module")
-def setup(tiny_llama_dir, text_file, tmp_path_factory):
+def setup(tiny_llama_dir, tmp_path_factory):
+    text_file = CALIB
     """(quantized student without fine-tuning, fp teacher, calibration windows, saved student folder)."""
     from transformers import AutoModelForCausalLM
 
