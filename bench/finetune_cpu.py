@@ -95,7 +95,7 @@ def main() -> None:
             s = copy.deepcopy(base)
             t0 = time.perf_counter()
             r = finetune_model(s, teacher, calib, cfg.with_(e2e_steps=a.steps, e2e_reassign_every=k),
-                               torch.device("cpu"), progress=lambda d, t, info: print(k, d, t, info, flush=True))
+                               torch.device("cpu"), progress=lambda d, t, info, k=k: print(k, d, t, info, flush=True))
             rec[f"every{k}"] = {"kl_before": r["kl_before"], "kl_after": r["kl_after"], "ppl": ppl(s),
                                 "seconds": round(time.perf_counter() - t0, 1), "reassign": r.get("reassign")}
             print(json.dumps(rec[f"every{k}"]), flush=True)

@@ -115,9 +115,8 @@ def _finetune_progress(run: str):
     logger outside a run) and a progress artifact `finetune-<run>` with the loss and ETA."""
     import logging
 
-    from prefect.artifacts import create_progress_artifact, update_progress_artifact
-
     from prefect import get_run_logger
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
     from prefect.context import get_run_context
 
     try:

@@ -227,6 +227,16 @@ def _check_teacher(student: nn.Module, teacher: nn.Module) -> None:
                                  f"{'missing' if w is None else tuple(w.shape)} in the teacher")
 
 
+def _row_errors(q, main: torch.Tensor, res: torch.Tensor | None, w: torch.Tensor, h: torch.Tensor,
+                v: int) -> torch.Tensor:
+    """Hessian-weighted error of each vector-row (v output rows) of q with these codes."""
+    q.indices, q.res_indices = main, res
+    dw = dequantize(q) - w
+    e = ((dw @ h) * dw).sum(1)  # per output row: tr(dW H dW^T) = sum of these
+    rows = main.shape[1]
+    return torch.nn.functional.pad(e, (0, rows * v - e.shape[0])).reshape(rows, v).sum(1)
+
+
 @torch.no_grad()
 def reassign_codes(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, device: torch.device,
                    n_windows: int = REASSIGN_WINDOWS) -> dict:
@@ -287,13 +297,7 @@ def reassign_codes(student: nn.Module, teacher: nn.Module, windows: torch.Tensor
             if res is not None:
                 new_res[g] = nearest(x - cb[idx], q.res_centroids[g].float()).reshape(m.group_size, rows).t()
 
-        def row_err(mi, ri):
-            q.indices, q.res_indices = mi, ri
-            dw = dequantize(q) - w
-            e = ((dw @ h) * dw).sum(1)  # per output row: tr(dW H dW^T) = sum of these
-            return torch.nn.functional.pad(e, (0, rows * v - e.shape[0])).reshape(rows, v).sum(1)
-
-        old_e, new_e = row_err(main, res), row_err(new_main, new_res)
+        old_e, new_e = _row_errors(q, main, res, w, h, v), _row_errors(q, new_main, new_res, w, h, v)
         take = (new_e < old_e)[None, :, None]
         fin_main = torch.where(take, new_main, main)
         codes = fin_main
