@@ -137,9 +137,7 @@ def build_spec(source: str, name: str, bits: int, version: str | None = None, ca
     from store.errors import StoreError
     from store.registry import parse_ref
     from vptq.config import ConfigError
-    from vptq.evaluate import tokenize_text
-    from vptq.pipeline import _load, check_device, default_calibration_text, read_text
-    from vptq.source import load_tokenizer, resolve
+    from vptq.pipeline import check_device, check_request, read_text
 
     try:
         spec = JobSpec(source=source, name=name, version=version, bits=bits, calib=calib, nsamples=nsamples,
@@ -157,23 +155,17 @@ def build_spec(source: str, name: str, bits: int, version: str | None = None, ca
         raise ConfigError("--max-ppl-ratio needs an evaluation: give --eval-windows 1 or more")
     spec.quant_config()
     check_device(device)
-    texts = {}
-    for path, what, opt in ((spec.calib, "calibration", "--calib"), (spec.eval_text, "evaluation text", "--eval-text")):
-        if path:
-            texts[opt] = read_text(path, what, opt)
+    if spec.eval_text:
+        read_text(spec.eval_text, "evaluation text", "--eval-text")
+    remote = spec.source.startswith(("s3://", "hf://"))  # their model is checked by fetch_model
+    if remote and spec.calib:
+        read_text(spec.calib, "calibration", "--calib")
     if spec.source.startswith("hf://"):
         repo_id = spec.source.removeprefix("hf://").strip("/").partition("@")[0]
         if repo_id.count("/") != 1 or not all(repo_id.split("/")):
             raise ConfigError(f"model source {source!r}: expected hf://ORG/NAME[@REVISION]")
-    if not spec.source.startswith(("s3://", "hf://")):  # remote sources are checked by fetch_model
-        src = resolve(spec.source)
-        if src.kind == "vptq":
-            raise ConfigError(f"{source} is already VPTQ-quantized: compress the original model")
-        tok = _load(load_tokenizer, src, "tokenizer")
-        ids = tokenize_text(tok, texts.get("--calib") or read_text(default_calibration_text(), "calibration"))
-        if ids.numel() < seqlen + 1:
-            raise ConfigError(f"calibration text has {ids.numel()} tokens, windows of {seqlen} need at least "
-                              f"{seqlen + 1}: give a longer --calib text or a smaller --seqlen")
+    if not remote:
+        check_request(spec.source, spec.calib, nsamples, seqlen)
     return spec
 
 

@@ -55,6 +55,26 @@ def read_text(path: str | Path, what: str, option: str = "the command") -> str:
     return text
 
 
+def check_request(source: str, calib: str | Path | None, nsamples: int, seqlen: int):
+    """The cheap checks of a compression request, before any model is loaded: window counts, the
+    source (and that it is not already quantized), the calibration text and its token count.
+    Returns (resolved source, calibration token ids). Shared by compress() and the CLI's jobs."""
+    if nsamples < 1:
+        raise ConfigError(f"--nsamples {nsamples}: use at least 1 calibration window")
+    if seqlen < 16:
+        raise ConfigError(f"--seqlen {seqlen}: use at least 16 tokens per calibration window")
+    src = resolve(source)
+    if src.kind == "vptq":
+        raise ConfigError(f"{source} is already VPTQ-quantized: compress the original model")
+    text = read_text(calib or default_calibration_text(), "calibration", "--calib")
+    ids = tokenize_text(_load(load_tokenizer, src, "tokenizer"), text)
+    if ids.numel() < seqlen + 1:
+        raise ConfigError(
+            f"calibration text has {ids.numel()} tokens, windows of {seqlen} need at least {seqlen + 1}: "
+            f"give a longer --calib text or a smaller --seqlen")
+    return src, ids
+
+
 def _load(fn, src, what: str):
     """fn(src) with a loading failure (bad folder, missing weights) as a one-line SourceError."""
     try:
@@ -107,19 +127,7 @@ def compress(
     dev = check_device(device)
     if out is not None:
         check_out(out, overwrite)
-    if nsamples < 1:
-        raise ConfigError(f"--nsamples {nsamples}: use at least 1 calibration window")
-    if seqlen < 16:
-        raise ConfigError(f"--seqlen {seqlen}: use at least 16 tokens per calibration window")
-    src = resolve(source)
-    if src.kind == "vptq":
-        raise ConfigError(f"{source} is already VPTQ-quantized: compress the original model")
-    text = read_text(calib or default_calibration_text(), "calibration", "--calib")
-    ids = tokenize_text(_load(load_tokenizer, src, "tokenizer"), text)
-    if ids.numel() < seqlen + 1:
-        raise ConfigError(
-            f"calibration text has {ids.numel()} tokens, windows of {seqlen} need at least {seqlen + 1}: "
-            f"give a longer --calib text or a smaller --seqlen")
+    src, ids = check_request(source, calib, nsamples, seqlen)
     model, tok = _load(load_model, src, "model")
     windows = calibration_windows(ids, nsamples, seqlen, cfg.seed)
     rep = quantize_model(model, windows, cfg, dev, quantize_fn, progress, blocks=blocks)
