@@ -129,21 +129,24 @@ def run_flow(job_id: int, verbose: bool = False) -> dict[str, Any]:
 def build_spec(source: str, name: str, bits: int, version: str | None = None, calib: str | None = None,
                nsamples: int = 64, seqlen: int = 512, seed: int = 0, hessians: str = "sequential",
                overrides: dict[str, Any] | None = None, device: str = "cpu", eval_text: str | None = None,
-               eval_windows: int = 4, eval_seqlen: int = 512, max_ppl_ratio: float | None = None):
+               eval_windows: int = 4, eval_seqlen: int = 512, max_ppl_ratio: float | None = None,
+               runner: str = "local", workers: int | None = None):
     """The validated JobSpec of a request; every cheap check runs here, before a job row exists."""
     from pydantic import ValidationError
 
     from flows.spec import JobSpec
     from store.errors import StoreError
     from store.registry import parse_ref
+    from tasks.runner import check_runner
     from vptq.config import ConfigError
     from vptq.pipeline import check_device, check_request, read_text
 
+    check_runner(runner, workers)
     try:
         spec = JobSpec(source=source, name=name, version=version, bits=bits, calib=calib, nsamples=nsamples,
                        seqlen=seqlen, seed=seed, hessians=hessians, overrides=overrides or {}, device=device,
                        eval_text=eval_text, eval_windows=eval_windows, eval_seqlen=eval_seqlen,
-                       max_ppl_ratio=max_ppl_ratio).normalized()
+                       max_ppl_ratio=max_ppl_ratio, runner=runner, workers=workers).normalized()
     except ValidationError as e:
         err = e.errors()[0]
         raise ConfigError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
@@ -184,6 +187,9 @@ def open_job(spec, refuse_existing_version: bool = True):
             job = repo.create_job(spec.source, {"spec": spec.model_dump(), "job_key": spec.key(),
                                                 "quant": spec.quant_config().to_dict()},
                                   code_version=code_version())
+        elif job.config["spec"].get("runner", "local") != spec.runner or job.config["spec"].get("workers") != spec.workers:
+            # same job (the runner is not part of its identity): resume it on the runner asked for now
+            job = repo.update_job(job.id, config_updates={"spec": spec.model_dump()})
     return job
 
 
@@ -233,6 +239,12 @@ def submit(
     max_ppl_ratio: Optional[float] = typer.Option(
         None, "--max-ppl-ratio", help="Publish the version as rejected when perplexity after > R x before."),
     device: str = typer.Option("cpu", "--device", help="Compute device (cpu, cuda)."),
+    hessians: str = typer.Option("sequential", "--hessians", help="sequential: from the quantized prefix; "
+                                 "original: from the FP model, one shared pass reused by later jobs."),
+    runner: str = typer.Option("local", "--runner", help="Where a block's linears are quantized: local "
+                               "(this process), dask or ray (worker processes, one GPU each)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Worker processes of --runner dask|ray "
+                                          "(default: the number of GPUs, else 2)."),
     cron: Optional[str] = typer.Option(None, "--cron", help="Instead of one run: a scheduled deployment "
                                        "re-running this request on a cron schedule (e.g. '0 3 * * *')."),
     local: bool = typer.Option(False, "--local", help="Run in this process even when PREFECT_API_URL is set."),
@@ -245,8 +257,9 @@ def submit(
     if bits not in (2, 3, 4):
         _err(f"--bits {bits}: choose 2, 3 or 4", EXIT_USAGE)
     with _job_errors(debug):
-        spec = build_spec(source, name, bits, version, calib, nsamples, seqlen, seed, "sequential",
-                          overrides_from(config, set_), device, eval_text, eval_windows, eval_seqlen, max_ppl_ratio)
+        spec = build_spec(source, name, bits, version, calib, nsamples, seqlen, seed, hessians,
+                          overrides_from(config, set_), device, eval_text, eval_windows, eval_seqlen, max_ppl_ratio,
+                          runner, workers)
         api = os.environ.get("PREFECT_API_URL")
         if cron is not None:
             if not api:

@@ -226,7 +226,12 @@ def compress(
     seed: int = typer.Option(0, "--seed", help="Seed for windows and codebooks."),
     device: Device = typer.Option(Device.cpu, "--device", help="Compute device."),
     hessians: HessianMode = typer.Option(HessianMode.sequential, "--hessians",
-                                         help="sequential: from the quantized prefix; original: from the FP model."),
+                                         help="sequential: from the quantized prefix; original: from the FP model "
+                                         "(one shared pass, reused by later jobs on the same model and data)."),
+    runner: str = typer.Option("local", "--runner", help="Where a block's linears are quantized: local "
+                               "(this process), dask or ray (worker processes, one GPU each)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Worker processes of --runner dask|ray "
+                                          "(default: the number of GPUs, else 2)."),
     finetune_steps: Optional[int] = typer.Option(
         None, "--finetune-steps", help="End-to-end KL fine-tuning steps after quantization (0 = off; "
         "default: the preset's, 200)."),
@@ -263,7 +268,7 @@ def compress(
         spec = build_spec(source, name or _default_name(source, bits), bits, version,
                           str(calib) if calib else None, nsamples, seqlen, seed, hessians.value, over,
                           device.value, str(eval_text) if eval_text else None, eval_windows, eval_seqlen,
-                          max_ppl_ratio)
+                          max_ppl_ratio, runner, workers)
         from store.artifacts import open_artifact_store
 
         open_artifact_store().check()  # an unreachable store fails now, not after the quantization

@@ -10,6 +10,7 @@ recomputes none of them and reports them in `blocks_reused`.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -32,7 +33,17 @@ from tasks import (
     quantize_block,
     sample_calibration,
 )
-from tasks.blocks import block_done, run_key
+from tasks.blocks import (
+    block_done,
+    block_hessians,
+    finish_block,
+    linear_names,
+    needs_inputs,
+    quantize_linear,
+    run_key,
+)
+from tasks.hessians import collect_hessian_set
+from tasks.runner import make_task_runner, submit_options
 from tasks.workspace import code_version, run_dir
 
 DEPLOYMENT = "compress"
@@ -84,6 +95,17 @@ def _block_table(meta: dict[str, Any], cached: bool) -> list[dict[str, Any]]:
              "seconds": round(r["seconds"], 3), "reused": cached} for r in meta["layers"]]
 
 
+def _submit_linears(task_runner, spec: JobSpec, run: str, model_path: str, calib_path: str,
+                    cfg: dict[str, Any], index: int, hpath: str | None) -> list:
+    """Block `index`'s linears as tasks on the runner's workers (its Hessians first, when not shared)."""
+    hdir = hpath or block_hessians(run, model_path, calib_path, cfg, index, spec.device)
+    with submit_options(spec.runner, spec.device):
+        return [task_runner.submit(quantize_linear, {"run": run, "model_path": model_path, "hessians": hdir,
+                                                     "config": cfg, "index": index, "name": name,
+                                                     "device": spec.device})
+                for name in linear_names(model_path, cfg, index)]
+
+
 def run_job(repo, job_id: int, spec: JobSpec) -> dict[str, Any]:
     """The job's steps, each a task; lineage rows written as results come in."""
     log = get_run_logger()
@@ -99,32 +121,63 @@ def run_job(repo, job_id: int, spec: JobSpec) -> dict[str, Any]:
     repo.update_job(job_id, model_id=model.id, calibration_set_id=cset.id,
                     config_updates={"blocks_total": info["blocks"]})
 
+    hset = None
+    if cfg["hessians"] == "original":  # the shared stage: computed once per (model, data), then reused
+        _progress(0, 0, "collecting Hessians (shared stage)")
+        hset = collect_hessian_set(fetched["path"], fetched["sha256"], calib["path"], calib["hash"],
+                                   spec.nsamples, spec.seqlen, spec.device)
+        repo.add_hessian_set(hset["key"], "original", spec.nsamples, spec.seqlen, hset["path"], hset["bytes"],
+                             hset["blocks"], hset["seconds"], model_id=model.id, calibration_set_id=cset.id,
+                             job_id=job_id)
+        repo.update_job(job_id, config_updates={"hessian_set": hset["key"]})
+        log.info("Hessian set %s %s (%d blocks, %.1f MB)", hset["key"],
+                 "reused" if hset["reused"] else f"computed in {hset['seconds']:.1f} s", hset["blocks"],
+                 hset["bytes"] / 1e6)
+    hpath = hset["path"] if hset else None
+
     run = run_key(fetched["sha256"], calib["hash"], cfg)
     storage = run_dir(run) / "results"
     storage.mkdir(parents=True, exist_ok=True)
     n = info["blocks"]
-    # a block whose workspace files are gone is recomputed, and so is every block after it
-    first_missing = next((i for i in range(n) if not block_done(run, i)), n)
+    chained = needs_inputs(cfg, hpath)
+    # a block whose workspace files are gone is recomputed, and (when blocks feed each other) so is
+    # every block after it
+    first_missing = next((i for i in range(n) if not block_done(run, i, chained)), n)
+    todo = [(i >= first_missing) if chained else not block_done(run, i, False) for i in range(n)]
     _progress(0, n, "blocks")
     progress = create_progress_artifact(0.0, key=f"job-{job_id}-progress", description="blocks quantized (%)")
+    args = (run, fetched["path"], fetched["sha256"], calib["path"], calib["hash"], cfg)
     reused, metas = 0, []
-    for i in range(n):
-        if repo.get_job(job_id).status == "cancelled":
-            raise JobCancelled(f"job {job_id} was cancelled after {i} of {n} blocks")
-        block_task = quantize_block.with_options(result_storage=storage, refresh_cache=i >= first_missing)
-        state = block_task(run, fetched["path"], fetched["sha256"], calib["path"], calib["hash"], cfg, i,
-                           spec.device, return_state=True)
-        meta = state.result()
-        cached = state.name == "Cached"
-        reused += cached
-        metas.append(meta)
-        for r in meta["layers"]:
-            repo.add_layer_result(job_id, r["name"], r["proxy_loss"], r["seconds"], r["bpw"])
-        create_table_artifact(_block_table(meta, cached), key=f"job-{job_id}-block-{i}",
-                              description=f"job {job_id}, block {i}{' (reused)' if cached else ''}")
-        update_progress_artifact(progress, 100.0 * (i + 1) / n)
-        _progress(i + 1, n, "reused" if cached else f"block {i}: {meta['seconds']:.1f} s")
-        log.info("block %d/%d %s", i + 1, n, "reused" if cached else f"quantized in {meta['seconds']:.1f} s")
+    task_runner = make_task_runner(spec.runner, spec.workers, spec.device)
+    with task_runner or contextlib.nullcontext():
+        pending: dict[int, list] = {}
+        if task_runner is not None and not chained:  # independent blocks: every linear queued at once
+            for i in range(n):
+                if todo[i]:
+                    pending[i] = _submit_linears(task_runner, spec, run, fetched["path"], calib["path"], cfg, i, hpath)
+        for i in range(n):
+            if repo.get_job(job_id).status == "cancelled":
+                raise JobCancelled(f"job {job_id} was cancelled after {i} of {n} blocks")
+            if task_runner is None or not todo[i]:  # in-process, or a finished block (cached)
+                block_task = quantize_block.with_options(result_storage=storage, refresh_cache=todo[i])
+                state = block_task(*args, i, spec.device, hpath, return_state=True)
+            else:
+                futures = pending.pop(i, None) or _submit_linears(task_runner, spec, run, fetched["path"],
+                                                                  calib["path"], cfg, i, hpath)
+                layers = [f.result() for f in futures]
+                state = finish_block.with_options(result_storage=storage, refresh_cache=True)(
+                    *args, i, spec.device, hpath, layers, return_state=True)
+            meta = state.result()
+            cached = state.name == "Cached"
+            reused += cached
+            metas.append(meta)
+            for r in meta["layers"]:
+                repo.add_layer_result(job_id, r["name"], r["proxy_loss"], r["seconds"], r["bpw"])
+            create_table_artifact(_block_table(meta, cached), key=f"job-{job_id}-block-{i}",
+                                  description=f"job {job_id}, block {i}{' (reused)' if cached else ''}")
+            update_progress_artifact(progress, 100.0 * (i + 1) / n)
+            _progress(i + 1, n, "reused" if cached else f"block {i}: {meta['seconds']:.1f} s")
+            log.info("block %d/%d %s", i + 1, n, "reused" if cached else f"quantized in {meta['seconds']:.1f} s")
 
     bits, weights = sum(m["bits"] for m in metas), sum(m["weights"] for m in metas)
     layers = [{k: v for k, v in r.items() if k != "seconds"} for m in metas for r in m["layers"]]
@@ -161,7 +214,9 @@ def run_job(repo, job_id: int, spec: JobSpec) -> dict[str, Any]:
         repo.record_evaluation(text, spec.eval_windows, spec.eval_seqlen, ppl["perplexity_after"],
                                artifact_id=art["artifact_id"])
     extra = {"bpw": report["bpw"], "layers": report["layers"], "seconds": round(time.perf_counter() - t0, 2),
-             "workspace": str(run_dir(run)), "artifact_status": art["status"]} | ppl
+             "workspace": str(run_dir(run)), "artifact_status": art["status"], "runner": spec.runner} | ppl
+    if hset:
+        extra |= {"hessian_set": hset["key"], "hessians_reused": hset["reused"]}
     md = [f"# job {job_id}: {art['ref']}", "", f"- source: `{spec.source}`",
           f"- blocks: {n} ({reused} reused)", f"- bits per weight (all-in): {report['bpw']:.3f}"]
     if ppl:

@@ -28,6 +28,8 @@ class JobSpec(BaseModel):
     eval_windows: int = Field(4, ge=0)  # 0 = no evaluation
     eval_seqlen: int = Field(512, ge=2)
     max_ppl_ratio: float | None = Field(None, gt=0)  # gate: reject when after > ratio * before
+    runner: Literal["local", "dask", "ray"] = "local"  # where a block's linears are quantized
+    workers: int | None = Field(None, ge=1)  # runner worker processes (default: GPUs, else 2)
 
     def normalized(self) -> JobSpec:
         """Local paths made absolute, so the same request from another folder is the same job."""
@@ -50,7 +52,8 @@ class JobSpec(BaseModel):
         return preset(self.bits).with_(seed=self.seed, hessians=self.hessians, **self.overrides)
 
     def key(self) -> str:
-        """Identity of the job: the same request resumes the same job."""
+        """Identity of the job: the same request resumes the same job. The runner is not part of it:
+        every runner gives the same bytes, so a job may be resumed on another one."""
         from tasks.workspace import digest
 
-        return digest("job", self.model_dump())[:24]
+        return digest("job", self.model_dump(exclude={"runner", "workers"}))[:24]

@@ -83,3 +83,20 @@ class EvaluationRecord:
     seqlen: int
     perplexity: float
     created_at: datetime
+
+
+@dataclass(frozen=True)
+class HessianSetRecord:
+    id: int
+    key: str
+    model_id: int | None
+    calibration_set_id: int | None
+    job_id: int | None  # the job that computed it
+    mode: str
+    nsamples: int
+    seqlen: int
+    uri: str
+    size: int
+    blocks: int
+    seconds: float
+    created_at: datetime

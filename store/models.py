@@ -186,6 +186,37 @@ class Artifact(Base):
                                        self.job_id, self.published_at, self.status)
 
 
+class HessianSet(Base):
+    """A stored Hessian set (hessians="original"): one pass of a model over calibration windows,
+    reused by every later job on the same (model, calibration, mode, nsamples, seqlen) = key."""
+
+    __tablename__ = "hessian_sets"
+    __table_args__ = (
+        UniqueConstraint("key"),
+        CheckConstraint("size >= 0 AND blocks >= 0", name="size_blocks_nonnegative"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(64))
+    model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id", ondelete="SET NULL"), index=True)
+    calibration_set_id: Mapped[int | None] = mapped_column(
+        ForeignKey("calibration_sets.id", ondelete="SET NULL"), index=True)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))  # computed by
+    mode: Mapped[str] = mapped_column(String(16))
+    nsamples: Mapped[int] = mapped_column(Integer)
+    seqlen: Mapped[int] = mapped_column(Integer)
+    uri: Mapped[str] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(BigInteger)
+    blocks: Mapped[int] = mapped_column(Integer)
+    seconds: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    def to_entity(self) -> entities.HessianSetRecord:
+        return entities.HessianSetRecord(self.id, self.key, self.model_id, self.calibration_set_id, self.job_id,
+                                         self.mode, self.nsamples, self.seqlen, self.uri, self.size, self.blocks,
+                                         self.seconds, self.created_at)
+
+
 class Evaluation(Base):
     """A perplexity measurement of an artifact or of a source model (exactly one of the two)."""
 

@@ -23,6 +23,7 @@ from store.models import (
     Artifact,
     CalibrationSet,
     Evaluation,
+    HessianSet,
     Job,
     LayerResult,
     Model,
@@ -239,6 +240,31 @@ class Repository:
                 return False
             s.delete(row)
             return True
+
+    # -- Hessian sets ----------------------------------------------------------------------
+
+    def add_hessian_set(self, key: str, mode: str, nsamples: int, seqlen: int, uri: str, size: int,
+                        blocks: int, seconds: float, *, model_id: int | None = None,
+                        calibration_set_id: int | None = None, job_id: int | None = None) -> entities.HessianSetRecord:
+        """Record a stored Hessian set; an existing key returns its row (the first job that computed it)."""
+        with self.session() as s:
+            row = s.scalar(select(HessianSet).where(HessianSet.key == key))
+            if row is None:
+                row = HessianSet(key=key, mode=mode, nsamples=nsamples, seqlen=seqlen, uri=uri, size=size,
+                                 blocks=blocks, seconds=seconds, model_id=model_id,
+                                 calibration_set_id=calibration_set_id, job_id=job_id)
+                s.add(row)
+                s.flush()
+            return row.to_entity()
+
+    def get_hessian_set(self, key: str) -> entities.HessianSetRecord | None:
+        with self.session() as s:
+            row = s.scalar(select(HessianSet).where(HessianSet.key == key))
+            return None if row is None else row.to_entity()
+
+    def list_hessian_sets(self) -> list[entities.HessianSetRecord]:
+        with self.session() as s:
+            return [r.to_entity() for r in s.scalars(select(HessianSet).order_by(HessianSet.id))]
 
     def record_evaluation(self, dataset: str, windows: int, seqlen: int, perplexity: float, *,
                           artifact_id: int | None = None, model_id: int | None = None) -> entities.EvaluationRecord:

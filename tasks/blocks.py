@@ -44,9 +44,16 @@ def block_files(run: str, index: int) -> dict[str, Path]:
             "next": d / f"inputs_{index + 1:03d}.safetensors"}
 
 
-def block_done(run: str, index: int) -> bool:
+def needs_inputs(config: dict[str, Any], hessians: str | None) -> bool:
+    """Whether a block needs its inputs (and so writes the next block's): not when its Hessians come
+    from a shared set and no block fine-tuning runs; such blocks are independent of each other."""
+    return hessians is None or bool(config.get("finetune_steps"))
+
+
+def block_done(run: str, index: int, with_next: bool = True) -> bool:
     """Every file block `index` writes is in the workspace."""
-    return all(p.is_file() for p in block_files(run, index).values())
+    files = block_files(run, index)
+    return all(files[k].is_file() for k in (("state", "meta", "next") if with_next else ("state", "meta")))
 
 
 def block_cache_key(context: Any, parameters: dict[str, Any]) -> str:
@@ -69,37 +76,157 @@ def _inputs(model, run: str, calib_path: str, index: int, finetune: bool):
     return t["x"], t.get("fp_x")
 
 
+class _Block:
+    """Block `index` of a run, ready to quantize: a copy of the original block on the device, its
+    inputs (quantized chain), the fine-tuning target and rotary embeddings when they are needed."""
+
+    def __init__(self, run: str, model_path: str, calib_path: str, cfg, index: int, device: str,
+                 hessians: str | None):
+        from vptq.sequential import _forward_all, _rotary, decoder_layers
+
+        self.run, self.cfg, self.index, self.dev = run, cfg, index, torch.device(device)
+        self.prefix = f"model.layers.{index}."
+        model, _ = load_fp_model(model_path)
+        self.block = copy.deepcopy(decoder_layers(model)[index]).to(self.dev)
+        self.x = self.fp_x = self.pe = self.target = None
+        if needs_inputs(cfg.to_dict(), hessians):
+            self.x, self.fp_x = _inputs(model, run, calib_path, index, bool(cfg.finetune_steps))
+            self.pe = _rotary(model, self.x[:1].to(self.dev))
+            if self.fp_x is not None:
+                self.target = _forward_all(self.block, self.fp_x, self.pe, self.dev, BATCH)
+
+    def finish(self, layers: list[dict[str, Any]], fp_out: torch.Tensor | None, t0: float) -> dict[str, Any]:
+        """Block fine-tuning if configured, the next block's inputs, the block's state and meta files."""
+        from vptq.finetune import finetune_block
+        from vptq.layers import VQuantLinear
+        from vptq.sequential import _forward_all
+
+        cfg, files = self.cfg, block_files(self.run, self.index)
+        if cfg.finetune_steps and self.target is not None:
+            finetune_block(self.block, self.x, self.target, self.pe, cfg, self.dev, BATCH)
+        if self.x is not None:
+            fwd = cfg.hessians == "sequential" or cfg.finetune_steps or fp_out is None
+            nxt = _forward_all(self.block, self.x, self.pe, self.dev, BATCH) if fwd else fp_out
+            save_tensors({"x": nxt} | ({"fp_x": self.target} if self.target is not None else {}), files["next"])
+        save_tensors({self.prefix + k: v for k, v in self.block.state_dict().items()}, files["state"])
+        qcfg = {self.prefix + n: m.layer_config() for n, m in self.block.named_modules()
+                if isinstance(m, VQuantLinear)}
+        write_json({"index": self.index, "config_for_layers": qcfg, "layers": layers}, files["meta"])
+        return {"index": self.index, "layers": layers, "seconds": time.perf_counter() - t0,
+                "bits": sum(r["bits"] for r in layers), "weights": sum(r["weights"] for r in layers)}
+
+
+def _report(r) -> dict[str, Any]:
+    return {"name": r.name, "proxy_loss": r.proxy_loss, "bpw": r.bpw, "bits": r.bits,
+            "weights": r.shape[0] * r.shape[1], "seconds": r.seconds, "warnings": r.warnings}
+
+
 @task(cache_key_fn=block_cache_key, persist_result=True, task_run_name="quantize-block-{index}")
 def quantize_block(run: str, model_path: str, model_sha: str, calib_path: str, calib_hash: str,
-                   config: dict[str, Any], index: int, device: str = "cpu") -> dict[str, Any]:
-    """Quantize decoder block `index`; write its state and the next block's inputs to the workspace."""
+                   config: dict[str, Any], index: int, device: str = "cpu",
+                   hessians: str | None = None) -> dict[str, Any]:
+    """Quantize decoder block `index`; write its state and the next block's inputs to the workspace.
+
+    hessians: a shared Hessian set folder (hessians="original"); without it the block's Hessians
+    are collected here, on its inputs."""
+    from tasks.hessians import load_block_hessians
     from vptq.config import QuantConfig
-    from vptq.finetune import finetune_block
-    from vptq.layers import VQuantLinear
-    from vptq.sequential import _forward_all, _rotary, decoder_layers
     from vptq.sequential import quantize_block as quantize_linears
 
     t0 = time.perf_counter()
-    cfg, dev = QuantConfig.from_dict(config), torch.device(device)
+    b = _Block(run, model_path, calib_path, QuantConfig.from_dict(config), index, device, hessians)
+    hs = load_block_hessians(hessians, index) if hessians else None
+    reps, fp_out = quantize_linears(b.block, b.x, b.pe, b.cfg, b.dev, prefix=b.prefix, batch=BATCH, hessians=hs)
+    return b.finish([_report(r) for r in reps], fp_out, t0)
+
+
+# -- the same block, spread over a task runner's workers (`--runner dask|ray`) ---------------------
+# block_hessians (in the flow's process) -> quantize_linear per linear (workers, any order) ->
+# finish_block (in the flow's process): the same calls as quantize_block, so the same bytes.
+
+
+def linear_names(model_path: str, config: dict[str, Any], index: int) -> list[str]:
+    """The target linears of block `index`, in the order quantize_block visits them."""
+    from vptq.config import QuantConfig
+    from vptq.sequential import decoder_layers, target_linears
+
     model, _ = load_fp_model(model_path)
-    x, fp_x = _inputs(model, run, calib_path, index, bool(cfg.finetune_steps))
-    block = copy.deepcopy(decoder_layers(model)[index]).to(dev)
-    pe = _rotary(model, x[:1].to(dev))
-    target = _forward_all(block, fp_x, pe, dev, BATCH) if fp_x is not None else None
-    prefix = f"model.layers.{index}."
-    reps, fp_out = quantize_linears(block, x, pe, cfg, dev, prefix=prefix, batch=BATCH)
-    if cfg.finetune_steps and target is not None:
-        finetune_block(block, x, target, pe, cfg, dev, BATCH)
-    nxt = _forward_all(block, x, pe, dev, BATCH) if cfg.hessians == "sequential" or cfg.finetune_steps else fp_out
-    files = block_files(run, index)
-    save_tensors({"x": nxt} | ({"fp_x": target} if target is not None else {}), files["next"])
-    save_tensors({prefix + k: v for k, v in block.state_dict().items()}, files["state"])
-    layers = [{"name": r.name, "proxy_loss": r.proxy_loss, "bpw": r.bpw, "bits": r.bits,
-               "weights": r.shape[0] * r.shape[1], "seconds": r.seconds, "warnings": r.warnings} for r in reps]
-    qcfg = {prefix + n: m.layer_config() for n, m in block.named_modules() if isinstance(m, VQuantLinear)}
-    write_json({"index": index, "config_for_layers": qcfg, "layers": layers}, files["meta"])
-    return {"index": index, "layers": layers, "seconds": time.perf_counter() - t0,
-            "bits": sum(r["bits"] for r in layers), "weights": sum(r["weights"] for r in layers)}
+    return list(target_linears(decoder_layers(model)[index], QuantConfig.from_dict(config)))
+
+
+def linear_file(run: str, index: int, name: str) -> Path:
+    return run_dir(run) / "linears" / f"block_{index:03d}.{name}.safetensors"
+
+
+@task(cache_policy=NO_CACHE, task_run_name="block-hessians-{index}")
+def block_hessians(run: str, model_path: str, calib_path: str, config: dict[str, Any], index: int,
+                   device: str = "cpu") -> str:
+    """Hessians of block `index`'s target linears on its inputs, to the workspace; returns the folder
+    (laid out as a Hessian set) that quantize_linear reads."""
+    from tasks.hessians import dedup
+    from vptq.config import QuantConfig
+    from vptq.sequential import block_hessians as collect
+    from vptq.sequential import target_linears
+
+    cfg = QuantConfig.from_dict(config)
+    b = _Block(run, model_path, calib_path, cfg, index, device, None)
+    hs, _ = collect(b.block, b.x, b.pe, b.dev, BATCH, target_linears(b.block, cfg))
+    kept, alias = dedup(hs)
+    d = run_dir(run) / "hessians"
+    save_tensors(kept, d / f"block_{index:03d}.safetensors", metadata={"aliases": json.dumps(alias)})
+    return str(d)
+
+
+@task(cache_policy=NO_CACHE, task_run_name="quantize-{index}-{name}")
+def quantize_linear(run: str, model_path: str, hessians: str, config: dict[str, Any], index: int, name: str,
+                    device: str = "cpu") -> dict[str, Any]:
+    """One linear of block `index` from its Hessian: the VQuantLinear's state + config to the workspace."""
+    from tasks.hessians import load_block_hessians
+    from tasks.runner import worker_device
+    from vptq.config import QuantConfig
+    from vptq.sequential import decoder_layers, vptq_linear
+
+    cfg, dev = QuantConfig.from_dict(config), worker_device(device)
+    model, _ = load_fp_model(model_path)
+    lin = copy.deepcopy(decoder_layers(model)[index].get_submodule(name)).to(dev)
+    h = load_block_hessians(hessians, index)[name]
+    mod, rep = vptq_linear(f"model.layers.{index}.{name}", lin, h.to(dev), cfg)
+    save_tensors(mod.state_dict(), linear_file(run, index, name),
+                 metadata={"layer_config": json.dumps(mod.layer_config())})
+    return _report(rep)
+
+
+@task(cache_key_fn=block_cache_key, persist_result=True, task_run_name="finish-block-{index}")
+def finish_block(run: str, model_path: str, model_sha: str, calib_path: str, calib_hash: str,
+                 config: dict[str, Any], index: int, device: str = "cpu", hessians: str | None = None,
+                 layers: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Block `index` from its quantized linears (quantize_linear's files): as quantize_block ends.
+    Cached under the same key as quantize_block: either path's finished blocks serve the other."""
+    from safetensors import safe_open
+
+    from vptq.config import QuantConfig
+    from vptq.io import replace_linears
+    from vptq.sequential import _forward_all, target_linears
+
+    t0 = time.perf_counter()
+    cfg = QuantConfig.from_dict(config)
+    b = _Block(run, model_path, calib_path, cfg, index, device, hessians)
+    names = list(target_linears(b.block, cfg))
+    fp_out = None
+    if b.x is not None and cfg.hessians == "original" and not cfg.finetune_steps:
+        fp_out = _forward_all(b.block, b.x, b.pe, b.dev, BATCH)  # the original activations, as quantize_block
+    for name in names:
+        f = linear_file(run, index, name)
+        with safe_open(str(f), "pt") as sf:
+            entry = json.loads(sf.metadata()["layer_config"])
+        sd = load_tensors(f)
+        dtype = next((v.dtype for k, v in sd.items() if k.endswith("centroids.weight")), torch.float16)
+        mod = replace_linears(b.block, {name: entry}, dtype=dtype)[name]
+        mod.load_state_dict(sd)
+        mod.to(b.dev)
+    by_name = {r["name"]: r for r in layers or []}
+    reports = [by_name[b.prefix + n] for n in names]
+    return b.finish(reports, fp_out, t0)
 
 
 FINETUNE_CHECKPOINT_EVERY = 10  # end-to-end fine-tuning steps between two checkpoints

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -96,24 +97,60 @@ def _forward_all(block, xs: torch.Tensor, pe, device, batch: int) -> torch.Tenso
     return out
 
 
+def all_linears(block: nn.Module) -> dict[str, nn.Linear]:
+    """Every linear of a block: what a shared Hessian set covers, whatever a config targets."""
+    return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+
+def block_hessians(block: nn.Module, x: torch.Tensor, pe, device, batch: int,
+                   lins: dict[str, nn.Linear] | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """H = E[x x^T] of the block's linears (all of them by default) on inputs x, and the block's outputs."""
+    with collect_hessians(all_linears(block) if lins is None else lins) as hs:
+        out = _forward_all(block, x, pe, device, batch)
+    return hs, out
+
+
+def original_hessians(model: nn.Module, calib: torch.Tensor, device: str | torch.device = "cpu",
+                      batch: int = 4, blocks: int | None = None) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """One pass of the unquantized model over the calibration windows: (block index, {linear: H}).
+
+    The Hessians of hessians="original" depend only on the model and the windows, never on a
+    quantization config: one pass serves every later bit width or codebook shape. The model is
+    left as it was (a block is copied to a non-CPU device, never moved)."""
+    device = torch.device(device)
+    layers = decoder_layers(model)
+    with torch.no_grad():
+        x = model.model.embed_tokens(calib.to(model.model.embed_tokens.weight.device)).float().cpu()
+    pe = _rotary(model, x[:1].to(device))
+    for i in range(len(layers) if blocks is None else min(blocks, len(layers))):
+        block = layers[i] if device.type == "cpu" else copy.deepcopy(layers[i]).to(device)
+        hs, x = block_hessians(block, x, pe, device, batch)
+        yield i, hs
+
+
 def quantize_block(
     block: nn.Module, x: torch.Tensor, pe, cfg: QuantConfig, device: torch.device,
     quantize_fn: QuantizeFn = vptq_linear, prefix: str = "", batch: int = 4,
-    progress: Callable[[str], None] | None = None,
-) -> tuple[list[LayerReport], torch.Tensor]:
-    """Collect Hessians of the block's linears on inputs x, quantize them in place.
+    progress: Callable[[str], None] | None = None, hessians: dict[str, torch.Tensor] | None = None,
+) -> tuple[list[LayerReport], torch.Tensor | None]:
+    """Collect Hessians of the block's linears on inputs x (unless given), quantize them in place.
 
     Returns the layer reports and the block's outputs on x *before* quantization (the
-    original-model activations that hessians="original" propagates).
+    original-model activations that hessians="original" propagates); None when the Hessians were
+    given (a shared Hessian set: nothing ran).
     """
     lins = target_linears(block, cfg)
-    with collect_hessians(lins) as hs:
-        fp_out = _forward_all(block, x, pe, device, batch)
+    fp_out = None
+    if hessians is None:
+        hessians, fp_out = block_hessians(block, x, pe, device, batch, lins)
+    missing = sorted(set(lins) - set(hessians))
+    if missing:
+        raise ValueError(f"{prefix or 'block'}: no Hessian given for {missing}")
     reports = []
     for name, lin in lins.items():
         if progress:
             progress(name)
-        new, rep = quantize_fn(prefix + name, lin, hs.pop(name).to(device), cfg)
+        new, rep = quantize_fn(prefix + name, lin, hessians[name].to(device), cfg)
         reports.append(rep)
         block.set_submodule(name, new)
     return reports, fp_out
@@ -128,10 +165,14 @@ def quantize_model(
     progress: Progress | None = None,
     batch: int = 4,
     blocks: int | None = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 10,
 ) -> ModelReport:
     """Quantize the target linears of every decoder block in place. calib: (n, seqlen) ids.
 
     `blocks` limits the run to the first blocks (tests, quick looks); the rest stay FP.
+    `checkpoint_dir`: the end-to-end fine-tuning stage is checkpointed there every
+    `checkpoint_every` steps, and a rerun resumes it (see finetune_model).
     """
     t0 = time.perf_counter()
     device = torch.device(device)
@@ -167,7 +208,8 @@ def quantize_model(
     if teacher is not None:
         report.e2e = finetune_model(
             model, teacher, calib, cfg, device,
-            (lambda d, t, info: progress(d, t, f"fine-tune {info}")) if progress else None)
+            (lambda d, t, info: progress(d, t, f"fine-tune {info}")) if progress else None,
+            checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every if checkpoint_dir else 0)
         model.cpu()
         del teacher
     report.seconds = time.perf_counter() - t0

@@ -1,0 +1,135 @@
+"""The shared Hessian stage and `--runner dask|ray`: a tiny random Llama through the `compress` flow.
+
+- hessians="original": the first job computes a Hessian set (a lineage row, files in the workspace),
+  a later job with another bit width / codebook on the same model and data reuses it, and the
+  quantized weights equal those of the plain vptq.pipeline path, which collects every Hessian
+  inside the model run.
+- `--runner dask --workers 2`: the linears of each block quantized in two worker processes give
+  the same checkpoint bytes as the in-process runner, in both Hessian modes; a job is resumable
+  on another runner (the runner is not part of its identity).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.prefect_fixtures import prefect_harness  # noqa: F401 - the session fixture
+from tests.test_flow import TINY, checkpoint_bytes, home, run  # noqa: F401 - fixtures
+
+
+def compress(model: Path, calib: Path, out: Path, *extra) -> dict:
+    code, stdout, err = run("submit", model, "--name", "tiny", "--calib", calib, *TINY, *extra)
+    assert code == 0, err
+    s = json.loads(stdout)
+    assert s["status"] == "succeeded", s
+    from cli.db import _registry
+
+    _registry(with_db=False).pull(s["artifact"], out)
+    return s
+
+
+LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+           "mlp.up_proj", "mlp.down_proj"]
+
+
+def task_names(flow_run_id: str) -> set[str]:
+    """Names of the flow run's task runs (from the Prefect API)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name for r in runs}
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out |= load_file(f)
+    return out
+
+
+def test_hessian_set_is_shared_and_matches_in_model_hessians(home, tiny_llama_dir, text_file, tmp_path):  # noqa: F811
+    s1 = compress(tiny_llama_dir, text_file, tmp_path / "a", "--hessians", "original")
+    assert s1["hessians_reused"] is False and s1["hessian_set"]
+    s2 = compress(tiny_llama_dir, text_file, tmp_path / "b", "--hessians", "original", "--bits", "3",
+                  "--set", "num_centroids=32")
+    assert s2["hessians_reused"] is True and s2["hessian_set"] == s1["hessian_set"]
+    assert s2["job_id"] != s1["job_id"] and s2["blocks_reused"] == 0
+
+    from store.repository import Repository
+    from tasks.hessians import hessian_dir, read_manifest
+
+    with Repository.session_scope() as repo:
+        sets = repo.list_hessian_sets()
+        assert [(h.key, h.job_id, h.blocks, h.mode) for h in sets] == [(s1["hessian_set"], s1["job_id"], 2, "original")]
+        assert repo.get_job(s2["job_id"]).config["hessian_set"] == s1["hessian_set"]
+    m = read_manifest(s1["hessian_set"])
+    assert m is not None and m["nsamples"] == 2 and m["seqlen"] == 64 and len(m["files"]) == 2
+    # a flipped byte makes the set incomplete: the next job recomputes it instead of using it
+    f = hessian_dir(s1["hessian_set"]) / m["files"][0]["path"]
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 1
+    f.write_bytes(bytes(data))
+    assert read_manifest(s1["hessian_set"]) is None
+
+    # the same quantization through vptq.pipeline (Hessians collected inside the model run)
+    from flows.spec import JobSpec
+    from vptq.pipeline import compress as direct
+
+    over = dict(o.split("=", 1) for o in TINY[TINY.index("--set") + 1::2] if "=" in o)
+    spec = JobSpec(source=str(tiny_llama_dir), name="tiny", bits=2, nsamples=2, seqlen=64, hessians="original",
+                   overrides={k: (int(v) if v.isdigit() else v) for k, v in over.items()})
+    direct(str(tiny_llama_dir), spec.quant_config(), tmp_path / "direct", calib=text_file, nsamples=2, seqlen=64)
+    ours, ref = tensors(tmp_path / "a"), tensors(tmp_path / "direct")
+    assert ours.keys() == ref.keys()
+    assert all(torch.equal(ours[k], ref[k]) for k in ours), [k for k in ours if not torch.equal(ours[k], ref[k])]
+
+
+@pytest.mark.parametrize("mode", ["sequential", "original"])
+def test_dask_runner_gives_the_bytes_of_the_in_process_runner(home, tiny_llama_dir, text_file, tmp_path,  # noqa: F811
+                                                              monkeypatch, mode):
+    local = compress(tiny_llama_dir, text_file, tmp_path / "local", "--hessians", mode)
+    assert local["runner"] == "local"
+    monkeypatch.setenv("VPTQ_HOME", str(tmp_path / "home-dask"))  # nothing cached from the first run
+    dask = compress(tiny_llama_dir, text_file, tmp_path / "dask", "--hessians", mode, "--runner", "dask",
+                    "--workers", "2")
+    assert dask["runner"] == "dask" and dask["blocks_reused"] == 0 and dask["blocks_total"] == 2
+    assert checkpoint_bytes(tmp_path / "local") == checkpoint_bytes(tmp_path / "dask")
+    assert (local["bpw"], local["layers"]) == (dask["bpw"], dask["layers"])
+    per_linear = {f"quantize-{i}-{n}" for i in range(2) for n in LINEARS}
+    assert per_linear <= task_names(dask["prefect_run_id"])  # the linears ran as tasks of their own
+    assert {"quantize-block-0", "quantize-block-1"} <= task_names(local["prefect_run_id"])
+    assert not per_linear & task_names(local["prefect_run_id"])
+    if mode == "sequential":  # the same request on the other runner is the same job, all blocks reused
+        again = compress(tiny_llama_dir, text_file, tmp_path / "again", "--hessians", mode)
+        assert again["job_id"] == dask["job_id"] and again["blocks_reused"] == 2
+
+
+def test_ray_runner_gives_the_bytes_of_the_in_process_runner(home, tiny_llama_dir, text_file, tmp_path,  # noqa: F811
+                                                             monkeypatch):
+    compress(tiny_llama_dir, text_file, tmp_path / "local")
+    monkeypatch.setenv("VPTQ_HOME", str(tmp_path / "home-ray"))
+    ray = compress(tiny_llama_dir, text_file, tmp_path / "ray", "--runner", "ray", "--workers", "2")
+    assert ray["runner"] == "ray" and ray["blocks_reused"] == 0
+    assert checkpoint_bytes(tmp_path / "local") == checkpoint_bytes(tmp_path / "ray")
+    assert {f"quantize-{i}-{n}" for i in range(2) for n in LINEARS} <= task_names(ray["prefect_run_id"])
+
+
+def test_bad_runner_options_are_refused_before_a_job(home, tiny_llama_dir, text_file):  # noqa: F811
+    code, out, err = run("submit", tiny_llama_dir, "--name", "tiny", "--calib", text_file, *TINY, "--runner", "spark")
+    assert code == 2 and "--runner spark: use one of local, dask, ray" in err
+    code, out, err = run("submit", tiny_llama_dir, "--name", "tiny", "--calib", text_file, *TINY, "--runner", "dask",
+                         "--workers", "0")
+    assert code == 2 and "--workers 0" in err
+    from store.repository import Repository
+
+    with Repository.session_scope() as repo:
+        assert repo.list_jobs() == []
+    assert os.environ.get("VPTQ_HOME")
