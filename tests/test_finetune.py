@@ -227,3 +227,24 @@ def test_assemble_task_resumes_fine_tuning_from_the_run_workspace(setup, tiny_ll
     assert "resumed_from" not in ref["e2e"]
     assert_same(resumed, state(load_quantized(ref["path"])))
     load_fp_model.cache_clear()
+
+
+def test_plain_pipeline_resumes_fine_tuning_from_its_checkpoint_dir(tiny_llama_dir, tmp_path):
+    """vptq.pipeline.compress(checkpoint_dir=...) (no Prefect): a crash mid-fine-tune, then the same
+    call resumes from the last checkpoint and ends with the tensors of an uninterrupted run."""
+    cfg = TINY.with_(e2e_steps=6, e2e_lr=3e-4, e2e_batch=2, kmeans_iters=3)
+    ckpt = tmp_path / "ckpt"
+
+    def stop_at_fine_tune_step_5(done, total, info):
+        if info.startswith("fine-tune") and done == 5:
+            raise Stop
+
+    args, kw = (str(tiny_llama_dir), cfg, None), {"calib": CALIB, "nsamples": 4, "seqlen": 32, "checkpoint_every": 3}
+    with pytest.raises(Stop):
+        compress(*args, **kw, checkpoint_dir=ckpt, progress=stop_at_fine_tune_step_5)
+    assert json.loads((ckpt / "finetune.json").read_text())["step"] == 3
+    resumed, m1, _ = compress(*args, **kw, checkpoint_dir=ckpt)
+    assert resumed.report.e2e["resumed_from"] == 3
+    plain, m2, _ = compress(*args, **kw)
+    assert "resumed_from" not in plain.report.e2e
+    assert_same(state(m1), state(m2))

@@ -120,8 +120,14 @@ def compress(
     progress: Progress | None = None,
     quantize_fn: QuantizeFn = vptq_linear,
     blocks: int | None = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 10,
 ):
-    """Load, calibrate, quantize, save. Returns (CompressResult, model, tokenizer)."""
+    """Load, calibrate, quantize, save. Returns (CompressResult, model, tokenizer).
+
+    checkpoint_dir: where the fine-tuning stage keeps its checkpoint (every `checkpoint_every` steps); calling
+    again with the same arguments after a crash resumes the fine-tuning from it (the one-shot
+    quantization before it is recomputed: it is deterministic)."""
     t0 = time.perf_counter()
     # every cheap check first: a bad argument fails in seconds, not after loading the model
     dev = check_device(device)
@@ -130,7 +136,8 @@ def compress(
     src, ids = check_request(source, calib, nsamples, seqlen)
     model, tok = _load(load_model, src, "model")
     windows = calibration_windows(ids, nsamples, seqlen, cfg.seed)
-    rep = quantize_model(model, windows, cfg, dev, quantize_fn, progress, blocks=blocks)
+    rep = quantize_model(model, windows, cfg, dev, quantize_fn, progress, blocks=blocks,
+                         checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
     result = CompressResult(Path(out) if out else Path(), rep, 0.0, cfg, int(ids.numel()))
     if out is not None:
         result.seconds = time.perf_counter() - t0
