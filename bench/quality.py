@@ -48,6 +48,8 @@ RUNS: dict[str, dict] = {
     # one-shot ablation at 2 bits (no end-to-end stage, which would hide the parts' effects):
     # the full one-shot method, then each part off in turn
     "vptq2-oneshot": dict(method="vptq", bits=2, cfg=dict(e2e_steps=0)),
+    "vptq3-oneshot": dict(method="vptq", bits=3, cfg=dict(e2e_steps=0)),  # with/without fine-tuning rows
+    "vptq4-oneshot": dict(method="vptq", bits=4, cfg=dict(e2e_steps=0)),
     "vptq2-oneshot-no-refine": dict(method="vptq", bits=2, cfg=dict(e2e_steps=0, refine_iters=0)),
     "vptq2-oneshot-no-error-feedback": dict(method="vptq", bits=2, cfg=dict(e2e_steps=0, error_feedback=False)),
     "vptq2-oneshot-no-weighted-kmeans": dict(method="vptq", bits=2, cfg=dict(e2e_steps=0, weighted_kmeans=False)),
@@ -75,6 +77,9 @@ RUNS: dict[str, dict] = {
     "vptq4-lr1e-3-b4": dict(method="vptq", bits=4, cfg=dict(e2e_lr=1e-3, e2e_batch=4)),
     "vptq4-v4k1024r64-lr5e-4-b4": dict(method="vptq", bits=4, cfg=dict(
         vector_len=4, num_centroids=1024, num_res_centroids=64, e2e_lr=5e-4, e2e_batch=4)),
+    # block-wise fine-tuning (each block's output against the original's) before the end-to-end stage
+    "vptq3-bw50-lr5e-4-b4": dict(method="vptq", bits=3, cfg=dict(finetune_steps=50, e2e_lr=5e-4, e2e_batch=4)),
+    "vptq4-bw50-lr5e-4-b4": dict(method="vptq", bits=4, cfg=dict(finetune_steps=50, e2e_lr=5e-4, e2e_batch=4)),
 }
 
 
