@@ -98,13 +98,50 @@ def grid_1d(n: int, threads: int) -> int:
     return max(1, cdiv(n, threads))
 
 
-def launch(kernel, grid, block, stream, *args) -> None:
-    """kernel[grid, block, stream](*args); torch tensors become zero-copy device arrays."""
+STATIC_SMEM = 48 * 1024  # shared memory a block gets without opting in
+
+
+def launch(kernel, grid, block, stream, *args, shmem: int = 0) -> None:
+    """kernel[grid, block, stream, shmem](*args); torch tensors become zero-copy device arrays.
+
+    shmem = bytes of dynamic shared memory; above 48 KiB the compiled kernel is first allowed
+    to take more (`allow_dynamic_smem`).
+    """
     arrs = [as_array(a) if isinstance(a, torch.Tensor) else a for a in args]
     if simulator_enabled():
-        kernel[grid, block](*arrs)
-    else:
-        kernel[grid, block, stream](*arrs)
+        kernel[grid, block, 0, shmem](*arrs)
+        return
+    if shmem > STATIC_SMEM:
+        allow_dynamic_smem(kernel, arrs, shmem)
+    kernel[grid, block, stream, shmem](*arrs)
+
+
+_DYN_SMEM: dict[tuple, int] = {}
+
+
+def smem_optin() -> int:
+    """Largest shared memory one block may opt in to on the current device (H100: 227 KiB)."""
+    if simulator_enabled():
+        return 227 * 1024
+    return int(cuda().get_current_device().MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+
+
+def allow_dynamic_smem(kernel, arrs, shmem: int) -> None:
+    """Compile `kernel` for these arguments and raise its dynamic shared memory limit (and prefer
+    the largest shared-memory carveout) so a launch with `shmem` bytes (> 48 KiB) is accepted."""
+    key = (id(kernel), tuple((getattr(a, "dtype", type(a)), getattr(a, "ndim", 0)) for a in arrs))
+    if _DYN_SMEM.get(key, 0) >= shmem:
+        return
+    if shmem > smem_optin():
+        raise ValueError(f"shared memory: {shmem} bytes exceed the device's {smem_optin()} per block")
+    from numba.cuda.cudadrv.driver import binding, driver
+
+    kern = kernel._compile_for_args(*arrs)
+    cufunc = kern._codelibrary.get_cufunc()
+    attr = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    driver.cuKernelSetAttribute(attr, smem_optin() - cufunc.attrs.shared, cufunc.handle, cufunc.device.id)
+    cufunc.set_shared_memory_carveout(100)
+    _DYN_SMEM[key] = smem_optin() - cufunc.attrs.shared
 
 
 def dummy(device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -212,3 +249,111 @@ def load_128():
         return _ld(arr, i)
 
     return ld128
+
+
+@functools.lru_cache(maxsize=1)
+def store_128():
+    """Device function st128(arr, i, lo, hi): arr.flat[i], arr.flat[i + 1] = lo, hi for a C-contiguous
+    int64 array, as one `st.global.v2.u64` (a 16-byte store). i even, 16-byte aligned array."""
+    c = cuda()
+    if simulator_enabled():
+        @c.jit(device=True)
+        def st128(arr, i, lo, hi):
+            a = arr.reshape(-1)
+            a[i] = _wrap64(lo)
+            a[i + 1] = _wrap64(hi)
+
+        return st128
+
+    from llvmlite import ir
+    from numba import types
+    from numba.cuda.extending import intrinsic
+
+    @intrinsic
+    def _st(typingctx, arr, i, lo, hi):
+        if not (isinstance(arr, types.Array) and arr.dtype == types.int64 and isinstance(i, types.Integer)
+                and isinstance(lo, types.Integer) and isinstance(hi, types.Integer)):
+            return None
+        sig = types.void(arr, i, lo, hi)
+
+        def codegen(context, builder, sig, args):
+            ary = context.make_array(sig.args[0])(context, builder, args[0])
+            i64 = ir.IntType(64)
+            idx = args[1]
+            if idx.type.width != 64:
+                idx = builder.sext(idx, i64)
+            vals = []
+            for v in args[2:]:
+                vals.append(builder.sext(v, i64) if v.type.width < 64 else v)
+            addr = builder.ptrtoint(builder.gep(ary.data, [idx]), i64)
+            fnty = ir.FunctionType(ir.VoidType(), [i64, i64, i64])
+            builder.call(ir.InlineAsm(fnty, "st.global.v2.u64 [$0], {$1, $2};", "l,l,l", side_effect=True),
+                         [addr, *vals])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @c.jit(device=True, forceinline=True)
+    def st128(arr, i, lo, hi):
+        _st(arr, i, lo, hi)
+
+    return st128
+
+
+def _wrap64(v) -> int:
+    """Python/numpy integer -> the int64 with the same low 64 bits (simulator only)."""
+    v = int(v) & 0xFFFFFFFFFFFFFFFF
+    return v - (1 << 64) if v >= (1 << 63) else v
+
+
+@functools.lru_cache(maxsize=1)
+def float_to_half_bits():
+    """Device function: float32 -> the 16 bits of its fp16 rounding (round to nearest even), as an
+    integer 0..65535 (one `cvt.rn.f16.f32`)."""
+    c = cuda()
+    if simulator_enabled():
+        import numpy as np
+
+        @c.jit(device=True)
+        def f2h(x):
+            return int(np.float16(np.float32(x)).view(np.uint16))
+
+        return f2h
+
+    from llvmlite import ir
+    from numba import types
+    from numba.cuda.extending import intrinsic
+
+    @intrinsic
+    def _cvt(typingctx, x):
+        if not isinstance(x, types.Float):
+            return None
+
+        def codegen(context, builder, sig, args):
+            (a,) = args
+            if a.type != ir.FloatType():
+                a = builder.fptrunc(a, ir.FloatType())
+            fnty = ir.FunctionType(ir.IntType(16), [ir.FloatType()])
+            h = builder.call(ir.InlineAsm(fnty, "cvt.rn.f16.f32 $0, $1;", "=h,f"), [a])
+            return builder.zext(h, ir.IntType(64))
+
+        return types.int64(x), codegen
+
+    @c.jit(device=True, forceinline=True)
+    def f2h(x):
+        return _cvt(x)
+
+    return f2h
+
+
+def compile_source(src: str, name: str, env: dict, tag: str):
+    """exec generated kernel source (registered with linecache so tracebacks show it) and return
+    the function `name` defined in it. Generated code keeps per-code work in scalar variables,
+    fully unrolled, so nothing lands in local memory."""
+    import linecache
+
+    fname = f"<kernels-generated-{tag}>"
+    linecache.cache[fname] = (len(src), None, src.splitlines(True), fname)
+    ns = dict(env)
+    exec(compile(src, fname, "exec"), ns)
+    return ns[name]

@@ -327,8 +327,14 @@ def column_map(p: PackedLayer) -> torch.Tensor:
 
 
 def dequantize(p: PackedLayer, dtype: torch.dtype = torch.float16, *, colmap: torch.Tensor | None = None,
-               threads: int = THREADS, checked: bool = False) -> torch.Tensor:
-    """numba.cuda dequantization; same contract as `dequantize_ref` (dtype fp16 or fp32)."""
+               threads: int | None = None, checked: bool = False, path: str | None = None,
+               rb: int | None = None, maxreg: int | None = None) -> torch.Tensor:
+    """numba.cuda dequantization; same contract as `dequantize_ref` (dtype fp16 or fp32).
+
+    Two kernels: "staged" (rows of packed codes staged in shared memory, codebooks there too when
+    they fit, 16-byte stores; every layout without outlier columns) and "columns" (one thread per
+    column and row of vectors; every layout). `path` forces one; default: staged where it applies.
+    """
     if not checked:
         check_layer(p, kernel=True)
     if dtype not in (torch.float16, torch.float32):
@@ -337,6 +343,14 @@ def dequantize(p: PackedLayer, dtype: torch.dtype = torch.float16, *, colmap: to
     m, n, v = p.out_features, p.in_features, p.vector_len
     if colmap is None:
         colmap = column_map(p)
+    if path not in (None, "staged", "columns"):
+        raise ValueError(f"path: {path!r} is not 'staged' or 'columns'")
+    cfg = None if path == "columns" else dequant2_config(p, dtype, threads or DQ_THREADS, rb=rb, maxreg=maxreg)
+    if path == "staged" and cfg is None:
+        raise ValueError("path: the row-staged kernel needs no outlier columns and the packed rows in shared memory")
+    if cfg is not None:
+        return dequantize2(p, dtype, colmap, cfg)
+    threads = threads or THREADS
     out = torch.empty(m, n, dtype=dtype, device=dev)
     f16 = nb.dummy(dev, torch.float16)
     kern = _kernel(v, p.num_res_centroids > 0, p.outlier_size > 0, p.weight_scale is not None, threads)
@@ -351,4 +365,353 @@ def dequantize(p: PackedLayer, dtype: torch.dtype = torch.float16, *, colmap: to
         p.weight_bias if p.weight_bias is not None else f16,
         p.code_bits, p.main_bits, max(p.outlier_vector_len, 1), out,
     )
+    return out
+
+
+# ------------------------------------------------------------- codebooks in shared memory
+# Small codebooks (v6-k4096: 48 KiB, v4-k4096: 32 KiB) are copied into shared memory once per
+# block and gathered from there instead of from L2. Layout ("planes", one per 4/2/1 fp16 values
+# of a centroid, each indexed by the code): floor(v/4) planes of int64, then one int32 plane if
+# v % 4 >= 2, then one int16 plane if v is odd; main codebook (all groups: entry g*k + c) at
+# byte 0, residual codebook at byte ceil16(main bytes). A v=6 centroid is then one 8-byte and
+# one 4-byte shared load at entry-strided addresses (fewer bank conflicts than 3 x 4 bytes).
+CB_SMEM_MAX = 96 * 1024  # codebook bytes (main + residual) the kernels keep in shared memory
+LOC_BITS_MASK = 0xFFFFFFFF
+
+
+def ceil16(b: int) -> int:
+    return -(-b // 16) * 16
+
+
+def smem_codebook_bytes(p: PackedLayer) -> int:
+    """Bytes of the shared-memory copy of every codebook of the layer (all groups, main + residual)."""
+    v, g = p.vector_len, p.group_num
+    b = ceil16(g * p.num_centroids * v * 2)
+    if p.num_res_centroids:
+        b += ceil16(g * p.num_res_centroids * v * 2)
+    return b
+
+
+def flat_words(cb: torch.Tensor, v: int) -> torch.Tensor:
+    """fp16 codebook (G, k*v) as a flat int32 (v even: v/2 words per entry) or int16 (v odd) view."""
+    return cb.reshape(-1).view(torch.int32 if v % 2 == 0 else torch.int16)
+
+
+def planes(v: int) -> tuple[int, int, int]:
+    """(int64 planes, int32 plane 0/1, int16 plane 0/1) of a centroid of v fp16 values."""
+    return v // 4, (v % 4) // 2, v % 2
+
+
+def plane_bases_src(v: int, kname: str, krname: str | None, ind: str) -> list[str]:
+    """Kernel lines defining the plane base indices m64/m32/m16 (main) and r64/r32/r16 (residual)
+    in units of each plane's dtype, and `cbbytes` (bytes of the codebooks, a multiple of 16)."""
+    q, d, _ = planes(v)
+    out = [f"{ind}m64 = 0",
+           f"{ind}m32 = ({q} * {kname} * 8) // 4",
+           f"{ind}m16 = ({q} * {kname} * 8 + {d} * {kname} * 4) // 2",
+           f"{ind}mbytes = ({kname} * {2 * v} + 15) // 16 * 16"]
+    if krname:
+        out += [f"{ind}r64 = mbytes // 8",
+                f"{ind}r32 = (mbytes + {q} * {krname} * 8) // 4",
+                f"{ind}r16 = (mbytes + {q} * {krname} * 8 + {d} * {krname} * 4) // 2",
+                f"{ind}cbbytes = mbytes + ({krname} * {2 * v} + 15) // 16 * 16"]
+    else:
+        out += [f"{ind}cbbytes = mbytes"]
+    return out
+
+
+def fill_src(v: int, src: str, kname: str, pre: str, threads: int, ind: str) -> list[str]:
+    """Kernel lines copying a global codebook (flat word view `src`, `kname` entries) into the
+    shared planes with bases {pre}64/{pre}32/{pre}16. Loads of NB entries per thread are issued
+    before any store so they are in flight together."""
+    q, d, o = planes(v)
+    even = v % 2 == 0
+    hw = v // 2 if even else v  # source words per entry
+    nbt = 8 if hw <= 4 else 4
+    L = [f"{ind}for _e0 in range(tid, {kname}, {threads * nbt}):"]
+    i2 = ind + "    "
+    i3 = i2 + "    "
+    for i in range(nbt):
+        L.append(f"{i2}_e{i} = _e0 + {i * threads}")
+        L.append(f"{i2}if _e{i} < {kname}:")
+        for j in range(hw):
+            L.append(f"{i3}_f{i}_{j} = int64({src}[_e{i} * {hw} + {j}])")
+        L.append(f"{i2}else:")
+        for j in range(hw):
+            L.append(f"{i3}_f{i}_{j} = int64(0)")
+    for i in range(nbt):
+        L.append(f"{i2}if _e{i} < {kname}:")
+        for pl in range(q):
+            if even:
+                val = f"(_f{i}_{2 * pl} & 0xFFFFFFFF) | (_f{i}_{2 * pl + 1} << 32)"
+            else:
+                h = [f"_f{i}_{4 * pl + t}" for t in range(4)]
+                val = f"({h[0]} & 0xFFFF) | (({h[1]} & 0xFFFF) << 16) | (({h[2]} & 0xFFFF) << 32) | ({h[3]} << 48)"
+            L.append(f"{i3}s64[{pre}64 + {pl} * {kname} + _e{i}] = {val}")
+        if d:
+            val = f"_f{i}_{2 * q}" if even else f"(_f{i}_{4 * q} & 0xFFFF) | (_f{i}_{4 * q + 1} << 16)"
+            L.append(f"{i3}s32[{pre}32 + _e{i}] = {val}")
+        if o:
+            L.append(f"{i3}s16[{pre}16 + _e{i}] = _f{i}_{4 * q + 2 * d}")
+    return L
+
+
+def gather_smem_src(v: int, code: str, kname: str, pre: str, out: str, add: bool, ind: str) -> list[str]:
+    """Kernel lines: {out}{t} (=|+=) float32 value t of centroid `code` of the shared planes {pre}."""
+    q, d, o = planes(v)
+    op = "+=" if add else "="
+    L = []
+    for pl in range(q):
+        L.append(f"{ind}_g{pl} = s64[uint64({pre}64 + {pl} * {kname} + {code})]")
+        for h in range(4):
+            L.append(f"{ind}{out}{4 * pl + h} {op} h2f(_g{pl} >> {16 * h})")
+    if d:
+        L.append(f"{ind}_gd = s32[uint64({pre}32 + {code})]")
+        L.append(f"{ind}{out}{4 * q} {op} h2f(_gd)")
+        L.append(f"{ind}{out}{4 * q + 1} {op} h2f(_gd >> 16)")
+    if o:
+        L.append(f"{ind}{out}{4 * q + 2 * d} {op} h2f(s16[uint64({pre}16 + {code})])")
+    return L
+
+
+def gather_global_src(v: int, cbw: str, entry: str, out: str, add: bool, ind: str) -> list[str]:
+    """Kernel lines: {out}{t} (=|+=) value t of centroid `entry` (g*k + c) read from the global
+    codebook word view `cbw` (flat: int64 if v % 4 == 0, int32 if v even, else int16)."""
+    op = "+=" if add else "="
+    L = []
+    if v % 4 == 0:
+        nq = v // 4
+        if nq % 2 == 0:
+            for q2 in range(nq // 2):
+                L.append(f"{ind}_ga, _gb = ld128({cbw}, {entry} * {nq} + {2 * q2})")
+                for h in range(4):
+                    L.append(f"{ind}{out}{8 * q2 + h} {op} h2f(_ga >> {16 * h})")
+                    L.append(f"{ind}{out}{8 * q2 + 4 + h} {op} h2f(_gb >> {16 * h})")
+        else:
+            for qq in range(nq):
+                L.append(f"{ind}_ga = {cbw}[uint64({entry} * {nq} + {qq})]")
+                for h in range(4):
+                    L.append(f"{ind}{out}{4 * qq + h} {op} h2f(_ga >> {16 * h})")
+    elif v % 2 == 0:
+        for qq in range(v // 2):
+            L.append(f"{ind}_ga = {cbw}[uint64({entry} * {v // 2} + {qq})]")
+            L.append(f"{ind}{out}{2 * qq} {op} h2f(_ga)")
+            L.append(f"{ind}{out}{2 * qq + 1} {op} h2f(_ga >> 16)")
+    else:
+        for t in range(v):
+            L.append(f"{ind}{out}{t} {op} h2f({cbw}[uint64({entry} * {v} + {t})])")
+    return L
+
+
+def flat_word_view(cb: torch.Tensor, v: int) -> torch.Tensor:
+    """Flat global word view for gather_global_src."""
+    return word_view(cb, v).reshape(-1)
+
+
+# ------------------------------------------------------------- dequantize, row-staged kernel
+DQ_THREADS = 256
+DQ_MAXREG = 0  # register cap of the row-staged kernel (0: the compiler's choice)
+MAX_ROWS_PER_STEP = 4
+
+
+@functools.cache
+def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, cb_smem: bool, half: bool,
+             vec: bool, cpt: int, rb: int, threads: int, maxreg: int = 0):
+    """Row-staged dequantization: a block walks rows of vectors (grid-stride, `rb` per step),
+    stages their packed words in shared memory with coalesced 8-byte loads, then each thread
+    produces `cpt` consecutive original columns x v output rows: one code per column read from
+    shared memory (perm and groups through the column map), the centroid from the shared
+    planes (small codebooks) or from global memory (16-byte loads), scale/bias in fp32, and
+    one 16-byte (fp16, cpt = 8) or 8-byte (cpt = 4) store per output row."""
+    _jit_env()
+    mask = (1 << bits) - 1
+    cross = 32 % bits != 0 and bits % 32 != 0  # codes may straddle two words
+    ind = "    "
+    L = ["def dequant2(indices, idx64, cbg, rcbg, cbw, rcbw, colmap, scale, wbias, out, out64, k, kr):",
+         f"{ind}s64 = cuda.shared.array(0, int64)",
+         f"{ind}s32 = cuda.shared.array(0, int32)",
+         f"{ind}s16 = cuda.shared.array(0, int16)",
+         f"{ind}m = out.shape[0]",
+         f"{ind}n = out.shape[1]",
+         f"{ind}nrows = indices.shape[1]",
+         f"{ind}ngroups = indices.shape[0]",
+         f"{ind}nwords = indices.shape[2]",
+         f"{ind}tid = cuda.threadIdx.x",
+         f"{ind}K = ngroups * k",
+         f"{ind}KR = ngroups * kr"]
+    if cb_smem:
+        L += plane_bases_src(v, "K", "KR" if has_res else None, ind)
+        L += fill_src(v, "cbg", "K", "m", threads, ind)
+        if has_res:
+            L += fill_src(v, "rcbg", "KR", "r", threads, ind)
+    else:
+        L.append(f"{ind}cbbytes = 0")
+    L += [f"{ind}ow = cbbytes // 4",  # int32 index of the staged words
+          f"{ind}nwr = ngroups * nwords",
+          f"{ind}even = nwords % 2 == 0",
+          f"{ind}nw2 = nwords // 2",
+          f"{ind}for r0 in range(cuda.blockIdx.x * {rb}, nrows, cuda.gridDim.x * {rb}):",
+          f"{ind * 2}cuda.syncthreads()",
+          f"{ind * 2}if even:",
+          f"{ind * 3}for _i in range(tid, {rb} * ngroups * nw2, {threads}):",
+          f"{ind * 4}_rr = _i // (ngroups * nw2)",
+          f"{ind * 4}_q = _i - _rr * (ngroups * nw2)",
+          f"{ind * 4}_g = _q // nw2",
+          f"{ind * 4}if r0 + _rr < nrows:",
+          f"{ind * 5}s64[ow // 2 + _rr * (nwr // 2) + _q] = idx64[_g, r0 + _rr, _q - _g * nw2]",
+          f"{ind * 2}else:",
+          f"{ind * 3}for _i in range(tid, {rb} * nwr, {threads}):",
+          f"{ind * 4}_rr = _i // nwr",
+          f"{ind * 4}_q = _i - _rr * nwr",
+          f"{ind * 4}_g = _q // nwords",
+          f"{ind * 4}if r0 + _rr < nrows:",
+          f"{ind * 5}s32[ow + _i] = indices[_g, r0 + _rr, _q - _g * nwords]",
+          f"{ind * 2}cuda.syncthreads()",
+          f"{ind * 2}for jb in range(tid * {cpt}, n, {threads * cpt}):",
+          f"{ind * 3}full = jb + {cpt} <= n"]
+    i3, i4, i5, i6 = ind * 3, ind * 4, ind * 5, ind * 6
+    for u in range(cpt):
+        L += [f"{i3}if jb + {u} < n:",
+              f"{i4}_l = int64(colmap[jb + {u}])",
+              f"{i4}g{u} = (_l >> {LOC_SHIFT}) - 1",
+              f"{i4}bo{u} = (_l & {LOC_MASK}) * {bits} + g{u} * nwords * 32"]
+        if has_norm:
+            L += [f"{i4}sc{u} = float32(scale[jb + {u}])", f"{i4}bi{u} = float32(wbias[jb + {u}])"]
+        L += [f"{i3}else:", f"{i4}g{u} = 0", f"{i4}bo{u} = 0"]
+        if has_norm:
+            L += [f"{i4}sc{u} = float32(0.0)", f"{i4}bi{u} = float32(0.0)"]
+    L += [f"{i3}for rr in range({rb}):",
+          f"{i4}r = r0 + rr",
+          f"{i4}if r < nrows:",
+          f"{i5}wb = (ow + rr * nwr) * 32"]
+    for u in range(cpt):
+        L += [f"{i5}_o = wb + bo{u}",
+              f"{i5}_w = _o >> 5",
+              f"{i5}_sh = _o & 31",
+              f"{i5}_x = int64(s32[uint64(_w)]) & 0xFFFFFFFF"]
+        if cross:
+            L += [f"{i5}if _sh + {bits} > 32:",
+                  f"{i6}_x |= (int64(s32[uint64(_w + 1)]) & 0xFFFFFFFF) << 32"]
+        L.append(f"{i5}_c = (_x >> _sh) & {mask}")
+        main = f"(_c & {(1 << main_bits) - 1})" if has_res else "_c"
+        L.append(f"{i5}_cm = g{u} * k + {main}")
+        if has_res:
+            L.append(f"{i5}_cr = g{u} * kr + (_c >> {main_bits})")
+        if cb_smem:
+            L += gather_smem_src(v, "_cm", "K", "m", f"v{u}_", False, i5)
+            if has_res:
+                L += gather_smem_src(v, "_cr", "KR", "r", f"v{u}_", True, i5)
+        else:
+            L += gather_global_src(v, "cbw", "_cm", f"v{u}_", False, i5)
+            if has_res:
+                L += gather_global_src(v, "rcbw", "_cr", f"v{u}_", True, i5)
+        if has_norm:
+            for t in range(v):
+                L.append(f"{i5}v{u}_{t} = v{u}_{t} * sc{u} + bi{u}")
+    for t in range(v):
+        L += [f"{i5}row = r * {v} + {t}", f"{i5}if row < m:"]
+        if half and vec:
+            L.append(f"{i6}if full:")
+            hs = ", ".join(f"f2h(v{u}_{t})" for u in range(cpt))
+            if cpt == 8:
+                L += [f"{i6}    _lo, _hi = pack8({hs})", f"{i6}    st128(out64, (row * n + jb) >> 2, _lo, _hi)"]
+            else:  # cpt == 4: one 8-byte store
+                L += [f"{i6}    out64[row, jb >> 2] = pack4({hs})"]
+            L.append(f"{i6}else:")
+            for u in range(cpt):
+                L += [f"{i6}    if jb + {u} < n:", f"{i6}        out[row, jb + {u}] = v{u}_{t}"]
+        else:
+            for u in range(cpt):
+                L += [f"{i6}if jb + {u} < n:", f"{i6}    out[row, jb + {u}] = v{u}_{t}"]
+    src = "\n".join(L) + "\n"
+    env = {**kernel_env(), "f2h": nb.float_to_half_bits(), "st128": nb.store_128(), "pack4": _packers()[0],
+           "pack8": _packers()[1]}
+    fn = nb.compile_source(src, "dequant2", env, f"dequant2-v{v}-b{bits}-{main_bits}-{has_res}-{cb_smem}-{half}")
+    return cuda.jit(fn, max_registers=maxreg) if maxreg and not nb.simulator_enabled() else cuda.jit(fn)
+
+
+def kernel_env() -> dict:
+    """Names every generated kernel may use."""
+    from numba import int16, int32, uint64
+
+    _jit_env()
+    return {"cuda": cuda, "int64": int64, "int32": int32, "int16": int16, "uint64": uint64, "float32": float32,
+            "h2f": nb.half_bits_to_float(), "ld128": nb.load_128()}
+
+
+@functools.cache
+def _packers():
+    """(pack4, pack8): four / eight 16-bit values -> one / two int64 words, value 0 in the low bits."""
+    c = nb.cuda()
+    if nb.simulator_enabled():
+        @c.jit(device=True)
+        def pack4(a, b, d, e):
+            return nb._wrap64(int(a) | (int(b) << 16) | (int(d) << 32) | (int(e) << 48))
+    else:
+        @c.jit(device=True, forceinline=True)
+        def pack4(a, b, d, e):
+            return a | (b << 16) | (d << 32) | (e << 48)
+
+    @c.jit(device=True)
+    def pack8(a0, a1, a2, a3, a4, a5, a6, a7):
+        return pack4(a0, a1, a2, a3), pack4(a4, a5, a6, a7)
+
+    return pack4, pack8
+
+
+def dequant2_config(p: PackedLayer, dtype: torch.dtype, threads: int = DQ_THREADS, *, rb: int | None = None,
+                    maxreg: int | None = None) -> dict | None:
+    """Launch configuration of the row-staged kernel for this layer, or None (old kernel).
+
+    rb (rows of vectors staged per step) defaults to the most that leaves room for two blocks
+    per SM; maxreg caps the registers (0: the compiler's choice)."""
+    if p.outlier_size or p.vector_len > MAX_V:
+        return None
+    v = p.vector_len
+    cb = smem_codebook_bytes(p)
+    cb_smem = cb <= CB_SMEM_MAX
+    cbb = cb if cb_smem else 0
+    row_bytes = ceil16(p.group_num * p.indices.shape[2] * 4)
+    limit = nb.smem_optin()
+    if rb is None:
+        rb = MAX_ROWS_PER_STEP
+        while rb > 1 and cbb + rb * row_bytes > max(limit // 2 - 2048, cbb + row_bytes):
+            rb //= 2
+    if rb < 1:
+        raise ValueError(f"rb: {rb} rows per step")
+    shmem = cbb + rb * row_bytes
+    if shmem > limit:
+        return None
+    half = dtype == torch.float16
+    cpt = (8 if v <= 8 else 4) if half else 4
+    vec = half and p.in_features % cpt == 0
+    if nb.simulator_enabled():
+        sms, per_sm = 2, 1
+    else:
+        sms = torch.cuda.get_device_properties(p.device).multi_processor_count
+        per_sm = max(1, min(limit // max(shmem, 1), 2048 // threads))
+    grid = max(1, min(nb.cdiv(p.rows, rb), sms * per_sm))
+    return dict(cb_smem=cb_smem, rb=rb, shmem=shmem, half=half, cpt=cpt, vec=vec, grid=grid, threads=threads,
+                maxreg=DQ_MAXREG if maxreg is None else maxreg)
+
+
+def dequantize2(p: PackedLayer, dtype: torch.dtype, colmap: torch.Tensor, cfg: dict) -> torch.Tensor:
+    dev = p.device
+    v = p.vector_len
+    m, n = p.out_features, p.in_features
+    out = torch.empty(m, n, dtype=dtype, device=dev)
+    out64 = out.view(torch.int64) if cfg["vec"] else torch.zeros(1, 1, dtype=torch.int64, device=dev)
+    words = p.indices.shape[2]
+    idx64 = p.indices.view(torch.int64) if words % 2 == 0 else torch.zeros(1, 1, 1, dtype=torch.int64, device=dev)
+    has_res = p.num_res_centroids > 0
+    res = p.res_centroids if has_res else p.centroids
+    kern = _kernel2(v, p.code_bits, p.main_bits, has_res, p.weight_scale is not None, cfg["cb_smem"], cfg["half"],
+                    cfg["vec"], cfg["cpt"], cfg["rb"], cfg["threads"], cfg["maxreg"])
+    f16 = nb.dummy(dev, torch.float16)
+    nb.launch(kern, cfg["grid"], cfg["threads"], nb.stream_for(p.indices),
+              p.indices, idx64, flat_words(p.centroids, v), flat_words(res, v),
+              flat_word_view(p.centroids, v), flat_word_view(res, v), colmap,
+              p.weight_scale if p.weight_scale is not None else f16,
+              p.weight_bias if p.weight_bias is not None else f16,
+              out, out64, p.num_centroids, p.num_res_centroids, shmem=cfg["shmem"])
     return out

@@ -36,7 +36,17 @@ import math
 import torch
 
 from . import _numba as nb
-from .dequant import PackedLayer, check_layer, dequantize_ref, device_helpers, word_view
+from .dequant import (
+    CB_SMEM_MAX,
+    PackedLayer,
+    ceil16,
+    check_layer,
+    dequantize_ref,
+    device_helpers,
+    flat_words,
+    smem_codebook_bytes,
+    word_view,
+)
 
 THREADS = 256  # threads per block (8 warps)
 WARP = 32
@@ -245,6 +255,225 @@ def _kernel(v: int, batch: int, has_res: bool, has_out: bool, has_perm: bool, ha
     return gemv_kernel
 
 
+@functools.cache
+def _kernel_smem(v: int, batch: int, bits: int, main_bits: int, has_res: bool, has_perm: bool, has_norm: bool,
+                 has_bias: bool, split: bool, u: int, threads: int, wload: int, xdtype: str, maxreg: int = 0):
+    """The codebook-in-shared-memory gemv (generated source, every per-code step unrolled into
+    scalar registers). Dynamic shared memory: codebook planes | x' chunk | row sums | x.wbias.
+
+    A block owns `rt` rows of vectors x a chunk of `kc` stored columns. The chunk is cut into
+    slices of warp*u columns; a warp job = one slice x `rg` consecutive rows: the lane keeps the
+    folded activations of its u columns in registers, loads its u packed codes of a row as
+    u*bits/32 words (16-byte loads when aligned, next row prefetched), decodes them with
+    constant shifts, gathers each centroid from shared memory and accumulates in fp32; the
+    warp's v*batch sums are reduced with shuffles and added to the block's row sums in shared
+    memory. The block then writes y (one chunk) or adds into the fp32 workspace, the last
+    block of a row tile writing y (split-K, as in the L2 kernel)."""
+    from .dequant import fill_src, gather_smem_src, kernel_env, plane_bases_src
+
+    sim = nb.simulator_enabled()
+    warp = 1 if sim else WARP
+    nwarps = threads // warp
+    pw = warp * u
+    nwl = u * bits // 32  # packed words per lane and row
+    assert u * bits % 32 == 0
+    bv = batch * v
+    xreg = batch * u <= 64
+    mask = (1 << bits) - 1
+    ind = "    "
+    i2, i3, i4, i5 = ind * 2, ind * 3, ind * 4, ind * 5
+    L = ["def gemv_smem(x, xsrc, xscale, xwb, idx, idx64, cbg, rcbg, bias, ws, cnt, y, k, kr, kc, rt, rg, nsplit):",
+         f"{ind}s64 = cuda.shared.array(0, int64)",
+         f"{ind}s32 = cuda.shared.array(0, int32)",
+         f"{ind}s16 = cuda.shared.array(0, int16)",
+         f"{ind}sf = cuda.shared.array(0, float32)",
+         f"{ind}n = x.shape[1]",
+         f"{ind}m = y.shape[1]",
+         f"{ind}nrows = idx.shape[1]",
+         f"{ind}nwords = idx.shape[2]",
+         f"{ind}tile = cuda.blockIdx.x",
+         f"{ind}k0 = cuda.blockIdx.y * kc",
+         f"{ind}tid = cuda.threadIdx.x",
+         f"{ind}lane = tid % {warp}",
+         f"{ind}wid = tid // {warp}"]
+    L += plane_bases_src(v, "k", "kr" if has_res else None, ind)
+    L += [f"{ind}oxs = cbbytes // 4",
+          f"{ind}oys = oxs + {batch} * kc",
+          f"{ind}owb = oys + rt * {bv}",
+          f"{ind}ofl = owb + {batch}"]
+    L += fill_src(v, "cbg", "k", "m", threads, ind)
+    if has_res:
+        L += fill_src(v, "rcbg", "kr", "r", threads, ind)
+    # ---- stage x' = x[perm] * scale of this chunk (lane-major), its x . wbias, zero the row sums
+    for b in range(batch):
+        L.append(f"{ind}_wp{b} = float32(0.0)")
+    L += [f"{ind}for _i in range(tid, kc, {threads}):",
+          f"{i2}p = k0 + _i",
+          f"{i2}pos = (_i // {pw}) * {pw} + (_i % {u}) * {warp} + (_i % {pw}) // {u}",
+          f"{i2}if p < n:",
+          f"{i3}j = int64(xsrc[p])" if has_perm else f"{i3}j = p"]
+    if has_norm:
+        L += [f"{i3}_sc = xscale[p]", f"{i3}_wb = xwb[p]"]
+    for b in range(batch):
+        L.append(f"{i3}_xv = float32(x[{b}, j])")
+        if has_norm:
+            L += [f"{i3}sf[oxs + {b} * kc + pos] = _xv * _sc", f"{i3}_wp{b} += _xv * _wb"]
+        else:
+            L.append(f"{i3}sf[oxs + {b} * kc + pos] = _xv")
+    L.append(f"{i2}else:")
+    for b in range(batch):
+        L.append(f"{i3}sf[oxs + {b} * kc + pos] = float32(0.0)")
+    L += [f"{ind}for _i in range(tid, rt * {bv}, {threads}):",
+          f"{i2}sf[oys + _i] = float32(0.0)",
+          f"{ind}if tid < {batch}:",
+          f"{i2}sf[owb + tid] = float32(0.0)",
+          f"{ind}cuda.syncthreads()"]
+    if has_norm:
+        for b in range(batch):
+            L += [f"{ind}_t = warp_allsum(_wp{b})", f"{ind}if lane == 0:", f"{i2}cuda.atomic.add(sf, owb + {b}, _t)"]
+    L.append(f"{ind}cuda.syncthreads()")
+    # ---- warp jobs: one slice x rg rows
+    L += [f"{ind}nsl = kc // {pw}",
+          f"{ind}rlo = tile * rt",
+          f"{ind}rhi = min(rlo + rt, nrows)",
+          f"{ind}ngr = (rt + rg - 1) // rg",
+          f"{ind}for job in range(wid, nsl * ngr, {nwarps}):",
+          f"{i2}s = job % nsl",
+          f"{i2}r0 = rlo + (job // nsl) * rg",
+          f"{i2}r1 = min(r0 + rg, rhi)",
+          f"{i2}if r0 < r1:",
+          f"{i3}c0 = k0 + s * {pw} + lane * {u}",
+          f"{i3}full = c0 + {u} <= n",
+          f"{i3}wb = (c0 * {bits}) >> 5",
+          f"{i3}xo = oxs + s * {pw} + lane"]
+    if xreg:
+        for b in range(batch):
+            for uu in range(u):
+                L.append(f"{i3}x{b}_{uu} = sf[xo + {b} * kc + {uu * warp}]")
+
+    def load(dst: str, row: str, i: str) -> list[str]:
+        out = [f"{i}if full:"]
+        j2 = i + ind
+        if wload == 4:
+            out.append(f"{j2}_base = {row} * (nwords >> 1) + (wb >> 1)")
+            for jj in range(nwl // 4):
+                out += [f"{j2}_lo, _hi = ld128(idx64, _base + {2 * jj})",
+                        f"{j2}{dst}{4 * jj} = _lo & 0xFFFFFFFF",
+                        f"{j2}{dst}{4 * jj + 1} = (_lo >> 32) & 0xFFFFFFFF",
+                        f"{j2}{dst}{4 * jj + 2} = _hi & 0xFFFFFFFF",
+                        f"{j2}{dst}{4 * jj + 3} = (_hi >> 32) & 0xFFFFFFFF"]
+        elif wload == 2:
+            for jj in range(nwl // 2):
+                out += [f"{j2}_lo = idx64[0, {row}, (wb >> 1) + {jj}]",
+                        f"{j2}{dst}{2 * jj} = _lo & 0xFFFFFFFF",
+                        f"{j2}{dst}{2 * jj + 1} = (_lo >> 32) & 0xFFFFFFFF"]
+        else:
+            for jj in range(nwl):
+                out.append(f"{j2}{dst}{jj} = int64(idx[0, {row}, wb + {jj}]) & 0xFFFFFFFF")
+        out.append(f"{i}else:")
+        for jj in range(nwl):
+            out += [f"{j2}if wb + {jj} < nwords:",
+                    f"{j2}    {dst}{jj} = int64(idx[0, {row}, wb + {jj}]) & 0xFFFFFFFF",
+                    f"{j2}else:",
+                    f"{j2}    {dst}{jj} = int64(0)"]
+        return out
+
+    L += load("w", "r0", i3)
+    L += [f"{i3}r = r0", f"{i3}while r < r1:", f"{i4}if r + 1 < r1:"]
+    L += load("nx", "r + 1", i5)
+    L.append(f"{i4}else:")
+    for jj in range(nwl):
+        L.append(f"{i5}nx{jj} = int64(0)")
+    for e in range(bv):
+        L.append(f"{i4}a{e} = float32(0.0)")
+    for uu in range(u):
+        o = uu * bits
+        w0, sh = o >> 5, o & 31
+        if sh + bits <= 32:
+            L.append(f"{i4}_c = (w{w0} >> {sh}) & {mask}")
+        else:
+            L.append(f"{i4}_c = ((w{w0} >> {sh}) | (w{w0 + 1} << {32 - sh})) & {mask}")
+        if has_res:
+            L += [f"{i4}_cm = _c & {(1 << main_bits) - 1}", f"{i4}_cr = _c >> {main_bits}"]
+        else:
+            L.append(f"{i4}_cm = _c")
+        L += gather_smem_src(v, "_cm", "k", "m", "cv", False, i4)
+        if has_res:
+            L += gather_smem_src(v, "_cr", "kr", "r", "cv", True, i4)
+        for b in range(batch):
+            xv = f"x{b}_{uu}" if xreg else f"sf[xo + {b} * kc + {uu * warp}]"
+            if not xreg:
+                L.append(f"{i4}_xv = {xv}")
+                xv = "_xv"
+            for t in range(v):
+                L.append(f"{i4}a{b * v + t} += {xv} * cv{t}")
+    for e in range(bv):
+        L += [f"{i4}_s = warp_allsum(a{e})",
+              f"{i4}if lane == {e % warp}:",
+              f"{i5}cuda.atomic.add(sf, oys + (r - rlo) * {bv} + {e}, _s)"]
+    for jj in range(nwl):
+        L.append(f"{i4}w{jj} = nx{jj}")
+    L += [f"{i4}r += 1",
+          f"{ind}cuda.syncthreads()",
+          # ---- block sums -> y, or -> workspace
+          f"{ind}for _i in range(tid, (rhi - rlo) * {bv}, {threads}):",
+          f"{i2}_rl = _i // {bv}",
+          f"{i2}_e = _i - _rl * {bv}",
+          f"{i2}_b = _e // {v}",
+          f"{i2}row = (rlo + _rl) * {v} + _e - _b * {v}",
+          f"{i2}if row < m:",
+          f"{i3}tot = sf[oys + _i]"]
+    if has_norm:
+        L.append(f"{i3}tot += sf[owb + _b]")
+    if split:
+        L.append(f"{i3}cuda.atomic.add(ws, (_b, row), tot)")
+    else:
+        if has_bias:
+            L.append(f"{i3}tot += float32(bias[row])")
+        L.append(f"{i3}y[_b, row] = tot")
+    if split:
+        L += [f"{ind}cuda.threadfence()",
+              f"{ind}cuda.syncthreads()",
+              f"{ind}if tid == 0:",
+              f"{i2}old = cuda.atomic.add(cnt, tile, 1)",
+              f"{i2}s32[ofl] = 1 if old == nsplit - 1 else 0",
+              f"{ind}cuda.syncthreads()",
+              f"{ind}if s32[ofl] == 1:",
+              f"{i2}nr = (rhi - rlo) * {v}",
+              f"{i2}for _i in range(tid, {batch} * nr, {threads}):",
+              f"{i3}_b = _i // nr",
+              f"{i3}row = rlo * {v} + _i - _b * nr",
+              f"{i3}if row < m:",
+              f"{i4}tot = cuda.atomic.add(ws, (_b, row), float32(0.0))",
+              f"{i4}ws[_b, row] = float32(0.0)"]
+        if has_bias:
+            L.append(f"{i4}tot += float32(bias[row])")
+        L += [f"{i4}y[_b, row] = tot",
+              f"{i2}if tid == 0:",
+              f"{i3}cnt[tile] = 0"]
+    src = "\n".join(L) + "\n"
+    env = {**kernel_env(), "warp_allsum": _warp_allsum(warp)}
+    fn = nb.compile_source(src, "gemv_smem", env,
+                           f"gemv-smem-v{v}-B{batch}-b{bits}-{main_bits}-u{u}-t{threads}-w{wload}-{split}")
+    return nb.cuda().jit(fn, max_registers=maxreg) if maxreg and not sim else nb.cuda().jit(fn)
+
+
+@functools.cache
+def _warp_allsum(warp: int):
+    c = nb.cuda()
+
+    @c.jit(device=True)
+    def warp_allsum(val):
+        if warp > 1:
+            off = warp // 2
+            while off > 0:
+                val += c.shfl_xor_sync(0xFFFFFFFF, val, off)
+                off //= 2
+        return val
+
+    return warp_allsum
+
+
 def _choose(rows: int, n: int, pw: int, threads: int, warp: int) -> tuple[int, int]:
     """(kc, rw): column chunk (split-K) and rows of vectors per warp.
 
@@ -279,39 +508,97 @@ def _core_stream(ptr: int):
     return driver._to_core_stream(nb._external_stream(ptr))
 
 
+SMEM_THREADS = 256  # threads per block of the shared-memory-codebook kernel
+SMEM_U = 32  # consecutive codes per lane (batch <= 2; 16 above)
+SMEM_MAXREG = 0  # register cap of the shared-memory kernel (0: the compiler's choice)
+X_CHUNK = 8192  # floats of x' staged per block (batch x chunk)
+
+
+def smem_path_ok(p: PackedLayer) -> bool:
+    """The layer's codebooks fit in shared memory and the layout is the plain one (one group, no
+    outlier columns): the codebook-in-shared-memory kernel applies."""
+    return p.outlier_size == 0 and p.group_num == 1 and smem_codebook_bytes(p) <= CB_SMEM_MAX
+
+
+def _pick_rg(rt: int, nsl: int, nwarps: int) -> int:
+    """Rows per warp job: balance the jobs over the warps, few x' reloads."""
+    best, best_cost = 1, None
+    for rg in range(1, rt + 1):
+        jobs = nsl * nb.cdiv(rt, rg)
+        cost = nb.cdiv(jobs, nwarps) * (rg + 0.15)
+        if best_cost is None or cost < best_cost - 1e-9:
+            best, best_cost = rg, cost
+    return best
+
+
 class GemvPlan:
     """Per-layer prepared state for the fused gemv; build once (check + fold), call many times.
+
+    Two kernels: `path == "smem"` (codebooks <= 96 KiB, one group, no outliers: v6-k4096, v4-k4096,
+    ...) copies the codebooks into shared memory and gathers centroids there; `path == "l2"`
+    (v8-k65536 and every other layout) gathers them through L1/L2. `path` forces one ("smem"
+    only where it applies). kc / rw tune the L2 kernel; kc / rt / u tune the shared-memory one
+    (kc = columns per block; rt = rows of vectors per block; u = codes per lane).
 
     Holds strong references to every tensor it reads; rebuild it when the layer's tensors change
     (kernels.dispatch keys the cached plan on the tensors' data_ptr and _version).
     """
 
-    def __init__(self, p: PackedLayer, *, threads: int = THREADS, kc: int | None = None,
-                 rw: int | None = None, checked: bool = False):
+    def __init__(self, p: PackedLayer, *, threads: int | None = None, kc: int | None = None,
+                 rw: int | None = None, rt: int | None = None, u: int | None = None, path: str | None = None,
+                 maxreg: int | None = None, checked: bool = False):
         if not checked:
             check_layer(p, kernel=True)
+        if path not in (None, "smem", "l2"):
+            raise ValueError(f"path: {path!r} is not 'smem' or 'l2'")
+        if path == "smem" and not smem_path_ok(p):
+            raise ValueError("path: the shared-memory kernel needs one group, no outliers and codebooks "
+                             f"<= {CB_SMEM_MAX} bytes (this layer: {smem_codebook_bytes(p)} bytes)")
         self.p = p
         dev = p.device
         self.sim = nb.simulator_enabled()
-        self.threads = threads
+        self.path = path or ("smem" if smem_path_ok(p) else "l2")
         self.warp = 1 if self.sim else WARP
-        if threads % self.warp:
-            raise ValueError(f"threads: {threads} is not a multiple of the warp size")
+        self.threads = threads or (SMEM_THREADS if self.path == "smem" else THREADS)
+        if self.threads % self.warp:
+            raise ValueError(f"threads: {self.threads} is not a multiple of the warp size")
         v, n = p.vector_len, p.in_features
-        nw = threads // self.warp
-        pw = self.warp * U
-        kc0, rw0 = _choose(p.rows, n, pw, threads, self.warp)
-        self.kc = kc or kc0
-        self.rw = rw or rw0
-        if self.kc % pw:
-            raise ValueError(f"kc: {self.kc} is not a multiple of {pw}")
-        self.rt = nw * self.rw
-        self.tiles = nb.cdiv(p.rows, self.rt)
-        self.nsplit = nb.cdiv(n, self.kc)
-        self.split = self.nsplit > 1
+        nw = self.threads // self.warp
         words = p.indices.shape[2]
-        self.fast16 = (p.code_bits == 16 and p.num_res_centroids == 0 and p.group_num == 1
-                       and p.outlier_size == 0 and v % 4 == 0 and words % 2 == 0)
+        self.maxreg = SMEM_MAXREG if maxreg is None else maxreg
+        if self.path == "smem":
+            self.u = u or SMEM_U
+            if self.u * p.code_bits % 32:
+                raise ValueError(f"u: {self.u} codes of {p.code_bits} bits are not whole 32-bit words")
+            pw = self.warp * self.u
+            if kc is None:
+                nsl = nb.cdiv(n, pw)
+                per = max(1, X_CHUNK // pw)
+                kc = nb.cdiv(nsl, nb.cdiv(nsl, per)) * pw
+            if kc % pw:
+                raise ValueError(f"kc: {kc} is not a multiple of {pw}")
+            self.kc = kc
+            if rt is None:
+                codes = p.rows * n
+                cpb = min(max(codes / (2 * SMS), 16384), 262144)
+                rt = max(1, round(cpb / min(kc, n)))
+            self.rt = min(rt, p.rows)
+            self.tiles = nb.cdiv(p.rows, self.rt)
+            self.nsplit = nb.cdiv(n, self.kc)
+            self.fast16 = False
+        else:
+            pw = self.warp * U
+            kc0, rw0 = _choose(p.rows, n, pw, self.threads, self.warp)
+            self.kc = kc or kc0
+            self.rw = rw or rw0
+            if self.kc % pw:
+                raise ValueError(f"kc: {self.kc} is not a multiple of {pw}")
+            self.rt = nw * self.rw
+            self.tiles = nb.cdiv(p.rows, self.rt)
+            self.nsplit = nb.cdiv(n, self.kc)
+            self.fast16 = (p.code_bits == 16 and p.num_res_centroids == 0 and p.group_num == 1
+                           and p.outlier_size == 0 and v % 4 == 0 and words % 2 == 0)
+        self.split = self.nsplit > 1
         f32 = torch.float32
         one = torch.zeros(1, dtype=f32, device=dev)
         # folded per stored column p: source column, scale and wbias of that column
@@ -328,43 +615,73 @@ class GemvPlan:
         else:
             self.xscale = self.xwb = one
         self.bias = p.bias.to(f32).contiguous() if p.bias is not None else one
-        self.idx64 = p.indices.view(torch.int64) if self.fast16 else torch.zeros(1, 1, 1, dtype=torch.int64,
-                                                                                 device=dev)
-        self.cbw = word_view(p.centroids, v)
-        self.rcbw = word_view(p.res_centroids, v) if p.num_res_centroids else self.cbw
-        self.oidx = p.outlier_indices if p.outlier_size else torch.zeros(1, 1, 1, dtype=torch.int16, device=dev)
-        self.ocb = p.outlier_centroids if p.outlier_size else torch.zeros(1, 1, dtype=torch.float16, device=dev)
-        self.cnt = torch.zeros(self.tiles if self.split else 1, dtype=torch.int32, device=dev)
+        self.idx64 = (p.indices.view(torch.int64) if (self.fast16 or (self.path == "smem" and words % 2 == 0))
+                      else torch.zeros(1, 1, 1, dtype=torch.int64, device=dev))
+        if self.path == "smem":
+            self.cbg = flat_words(p.centroids, v)
+            self.rcbg = flat_words(p.res_centroids, v) if p.num_res_centroids else self.cbg
+        else:
+            self.cbw = word_view(p.centroids, v)
+            self.rcbw = word_view(p.res_centroids, v) if p.num_res_centroids else self.cbw
+            self.oidx = p.outlier_indices if p.outlier_size else torch.zeros(1, 1, 1, dtype=torch.int16, device=dev)
+            self.ocb = p.outlier_centroids if p.outlier_size else torch.zeros(1, 1, dtype=torch.float16, device=dev)
+        self.cnt = torch.zeros(self.tiles, dtype=torch.int32, device=dev)
         self._ws: dict[int, torch.Tensor] = {}
         self._fast: dict[tuple, tuple] = {}
         self.bytes_read = sum(t.numel() * t.element_size() for t in
                               (p.indices, p.centroids, p.res_centroids, p.outlier_indices, p.outlier_centroids,
                                p.perm, p.weight_scale, p.weight_bias, p.bias) if t is not None)
 
-    def _kern(self, bsz: int, dtype: torch.dtype):
+    # ------------------------------------------------------------------ launch configuration
+    def smem_config(self, bsz: int) -> dict:
+        """kc, nsplit, rg, u, wload and dynamic shared memory bytes of the shared-memory kernel."""
         p = self.p
-        return _kernel(p.vector_len, bsz, p.num_res_centroids > 0, p.outlier_size > 0, p.perm is not None,
+        u = self.u if bsz <= 2 or (16 * p.code_bits) % 32 else min(self.u, 16)
+        pw = self.warp * u
+        kc = self.kc if self.kc % pw == 0 else nb.cdiv(self.kc, pw) * pw
+        cap = max(pw, (X_CHUNK // bsz) // pw * pw)
+        if kc > cap:
+            kc = cap
+        nsplit = nb.cdiv(p.in_features, kc)
+        nsl = kc // pw
+        rg = _pick_rg(self.rt, nsl, self.threads // self.warp)
+        nwl = u * p.code_bits // 32
+        words = p.indices.shape[2]
+        wload = 4 if nwl % 4 == 0 and words % 4 == 0 else (2 if nwl % 2 == 0 and words % 2 == 0 else 1)
+        shmem = ceil16(smem_codebook_bytes(p) + 4 * (bsz * kc + self.rt * bsz * p.vector_len + bsz + 1))
+        return dict(u=u, kc=kc, nsplit=nsplit, rg=rg, wload=wload, shmem=shmem, maxreg=self.maxreg)
+
+    def _launch_args(self, bsz: int, dtype: torch.dtype):
+        """(kernel, grid, shmem, static tensors, scalars) for a call with bsz rows of dtype."""
+        p = self.p
+        if self.path == "smem":
+            c = self.smem_config(bsz)
+            split = c["nsplit"] > 1
+            kern = _kernel_smem(p.vector_len, bsz, p.code_bits, p.main_bits, p.num_res_centroids > 0,
+                                p.perm is not None, p.weight_scale is not None, p.bias is not None, split,
+                                c["u"], self.threads, c["wload"], str(dtype), c["maxreg"])
+            static = [self.xsrc, self.xscale, self.xwb, p.indices, self.idx64, self.cbg, self.rcbg, self.bias,
+                      self.workspace(bsz, split), self.cnt]
+            scalars = [p.num_centroids, p.num_res_centroids, c["kc"], self.rt, c["rg"], c["nsplit"]]
+            return kern, (self.tiles, c["nsplit"]), c["shmem"], static, scalars
+        kern = _kernel(p.vector_len, bsz, p.num_res_centroids > 0, p.outlier_size > 0, p.perm is not None,
                        p.weight_scale is not None, p.bias is not None, self.fast16, p.group_num > 1,
                        self.split, self.kc, self.rw, self.threads, str(dtype))
+        static = [self.xsrc, self.xscale, self.xwb, p.indices, self.idx64, self.cbw, self.rcbw, self.oidx,
+                  self.ocb, self.bias, self.workspace(bsz, self.split), self.cnt]
+        scalars = [p.code_bits, p.main_bits, p.outlier_size, p.group_size, max(p.outlier_vector_len, 1),
+                   self.nsplit]
+        return kern, (self.tiles, self.nsplit), 0, static, scalars
 
-    def workspace(self, bsz: int) -> torch.Tensor:
-        ws = self._ws.get(bsz)
+    def workspace(self, bsz: int, split: bool | None = None) -> torch.Tensor:
+        split = self.split if split is None else split
+        ws = self._ws.get((bsz, split))
         if ws is None:
-            n = bsz * self.p.out_features if self.split else 1
+            n = bsz * self.p.out_features if split else 1
             ws = torch.zeros(n, dtype=torch.float32, device=self.p.device)
-            ws = ws.view(bsz, self.p.out_features) if self.split else ws.view(1, 1)
-            self._ws[bsz] = ws
+            ws = ws.view(bsz, self.p.out_features) if split else ws.view(1, 1)
+            self._ws[(bsz, split)] = ws
         return ws
-
-    def _static(self, bsz: int) -> list:
-        p = self.p
-        return [self.xsrc, self.xscale, self.xwb, p.indices, self.idx64, self.cbw, self.rcbw, self.oidx,
-                self.ocb, self.bias, self.workspace(bsz), self.cnt]
-
-    def _scalars(self) -> list[int]:
-        p = self.p
-        return [p.code_bits, p.main_bits, p.outlier_size, p.group_size, max(p.outlier_vector_len, 1),
-                self.nsplit]
 
     def __call__(self, x: torch.Tensor, *, check: bool = True) -> torch.Tensor:
         if check:
@@ -377,14 +694,13 @@ class GemvPlan:
             stream = _core_stream(torch.cuda.current_stream(x.device).cuda_stream)
             launch(stream, cfg, kern, *_arr_args(x), *static, *_arr_args(y), *scalars)
             return y
-        kern = self._kern(bsz, x.dtype)
-        grid = (self.tiles, self.nsplit)
-        nb.launch(kern, grid, self.threads, nb.stream_for(x), x, *self._static(bsz), y, *self._scalars())
+        kern, grid, shmem, static, scalars = self._launch_args(bsz, x.dtype)
+        nb.launch(kern, grid, self.threads, nb.stream_for(x), x, *static, y, *scalars, shmem=shmem)
         if not self.sim:
-            self._fast[(bsz, x.dtype)] = self._prepare_fast(kern, bsz, grid)
+            self._fast[(bsz, x.dtype)] = self._prepare_fast(kern, grid, shmem, static, scalars)
         return y
 
-    def _prepare_fast(self, disp, bsz: int, grid):
+    def _prepare_fast(self, disp, grid, shmem: int, static_t: list, scalars_i: list):
         """Marshal the constant arguments once; None-safe: falls back to the dispatcher."""
         try:
             from numba.cuda._compat import CUDA_CORE_GE_1_0
@@ -392,21 +708,22 @@ class GemvPlan:
 
             (kern,) = disp.overloads.values()
             static = []
-            for t in self._static(bsz):
+            for t in static_t:
                 static += _arr_args(t)
-            scalars = [ctypes.c_int64(s) for s in self._scalars()]
+            scalars = [ctypes.c_int64(s) for s in scalars_i]
             grid3, block3 = (*grid, 1), (self.threads, 1, 1)
             if CUDA_CORE_GE_1_0:
-                cfg = LaunchConfig(grid=grid3, block=block3, shmem_size=0, is_cooperative=False)
+                cfg = LaunchConfig(grid=grid3, block=block3, shmem_size=shmem, is_cooperative=False)
             else:
-                cfg = LaunchConfig(grid=grid3, block=block3, shmem_size=0, cooperative_launch=False)
+                cfg = LaunchConfig(grid=grid3, block=block3, shmem_size=shmem, cooperative_launch=False)
             return (launch, cfg, kern._codelibrary.get_cufunc().kernel, static, scalars)
         except Exception:  # numba internals moved: keep the (slower) dispatcher path
             return None
 
 
-def gemv(x: torch.Tensor, p: PackedLayer, *, threads: int = THREADS, checked: bool = False,
-         kc: int | None = None, rw: int | None = None) -> torch.Tensor:
+def gemv(x: torch.Tensor, p: PackedLayer, *, threads: int | None = None, checked: bool = False,
+         kc: int | None = None, rw: int | None = None, rt: int | None = None, u: int | None = None,
+         path: str | None = None, maxreg: int | None = None) -> torch.Tensor:
     """numba.cuda fused dequantize-matvec; same contract as `gemv_ref` (x fp16/fp32, 1..8 rows).
 
     One-off form: builds a GemvPlan per call (checks included). Hot paths keep the plan.
@@ -414,4 +731,5 @@ def gemv(x: torch.Tensor, p: PackedLayer, *, threads: int = THREADS, checked: bo
     if not checked:
         check_layer(p, kernel=True)
     check_gemv_inputs(x, p, kernel=True)
-    return GemvPlan(p, threads=threads, kc=kc, rw=rw, checked=True)(x, check=False)
+    return GemvPlan(p, threads=threads, kc=kc, rw=rw, rt=rt, u=u, path=path, maxreg=maxreg,
+                    checked=True)(x, check=False)

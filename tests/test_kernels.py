@@ -66,7 +66,17 @@ LAYERS = {
     # the gemv fast path (16-bit codes, 1 group, no outliers, even words per row); 44 columns:
     # a partial pass of 8 codes at the end
     "v8_fast": dict(m=45, n=44, v=8, k=65536, kr=0, o=0, g=1),
+    # codebook-in-shared-memory formats (one group, no outliers); M, N not multiples of v / 8 / tiles
+    # the paper's 2-bit LLaMA-2 layout: v6-k4096, 12-bit codes
+    "v6_k4096": dict(m=37, n=70, v=6, k=4096, kr=0, o=0, g=1),
+    # 3-bit style v6 + residual (18-bit codes cross words), no bias
+    "v6_res": dict(m=23, n=45, v=6, k=256, kr=4, o=0, g=1, bias=False),
+    # odd vector length (int64 + int16 planes), 5-bit codes, no perm / norm
+    "v5_plain": dict(m=13, n=33, v=5, k=32, kr=0, o=0, g=1, perm=False, norm=False),
+    # v12 (three int64 planes), N a multiple of 8 (vector stores in dequantize), 6-bit codes
+    "v12": dict(m=25, n=96, v=12, k=64, kr=0, o=0, g=1),
 }
+SMEM_LAYERS = ["v6_k4096", "v6_res", "v5_plain", "v12"]
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 2e-3) -> None:
@@ -146,7 +156,79 @@ def test_dequant_matches_oracle(name):
     _close(dequantize(p, torch.float32, **SMALL), dequantize_ref(p, torch.float32), 1e-5)
 
 
+@pytest.mark.parametrize("name", ["v6_k4096", "v6_res", "v5_plain", "v12", "v8_16bit", "v8_fast", "v6_plain"])
+@pytest.mark.parametrize("path", ["staged", "columns"])
+def test_dequant_both_kernels_match_oracle(name, path):
+    """Row-staged kernel (shared-memory codebook for small k, global for v8-k65536; 16-byte
+    stores where N % 8 == 0) and the per-column kernel, fp16 and fp32 output."""
+    p = PackedLayer.from_module(_layer(**LAYERS[name]))
+    if path == "staged" and p.outlier_size:
+        with pytest.raises(ValueError, match="path: the row-staged kernel"):
+            dequantize(p, torch.float16, path=path, **SMALL)
+        return
+    _close(dequantize(p, torch.float16, path=path, **SMALL), dequantize_ref(p, torch.float16))
+    _close(dequantize(p, torch.float32, path=path, **SMALL), dequantize_ref(p, torch.float32), 1e-5)
+
+
 # ------------------------------------------------------------------------------ gemv
+@pytest.mark.parametrize("name,batch", [("v6_k4096", 1), ("v6_k4096", 3), ("v6_res", 2), ("v5_plain", 1),
+                                        ("v12", 8), ("v12", 1)])
+def test_gemv_smem_matches_oracle(name, batch):
+    """The codebook-in-shared-memory kernel is what small codebooks get, and equals the oracle."""
+    from kernels.gemv import GemvPlan
+
+    mod = _layer(**LAYERS[name])
+    p = PackedLayer.from_module(mod)
+    plan = GemvPlan(p, **SMALL)
+    assert plan.path == "smem"
+    x = torch.randn(batch, mod.in_features, generator=torch.Generator().manual_seed(batch)).half().to(DEV)
+    y = plan(x)
+    assert y.dtype == torch.float16 and y.shape == (batch, mod.out_features)
+    _close(y, gemv_ref(x.float(), p), 3e-3)
+    xf = x.float()
+    _close(plan(xf), gemv_ref(xf, p), 1e-4)
+
+
+@pytest.mark.parametrize("name,batch", [("v6_k4096", 1), ("v6_res", 2), ("v12", 1)])
+def test_gemv_smem_split_k_plan(name, batch):
+    """Shared-memory kernel with several column chunks (atomics + last-block epilogue), several
+    row tiles, 4 warps and more rows than warps (warp jobs of several rows: next-row prefetch),
+    the plan reused: workspace and counters are left zeroed by each call."""
+    from kernels.gemv import GemvPlan
+
+    warp = 1 if nb.simulator_enabled() else 32
+    n = LAYERS[name]["n"] + (0 if warp == 1 else 2048)  # > 2 chunks of 32 lanes x 32 codes on a GPU
+    mod = _layer(**{**LAYERS[name], "m": 61, "n": n})
+    p = PackedLayer.from_module(mod)
+    plan = GemvPlan(p, threads=4 * warp, kc=32 * warp, rt=5)
+    cfg = plan.smem_config(batch)
+    assert plan.path == "smem" and cfg["nsplit"] > 1 and plan.tiles > 1 and cfg["rg"] > 1
+    for seed in (1, 2):
+        x = torch.randn(batch, mod.in_features, generator=torch.Generator().manual_seed(seed)).half().to(DEV)
+        _close(plan(x), gemv_ref(x.float(), p), 3e-3)
+        assert not plan.cnt.any() and not plan.workspace(batch, True).any()
+
+
+def test_gemv_paths_agree_and_bad_plans():
+    """Forcing the L2 kernel on a small codebook gives the same result; a layout the shared-memory
+    kernel cannot take, or bad launch parameters, are ValueErrors naming them, before any launch."""
+    from kernels.gemv import GemvPlan
+
+    p = PackedLayer.from_module(_layer(**LAYERS["v6_k4096"]))
+    x = torch.randn(2, p.in_features, generator=torch.Generator().manual_seed(0)).half().to(DEV)
+    _close(GemvPlan(p, path="l2", **SMALL)(x), GemvPlan(p, **SMALL)(x), 3e-3)
+    full = PackedLayer.from_module(_layer(**LAYERS["full"]))
+    with pytest.raises(ValueError, match="path: the shared-memory kernel"):
+        GemvPlan(full, path="smem")
+    assert GemvPlan(full, **SMALL).path == "l2"
+    with pytest.raises(ValueError, match="path:"):
+        GemvPlan(p, path="fast")
+    with pytest.raises(ValueError, match="kc:"):
+        GemvPlan(p, kc=33)
+    with pytest.raises(ValueError, match="u:"):
+        GemvPlan(p, u=3)
+
+
 @pytest.mark.parametrize("name,batch", [("full", 1), ("full", 3), ("v8_16bit", 2), ("v8_res256", 1),
                                         ("v6_plain", 8)])
 def test_gemv_matches_oracle(name, batch):
