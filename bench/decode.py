@@ -1,7 +1,8 @@
 """Decode speed: tokens/s and memory of a quantized model vs its FP original, same prompt, same run.
 
     python bench/decode.py --cpu  [--out DIR]    SmolLM2-135M (GGUF, FP32) on CPU
-    python bench/decode.py --gpu  [--out DIR]    Llama-2-7B shape, random fp16 weights, on CUDA
+    python bench/decode.py --gpu  [--out DIR] [--formats v6k4096,v8k65536]
+                                                 Llama-2-7B shape, random fp16 weights, on CUDA
 
 Batch 1, greedy, exactly --new (128) new tokens (min_new_tokens = max_new_tokens, EOS ignored).
 The quantized model replaces every linear of every decoder block by a `vptq.VQuantLinear` with
@@ -14,6 +15,8 @@ Modes: `generate` = transformers' `generate()` (eager, what a user runs); on CUD
 a hand-written greedy loop over a StaticCache whose one-token step is captured once in a CUDA
 graph and replayed (host launch cost removed for both sides: the numba kernels launch on torch's
 current stream without syncs, so they are captured like torch's own kernels).
+On CUDA every format of --formats is measured in turn on the same model (the block linears are
+swapped again for each); the first one is the headline `vptq` entry.
 Results: bench/results/decode_cpu.json / decode_h100.json.
 """
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -40,14 +44,16 @@ PROMPT = "The history of the transistor begins with"
 
 
 def random_vq(lin: nn.Linear, v: int, k: int, *, device, gen: torch.Generator) -> VQuantLinear:
-    """A VQuantLinear of lin's shape: v, k (2-bit at v8-k65536), one group, perm + norm, random codes."""
+    """A VQuantLinear of lin's shape: v, k (2-bit at v8-k65536, v6-k4096), one group, perm + norm, random
+    codes (on CUDA random packed words: with one group and no residual every bit pattern is a valid code)."""
     n, m = lin.in_features, lin.out_features
     with torch.device(device):
         q = VQuantLinear(n, m, [-1, v], [-1, k], [-1, -1], 1, n, 0, enable_norm=True, enable_perm=True,
                          bias=lin.bias is not None, dtype=torch.float16)
     with torch.no_grad():
         q.indices.copy_(torch.randint(-(2**31), 2**31 - 1, q.indices.shape, generator=gen, dtype=torch.int32,
-                                      device=device) if k == 65536 and v == 8 else _codes(q, gen, device))
+                                      device=device)
+                        if torch.device(device).type == "cuda" or (k == 65536 and v == 8) else _codes(q, gen, device))
         q.centroids.weight.copy_(0.02 * torch.randn(q.centroids.weight.shape, generator=gen, device=device))
         perm = torch.randperm(n, generator=gen, device=device)
         q.perm.copy_(torch.where(perm >= 2**15, perm - 2**16, perm).to(torch.int16))
@@ -67,9 +73,19 @@ def _codes(q: VQuantLinear, gen, device) -> torch.Tensor:
     return pack_indices(codes, q.code_bits).to(device)
 
 
-def block_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+def block_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(f"model.layers.{i}.{n}", m) for i, layer in enumerate(model.model.layers)
-            for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
+            for n, m in layer.named_modules() if isinstance(m, (nn.Linear, VQuantLinear))]
+
+
+def parse_format(f: str) -> tuple[int, int]:
+    """'v6k4096' -> (6, 4096)."""
+    import re
+
+    mt = re.fullmatch(r"v(\d+)k(\d+)", f)
+    if not mt:
+        raise ValueError(f"format: {f!r} is not v<vector length>k<centroids>, e.g. v6k4096")
+    return int(mt.group(1)), int(mt.group(2))
 
 
 def quantize_blocks(model: nn.Module, v: int, k: int, device) -> None:
@@ -208,7 +224,7 @@ def bench_cpu(new: int) -> dict:
     return res
 
 
-def bench_gpu(new: int, layers: int) -> dict:
+def bench_gpu(new: int, layers: int, formats: list[str]) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     dev = torch.device("cuda")
@@ -220,9 +236,13 @@ def bench_gpu(new: int, layers: int) -> dict:
         model = LlamaForCausalLM._from_config(cfg, dtype=torch.float16)
     model.eval()
     ids = torch.randint(3, 32000, (1, 16), generator=torch.Generator().manual_seed(0)).to(dev)
+    def describe(f):
+        v, k = parse_format(f)
+        return (f"{math.log2(k) / v:g} bit v{v}-k{k} ({k * v * 2 // 1024} KiB fp16 codebook per linear), G=1, "
+                "perm+norm, random codes")
+
     res = {"device": torch.cuda.get_device_name(), "model": f"Llama-2-7B shape ({layers} blocks), random fp16",
-           "prompt_tokens": ids.shape[1], "new_tokens": new,
-           "format": "2 bit v8-k65536 (1 MiB fp16 codebook per linear), G=1, perm+norm, random codes"}
+           "prompt_tokens": ids.shape[1], "new_tokens": new, "format": describe(formats[0])}
 
     def measure(tag):
         torch.cuda.synchronize()
@@ -244,8 +264,13 @@ def bench_gpu(new: int, layers: int) -> dict:
         print(tag, json.dumps(r), flush=True)
 
     measure("fp16")
-    quantize_blocks(model, 8, 65536, dev)
-    measure("vptq")
+    for i, fmt in enumerate(formats):
+        quantize_blocks(model, *parse_format(fmt), dev)
+        measure("vptq" if i == 0 else f"vptq_{fmt}")
+        if i:
+            res[f"vptq_{fmt}"]["format"] = describe(fmt)
+            res[f"vptq_{fmt}"]["speedup_graph_decode"] = (res["fp16"].get("graph_step_ms", float("nan"))
+                                                         / res[f"vptq_{fmt}"].get("graph_step_ms", float("nan")))
     f, q = res["fp16"], res["vptq"]
     res["weight_ratio_block_linears"] = q["block_linears_bytes"] / f["block_linears_bytes"]
     res["weight_ratio_model"] = q["model_bytes"] / f["model_bytes"]
@@ -262,6 +287,7 @@ def main() -> None:
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--layers", type=int, default=32, help="decoder blocks of the GPU model (7B: 32)")
+    ap.add_argument("--formats", default="v6k4096,v8k65536", help="GPU: quantized formats to measure, in order")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = ap.parse_args()
     out = Path(args.out)
@@ -274,7 +300,7 @@ def main() -> None:
         (out / "decode_cpu.json").write_text(json.dumps(r, indent=1))
         print(json.dumps(r, indent=1))
     if args.gpu:
-        r = {**meta, **bench_gpu(args.new, args.layers)}
+        r = {**meta, **bench_gpu(args.new, args.layers, [f for f in args.formats.split(",") if f])}
         (out / "decode_h100.json").write_text(json.dumps(r, indent=1))
         print(json.dumps(r, indent=1))
     if not (args.cpu or args.gpu):

@@ -1,6 +1,8 @@
 """Kernel benchmark on one GPU: fused gemv, dequantize, nearest-centroid assignment.
 
-    python bench/kernels.py [--out DIR] [--quick]
+    python bench/kernels.py [--out DIR] [--quick] [--formats v8k65536,v6k4096,...] [--shapes 0,3]
+    python bench/kernels.py --check        odd shapes, every kernel path vs the torch oracles
+    python bench/kernels.py --sweep-smem   launch shapes of the shared-memory-codebook gemv
 
 Timing: CUDA events around each call, median over >= 100 calls after warm-up. The GPU is first
 stalled with torch.cuda._sleep so that the host has queued all timed calls before the first one
@@ -40,22 +42,30 @@ SHAPES = {  # (out, in)
     "70B gate/up 28672x8192": (28672, 8192),
     "70B down 8192x28672": (8192, 28672),
 }
-FORMATS = {"2 bit (v8-k65536)": 0, "3 bit (v8-k65536-256)": 256}
+FORMATS = {  # key: (label, v, k, k_res)
+    "v8k65536": ("2 bit v8-k65536 (released)", 8, 65536, 0),
+    "v6k4096": ("2 bit v6-k4096 (paper)", 6, 4096, 0),
+    "v8k65536r256": ("3 bit v8-k65536-256 (released)", 8, 65536, 256),
+    "v4k4096": ("3 bit v4-k4096", 4, 4096, 0),
+    "v6k4096r64": ("3 bit v6-k4096-64", 6, 4096, 64),
+}
+DEFAULT_FORMATS = "v8k65536,v6k4096,v8k65536r256,v4k4096,v6k4096r64"
 
 
-def make_layer(m: int, n: int, k_res: int, seed: int) -> PackedLayer:
-    """Released format: v=8, k=65536, G=1, perm + norm, no outliers; random codes and codebooks."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    v, k = 8, 65536
-    bits = 16 + (int(math.log2(k_res)) if k_res else 0)
+def make_layer(m: int, n: int, k_res: int = 0, seed: int = 0, v: int = 8, k: int = 65536,
+               device: str = "cuda") -> PackedLayer:
+    """G=1, perm + norm, no outliers; random packed words (every bit pattern is a valid code of
+    the stored format: main index = low log2 k bits, residual = the rest) and random codebooks."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    bits = int(math.log2(k)) + (int(math.log2(k_res)) if k_res else 0)
     rows, words = math.ceil(m / v), math.ceil(n * bits / 32)
-    idx = torch.randint(-(2**31), 2**31 - 1, (1, rows, words), device="cuda", dtype=torch.int32, generator=g)
-    cb = (0.02 * torch.randn(1, k * v, device="cuda", generator=g)).half()
-    res = (0.005 * torch.randn(1, k_res * v, device="cuda", generator=g)).half() if k_res else None
-    perm = torch.randperm(n, device="cuda", generator=g)
+    idx = torch.randint(-(2**31), 2**31 - 1, (1, rows, words), device=device, dtype=torch.int32, generator=g)
+    cb = (0.02 * torch.randn(1, k * v, device=device, generator=g)).half()
+    res = (0.005 * torch.randn(1, k_res * v, device=device, generator=g)).half() if k_res else None
+    perm = torch.randperm(n, device=device, generator=g)
     perm16 = torch.where(perm >= 2**15, perm - 2**16, perm).to(torch.int16)
-    scale = (torch.rand(n, device="cuda", generator=g) + 0.5).half()
-    wb = (0.01 * torch.randn(n, device="cuda", generator=g)).half()
+    scale = (torch.rand(n, device=device, generator=g) + 0.5).half()
+    wb = (0.01 * torch.randn(n, device=device, generator=g)).half()
     return PackedLayer(in_features=n, out_features=m, vector_len=v, num_centroids=k, group_num=1,
                        group_size=n, indices=idx, centroids=cb, num_res_centroids=k_res, res_centroids=res,
                        perm=perm16, weight_scale=scale, weight_bias=wb)
@@ -118,6 +128,7 @@ def host_overhead() -> dict:
     p = make_layer(4096, 4096, 0, seed=0)
     x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
     fast = GemvPlan(p, checked=True)
+    fast6 = GemvPlan(make_layer(4096, 4096, 0, seed=0, v=6, k=4096), checked=True)
     slow = GemvPlan(p, checked=True)
     slow._fast = _NoFastPath()
     with torch.device("cuda"):
@@ -133,7 +144,8 @@ def host_overhead() -> dict:
     x3 = x[None]
     res = {}
     with torch.no_grad():
-        for name, fn in (("plan_fast_path", lambda: fast(x)), ("plan_numba_dispatcher", lambda: slow(x)),
+        for name, fn in (("plan_fast_path", lambda: fast(x)), ("plan_fast_path_smem", lambda: fast6(x)),
+                         ("plan_numba_dispatcher", lambda: slow(x)),
                          ("VQuantLinear_forward", lambda: mod(x3)),
                          ("torch_fp16_F_linear", lambda: torch.nn.functional.linear(x3, w))):
             res[name + "_host_us"] = time_device([fn], iters=200)[1]
@@ -141,37 +153,49 @@ def host_overhead() -> dict:
     return res
 
 
-def bench_matvec(quick: bool) -> list[dict]:
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def bench_matvec(quick: bool, formats: list[str], shapes: list[str]) -> list[dict]:
+    """Every shape: torch fp16 x @ W.T once, then every format (gemv batch 1, dequantize fp16)."""
     rows = []
-    shapes = dict(list(SHAPES.items())[:1]) if quick else SHAPES
-    for sname, (m, n) in shapes.items():
-        # torch fp16 baseline, same shape, rotated weights
+    for sname in shapes:
+        m, n = SHAPES[sname]
+        # torch fp16 baseline, same shape, rotated weights, measured in this run
         nw = copies_for(m * n * 2)
         ws = [torch.randn(m, n, device="cuda", dtype=torch.float16) * 0.02 for _ in range(nw)]
         x = torch.randn(1, n, device="cuda", dtype=torch.float16)
         t_fp16, h_fp16 = time_device([lambda w=w, x=x: x @ w.t() for w in ws])
         del ws
         torch.cuda.empty_cache()
-        for fname, k_res in FORMATS.items():
-            p0 = make_layer(m, n, k_res, seed=0)
+        for fkey in formats:
+            fname, v, k, k_res = FORMATS[fkey]
+            p0 = make_layer(m, n, k_res, seed=0, v=v, k=k)
             nl = copies_for(layer_bytes(p0))
-            layers = [p0] + [make_layer(m, n, k_res, seed=s) for s in range(1, nl)]
+            layers = [p0] + [make_layer(m, n, k_res, seed=s, v=v, k=k) for s in range(1, nl)]
             invs = [column_map(p) for p in layers]
-            # correctness on this shape: fused kernel vs torch dequantize + matmul
+            # correctness on this shape: fused kernel and dequantize vs the torch oracle
             xr = torch.randn(1, n, device="cuda", dtype=torch.float16)
-            y = gemv(xr, p0).float()
-            ref = xr.float() @ dequantize_ref(p0, torch.float32).t()
-            rel = float((y - ref).norm() / ref.norm())
+            wref = dequantize_ref(p0, torch.float32)
+            rel = rel_err(gemv(xr, p0), xr.float() @ wref.t())
+            drel = rel_err(dequantize(p0, torch.float16), wref)
+            del wref
             read = layer_bytes(p0) + n * 2
             plans = [GemvPlan(p, checked=True) for p in layers]  # per-layer prepared state
             t, h = time_device([lambda pl=pl, x=x: pl(x) for pl in plans])
             td, hd = time_device([lambda p=p, iv=iv: dequantize(p, torch.float16, colmap=iv, checked=True)
                                   for p, iv in zip(layers, invs, strict=True)])
+            pl0 = plans[0]
+            cfg = pl0.smem_config(1) if pl0.path == "smem" else {"kc": pl0.kc, "rw": pl0.rw}
             rows.append({
-                "shape": sname, "m": m, "n": n, "format": fname, "batch": 1,
+                "shape": sname, "m": m, "n": n, "format": fname, "format_key": fkey, "batch": 1,
+                "bits_per_weight_indices": p0.code_bits / v, "gemv_path": pl0.path,
+                "launch": {**cfg, "rt": pl0.rt, "threads": pl0.threads, "grid": [pl0.tiles, cfg.get("nsplit", pl0.nsplit)]},
                 "gemv_us": t, "gemv_host_us": h, "bytes_read": read, "gemv_GBps": read / t / 1e3,
                 "gemv_pct_peak": 100 * read / (t * 1e-6) / PEAK, "fp16_us": t_fp16, "fp16_host_us": h_fp16,
-                "speedup_vs_fp16": t_fp16 / t, "gemv_rel_err": rel, "kc": plans[0].kc, "rw": plans[0].rw,
+                "speedup_vs_fp16": t_fp16 / t, "gemv_rel_err": rel, "dequant_rel_err": drel,
                 "dequant_us": td, "dequant_GBps_written": m * n * 2 / td / 1e3,
                 "dequant_pct_peak_written": 100 * m * n * 2 / (td * 1e-6) / PEAK,
             })
@@ -181,9 +205,9 @@ def bench_matvec(quick: bool) -> list[dict]:
                     xb = torch.randn(bsz, n, device="cuda", dtype=torch.float16)
                     tb, hb = time_device([lambda pl=pl, xb=xb: pl(xb) for pl in plans])
                     tf, _ = time_device([lambda w=w, xb=xb: xb @ w.t() for w in
-                                         [torch.randn(m, n, device="cuda", dtype=torch.float16) for _ in range(4)]])
-                    rows.append({"shape": sname, "m": m, "n": n, "format": fname, "batch": bsz, "gemv_us": tb,
-                                 "gemv_host_us": hb, "fp16_us": tf, "speedup_vs_fp16": tf / tb})
+                                         [torch.randn(m, n, device="cuda", dtype=torch.float16) for _ in range(5)]])
+                    rows.append({"shape": sname, "m": m, "n": n, "format": fname, "format_key": fkey, "batch": bsz,
+                                 "gemv_us": tb, "gemv_host_us": hb, "fp16_us": tf, "speedup_vs_fp16": tf / tb})
                     print(json.dumps(rows[-1]), flush=True)
             del layers, invs, plans
             torch.cuda.empty_cache()
@@ -191,7 +215,7 @@ def bench_matvec(quick: bool) -> list[dict]:
 
 
 def sweep() -> None:
-    """Split-K chunk / rows-per-warp configurations of the 2-bit gemv, batch 1, every shape."""
+    """Split-K chunk / rows-per-warp configurations of the 2-bit v8-k65536 gemv, batch 1, every shape."""
     for sname, (m, n) in SHAPES.items():
         layers = [make_layer(m, n, 0, seed=s) for s in range(copies_for(m * n // 4))]
         x = torch.randn(1, n, device="cuda", dtype=torch.float16)
@@ -204,11 +228,96 @@ def sweep() -> None:
         print(json.dumps(res), flush=True)
 
 
+SMEM_SWEEP = [  # (threads, u, rt scale, kc, maxreg): launch shapes of the shared-memory-codebook gemv
+    (256, 32, 1.0, None, 0), (256, 32, 1.0, None, 128), (256, 16, 1.0, None, 0), (128, 32, 1.0, None, 0),
+    (512, 16, 1.0, None, 0), (256, 32, 0.5, None, 0), (256, 32, 2.0, None, 0), (256, 16, 2.0, None, 0),
+]
+DQ_SWEEP = [  # (threads, rb, maxreg) of the row-staged dequantize
+    (256, None, 0), (256, None, 128), (256, 1, 0), (256, 1, 128), (512, None, 128), (128, 1, 0),
+]
+
+
+def sweep_smem(formats: list[str], shapes: list[str]) -> list[dict]:
+    """Time the shared-memory gemv (batch 1) over SMEM_SWEEP and the row-staged dequantize over
+    DQ_SWEEP on the given formats and shapes."""
+    out = []
+    for sname in shapes:
+        m, n = SHAPES[sname]
+        for fkey in formats:
+            _, v, k, kr = FORMATS[fkey]
+            layers = [make_layer(m, n, kr, seed=s, v=v, k=k) for s in range(copies_for(m * n * v // 32 + 1))]
+            x = torch.randn(1, n, device="cuda", dtype=torch.float16)
+            auto = GemvPlan(layers[0], checked=True)
+            res = {"shape": sname, "format": fkey, "auto_rt": auto.rt, "auto": auto.smem_config(1)}
+            if auto.path == "smem":
+                for threads, u, scale, kc, maxreg in SMEM_SWEEP:
+                    rt = max(1, round(auto.rt * scale))
+                    key = f"gemv t{threads}/u{u}/rt{rt}/reg{maxreg}"
+                    try:
+                        plans = [GemvPlan(p, checked=True, threads=threads, u=u, rt=rt, kc=kc, maxreg=maxreg)
+                                 for p in layers]
+                        res[key] = round(time_device([lambda pl=pl, x=x: pl(x) for pl in plans], iters=100)[0], 2)
+                    except Exception as e:  # report, keep sweeping
+                        res[key] = f"{type(e).__name__}: {str(e)[:160]}"
+                    print(key, res[key], flush=True)
+            invs = [column_map(p) for p in layers]
+            for threads, rb, maxreg in DQ_SWEEP:
+                key = f"dequant t{threads}/rb{rb}/reg{maxreg}"
+                try:
+                    kw = dict(colmap=None, checked=True, threads=threads, rb=rb, maxreg=maxreg)
+                    res[key] = round(time_device([lambda p=p, kw={**kw, "colmap": iv}: dequantize(p, torch.float16, **kw)
+                                                  for p, iv in zip(layers, invs, strict=True)], iters=60)[0], 2)
+                except Exception as e:  # report, keep sweeping
+                    res[key] = f"{type(e).__name__}: {str(e)[:160]}"
+                print(key, res[key], flush=True)
+            print(json.dumps(res), flush=True)
+            out.append(res)
+            del layers, invs
+            torch.cuda.empty_cache()
+    return out
+
+
+def check() -> list[dict]:
+    """Odd shapes (M not a multiple of v, N not a multiple of the tiles or of 8) through every
+    kernel path on the GPU, against dequantize_ref / gemv_ref. Prints and returns the errors."""
+    res = []
+    cases = [(37, 70, 6, 4096, 0), (45, 100, 8, 65536, 0), (19, 27, 8, 65536, 256), (23, 45, 6, 4096, 64),
+             (301, 333, 4, 4096, 0), (1000, 1536, 6, 4096, 0), (513, 2999, 6, 4096, 0), (64, 4104, 12, 1024, 0)]
+    for m, n, v, k, kr in cases:
+        p = make_layer(m, n, kr, seed=1, v=v, k=k)
+        wref = dequantize_ref(p, torch.float32)
+        r = {"m": m, "n": n, "v": v, "k": k, "kr": kr}
+        for path in ("staged", "columns"):
+            for dt in (torch.float16, torch.float32):
+                r[f"dequant_{path}_{str(dt)[6:]}"] = rel_err(dequantize(p, dt, path=path), wref)
+        for path in ("smem", "l2"):
+            try:
+                plan = GemvPlan(p, path=path)
+            except ValueError:
+                continue
+            for bsz in (1, 3, 8):
+                x = torch.randn(bsz, n, device="cuda", dtype=torch.float16)
+                errs = [rel_err(plan(x), x.float() @ wref.t()) for _ in range(2)]
+                r[f"gemv_{path}_b{bsz}"] = max(errs)
+            if path == "smem":  # split-K with several row tiles, forced
+                plan = GemvPlan(p, path=path, kc=1024, rt=3)
+                x = torch.randn(2, n, device="cuda", dtype=torch.float16)
+                r["gemv_smem_splitk_b2"] = rel_err(plan(x), x.float() @ wref.t())
+                r["gemv_smem_splitk_clean"] = bool(not plan.cnt.any())
+        print(json.dumps(r), flush=True)
+        res.append(r)
+    return res
+
+
 def graph_check() -> None:
-    """The fused gemv captured in a torch CUDA graph replays to the eager result."""
-    p = make_layer(4096, 4096, 0, seed=0)
+    """The fused gemv (both kernels) captured in a torch CUDA graph replays to the eager result."""
+    for v, k in ((8, 65536), (6, 4096)):
+        _graph_check(make_layer(4096, 11008, 0, seed=0, v=v, k=k))
+
+
+def _graph_check(p: PackedLayer) -> None:
     plan = GemvPlan(p)
-    x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+    x = torch.randn(1, p.in_features, device="cuda", dtype=torch.float16)
     y0 = plan(x).clone()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -222,7 +331,8 @@ def graph_check() -> None:
     g.replay()
     torch.cuda.synchronize()
     ok = torch.allclose(yg.float(), plan(x).float(), rtol=1e-3, atol=1e-3)
-    print(json.dumps({"graph_capture": True, "replay_matches_eager": bool(ok),
+    print(json.dumps({"kernel": plan.path, "v": p.vector_len, "k": p.num_centroids, "graph_capture": True,
+                      "replay_matches_eager": bool(ok),
                       "changed_input": not torch.equal(y0, yg)}), flush=True)
 
 
@@ -273,63 +383,113 @@ def bench_assign(quick: bool) -> dict:
     return res
 
 
-def markdown(rows: list[dict], asg: dict, device: str, hostc: dict) -> str:
-    out = [f"Kernels on {device} (torch {torch.__version__}); CUDA-event medians of 120 calls after warm-up, "
-           "inputs rotated over > 150 MB; device time (host launch cost separate).", "",
-           "| shape (out x in) | format | batch | fused gemv µs | GB/s read | % of 3.35 TB/s | torch fp16 µs "
-           "| speedup | dequant µs | dequant GB/s written (% peak) | host µs/call (gemv) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+def versions() -> dict:
+    import platform
+    from importlib.metadata import version
+
+    import numpy
+
+    d = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
+    for name in ("numba", "numba-cuda", "transformers"):
+        try:
+            d[name] = version(name)
+        except Exception:
+            pass
+    return d
+
+
+def markdown(rows: list[dict], asg: dict | None, device: str, hostc: dict | None, meta: dict) -> str:
+    vs = ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
+    out = [f"Kernels on {device} ({vs}); `{meta['command']}`, {meta['date']}. CUDA-event medians of 120 calls "
+           "after warm-up, inputs rotated over > 150 MB; device time (host launch cost separate). "
+           "GB/s read = packed indices + codebooks + perm + scale/bias + x over the gemv time; dequantize "
+           "bandwidth counts the fp16 bytes written.", "",
+           "| shape (out x in) | format | gemv kernel | batch | fused gemv µs | GB/s read | % of 3.35 TB/s "
+           "| torch fp16 µs | speedup | dequant µs | dequant GB/s written (% peak) | host µs/call (gemv) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["batch"] == 1:
-            out.append(f"| {r['shape']} | {r['format']} | 1 | {r['gemv_us']:.1f} | {r['gemv_GBps']:.0f} | "
-                       f"{r['gemv_pct_peak']:.1f}% | {r['fp16_us']:.1f} | {r['speedup_vs_fp16']:.2f}x | "
-                       f"{r['dequant_us']:.1f} | {r['dequant_GBps_written']:.0f} "
+            out.append(f"| {r['shape']} | {r['format']} | {r['gemv_path']} | 1 | {r['gemv_us']:.1f} | "
+                       f"{r['gemv_GBps']:.0f} | {r['gemv_pct_peak']:.1f}% | {r['fp16_us']:.1f} | "
+                       f"**{r['speedup_vs_fp16']:.2f}x** | {r['dequant_us']:.1f} | {r['dequant_GBps_written']:.0f} "
                        f"({r['dequant_pct_peak_written']:.0f}%) | {r['gemv_host_us']:.0f} |")
         else:
-            out.append(f"| {r['shape']} | {r['format']} | {r['batch']} | {r['gemv_us']:.1f} | | | "
+            out.append(f"| {r['shape']} | {r['format']} | | {r['batch']} | {r['gemv_us']:.1f} | | | "
                        f"{r['fp16_us']:.1f} | {r['speedup_vs_fp16']:.2f}x | | | {r['gemv_host_us']:.0f} |")
-    out += ["", f"Nearest centroid, K={asg['k']}, v={asg['v']}, N={asg['n']} fp32 vectors:", "",
-            "| method | seconds (median) | M vectors/s |", "|---|---|---|"]
-    for name, label in (("numba", "numba.cuda kernel (kernels/assign.py)"),
-                        ("torch_cdist_argmin", "torch cdist + argmin (chunked)"),
-                        ("torch_mm_argmin", "torch ‖c‖² − 2x·c addmm + argmin (chunked)")):
-        out.append(f"| {label} | {asg[name + '_s']:.3f} (of {asg[name + '_reps']}) | {asg[name + '_Mvec_per_s']:.2f} |")
-    out.append(f"\nSpeedup {asg['speedup_vs_cdist']:.2f}x vs cdist, {asg['speedup_vs_mm']:.2f}x vs the matmul form; "
-               f"index agreement with the matmul form {100 * asg['agree_with_mm']:.3f}% (float32 near-ties).")
-    out += ["", "Host cost per call, one 4096x4096 2-bit layer, batch 1 (Python + launch, GPU stalled):", "",
-            "| path | host µs/call |", "|---|---|"]
-    for k, label in (("plan_fast_path", "GemvPlan, pre-marshalled launch (what VQuantLinear uses)"),
-                     ("plan_numba_dispatcher", "same plan through numba's dispatcher (`kernel[grid, block, stream](...)`)"),
-                     ("VQuantLinear_forward", "VQuantLinear.forward (kernels.dispatch.vq_linear_forward + plan)"),
-                     ("torch_fp16_F_linear", "torch fp16 F.linear, same shape")):
-        out.append(f"| {label} | {hostc[k + '_host_us']:.1f} |")
+    errs = [r for r in rows if r["batch"] == 1]
+    if errs:
+        out.append(f"\nRelative error vs the torch oracle (fp32 dequantize_ref): gemv ≤ "
+                   f"{max(r['gemv_rel_err'] for r in errs):.1e}, dequantize ≤ {max(r['dequant_rel_err'] for r in errs):.1e}.")
+    if asg:
+        out += ["", f"Nearest centroid, K={asg['k']}, v={asg['v']}, N={asg['n']} fp32 vectors:", "",
+                "| method | seconds (median) | M vectors/s |", "|---|---|---|"]
+        for name, label in (("numba", "numba.cuda kernel (kernels/assign.py)"),
+                            ("torch_cdist_argmin", "torch cdist + argmin (chunked)"),
+                            ("torch_mm_argmin", "torch ‖c‖² − 2x·c addmm + argmin (chunked)")):
+            out.append(f"| {label} | {asg[name + '_s']:.3f} (of {asg[name + '_reps']}) | "
+                       f"{asg[name + '_Mvec_per_s']:.2f} |")
+        out.append(f"\nSpeedup {asg['speedup_vs_cdist']:.2f}x vs cdist, {asg['speedup_vs_mm']:.2f}x vs the matmul "
+                   f"form; index agreement with the matmul form {100 * asg['agree_with_mm']:.3f}% (float32 near-ties).")
+    if hostc:
+        out += ["", "Host cost per call, one 4096x4096 layer, batch 1 (Python + launch, GPU stalled):", "",
+                "| path | host µs/call |", "|---|---|"]
+        for k, label in (("plan_fast_path", "GemvPlan v8-k65536, pre-marshalled launch (what VQuantLinear uses)"),
+                         ("plan_fast_path_smem", "GemvPlan v6-k4096 (shared-memory kernel), pre-marshalled launch"),
+                         ("plan_numba_dispatcher", "same v8 plan through numba's dispatcher"),
+                         ("VQuantLinear_forward", "VQuantLinear.forward (kernels.dispatch.vq_linear_forward + plan)"),
+                         ("torch_fp16_F_linear", "torch fp16 F.linear, same shape")):
+            if k + "_host_us" in hostc:
+                out.append(f"| {label} | {hostc[k + '_host_us']:.1f} |")
     return "\n".join(out) + "\n"
 
 
 def main() -> None:
+    from datetime import UTC, datetime
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--sweep", action="store_true", help="only the kc/rw sweep of the 2-bit gemv")
+    ap.add_argument("--formats", default=DEFAULT_FORMATS, help=f"comma list of {', '.join(FORMATS)}")
+    ap.add_argument("--shapes", default="", help="comma list of shape numbers 0..5 (default: all)")
+    ap.add_argument("--no-assign", action="store_true", help="skip the nearest-centroid benchmark")
+    ap.add_argument("--sweep", action="store_true", help="only the kc/rw sweep of the v8-k65536 gemv")
+    ap.add_argument("--sweep-smem", action="store_true", help="only the launch-shape sweep of the smem gemv")
+    ap.add_argument("--check", action="store_true", help="only the odd-shape correctness check of every path")
     ap.add_argument("--graph-check", action="store_true", help="only the CUDA-graph capture check")
     args = ap.parse_args()
-    if args.sweep or args.graph_check:
+    formats = [f for f in args.formats.split(",") if f]
+    for f in formats:
+        if f not in FORMATS:
+            ap.error(f"--formats: unknown {f!r} (choose from {', '.join(FORMATS)})")
+    names = list(SHAPES)
+    shapes = [names[int(i)] for i in args.shapes.split(",") if i] if args.shapes else names
+    if args.quick and not args.shapes:
+        shapes = names[:1]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"command": "python bench/kernels.py " + " ".join(sys.argv[1:]),
+            "date": datetime.now(UTC).isoformat(timespec="seconds"), "versions": versions()}
+    print(json.dumps(meta), flush=True)
+    if args.sweep or args.graph_check or args.check or args.sweep_smem:
+        extra = {}
+        if args.check:
+            extra["check"] = check()
         if args.graph_check:
             graph_check()
         if args.sweep:
             sweep()
+        if args.sweep_smem:
+            extra["sweep_smem"] = sweep_smem(formats, shapes)
+        (out / "kernels_extra.json").write_text(json.dumps({**meta, **extra}, indent=1))
         return
     torch.manual_seed(0)
     dev = torch.cuda.get_device_name()
     hostc = host_overhead()
-    rows = bench_matvec(args.quick)
-    asg = bench_assign(args.quick)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "kernels_h100.json").write_text(json.dumps({"device": dev, "torch": torch.__version__,
-                                                       "matvec": rows, "assign": asg,
+    rows = bench_matvec(args.quick, formats, shapes)
+    asg = None if args.no_assign else bench_assign(args.quick)
+    (out / "kernels_h100.json").write_text(json.dumps({**meta, "device": dev, "matvec": rows, "assign": asg,
                                                        "host_overhead": hostc}, indent=1))
-    md = markdown(rows, asg, dev, hostc)
+    md = markdown(rows, asg, dev, hostc, meta)
     (out / "kernels.md").write_text(md)
     print(md)
 
