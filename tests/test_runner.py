@@ -122,6 +122,43 @@ def test_ray_runner_gives_the_bytes_of_the_in_process_runner(home, tiny_llama_di
     assert {f"quantize-{i}-{n}" for i in range(2) for n in LINEARS} <= task_names(ray["prefect_run_id"])
 
 
+KILLER = """
+import os, signal
+from pathlib import Path
+
+if os.environ.get("VPTQ_TEST_KILL_MARKER"):  # a dask worker: die once, in the middle of one linear
+    import vptq.sequential as s
+
+    marker, real = Path(os.environ["VPTQ_TEST_KILL_MARKER"]), s.vptq_linear
+
+    def vptq_linear(name, *a, **kw):
+        if name.endswith("layers.1.mlp.up_proj") and not marker.exists():
+            marker.write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(name, *a, **kw)
+
+    s.vptq_linear = vptq_linear
+"""
+
+
+def test_dask_worker_killed_mid_block_is_retried_and_the_job_succeeds(home, tiny_llama_dir, text_file,  # noqa: F811
+                                                                      tmp_path, monkeypatch):
+    """A worker process SIGKILLed while it quantizes a linear of block 1: Dask's nanny restarts it,
+    the scheduler reruns the task, the job succeeds with the bytes of an undisturbed run."""
+    compress(tiny_llama_dir, text_file, tmp_path / "local")
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(KILLER)  # imported by every new (spawned) worker process
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hook), str(Path(__file__).resolve().parents[1])]))
+    monkeypatch.setenv("VPTQ_TEST_KILL_MARKER", str(marker))
+    monkeypatch.setenv("VPTQ_HOME", str(tmp_path / "home-dask"))
+    s = compress(tiny_llama_dir, text_file, tmp_path / "dask", "--runner", "dask", "--workers", "2")
+    assert marker.is_file() and int(marker.read_text()) != os.getpid()  # a worker did die
+    assert s["status"] == "succeeded" and s["blocks_reused"] == 0
+    assert checkpoint_bytes(tmp_path / "local") == checkpoint_bytes(tmp_path / "dask")
+
+
 def test_bad_runner_options_are_refused_before_a_job(home, tiny_llama_dir, text_file):  # noqa: F811
     code, out, err = run("submit", tiny_llama_dir, "--name", "tiny", "--calib", text_file, *TINY, "--runner", "spark")
     assert code == 2 and "--runner spark: use one of local, dask, ray" in err
