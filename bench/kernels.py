@@ -230,10 +230,10 @@ def sweep() -> None:
 
 SMEM_SWEEP = [  # (threads, u, rt scale, kc, maxreg): launch shapes of the shared-memory-codebook gemv
     (256, 32, 1.0, None, 0), (256, 32, 1.0, None, 128), (256, 16, 1.0, None, 0), (128, 32, 1.0, None, 0),
-    (512, 16, 1.0, None, 0), (256, 32, 0.5, None, 0), (256, 32, 2.0, None, 0), (256, 16, 2.0, None, 0),
+    (512, 16, 1.0, None, 0), (256, 32, 0.5, None, 128), (256, 32, 2.0, None, 128),
 ]
 DQ_SWEEP = [  # (threads, rb, maxreg) of the row-staged dequantize
-    (256, None, 0), (256, None, 128), (256, 1, 0), (256, 1, 128), (512, None, 128), (128, 1, 0),
+    (256, None, 0), (256, None, 128), (256, 1, 128), (512, None, 128),
 ]
 
 
@@ -277,33 +277,39 @@ def sweep_smem(formats: list[str], shapes: list[str]) -> list[dict]:
     return out
 
 
+CHECKS = [  # (m, n, v, k, k_res, [(gemv path, batch, plan kwargs)], [(dequant path, dtype)])
+    (37, 70, 6, 4096, 0, [("smem", 1, {}), ("smem", 3, {}), ("l2", 1, {})],
+     [("staged", torch.float16), ("staged", torch.float32), ("columns", torch.float16)]),
+    (1000, 1536, 6, 4096, 0, [("smem", 1, {}), ("smem", 1, {"threads": 128, "rt": 5, "kc": 1024})],
+     [("staged", torch.float16)]),
+    (513, 2999, 6, 4096, 64, [("smem", 1, {}), ("smem", 8, {})], [("staged", torch.float16)]),
+    (45, 100, 8, 65536, 0, [("l2", 1, {})], [("staged", torch.float16)]),
+    (301, 333, 4, 4096, 0, [("smem", 2, {})], [("staged", torch.float32)]),
+    (19, 27, 8, 65536, 256, [], [("staged", torch.float16)]),
+    (64, 4104, 12, 1024, 0, [("smem", 1, {})], [("staged", torch.float16)]),
+]
+
+
 def check() -> list[dict]:
-    """Odd shapes (M not a multiple of v, N not a multiple of the tiles or of 8) through every
-    kernel path on the GPU, against dequantize_ref / gemv_ref. Prints and returns the errors."""
+    """Odd shapes (M not a multiple of v, N not a multiple of the tiles or of 8, split-K, warp jobs
+    of several rows) through the kernel paths on the GPU, against dequantize_ref / the fp32
+    matmul. Prints and returns the relative errors."""
     res = []
-    cases = [(37, 70, 6, 4096, 0), (45, 100, 8, 65536, 0), (19, 27, 8, 65536, 256), (23, 45, 6, 4096, 64),
-             (301, 333, 4, 4096, 0), (1000, 1536, 6, 4096, 0), (513, 2999, 6, 4096, 0), (64, 4104, 12, 1024, 0)]
-    for m, n, v, k, kr in cases:
+    for m, n, v, k, kr, gemvs, deqs in CHECKS:
         p = make_layer(m, n, kr, seed=1, v=v, k=k)
         wref = dequantize_ref(p, torch.float32)
         r = {"m": m, "n": n, "v": v, "k": k, "kr": kr}
-        for path in ("staged", "columns"):
-            for dt in (torch.float16, torch.float32):
-                r[f"dequant_{path}_{str(dt)[6:]}"] = rel_err(dequantize(p, dt, path=path), wref)
-        for path in ("smem", "l2"):
-            try:
-                plan = GemvPlan(p, path=path)
-            except ValueError:
-                continue
-            for bsz in (1, 3, 8):
-                x = torch.randn(bsz, n, device="cuda", dtype=torch.float16)
-                errs = [rel_err(plan(x), x.float() @ wref.t()) for _ in range(2)]
-                r[f"gemv_{path}_b{bsz}"] = max(errs)
-            if path == "smem":  # split-K with several row tiles, forced
-                plan = GemvPlan(p, path=path, kc=1024, rt=3)
-                x = torch.randn(2, n, device="cuda", dtype=torch.float16)
-                r["gemv_smem_splitk_b2"] = rel_err(plan(x), x.float() @ wref.t())
-                r["gemv_smem_splitk_clean"] = bool(not plan.cnt.any())
+        for path, dt in deqs:
+            r[f"dequant_{path}_{str(dt)[6:]}"] = rel_err(dequantize(p, dt, path=path), wref)
+        for path, bsz, kw in gemvs:
+            plan = GemvPlan(p, path=path, **kw)
+            x = torch.randn(bsz, n, device="cuda", dtype=torch.float16)
+            errs = [rel_err(plan(x), x.float() @ wref.t()) for _ in range(2)]
+            tag = f"gemv_{path}_b{bsz}" + ("_" + "_".join(f"{a}{b}" for a, b in kw.items()) if kw else "")
+            r[tag] = max(errs)
+            if path == "smem":
+                r[tag + "_cfg"] = {**plan.smem_config(bsz), "rt": plan.rt, "tiles": plan.tiles}
+                r[tag + "_clean"] = bool(not plan.cnt.any())
         print(json.dumps(r), flush=True)
         res.append(r)
     return res

@@ -510,6 +510,7 @@ def flat_word_view(cb: torch.Tensor, v: int) -> torch.Tensor:
 
 # ------------------------------------------------------------- dequantize, row-staged kernel
 DQ_THREADS = 256
+NS_STAGE = 8  # packed words staged per thread and step (loads in flight together)
 DQ_MAXREG = 0  # register cap of the row-staged kernel (0: the compiler's choice)
 MAX_ROWS_PER_STEP = 4
 
@@ -553,19 +554,33 @@ def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, c
           f"{ind}for r0 in range(cuda.blockIdx.x * {rb}, nrows, cuda.gridDim.x * {rb}):",
           f"{ind * 2}cuda.syncthreads()",
           f"{ind * 2}if even:",
-          f"{ind * 3}for _i in range(tid, {rb} * ngroups * nw2, {threads}):",
-          f"{ind * 4}_rr = _i // (ngroups * nw2)",
-          f"{ind * 4}_q = _i - _rr * (ngroups * nw2)",
-          f"{ind * 4}_g = _q // nw2",
-          f"{ind * 4}if r0 + _rr < nrows:",
-          f"{ind * 5}s64[ow // 2 + _rr * (nwr // 2) + _q] = idx64[_g, r0 + _rr, _q - _g * nw2]",
-          f"{ind * 2}else:",
-          f"{ind * 3}for _i in range(tid, {rb} * nwr, {threads}):",
-          f"{ind * 4}_rr = _i // nwr",
-          f"{ind * 4}_q = _i - _rr * nwr",
-          f"{ind * 4}_g = _q // nwords",
-          f"{ind * 4}if r0 + _rr < nrows:",
-          f"{ind * 5}s32[ow + _i] = indices[_g, r0 + _rr, _q - _g * nwords]",
+          f"{ind * 3}_tot = {rb} * ngroups * nw2",
+          f"{ind * 3}for _i0 in range(tid, _tot, {threads * NS_STAGE}):"]
+    # NS_STAGE words per thread and step, all loads issued before the stores (latency-bound loop)
+    for i in range(NS_STAGE):
+        L += [f"{ind * 4}_q{i} = _i0 + {i * threads}",
+              f"{ind * 4}_rr{i} = _q{i} // (ngroups * nw2)",
+              f"{ind * 4}_k{i} = _q{i} - _rr{i} * (ngroups * nw2)",
+              f"{ind * 4}_g{i} = _k{i} // nw2",
+              f"{ind * 4}_ok{i} = _q{i} < _tot and r0 + _rr{i} < nrows",
+              f"{ind * 4}_d{i} = idx64[_g{i}, r0 + _rr{i}, _k{i} - _g{i} * nw2] if _ok{i} else int64(0)"]
+    for i in range(NS_STAGE):
+        L += [f"{ind * 4}if _ok{i}:",
+              f"{ind * 5}s64[ow // 2 + _rr{i} * (nwr // 2) + _k{i}] = _d{i}"]
+    L += [f"{ind * 2}else:",
+          f"{ind * 3}_tot = {rb} * nwr",
+          f"{ind * 3}for _i0 in range(tid, _tot, {threads * NS_STAGE}):"]
+    for i in range(NS_STAGE):
+        L += [f"{ind * 4}_q{i} = _i0 + {i * threads}",
+              f"{ind * 4}_rr{i} = _q{i} // nwr",
+              f"{ind * 4}_k{i} = _q{i} - _rr{i} * nwr",
+              f"{ind * 4}_g{i} = _k{i} // nwords",
+              f"{ind * 4}_ok{i} = _q{i} < _tot and r0 + _rr{i} < nrows",
+              f"{ind * 4}_e{i} = indices[_g{i}, r0 + _rr{i}, _k{i} - _g{i} * nwords] if _ok{i} else int32(0)"]
+    for i in range(NS_STAGE):
+        L += [f"{ind * 4}if _ok{i}:",
+              f"{ind * 5}s32[ow + _q{i}] = _e{i}"]
+    L += [
           f"{ind * 2}cuda.syncthreads()",
           f"{ind * 2}for jb in range(tid * {cpt}, n, {threads * cpt}):",
           f"{ind * 3}full = jb + {cpt} <= n"]

@@ -307,22 +307,31 @@ def _kernel_smem(v: int, batch: int, bits: int, main_bits: int, has_res: bool, h
     # ---- stage x' = x[perm] * scale of this chunk (lane-major), its x . wbias, zero the row sums
     for b in range(batch):
         L.append(f"{ind}_wp{b} = float32(0.0)")
-    L += [f"{ind}for _i in range(tid, kc, {threads}):",
-          f"{i2}p = k0 + _i",
-          f"{i2}pos = (_i // {pw}) * {pw} + (_i % {u}) * {warp} + (_i % {pw}) // {u}",
-          f"{i2}if p < n:",
-          f"{i3}j = int64(xsrc[p])" if has_perm else f"{i3}j = p"]
-    if has_norm:
-        L += [f"{i3}_sc = xscale[p]", f"{i3}_wb = xwb[p]"]
-    for b in range(batch):
-        L.append(f"{i3}_xv = float32(x[{b}, j])")
+    # NS columns per thread and step, every load issued before any use (the loop is latency-bound)
+    ns = 8 if batch <= 2 else 4
+    L.append(f"{ind}for _i0 in range(tid, kc, {threads * ns}):")
+    for i in range(ns):
+        L += [f"{i2}_c{i} = _i0 + {i * threads}",
+              f"{i2}_p{i} = k0 + _c{i}",
+              f"{i2}_ok{i} = _c{i} < kc and _p{i} < n",
+              f"{i2}if _ok{i}:",
+              f"{i3}_j{i} = int64(xsrc[_p{i}])" if has_perm else f"{i3}_j{i} = _p{i}"]
         if has_norm:
-            L += [f"{i3}sf[oxs + {b} * kc + pos] = _xv * _sc", f"{i3}_wp{b} += _xv * _wb"]
-        else:
-            L.append(f"{i3}sf[oxs + {b} * kc + pos] = _xv")
-    L.append(f"{i2}else:")
-    for b in range(batch):
-        L.append(f"{i3}sf[oxs + {b} * kc + pos] = float32(0.0)")
+            L += [f"{i3}_s{i} = float32(xscale[_p{i}])", f"{i3}_w{i} = float32(xwb[_p{i}])"]
+        L += [f"{i2}else:", f"{i3}_j{i} = int64(0)"]
+        if has_norm:
+            L += [f"{i3}_s{i} = float32(0.0)", f"{i3}_w{i} = float32(0.0)"]
+    for i in range(ns):
+        for b in range(batch):
+            L.append(f"{i2}_x{i}_{b} = float32(x[{b}, _j{i}]) if _ok{i} else float32(0.0)")
+    for i in range(ns):
+        L += [f"{i2}if _c{i} < kc:",
+              f"{i3}pos = (_c{i} // {pw}) * {pw} + (_c{i} % {u}) * {warp} + (_c{i} % {pw}) // {u}"]
+        for b in range(batch):
+            if has_norm:
+                L += [f"{i3}sf[oxs + {b} * kc + pos] = _x{i}_{b} * _s{i}", f"{i3}_wp{b} += _x{i}_{b} * _w{i}"]
+            else:
+                L.append(f"{i3}sf[oxs + {b} * kc + pos] = _x{i}_{b}")
     L += [f"{ind}for _i in range(tid, rt * {bv}, {threads}):",
           f"{i2}sf[oys + _i] = float32(0.0)",
           f"{ind}if tid < {batch}:",
@@ -355,7 +364,7 @@ def _kernel_smem(v: int, batch: int, bits: int, main_bits: int, has_res: bool, h
         out = [f"{i}if full:"]
         j2 = i + ind
         if wload == 4:
-            out.append(f"{j2}_base = {row} * (nwords >> 1) + (wb >> 1)")
+            out.append(f"{j2}_base = ({row}) * (nwords >> 1) + (wb >> 1)")
             for jj in range(nwl // 4):
                 out += [f"{j2}_lo, _hi = ld128(idx64, _base + {2 * jj})",
                         f"{j2}{dst}{4 * jj} = _lo & 0xFFFFFFFF",

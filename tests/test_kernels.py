@@ -189,20 +189,23 @@ def test_gemv_smem_matches_oracle(name, batch):
     _close(plan(xf), gemv_ref(xf, p), 1e-4)
 
 
-@pytest.mark.parametrize("name,batch", [("v6_k4096", 1), ("v6_res", 2), ("v12", 1)])
-def test_gemv_smem_split_k_plan(name, batch):
+@pytest.mark.parametrize("name,batch,n0", [("v6_k4096", 1, None), ("v6_res", 2, None), ("v12", 1, None),
+                                           ("v6_k4096", 1, 96)])
+def test_gemv_smem_split_k_plan(name, batch, n0):
     """Shared-memory kernel with several column chunks (atomics + last-block epilogue), several
     row tiles, 4 warps and more rows than warps (warp jobs of several rows: next-row prefetch),
     the plan reused: workspace and counters are left zeroed by each call."""
     from kernels.gemv import GemvPlan
 
     warp = 1 if nb.simulator_enabled() else 32
-    n = LAYERS[name]["n"] + (0 if warp == 1 else 2048)  # > 2 chunks of 32 lanes x 32 codes on a GPU
+    # > 2 chunks of 32 lanes x 32 codes on a GPU; n0 = 96: rows of 36 words, 16-byte code loads
+    n = (n0 or LAYERS[name]["n"]) + (0 if warp == 1 else 2048)
     mod = _layer(**{**LAYERS[name], "m": 61, "n": n})
     p = PackedLayer.from_module(mod)
     plan = GemvPlan(p, threads=4 * warp, kc=32 * warp, rt=5)
     cfg = plan.smem_config(batch)
     assert plan.path == "smem" and cfg["nsplit"] > 1 and plan.tiles > 1 and cfg["rg"] > 1
+    assert n0 is None or cfg["wload"] == 4
     for seed in (1, 2):
         x = torch.randn(batch, mod.in_features, generator=torch.Generator().manual_seed(seed)).half().to(DEV)
         _close(plan(x), gemv_ref(x.float(), p), 3e-3)
