@@ -248,7 +248,8 @@ def sweep_smem(formats: list[str], shapes: list[str]) -> list[dict]:
             layers = [make_layer(m, n, kr, seed=s, v=v, k=k) for s in range(copies_for(m * n * v // 32 + 1))]
             x = torch.randn(1, n, device="cuda", dtype=torch.float16)
             auto = GemvPlan(layers[0], checked=True)
-            res = {"shape": sname, "format": fkey, "auto_rt": auto.rt, "auto": auto.smem_config(1)}
+            res = {"shape": sname, "format": fkey, "auto_rt": auto.rt,
+                   "auto": auto.smem_config(1) if auto.path == "smem" else {"kc": auto.kc, "rw": auto.rw}}
             if auto.path == "smem":
                 for threads, u, scale, kc, maxreg in SMEM_SWEEP:
                     rt = max(1, round(auto.rt * scale))
@@ -313,6 +314,26 @@ def check() -> list[dict]:
         print(json.dumps(r), flush=True)
         res.append(r)
     return res
+
+
+def one(spec: str) -> None:
+    """--one FORMAT:SHAPE[:dequant]: 3 launches of one kernel (for a profiler), then a sync."""
+    fkey, shape, *rest = spec.split(":")
+    m, n = SHAPES[list(SHAPES)[int(shape)]]
+    _, v, k, kr = FORMATS[fkey]
+    p = make_layer(m, n, kr, seed=0, v=v, k=k)
+    if rest and rest[0] == "dequant":
+        cm = column_map(p)
+        for _ in range(3):
+            dequantize(p, torch.float16, colmap=cm, checked=True)
+    else:
+        plan = GemvPlan(p, checked=True)
+        x = torch.randn(1, n, device="cuda", dtype=torch.float16)
+        for _ in range(3):
+            plan(x)
+        print(json.dumps({"path": plan.path, "rt": plan.rt, "tiles": plan.tiles,
+                          **(plan.smem_config(1) if plan.path == "smem" else {})}), flush=True)
+    torch.cuda.synchronize()
 
 
 def graph_check() -> None:
@@ -462,7 +483,11 @@ def main() -> None:
     ap.add_argument("--sweep-smem", action="store_true", help="only the launch-shape sweep of the smem gemv")
     ap.add_argument("--check", action="store_true", help="only the odd-shape correctness check of every path")
     ap.add_argument("--graph-check", action="store_true", help="only the CUDA-graph capture check")
+    ap.add_argument("--one", default="", help="FORMAT:SHAPE[:dequant]: 3 launches of one kernel, for a profiler")
     args = ap.parse_args()
+    if args.one:
+        one(args.one)
+        return
     formats = [f for f in args.formats.split(",") if f]
     for f in formats:
         if f not in FORMATS:
