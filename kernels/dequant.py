@@ -511,13 +511,13 @@ def flat_word_view(cb: torch.Tensor, v: int) -> torch.Tensor:
 # ------------------------------------------------------------- dequantize, row-staged kernel
 DQ_THREADS = 256
 NS_STAGE = 8  # packed words staged per thread and step (loads in flight together)
-DQ_MAXREG = 0  # register cap of the row-staged kernel (0: the compiler's choice)
+DQ_MAXREG = 128  # register cap of the row-staged kernel (0: the compiler's choice): 2 blocks per SM
 MAX_ROWS_PER_STEP = 4
 
 
 @functools.cache
 def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, cb_smem: bool, half: bool,
-             vec: bool, cpt: int, rb: int, threads: int, maxreg: int = 0):
+             vec: bool, cpt: int, threads: int, maxreg: int = 0):
     """Row-staged dequantization: a block walks rows of vectors (grid-stride, `rb` per step),
     stages their packed words in shared memory with coalesced 8-byte loads, then each thread
     produces `cpt` consecutive original columns x v output rows: one code per column read from
@@ -528,7 +528,7 @@ def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, c
     mask = (1 << bits) - 1
     cross = 32 % bits != 0 and bits % 32 != 0  # codes may straddle two words
     ind = "    "
-    L = ["def dequant2(indices, idx64, cbg, rcbg, cbw, rcbw, colmap, scale, wbias, out, out64, k, kr):",
+    L = ["def dequant2(indices, idx64, cbg, rcbg, cbw, rcbw, colmap, scale, wbias, out, out64, k, kr, rb):",
          f"{ind}s64 = cuda.shared.array(0, int64)",
          f"{ind}s32 = cuda.shared.array(0, int32)",
          f"{ind}s16 = cuda.shared.array(0, int16)",
@@ -551,10 +551,10 @@ def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, c
           f"{ind}nwr = ngroups * nwords",
           f"{ind}even = nwords % 2 == 0",
           f"{ind}nw2 = nwords // 2",
-          f"{ind}for r0 in range(cuda.blockIdx.x * {rb}, nrows, cuda.gridDim.x * {rb}):",
+          f"{ind}for r0 in range(cuda.blockIdx.x * rb, nrows, cuda.gridDim.x * rb):",
           f"{ind * 2}cuda.syncthreads()",
           f"{ind * 2}if even:",
-          f"{ind * 3}_tot = {rb} * ngroups * nw2",
+          f"{ind * 3}_tot = rb * ngroups * nw2",
           f"{ind * 3}for _i0 in range(tid, _tot, {threads * NS_STAGE}):"]
     # NS_STAGE words per thread and step, all loads issued before the stores (latency-bound loop)
     for i in range(NS_STAGE):
@@ -568,7 +568,7 @@ def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, c
         L += [f"{ind * 4}if _ok{i}:",
               f"{ind * 5}s64[ow // 2 + _rr{i} * (nwr // 2) + _k{i}] = _d{i}"]
     L += [f"{ind * 2}else:",
-          f"{ind * 3}_tot = {rb} * nwr",
+          f"{ind * 3}_tot = rb * nwr",
           f"{ind * 3}for _i0 in range(tid, _tot, {threads * NS_STAGE}):"]
     for i in range(NS_STAGE):
         L += [f"{ind * 4}_q{i} = _i0 + {i * threads}",
@@ -595,7 +595,7 @@ def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, c
         L += [f"{i3}else:", f"{i4}g{u} = 0", f"{i4}bo{u} = 0"]
         if has_norm:
             L += [f"{i4}sc{u} = float32(0.0)", f"{i4}bi{u} = float32(0.0)"]
-    L += [f"{i3}for rr in range({rb}):",
+    L += [f"{i3}for rr in range(rb):",
           f"{i4}r = r0 + rr",
           f"{i4}if r < nrows:",
           f"{i5}wb = (ow + rr * nwr) * 32"]
@@ -721,12 +721,12 @@ def dequantize2(p: PackedLayer, dtype: torch.dtype, colmap: torch.Tensor, cfg: d
     has_res = p.num_res_centroids > 0
     res = p.res_centroids if has_res else p.centroids
     kern = _kernel2(v, p.code_bits, p.main_bits, has_res, p.weight_scale is not None, cfg["cb_smem"], cfg["half"],
-                    cfg["vec"], cfg["cpt"], cfg["rb"], cfg["threads"], cfg["maxreg"])
+                    cfg["vec"], cfg["cpt"], cfg["threads"], cfg["maxreg"])
     f16 = nb.dummy(dev, torch.float16)
     nb.launch(kern, cfg["grid"], cfg["threads"], nb.stream_for(p.indices),
               p.indices, idx64, flat_words(p.centroids, v), flat_words(res, v),
               flat_word_view(p.centroids, v), flat_word_view(res, v), colmap,
               p.weight_scale if p.weight_scale is not None else f16,
               p.weight_bias if p.weight_bias is not None else f16,
-              out, out64, p.num_centroids, p.num_res_centroids, shmem=cfg["shmem"])
+              out, out64, p.num_centroids, p.num_res_centroids, cfg["rb"], shmem=cfg["shmem"])
     return out

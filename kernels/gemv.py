@@ -257,7 +257,7 @@ def _kernel(v: int, batch: int, has_res: bool, has_out: bool, has_perm: bool, ha
 
 @functools.cache
 def _kernel_smem(v: int, batch: int, bits: int, main_bits: int, has_res: bool, has_perm: bool, has_norm: bool,
-                 has_bias: bool, split: bool, u: int, threads: int, wload: int, xdtype: str, maxreg: int = 0):
+                 has_bias: bool, u: int, threads: int, wload: int, xdtype: str, maxreg: int = 0):
     """The codebook-in-shared-memory gemv (generated source, every per-code step unrolled into
     scalar registers). Dynamic shared memory: codebook planes | x' chunk | row sums | x.wbias.
 
@@ -297,9 +297,10 @@ def _kernel_smem(v: int, batch: int, bits: int, main_bits: int, has_res: bool, h
          f"{ind}lane = tid % {warp}",
          f"{ind}wid = tid // {warp}"]
     L += plane_bases_src(v, "k", "kr" if has_res else None, ind)
-    L += [f"{ind}oxs = cbbytes // 4",
-          f"{ind}oys = oxs + {batch} * kc",
-          f"{ind}owb = oys + rt * {bv}",
+    L += [f"{ind}nsl = kc // {pw}",
+          f"{ind}oxs = cbbytes // 4",
+          f"{ind}oys = oxs + {batch} * kc",  # per (slice, row, output) partial sums of the warps
+          f"{ind}owb = oys + nsl * rt * {bv}",
           f"{ind}ofl = owb + {batch}"]
     L += fill_src(v, "cbg", "k", "m", threads, ind)
     if has_res:
@@ -332,9 +333,7 @@ def _kernel_smem(v: int, batch: int, bits: int, main_bits: int, has_res: bool, h
                 L += [f"{i3}sf[oxs + {b} * kc + pos] = _x{i}_{b} * _s{i}", f"{i3}_wp{b} += _x{i}_{b} * _w{i}"]
             else:
                 L.append(f"{i3}sf[oxs + {b} * kc + pos] = _x{i}_{b}")
-    L += [f"{ind}for _i in range(tid, rt * {bv}, {threads}):",
-          f"{i2}sf[oys + _i] = float32(0.0)",
-          f"{ind}if tid < {batch}:",
+    L += [f"{ind}if tid < {batch}:",
           f"{i2}sf[owb + tid] = float32(0.0)",
           f"{ind}cuda.syncthreads()"]
     if has_norm:
@@ -342,8 +341,7 @@ def _kernel_smem(v: int, batch: int, bits: int, main_bits: int, has_res: bool, h
             L += [f"{ind}_t = warp_allsum(_wp{b})", f"{ind}if lane == 0:", f"{i2}cuda.atomic.add(sf, owb + {b}, _t)"]
     L.append(f"{ind}cuda.syncthreads()")
     # ---- warp jobs: one slice x rg rows
-    L += [f"{ind}nsl = kc // {pw}",
-          f"{ind}rlo = tile * rt",
+    L += [f"{ind}rlo = tile * rt",
           f"{ind}rhi = min(rlo + rt, nrows)",
           f"{ind}ngr = (rt + rg - 1) // rg",
           f"{ind}for job in range(wid, nsl * ngr, {nwarps}):",
@@ -419,7 +417,7 @@ def _kernel_smem(v: int, batch: int, bits: int, main_bits: int, has_res: bool, h
     for e in range(bv):
         L += [f"{i4}_s = warp_allsum(a{e})",
               f"{i4}if lane == {e % warp}:",
-              f"{i5}cuda.atomic.add(sf, oys + (r - rlo) * {bv} + {e}, _s)"]
+              f"{i5}sf[oys + (s * rt + r - rlo) * {bv} + {e}] = _s"]
     for jj in range(nwl):
         L.append(f"{i4}w{jj} = nx{jj}")
     L += [f"{i4}r += 1",
@@ -431,39 +429,42 @@ def _kernel_smem(v: int, batch: int, bits: int, main_bits: int, has_res: bool, h
           f"{i2}_b = _e // {v}",
           f"{i2}row = (rlo + _rl) * {v} + _e - _b * {v}",
           f"{i2}if row < m:",
-          f"{i3}tot = sf[oys + _i]"]
+          f"{i3}tot = float32(0.0)",
+          f"{i3}for _s2 in range(nsl):",
+          f"{i4}tot += sf[oys + (_s2 * rt + _rl) * {bv} + _e]"]
     if has_norm:
         L.append(f"{i3}tot += sf[owb + _b]")
-    if split:
-        L.append(f"{i3}cuda.atomic.add(ws, (_b, row), tot)")
-    else:
-        if has_bias:
-            L.append(f"{i3}tot += float32(bias[row])")
-        L.append(f"{i3}y[_b, row] = tot")
-    if split:
-        L += [f"{ind}cuda.threadfence()",
-              f"{ind}cuda.syncthreads()",
-              f"{ind}if tid == 0:",
-              f"{i2}old = cuda.atomic.add(cnt, tile, 1)",
-              f"{i2}s32[ofl] = 1 if old == nsplit - 1 else 0",
-              f"{ind}cuda.syncthreads()",
-              f"{ind}if s32[ofl] == 1:",
-              f"{i2}nr = (rhi - rlo) * {v}",
-              f"{i2}for _i in range(tid, {batch} * nr, {threads}):",
-              f"{i3}_b = _i // nr",
-              f"{i3}row = rlo * {v} + _i - _b * nr",
-              f"{i3}if row < m:",
-              f"{i4}tot = cuda.atomic.add(ws, (_b, row), float32(0.0))",
-              f"{i4}ws[_b, row] = float32(0.0)"]
-        if has_bias:
-            L.append(f"{i4}tot += float32(bias[row])")
-        L += [f"{i4}y[_b, row] = tot",
-              f"{i2}if tid == 0:",
-              f"{i3}cnt[tile] = 0"]
+    L += [f"{i3}if nsplit > 1:", f"{i4}cuda.atomic.add(ws, (_b, row), tot)", f"{i3}else:"]
+    if has_bias:
+        L.append(f"{i4}tot += float32(bias[row])")
+    L.append(f"{i4}y[_b, row] = tot")
+    # ---- split-K epilogue (taken at run time when nsplit > 1): the last block of a row tile writes y
+    k0 = len(L)
+    L += [f"{ind}cuda.threadfence()",
+          f"{ind}cuda.syncthreads()",
+          f"{ind}if tid == 0:",
+          f"{i2}old = cuda.atomic.add(cnt, tile, 1)",
+          f"{i2}s32[ofl] = 1 if old == nsplit - 1 else 0",
+          f"{ind}cuda.syncthreads()",
+          f"{ind}if s32[ofl] == 1:",
+          f"{i2}nr = (rhi - rlo) * {v}",
+          f"{i2}for _i in range(tid, {batch} * nr, {threads}):",
+          f"{i3}_b = _i // nr",
+          f"{i3}row = rlo * {v} + _i - _b * nr",
+          f"{i3}if row < m:",
+          f"{i4}tot = cuda.atomic.add(ws, (_b, row), float32(0.0))",
+          f"{i4}ws[_b, row] = float32(0.0)"]
+    if has_bias:
+        L.append(f"{i4}tot += float32(bias[row])")
+    L += [f"{i4}y[_b, row] = tot",
+          f"{i2}if tid == 0:",
+          f"{i3}cnt[tile] = 0"]
+    L[k0:] = [ind + line for line in L[k0:]]
+    L.insert(k0, f"{ind}if nsplit > 1:")
     src = "\n".join(L) + "\n"
     env = {**kernel_env(), "warp_allsum": _warp_allsum(warp)}
     fn = nb.compile_source(src, "gemv_smem", env,
-                           f"gemv-smem-v{v}-B{batch}-b{bits}-{main_bits}-u{u}-t{threads}-w{wload}-{split}")
+                           f"gemv-smem-v{v}-B{batch}-b{bits}-{main_bits}-u{u}-t{threads}-w{wload}")
     return nb.cuda().jit(fn, max_registers=maxreg) if maxreg and not sim else nb.cuda().jit(fn)
 
 
@@ -519,7 +520,7 @@ def _core_stream(ptr: int):
 
 SMEM_THREADS = 256  # threads per block of the shared-memory-codebook kernel
 SMEM_U = 32  # consecutive codes per lane (batch <= 2; 16 above)
-SMEM_MAXREG = 0  # register cap of the shared-memory kernel (0: the compiler's choice)
+SMEM_MAXREG = 128  # register cap of the shared-memory kernel (0: the compiler's choice): 2 blocks per SM
 X_CHUNK = 8192  # floats of x' staged per block (batch x chunk)
 
 
@@ -657,7 +658,7 @@ class GemvPlan:
         nwl = u * p.code_bits // 32
         words = p.indices.shape[2]
         wload = 4 if nwl % 4 == 0 and words % 4 == 0 else (2 if nwl % 2 == 0 and words % 2 == 0 else 1)
-        shmem = ceil16(smem_codebook_bytes(p) + 4 * (bsz * kc + self.rt * bsz * p.vector_len + bsz + 1))
+        shmem = ceil16(smem_codebook_bytes(p) + 4 * (bsz * kc + nsl * self.rt * bsz * p.vector_len + bsz + 1))
         return dict(u=u, kc=kc, nsplit=nsplit, rg=rg, wload=wload, shmem=shmem, maxreg=self.maxreg)
 
     def _launch_args(self, bsz: int, dtype: torch.dtype):
@@ -667,7 +668,7 @@ class GemvPlan:
             c = self.smem_config(bsz)
             split = c["nsplit"] > 1
             kern = _kernel_smem(p.vector_len, bsz, p.code_bits, p.main_bits, p.num_res_centroids > 0,
-                                p.perm is not None, p.weight_scale is not None, p.bias is not None, split,
+                                p.perm is not None, p.weight_scale is not None, p.bias is not None,
                                 c["u"], self.threads, c["wload"], str(dtype), c["maxreg"])
             static = [self.xsrc, self.xscale, self.xwb, p.indices, self.idx64, self.cbg, self.rcbg, self.bias,
                       self.workspace(bsz, split), self.cnt]
