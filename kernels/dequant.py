@@ -6,7 +6,9 @@ vptq-method.md 2.1, in the output dtype); `dequantize` is the numba.cuda kernel 
 signature: one thread per (original column j, row of vectors r) writes the v outputs
 W[r*v : r*v+v, j], so consecutive threads write consecutive columns (coalesced stores); the
 centroid is fetched as 64-bit words (four fp16 values per load) and computed in float32,
-rounded once to the output dtype.
+rounded once to the output dtype. Layouts without outlier columns take the row-staged kernel
+(`_kernel2`: packed rows and small codebooks in shared memory, 16-byte stores); `dequantize(...,
+path=...)` picks one explicitly.
 """
 
 from __future__ import annotations

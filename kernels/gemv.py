@@ -21,6 +21,10 @@ Layout of the work (one launch per call):
   (atomic counter) writes y (+ bias) and zeroes the workspace and the counter for the next call.
   No memset, no second kernel, no host sync: the call is capturable in a CUDA graph.
 
+Small codebooks (one group, no outliers, codebooks <= 96 KiB: v6-k4096, v4-k4096, ...) take a
+second kernel, `_kernel_smem`: the codebook is copied into shared memory and every centroid is
+gathered there (see its docstring); `GemvPlan.path` says which kernel a layer uses.
+
 `GemvPlan` is the per-layer prepared state: folded perm/scale/bias tensors, launch configuration
 and the kernel arguments of every constant tensor, marshalled once. A call then marshals only x
 and y and goes straight to the driver (`host_us` in bench/results/kernels.md).
