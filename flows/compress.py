@@ -62,6 +62,13 @@ class JobCancelled(Exception):
     """The job row was set to cancelled (by `vptq jobs cancel`) while the flow ran."""
 
 
+def peak_host_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
@@ -214,7 +221,8 @@ def run_job(repo, job_id: int, spec: JobSpec) -> dict[str, Any]:
         repo.record_evaluation(text, spec.eval_windows, spec.eval_seqlen, ppl["perplexity_after"],
                                artifact_id=art["artifact_id"])
     extra = {"bpw": report["bpw"], "layers": report["layers"], "seconds": round(time.perf_counter() - t0, 2),
-             "workspace": str(run_dir(run)), "artifact_status": art["status"], "runner": spec.runner} | ppl
+             "workspace": str(run_dir(run)), "artifact_status": art["status"], "runner": spec.runner,
+             "peak_host_rss_mb": peak_host_rss_mb()} | ppl
     if hset:
         extra |= {"hessian_set": hset["key"], "hessians_reused": hset["reused"]}
     md = [f"# job {job_id}: {art['ref']}", "", f"- source: `{spec.source}`",

@@ -22,6 +22,10 @@ from prefect.cache_policies import NO_CACHE
 from tasks.workspace import (
     code_version,
     digest,
+    fp_block,
+    fp_full,
+    fp_linear,
+    is_streamed,
     load_fp_model,
     load_tensors,
     run_dir,
@@ -82,12 +86,12 @@ class _Block:
 
     def __init__(self, run: str, model_path: str, calib_path: str, cfg, index: int, device: str,
                  hessians: str | None):
-        from vptq.sequential import _forward_all, _rotary, decoder_layers
+        from vptq.sequential import _forward_all, _rotary
 
         self.run, self.cfg, self.index, self.dev = run, cfg, index, torch.device(device)
         self.prefix = f"model.layers.{index}."
         model, _ = load_fp_model(model_path)
-        self.block = copy.deepcopy(decoder_layers(model)[index]).to(self.dev)
+        self.block = fp_block(model_path, index).to(self.dev)
         self.x = self.fp_x = self.pe = self.target = None
         if needs_inputs(cfg.to_dict(), hessians):
             self.x, self.fp_x = _inputs(model, run, calib_path, index, bool(cfg.finetune_steps))
@@ -184,11 +188,10 @@ def quantize_linear(run: str, model_path: str, hessians: str, config: dict[str, 
     from tasks.hessians import load_block_hessians
     from tasks.runner import worker_device
     from vptq.config import QuantConfig
-    from vptq.sequential import decoder_layers, vptq_linear
+    from vptq.sequential import vptq_linear
 
     cfg, dev = QuantConfig.from_dict(config), worker_device(device)
-    model, _ = load_fp_model(model_path)
-    lin = copy.deepcopy(decoder_layers(model)[index].get_submodule(name)).to(dev)
+    lin = fp_linear(model_path, index, name).to(dev)
     h = load_block_hessians(hessians, index)[name]
     mod, rep = vptq_linear(f"model.layers.{index}.{name}", lin, h.to(dev), cfg)
     save_tensors(mod.state_dict(), linear_file(run, index, name),
@@ -286,19 +289,25 @@ def assemble_model(run: str, model_path: str, calib_path: str, config: dict[str,
 
     cfg = QuantConfig.from_dict(config)
     fp, tok = load_fp_model(model_path)
-    model = copy.deepcopy(fp)
+    model = copy.deepcopy(fp)  # a streamed model's blocks are meta: each is filled from its state below
+    streamed = is_streamed(model_path)
     for i in range(blocks):
         files = block_files(run, i)
         sd = load_tensors(files["state"])
         dtype = next((v.dtype for k, v in sd.items() if k.endswith("centroids.weight")), torch.float16)
         replace_linears(model, json.loads(files["meta"].read_text())["config_for_layers"], dtype=dtype)
-        _, unexpected = model.load_state_dict(sd, strict=False)
+        if streamed:
+            model.model.layers[i].to_empty(device="cpu")
+        _, unexpected = model.load_state_dict(sd, strict=False, assign=streamed)
         if unexpected:
             raise ValueError(f"block {i} state does not fit the model: unexpected {unexpected[:3]}")
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ValueError(f"the block states do not cover the model: {left[:3]} have no values")
     e2e: dict[str, Any] = {}
     if cfg.e2e_steps:
         ids = load_tensors(Path(calib_path))["input_ids"]
-        e2e = finetune_model(model, copy.deepcopy(fp), ids, cfg, torch.device(device),
+        e2e = finetune_model(model, fp_full(model_path), ids, cfg, torch.device(device),
                              progress=_finetune_progress(run), checkpoint_dir=finetune_dir(run),
                              checkpoint_every=checkpoint_every)
         model.cpu()

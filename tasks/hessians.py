@@ -27,7 +27,7 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.workspace import digest, load_fp_model, load_tensors, save_tensors, work_root, write_json
+from tasks.workspace import digest, fp_block, load_fp_model, load_tensors, save_tensors, work_root, write_json
 
 MANIFEST = "manifest.json"
 BATCH = 4  # calibration windows per forward pass (as the block tasks)
@@ -103,7 +103,7 @@ def collect_hessian_set(model_path: str, model_sha: str, calib_path: str, calib_
     model, _ = load_fp_model(model_path)
     ids = load_tensors(Path(calib_path))["input_ids"]
     files, blocks = [], 0
-    for i, hs in original_hessians(model, ids, device, BATCH):
+    for i, hs in original_hessians(model, ids, device, BATCH, block=lambda i: fp_block(model_path, i)):
         kept, alias = dedup(hs)
         p = save_tensors(kept, d / f"block_{i:03d}.safetensors", metadata={"aliases": json.dumps(alias)})
         files.append({"path": p.name, "size": p.stat().st_size, "sha256": sha256_file(p)})

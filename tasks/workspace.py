@@ -87,12 +87,60 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 @functools.lru_cache(maxsize=1)
-def load_fp_model(path: str):
-    """(model, tokenizer) of a resolved source, kept for the next task of the same process.
-
-    Callers must not modify the model: they deep-copy the block they quantize.
-    """
+def _opened(path: str):
+    """(model, tokenizer, StreamedModel or None) of a resolved source, kept for the next task of
+    the same process. A Hugging Face safetensors folder is streamed (vptq/stream.py): the model's
+    blocks stay on disk (meta) until fp_block / fp_linear read one; VPTQ_STREAM=0 loads it whole."""
     from vptq.pipeline import _load
-    from vptq.source import load_model, resolve
+    from vptq.source import load_model, load_tokenizer, resolve
+    from vptq.stream import open_streamed
 
-    return _load(load_model, resolve(path), "model")
+    src = resolve(path)
+    if src.kind == "hf" and os.environ.get("VPTQ_STREAM", "1") != "0":
+        stream = _load(open_streamed, src.path, "model")
+        if stream is not None:
+            return stream.model, _load(load_tokenizer, src, "tokenizer"), stream
+    model, tok = _load(load_model, src, "model")
+    return model, tok, None
+
+
+def load_fp_model(path: str):
+    """(model, tokenizer) of a resolved source. Callers must not modify the model, and must read
+    its blocks through fp_block / fp_linear / fp_full (a streamed model's blocks are meta)."""
+    model, tok, _ = _opened(path)
+    return model, tok
+
+
+load_fp_model.cache_clear = _opened.cache_clear  # tests reset the per-process model
+
+
+def fp_block(path: str, index: int) -> torch.nn.Module:
+    """A fresh CPU copy of the original decoder block `index` (free to modify)."""
+    import copy
+
+    from vptq.sequential import decoder_layers
+
+    model, _, stream = _opened(path)
+    return stream.block(index) if stream else copy.deepcopy(decoder_layers(model)[index])
+
+
+def fp_linear(path: str, index: int, name: str) -> torch.nn.Linear:
+    """A fresh CPU copy of the original linear `name` of block `index` (only it is read from disk)."""
+    import copy
+
+    from vptq.sequential import decoder_layers
+
+    model, _, stream = _opened(path)
+    return stream.linear(index, name) if stream else copy.deepcopy(decoder_layers(model)[index].get_submodule(name))
+
+
+def fp_full(path: str) -> torch.nn.Module:
+    """A fresh, complete in-memory copy of the original model (fine-tuning teacher)."""
+    import copy
+
+    model, _, stream = _opened(path)
+    return stream.full() if stream else copy.deepcopy(model)
+
+
+def is_streamed(path: str) -> bool:
+    return _opened(path)[2] is not None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -38,14 +39,20 @@ LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
            "mlp.up_proj", "mlp.down_proj"]
 
 
-def task_names(flow_run_id: str) -> set[str]:
-    """Names of the flow run's task runs (from the Prefect API)."""
+def task_names(flow_run_id: str, expect: set[str], seconds: float = 30.0) -> set[str]:
+    """Names of the flow run's task runs (from the Prefect API), waiting (bounded) until `expect`
+    is among them: task runs reach the API through its event pipeline, a moment after they ran."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {r.name for r in runs}
+    deadline = time.monotonic() + seconds
+    while True:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        names = {r.name for r in runs}
+        if expect <= names or time.monotonic() > deadline:
+            return names
+        time.sleep(0.5)
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -104,9 +111,10 @@ def test_dask_runner_gives_the_bytes_of_the_in_process_runner(home, tiny_llama_d
     assert checkpoint_bytes(tmp_path / "local") == checkpoint_bytes(tmp_path / "dask")
     assert (local["bpw"], local["layers"]) == (dask["bpw"], dask["layers"])
     per_linear = {f"quantize-{i}-{n}" for i in range(2) for n in LINEARS}
-    assert per_linear <= task_names(dask["prefect_run_id"])  # the linears ran as tasks of their own
-    assert {"quantize-block-0", "quantize-block-1"} <= task_names(local["prefect_run_id"])
-    assert not per_linear & task_names(local["prefect_run_id"])
+    assert per_linear <= task_names(dask["prefect_run_id"], per_linear)  # the linears ran as tasks of their own
+    blocks = {"quantize-block-0", "quantize-block-1"}
+    local_names = task_names(local["prefect_run_id"], blocks)
+    assert blocks <= local_names and not per_linear & local_names
     if mode == "sequential":  # the same request on the other runner is the same job, all blocks reused
         again = compress(tiny_llama_dir, text_file, tmp_path / "again", "--hessians", mode)
         assert again["job_id"] == dask["job_id"] and again["blocks_reused"] == 2
@@ -119,7 +127,8 @@ def test_ray_runner_gives_the_bytes_of_the_in_process_runner(home, tiny_llama_di
     ray = compress(tiny_llama_dir, text_file, tmp_path / "ray", "--runner", "ray", "--workers", "2")
     assert ray["runner"] == "ray" and ray["blocks_reused"] == 0
     assert checkpoint_bytes(tmp_path / "local") == checkpoint_bytes(tmp_path / "ray")
-    assert {f"quantize-{i}-{n}" for i in range(2) for n in LINEARS} <= task_names(ray["prefect_run_id"])
+    per_linear = {f"quantize-{i}-{n}" for i in range(2) for n in LINEARS}
+    assert per_linear <= task_names(ray["prefect_run_id"], per_linear)
 
 
 KILLER = """

@@ -111,20 +111,25 @@ def block_hessians(block: nn.Module, x: torch.Tensor, pe, device, batch: int,
 
 
 def original_hessians(model: nn.Module, calib: torch.Tensor, device: str | torch.device = "cpu",
-                      batch: int = 4, blocks: int | None = None) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+                      batch: int = 4, blocks: int | None = None,
+                      block: Callable[[int], nn.Module] | None = None) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
     """One pass of the unquantized model over the calibration windows: (block index, {linear: H}).
 
     The Hessians of hessians="original" depend only on the model and the windows, never on a
     quantization config: one pass serves every later bit width or codebook shape. The model is
-    left as it was (a block is copied to a non-CPU device, never moved)."""
+    left as it was (a block is copied to a non-CPU device, never moved). `block(i)`, when given,
+    supplies block i instead of model.model.layers[i] (a streamed model reads it from disk)."""
     device = torch.device(device)
     layers = decoder_layers(model)
     with torch.no_grad():
         x = model.model.embed_tokens(calib.to(model.model.embed_tokens.weight.device)).float().cpu()
     pe = _rotary(model, x[:1].to(device))
     for i in range(len(layers) if blocks is None else min(blocks, len(layers))):
-        block = layers[i] if device.type == "cpu" else copy.deepcopy(layers[i]).to(device)
-        hs, x = block_hessians(block, x, pe, device, batch)
+        if block is not None:
+            b = block(i).to(device)
+        else:
+            b = layers[i] if device.type == "cpu" else copy.deepcopy(layers[i]).to(device)
+        hs, x = block_hessians(b, x, pe, device, batch)
         yield i, hs
 
 

@@ -1,0 +1,71 @@
+"""Layer streaming (vptq/stream.py): blocks read from safetensors shards one at a time, equal to a
+whole-model load; a job on a streamed model writes the bytes of a job on the whole model."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from tests.prefect_fixtures import prefect_harness  # noqa: F401 - the session fixture
+from tests.test_flow import TINY, checkpoint_bytes, home, run  # noqa: F401 - fixtures
+from vptq.stream import open_streamed
+
+
+def whole(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_streamed_blocks_equal_the_whole_model_across_shards(tiny_llama_dir, tmp_path):
+    ref = whole(tiny_llama_dir)
+    sharded = tmp_path / "sharded"
+    ref.save_pretrained(sharded, max_shard_size="100KB")  # many shards, blocks split across them
+    assert (sharded / "model.safetensors.index.json").is_file()
+    for folder in (tiny_llama_dir, sharded):
+        s = open_streamed(folder)
+        assert s is not None
+        assert all(p.is_meta for p in s.model.model.layers.parameters())  # blocks stay on disk
+        assert not any(p.is_meta for n, p in s.model.named_parameters() if not n.startswith("model.layers."))
+        for i in range(2):
+            assert same_state(s.block(i), ref.model.layers[i])
+        lin = s.linear(1, "mlp.down_proj")
+        assert torch.equal(lin.weight, ref.model.layers[1].mlp.down_proj.weight)
+        full = s.full()
+        assert same_state(full, ref)
+        ids = torch.tensor([[1, 2, 3, 4, 5]])
+        with torch.no_grad():
+            assert torch.equal(full(ids).logits, ref(ids).logits)
+
+
+def test_not_streamable_sources_are_loaded_whole(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert open_streamed(tmp_path) is None  # no safetensors weights
+
+
+def test_a_job_on_a_streamed_model_writes_the_bytes_of_a_whole_model_job(home, tiny_llama_dir, text_file,  # noqa: F811
+                                                                         tmp_path, monkeypatch):
+    from cli.db import _registry
+    from tasks.workspace import load_fp_model
+
+    outs = {}
+    for stream in ("1", "0"):
+        monkeypatch.setenv("VPTQ_STREAM", stream)
+        monkeypatch.setenv("VPTQ_HOME", str(tmp_path / f"home-{stream}"))
+        load_fp_model.cache_clear()
+        code, out, err = run("submit", tiny_llama_dir, "--name", "tiny", "--calib", text_file, *TINY,
+                             "--set", "e2e_steps=2")
+        assert code == 0, err
+        s = json.loads(out)
+        assert s["status"] == "succeeded" and s["peak_host_rss_mb"] > 0
+        _registry(with_db=False).pull(s["artifact"], tmp_path / f"out-{stream}")
+        outs[stream] = checkpoint_bytes(tmp_path / f"out-{stream}")
+        outs[stream].pop("vptq_report.json")  # holds the fine-tuning stage's timings
+    load_fp_model.cache_clear()
+    assert outs["1"] == outs["0"] and any(k.endswith(".safetensors") for k in outs["1"])

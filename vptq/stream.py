@@ -1,0 +1,119 @@
+"""Layer streaming: a safetensors model whose decoder blocks stay on disk until one is asked for.
+
+Quantization touches one block at a time, so the host only needs the "shell" (embeddings, final
+norm, lm_head, rotary embeddings) plus the block at hand: `open_streamed(folder)` builds the model
+on the meta device, reads the shell's tensors from the shards, and leaves every block as meta.
+`StreamedModel.block(i)` then reads block i's tensors (shard by shard, only those tensors) into a
+fresh CPU module, and `linear(i, name)` just one linear. Peak host memory is the shell + one
+block, not the model: what lets a model larger than the host's memory be quantized.
+
+Used by the service's tasks for Hugging Face folders in safetensors (GGUF files and .bin
+checkpoints are loaded whole). Values equal `from_pretrained(..., dtype=dtype)`'s: the same
+tensors cast to the same dtype.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+BLOCK_PREFIX = "model.layers."
+
+
+def weight_map(folder: Path) -> dict[str, str] | None:
+    """tensor name -> shard file name, or None when the folder has no safetensors weights."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return dict(json.loads(index.read_text())["weight_map"])
+    single = folder / "model.safetensors"
+    if single.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(single), "pt") as f:
+            return {k: single.name for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    return None
+
+
+class StreamedModel:
+    """The shell model (`.model`) and block/linear readers for a safetensors folder."""
+
+    def __init__(self, folder: Path, model: nn.Module, wmap: dict[str, str], dtype: torch.dtype):
+        self.folder, self.model, self.wmap, self.dtype = folder, model, wmap, dtype
+
+    def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        by_shard: dict[str, list[str]] = defaultdict(list)
+        for n in names:
+            by_shard[self.wmap[n]].append(n)
+        out = {}
+        for shard, keys in by_shard.items():
+            with safe_open(str(self.folder / shard), "pt") as f:
+                for k in keys:
+                    t = f.get_tensor(k)
+                    out[k] = t.to(self.dtype) if t.is_floating_point() else t
+        return out
+
+    def block(self, index: int) -> nn.Module:
+        """A fresh CPU copy of decoder block `index` with its weights read from the shards."""
+        prefix = f"{BLOCK_PREFIX}{index}."
+        names = [n for n in self.wmap if n.startswith(prefix)]
+        if not names:
+            raise KeyError(f"{self.folder}: no tensors for block {index} ({prefix}*)")
+        block = copy.deepcopy(self.model.model.layers[index]).to_empty(device="cpu")
+        missing, unexpected = block.load_state_dict({n[len(prefix):]: t for n, t in self._read(names).items()},
+                                                    strict=False, assign=True)
+        if missing or unexpected:
+            raise KeyError(f"{self.folder}: block {index} does not fit its tensors (missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]})")
+        return block.eval()
+
+    def linear(self, index: int, name: str) -> nn.Linear:
+        """Only the linear `name` of block `index` (weight and bias), read from the shards."""
+        prefix = f"{BLOCK_PREFIX}{index}.{name}."
+        lin = copy.deepcopy(self.model.model.layers[index].get_submodule(name)).to_empty(device="cpu")
+        t = self._read([n for n in self.wmap if n.startswith(prefix)])
+        lin.load_state_dict({n[len(prefix):]: v for n, v in t.items()}, strict=True, assign=True)
+        return lin
+
+    def full(self) -> nn.Module:
+        """The whole model in memory (a teacher for end-to-end fine-tuning, evaluation)."""
+        model = copy.deepcopy(self.model)
+        for i in range(len(model.model.layers)):
+            model.model.layers[i] = self.block(i)
+        return model
+
+
+def open_streamed(folder: str | Path, dtype: torch.dtype = torch.float32) -> StreamedModel | None:
+    """The streamed view of an HF safetensors folder, or None when it cannot be streamed (no
+    safetensors, an architecture without model.layers, shell tensors left unread)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    wmap = weight_map(folder)
+    if wmap is None:
+        return None
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        return None
+    s = StreamedModel(folder, model, wmap, dtype)
+    shell = s._read([n for n in wmap if not n.startswith(BLOCK_PREFIX)])
+    model.load_state_dict(shell, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    inner = model.model
+    if hasattr(inner, "rotary_emb"):  # non-persistent buffers: computed, not stored
+        inner.rotary_emb = type(inner.rotary_emb)(config=config)
+    for n, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_meta and not n.startswith(BLOCK_PREFIX):
+            return None  # something the shards do not hold: load the model whole instead
+    model.eval()
+    return s
