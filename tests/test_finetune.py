@@ -4,6 +4,7 @@ re-assignment step, bad input."""
 
 import copy
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -248,3 +249,15 @@ def test_plain_pipeline_resumes_fine_tuning_from_its_checkpoint_dir(tiny_llama_d
     plain, m2, _ = compress(*args, **kw)
     assert "resumed_from" not in plain.report.e2e
     assert_same(state(m1), state(m2))
+
+
+def test_half_precision_model_fine_tunes_without_nan_and_keeps_its_norms(setup):
+    """A float16 student (a 7B checkpoint's dtype): the codebooks train in fp32 and go back to fp16;
+    its fp16 norms stay frozen (fp16 Adam would divide by an eps that rounds to 0: NaN)."""
+    student, teacher, windows, _ = setup
+    s, t = copy.deepcopy(student).half(), copy.deepcopy(teacher).half()
+    norms = {k: v.clone() for k, v in s.state_dict().items() if "norm" in k}
+    r = finetune_model(s, t, windows, FT.with_(e2e_steps=4), CPU)
+    assert math.isfinite(r["kl_after"]) and r["kl_after"] < r["kl_before"]
+    assert all(torch.equal(v, s.state_dict()[k]) for k, v in norms.items())
+    assert all(p.dtype == torch.float16 for p in s.parameters())

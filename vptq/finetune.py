@@ -41,7 +41,10 @@ def _trainable(block: nn.Module, norms: bool = True) -> list[nn.Parameter]:
                       getattr(mod, "weight_scale", None), getattr(mod, "weight_bias", None)):
                 if p is not None:
                     params.append(p)
-        elif norms and "norm" in type(mod).__name__.lower() and getattr(mod, "weight", None) is not None:
+        elif (norms and "norm" in type(mod).__name__.lower() and getattr(mod, "weight", None) is not None
+              and mod.weight.dtype in (torch.float32, torch.float64)):
+            # a half-precision norm stays frozen: Adam on fp16 weights divides by eps = 1e-8, which
+            # fp16 rounds to 0 (NaN at the first step), and lr-sized updates of ~1.0 weights round away
             params.append(mod.weight)
     return params
 
