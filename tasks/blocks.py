@@ -120,6 +120,11 @@ class _Block:
                 "bits": sum(r["bits"] for r in layers), "weights": sum(r["weights"] for r in layers)}
 
 
+def state_dtype(sd: dict[str, torch.Tensor]) -> torch.dtype:
+    """The float dtype VQuantLinears of a saved state were stored in (that of their centroids)."""
+    return next((v.dtype for k, v in sd.items() if k.endswith("centroids.weight")), torch.float16)
+
+
 def _report(r) -> dict[str, Any]:
     return {"name": r.name, "proxy_loss": r.proxy_loss, "bpw": r.bpw, "bits": r.bits,
             "weights": r.shape[0] * r.shape[1], "seconds": r.seconds, "warnings": r.warnings}
@@ -167,7 +172,7 @@ def block_hessians(run: str, model_path: str, calib_path: str, config: dict[str,
                    device: str = "cpu") -> str:
     """Hessians of block `index`'s target linears on its inputs, to the workspace; returns the folder
     (laid out as a Hessian set) that quantize_linear reads."""
-    from tasks.hessians import dedup
+    from tasks.hessians import save_block_hessians
     from vptq.config import QuantConfig
     from vptq.sequential import block_hessians as collect
     from vptq.sequential import target_linears
@@ -175,9 +180,8 @@ def block_hessians(run: str, model_path: str, calib_path: str, config: dict[str,
     cfg = QuantConfig.from_dict(config)
     b = _Block(run, model_path, calib_path, cfg, index, device, None)
     hs, _ = collect(b.block, b.x, b.pe, b.dev, BATCH, target_linears(b.block, cfg))
-    kept, alias = dedup(hs)
     d = run_dir(run) / "hessians"
-    save_tensors(kept, d / f"block_{index:03d}.safetensors", metadata={"aliases": json.dumps(alias)})
+    save_block_hessians(hs, d, index)
     return str(d)
 
 
@@ -223,7 +227,7 @@ def finish_block(run: str, model_path: str, model_sha: str, calib_path: str, cal
         with safe_open(str(f), "pt") as sf:
             entry = json.loads(sf.metadata()["layer_config"])
         sd = load_tensors(f)
-        dtype = next((v.dtype for k, v in sd.items() if k.endswith("centroids.weight")), torch.float16)
+        dtype = state_dtype(sd)
         mod = replace_linears(b.block, {name: entry}, dtype=dtype)[name]
         mod.load_state_dict(sd)
         mod.to(b.dev)
@@ -294,7 +298,7 @@ def assemble_model(run: str, model_path: str, calib_path: str, config: dict[str,
     for i in range(blocks):
         files = block_files(run, i)
         sd = load_tensors(files["state"])
-        dtype = next((v.dtype for k, v in sd.items() if k.endswith("centroids.weight")), torch.float16)
+        dtype = state_dtype(sd)
         replace_linears(model, json.loads(files["meta"].read_text())["config_for_layers"], dtype=dtype)
         if streamed:
             model.model.layers[i].to_empty(device="cpu")

@@ -57,7 +57,7 @@ def read_manifest(key: str, verify: bool = True) -> dict[str, Any] | None:
     return m
 
 
-def dedup(hs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _dedup(hs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(distinct tensors by the first name that has them, name -> stored name)."""
     kept: dict[str, torch.Tensor] = {}
     alias: dict[str, str] = {}
@@ -68,6 +68,12 @@ def dedup(hs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[st
             kept[name] = h
         alias[name] = same or name
     return kept, alias
+
+
+def save_block_hessians(hs: dict[str, torch.Tensor], path: str | Path, index: int) -> Path:
+    """Block `index`'s {linear name: H} into a Hessian-set folder (shared tensors stored once)."""
+    kept, alias = _dedup(hs)
+    return save_tensors(kept, Path(path) / f"block_{index:03d}.safetensors", metadata={"aliases": json.dumps(alias)})
 
 
 def load_block_hessians(path: str | Path, index: int) -> dict[str, torch.Tensor]:
@@ -104,8 +110,7 @@ def collect_hessian_set(model_path: str, model_sha: str, calib_path: str, calib_
     ids = load_tensors(Path(calib_path))["input_ids"]
     files, blocks = [], 0
     for i, hs in original_hessians(model, ids, device, BATCH, block=lambda i: fp_block(model_path, i)):
-        kept, alias = dedup(hs)
-        p = save_tensors(kept, d / f"block_{i:03d}.safetensors", metadata={"aliases": json.dumps(alias)})
+        p = save_block_hessians(hs, d, i)
         files.append({"path": p.name, "size": p.stat().st_size, "sha256": sha256_file(p)})
         blocks = i + 1
     seconds = round(time.perf_counter() - t0, 3)
