@@ -127,7 +127,7 @@ def run_flow(job_id: int, verbose: bool = False) -> dict[str, Any]:
 
 
 def build_spec(source: str, name: str, bits: int, version: str | None = None, calib: str | None = None,
-               nsamples: int = 64, seqlen: int = 512, seed: int = 0, hessians: str = "sequential",
+               nsamples: int | None = None, seqlen: int = 512, seed: int = 0, hessians: str | None = None,
                overrides: dict[str, Any] | None = None, device: str = "cpu", eval_text: str | None = None,
                eval_windows: int = 4, eval_seqlen: int = 512, max_ppl_ratio: float | None = None,
                runner: str = "local", workers: int | None = None):
@@ -168,7 +168,7 @@ def build_spec(source: str, name: str, bits: int, version: str | None = None, ca
         if repo_id.count("/") != 1 or not all(repo_id.split("/")):
             raise ConfigError(f"model source {source!r}: expected hf://ORG/NAME[@REVISION]")
     if not remote:
-        check_request(spec.source, spec.calib, nsamples, seqlen)
+        check_request(spec.source, spec.calib, spec.nsamples, seqlen)
     return spec
 
 
@@ -229,7 +229,8 @@ def submit(
     version: Optional[str] = typer.Option(None, "--version", help="Registry version (default: the next vN)."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML or JSON file of QuantConfig fields."),
     calib: Optional[str] = typer.Option(None, "--calib", help="Calibration text (default: wikitext-2 valid)."),
-    nsamples: int = typer.Option(64, "--nsamples", help="Calibration windows."),
+    nsamples: Optional[int] = typer.Option(None, "--nsamples", help="Calibration windows (default: 256 with "
+                                           "fine-tuning, 64 without)."),
     seqlen: int = typer.Option(512, "--seqlen", help="Tokens per calibration window."),
     seed: int = typer.Option(0, "--seed", help="Seed for windows and codebooks."),
     set_: list[str] = typer.Option([], "--set", help="Override a QuantConfig field, e.g. --set e2e_steps=0."),
@@ -239,8 +240,8 @@ def submit(
     max_ppl_ratio: Optional[float] = typer.Option(
         None, "--max-ppl-ratio", help="Publish the version as rejected when perplexity after > R x before."),
     device: str = typer.Option("cpu", "--device", help="Compute device (cpu, cuda)."),
-    hessians: str = typer.Option("sequential", "--hessians", help="sequential: from the quantized prefix; "
-                                 "original: from the FP model, one shared pass reused by later jobs."),
+    hessians: Optional[str] = typer.Option(None, "--hessians", help="original (the presets'): from the FP model, "
+                                           "one shared pass reused by later jobs; sequential: from the quantized prefix."),
     runner: str = typer.Option("local", "--runner", help="Where a block's linears are quantized: local "
                                "(this process), dask or ray (worker processes, one GPU each)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Worker processes of --runner dask|ray "

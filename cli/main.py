@@ -221,20 +221,21 @@ def compress(
     config: Optional[Path] = typer.Option(None, "--config", help="TOML or JSON file of QuantConfig fields "
                                           "(see `vptq config show`); --set wins over it."),
     calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text (default: wikitext-2 valid)."),
-    nsamples: int = typer.Option(64, "--nsamples", help="Calibration windows (drawn from the text with --seed)."),
+    nsamples: Optional[int] = typer.Option(None, "--nsamples", help="Calibration windows, drawn from the text with "
+                                           "--seed (default: 256 with fine-tuning, 64 without)."),
     seqlen: int = typer.Option(512, "--seqlen", help="Tokens per calibration window."),
     seed: int = typer.Option(0, "--seed", help="Seed for windows and codebooks."),
     device: Device = typer.Option(Device.cpu, "--device", help="Compute device."),
-    hessians: HessianMode = typer.Option(HessianMode.sequential, "--hessians",
-                                         help="sequential: from the quantized prefix; original: from the FP model "
-                                         "(one shared pass, reused by later jobs on the same model and data)."),
+    hessians: Optional[HessianMode] = typer.Option(
+        None, "--hessians", help="original (the presets'): from the FP model, one shared pass reused by later jobs "
+        "on the same model and data; sequential: from the quantized prefix."),
     runner: str = typer.Option("local", "--runner", help="Where a block's linears are quantized: local "
                                "(this process), dask or ray (worker processes, one GPU each)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Worker processes of --runner dask|ray "
                                           "(default: the number of GPUs, else 2)."),
     finetune_steps: Optional[int] = typer.Option(
         None, "--finetune-steps", help="End-to-end KL fine-tuning steps after quantization (0 = off; "
-        "default: the preset's, 200)."),
+        "default: the preset's, 400)."),
     set_: list[str] = typer.Option([], "--set", help="Override a QuantConfig field, e.g. --set enable_norm=false."),
     eval_text: Optional[Path] = typer.Option(None, "--eval-text", help="Held-out text for perplexity before/after "
                                              "(default: the calibration text)."),
@@ -266,7 +267,7 @@ def compress(
                 _err(f"--finetune-steps {finetune_steps}: use 0 (off) or a positive number of steps", EXIT_USAGE)
             over["e2e_steps"] = finetune_steps
         spec = build_spec(source, name or _default_name(source, bits), bits, version,
-                          str(calib) if calib else None, nsamples, seqlen, seed, hessians.value, over,
+                          str(calib) if calib else None, nsamples, seqlen, seed, hessians.value if hessians else None, over,
                           device.value, str(eval_text) if eval_text else None, eval_windows, eval_seqlen,
                           max_ppl_ratio, runner, workers)
         from store.artifacts import open_artifact_store

@@ -88,7 +88,8 @@ def register(main_app: typer.Typer) -> None:
                                               "--set wins over it."),
         set_: list[str] = typer.Option([], "--set", help="Override a QuantConfig field, e.g. --set num_centroids=256."),
         calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text (default: wikitext-2 valid)."),
-        nsamples: int = typer.Option(64, "--nsamples", help="Calibration windows of the job."),
+        nsamples: Optional[int] = typer.Option(None, "--nsamples", help="Calibration windows of the job (default: "
+                                               "256 with fine-tuning, 64 without)."),
         seqlen: int = typer.Option(512, "--seqlen", help="Tokens per calibration window."),
         device: str = typer.Option("cpu", "--device", help="Compute device: cpu or cuda."),
         finetune_steps: Optional[int] = typer.Option(
@@ -112,7 +113,7 @@ def register(main_app: typer.Typer) -> None:
                  "folder", EXIT_USAGE)
         with _errors(debug):
             from store.db import vptq_home
-            from vptq.config import preset
+            from vptq.config import calib_windows, preset
             from vptq.plan import plan
 
             over = overrides_from(config, set_)
@@ -121,6 +122,7 @@ def register(main_app: typer.Typer) -> None:
                     _err(f"--finetune-steps {finetune_steps}: use 0 (off) or a positive number of steps", EXIT_USAGE)
                 over["e2e_steps"] = finetune_steps
             cfg = preset(bits).with_(**over)
+            nsamples = nsamples or calib_windows(cfg)
             home = vptq_home()
             tty = sys.stderr.isatty()
 

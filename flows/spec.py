@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class JobSpec(BaseModel):
@@ -18,10 +18,10 @@ class JobSpec(BaseModel):
     version: str | None = None  # default: the next vN of name
     bits: Literal[2, 3, 4] = 2
     calib: str | None = None  # calibration text (default: wikitext-2 valid)
-    nsamples: int = Field(64, ge=1)
+    nsamples: int | None = Field(None, ge=1)  # default: the preset's (vptq.config.calib_windows)
     seqlen: int = Field(512, ge=16)
     seed: int = 0
-    hessians: Literal["sequential", "original"] = "sequential"
+    hessians: Literal["sequential", "original"] | None = None  # default: the preset's
     overrides: dict[str, Any] = Field(default_factory=dict)  # QuantConfig fields over the preset
     device: str = "cpu"
     eval_text: str | None = None  # held-out text (default: the calibration text)
@@ -30,6 +30,19 @@ class JobSpec(BaseModel):
     max_ppl_ratio: float | None = Field(None, gt=0)  # gate: reject when after > ratio * before
     runner: Literal["local", "dask", "ray"] = "local"  # where a block's linears are quantized
     workers: int | None = Field(None, ge=1)  # runner worker processes (default: GPUs, else 2)
+
+    @model_validator(mode="after")
+    def _preset_defaults(self) -> JobSpec:
+        """Fill what the request left to the preset, so a stored spec (and the job key) is explicit."""
+        from vptq.config import FINETUNE_WINDOWS, ONESHOT_WINDOWS, preset
+
+        p = preset(self.bits)
+        if self.hessians is None:
+            self.hessians = p.hessians
+        if self.nsamples is None:
+            steps = self.overrides.get("e2e_steps", p.e2e_steps)  # validated later by quant_config
+            self.nsamples = FINETUNE_WINDOWS if isinstance(steps, int) and steps > 0 else ONESHOT_WINDOWS
+        return self
 
     def normalized(self) -> JobSpec:
         """Local paths made absolute, so the same request from another folder is the same job."""

@@ -494,3 +494,18 @@ def test_killed_while_saving_leaves_nothing_at_out(sig, code, tiny_llama_dir, ca
     assert not out.exists()
     if sig != signal.SIGKILL:  # a hard kill cannot clean up: a hidden .q.tmp-* sibling may remain
         assert "terminated" in err and siblings(out) == []
+
+
+def test_request_defaults_follow_the_preset():
+    """Hessian mode and calibration windows left out of a request come from the preset, and the
+    stored spec is explicit: leaving them out or spelling the defaults is the same job."""
+    from flows.spec import JobSpec
+    from vptq.config import calib_windows, preset
+
+    s = JobSpec(source="smollm2", name="x", bits=3)
+    assert s.hessians == preset(3).hessians == "original"
+    assert s.nsamples == calib_windows(preset(3)) == 256
+    assert JobSpec(source="smollm2", name="x", bits=3, overrides={"e2e_steps": 0}).nsamples == 64
+    assert JobSpec(source="smollm2", name="x", bits=3, nsamples=256, hessians="original").key() == s.key()
+    mine = JobSpec(source="smollm2", name="x", bits=3, nsamples=8, hessians="sequential")
+    assert (mine.nsamples, mine.hessians) == (8, "sequential") and mine.key() != s.key()

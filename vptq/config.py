@@ -126,18 +126,30 @@ class QuantConfig:
 
 # Presets chosen for small models (hidden 576): codebooks must stay small because each
 # linear stores its own (a 4096x6 fp16 codebook alone is ~1.2 bpw on a 576x576 layer).
-# Measured on SmolLM2-135M (bench/RESULTS.md): v5-k1024 beats v4-k256 and v6-k2048 at ~2 bits
-# all-in; the end-to-end KL stage is what brings 2 bits under GPTQ 3-bit.
-# 3/4 bits: the end-to-end lr sweep (bench/RESULTS.md, runs vptq3-lr*/vptq4-lr*) measured
-# 5e-4 best of {1e-4, 3e-4, 5e-4, 1e-3}: 3 bit 22.80 -> 22.12, 4 bit 19.86 -> 19.36. The
-# 2-bit preset keeps 1e-4 (5e-4 not measured there yet).
-_FT = dict(e2e_steps=200, e2e_lr=1e-4, e2e_batch=1)
+# Measured on SmolLM2-135M (bench/RESULTS.md, runs q*-orig-nonorm-s400-n256 on an H100):
+# - v5-k1024 beats v4-k256 and v6-k2048 at ~2 bits all-in; 4 bits uses its 0.17 bpw of headroom
+#   on a larger main codebook (v4-k1024 + residual k64: 18.61, v4-k256 + k256: 19.06).
+# - no per-channel norm: on this model it hurts one-shot (2 bit 44.73 with, 40.21 without) and
+#   after fine-tuning (3 bit 21.14 with, 20.24 without), and costs 0.045 bpw of scale/bias.
+# - every Hessian from the original model (the authors' setting; shareable between jobs):
+#   2 bit 32.97 sequential -> 32.16 original.
+# - 400 end-to-end KL steps over 256 calibration windows (calib_windows): with 64 windows the
+#   stage re-reads the same 32K tokens; 4 bit 19.52 (64) -> 19.09 (256). lr 5e-4 at 3/4 bits
+#   (sweep of {1e-4, 3e-4, 5e-4, 1e-3}); 2 bits keeps 1e-4 (5e-4 not measured there).
+_FT = dict(enable_norm=False, hessians="original", e2e_steps=400, e2e_lr=1e-4, e2e_batch=1)
 _FT_HI = dict(_FT, e2e_lr=5e-4)
 PRESETS: dict[int, QuantConfig] = {
-    2: QuantConfig(vector_len=5, num_centroids=1024, **_FT),  # 2.24 bpw all-in on SmolLM2
-    3: QuantConfig(vector_len=5, num_centroids=1024, num_res_centroids=32, **_FT_HI),  # 3.25
-    4: QuantConfig(vector_len=4, num_centroids=256, num_res_centroids=256, **_FT_HI),  # 4.13
+    2: QuantConfig(vector_len=5, num_centroids=1024, **_FT),  # 2.195 bpw all-in on SmolLM2
+    3: QuantConfig(vector_len=5, num_centroids=1024, num_res_centroids=32, **_FT_HI),  # 3.206
+    4: QuantConfig(vector_len=4, num_centroids=1024, num_res_centroids=64, **_FT_HI),  # 4.160
 }
+# calibration windows (x 512 tokens) when the request does not say: the end-to-end stage wants
+# many distinct windows; Hessians alone are well estimated from 64 (and 4x cheaper to collect)
+FINETUNE_WINDOWS, ONESHOT_WINDOWS = 256, 64
+
+
+def calib_windows(cfg: QuantConfig) -> int:
+    return FINETUNE_WINDOWS if cfg.e2e_steps > 0 else ONESHOT_WINDOWS
 
 
 def preset(bits: int) -> QuantConfig:
