@@ -48,6 +48,9 @@ FORMATS = {  # key: (label, v, k, k_res)
     "v8k65536r256": ("3 bit v8-k65536-256 (released)", 8, 65536, 256),
     "v4k4096": ("3 bit v4-k4096", 4, 4096, 0),
     "v6k4096r64": ("3 bit v6-k4096-64", 6, 4096, 64),
+    # byte codes, small codebooks: the row-per-lane kernel (kernels/gemv_rows.py) at batch 1
+    "v4k256": ("2 bit v4-k256", 4, 256, 0),
+    "v8k256r256": ("2 bit v8-k256+256", 8, 256, 256),
 }
 DEFAULT_FORMATS = "v8k65536,v6k4096,v8k65536r256,v4k4096"
 BATCH_FORMATS = ("v8k65536", "v6k4096")  # also timed at batch 2, 4, 8 on the 4096x4096 shape
@@ -189,11 +192,15 @@ def bench_matvec(quick: bool, formats: list[str], shapes: list[str]) -> list[dic
             td, hd = time_device([lambda p=p, iv=iv: dequantize(p, torch.float16, colmap=iv, checked=True)
                                   for p, iv in zip(layers, invs, strict=True)])
             pl0 = plans[0]
-            cfg = pl0.smem_config(1) if pl0.path == "smem" else {"kc": pl0.kc, "rw": pl0.rw}
+            if pl0.path == "rows":
+                cfg = dict(pl0.rows_cfg, rt=pl0.rows_cfg["rw"], threads=pl0.rows_threads)
+            else:
+                cfg = dict(pl0.smem_config(1) if pl0.path == "smem" else {"kc": pl0.kc, "rw": pl0.rw},
+                           rt=pl0.rt, threads=pl0.threads)
             rows.append({
                 "shape": sname, "m": m, "n": n, "format": fname, "format_key": fkey, "batch": 1,
                 "bits_per_weight_indices": p0.code_bits / v, "gemv_path": pl0.path,
-                "launch": {**cfg, "rt": pl0.rt, "threads": pl0.threads, "grid": [pl0.tiles, cfg.get("nsplit", pl0.nsplit)]},
+                "launch": {**cfg, "grid": [cfg.get("tiles", pl0.tiles), cfg.get("nsplit", pl0.nsplit)]},
                 "gemv_us": t, "gemv_host_us": h, "bytes_read": read, "gemv_GBps": read / t / 1e3,
                 "gemv_pct_peak": 100 * read / (t * 1e-6) / PEAK, "fp16_us": t_fp16, "fp16_host_us": h_fp16,
                 "speedup_vs_fp16": t_fp16 / t, "gemv_rel_err": rel, "dequant_rel_err": drel,
@@ -289,6 +296,9 @@ CHECKS = [  # (m, n, v, k, k_res, [(gemv path, batch, plan kwargs)], [(dequant p
     (301, 333, 4, 4096, 0, [("smem", 2, {})], [("staged", torch.float32)]),
     (19, 27, 8, 65536, 256, [], [("staged", torch.float16)]),
     (64, 4104, 12, 1024, 0, [("smem", 1, {})], [("staged", torch.float16)]),
+    # row-per-lane kernel: partial row tiles, split-K with the last-block epilogue, residual bytes
+    (1001, 1536, 4, 256, 0, [("rows", 1, {}), ("rows", 1, {"kc": 256}), ("smem", 2, {})], []),
+    (45, 4096, 8, 256, 256, [("rows", 1, {}), ("rows", 1, {"kc": 512})], []),
 ]
 
 
@@ -309,6 +319,9 @@ def check() -> list[dict]:
             errs = [rel_err(plan(x), x.float() @ wref.t()) for _ in range(2)]
             tag = f"gemv_{path}_b{bsz}" + ("_" + "_".join(f"{a}{b}" for a, b in kw.items()) if kw else "")
             r[tag] = max(errs)
+            if path == "rows":
+                r[tag + "_cfg"] = dict(plan.rows_cfg)
+                r[tag + "_clean"] = bool(not plan.rcnt.any())
             if path == "smem":
                 r[tag + "_cfg"] = {**plan.smem_config(bsz), "rt": plan.rt, "tiles": plan.tiles}
                 r[tag + "_clean"] = bool(not plan.cnt.any())

@@ -23,7 +23,9 @@ Layout of the work (one launch per call):
 
 Small codebooks (one group, no outliers, codebooks <= 96 KiB: v6-k4096, v4-k4096, ...) take a
 second kernel, `_kernel_smem`: the codebook is copied into shared memory and every centroid is
-gathered there (see its docstring); `GemvPlan.path` says which kernel a layer uses.
+gathered there (see its docstring). Byte codes with small codebooks (v4-k256, v8-k256 + k256)
+take a third kernel at batch 1, kernels/gemv_rows.py (a lane per row of vectors, replicated
+codebook); `GemvPlan.path` says which kernel a layer uses at batch 1, `GemvPlan.base` above.
 
 `GemvPlan` is the per-layer prepared state: folded perm/scale/bias tensors, launch configuration
 and the kernel arguments of every constant tensor, marshalled once. A call then marshals only x
@@ -51,6 +53,7 @@ from .dequant import (
     smem_codebook_bytes,
     word_view,
 )
+from .gemv_rows import ROWS_THREADS, kernel_rows, rows_config, rows_path_ok
 
 THREADS = 256  # threads per block (8 warps)
 WARP = 32
@@ -548,10 +551,11 @@ def _pick_rg(rt: int, nsl: int, nwarps: int) -> int:
 class GemvPlan:
     """Per-layer prepared state for the fused gemv; build once (check + fold), call many times.
 
-    Two kernels: `path == "smem"` (codebooks <= 96 KiB, one group, no outliers: v6-k4096, v4-k4096,
-    ...) copies the codebooks into shared memory and gathers centroids there; `path == "l2"`
-    (v8-k65536 and every other layout) gathers them through L1/L2. `path` forces one ("smem"
-    only where it applies). kc / rw tune the L2 kernel; kc / rt / u tune the shared-memory one
+    Three kernels: `base == "smem"` (codebooks <= 96 KiB, one group, no outliers: v6-k4096, v4-k4096,
+    ...) copies the codebooks into shared memory and gathers centroids there; `base == "l2"`
+    (v8-k65536 and every other layout) gathers them through L1/L2; `path == "rows"` (8-bit codes,
+    kernels/gemv_rows.py) serves batch 1 where it applies, `base` the other batches. `path` forces
+    one ("rows" / "smem" only where they apply). kc / rw tune the L2 kernel; kc / rt / u tune the shared-memory one
     (kc = columns per block; rt = rows of vectors per block; u = codes per lane).
 
     Holds strong references to every tensor it reads; rebuild it when the layer's tensors change
@@ -563,15 +567,22 @@ class GemvPlan:
                  maxreg: int | None = None, checked: bool = False):
         if not checked:
             check_layer(p, kernel=True)
-        if path not in (None, "smem", "l2"):
-            raise ValueError(f"path: {path!r} is not 'smem' or 'l2'")
+        if path not in (None, "rows", "smem", "l2"):
+            raise ValueError(f"path: {path!r} is not 'rows', 'smem' or 'l2'")
+        if path == "rows" and not rows_path_ok(p):
+            raise ValueError("path: the row-per-lane kernel needs 8-bit codes (optionally + an 8-bit residual), "
+                             "v a multiple of 4, one group, no outliers and rows of whole 32-byte steps")
+        rows = path in (None, "rows") and rows_path_ok(p)
+        path = None if path == "rows" else path
+        kc_asked = kc  # the base kernel's setup below fills kc in
         if path == "smem" and not smem_path_ok(p):
             raise ValueError("path: the shared-memory kernel needs one group, no outliers and codebooks "
                              f"<= {CB_SMEM_MAX} bytes (this layer: {smem_codebook_bytes(p)} bytes)")
         self.p = p
         dev = p.device
         self.sim = nb.simulator_enabled()
-        self.path = path or ("smem" if smem_path_ok(p) else "l2")
+        # base: the kernel of every batch size ("rows" then takes batch 1 when it applies)
+        self.path = self.base = path or ("smem" if smem_path_ok(p) else "l2")
         self.warp = 1 if self.sim else WARP
         self.threads = threads or (SMEM_THREADS if self.path == "smem" else THREADS)
         if self.threads % self.warp:
@@ -642,9 +653,25 @@ class GemvPlan:
         self.cnt = torch.zeros(self.tiles, dtype=torch.int32, device=dev)
         self._ws: dict[int, torch.Tensor] = {}
         self._fast: dict[tuple, tuple] = {}
+        if rows:
+            self._init_rows(kc_asked)
         self.bytes_read = sum(t.numel() * t.element_size() for t in
                               (p.indices, p.centroids, p.res_centroids, p.outlier_indices, p.outlier_centroids,
                                p.perm, p.weight_scale, p.weight_bias, p.bias) if t is not None)
+
+    def _init_rows(self, kc: int | None) -> None:
+        """State of the row-per-lane kernel (kernels/gemv_rows.py), used for batch 1."""
+        p = self.p
+        self.path = "rows"
+        self.rows_threads = 16 if self.sim else ROWS_THREADS
+        # kc is the base kernel's knob unless it fits the row kernel's unit
+        self.rows_cfg = rows_config(p, self.rows_threads, self.warp)
+        if kc is not None and kc % (self.rows_cfg["cs"] * self.rows_cfg["cps"]) == 0:
+            self.rows_cfg = rows_config(p, self.rows_threads, self.warp, kc)
+        self.ridx64 = p.indices.view(torch.int64)
+        self.rcbw_main = word_view(p.centroids, p.vector_len)
+        self.rcbw_res = word_view(p.res_centroids, p.vector_len) if p.num_res_centroids else self.rcbw_main
+        self.rcnt = torch.zeros(self.rows_cfg["tiles"], dtype=torch.int32, device=p.device)
 
     # ------------------------------------------------------------------ launch configuration
     def smem_config(self, bsz: int) -> dict:
@@ -668,7 +695,16 @@ class GemvPlan:
     def _launch_args(self, bsz: int, dtype: torch.dtype):
         """(kernel, grid, shmem, static tensors, scalars) for a call with bsz rows of dtype."""
         p = self.p
-        if self.path == "smem":
+        if self.path == "rows" and bsz == 1:
+            c = self.rows_cfg
+            kern = kernel_rows(p.vector_len, p.code_bits, p.num_res_centroids > 0, p.perm is not None,
+                               p.weight_scale is not None, p.bias is not None, c["rw"], c["cs"], c["replicas"],
+                               str(dtype))
+            static = [self.xsrc, self.xscale, self.xwb, self.ridx64, self.rcbw_main, self.rcbw_res, self.bias,
+                      self.workspace(1, c["nsplit"] > 1), self.rcnt]
+            scalars = [p.num_centroids, p.num_res_centroids, c["kc"], c["nsplit"]]
+            return kern, (c["tiles"], c["nsplit"]), c["shmem"], static, scalars, self.rows_threads
+        if self.base == "smem":
             c = self.smem_config(bsz)
             split = c["nsplit"] > 1
             kern = _kernel_smem(p.vector_len, bsz, p.code_bits, p.main_bits, p.num_res_centroids > 0,
@@ -677,7 +713,7 @@ class GemvPlan:
             static = [self.xsrc, self.xscale, self.xwb, p.indices, self.idx64, self.cbg, self.rcbg, self.bias,
                       self.workspace(bsz, split), self.cnt]
             scalars = [p.num_centroids, p.num_res_centroids, c["kc"], self.rt, c["rg"], c["nsplit"]]
-            return kern, (self.tiles, c["nsplit"]), c["shmem"], static, scalars
+            return kern, (self.tiles, c["nsplit"]), c["shmem"], static, scalars, self.threads
         kern = _kernel(p.vector_len, bsz, p.num_res_centroids > 0, p.outlier_size > 0, p.perm is not None,
                        p.weight_scale is not None, p.bias is not None, self.fast16, p.group_num > 1,
                        self.split, self.kc, self.rw, self.threads, str(dtype))
@@ -685,7 +721,7 @@ class GemvPlan:
                   self.ocb, self.bias, self.workspace(bsz, self.split), self.cnt]
         scalars = [p.code_bits, p.main_bits, p.outlier_size, p.group_size, max(p.outlier_vector_len, 1),
                    self.nsplit]
-        return kern, (self.tiles, self.nsplit), 0, static, scalars
+        return kern, (self.tiles, self.nsplit), 0, static, scalars, self.threads
 
     def workspace(self, bsz: int, split: bool | None = None) -> torch.Tensor:
         split = self.split if split is None else split
@@ -708,13 +744,13 @@ class GemvPlan:
             stream = _core_stream(torch.cuda.current_stream(x.device).cuda_stream)
             launch(stream, cfg, kern, *_arr_args(x), *static, *_arr_args(y), *scalars)
             return y
-        kern, grid, shmem, static, scalars = self._launch_args(bsz, x.dtype)
-        nb.launch(kern, grid, self.threads, nb.stream_for(x), x, *static, y, *scalars, shmem=shmem)
+        kern, grid, shmem, static, scalars, threads = self._launch_args(bsz, x.dtype)
+        nb.launch(kern, grid, threads, nb.stream_for(x), x, *static, y, *scalars, shmem=shmem)
         if not self.sim:
-            self._fast[(bsz, x.dtype)] = self._prepare_fast(kern, grid, shmem, static, scalars)
+            self._fast[(bsz, x.dtype)] = self._prepare_fast(kern, grid, threads, shmem, static, scalars)
         return y
 
-    def _prepare_fast(self, disp, grid, shmem: int, static_t: list, scalars_i: list):
+    def _prepare_fast(self, disp, grid, threads: int, shmem: int, static_t: list, scalars_i: list):
         """Marshal the constant arguments once; None-safe: falls back to the dispatcher."""
         try:
             from numba.cuda._compat import CUDA_CORE_GE_1_0
@@ -725,7 +761,7 @@ class GemvPlan:
             for t in static_t:
                 static += _arr_args(t)
             scalars = [ctypes.c_int64(s) for s in scalars_i]
-            grid3, block3 = (*grid, 1), (self.threads, 1, 1)
+            grid3, block3 = (*grid, 1), (threads, 1, 1)
             if CUDA_CORE_GE_1_0:
                 cfg = LaunchConfig(grid=grid3, block=block3, shmem_size=shmem, is_cooperative=False)
             else:

@@ -334,3 +334,65 @@ def test_gemv_bad_x():
         gemv(torch.randn(9, p.in_features).half().to(DEV), p)
     with pytest.raises(ValueError, match="x: must be contiguous"):
         gemv(torch.randn(p.in_features, 2).half().to(DEV).t(), p)
+
+
+# ------------------------------------------------------------------------------ gemv, row per lane
+ROWS_LAYERS = {
+    # 2-bit v4-k256 (8-bit codes); M not a multiple of v nor of a row tile
+    "v4_k256": dict(m=150, n=96, v=4, k=256, kr=0, o=0, g=1),
+    # 2-bit v8 with a 256-entry residual (16-bit codes: main byte | residual byte), no bias
+    "v8_k256_r256": dict(m=45, n=48, v=8, k=256, kr=256, o=0, g=1, bias=False),
+    # no perm, norm or bias
+    "v4_plain": dict(m=21, n=64, v=4, k=256, kr=0, o=0, g=1, perm=False, norm=False, bias=False),
+}
+
+
+@pytest.mark.parametrize("name", list(ROWS_LAYERS))
+def test_gemv_rows_matches_oracle(name):
+    """Byte codes and small codebooks take the row-per-lane kernel at batch 1 (larger batches the
+    shared-memory one); both equal the oracle in fp16 and fp32."""
+    from kernels.gemv import GemvPlan
+
+    mod = _layer(**ROWS_LAYERS[name])
+    p = PackedLayer.from_module(mod)
+    plan = GemvPlan(p)
+    assert plan.path == "rows" and plan.base == "smem"
+    for batch in (1, 2):
+        x = torch.randn(batch, mod.in_features, generator=torch.Generator().manual_seed(batch)).half().to(DEV)
+        y = plan(x)
+        assert y.dtype == torch.float16 and y.shape == (batch, mod.out_features)
+        _close(y, gemv_ref(x.float(), p), 3e-3)
+    xf = torch.randn(1, mod.in_features, generator=torch.Generator().manual_seed(5)).to(DEV)
+    _close(plan(xf), gemv_ref(xf, p), 1e-4)
+
+
+@pytest.mark.parametrize("name", ["v4_k256", "v8_k256_r256"])
+def test_gemv_rows_split_k(name):
+    """Several column chunks (atomics + last-block epilogue) and row tiles, the plan reused: the
+    workspace and counters are left zeroed by each call."""
+    from kernels.gemv import GemvPlan
+
+    gpu = not nb.simulator_enabled()
+    mod = _layer(**{**ROWS_LAYERS[name], "n": 4096 if gpu else 256})
+    p = PackedLayer.from_module(mod)
+    probe = GemvPlan(p)
+    unit = probe.rows_cfg["cs"] * probe.rows_cfg["cps"]
+    plan = GemvPlan(p, kc=unit)
+    c = plan.rows_cfg
+    assert plan.path == "rows" and c["nsplit"] > 1 and c["tiles"] > 1 and c["kc"] == unit
+    for seed in (1, 2):
+        x = torch.randn(1, mod.in_features, generator=torch.Generator().manual_seed(seed)).half().to(DEV)
+        _close(plan(x), gemv_ref(x.float(), p), 3e-3)
+        assert not plan.rcnt.any() and not plan.workspace(1, True).any()
+
+
+def test_gemv_rows_applies_only_where_it_can():
+    from kernels.gemv import GemvPlan
+    from kernels.gemv_rows import rows_path_ok
+
+    odd = PackedLayer.from_module(_layer(**{**ROWS_LAYERS["v4_k256"], "n": 40}))  # rows not whole 32-byte steps
+    assert not rows_path_ok(odd) and GemvPlan(odd, **SMALL).path == "smem"
+    with pytest.raises(ValueError, match="path: the row-per-lane kernel"):
+        GemvPlan(odd, path="rows")
+    p = PackedLayer.from_module(_layer(**ROWS_LAYERS["v4_k256"]))
+    assert GemvPlan(p, path="smem", **SMALL).path == "smem"  # forcing another kernel still works

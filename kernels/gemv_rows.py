@@ -1,0 +1,198 @@
+"""Row-per-lane fused gemv for byte codes and small codebooks (v4-k256, v8-k256 + k256, ...).
+
+Why a third kernel: in the two others a warp walks one row of vectors, each lane a few columns,
+so every row ends in a shuffle reduction of v sums, and the centroid gathers of a warp land on
+random shared-memory banks (or random L2 sectors for v8-k65536). Here a lane owns one row of
+vectors (v outputs) and walks a run of columns, so
+
+* no cross-lane reduction per row: the v sums stay in registers until the end of the chunk;
+* x' (= x[perm] * scale) of a column is the same for the 32 lanes: one broadcast shared load;
+* the codebook is small (8-bit codes: <= 256 centroids per codebook), so shared memory holds R
+  copies of it, interleaved so that lane l reads copy l % R: a centroid word lives at
+  (code * Q + h) * R + copy, and the 16 lanes of a half-warp (one 64-bit wavefront) hit 16
+  different bank pairs whatever their codes (R = 16; 8 when the codebooks would not fit);
+* a lane loads its row's codes 32 bytes at a time (two 16-byte loads): whole DRAM sectors.
+
+Block: RW = 32 rows of vectors (one per lane) x CS = threads / 32 column runs (one per warp) of a
+chunk of kc stored columns; the CS partial sums of a row are added through shared memory, then
+written to y, or (split-K, several chunks) added into the fp32 workspace, the last block of a row
+tile writing y, exactly as in kernels/gemv.py. Batch 1 only (decode); GemvPlan hands larger
+batches to the shared-memory kernel. Same algebra and oracle as kernels/gemv.py.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from . import _numba as nb
+from .dequant import PackedLayer
+
+ROWS_THREADS = 256  # 8 warps: 32 rows x 8 column runs
+STEP_BYTES = 32  # bytes of codes a lane loads per step (two 16-byte loads)
+REPLICAS = 16  # copies of the codebook words, one per 64-bit bank pair
+CB_ROWS_MAX = 96 * 1024  # shared memory for the replicated codebooks
+KC_MAX = 4096  # stored columns per block at most (x' staging: 16 KiB)
+SMS = 132  # H100 SXM; steers the split-K heuristic only
+
+
+def rows_path_ok(p: PackedLayer) -> bool:
+    """Byte-aligned codes (8-bit main index, optional 8-bit residual), v a multiple of 4, one group,
+    no outliers, rows of whole 32-byte steps: the row-per-lane kernel applies (batch 1)."""
+    return (p.outlier_size == 0 and p.group_num == 1 and p.vector_len % 4 == 0 and p.main_bits == 8
+            and p.code_bits in (8, 16) and (p.in_features * p.code_bits) % (8 * STEP_BYTES) == 0
+            and p.indices.shape[2] * 4 == p.in_features * p.code_bits // 8)
+
+
+def replicas(p: PackedLayer) -> int:
+    """Copies of the codebooks that fit in CB_ROWS_MAX (16, else 8, 4, ...)."""
+    words = (p.num_centroids + p.num_res_centroids) * (p.vector_len // 4)
+    r = REPLICAS
+    while r > 1 and words * r * 8 > CB_ROWS_MAX:
+        r //= 2
+    return r
+
+
+def rows_config(p: PackedLayer, threads: int, warp: int, kc: int | None = None) -> dict:
+    """Launch shape: rows of vectors per block (rw), column runs (cs), chunk (kc), splits, smem."""
+    rw = warp if warp > 1 else 4  # the simulator runs one thread per "lane": keep blocks small
+    cs = threads // rw
+    cps = STEP_BYTES * 8 // p.code_bits  # codes per step
+    unit = cs * cps
+    tiles = nb.cdiv(p.rows, rw)
+    n = p.in_features
+    if kc is None:
+        # ~2 blocks per SM in all, at least one step per lane, at most KC_MAX columns staged
+        nsplit = max(1, nb.cdiv(2 * SMS, tiles))
+        kc = min(max(unit, nb.cdiv(nb.cdiv(n, nsplit), unit) * unit), max(unit, KC_MAX // unit * unit))
+    if kc % unit:
+        raise ValueError(f"kc: {kc} is not a multiple of {unit} (column runs x codes per step)")
+    r = replicas(p)
+    q = p.vector_len // 4
+    cbw = (p.num_centroids + p.num_res_centroids) * q * r  # int64 words
+    shmem = 8 * cbw + 4 * (kc + cs * rw * p.vector_len + 2)
+    return dict(rw=rw, cs=cs, cps=cps, kc=kc, tiles=tiles, nsplit=nb.cdiv(n, kc), replicas=r, shmem=nb.cdiv(shmem, 16) * 16)
+
+
+@functools.cache
+def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm: bool, has_bias: bool,
+                rw: int, cs: int, r: int, xdtype: str):
+    """Generated source, every per-code step unrolled into scalar registers (xdtype keys the cache)."""
+    from .dequant import kernel_env
+
+    q = v // 4
+    cps = STEP_BYTES * 8 // code_bits
+    per_word = 64 // code_bits
+    threads = rw * cs
+    ind = "    "
+    i2, i3, i4 = ind * 2, ind * 3, ind * 4
+    L = ["def gemv_rows(x, xsrc, xscale, xwb, idx64, cbw, rcbw, bias, ws, cnt, y, k, kr, kc, nsplit):",
+         f"{ind}s64 = cuda.shared.array(0, int64)",
+         f"{ind}sf = cuda.shared.array(0, float32)",
+         f"{ind}s32 = cuda.shared.array(0, int32)",
+         f"{ind}n = x.shape[1]",
+         f"{ind}m = y.shape[1]",
+         f"{ind}nrows = idx64.shape[1]",
+         f"{ind}nw64 = idx64.shape[2]",
+         f"{ind}tile = cuda.blockIdx.x",
+         f"{ind}k0 = cuda.blockIdx.y * kc",
+         f"{ind}tid = cuda.threadIdx.x",
+         f"{ind}rl = tid % {rw}",
+         f"{ind}sc = tid // {rw}",
+         f"{ind}cbn = k * {q * r}",
+         f"{ind}rbn = kr * {q * r}",
+         f"{ind}oxs = (cbn + rbn) * 2",
+         f"{ind}ored = oxs + kc",
+         f"{ind}owb = ored + {cs * rw * v}",
+         f"{ind}ofl = owb + 1",
+         # ---- replicated codebooks: word e of the source goes to e * R + copy, for every copy
+         f"{ind}for _i in range(tid, cbn, {threads}):",
+         f"{i2}s64[_i] = cbw[0, _i // {r}]"]
+    if has_res:
+        L += [f"{ind}for _i in range(tid, rbn, {threads}):",
+              f"{i2}s64[cbn + _i] = rcbw[0, _i // {r}]"]
+    # ---- x' of the chunk and its x . wbias
+    L += [f"{ind}if tid == 0:",
+          f"{i2}sf[owb] = float32(0.0)",
+          f"{ind}_wp = float32(0.0)",
+          f"{ind}for _c in range(tid, kc, {threads}):",
+          f"{i2}_p = k0 + _c",
+          f"{i2}if _p < n:",
+          f"{i3}_j = int64(xsrc[_p])" if has_perm else f"{i3}_j = _p",
+          f"{i3}_xv = float32(x[0, _j])"]
+    if has_norm:
+        L += [f"{i3}sf[oxs + _c] = _xv * xscale[_p]", f"{i3}_wp += _xv * xwb[_p]"]
+    else:
+        L.append(f"{i3}sf[oxs + _c] = _xv")
+    L += [f"{i2}else:",
+          f"{i3}sf[oxs + _c] = float32(0.0)",
+          f"{ind}cuda.syncthreads()"]
+    if has_norm:
+        L += [f"{ind}if _wp != float32(0.0):", f"{i2}cuda.atomic.add(sf, owb, _wp)", f"{ind}cuda.syncthreads()"]
+    # ---- this lane's row over its column run
+    for t in range(v):
+        L.append(f"{ind}a{t} = float32(0.0)")
+    L += [f"{ind}row = tile * {rw} + rl",
+          f"{ind}run = kc // {cs}",
+          f"{ind}c = k0 + sc * run",
+          f"{ind}cend = min(c + run, n)",
+          f"{ind}cp = tid % {r}",
+          f"{ind}if row < nrows:",
+          f"{i2}while c < cend:",
+          f"{i3}_b = row * nw64 + ((c * {code_bits}) >> 6)",
+          f"{i3}w0, w1 = ld128(idx64, _b)",
+          f"{i3}w2, w3 = ld128(idx64, _b + 2)",
+          f"{i3}xo = oxs + c - k0"]
+    for u in range(cps):
+        w, sh = u // per_word, (u % per_word) * code_bits
+        L += [f"{i3}_x = sf[xo + {u}]", f"{i3}_cm = (w{w} >> {sh}) & 255"]
+        if has_res:
+            L.append(f"{i3}_cr = (w{w} >> {sh + 8}) & 255")
+        for h in range(q):
+            L.append(f"{i3}_m = s64[(_cm * {q} + {h}) * {r} + cp]")
+            if has_res:
+                L.append(f"{i3}_r = s64[cbn + (_cr * {q} + {h}) * {r} + cp]")
+            for t in range(4):
+                val = f"h2f(_m >> {16 * t})"
+                if has_res:
+                    val = f"({val} + h2f(_r >> {16 * t}))"
+                L.append(f"{i3}a{4 * h + t} += _x * {val}")
+    L.append(f"{i3}c += {cps}")
+    # ---- partial sums of the column runs -> one sum per output of the tile
+    for t in range(v):
+        L.append(f"{ind}sf[ored + (sc * {rw} + rl) * {v} + {t}] = a{t}")
+    L += [f"{ind}cuda.syncthreads()",
+          f"{ind}for _e in range(tid, {rw * v}, {threads}):",
+          f"{i2}_rl = _e // {v}",
+          f"{i2}orow = tile * {rw * v} + _e",
+          f"{i2}if orow < m:",
+          f"{i3}tot = float32(0.0)",
+          f"{i3}for _s in range({cs}):",
+          f"{i4}tot += sf[ored + _s * {rw * v} + _e]"]
+    if has_norm:
+        L.append(f"{i3}tot += sf[owb]")
+    L += [f"{i3}if nsplit > 1:", f"{i4}cuda.atomic.add(ws, (0, orow), tot)", f"{i3}else:"]
+    if has_bias:
+        L.append(f"{i4}tot += float32(bias[orow])")
+    L.append(f"{i4}y[0, orow] = tot")
+    # ---- split-K epilogue: the last block of a row tile writes y, zeroes ws and the counter
+    L += [f"{ind}if nsplit > 1:",
+          f"{i2}cuda.threadfence()",
+          f"{i2}cuda.syncthreads()",
+          f"{i2}if tid == 0:",
+          f"{i3}old = cuda.atomic.add(cnt, tile, 1)",
+          f"{i3}s32[ofl] = 1 if old == nsplit - 1 else 0",
+          f"{i2}cuda.syncthreads()",
+          f"{i2}if s32[ofl] == 1:",
+          f"{i3}for _e in range(tid, {rw * v}, {threads}):",
+          f"{i4}orow = tile * {rw * v} + _e",
+          f"{i4}if orow < m:",
+          f"{i4}    tot = cuda.atomic.add(ws, (0, orow), float32(0.0))",
+          f"{i4}    ws[0, orow] = float32(0.0)"]
+    if has_bias:
+        L.append(f"{i4}    tot += float32(bias[orow])")
+    L += [f"{i4}    y[0, orow] = tot",
+          f"{i3}if tid == 0:",
+          f"{i4}cnt[tile] = 0"]
+    src = "\n".join(L) + "\n"
+    fn = nb.compile_source(src, "gemv_rows", kernel_env(), f"gemv-rows-v{v}-b{code_bits}-rw{rw}-cs{cs}-r{r}")
+    return nb.cuda().jit(fn)
