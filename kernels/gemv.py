@@ -53,7 +53,7 @@ from .dequant import (
     smem_codebook_bytes,
     word_view,
 )
-from .gemv_rows import ROWS_THREADS, kernel_rows, rows_config, rows_path_ok
+from .gemv_rows import ROWS_THREADS, kernel_rows, rows_config, rows_path_ok, split_epilogue_src, store_sum_src
 
 THREADS = 256  # threads per block (8 warps)
 WARP = 32
@@ -441,33 +441,8 @@ def _kernel_smem(v: int, batch: int, bits: int, main_bits: int, has_res: bool, h
           f"{i4}tot += sf[oys + (_s2 * rt + _rl) * {bv} + _e]"]
     if has_norm:
         L.append(f"{i3}tot += sf[owb + _b]")
-    L += [f"{i3}if nsplit > 1:", f"{i4}cuda.atomic.add(ws, (_b, row), tot)", f"{i3}else:"]
-    if has_bias:
-        L.append(f"{i4}tot += float32(bias[row])")
-    L.append(f"{i4}y[_b, row] = tot")
-    # ---- split-K epilogue (taken at run time when nsplit > 1): the last block of a row tile writes y
-    k0 = len(L)
-    L += [f"{ind}cuda.threadfence()",
-          f"{ind}cuda.syncthreads()",
-          f"{ind}if tid == 0:",
-          f"{i2}old = cuda.atomic.add(cnt, tile, 1)",
-          f"{i2}s32[ofl] = 1 if old == nsplit - 1 else 0",
-          f"{ind}cuda.syncthreads()",
-          f"{ind}if s32[ofl] == 1:",
-          f"{i2}nr = (rhi - rlo) * {v}",
-          f"{i2}for _i in range(tid, {batch} * nr, {threads}):",
-          f"{i3}_b = _i // nr",
-          f"{i3}row = rlo * {v} + _i - _b * nr",
-          f"{i3}if row < m:",
-          f"{i4}tot = cuda.atomic.add(ws, (_b, row), float32(0.0))",
-          f"{i4}ws[_b, row] = float32(0.0)"]
-    if has_bias:
-        L.append(f"{i4}tot += float32(bias[row])")
-    L += [f"{i4}y[_b, row] = tot",
-          f"{i2}if tid == 0:",
-          f"{i3}cnt[tile] = 0"]
-    L[k0:] = [ind + line for line in L[k0:]]
-    L.insert(k0, f"{ind}if nsplit > 1:")
+    L += store_sum_src("_b", "row", has_bias, i3)
+    L += split_epilogue_src(batch, f"rlo * {v}", f"(rhi - rlo) * {v}", has_bias, threads, ind)
     src = "\n".join(L) + "\n"
     env = {**kernel_env(), "warp_allsum": _warp_allsum(warp)}
     fn = nb.compile_source(src, "gemv_smem", env,

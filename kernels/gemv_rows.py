@@ -73,6 +73,40 @@ def rows_config(p: PackedLayer, threads: int, warp: int, kc: int | None = None) 
     return dict(rw=rw, cs=cs, cps=cps, kc=kc, tiles=tiles, nsplit=nb.cdiv(n, kc), replicas=r, shmem=nb.cdiv(shmem, 16) * 16)
 
 
+def store_sum_src(b: str, row: str, has_bias: bool, ind: str) -> list[str]:
+    """Kernel lines: a block's sum `tot` of output (b, row) -> y (+ bias), or into the fp32
+    workspace when the columns are split over several blocks (nsplit > 1). Shared with gemv.py."""
+    out = [f"{ind}if nsplit > 1:", f"{ind}    cuda.atomic.add(ws, ({b}, {row}), tot)", f"{ind}else:"]
+    if has_bias:
+        out.append(f"{ind}    tot += float32(bias[{row}])")
+    return out + [f"{ind}    y[{b}, {row}] = tot"]
+
+
+def split_epilogue_src(batch: int, base: str, count: str, has_bias: bool, threads: int, ind: str) -> list[str]:
+    """Kernel lines of the split-K epilogue: the last block of a row tile (atomic counter `cnt`,
+    flag in s32[ofl]) writes y[:, base:base+count] (+ bias) from the workspace and leaves the
+    workspace and its counter zeroed for the next call. Shared with gemv.py."""
+    i2, i3, i4, i5 = (ind + "    " * k for k in (1, 2, 3, 4))
+    out = [f"{ind}if nsplit > 1:",
+           f"{i2}cuda.threadfence()",
+           f"{i2}cuda.syncthreads()",
+           f"{i2}if tid == 0:",
+           f"{i3}old = cuda.atomic.add(cnt, tile, 1)",
+           f"{i3}s32[ofl] = 1 if old == nsplit - 1 else 0",
+           f"{i2}cuda.syncthreads()",
+           f"{i2}if s32[ofl] == 1:",
+           f"{i3}nr = {count}",
+           f"{i3}for _i in range(tid, {batch} * nr, {threads}):",
+           f"{i4}_b = _i // nr",
+           f"{i4}row = {base} + _i - _b * nr",
+           f"{i4}if row < m:",
+           f"{i5}tot = cuda.atomic.add(ws, (_b, row), float32(0.0))",  # L2-coherent read
+           f"{i5}ws[_b, row] = float32(0.0)"]
+    if has_bias:
+        out.append(f"{i5}tot += float32(bias[row])")
+    return out + [f"{i5}y[_b, row] = tot", f"{i3}if tid == 0:", f"{i4}cnt[tile] = 0"]
+
+
 @functools.cache
 def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm: bool, has_bias: bool,
                 rw: int, cs: int, r: int, xdtype: str):
@@ -170,29 +204,8 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
           f"{i4}tot += sf[ored + _s * {rw * v} + _e]"]
     if has_norm:
         L.append(f"{i3}tot += sf[owb]")
-    L += [f"{i3}if nsplit > 1:", f"{i4}cuda.atomic.add(ws, (0, orow), tot)", f"{i3}else:"]
-    if has_bias:
-        L.append(f"{i4}tot += float32(bias[orow])")
-    L.append(f"{i4}y[0, orow] = tot")
-    # ---- split-K epilogue: the last block of a row tile writes y, zeroes ws and the counter
-    L += [f"{ind}if nsplit > 1:",
-          f"{i2}cuda.threadfence()",
-          f"{i2}cuda.syncthreads()",
-          f"{i2}if tid == 0:",
-          f"{i3}old = cuda.atomic.add(cnt, tile, 1)",
-          f"{i3}s32[ofl] = 1 if old == nsplit - 1 else 0",
-          f"{i2}cuda.syncthreads()",
-          f"{i2}if s32[ofl] == 1:",
-          f"{i3}for _e in range(tid, {rw * v}, {threads}):",
-          f"{i4}orow = tile * {rw * v} + _e",
-          f"{i4}if orow < m:",
-          f"{i4}    tot = cuda.atomic.add(ws, (0, orow), float32(0.0))",
-          f"{i4}    ws[0, orow] = float32(0.0)"]
-    if has_bias:
-        L.append(f"{i4}    tot += float32(bias[orow])")
-    L += [f"{i4}    y[0, orow] = tot",
-          f"{i3}if tid == 0:",
-          f"{i4}cnt[tile] = 0"]
+    L += store_sum_src("0", "orow", has_bias, i3)
+    L += split_epilogue_src(1, f"tile * {rw * v}", str(rw * v), has_bias, threads, ind)
     src = "\n".join(L) + "\n"
     fn = nb.compile_source(src, "gemv_rows", kernel_env(), f"gemv-rows-v{v}-b{code_bits}-rw{rw}-cs{cs}-r{r}")
     return nb.cuda().jit(fn)
