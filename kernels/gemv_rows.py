@@ -66,7 +66,7 @@ def rows_config(p: PackedLayer, threads: int, warp: int, kc: int | None = None) 
         kc = min(max(unit, nb.cdiv(nb.cdiv(n, nsplit), unit) * unit), max(unit, KC_MAX // unit * unit))
     if kc % unit:
         raise ValueError(f"kc: {kc} is not a multiple of {unit} (column runs x codes per step)")
-    r = replicas(p)
+    r = replicas(p) if warp > 1 else 1  # copies only avoid bank conflicts; the simulator has none
     q = p.vector_len // 4
     cbw = (p.num_centroids + p.num_res_centroids) * q * r  # int64 words
     shmem = 8 * cbw + 4 * (kc + cs * rw * p.vector_len + 2)

@@ -349,24 +349,24 @@ ROWS_LAYERS = {
 
 @pytest.mark.parametrize("name", list(ROWS_LAYERS))
 def test_gemv_rows_matches_oracle(name):
-    """Byte codes and small codebooks take the row-per-lane kernel at batch 1 (larger batches the
-    shared-memory one); both equal the oracle in fp16 and fp32."""
+    """Byte codes and small codebooks take the row-per-lane kernel at batch 1; it equals the oracle
+    in fp16 and fp32."""
     from kernels.gemv import GemvPlan
 
     mod = _layer(**ROWS_LAYERS[name])
     p = PackedLayer.from_module(mod)
     plan = GemvPlan(p)
     assert plan.path == "rows" and plan.base == "smem"
-    for batch in (1, 2):
-        x = torch.randn(batch, mod.in_features, generator=torch.Generator().manual_seed(batch)).half().to(DEV)
-        y = plan(x)
-        assert y.dtype == torch.float16 and y.shape == (batch, mod.out_features)
-        _close(y, gemv_ref(x.float(), p), 3e-3)
+    x = torch.randn(1, mod.in_features, generator=torch.Generator().manual_seed(1)).half().to(DEV)
+    y = plan(x)
+    assert y.dtype == torch.float16 and y.shape == (1, mod.out_features)
+    _close(y, gemv_ref(x.float(), p), 3e-3)
     xf = torch.randn(1, mod.in_features, generator=torch.Generator().manual_seed(5)).to(DEV)
     _close(plan(xf), gemv_ref(xf, p), 1e-4)
 
 
-@pytest.mark.parametrize("name", ["v4_k256", "v8_k256_r256"])
+# the residual layout splits the same way; in the simulator it costs ~100 s, so it runs on CUDA only
+@pytest.mark.parametrize("name", ["v4_k256"] + (["v8_k256_r256"] if HAS_GPU else []))
 def test_gemv_rows_split_k(name):
     """Several column chunks (atomics + last-block epilogue) and row tiles, the plan reused: the
     workspace and counters are left zeroed by each call."""
@@ -394,5 +394,7 @@ def test_gemv_rows_applies_only_where_it_can():
     assert not rows_path_ok(odd) and GemvPlan(odd, **SMALL).path == "smem"
     with pytest.raises(ValueError, match="path: the row-per-lane kernel"):
         GemvPlan(odd, path="rows")
-    p = PackedLayer.from_module(_layer(**ROWS_LAYERS["v4_k256"]))
+    p = PackedLayer.from_module(_layer(**ROWS_LAYERS["v4_plain"]))
     assert GemvPlan(p, path="smem", **SMALL).path == "smem"  # forcing another kernel still works
+    x = torch.randn(2, p.in_features, generator=torch.Generator().manual_seed(2)).half().to(DEV)
+    _close(GemvPlan(p, **SMALL)(x), gemv_ref(x.float(), p), 3e-3)  # batch 2: the base (smem) kernel
