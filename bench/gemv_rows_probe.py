@@ -42,10 +42,10 @@ def main() -> None:
         log("rel", rel_err(plan(x), x.float() @ wref.t()))
         del wref
         ws = [torch.randn(m, n, device="cuda", dtype=torch.float16) for _ in range(3)]
-        tf, _ = time_device([lambda w=w: x @ w.t() for w in ws], iters=100)
+        tf, _ = time_device([lambda w=w, x=x: x @ w.t() for w in ws], iters=100)
         plans = [plan] + [GemvPlan(make_layer(m, n, kr, seed=s, v=v, k=k), checked=True)
                           for s in range(2, 1 + copies_for(layer_bytes(p)))]
-        t, _ = time_device([lambda pl=pl: pl(x) for pl in plans], iters=100)
+        t, _ = time_device([lambda pl=pl, x=x: pl(x) for pl in plans], iters=100)
         log(f"gemv {t:.1f} us  fp16 {tf:.1f} us  speedup {tf / t:.2f}x")
 
 

@@ -120,7 +120,7 @@ def check_preset_runs() -> None:
     """The runs that stand for the presets must still be the presets (config and windows)."""
     for bits, name in PRESET_RUNS.items():
         spec = RUNS[name]
-        if run_config(spec) != preset(bits) or spec.get("nsamples", 64) != calib_windows(preset(bits)):
+        if run_config(spec) != preset(bits) or spec.get("nsamples", 64) != calib_windows(preset(bits).e2e_steps):
             sys.exit(f"{name} no longer matches preset({bits}) in vptq/config.py: update PRESET_RUNS")
 
 

@@ -122,7 +122,7 @@ def register(main_app: typer.Typer) -> None:
                     _err(f"--finetune-steps {finetune_steps}: use 0 (off) or a positive number of steps", EXIT_USAGE)
                 over["e2e_steps"] = finetune_steps
             cfg = preset(bits).with_(**over)
-            nsamples = nsamples or calib_windows(cfg)
+            nsamples = nsamples or calib_windows(cfg.e2e_steps)
             home = vptq_home()
             tty = sys.stderr.isatty()
 

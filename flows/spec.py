@@ -34,14 +34,14 @@ class JobSpec(BaseModel):
     @model_validator(mode="after")
     def _preset_defaults(self) -> JobSpec:
         """Fill what the request left to the preset, so a stored spec (and the job key) is explicit."""
-        from vptq.config import FINETUNE_WINDOWS, ONESHOT_WINDOWS, preset
+        from vptq.config import calib_windows, preset
 
         p = preset(self.bits)
         if self.hessians is None:
             self.hessians = p.hessians
         if self.nsamples is None:
             steps = self.overrides.get("e2e_steps", p.e2e_steps)  # validated later by quant_config
-            self.nsamples = FINETUNE_WINDOWS if isinstance(steps, int) and steps > 0 else ONESHOT_WINDOWS
+            self.nsamples = calib_windows(steps if isinstance(steps, int) else 0)
         return self
 
     def normalized(self) -> JobSpec:

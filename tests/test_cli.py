@@ -504,7 +504,7 @@ def test_request_defaults_follow_the_preset():
 
     s = JobSpec(source="smollm2", name="x", bits=3)
     assert s.hessians == preset(3).hessians == "original"
-    assert s.nsamples == calib_windows(preset(3)) == 256
+    assert s.nsamples == calib_windows(preset(3).e2e_steps) == 256
     assert JobSpec(source="smollm2", name="x", bits=3, overrides={"e2e_steps": 0}).nsamples == 64
     assert JobSpec(source="smollm2", name="x", bits=3, nsamples=256, hessians="original").key() == s.key()
     mine = JobSpec(source="smollm2", name="x", bits=3, nsamples=8, hessians="sequential")

@@ -148,8 +148,9 @@ PRESETS: dict[int, QuantConfig] = {
 FINETUNE_WINDOWS, ONESHOT_WINDOWS = 256, 64
 
 
-def calib_windows(cfg: QuantConfig) -> int:
-    return FINETUNE_WINDOWS if cfg.e2e_steps > 0 else ONESHOT_WINDOWS
+def calib_windows(e2e_steps: int) -> int:
+    """Default calibration windows of a job with this many end-to-end fine-tuning steps."""
+    return FINETUNE_WINDOWS if e2e_steps > 0 else ONESHOT_WINDOWS
 
 
 def preset(bits: int) -> QuantConfig:
