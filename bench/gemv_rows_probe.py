@@ -1,13 +1,17 @@
-"""Quick H100 probe of the row-per-lane gemv (kernels/gemv_rows.py), batch 1, 2-bit v4-k256.
+"""H100 probe of the row-per-lane gemv (kernels/gemv_rows.py), batch 1: timings, registers, variants.
 
-    python -u bench/gemv_rows_probe.py
+    python -u bench/gemv_rows_probe.py [--formats v4k256,v8k256r256] [--shapes 4096x4096,...]
+                                       [--kc auto,512] [--maxreg 0,64] [--fp32]
 
-For each shape: build the plan, check the result against the fp32 oracle (relative error), then
-time the kernel (CUDA-event median of 100 calls, rotated over enough layers to defeat the L2)
-against torch fp16 x @ W.T of the same shape in the same run. The full table is bench/kernels.py
-(--formats v4k256,v8k256r256); this probe is what fitted in the session's remaining device time.
+For each format and shape: build the plan (per --kc / --maxreg variant), check the result against
+the fp32 oracle (relative error), then time the kernel (CUDA-event median of 100 calls, rotated
+over enough layers to defeat the L2) against torch fp16 x @ W.T of the same shape in the same run.
+Also prints the event-timed floor of an empty numba kernel (launch + two event records), the
+compiled kernel's registers per thread, and the GB/s over the bytes read. The full table of every
+kernel is bench/kernels.py; this probe is the quick loop for tuning the row kernel.
 """
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -16,37 +20,84 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.kernels import copies_for, layer_bytes, make_layer, rel_err, time_device  # noqa: E402
+from bench.kernels import FORMATS, copies_for, layer_bytes, make_layer, rel_err, time_device  # noqa: E402
+from kernels import _numba as nb  # noqa: E402
 from kernels.dequant import dequantize_ref  # noqa: E402
 from kernels.gemv import GemvPlan  # noqa: E402
 
-SHAPES = [(4096, 4096), (28672, 8192), (8192, 28672), (11008, 4096)]
+SHAPES = "4096x4096,11008x4096,4096x11008,8192x8192,28672x8192,8192x28672"
+
+
+def regs(plan: GemvPlan) -> int:
+    """Registers per thread of the plan's compiled batch-1 kernel (-1 when unknown)."""
+    try:
+        kern = plan._launch_args(1, torch.float16)[0]
+        (k,) = kern.overloads.values()
+        return int(k._codelibrary.get_cufunc().attrs.regs)
+    except Exception:
+        return -1
+
+
+def empty_floor() -> float:
+    c = nb.cuda()
+
+    @c.jit
+    def nop(a):
+        if c.threadIdx.x == 9999:
+            a[0] = 1.0
+
+    t = torch.zeros(1, device="cuda")
+    s = nb.stream_for(t)
+    arr = nb.as_array(t)
+    return time_device([lambda: nop[132, 256, s](arr)], iters=100)[0]
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--formats", default="v4k256,v8k256r256")
+    ap.add_argument("--shapes", default=SHAPES)
+    ap.add_argument("--kc", default="auto", help="comma list of column chunks (auto = the plan's choice)")
+    ap.add_argument("--maxreg", default="0", help="comma list of register caps (0 = the compiler's choice)")
+    ap.add_argument("--fp32", action="store_true", help="also time fp32 x (the fp32-arithmetic variant)")
+    a = ap.parse_args()
     t0 = time.time()
 
-    def log(*a):
-        print(f"[{time.time() - t0:6.1f}s]", *a, flush=True)
+    def log(*args):
+        print(f"[{time.time() - t0:6.1f}s]", *args, flush=True)
 
-    v, k, kr = 4, 256, 0
-    for m, n in SHAPES:
-        p = make_layer(m, n, kr, seed=1, v=v, k=k)
-        plan = GemvPlan(p, checked=True)
-        log("plan", m, n, v, plan.path, plan.rows_cfg if plan.path == "rows" else None)
-        x = torch.randn(1, n, device="cuda", dtype=torch.float16)
-        plan(x)
-        torch.cuda.synchronize()
-        log("first call done")
-        wref = dequantize_ref(p, torch.float32)
-        log("rel", rel_err(plan(x), x.float() @ wref.t()))
-        del wref
-        ws = [torch.randn(m, n, device="cuda", dtype=torch.float16) for _ in range(3)]
-        tf, _ = time_device([lambda w=w, x=x: x @ w.t() for w in ws], iters=100)
-        plans = [plan] + [GemvPlan(make_layer(m, n, kr, seed=s, v=v, k=k), checked=True)
-                          for s in range(2, 1 + copies_for(layer_bytes(p)))]
-        t, _ = time_device([lambda pl=pl, x=x: pl(x) for pl in plans], iters=100)
-        log(f"gemv {t:.1f} us  fp16 {tf:.1f} us  speedup {tf / t:.2f}x")
+    log(f"{torch.cuda.get_device_name()} torch {torch.__version__}; empty numba kernel {empty_floor():.1f} us")
+    for fkey in a.formats.split(","):
+        _, v, k, kr = FORMATS[fkey]
+        for shape in a.shapes.split(","):
+            m, n = (int(s) for s in shape.split("x"))
+            p = make_layer(m, n, kr, seed=1, v=v, k=k)
+            nbytes = layer_bytes(p) + 2 * n + 2 * m
+            others = [make_layer(m, n, kr, seed=s, v=v, k=k) for s in range(2, 1 + copies_for(layer_bytes(p)))]
+            x = torch.randn(1, n, device="cuda", dtype=torch.float16)
+            wsf = [torch.randn(m, n, device="cuda", dtype=torch.float16) for _ in range(3)]
+            tf, _ = time_device([lambda w=w: x @ w.t() for w in wsf], iters=100)
+            del wsf
+            wref = dequantize_ref(p, torch.float32)
+            yref = x.float() @ wref.t()
+            del wref
+            for kc in a.kc.split(","):
+                for mr in (int(s) for s in a.maxreg.split(",")):
+                    kw = {} if kc == "auto" else {"kc": int(kc)}
+                    plans = [GemvPlan(q, checked=True, **kw) for q in [p, *others]]
+                    if plans[0].path != "rows":
+                        log(fkey, shape, "not the row kernel:", plans[0].path)
+                        continue
+                    for pl in plans:
+                        pl.rows_maxreg = mr
+                    rel = rel_err(plans[0](x), yref)
+                    dtypes = [torch.float16] + ([torch.float32] if a.fp32 else [])
+                    for dt in dtypes:
+                        xx = x.to(dt)
+                        t, _ = time_device([lambda pl=pl, xx=xx: pl(xx) for pl in plans], iters=100)
+                        c = plans[0].rows_cfg
+                        log(f"{fkey} {shape} x={str(dt)[6:]} kc={c['kc']} nsplit={c['nsplit']} tiles={c['tiles']} "
+                            f"R={c['replicas']} maxreg={mr} regs={regs(plans[0])} rel={rel:.1e}: "
+                            f"{t:.1f} us ({nbytes / t / 1e3:.0f} GB/s)  fp16 {tf:.1f} us  speedup {tf / t:.2f}x")
 
 
 if __name__ == "__main__":

@@ -357,3 +357,111 @@ def compile_source(src: str, name: str, env: dict, tag: str):
     ns = dict(env)
     exec(compile(src, fname, "exec"), ns)
     return ns[name]
+
+
+def _half_bits(v) -> int:
+    import numpy as np
+
+    return int(np.float16(v).view(np.uint16))
+
+
+def _wrap32(v) -> int:
+    v = int(v) & 0xFFFFFFFF
+    return v - (1 << 32) if v >= (1 << 31) else v
+
+
+@functools.lru_cache(maxsize=1)
+def half2_fma_pair():
+    """Device function hfma2x2(word, xh, a0, a1) -> (a0', a1'): the four fp16 values of the 64-bit
+    `word` (a v=4 slice of a centroid) times the fp16 pair `xh` (x' twice), added to two packed
+    half2 accumulators (int32 bits): two `fma.rn.f16x2`. Why: fp32 math costs four conversions and
+    four FMAs per centroid word and left the row-per-lane gemv issue-bound; callers add the half2
+    sums into fp32 every few codes, so only short runs are summed in fp16."""
+    c = cuda()
+    if simulator_enabled():
+        import numpy as np
+
+        def one(a, b, acc):
+            out = 0
+            for s in (0, 16):
+                fa, fb, fc = (np.uint16((int(t) >> s) & 0xFFFF).view(np.float16) for t in (a, b, acc))
+                out |= _half_bits(np.float32(fa) * np.float32(fb) + np.float32(fc)) << s
+            return _wrap32(out)
+
+        @c.jit(device=True)
+        def hfma2x2(word, xh, a0, a1):
+            w = int(word) & 0xFFFFFFFFFFFFFFFF
+            return one(w & 0xFFFFFFFF, xh, a0), one(w >> 32, xh, a1)
+
+        return hfma2x2
+
+    from llvmlite import ir
+    from numba import types
+    from numba.cuda.extending import intrinsic
+
+    @intrinsic
+    def _fma(typingctx, word, xh, a0, a1):
+        if not all(isinstance(t, types.Integer) for t in (word, xh, a0, a1)):
+            return None
+        sig = types.UniTuple(types.int32, 2)(word, xh, a0, a1)
+
+        def codegen(context, builder, sig, args):
+            i32, i64 = ir.IntType(32), ir.IntType(64)
+
+            def cast(v, t):
+                w = v.type.width
+                return v if w == t.width else (builder.trunc(v, t) if w > t.width else builder.sext(v, t))
+
+            w, x, p, q = cast(args[0], i64), cast(args[1], i32), cast(args[2], i32), cast(args[3], i32)
+            fnty = ir.FunctionType(ir.LiteralStructType([i32, i32]), [i64, i32, i32, i32])
+            asm = ("{ .reg .b32 lo, hi; mov.b64 {lo, hi}, $2; "
+                   "fma.rn.f16x2 $0, lo, $3, $4; fma.rn.f16x2 $1, hi, $3, $5; }")
+            res = builder.call(ir.InlineAsm(fnty, asm, "=r,=r,l,r,r,r"), [w, x, p, q])
+            return context.make_tuple(builder, sig.return_type,
+                                      [builder.extract_value(res, 0), builder.extract_value(res, 1)])
+
+        return sig, codegen
+
+    @c.jit(device=True, forceinline=True)
+    def hfma2x2(word, xh, a0, a1):
+        return _fma(word, xh, a0, a1)
+
+    return hfma2x2
+
+
+@functools.lru_cache(maxsize=1)
+def float_to_half2():
+    """Device function: float32 -> int32 bits of the fp16 pair (x, x) (round to nearest even)."""
+    c = cuda()
+    if simulator_enabled():
+        @c.jit(device=True)
+        def f2h2(x):
+            h = _half_bits(x)
+            return _wrap32(h | (h << 16))
+
+        return f2h2
+
+    from llvmlite import ir
+    from numba import types
+    from numba.cuda.extending import intrinsic
+
+    @intrinsic
+    def _cvt(typingctx, x):
+        if not isinstance(x, types.Float):
+            return None
+
+        def codegen(context, builder, sig, args):
+            (a,) = args
+            if a.type != ir.FloatType():
+                a = builder.fptrunc(a, ir.FloatType())
+            fnty = ir.FunctionType(ir.IntType(32), [ir.FloatType()])
+            asm = "{ .reg .b16 h; cvt.rn.f16.f32 h, $1; mov.b32 $0, {h, h}; }"
+            return builder.call(ir.InlineAsm(fnty, asm, "=r,f"), [a])
+
+        return types.int32(x), codegen
+
+    @c.jit(device=True, forceinline=True)
+    def f2h2(x):
+        return _cvt(x)
+
+    return f2h2

@@ -33,6 +33,7 @@ REPLICAS = 16  # copies of the codebook words, one per 64-bit bank pair
 CB_ROWS_MAX = 96 * 1024  # shared memory for the replicated codebooks
 KC_MAX = 4096  # stored columns per block at most (x' staging: 16 KiB)
 SMS = 132  # H100 SXM; steers the split-K heuristic only
+FLUSH = 8  # fp16 x: codes summed in half2 before the sums are added into fp32
 
 
 def rows_path_ok(p: PackedLayer) -> bool:
@@ -109,14 +110,32 @@ def split_epilogue_src(batch: int, base: str, count: str, has_bias: bool, thread
 
 @functools.cache
 def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm: bool, has_bias: bool,
-                rw: int, cs: int, r: int, xdtype: str):
-    """Generated source, every per-code step unrolled into scalar registers (xdtype keys the cache)."""
+                rw: int, cs: int, r: int, kc: int, k: int, kr: int, xdtype: str, maxreg: int = 0):
+    """Generated source, every per-code step unrolled into scalar registers.
+
+    fp16 x: x' is staged as fp16 pairs and every centroid word is multiplied into packed half2
+    sums (kernels/_numba.py `half2_fma_pair`), added into fp32 every FLUSH codes; fp32 x keeps
+    fp32 arithmetic throughout. The latency chain of a call is kept short because at 7B shapes a
+    block does little work: the first step's codes, the codebook words and x' are all requested
+    before the first store, the codebook is loaded once per word (then stored R times, lanes
+    rotating over the copies so the stores do not share banks), and the next step's codes are
+    loaded while the current step computes."""
     from .dequant import kernel_env
 
+    half = xdtype == "torch.float16"
     q = v // 4
     cps = STEP_BYTES * 8 // code_bits
     per_word = 64 // code_bits
     threads = rw * cs
+    run = kc // cs
+    kq, krq = k * q, kr * q
+    nf = nb.cdiv(kq + krq, threads)
+    nx = nb.cdiv(kc, threads)
+    cbn = kq * r
+    oxs = (kq + krq) * r * 2  # x' after the codebooks (32-bit units)
+    ored = oxs + kc
+    owb = ored + cs * rw * v
+    ofl = owb + 1
     ind = "    "
     i2, i3, i4 = ind * 2, ind * 3, ind * 4
     L = ["def gemv_rows(x, xsrc, xscale, xwb, idx64, cbw, rcbw, bias, ws, cnt, y, k, kr, kc, nsplit):",
@@ -128,84 +147,120 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
          f"{ind}nrows = idx64.shape[1]",
          f"{ind}nw64 = idx64.shape[2]",
          f"{ind}tile = cuda.blockIdx.x",
-         f"{ind}k0 = cuda.blockIdx.y * kc",
+         f"{ind}k0 = cuda.blockIdx.y * {kc}",
          f"{ind}tid = cuda.threadIdx.x",
          f"{ind}rl = tid % {rw}",
          f"{ind}sc = tid // {rw}",
-         f"{ind}cbn = k * {q * r}",
-         f"{ind}rbn = kr * {q * r}",
-         f"{ind}oxs = (cbn + rbn) * 2",
-         f"{ind}ored = oxs + kc",
-         f"{ind}owb = ored + {cs * rw * v}",
-         f"{ind}ofl = owb + 1",
-         # ---- replicated codebooks: word e of the source goes to e * R + copy, for every copy
-         f"{ind}for _i in range(tid, cbn, {threads}):",
-         f"{i2}s64[_i] = cbw[0, _i // {r}]"]
-    if has_res:
-        L += [f"{ind}for _i in range(tid, rbn, {threads}):",
-              f"{i2}s64[cbn + _i] = rcbw[0, _i // {r}]"]
-    # ---- x' of the chunk and its x . wbias
-    L += [f"{ind}if tid == 0:",
-          f"{i2}sf[owb] = float32(0.0)",
-          f"{ind}_wp = float32(0.0)",
-          f"{ind}for _c in range(tid, kc, {threads}):",
-          f"{i2}_p = k0 + _c",
-          f"{i2}if _p < n:",
-          f"{i3}_j = int64(xsrc[_p])" if has_perm else f"{i3}_j = _p",
-          f"{i3}_xv = float32(x[0, _j])"]
+         f"{ind}ofl = {ofl}",
+         # ---- the first step's codes of this lane's row, requested first (the longest latency)
+         f"{ind}row = tile * {rw} + rl",
+         f"{ind}c = k0 + sc * {run}",
+         f"{ind}cend = min(c + {run}, n)",
+         f"{ind}live = row < nrows and c < cend",
+         f"{ind}if live:",
+         f"{i2}_b = row * nw64 + ((c * {code_bits}) >> 6)",
+         f"{i2}w0, w1 = ld128(idx64, _b)",
+         f"{i2}w2, w3 = ld128(idx64, _b + 2)",
+         f"{ind}else:",
+         f"{i2}w0 = w1 = w2 = w3 = int64(0)"]
+    # ---- codebook words (once each) and x' sources
+    for i in range(nf):
+        L += [f"{ind}_e{i} = tid + {i * threads}",
+              f"{ind}if _e{i} < {kq}:",
+              f"{i2}_g{i} = cbw[0, _e{i}]"]
+        if has_res:
+            L += [f"{ind}elif _e{i} < {kq + krq}:", f"{i2}_g{i} = rcbw[0, _e{i} - {kq}]"]
+        L += [f"{ind}else:", f"{i2}_g{i} = int64(0)"]
+    for j in range(nx):
+        L += [f"{ind}_c{j} = tid + {j * threads}",
+              f"{ind}_p{j} = k0 + _c{j}",
+              f"{ind}_ok{j} = _c{j} < {kc} and _p{j} < n",
+              f"{ind}_j{j} = (int64(xsrc[_p{j}]) if _ok{j} else int64(0))" if has_perm else f"{ind}_j{j} = _p{j}"]
+        if has_norm:
+            L += [f"{ind}_s{j} = float32(xscale[_p{j}]) if _ok{j} else float32(0.0)",
+                  f"{ind}_w{j} = float32(xwb[_p{j}]) if _ok{j} else float32(0.0)"]
+    for j in range(nx):
+        L.append(f"{ind}_x{j} = float32(x[0, _j{j}]) if _ok{j} else float32(0.0)")
+    # ---- stores: R copies of every word (lane-rotated copies: no bank conflicts), x'
+    for i in range(nf):
+        L.append(f"{ind}if _e{i} < {kq + krq}:")
+        for t in range(r):
+            L.append(f"{i2}s64[_e{i} * {r} + ((tid + {t}) & {r - 1})] = _g{i}")
+    L += [f"{ind}if tid == 0:", f"{i2}sf[{owb}] = float32(0.0)", f"{ind}_wp = float32(0.0)"]
+    for j in range(nx):
+        xv = f"_x{j} * _s{j}" if has_norm else f"_x{j}"
+        L += [f"{ind}if _c{j} < {kc}:",
+              f"{i2}s32[{oxs} + _c{j}] = f2h2({xv})" if half else f"{i2}sf[{oxs} + _c{j}] = {xv}"]
+        if has_norm:
+            L.append(f"{ind}_wp += _x{j} * _w{j}")
+    L.append(f"{ind}cuda.syncthreads()")
     if has_norm:
-        L += [f"{i3}sf[oxs + _c] = _xv * xscale[_p]", f"{i3}_wp += _xv * xwb[_p]"]
-    else:
-        L.append(f"{i3}sf[oxs + _c] = _xv")
-    L += [f"{i2}else:",
-          f"{i3}sf[oxs + _c] = float32(0.0)",
-          f"{ind}cuda.syncthreads()"]
-    if has_norm:
-        L += [f"{ind}if _wp != float32(0.0):", f"{i2}cuda.atomic.add(sf, owb, _wp)", f"{ind}cuda.syncthreads()"]
-    # ---- this lane's row over its column run
+        L += [f"{ind}if _wp != float32(0.0):", f"{i2}cuda.atomic.add(sf, {owb}, _wp)", f"{ind}cuda.syncthreads()"]
+    # ---- this lane's row over its column run, next step's codes loaded during this one
     for t in range(v):
         L.append(f"{ind}a{t} = float32(0.0)")
-    L += [f"{ind}row = tile * {rw} + rl",
-          f"{ind}run = kc // {cs}",
-          f"{ind}c = k0 + sc * run",
-          f"{ind}cend = min(c + run, n)",
-          f"{ind}cp = tid % {r}",
-          f"{ind}if row < nrows:",
+    if half:
+        for j in range(v // 2):
+            L.append(f"{ind}h{j} = int32(0)")
+    L += [f"{ind}cp = tid & {r - 1}",
+          f"{ind}if live:",
           f"{i2}while c < cend:",
-          f"{i3}_b = row * nw64 + ((c * {code_bits}) >> 6)",
-          f"{i3}w0, w1 = ld128(idx64, _b)",
-          f"{i3}w2, w3 = ld128(idx64, _b + 2)",
-          f"{i3}xo = oxs + c - k0"]
+          f"{i3}cn = c + {cps}",
+          f"{i3}if cn < cend:",
+          f"{i4}_b = row * nw64 + ((cn * {code_bits}) >> 6)",
+          f"{i4}n0, n1 = ld128(idx64, _b)",
+          f"{i4}n2, n3 = ld128(idx64, _b + 2)",
+          f"{i3}else:",
+          f"{i4}n0 = n1 = n2 = n3 = int64(0)",
+          f"{i3}xo = {oxs} + c - k0"]
+
+    def flush(i: str) -> list[str]:
+        out = []
+        for j in range(v // 2):
+            out += [f"{i}a{2 * j} += h2f(h{j})", f"{i}a{2 * j + 1} += h2f(h{j} >> 16)", f"{i}h{j} = int32(0)"]
+        return out
+
     for u in range(cps):
         w, sh = u // per_word, (u % per_word) * code_bits
-        L += [f"{i3}_x = sf[xo + {u}]", f"{i3}_cm = (w{w} >> {sh}) & 255"]
+        L += [f"{i3}_x = {'s32' if half else 'sf'}[xo + {u}]", f"{i3}_cm = (w{w} >> {sh}) & 255"]
         if has_res:
             L.append(f"{i3}_cr = (w{w} >> {sh + 8}) & 255")
         for h in range(q):
             L.append(f"{i3}_m = s64[(_cm * {q} + {h}) * {r} + cp]")
             if has_res:
-                L.append(f"{i3}_r = s64[cbn + (_cr * {q} + {h}) * {r} + cp]")
+                L.append(f"{i3}_r = s64[{cbn} + (_cr * {q} + {h}) * {r} + cp]")
+            if half:
+                L.append(f"{i3}h{2 * h}, h{2 * h + 1} = hf2(_m, _x, h{2 * h}, h{2 * h + 1})")
+                if has_res:
+                    L.append(f"{i3}h{2 * h}, h{2 * h + 1} = hf2(_r, _x, h{2 * h}, h{2 * h + 1})")
+                continue
             for t in range(4):
                 val = f"h2f(_m >> {16 * t})"
                 if has_res:
                     val = f"({val} + h2f(_r >> {16 * t}))"
                 L.append(f"{i3}a{4 * h + t} += _x * {val}")
-    L.append(f"{i3}c += {cps}")
+        if half and (u + 1) % FLUSH == 0:
+            L += flush(i3)
+    L += [f"{i3}w0, w1, w2, w3 = n0, n1, n2, n3", f"{i3}c = cn"]
+    if half and cps % FLUSH:
+        L += flush(ind)
     # ---- partial sums of the column runs -> one sum per output of the tile
     for t in range(v):
-        L.append(f"{ind}sf[ored + (sc * {rw} + rl) * {v} + {t}] = a{t}")
+        L.append(f"{ind}sf[{ored} + (sc * {rw} + rl) * {v} + {t}] = a{t}")
     L += [f"{ind}cuda.syncthreads()",
           f"{ind}for _e in range(tid, {rw * v}, {threads}):",
-          f"{i2}_rl = _e // {v}",
           f"{i2}orow = tile * {rw * v} + _e",
           f"{i2}if orow < m:",
           f"{i3}tot = float32(0.0)",
           f"{i3}for _s in range({cs}):",
-          f"{i4}tot += sf[ored + _s * {rw * v} + _e]"]
+          f"{i4}tot += sf[{ored} + _s * {rw * v} + _e]"]
     if has_norm:
-        L.append(f"{i3}tot += sf[owb]")
+        L.append(f"{i3}tot += sf[{owb}]")
     L += store_sum_src("0", "orow", has_bias, i3)
     L += split_epilogue_src(1, f"tile * {rw * v}", str(rw * v), has_bias, threads, ind)
     src = "\n".join(L) + "\n"
-    fn = nb.compile_source(src, "gemv_rows", kernel_env(), f"gemv-rows-v{v}-b{code_bits}-rw{rw}-cs{cs}-r{r}")
-    return nb.cuda().jit(fn)
+    env = {**kernel_env(), "hf2": nb.half2_fma_pair(), "f2h2": nb.float_to_half2()}
+    fn = nb.compile_source(src, "gemv_rows", env,
+                           f"gemv-rows-v{v}-b{code_bits}-rw{rw}-cs{cs}-r{r}-kc{kc}-{'h' if half else 'f'}")
+    c = nb.cuda()
+    return c.jit(fn, max_registers=maxreg) if maxreg and not nb.simulator_enabled() else c.jit(fn)
