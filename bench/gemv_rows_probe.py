@@ -75,7 +75,7 @@ def main() -> None:
             others = [make_layer(m, n, kr, seed=s, v=v, k=k) for s in range(2, 1 + copies_for(layer_bytes(p)))]
             x = torch.randn(1, n, device="cuda", dtype=torch.float16)
             wsf = [torch.randn(m, n, device="cuda", dtype=torch.float16) for _ in range(3)]
-            tf, _ = time_device([lambda w=w: x @ w.t() for w in wsf], iters=100)
+            tf, _ = time_device([lambda w=w, x=x: x @ w.t() for w in wsf], iters=100)
             del wsf
             wref = dequantize_ref(p, torch.float32)
             yref = x.float() @ wref.t()
