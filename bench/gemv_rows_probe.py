@@ -58,6 +58,7 @@ def main() -> None:
     ap.add_argument("--shapes", default=SHAPES)
     ap.add_argument("--kc", default="auto", help="comma list of column chunks (auto = the plan's choice)")
     ap.add_argument("--maxreg", default="0", help="comma list of register caps (0 = the compiler's choice)")
+    ap.add_argument("--ablate", default="", help="comma list of kernel_rows ablations to time too (main, fill, epi)")
     ap.add_argument("--fp32", action="store_true", help="also time fp32 x (the fp32-arithmetic variant)")
     a = ap.parse_args()
     t0 = time.time()
@@ -91,12 +92,15 @@ def main() -> None:
                         pl.rows_maxreg = mr
                     rel = rel_err(plans[0](x), yref)
                     dtypes = [torch.float16] + ([torch.float32] if a.fp32 else [])
-                    for dt in dtypes:
+                    runs = [(dt, "") for dt in dtypes] + [(torch.float16, ab) for ab in a.ablate.split(",") if ab]
+                    for dt, ab in runs:
+                        for pl in plans:
+                            pl.rows_ablate, pl._fast = ab, {}
                         xx = x.to(dt)
                         t, _ = time_device([lambda pl=pl, xx=xx: pl(xx) for pl in plans], iters=100)
                         c = plans[0].rows_cfg
                         log(f"{fkey} {shape} x={str(dt)[6:]} kc={c['kc']} nsplit={c['nsplit']} tiles={c['tiles']} "
-                            f"R={c['replicas']} maxreg={mr} regs={regs(plans[0])} rel={rel:.1e}: "
+                            f"R={c['replicas']} maxreg={mr} ablate={ab or '-'} regs={regs(plans[0])} rel={rel:.1e}: "
                             f"{t:.1f} us ({nbytes / t / 1e3:.0f} GB/s)  fp16 {tf:.1f} us  speedup {tf / t:.2f}x")
 
 

@@ -640,6 +640,7 @@ class GemvPlan:
         self.path = "rows"
         self.rows_threads = 16 if self.sim else ROWS_THREADS
         self.rows_maxreg = 0  # the compiler's choice (a knob for bench probes)
+        self.rows_ablate = ""  # bench probes only: see kernel_rows
         # kc is the base kernel's knob unless it fits the row kernel's unit
         self.rows_cfg = rows_config(p, self.rows_threads, self.warp)
         if kc is not None and kc % (self.rows_cfg["cs"] * self.rows_cfg["cps"]) == 0:
@@ -675,7 +676,8 @@ class GemvPlan:
             c = self.rows_cfg
             kern = kernel_rows(p.vector_len, p.code_bits, p.num_res_centroids > 0, p.perm is not None,
                                p.weight_scale is not None, p.bias is not None, c["rw"], c["cs"], c["replicas"],
-                               c["kc"], p.num_centroids, p.num_res_centroids, str(dtype), self.rows_maxreg)
+                               c["kc"], p.num_centroids, p.num_res_centroids, str(dtype), self.rows_maxreg,
+                               self.rows_ablate)
             static = [self.xsrc, self.xscale, self.xwb, self.ridx64, self.rcbw_main, self.rcbw_res, self.bias,
                       self.workspace(1, c["nsplit"] > 1), self.rcnt]
             scalars = [p.num_centroids, p.num_res_centroids, c["kc"], c["nsplit"]]

@@ -33,6 +33,7 @@ REPLICAS = 16  # copies of the codebook words, one per 64-bit bank pair
 CB_ROWS_MAX = 96 * 1024  # shared memory for the replicated codebooks
 KC_MAX = 4096  # stored columns per block at most (x' staging: 16 KiB)
 SMS = 132  # H100 SXM; steers the split-K heuristic only
+XB = 4  # x' columns a thread stages at a time (all loads issued, then the stores)
 FLUSH = 8  # fp16 x: codes summed in half2 before the sums are added into fp32
 
 
@@ -110,16 +111,19 @@ def split_epilogue_src(batch: int, base: str, count: str, has_bias: bool, thread
 
 @functools.cache
 def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm: bool, has_bias: bool,
-                rw: int, cs: int, r: int, kc: int, k: int, kr: int, xdtype: str, maxreg: int = 0):
+                rw: int, cs: int, r: int, kc: int, k: int, kr: int, xdtype: str, maxreg: int = 0,
+                ablate: str = ""):
     """Generated source, every per-code step unrolled into scalar registers.
 
     fp16 x: x' is staged as fp16 pairs and every centroid word is multiplied into packed half2
     sums (kernels/_numba.py `half2_fma_pair`), added into fp32 every FLUSH codes; fp32 x keeps
-    fp32 arithmetic throughout. The latency chain of a call is kept short because at 7B shapes a
-    block does little work: the first step's codes, the codebook words and x' are all requested
-    before the first store, the codebook is loaded once per word (then stored R times, lanes
-    rotating over the copies so the stores do not share banks), and the next step's codes are
-    loaded while the current step computes."""
+    fp32 arithmetic throughout. At 7B shapes a block does little work, so the latency chain is
+    kept short: the first two steps' codes and the codebook words are requested before anything
+    else, the codebook is loaded once per word (then stored R times, lanes rotating over the
+    copies so the stores do not share banks), and each step loads the codes two steps ahead.
+    x' is staged XB columns per thread at a time (bounded registers: occupancy is what keeps
+    enough bytes in flight at 70B shapes). `ablate` (bench probes only) drops parts to time the
+    rest: "main" (no column loop), "fill" (no codebook stores), "epi" (no split-K epilogue)."""
     from .dequant import kernel_env
 
     half = xdtype == "torch.float16"
@@ -130,9 +134,8 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
     run = kc // cs
     kq, krq = k * q, kr * q
     nf = nb.cdiv(kq + krq, threads)
-    nx = nb.cdiv(kc, threads)
     cbn = kq * r
-    oxs = (kq + krq) * r * 2  # x' after the codebooks (32-bit units)
+    oxs = (kq + krq) * r * 2  # x' after the codebooks (32-bit units; even)
     ored = oxs + kc
     owb = ored + cs * rw * v
     ofl = owb + 1
@@ -152,18 +155,20 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
          f"{ind}rl = tid % {rw}",
          f"{ind}sc = tid // {rw}",
          f"{ind}ofl = {ofl}",
-         # ---- the first step's codes of this lane's row, requested first (the longest latency)
+         # ---- the first two steps' codes of this lane's row, requested first (the longest latency)
          f"{ind}row = tile * {rw} + rl",
          f"{ind}c = k0 + sc * {run}",
          f"{ind}cend = min(c + {run}, n)",
          f"{ind}live = row < nrows and c < cend",
+         f"{ind}w0 = w1 = w2 = w3 = n0 = n1 = n2 = n3 = int64(0)",
          f"{ind}if live:",
          f"{i2}_b = row * nw64 + ((c * {code_bits}) >> 6)",
          f"{i2}w0, w1 = ld128(idx64, _b)",
          f"{i2}w2, w3 = ld128(idx64, _b + 2)",
-         f"{ind}else:",
-         f"{i2}w0 = w1 = w2 = w3 = int64(0)"]
-    # ---- codebook words (once each) and x' sources
+         f"{i2}if c + {cps} < cend:",
+         f"{i3}n0, n1 = ld128(idx64, _b + 4)",
+         f"{i3}n2, n3 = ld128(idx64, _b + 6)"]
+    # ---- codebook words, once each
     for i in range(nf):
         L += [f"{ind}_e{i} = tid + {i * threads}",
               f"{ind}if _e{i} < {kq}:",
@@ -171,48 +176,51 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
         if has_res:
             L += [f"{ind}elif _e{i} < {kq + krq}:", f"{i2}_g{i} = rcbw[0, _e{i} - {kq}]"]
         L += [f"{ind}else:", f"{i2}_g{i} = int64(0)"]
-    for j in range(nx):
-        L += [f"{ind}_c{j} = tid + {j * threads}",
-              f"{ind}_p{j} = k0 + _c{j}",
-              f"{ind}_ok{j} = _c{j} < {kc} and _p{j} < n",
-              f"{ind}_j{j} = (int64(xsrc[_p{j}]) if _ok{j} else int64(0))" if has_perm else f"{ind}_j{j} = _p{j}"]
+    # ---- x' of the chunk, XB columns per thread at a time, and its x . wbias
+    L += [f"{ind}if tid == 0:", f"{i2}sf[{owb}] = float32(0.0)", f"{ind}_wp = float32(0.0)",
+          f"{ind}for _i0 in range(tid, {kc}, {threads * XB}):"]
+    for j in range(XB):
+        L += [f"{i2}_c{j} = _i0 + {j * threads}",
+              f"{i2}_p{j} = k0 + _c{j}",
+              f"{i2}_ok{j} = _c{j} < {kc} and _p{j} < n",
+              f"{i2}_j{j} = (int64(xsrc[_p{j}]) if _ok{j} else int64(0))" if has_perm else f"{i2}_j{j} = _p{j}"]
         if has_norm:
-            L += [f"{ind}_s{j} = float32(xscale[_p{j}]) if _ok{j} else float32(0.0)",
-                  f"{ind}_w{j} = float32(xwb[_p{j}]) if _ok{j} else float32(0.0)"]
-    for j in range(nx):
-        L.append(f"{ind}_x{j} = float32(x[0, _j{j}]) if _ok{j} else float32(0.0)")
-    # ---- stores: R copies of every word (lane-rotated copies: no bank conflicts), x'
-    for i in range(nf):
-        L.append(f"{ind}if _e{i} < {kq + krq}:")
-        for t in range(r):
-            L.append(f"{i2}s64[_e{i} * {r} + ((tid + {t}) & {r - 1})] = _g{i}")
-    L += [f"{ind}if tid == 0:", f"{i2}sf[{owb}] = float32(0.0)", f"{ind}_wp = float32(0.0)"]
-    for j in range(nx):
+            L += [f"{i2}_s{j} = float32(xscale[_p{j}]) if _ok{j} else float32(0.0)",
+                  f"{i2}_w{j} = float32(xwb[_p{j}]) if _ok{j} else float32(0.0)"]
+    for j in range(XB):
+        L.append(f"{i2}_x{j} = float32(x[0, _j{j}]) if _ok{j} else float32(0.0)")
+    for j in range(XB):
         xv = f"_x{j} * _s{j}" if has_norm else f"_x{j}"
-        L += [f"{ind}if _c{j} < {kc}:",
-              f"{i2}s32[{oxs} + _c{j}] = f2h2({xv})" if half else f"{i2}sf[{oxs} + _c{j}] = {xv}"]
+        L += [f"{i2}if _c{j} < {kc}:",
+              f"{i3}s32[{oxs} + _c{j}] = f2h2({xv})" if half else f"{i3}sf[{oxs} + _c{j}] = {xv}"]
         if has_norm:
-            L.append(f"{ind}_wp += _x{j} * _w{j}")
+            L.append(f"{i2}_wp += _x{j} * _w{j}")
+    # ---- R copies of every codebook word (lane-rotated copies: the stores do not share banks)
+    if "fill" not in ablate:
+        for i in range(nf):
+            L.append(f"{ind}if _e{i} < {kq + krq}:")
+            for t in range(r):
+                L.append(f"{i2}s64[_e{i} * {r} + ((tid + {t}) & {r - 1})] = _g{i}")
     L.append(f"{ind}cuda.syncthreads()")
     if has_norm:
         L += [f"{ind}if _wp != float32(0.0):", f"{i2}cuda.atomic.add(sf, {owb}, _wp)", f"{ind}cuda.syncthreads()"]
-    # ---- this lane's row over its column run, next step's codes loaded during this one
+    # ---- this lane's row over its column run; each step loads the codes two steps ahead
     for t in range(v):
         L.append(f"{ind}a{t} = float32(0.0)")
     if half:
         for j in range(v // 2):
             L.append(f"{ind}h{j} = int32(0)")
     L += [f"{ind}cp = tid & {r - 1}",
-          f"{ind}if live:",
+          f"{ind}if live:" if "main" not in ablate else f"{ind}if live and cend < 0:",
           f"{i2}while c < cend:",
-          f"{i3}cn = c + {cps}",
-          f"{i3}if cn < cend:",
-          f"{i4}_b = row * nw64 + ((cn * {code_bits}) >> 6)",
-          f"{i4}n0, n1 = ld128(idx64, _b)",
-          f"{i4}n2, n3 = ld128(idx64, _b + 2)",
+          f"{i3}c2 = c + {2 * cps}",
+          f"{i3}if c2 < cend:",
+          f"{i4}_b = row * nw64 + ((c2 * {code_bits}) >> 6)",
+          f"{i4}m0, m1 = ld128(idx64, _b)",
+          f"{i4}m2, m3 = ld128(idx64, _b + 2)",
           f"{i3}else:",
-          f"{i4}n0 = n1 = n2 = n3 = int64(0)",
-          f"{i3}xo = {oxs} + c - k0"]
+          f"{i4}m0 = m1 = m2 = m3 = int64(0)",
+          f"{i3}xo = {oxs // 2} + ((c - k0) >> 1)" if half else f"{i3}xo = {oxs} + c - k0"]
 
     def flush(i: str) -> list[str]:
         out = []
@@ -222,7 +230,14 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
 
     for u in range(cps):
         w, sh = u // per_word, (u % per_word) * code_bits
-        L += [f"{i3}_x = {'s32' if half else 'sf'}[xo + {u}]", f"{i3}_cm = (w{w} >> {sh}) & 255"]
+        if half:
+            if u % 2 == 0:
+                L += [f"{i3}_xw = s64[xo + {u // 2}]", f"{i3}_x = _xw"]
+            else:
+                L.append(f"{i3}_x = _xw >> 32")
+        else:
+            L.append(f"{i3}_x = sf[xo + {u}]")
+        L.append(f"{i3}_cm = (w{w} >> {sh}) & 255")
         if has_res:
             L.append(f"{i3}_cr = (w{w} >> {sh + 8}) & 255")
         for h in range(q):
@@ -241,7 +256,7 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
                 L.append(f"{i3}a{4 * h + t} += _x * {val}")
         if half and (u + 1) % FLUSH == 0:
             L += flush(i3)
-    L += [f"{i3}w0, w1, w2, w3 = n0, n1, n2, n3", f"{i3}c = cn"]
+    L += [f"{i3}w0, w1, w2, w3 = n0, n1, n2, n3", f"{i3}n0, n1, n2, n3 = m0, m1, m2, m3", f"{i3}c += {cps}"]
     if half and cps % FLUSH:
         L += flush(ind)
     # ---- partial sums of the column runs -> one sum per output of the tile
@@ -256,11 +271,14 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
           f"{i4}tot += sf[{ored} + _s * {rw * v} + _e]"]
     if has_norm:
         L.append(f"{i3}tot += sf[{owb}]")
-    L += store_sum_src("0", "orow", has_bias, i3)
-    L += split_epilogue_src(1, f"tile * {rw * v}", str(rw * v), has_bias, threads, ind)
+    if "epi" in ablate:
+        L.append(f"{i3}y[0, orow] = tot")
+    else:
+        L += store_sum_src("0", "orow", has_bias, i3)
+        L += split_epilogue_src(1, f"tile * {rw * v}", str(rw * v), has_bias, threads, ind)
     src = "\n".join(L) + "\n"
     env = {**kernel_env(), "hf2": nb.half2_fma_pair(), "f2h2": nb.float_to_half2()}
-    fn = nb.compile_source(src, "gemv_rows", env,
-                           f"gemv-rows-v{v}-b{code_bits}-rw{rw}-cs{cs}-r{r}-kc{kc}-{'h' if half else 'f'}")
+    tag = f"gemv-rows-v{v}-b{code_bits}-rw{rw}-cs{cs}-r{r}-kc{kc}-{'h' if half else 'f'}{ablate}"
+    fn = nb.compile_source(src, "gemv_rows", env, tag)
     c = nb.cuda()
     return c.jit(fn, max_registers=maxreg) if maxreg and not nb.simulator_enabled() else c.jit(fn)
