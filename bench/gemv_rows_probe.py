@@ -38,6 +38,32 @@ def regs(plan: GemvPlan) -> int:
         return -1
 
 
+def time_graph(calls, reps: int = 20) -> float:
+    """Device µs per call when the calls run back to back from one captured CUDA graph (how the
+    decode loop runs them): no per-call host cost or event records in between."""
+    for c in calls:
+        c()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for c in calls:
+            c()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for c in calls:
+            c()
+    g.replay()
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(reps):
+        g.replay()
+    e1.record()
+    torch.cuda.synchronize()
+    return e0.elapsed_time(e1) * 1e3 / (reps * len(calls))
+
+
 def empty_floor() -> float:
     c = nb.cuda()
 
@@ -59,6 +85,7 @@ def main() -> None:
     ap.add_argument("--kc", default="auto", help="comma list of column chunks (auto = the plan's choice)")
     ap.add_argument("--maxreg", default="0", help="comma list of register caps (0 = the compiler's choice)")
     ap.add_argument("--ablate", default="", help="comma list of kernel_rows ablations to time too (main, fill, epi)")
+    ap.add_argument("--graph", action="store_true", help="also time calls replayed from a CUDA graph")
     ap.add_argument("--fp32", action="store_true", help="also time fp32 x (the fp32-arithmetic variant)")
     a = ap.parse_args()
     t0 = time.time()
@@ -76,7 +103,9 @@ def main() -> None:
             others = [make_layer(m, n, kr, seed=s, v=v, k=k) for s in range(2, 1 + copies_for(layer_bytes(p)))]
             x = torch.randn(1, n, device="cuda", dtype=torch.float16)
             wsf = [torch.randn(m, n, device="cuda", dtype=torch.float16) for _ in range(3)]
-            tf, _ = time_device([lambda w=w, x=x: x @ w.t() for w in wsf], iters=100)
+            fcalls = [lambda w=w, x=x: x @ w.t() for w in wsf]
+            tf, _ = time_device(fcalls, iters=100)
+            tfg = time_graph(fcalls * 4) if a.graph else 0.0
             del wsf
             wref = dequantize_ref(p, torch.float32)
             yref = x.float() @ wref.t()
@@ -97,11 +126,16 @@ def main() -> None:
                         for pl in plans:
                             pl.rows_ablate, pl._fast = ab, {}
                         xx = x.to(dt)
-                        t, _ = time_device([lambda pl=pl, xx=xx: pl(xx) for pl in plans], iters=100)
+                        calls = [lambda pl=pl, xx=xx: pl(xx) for pl in plans]
+                        t, _ = time_device(calls, iters=100)
+                        graph = ""
+                        if a.graph:
+                            tg = time_graph(calls)
+                            graph = f"  | graph: {tg:.1f} us vs fp16 {tfg:.1f} us = {tfg / tg:.2f}x"
                         c = plans[0].rows_cfg
                         log(f"{fkey} {shape} x={str(dt)[6:]} kc={c['kc']} nsplit={c['nsplit']} tiles={c['tiles']} "
                             f"R={c['replicas']} maxreg={mr} ablate={ab or '-'} regs={regs(plans[0])} rel={rel:.1e}: "
-                            f"{t:.1f} us ({nbytes / t / 1e3:.0f} GB/s)  fp16 {tf:.1f} us  speedup {tf / t:.2f}x")
+                            f"{t:.1f} us ({nbytes / t / 1e3:.0f} GB/s)  fp16 {tf:.1f} us  speedup {tf / t:.2f}x{graph}")
 
 
 if __name__ == "__main__":
