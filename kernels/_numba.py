@@ -465,3 +465,21 @@ def float_to_half2():
         return _cvt(x)
 
     return f2h2
+
+
+@functools.lru_cache(maxsize=4)
+def warp_allsum(warp: int):
+    """Device function: the sum of a float over the warp, in every lane (xor shuffles). The
+    simulator runs every thread as its own warp (warp = 1): the value itself."""
+    c = cuda()
+
+    @c.jit(device=True)
+    def allsum(val):
+        if warp > 1:
+            off = warp // 2
+            while off > 0:
+                val += c.shfl_xor_sync(0xFFFFFFFF, val, off)
+                off //= 2
+        return val
+
+    return allsum

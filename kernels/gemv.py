@@ -53,7 +53,15 @@ from .dequant import (
     smem_codebook_bytes,
     word_view,
 )
-from .gemv_rows import ROWS_THREADS, kernel_rows, rows_config, rows_path_ok, split_epilogue_src, store_sum_src
+from .gemv_rows import (
+    ROWS_MAXREG,
+    ROWS_THREADS,
+    kernel_rows,
+    rows_config,
+    rows_path_ok,
+    split_epilogue_src,
+    store_sum_src,
+)
 
 THREADS = 256  # threads per block (8 warps)
 WARP = 32
@@ -238,11 +246,12 @@ def _kernel(v: int, batch: int, has_res: bool, has_out: bool, has_perm: bool, ha
                                 y[b, row] = tot
         if split:
             # ---- the last block of this row tile writes y and leaves ws / cnt zeroed
-            cuda.threadfence()
             cuda.syncthreads()
             if tid == 0:
+                cuda.threadfence()
                 old = cuda.atomic.add(cnt, tile, 1)
                 flag[0] = 1 if old == nsplit - 1 else 0
+                cuda.threadfence()
             cuda.syncthreads()
             if flag[0] == 1:
                 row0 = tile * rt * v
@@ -450,20 +459,7 @@ def _kernel_smem(v: int, batch: int, bits: int, main_bits: int, has_res: bool, h
     return nb.cuda().jit(fn, max_registers=maxreg) if maxreg and not sim else nb.cuda().jit(fn)
 
 
-@functools.cache
-def _warp_allsum(warp: int):
-    c = nb.cuda()
-
-    @c.jit(device=True)
-    def warp_allsum(val):
-        if warp > 1:
-            off = warp // 2
-            while off > 0:
-                val += c.shfl_xor_sync(0xFFFFFFFF, val, off)
-                off //= 2
-        return val
-
-    return warp_allsum
+_warp_allsum = nb.warp_allsum
 
 
 def _choose(rows: int, n: int, pw: int, threads: int, warp: int) -> tuple[int, int]:
@@ -639,7 +635,7 @@ class GemvPlan:
         p = self.p
         self.path = "rows"
         self.rows_threads = 16 if self.sim else ROWS_THREADS
-        self.rows_maxreg = 0  # the compiler's choice (a knob for bench probes)
+        self.rows_maxreg = ROWS_MAXREG  # 0: the compiler's choice
         self.rows_ablate = ""  # bench probes only: see kernel_rows
         # kc is the base kernel's knob unless it fits the row kernel's unit
         self.rows_cfg = rows_config(p, self.rows_threads, self.warp)

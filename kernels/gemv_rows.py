@@ -28,6 +28,7 @@ from . import _numba as nb
 from .dequant import PackedLayer
 
 ROWS_THREADS = 256  # 8 warps: 32 rows x 8 column runs
+ROWS_MAXREG = 64  # H100: 70B shapes 84 -> 70 us (occupancy), 7B shapes unchanged
 STEP_BYTES = 32  # bytes of codes a lane loads per step (two 16-byte loads)
 REPLICAS = 16  # copies of the codebook words, one per 64-bit bank pair
 CB_ROWS_MAX = 96 * 1024  # shared memory for the replicated codebooks
@@ -89,12 +90,15 @@ def split_epilogue_src(batch: int, base: str, count: str, has_bias: bool, thread
     flag in s32[ofl]) writes y[:, base:base+count] (+ bias) from the workspace and leaves the
     workspace and its counter zeroed for the next call. Shared with gemv.py."""
     i2, i3, i4, i5 = (ind + "    " * k for k in (1, 2, 3, 4))
+    # one fence by one thread after the barrier, as cooperative groups' grid sync does: a fence by
+    # every thread (membar.sc each) cost more than the rest of the epilogue
     out = [f"{ind}if nsplit > 1:",
-           f"{i2}cuda.threadfence()",
            f"{i2}cuda.syncthreads()",
            f"{i2}if tid == 0:",
+           f"{i3}cuda.threadfence()",
            f"{i3}old = cuda.atomic.add(cnt, tile, 1)",
            f"{i3}s32[ofl] = 1 if old == nsplit - 1 else 0",
+           f"{i3}cuda.threadfence()",
            f"{i2}cuda.syncthreads()",
            f"{i2}if s32[ofl] == 1:",
            f"{i3}nr = {count}",
@@ -127,6 +131,7 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
     from .dequant import kernel_env
 
     half = xdtype == "torch.float16"
+    warp = 1 if nb.simulator_enabled() else 32
     q = v // 4
     cps = STEP_BYTES * 8 // code_bits
     per_word = 64 // code_bits
@@ -203,7 +208,9 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
                 L.append(f"{i2}s64[_e{i} * {r} + ((tid + {t}) & {r - 1})] = _g{i}")
     L.append(f"{ind}cuda.syncthreads()")
     if has_norm:
-        L += [f"{ind}if _wp != float32(0.0):", f"{i2}cuda.atomic.add(sf, {owb}, _wp)", f"{ind}cuda.syncthreads()"]
+        # one shared atomic per warp (a float atomic on one address from every thread is a CAS spin)
+        L += [f"{ind}_wp = warp_allsum(_wp)", f"{ind}if tid % {warp} == 0:", f"{i2}cuda.atomic.add(sf, {owb}, _wp)",
+              f"{ind}cuda.syncthreads()"]
     # ---- this lane's row over its column run; each step loads the codes two steps ahead
     for t in range(v):
         L.append(f"{ind}a{t} = float32(0.0)")
@@ -220,7 +227,8 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
           f"{i4}m2, m3 = ld128(idx64, _b + 2)",
           f"{i3}else:",
           f"{i4}m0 = m1 = m2 = m3 = int64(0)",
-          f"{i3}xo = {oxs // 2} + ((c - k0) >> 1)" if half else f"{i3}xo = {oxs} + c - k0"]
+          # unsigned: numba adds a negative-index wraparound (4 instructions) to every signed index
+          f"{i3}xo = uint64({oxs // 2} + ((c - k0) >> 1))" if half else f"{i3}xo = uint64({oxs} + c - k0)"]
 
     def flush(i: str) -> list[str]:
         out = []
@@ -232,11 +240,11 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
         w, sh = u // per_word, (u % per_word) * code_bits
         if half:
             if u % 2 == 0:
-                L += [f"{i3}_xw = s64[xo + {u // 2}]", f"{i3}_x = _xw"]
+                L += [f"{i3}_xw = s64[xo + uint64({u // 2})]", f"{i3}_x = _xw"]
             else:
                 L.append(f"{i3}_x = _xw >> 32")
         else:
-            L.append(f"{i3}_x = sf[xo + {u}]")
+            L.append(f"{i3}_x = sf[xo + uint64({u})]")
         L.append(f"{i3}_cm = (w{w} >> {sh}) & 255")
         if has_res:
             L.append(f"{i3}_cr = (w{w} >> {sh + 8}) & 255")
@@ -277,7 +285,7 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
         L += store_sum_src("0", "orow", has_bias, i3)
         L += split_epilogue_src(1, f"tile * {rw * v}", str(rw * v), has_bias, threads, ind)
     src = "\n".join(L) + "\n"
-    env = {**kernel_env(), "hf2": nb.half2_fma_pair(), "f2h2": nb.float_to_half2()}
+    env = {**kernel_env(), "hf2": nb.half2_fma_pair(), "f2h2": nb.float_to_half2(), "warp_allsum": nb.warp_allsum(warp)}
     tag = f"gemv-rows-v{v}-b{code_bits}-rw{rw}-cs{cs}-r{r}-kc{kc}-{'h' if half else 'f'}{ablate}"
     fn = nb.compile_source(src, "gemv_rows", env, tag)
     c = nb.cuda()

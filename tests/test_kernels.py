@@ -386,6 +386,23 @@ def test_gemv_rows_split_k(name):
         assert not plan.rcnt.any() and not plan.workspace(1, True).any()
 
 
+def test_gemv_rows_several_steps_per_lane():
+    """A lane walks several 32-byte steps of codes (the loads two steps ahead, the half2 sums
+    flushed into fp32), with one column chunk and with two."""
+    from kernels.gemv import GemvPlan
+
+    p = PackedLayer.from_module(_layer(**{**ROWS_LAYERS["v4_k256"], "m": 40, "n": 512}))
+    for kc in (512, 256):
+        plan = GemvPlan(p, kc=kc)
+        c = plan.rows_cfg
+        assert plan.path == "rows" and c["kc"] == kc
+        if kc == 512:
+            assert kc // c["cs"] >= 2 * c["cps"]
+        for seed, dtype, tol in ((3, torch.float16, 3e-3), (4, torch.float32, 1e-4)):
+            x = torch.randn(1, p.in_features, generator=torch.Generator().manual_seed(seed)).to(dtype).to(DEV)
+            _close(plan(x), gemv_ref(x.float(), p), tol)
+
+
 def test_gemv_rows_applies_only_where_it_can():
     from kernels.gemv import GemvPlan
     from kernels.gemv_rows import rows_path_ok
