@@ -24,6 +24,7 @@ from bench.kernels import FORMATS, copies_for, layer_bytes, make_layer, rel_err,
 from kernels import _numba as nb  # noqa: E402
 from kernels.dequant import dequantize_ref  # noqa: E402
 from kernels.gemv import GemvPlan  # noqa: E402
+from kernels.gemv_rows import ROWS_MAXREG  # noqa: E402
 
 SHAPES = "4096x4096,11008x4096,4096x11008,8192x8192,28672x8192,8192x28672"
 
@@ -83,7 +84,8 @@ def main() -> None:
     ap.add_argument("--formats", default="v4k256,v8k256r256")
     ap.add_argument("--shapes", default=SHAPES)
     ap.add_argument("--kc", default="auto", help="comma list of column chunks (auto = the plan's choice)")
-    ap.add_argument("--maxreg", default="0", help="comma list of register caps (0 = the compiler's choice)")
+    ap.add_argument("--maxreg", default=str(ROWS_MAXREG),
+                    help="comma list of register caps (0 = the compiler's choice; default: the plan's)")
     ap.add_argument("--ablate", default="", help="comma list of kernel_rows ablations to time too (main, fill, epi)")
     ap.add_argument("--graph", action="store_true", help="also time calls replayed from a CUDA graph")
     ap.add_argument("--fp32", action="store_true", help="also time fp32 x (the fp32-arithmetic variant)")
