@@ -24,7 +24,7 @@ from bench.kernels import FORMATS, copies_for, layer_bytes, make_layer, rel_err,
 from kernels import _numba as nb  # noqa: E402
 from kernels.dequant import dequantize_ref  # noqa: E402
 from kernels.gemv import GemvPlan  # noqa: E402
-from kernels.gemv_rows import ROWS_MAXREG  # noqa: E402
+from kernels.gemv_rows import ROWS_MAXREG, rows_config  # noqa: E402
 
 SHAPES = "4096x4096,11008x4096,4096x11008,8192x8192,28672x8192,8192x28672"
 
@@ -114,8 +114,10 @@ def main() -> None:
             del wref
             for kc in a.kc.split(","):
                 for mr in (int(s) for s in a.maxreg.split(",")):
-                    kw = {} if kc == "auto" else {"kc": int(kc)}
-                    plans = [GemvPlan(q, checked=True, **kw) for q in [p, *others]]
+                    plans = [GemvPlan(q, checked=True) for q in [p, *others]]
+                    if kc != "auto" and plans[0].path == "rows":  # the row kernel's chunk only
+                        for pl in plans:
+                            pl.rows_cfg = rows_config(pl.p, pl.rows_threads, pl.warp, int(kc))
                     if plans[0].path != "rows":
                         log(fkey, shape, "not the row kernel:", plans[0].path)
                         continue
