@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.kernels import FORMATS, copies_for, layer_bytes, make_layer, rel_err, time_device  # noqa: E402
 from kernels import _numba as nb  # noqa: E402
+from kernels import gemv_rows  # noqa: E402
 from kernels.dequant import dequantize_ref  # noqa: E402
 from kernels.gemv import GemvPlan  # noqa: E402
 from kernels.gemv_rows import ROWS_MAXREG, rows_config  # noqa: E402
@@ -87,10 +88,14 @@ def main() -> None:
     ap.add_argument("--maxreg", default=str(ROWS_MAXREG),
                     help="comma list of register caps (0 = the compiler's choice; default: the plan's)")
     ap.add_argument("--ablate", default="", help="comma list of kernel_rows ablations to time too (main, fill, epi)")
+    ap.add_argument("--flush", type=int, default=0, help="codes summed in half2 between fp32 flushes (0: FLUSH)")
+    ap.add_argument("--threads", type=int, default=0, help="threads per block of the row kernel (0: ROWS_THREADS)")
     ap.add_argument("--graph", action="store_true", help="also time calls replayed from a CUDA graph")
     ap.add_argument("--fp32", action="store_true", help="also time fp32 x (the fp32-arithmetic variant)")
     a = ap.parse_args()
     t0 = time.time()
+    if a.flush:
+        gemv_rows.FLUSH = a.flush
 
     def log(*args):
         print(f"[{time.time() - t0:6.1f}s]", *args, flush=True)
@@ -115,9 +120,10 @@ def main() -> None:
             for kc in a.kc.split(","):
                 for mr in (int(s) for s in a.maxreg.split(",")):
                     plans = [GemvPlan(q, checked=True) for q in [p, *others]]
-                    if kc != "auto" and plans[0].path == "rows":  # the row kernel's chunk only
+                    if (kc != "auto" or a.threads) and plans[0].path == "rows":  # the row kernel only
                         for pl in plans:
-                            pl.rows_cfg = rows_config(pl.p, pl.rows_threads, pl.warp, int(kc))
+                            pl.rows_threads = a.threads or pl.rows_threads
+                            pl.rows_cfg = rows_config(pl.p, pl.rows_threads, pl.warp, None if kc == "auto" else int(kc))
                     if plans[0].path != "rows":
                         log(fkey, shape, "not the row kernel:", plans[0].path)
                         continue
@@ -138,7 +144,7 @@ def main() -> None:
                             graph = f"  | graph: {tg:.1f} us vs fp16 {tfg:.1f} us = {tfg / tg:.2f}x"
                         c = plans[0].rows_cfg
                         log(f"{fkey} {shape} x={str(dt)[6:]} kc={c['kc']} nsplit={c['nsplit']} tiles={c['tiles']} "
-                            f"R={c['replicas']} maxreg={mr} ablate={ab or '-'} regs={regs(plans[0])} rel={rel:.1e}: "
+                            f"R={c['replicas']} t={plans[0].rows_threads} flush={gemv_rows.FLUSH} maxreg={mr} ablate={ab or '-'} regs={regs(plans[0])} rel={rel:.1e}: "
                             f"{t:.1f} us ({nbytes / t / 1e3:.0f} GB/s)  fp16 {tf:.1f} us  speedup {tf / t:.2f}x{graph}")
 
 
