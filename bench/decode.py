@@ -38,7 +38,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vptq.layers import VQuantLinear  # noqa: E402
+from vptq.layers import VQuantLinear, share_inputs  # noqa: E402
 
 PROMPT = "The history of the transistor begins with"
 
@@ -267,6 +267,13 @@ def bench_gpu(new: int, layers: int, formats: list[str]) -> dict:
     for i, fmt in enumerate(formats):
         quantize_blocks(model, *parse_format(fmt), dev)
         measure("vptq" if i == 0 else f"vptq_{fmt}")
+        # then with q/k/v and gate/up each in one launch (vptq.layers.share_inputs; what
+        # vptq.from_pretrained sets up), where the format takes the row kernel
+        if share_inputs(model):
+            tag = "vptq_shared" if i == 0 else f"vptq_{fmt}_shared"
+            measure(tag)
+            res[tag]["speedup_graph_decode"] = (res["fp16"].get("graph_step_ms", float("nan"))
+                                                / res[tag].get("graph_step_ms", float("nan")))
         if i:
             res[f"vptq_{fmt}"]["format"] = describe(fmt)
             res[f"vptq_{fmt}"]["speedup_graph_decode"] = (res["fp16"].get("graph_step_ms", float("nan"))

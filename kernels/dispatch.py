@@ -123,6 +123,11 @@ def vq_linear_forward(mod, x: torch.Tensor, *, force: bool = False) -> torch.Ten
         return None
     x2 = x.reshape(-1, mod.in_features)
     rows = x2.shape[0]
+    shared = getattr(mod, "_vq_shared", None)
+    if rows == 1 and shared is not None:
+        y = shared.forward(mod, x, x2)
+        if y is not None:
+            return y.reshape(*x.shape[:-1], mod.out_features)
     if 0 < rows <= FUSED_MAX_ROWS:
         y = plan(x2 if x2.is_contiguous() else x2.contiguous())
     else:
@@ -136,3 +141,67 @@ def vq_linear_forward(mod, x: torch.Tensor, *, force: bool = False) -> torch.Ten
 def _kernel_layer_dtypes(p: PackedLayer) -> bool:
     return all(t is None or t.dtype in (torch.float16, torch.float32)
                for t in (p.weight_scale, p.weight_bias, p.bias)) and p.vector_len <= 16
+
+
+class SharedInput:
+    """Layers called one after another on the same activation (q/k/v, gate/up): at batch 1 the
+    first call computes every member's output in one launch (kernels/gemv_group.py) and keeps the
+    others' outputs for their own calls.
+
+    A kept output is handed out only to a member called with the *same tensor object*, unchanged
+    (its `_version`), before any other call of the group; the group holds that tensor, so its
+    memory cannot be reused meanwhile. Anything else (another x, a member called twice, weights
+    changed: their plans are rebuilt) recomputes. Layouts the row kernel does not take (or a
+    group that fails to build) leave every member on its own plan (`forward` returns None).
+    """
+
+    def __init__(self, mods: list):
+        self.mods = list(mods)
+        self._plan = None
+        self._plan_key = None
+        self._pending = None
+
+    def group_plan(self):
+        """The RowsGroupPlan of the members' current plans, or None where it does not apply."""
+        plans = [_layer_state(m)[2] for m in self.mods]
+        key = tuple(id(pl) for pl in plans)
+        if key != self._plan_key:
+            self._plan_key, self._plan = key, None
+            if all(pl is not None and pl.path == "rows" for pl in plans):
+                from .gemv_group import RowsGroupPlan
+
+                try:
+                    self._plan = RowsGroupPlan(plans)
+                except ValueError:  # formats differ: each member keeps its own launch
+                    self._plan = None
+        return self._plan
+
+    def forward(self, mod, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor | None:
+        pend = self._pending
+        self._pending = None
+        if pend is not None and pend[0] is x and pend[1] == x._version and mod in pend[2]:
+            y = pend[2].pop(mod)
+            if pend[2]:
+                self._pending = pend
+            return y
+        plan = self.group_plan()
+        if plan is None:
+            return None
+        ys = plan.split(plan(x2 if x2.is_contiguous() else x2.contiguous()))
+        mine = None
+        rest = {}
+        for m, y in zip(self.mods, ys, strict=True):
+            if m is mod:
+                mine = y
+            else:
+                rest[m] = y
+        self._pending = (x, x._version, rest)
+        return mine
+
+
+def share_input(mods: list) -> SharedInput:
+    """Mark VQuantLinear layers that are always called on the same x (in this order or any)."""
+    group = SharedInput(mods)
+    for m in mods:
+        object.__setattr__(m, "_vq_shared", group)  # a plain attribute: not a submodule, not state
+    return group

@@ -714,9 +714,7 @@ class GemvPlan:
         y = torch.empty(bsz, self.p.out_features, dtype=x.dtype, device=x.device)
         fast = self._fast.get((bsz, x.dtype))
         if fast is not None:
-            launch, cfg, kern, static, scalars = fast
-            stream = _core_stream(torch.cuda.current_stream(x.device).cuda_stream)
-            launch(stream, cfg, kern, *_arr_args(x), *static, *_arr_args(y), *scalars)
+            launch_fast(fast, x, y)
             return y
         kern, grid, shmem, static, scalars, threads = self._launch_args(bsz, x.dtype)
         nb.launch(kern, grid, threads, nb.stream_for(x), x, *static, y, *scalars, shmem=shmem)
@@ -725,24 +723,36 @@ class GemvPlan:
         return y
 
     def _prepare_fast(self, disp, grid, threads: int, shmem: int, static_t: list, scalars_i: list):
-        """Marshal the constant arguments once; None-safe: falls back to the dispatcher."""
-        try:
-            from numba.cuda._compat import CUDA_CORE_GE_1_0
-            from numba.cuda.dispatcher import LaunchConfig, launch
+        return prepare_fast(disp, grid, threads, shmem, static_t, scalars_i)
 
-            (kern,) = disp.overloads.values()
-            static = []
-            for t in static_t:
-                static += _arr_args(t)
-            scalars = [ctypes.c_int64(s) for s in scalars_i]
-            grid3, block3 = (*grid, 1), (threads, 1, 1)
-            if CUDA_CORE_GE_1_0:
-                cfg = LaunchConfig(grid=grid3, block=block3, shmem_size=shmem, is_cooperative=False)
-            else:
-                cfg = LaunchConfig(grid=grid3, block=block3, shmem_size=shmem, cooperative_launch=False)
-            return (launch, cfg, kern._codelibrary.get_cufunc().kernel, static, scalars)
-        except Exception:  # numba internals moved: keep the (slower) dispatcher path
-            return None
+
+def prepare_fast(disp, grid, threads: int, shmem: int, static_t: list, scalars_i: list):
+    """Marshal a launch's constant arguments once (None when numba's internals moved: the caller
+    keeps the slower dispatcher path). The call then passes x, y and these to `launch_fast`."""
+    try:
+        from numba.cuda._compat import CUDA_CORE_GE_1_0
+        from numba.cuda.dispatcher import LaunchConfig, launch
+
+        (kern,) = disp.overloads.values()
+        static = []
+        for t in static_t:
+            static += _arr_args(t)
+        scalars = [ctypes.c_int64(s) for s in scalars_i]
+        grid3, block3 = (*grid, 1), (threads, 1, 1)
+        if CUDA_CORE_GE_1_0:
+            cfg = LaunchConfig(grid=grid3, block=block3, shmem_size=shmem, is_cooperative=False)
+        else:
+            cfg = LaunchConfig(grid=grid3, block=block3, shmem_size=shmem, cooperative_launch=False)
+        return (launch, cfg, kern._codelibrary.get_cufunc().kernel, static, scalars)
+    except Exception:  # numba internals moved: keep the (slower) dispatcher path
+        return None
+
+
+def launch_fast(fast: tuple, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Launch a `prepare_fast` record on torch's current stream: only x and y are marshalled."""
+    launch, cfg, kern, static, scalars = fast
+    stream = _core_stream(torch.cuda.current_stream(x.device).cuda_stream)
+    launch(stream, cfg, kern, *_arr_args(x), *static, *_arr_args(y), *scalars)
 
 
 def gemv(x: torch.Tensor, p: PackedLayer, *, threads: int | None = None, checked: bool = False,

@@ -55,13 +55,14 @@ def replicas(p: PackedLayer) -> int:
     return r
 
 
-def rows_config(p: PackedLayer, threads: int, warp: int, kc: int | None = None) -> dict:
-    """Launch shape: rows of vectors per block (rw), column runs (cs), chunk (kc), splits, smem."""
+def rows_config(p: PackedLayer, threads: int, warp: int, kc: int | None = None, tiles: int | None = None) -> dict:
+    """Launch shape: rows of vectors per block (rw), column runs (cs), chunk (kc), splits, smem.
+    tiles: row tiles of the launch when it covers several layers (kernels/gemv_group.py)."""
     rw = warp if warp > 1 else 4  # the simulator runs one thread per "lane": keep blocks small
     cs = threads // rw
     cps = STEP_BYTES * 8 // p.code_bits  # codes per step
     unit = cs * cps
-    tiles = nb.cdiv(p.rows, rw)
+    tiles = tiles or nb.cdiv(p.rows, rw)
     n = p.in_features
     if kc is None:
         # ~2 blocks per SM in all, at least one step per lane, at most KC_MAX columns staged
@@ -76,19 +77,22 @@ def rows_config(p: PackedLayer, threads: int, warp: int, kc: int | None = None) 
     return dict(rw=rw, cs=cs, cps=cps, kc=kc, tiles=tiles, nsplit=nb.cdiv(n, kc), replicas=r, shmem=nb.cdiv(shmem, 16) * 16)
 
 
-def store_sum_src(b: str, row: str, has_bias: bool, ind: str) -> list[str]:
+def store_sum_src(b: str, row: str, has_bias: bool, ind: str, yo: str = "") -> list[str]:
     """Kernel lines: a block's sum `tot` of output (b, row) -> y (+ bias), or into the fp32
-    workspace when the columns are split over several blocks (nsplit > 1). Shared with gemv.py."""
-    out = [f"{ind}if nsplit > 1:", f"{ind}    cuda.atomic.add(ws, ({b}, {row}), tot)", f"{ind}else:"]
+    workspace when the columns are split over several blocks (nsplit > 1). Shared with gemv.py.
+    yo: "off + " when y and the workspace hold several layers' outputs side by side."""
+    out = [f"{ind}if nsplit > 1:", f"{ind}    cuda.atomic.add(ws, ({b}, {yo}{row}), tot)", f"{ind}else:"]
     if has_bias:
         out.append(f"{ind}    tot += float32(bias[{row}])")
-    return out + [f"{ind}    y[{b}, {row}] = tot"]
+    return out + [f"{ind}    y[{b}, {yo}{row}] = tot"]
 
 
-def split_epilogue_src(batch: int, base: str, count: str, has_bias: bool, threads: int, ind: str) -> list[str]:
+def split_epilogue_src(batch: int, base: str, count: str, has_bias: bool, threads: int, ind: str,
+                       yo: str = "", ct: str = "tile") -> list[str]:
     """Kernel lines of the split-K epilogue: the last block of a row tile (atomic counter `cnt`,
     flag in s32[ofl]) writes y[:, base:base+count] (+ bias) from the workspace and leaves the
-    workspace and its counter zeroed for the next call. Shared with gemv.py."""
+    workspace and its counter zeroed for the next call. Shared with gemv.py. yo: output offset
+    (as in store_sum_src); ct: the counter's index (the tile across every layer of a group)."""
     i2, i3, i4, i5 = (ind + "    " * k for k in (1, 2, 3, 4))
     # one fence by one thread after the barrier, as cooperative groups' grid sync does: a fence by
     # every thread (membar.sc each) cost more than the rest of the epilogue
@@ -96,7 +100,7 @@ def split_epilogue_src(batch: int, base: str, count: str, has_bias: bool, thread
            f"{i2}cuda.syncthreads()",
            f"{i2}if tid == 0:",
            f"{i3}cuda.threadfence()",
-           f"{i3}old = cuda.atomic.add(cnt, tile, 1)",
+           f"{i3}old = cuda.atomic.add(cnt, {ct}, 1)",
            f"{i3}s32[ofl] = 1 if old == nsplit - 1 else 0",
            f"{i3}cuda.threadfence()",
            f"{i2}cuda.syncthreads()",
@@ -106,17 +110,17 @@ def split_epilogue_src(batch: int, base: str, count: str, has_bias: bool, thread
            f"{i4}_b = _i // nr",
            f"{i4}row = {base} + _i - _b * nr",
            f"{i4}if row < m:",
-           f"{i5}tot = cuda.atomic.add(ws, (_b, row), float32(0.0))",  # L2-coherent read
-           f"{i5}ws[_b, row] = float32(0.0)"]
+           f"{i5}tot = cuda.atomic.add(ws, (_b, {yo}row), float32(0.0))",  # L2-coherent read
+           f"{i5}ws[_b, {yo}row] = float32(0.0)"]
     if has_bias:
         out.append(f"{i5}tot += float32(bias[row])")
-    return out + [f"{i5}y[_b, row] = tot", f"{i3}if tid == 0:", f"{i4}cnt[tile] = 0"]
+    return out + [f"{i5}y[_b, {yo}row] = tot", f"{i3}if tid == 0:", f"{i4}cnt[{ct}] = 0"]
 
 
 @functools.cache
 def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm: bool, has_bias: bool,
                 rw: int, cs: int, r: int, kc: int, k: int, kr: int, xdtype: str, maxreg: int = 0,
-                ablate: str = ""):
+                ablate: str = "", group: tuple = ()):
     """Generated source, every per-code step unrolled into scalar registers.
 
     fp16 x: x' is staged as fp16 pairs and every centroid word is multiplied into packed half2
@@ -127,7 +131,12 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
     copies so the stores do not share banks), and each step loads the codes two steps ahead.
     x' is staged XB columns per thread at a time (bounded registers: occupancy is what keeps
     enough bytes in flight at 70B shapes). `ablate` (bench probes only) drops parts to time the
-    rest: "main" (no column loop), "fill" (no codebook stores), "epi" (no split-K epilogue)."""
+    rest: "main" (no column loop), "fill" (no codebook stores), "epi" (no split-K epilogue).
+
+    group = ((tiles, out_features), ...) for two or more layers that share x (q/k/v, gate/up):
+    one launch, the row tiles of every layer side by side on grid x, each layer's tensors passed
+    as its own arguments (suffix 0, 1, ...) and y / the workspace holding the outputs side by side.
+    A block picks its layer's tensors first; the rest of the kernel is the one-layer kernel."""
     from .dequant import kernel_env
 
     half = xdtype == "torch.float16"
@@ -146,16 +155,31 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
     ofl = owb + 1
     ind = "    "
     i2, i3, i4 = ind * 2, ind * 3, ind * 4
-    L = ["def gemv_rows(x, xsrc, xscale, xwb, idx64, cbw, rcbw, bias, ws, cnt, y, k, kr, kc, nsplit):",
-         f"{ind}s64 = cuda.shared.array(0, int64)",
-         f"{ind}sf = cuda.shared.array(0, float32)",
-         f"{ind}s32 = cuda.shared.array(0, int32)",
-         f"{ind}n = x.shape[1]",
-         f"{ind}m = y.shape[1]",
-         f"{ind}nrows = idx64.shape[1]",
-         f"{ind}nw64 = idx64.shape[2]",
-         f"{ind}tile = cuda.blockIdx.x",
-         f"{ind}k0 = cuda.blockIdx.y * {kc}",
+    names = ("xsrc", "xscale", "xwb", "idx64", "cbw", "rcbw", "bias")
+    if group:
+        per = ", ".join(f"{a}{li}" for li in range(len(group)) for a in names)
+        L = [f"def gemv_rows(x, {per}, ws, cnt, y, k, kr, kc, nsplit):",
+             f"{ind}gt = cuda.blockIdx.x"]
+        t0 = m0 = 0
+        for li, (tl, ml) in enumerate(group):
+            head = "if" if li == 0 else ("elif" if li < len(group) - 1 else "else")
+            L.append(f"{ind}{head} gt < {t0 + tl}:" if head != "else" else f"{ind}else:")
+            L += [f"{i2}tile = gt - {t0}", f"{i2}yo = {m0}", f"{i2}m = {ml}"]
+            L += [f"{i2}{a} = {a}{li}" for a in names]
+            t0, m0 = t0 + tl, m0 + ml
+        yo, ct = "yo + ", "gt"
+    else:
+        L = ["def gemv_rows(x, xsrc, xscale, xwb, idx64, cbw, rcbw, bias, ws, cnt, y, k, kr, kc, nsplit):",
+             f"{ind}m = y.shape[1]",
+             f"{ind}tile = cuda.blockIdx.x"]
+        yo, ct = "", "tile"
+    L += [f"{ind}s64 = cuda.shared.array(0, int64)",
+          f"{ind}sf = cuda.shared.array(0, float32)",
+          f"{ind}s32 = cuda.shared.array(0, int32)",
+          f"{ind}n = x.shape[1]",
+          f"{ind}nrows = idx64.shape[1]",
+          f"{ind}nw64 = idx64.shape[2]",
+          f"{ind}k0 = cuda.blockIdx.y * {kc}",
          f"{ind}tid = cuda.threadIdx.x",
          f"{ind}rl = tid % {rw}",
          f"{ind}sc = tid // {rw}",
@@ -280,13 +304,13 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
     if has_norm:
         L.append(f"{i3}tot += sf[{owb}]")
     if "epi" in ablate:
-        L.append(f"{i3}y[0, orow] = tot")
+        L.append(f"{i3}y[0, {yo}orow] = tot")
     else:
-        L += store_sum_src("0", "orow", has_bias, i3)
-        L += split_epilogue_src(1, f"tile * {rw * v}", str(rw * v), has_bias, threads, ind)
+        L += store_sum_src("0", "orow", has_bias, i3, yo)
+        L += split_epilogue_src(1, f"tile * {rw * v}", str(rw * v), has_bias, threads, ind, yo, ct)
     src = "\n".join(L) + "\n"
     env = {**kernel_env(), "hf2": nb.half2_fma_pair(), "f2h2": nb.float_to_half2(), "warp_allsum": nb.warp_allsum(warp)}
-    tag = f"gemv-rows-v{v}-b{code_bits}-rw{rw}-cs{cs}-r{r}-kc{kc}-{'h' if half else 'f'}{ablate}"
+    tag = f"gemv-rows-v{v}-b{code_bits}-rw{rw}-cs{cs}-r{r}-kc{kc}-{'h' if half else 'f'}{ablate}-g{len(group)}"
     fn = nb.compile_source(src, "gemv_rows", env, tag)
     c = nb.cuda()
     return c.jit(fn, max_registers=maxreg) if maxreg and not nb.simulator_enabled() else c.jit(fn)

@@ -403,6 +403,67 @@ def test_gemv_rows_several_steps_per_lane():
             _close(plan(x), gemv_ref(x.float(), p), tol)
 
 
+def _group_layers(n=256):
+    """q/k/v-like layers: same input width and format, different widths out (GQA) and values."""
+    return [_layer(**{**ROWS_LAYERS["v4_k256"], "m": m, "n": n, "seed": s}) for s, m in ((1, 150), (2, 40), (3, 44))]
+
+
+def test_gemv_group_equals_each_layer():
+    """One launch for three layers on the same x (split-K: several column chunks) = each layer's
+    oracle; the workspace and counters are left zeroed for the next call."""
+    from kernels.gemv import GemvPlan
+    from kernels.gemv_group import RowsGroupPlan
+
+    ps = [PackedLayer.from_module(m) for m in _group_layers(4096 if HAS_GPU else 256)]
+    group = RowsGroupPlan([GemvPlan(p) for p in ps])
+    assert group.cfg["nsplit"] > 1 and [o for _, o in group.group] == [150, 40, 44]
+    for seed, dtype, tol in ((1, torch.float16, 3e-3), (2, torch.float32, 1e-4)):
+        x = torch.randn(1, ps[0].in_features, generator=torch.Generator().manual_seed(seed)).to(dtype).to(DEV)
+        ys = group.split(group(x))
+        for y, p in zip(ys, ps, strict=True):
+            assert y.dtype == dtype
+            _close(y, gemv_ref(x.float(), p), tol)
+        assert not group.cnt.any() and not group.ws.any()
+    with pytest.raises(ValueError, match="group: layers differ in in_features"):
+        RowsGroupPlan([GemvPlan(ps[0]), GemvPlan(PackedLayer.from_module(_group_layers(512)[1]))])
+
+
+def test_shared_input_serves_siblings_from_one_launch(monkeypatch):
+    """share_inputs marks q/k/v; the first call launches once for all three, the siblings get their
+    outputs (same numbers as their own plans); another x, or x changed in place, recomputes."""
+    from kernels.gemv_group import RowsGroupPlan
+    from vptq.layers import share_inputs
+
+    mods = _group_layers()
+    attn = torch.nn.Module()
+    for name, m in zip(("q_proj", "k_proj", "v_proj"), mods, strict=True):
+        attn.add_module(name, m.to(DEV))
+    assert share_inputs(attn) == 1
+    calls = []
+    orig = RowsGroupPlan.__call__
+    monkeypatch.setattr(RowsGroupPlan, "__call__", lambda self, x: calls.append(1) or orig(self, x))
+
+    def run(x):
+        return [dispatch.vq_linear_forward(m, x, force=True) for m in mods]
+
+    with torch.no_grad():
+        x = torch.randn(1, 1, 256, generator=torch.Generator().manual_seed(7)).half().to(DEV)
+        ys = run(x)
+        assert len(calls) == 1
+        for y, m in zip(ys, mods, strict=True):
+            assert y.shape == (1, 1, m.out_features)
+            _close(y[0], gemv_ref(x[0].float(), PackedLayer.from_module(m)), 3e-3)
+        x2 = x.clone()  # same values, another tensor: recomputed
+        run(x2)
+        assert len(calls) == 2
+        y_q = dispatch.vq_linear_forward(mods[0], x, force=True)
+        x.mul_(2)  # changed in place after q: k is recomputed from the new values
+        y_k = dispatch.vq_linear_forward(mods[1], x, force=True)
+        assert len(calls) == 4
+        _close(y_k[0], gemv_ref(x[0].float(), PackedLayer.from_module(mods[1])), 3e-3)
+        assert y_q is not None
+
+
 def test_gemv_rows_applies_only_where_it_can():
     from kernels.gemv import GemvPlan
     from kernels.gemv_rows import rows_path_ok

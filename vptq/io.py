@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import ConfigError
-from .layers import VQuantLinear
+from .layers import VQuantLinear, share_inputs
 from .source import SourceError
 
 WEIGHTS = "model.safetensors"
@@ -404,4 +404,5 @@ def load_quantized(folder: str | Path, device: str | torch.device = "cpu") -> nn
         except (OSError, ValueError):
             pass  # the model's default generation config stays
     model.eval()
+    share_inputs(model)
     return model.to(device)

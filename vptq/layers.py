@@ -215,3 +215,24 @@ class VQuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, v={self.vector_lens}, "
                 f"k={self.num_centroids}, res={self.num_res_centroids}, G={self.group_num}")
+
+
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # Llama-family names
+
+
+def share_inputs(model: nn.Module) -> int:
+    """Mark the VQuantLinear siblings that a decoder block always calls on the same activation
+    (q/k/v of attention, gate/up of the MLP), so that at batch 1 on CUDA one kernel launch computes
+    them all (kernels/gemv_group.py; same numbers as separate calls). Returns the sets marked.
+    Harmless elsewhere: CPU, larger batches and layouts the row kernel does not take ignore it."""
+    n = 0
+    for parent in model.modules():
+        kids = dict(parent.named_children())
+        for names in SHARED_INPUTS:
+            mods = [kids.get(k) for k in names]
+            if all(isinstance(m, VQuantLinear) for m in mods) and len({m.in_features for m in mods}) == 1:
+                from kernels.dispatch import share_input
+
+                share_input(mods)
+                n += 1
+    return n

@@ -1,0 +1,79 @@
+"""One row-per-lane gemv launch for several layers that read the same x (q/k/v, gate/up), batch 1.
+
+Why: at 7B decode shapes a gemv launch costs a fixed ~5 µs (launch, x' staging, codebook fill,
+split-K epilogue) against ~4 µs of work, and a Llama block calls seven linears, three of them
+(q, k, v) and two more (gate, up) on the same activation. One launch for each such set puts the
+row tiles of every layer on one grid (kernels/gemv_rows.py `kernel_rows(group=...)`), so the
+fixed cost is paid twice per block instead of five times. The layers keep their own tensors
+(nothing is copied or stacked); y holds their outputs side by side.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _numba as nb
+from .gemv import GemvPlan, launch_fast, prepare_fast
+from .gemv_rows import kernel_rows, rows_config
+
+_SAME = ("in_features", "vector_len", "code_bits", "num_centroids", "num_res_centroids", "device")
+
+
+class RowsGroupPlan:
+    """Fused batch-1 gemv of two or more layers on the row kernel; build from their GemvPlans."""
+
+    def __init__(self, plans: list[GemvPlan]):
+        if len(plans) < 2:
+            raise ValueError("group: needs two or more layers")
+        if any(pl.path != "rows" for pl in plans):
+            raise ValueError("group: every layer must take the row-per-lane kernel (8-bit codes, one group)")
+        p0 = plans[0].p
+        for pl in plans[1:]:
+            p = pl.p
+            diff = [a for a in _SAME if getattr(p, a) != getattr(p0, a)]
+            diff += [a for a in ("perm", "weight_scale", "bias") if (getattr(p, a) is None) != (getattr(p0, a) is None)]
+            if diff:
+                raise ValueError(f"group: layers differ in {', '.join(diff)}")
+        self.plans = plans
+        self.sim = plans[0].sim
+        self.threads = plans[0].rows_threads
+        c0 = plans[0].rows_cfg
+        tiles = [nb.cdiv(pl.p.rows, c0["rw"]) for pl in plans]
+        self.cfg = rows_config(p0, self.threads, plans[0].warp, tiles=sum(tiles))
+        self.group = tuple((t, pl.p.out_features) for t, pl in zip(tiles, plans, strict=True))
+        self.out_features = sum(pl.p.out_features for pl in plans)
+        self.splits = [pl.p.out_features for pl in plans]
+        dev = p0.device
+        self.cnt = torch.zeros(sum(tiles), dtype=torch.int32, device=dev)
+        n = self.out_features if self.cfg["nsplit"] > 1 else 1
+        self.ws = torch.zeros(1, n, dtype=torch.float32, device=dev)
+        self.static = []
+        for pl in plans:
+            self.static += [pl.xsrc, pl.xscale, pl.xwb, pl.ridx64, pl.rcbw_main, pl.rcbw_res, pl.bias]
+        self.static += [self.ws, self.cnt]
+        self.maxreg = plans[0].rows_maxreg
+        self._fast: dict = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (1, in_features) contiguous, fp16/fp32 -> y (1, sum of out_features) in x.dtype."""
+        if x.dim() != 2 or x.shape[0] != 1 or x.shape[1] != self.plans[0].p.in_features or not x.is_contiguous():
+            raise ValueError(f"x: expected a contiguous (1, {self.plans[0].p.in_features}), got {tuple(x.shape)}")
+        y = torch.empty(1, self.out_features, dtype=x.dtype, device=x.device)
+        fast = self._fast.get(x.dtype)
+        if fast is not None:
+            launch_fast(fast, x, y)
+            return y
+        p, c = self.plans[0].p, self.cfg
+        kern = kernel_rows(p.vector_len, p.code_bits, p.num_res_centroids > 0, p.perm is not None,
+                           p.weight_scale is not None, p.bias is not None, c["rw"], c["cs"], c["replicas"], c["kc"],
+                           p.num_centroids, p.num_res_centroids, str(x.dtype), self.maxreg, "", self.group)
+        grid = (int(self.cnt.numel()), c["nsplit"])
+        scalars = [p.num_centroids, p.num_res_centroids, c["kc"], c["nsplit"]]
+        nb.launch(kern, grid, self.threads, nb.stream_for(x), x, *self.static, y, *scalars, shmem=c["shmem"])
+        if not self.sim:
+            self._fast[x.dtype] = prepare_fast(kern, grid, self.threads, c["shmem"], self.static, scalars)
+        return y
+
+    def split(self, y: torch.Tensor) -> list[torch.Tensor]:
+        """Each layer's output: views of y."""
+        return list(torch.split(y, self.splits, dim=1))
