@@ -45,6 +45,7 @@ SHAPES = {  # (out, in)
 FORMATS = {  # key: (label, v, k, k_res)
     "v8k65536": ("2 bit v8-k65536 (released)", 8, 65536, 0),
     "v6k4096": ("2 bit v6-k4096 (paper)", 6, 4096, 0),
+    "v5k1024": ("2 bit v5-k1024 (our 2-bit preset)", 5, 1024, 0),
     "v8k65536r256": ("3 bit v8-k65536-256 (released)", 8, 65536, 256),
     "v4k4096": ("3 bit v4-k4096", 4, 4096, 0),
     "v6k4096r64": ("3 bit v6-k4096-64", 6, 4096, 64),
