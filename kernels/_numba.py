@@ -320,9 +320,23 @@ def float_to_half_bits():
 
         return f2h
 
+    _cvt = _float_asm("cvt.rn.f16.f32 $0, $1;", 16)
+
+    @c.jit(device=True, forceinline=True)
+    def f2h(x):
+        return _cvt(x)
+
+    return f2h
+
+
+def _float_asm(asm: str, bits: int):
+    """An intrinsic: one float (narrowed to float32) -> the integer result of the inline PTX `asm`
+    ($0 = result of `bits` bits, $1 = the float); 16-bit results are zero-extended to int64."""
     from llvmlite import ir
     from numba import types
     from numba.cuda.extending import intrinsic
+
+    out = types.int64 if bits == 16 else types.int32
 
     @intrinsic
     def _cvt(typingctx, x):
@@ -333,17 +347,13 @@ def float_to_half_bits():
             (a,) = args
             if a.type != ir.FloatType():
                 a = builder.fptrunc(a, ir.FloatType())
-            fnty = ir.FunctionType(ir.IntType(16), [ir.FloatType()])
-            h = builder.call(ir.InlineAsm(fnty, "cvt.rn.f16.f32 $0, $1;", "=h,f"), [a])
-            return builder.zext(h, ir.IntType(64))
+            fnty = ir.FunctionType(ir.IntType(bits), [ir.FloatType()])
+            r = builder.call(ir.InlineAsm(fnty, asm, ("=h" if bits == 16 else "=r") + ",f"), [a])
+            return builder.zext(r, ir.IntType(64)) if bits == 16 else r
 
-        return types.int64(x), codegen
+        return out(x), codegen
 
-    @c.jit(device=True, forceinline=True)
-    def f2h(x):
-        return _cvt(x)
-
-    return f2h
+    return _cvt
 
 
 def compile_source(src: str, name: str, env: dict, tag: str):
@@ -441,24 +451,7 @@ def float_to_half2():
 
         return f2h2
 
-    from llvmlite import ir
-    from numba import types
-    from numba.cuda.extending import intrinsic
-
-    @intrinsic
-    def _cvt(typingctx, x):
-        if not isinstance(x, types.Float):
-            return None
-
-        def codegen(context, builder, sig, args):
-            (a,) = args
-            if a.type != ir.FloatType():
-                a = builder.fptrunc(a, ir.FloatType())
-            fnty = ir.FunctionType(ir.IntType(32), [ir.FloatType()])
-            asm = "{ .reg .b16 h; cvt.rn.f16.f32 h, $1; mov.b32 $0, {h, h}; }"
-            return builder.call(ir.InlineAsm(fnty, asm, "=r,f"), [a])
-
-        return types.int32(x), codegen
+    _cvt = _float_asm("{ .reg .b16 h; cvt.rn.f16.f32 h, $1; mov.b32 $0, {h, h}; }", 32)
 
     @c.jit(device=True, forceinline=True)
     def f2h2(x):

@@ -117,14 +117,7 @@ def _kernel(v: int, batch: int, has_res: bool, has_out: bool, has_perm: bool, ha
     nu = U
     assert kc % pw == 0
 
-    @cuda.jit(device=True)
-    def warp_allsum(val):
-        if warp > 1:
-            off = warp // 2
-            while off > 0:
-                val += cuda.shfl_xor_sync(0xFFFFFFFF, val, off)
-                off //= 2
-        return val
+    warp_allsum = nb.warp_allsum(warp)
 
     @cuda.jit
     def gemv_kernel(x, xsrc, xscale, xwb, idx, idx64, cbw, rcbw, oidx, ocb, bias, ws, cnt, y,
