@@ -22,6 +22,11 @@ def test_tiny_llama_roundtrip_logits_equal(tiny_llama_dir, text_file, tmp_path):
     assert res.summary()["layers"] == 14 and 2.0 < res.report.bpw < 4.0
     loaded = load_quantized(out)
     assert sum(isinstance(m, VQuantLinear) for m in loaded.modules()) == 14
+    # q/k/v and gate/up of both blocks are marked to share a launch on CUDA (ignored on CPU)
+    marked = [n for n, m in loaded.named_modules() if getattr(m, "_vq_shared", None) is not None]
+    assert len(marked) == 10 and all(n.split(".")[-1] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+                                     for n in marked)
+    assert "_vq_shared" not in str(list(loaded.state_dict()))
     ids = torch.randint(0, 1000, (2, 32))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
