@@ -125,7 +125,7 @@ def vq_linear_forward(mod, x: torch.Tensor, *, force: bool = False) -> torch.Ten
     rows = x2.shape[0]
     shared = getattr(mod, "_vq_shared", None)
     if rows == 1 and shared is not None:
-        y = shared.forward(mod, x, x2)
+        y = shared.forward(mod, x, x2, plan)
         if y is not None:
             return y.reshape(*x.shape[:-1], mod.out_features)
     if 0 < rows <= FUSED_MAX_ROWS:
@@ -176,25 +176,28 @@ class SharedInput:
                     self._plan = None
         return self._plan
 
-    def forward(self, mod, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor | None:
+    def forward(self, mod, x: torch.Tensor, x2: torch.Tensor, own_plan) -> torch.Tensor | None:
+        """mod's output for x (x2 = x as rows), or None: mod takes its own launch. own_plan = mod's
+        current GemvPlan; a kept output computed with another plan (weights changed) is not used."""
         pend = self._pending
         self._pending = None
         if pend is not None and pend[0] is x and pend[1] == x._version and mod in pend[2]:
-            y = pend[2].pop(mod)
+            y, used = pend[2].pop(mod)
             if pend[2]:
                 self._pending = pend
-            return y
-        plan = self.group_plan()
-        if plan is None:
+            if used is own_plan:
+                return y
+        group = self.group_plan()
+        if group is None:
             return None
-        ys = plan.split(plan(x2 if x2.is_contiguous() else x2.contiguous()))
+        ys = group.split(group(x2 if x2.is_contiguous() else x2.contiguous()))
         mine = None
         rest = {}
-        for m, y in zip(self.mods, ys, strict=True):
+        for m, y, pl in zip(self.mods, ys, group.plans, strict=True):
             if m is mod:
                 mine = y
             else:
-                rest[m] = y
+                rest[m] = (y, pl)
         self._pending = (x, x._version, rest)
         return mine
 

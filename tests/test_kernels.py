@@ -462,6 +462,16 @@ def test_shared_input_serves_siblings_from_one_launch(monkeypatch):
         assert len(calls) == 4
         _close(y_k[0], gemv_ref(x[0].float(), PackedLayer.from_module(mods[1])), 3e-3)
         assert y_q is not None
+        x3 = x.clone()
+        dispatch.vq_linear_forward(mods[0], x3, force=True)  # q computes all three, keeps k and v ...
+        assert len(calls) == 5
+        mods[1].centroids.weight.mul_(-1)  # ... then k's weights change before k is called
+        y_k = dispatch.vq_linear_forward(mods[1], x3, force=True)
+        assert len(calls) == 6  # k's kept output (old weights) is not used: recomputed
+        y_v = dispatch.vq_linear_forward(mods[2], x3, force=True)
+        assert len(calls) == 6  # v's, from the recomputation, is
+        for y, m in ((y_k, mods[1]), (y_v, mods[2])):
+            _close(y[0], gemv_ref(x3[0].float(), PackedLayer.from_module(m)), 3e-3)
 
 
 def test_gemv_rows_applies_only_where_it_can():
