@@ -84,7 +84,7 @@ def parse_format(f: str) -> tuple[int, int]:
 
     mt = re.fullmatch(r"v(\d+)k(\d+)", f)
     if not mt:
-        raise ValueError(f"format: {f!r} is not v<vector length>k<centroids>, e.g. v6k4096")
+        raise ValueError(f"format: {f!r} is not v<vector length>k<centroids>, e.g. v6k4096 (no residual codebooks here)")
     return int(mt.group(1)), int(mt.group(2))
 
 
@@ -297,6 +297,12 @@ def main() -> None:
     ap.add_argument("--formats", default="v6k4096,v8k65536", help="GPU: quantized formats to measure, in order")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = ap.parse_args()
+    formats = [f for f in args.formats.split(",") if f]
+    for f in formats:  # before any model is built: a bad name must not cost a GPU run
+        try:
+            parse_format(f)
+        except ValueError as e:
+            ap.error(str(e))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"command": "python bench/decode.py " + " ".join(sys.argv[1:]),
@@ -307,7 +313,7 @@ def main() -> None:
         (out / "decode_cpu.json").write_text(json.dumps(r, indent=1))
         print(json.dumps(r, indent=1))
     if args.gpu:
-        r = {**meta, **bench_gpu(args.new, args.layers, [f for f in args.formats.split(",") if f])}
+        r = {**meta, **bench_gpu(args.new, args.layers, formats)}
         (out / "decode_h100.json").write_text(json.dumps(r, indent=1))
         print(json.dumps(r, indent=1))
     if not (args.cpu or args.gpu):
