@@ -434,7 +434,7 @@ def test_shared_input_serves_siblings_from_one_launch(monkeypatch):
     from kernels.gemv_group import RowsGroupPlan
     from vptq.layers import share_inputs
 
-    mods = _group_layers()
+    mods = _group_layers(128)
     attn = torch.nn.Module()
     for name, m in zip(("q_proj", "k_proj", "v_proj"), mods, strict=True):
         attn.add_module(name, m.to(DEV))
@@ -447,7 +447,7 @@ def test_shared_input_serves_siblings_from_one_launch(monkeypatch):
         return [dispatch.vq_linear_forward(m, x, force=True) for m in mods]
 
     with torch.no_grad():
-        x = torch.randn(1, 1, 256, generator=torch.Generator().manual_seed(7)).half().to(DEV)
+        x = torch.randn(1, 1, 128, generator=torch.Generator().manual_seed(7)).half().to(DEV)
         ys = run(x)
         assert len(calls) == 1
         for y, m in zip(ys, mods, strict=True):
