@@ -320,18 +320,12 @@ def float_to_half_bits():
 
         return f2h
 
-    _cvt = _float_asm("cvt.rn.f16.f32 $0, $1;", 16)
-
-    @c.jit(device=True, forceinline=True)
-    def f2h(x):
-        return _cvt(x)
-
-    return f2h
+    return _float_asm("cvt.rn.f16.f32 $0, $1;", 16)
 
 
 def _float_asm(asm: str, bits: int):
-    """An intrinsic: one float (narrowed to float32) -> the integer result of the inline PTX `asm`
-    ($0 = result of `bits` bits, $1 = the float); 16-bit results are zero-extended to int64."""
+    """Device function (GPU): one float (narrowed to float32) -> the integer result of the inline PTX
+    `asm` ($0 = result of `bits` bits, $1 = the float); 16-bit results are zero-extended to int64."""
     from llvmlite import ir
     from numba import types
     from numba.cuda.extending import intrinsic
@@ -353,7 +347,11 @@ def _float_asm(asm: str, bits: int):
 
         return out(x), codegen
 
-    return _cvt
+    @cuda().jit(device=True, forceinline=True)
+    def cvt(x):
+        return _cvt(x)
+
+    return cvt
 
 
 def compile_source(src: str, name: str, env: dict, tag: str):
@@ -451,13 +449,7 @@ def float_to_half2():
 
         return f2h2
 
-    _cvt = _float_asm("{ .reg .b16 h; cvt.rn.f16.f32 h, $1; mov.b32 $0, {h, h}; }", 32)
-
-    @c.jit(device=True, forceinline=True)
-    def f2h2(x):
-        return _cvt(x)
-
-    return f2h2
+    return _float_asm("{ .reg .b16 h; cvt.rn.f16.f32 h, $1; mov.b32 $0, {h, h}; }", 32)
 
 
 @functools.lru_cache(maxsize=4)

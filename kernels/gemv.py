@@ -56,8 +56,8 @@ from .dequant import (
 from .gemv_rows import (
     ROWS_MAXREG,
     ROWS_THREADS,
-    kernel_rows,
     rows_config,
+    rows_launch,
     rows_path_ok,
     split_epilogue_src,
     store_sum_src,
@@ -446,13 +446,10 @@ def _kernel_smem(v: int, batch: int, bits: int, main_bits: int, has_res: bool, h
     L += store_sum_src("_b", "row", has_bias, i3)
     L += split_epilogue_src(batch, f"rlo * {v}", f"(rhi - rlo) * {v}", has_bias, threads, ind)
     src = "\n".join(L) + "\n"
-    env = {**kernel_env(), "warp_allsum": _warp_allsum(warp)}
+    env = {**kernel_env(), "warp_allsum": nb.warp_allsum(warp)}
     fn = nb.compile_source(src, "gemv_smem", env,
                            f"gemv-smem-v{v}-B{batch}-b{bits}-{main_bits}-u{u}-t{threads}-w{wload}")
     return nb.cuda().jit(fn, max_registers=maxreg) if maxreg and not sim else nb.cuda().jit(fn)
-
-
-_warp_allsum = nb.warp_allsum
 
 
 def _choose(rows: int, n: int, pw: int, threads: int, warp: int) -> tuple[int, int]:
@@ -639,6 +636,10 @@ class GemvPlan:
         self.rcbw_res = word_view(p.res_centroids, p.vector_len) if p.num_res_centroids else self.rcbw_main
         self.rcnt = torch.zeros(self.rows_cfg["tiles"], dtype=torch.int32, device=p.device)
 
+    def rows_static(self) -> list[torch.Tensor]:
+        """This layer's tensors as the row kernel takes them (after x, before the workspace)."""
+        return [self.xsrc, self.xscale, self.xwb, self.ridx64, self.rcbw_main, self.rcbw_res, self.bias]
+
     # ------------------------------------------------------------------ launch configuration
     def smem_config(self, bsz: int) -> dict:
         """kc, nsplit, rg, u, wload and dynamic shared memory bytes of the shared-memory kernel."""
@@ -663,13 +664,8 @@ class GemvPlan:
         p = self.p
         if self.path == "rows" and bsz == 1:
             c = self.rows_cfg
-            kern = kernel_rows(p.vector_len, p.code_bits, p.num_res_centroids > 0, p.perm is not None,
-                               p.weight_scale is not None, p.bias is not None, c["rw"], c["cs"], c["replicas"],
-                               c["kc"], p.num_centroids, p.num_res_centroids, str(dtype), self.rows_maxreg,
-                               self.rows_ablate)
-            static = [self.xsrc, self.xscale, self.xwb, self.ridx64, self.rcbw_main, self.rcbw_res, self.bias,
-                      self.workspace(1, c["nsplit"] > 1), self.rcnt]
-            scalars = [p.num_centroids, p.num_res_centroids, c["kc"], c["nsplit"]]
+            kern, scalars = rows_launch(p, c, dtype, self.rows_maxreg, self.rows_ablate)
+            static = [*self.rows_static(), self.workspace(1, c["nsplit"] > 1), self.rcnt]
             return kern, (c["tiles"], c["nsplit"]), c["shmem"], static, scalars, self.rows_threads
         if self.base == "smem":
             c = self.smem_config(bsz)
@@ -712,11 +708,8 @@ class GemvPlan:
         kern, grid, shmem, static, scalars, threads = self._launch_args(bsz, x.dtype)
         nb.launch(kern, grid, threads, nb.stream_for(x), x, *static, y, *scalars, shmem=shmem)
         if not self.sim:
-            self._fast[(bsz, x.dtype)] = self._prepare_fast(kern, grid, threads, shmem, static, scalars)
+            self._fast[(bsz, x.dtype)] = prepare_fast(kern, grid, threads, shmem, static, scalars)
         return y
-
-    def _prepare_fast(self, disp, grid, threads: int, shmem: int, static_t: list, scalars_i: list):
-        return prepare_fast(disp, grid, threads, shmem, static_t, scalars_i)
 
 
 def prepare_fast(disp, grid, threads: int, shmem: int, static_t: list, scalars_i: list):

@@ -14,7 +14,7 @@ import torch
 
 from . import _numba as nb
 from .gemv import GemvPlan, launch_fast, prepare_fast
-from .gemv_rows import kernel_rows, rows_config
+from .gemv_rows import rows_config, rows_launch
 
 _SAME = ("in_features", "vector_len", "code_bits", "num_centroids", "num_res_centroids", "device")
 
@@ -41,16 +41,13 @@ class RowsGroupPlan:
         tiles = [nb.cdiv(pl.p.rows, c0["rw"]) for pl in plans]
         self.cfg = rows_config(p0, self.threads, plans[0].warp, tiles=sum(tiles))
         self.group = tuple((t, pl.p.out_features) for t, pl in zip(tiles, plans, strict=True))
-        self.out_features = sum(pl.p.out_features for pl in plans)
         self.splits = [pl.p.out_features for pl in plans]
+        self.out_features = sum(self.splits)
         dev = p0.device
         self.cnt = torch.zeros(sum(tiles), dtype=torch.int32, device=dev)
         n = self.out_features if self.cfg["nsplit"] > 1 else 1
         self.ws = torch.zeros(1, n, dtype=torch.float32, device=dev)
-        self.static = []
-        for pl in plans:
-            self.static += [pl.xsrc, pl.xscale, pl.xwb, pl.ridx64, pl.rcbw_main, pl.rcbw_res, pl.bias]
-        self.static += [self.ws, self.cnt]
+        self.static = [t for pl in plans for t in pl.rows_static()] + [self.ws, self.cnt]
         self.maxreg = plans[0].rows_maxreg
         self._fast: dict = {}
 
@@ -63,12 +60,9 @@ class RowsGroupPlan:
         if fast is not None:
             launch_fast(fast, x, y)
             return y
-        p, c = self.plans[0].p, self.cfg
-        kern = kernel_rows(p.vector_len, p.code_bits, p.num_res_centroids > 0, p.perm is not None,
-                           p.weight_scale is not None, p.bias is not None, c["rw"], c["cs"], c["replicas"], c["kc"],
-                           p.num_centroids, p.num_res_centroids, str(x.dtype), self.maxreg, "", self.group)
+        c = self.cfg
+        kern, scalars = rows_launch(self.plans[0].p, c, x.dtype, self.maxreg, group=self.group)
         grid = (int(self.cnt.numel()), c["nsplit"])
-        scalars = [p.num_centroids, p.num_res_centroids, c["kc"], c["nsplit"]]
         nb.launch(kern, grid, self.threads, nb.stream_for(x), x, *self.static, y, *scalars, shmem=c["shmem"])
         if not self.sim:
             self._fast[x.dtype] = prepare_fast(kern, grid, self.threads, c["shmem"], self.static, scalars)

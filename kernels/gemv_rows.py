@@ -158,7 +158,7 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
     names = ("xsrc", "xscale", "xwb", "idx64", "cbw", "rcbw", "bias")
     if group:
         per = ", ".join(f"{a}{li}" for li in range(len(group)) for a in names)
-        L = [f"def gemv_rows(x, {per}, ws, cnt, y, k, kr, kc, nsplit):",
+        L = [f"def gemv_rows(x, {per}, ws, cnt, y, nsplit):",
              f"{ind}gt = cuda.blockIdx.x"]
         t0 = m0 = 0
         for li, (tl, ml) in enumerate(group):
@@ -169,7 +169,7 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
             t0, m0 = t0 + tl, m0 + ml
         yo, ct = "yo + ", "gt"
     else:
-        L = ["def gemv_rows(x, xsrc, xscale, xwb, idx64, cbw, rcbw, bias, ws, cnt, y, k, kr, kc, nsplit):",
+        L = ["def gemv_rows(x, xsrc, xscale, xwb, idx64, cbw, rcbw, bias, ws, cnt, y, nsplit):",
              f"{ind}m = y.shape[1]",
              f"{ind}tile = cuda.blockIdx.x"]
         yo, ct = "", "tile"
@@ -314,3 +314,13 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
     fn = nb.compile_source(src, "gemv_rows", env, tag)
     c = nb.cuda()
     return c.jit(fn, max_registers=maxreg) if maxreg and not nb.simulator_enabled() else c.jit(fn)
+
+
+def rows_launch(p: PackedLayer, cfg: dict, xdtype, maxreg: int, ablate: str = "", group: tuple = ()):
+    """(compiled kernel, scalar arguments) of a row-kernel launch of layout p with rows_config cfg;
+    one layer, or a group of layers of p's layout (kernels/gemv_group.py). The kernel takes x, each
+    layer's tensors (GemvPlan.rows_static), the workspace and counters, y, then these scalars."""
+    kern = kernel_rows(p.vector_len, p.code_bits, p.num_res_centroids > 0, p.perm is not None,
+                       p.weight_scale is not None, p.bias is not None, cfg["rw"], cfg["cs"], cfg["replicas"],
+                       cfg["kc"], p.num_centroids, p.num_res_centroids, str(xdtype), maxreg, ablate, group)
+    return kern, [cfg["nsplit"]]
