@@ -468,3 +468,134 @@ def warp_allsum(warp: int):
         return val
 
     return allsum
+
+
+def _asm_i32(asm: str, nargs: int):
+    """Device function (GPU): inline PTX `asm` on `nargs` 32-bit integer operands ($1..$n; wider
+    integers are truncated to their low 32 bits) -> one 32-bit result ($0), as int32."""
+    from llvmlite import ir
+    from numba import types
+    from numba.cuda.extending import intrinsic
+
+    i32 = ir.IntType(32)
+
+    def cast(builder, v):
+        w = v.type.width
+        return v if w == 32 else (builder.trunc(v, i32) if w > 32 else builder.sext(v, i32))
+
+    def codegen(context, builder, sig, args):
+        fnty = ir.FunctionType(i32, [i32] * nargs)
+        return builder.call(ir.InlineAsm(fnty, asm, ",".join(["=r"] + ["r"] * nargs)),
+                            [cast(builder, a) for a in args])
+
+    if nargs == 2:
+        @intrinsic
+        def _op(typingctx, a, b):
+            if all(isinstance(t, types.Integer) for t in (a, b)):
+                return types.int32(a, b), codegen
+
+        @cuda().jit(device=True, forceinline=True)
+        def op(a, b):
+            return _op(a, b)
+    else:
+        @intrinsic
+        def _op(typingctx, a, b, c):
+            if all(isinstance(t, types.Integer) for t in (a, b, c)):
+                return types.int32(a, b, c), codegen
+
+        @cuda().jit(device=True, forceinline=True)
+        def op(a, b, c):
+            return _op(a, b, c)
+    return op
+
+
+def _sim_halves(w) -> tuple:
+    import numpy as np
+
+    w = int(w) & 0xFFFFFFFF
+    return tuple(np.float64(np.uint16((w >> s) & 0xFFFF).view(np.float16)) for s in (0, 16))
+
+
+def _sim_pack(lo, hi) -> int:
+    return _wrap32(_half_bits(lo) | (_half_bits(hi) << 16))
+
+
+@functools.lru_cache(maxsize=1)
+def half2_ops():
+    """Device functions on fp16 pairs held as int32 bits (low half = first value):
+
+    * hpair(a, b, sel): the pair (half of a, half of b) as one `prmt.b32` (sel 0x5410: low halves,
+      0x7632: high halves, 0x7610: low of a + high of b, 0x5432: high of a + low of b);
+    * hadd2(p, q): p + q (`add.rn.f16x2`, rounded once per value);
+    * hfma2(p, s, b): p * s + b (`fma.rn.f16x2`, rounded once per value).
+
+    Why: the dequantize kernel's output is fp16 pairs of neighbouring columns; building them from
+    the centroid words and scaling them in half2 is 2 instructions per two values, against ~10 for
+    fp16 -> fp32, fp32 math and fp32 -> fp16 per value."""
+    c = cuda()
+    if simulator_enabled():
+        @c.jit(device=True)
+        def hpair(a, b, sel):
+            ha = (int(a) & 0xFFFFFFFF) >> (16 if (int(sel) & 0xFF) == 0x32 else 0)
+            hb = (int(b) & 0xFFFFFFFF) >> (16 if (int(sel) >> 8) & 0xFF == 0x76 else 0)
+            return _wrap32((ha & 0xFFFF) | ((hb & 0xFFFF) << 16))
+
+        @c.jit(device=True)
+        def hadd2(p, q):
+            (a0, a1), (b0, b1) = _sim_halves(p), _sim_halves(q)
+            return _sim_pack(a0 + b0, a1 + b1)
+
+        @c.jit(device=True)
+        def hfma2(p, s, b):
+            (a0, a1), (s0, s1), (b0, b1) = _sim_halves(p), _sim_halves(s), _sim_halves(b)
+            return _sim_pack(a0 * s0 + b0, a1 * s1 + b1)
+
+        return hpair, hadd2, hfma2
+
+    return (_asm_i32("prmt.b32 $0, $1, $2, $3;", 3), _asm_i32("add.rn.f16x2 $0, $1, $2;", 2),
+            _asm_i32("fma.rn.f16x2 $0, $1, $2, $3;", 3))
+
+
+@functools.lru_cache(maxsize=1)
+def store_128w():
+    """Device function st128w(arr, i, a, b, c, d): the 16 bytes at arr.flat[i] (C-contiguous int64
+    array, i even) = four int32 words a, b, c, d (low address first): one `st.global.v4.b32`."""
+    c = cuda()
+    if simulator_enabled():
+        @c.jit(device=True)
+        def st128w(arr, i, a, b, d, e):
+            f = arr.reshape(-1)
+            f[i] = _wrap64((int(a) & 0xFFFFFFFF) | ((int(b) & 0xFFFFFFFF) << 32))
+            f[i + 1] = _wrap64((int(d) & 0xFFFFFFFF) | ((int(e) & 0xFFFFFFFF) << 32))
+
+        return st128w
+
+    from llvmlite import ir
+    from numba import types
+    from numba.cuda.extending import intrinsic
+
+    @intrinsic
+    def _st(typingctx, arr, i, a, b, d, e):
+        if not (isinstance(arr, types.Array) and arr.dtype == types.int64
+                and all(isinstance(t, types.Integer) for t in (i, a, b, d, e))):
+            return None
+
+        def codegen(context, builder, sig, args):
+            ary = context.make_array(sig.args[0])(context, builder, args[0])
+            i64, i32 = ir.IntType(64), ir.IntType(32)
+            idx = args[1] if args[1].type.width == 64 else builder.sext(args[1], i64)
+            vals = [v if v.type.width == 32 else (builder.trunc(v, i32) if v.type.width > 32 else builder.sext(v, i32))
+                    for v in args[2:]]
+            addr = builder.ptrtoint(builder.gep(ary.data, [idx]), i64)
+            fnty = ir.FunctionType(ir.VoidType(), [i64, i32, i32, i32, i32])
+            builder.call(ir.InlineAsm(fnty, "st.global.v4.b32 [$0], {$1, $2, $3, $4};", "l,r,r,r,r",
+                                      side_effect=True), [addr, *vals])
+            return context.get_dummy_value()
+
+        return types.void(arr, i, a, b, d, e), codegen
+
+    @c.jit(device=True, forceinline=True)
+    def st128w(arr, i, a, b, d, e):
+        _st(arr, i, a, b, d, e)
+
+    return st128w

@@ -330,7 +330,8 @@ def column_map(p: PackedLayer) -> torch.Tensor:
 
 def dequantize(p: PackedLayer, dtype: torch.dtype = torch.float16, *, colmap: torch.Tensor | None = None,
                threads: int | None = None, checked: bool = False, path: str | None = None,
-               rb: int | None = None, maxreg: int | None = None) -> torch.Tensor:
+               rb: int | None = None, maxreg: int | None = None, h2: bool | None = None,
+               blocks: int | None = None) -> torch.Tensor:
     """numba.cuda dequantization; same contract as `dequantize_ref` (dtype fp16 or fp32).
 
     Two kernels: "staged" (rows of packed codes staged in shared memory, codebooks there too when
@@ -347,7 +348,8 @@ def dequantize(p: PackedLayer, dtype: torch.dtype = torch.float16, *, colmap: to
         colmap = column_map(p)
     if path not in (None, "staged", "columns"):
         raise ValueError(f"path: {path!r} is not 'staged' or 'columns'")
-    cfg = None if path == "columns" else dequant2_config(p, dtype, threads or DQ_THREADS, rb=rb, maxreg=maxreg)
+    cfg = None if path == "columns" else dequant2_config(p, dtype, threads or DQ_THREADS, rb=rb, maxreg=maxreg,
+                                                         h2=h2, blocks=blocks)
     if path == "staged" and cfg is None:
         raise ValueError("path: the row-staged kernel needs no outlier columns and the packed rows in shared memory")
     if cfg is not None:
@@ -505,6 +507,53 @@ def gather_global_src(v: int, cbw: str, entry: str, out: str, add: bool, ind: st
     return L
 
 
+def words_smem_src(v: int, code: str, kname: str, pre: str, out: str, ind: str) -> tuple[list[str], list]:
+    """Kernel lines loading the raw words of centroid `code` of the shared planes {pre} into
+    {out}0.. and, per value t < v, (32-bit expression, half) holding its fp16 bits (half 1: the
+    high 16 bits). For the half2 kernels, which pair values up with prmt instead of converting."""
+    q, d, o = planes(v)
+    L, src = [], []
+    for pl in range(q):
+        L.append(f"{ind}{out}{pl} = s64[uint64({pre}64 + {pl} * {kname} + {code})]")
+        src += [(f"{out}{pl}", 0), (f"{out}{pl}", 1), (f"({out}{pl} >> 32)", 0), (f"({out}{pl} >> 32)", 1)]
+    if d:
+        L.append(f"{ind}{out}d = s32[uint64({pre}32 + {code})]")
+        src += [(f"{out}d", 0), (f"{out}d", 1)]
+    if o:
+        L.append(f"{ind}{out}o = s16[uint64({pre}16 + {code})]")
+        src.append((f"{out}o", 0))
+    return L, src
+
+
+def words_global_src(v: int, cbw: str, entry: str, out: str, ind: str) -> tuple[list[str], list]:
+    """As words_smem_src, from the global word view `cbw` (gather_global_src's layout)."""
+    L, src = [], []
+    if v % 4 == 0:
+        nq = v // 4
+        if nq % 2 == 0:
+            for q2 in range(nq // 2):
+                L.append(f"{ind}{out}{2 * q2}, {out}{2 * q2 + 1} = ld128({cbw}, {entry} * {nq} + {2 * q2})")
+        else:
+            for qq in range(nq):
+                L.append(f"{ind}{out}{qq} = {cbw}[uint64({entry} * {nq} + {qq})]")
+        for qq in range(nq):
+            src += [(f"{out}{qq}", 0), (f"{out}{qq}", 1), (f"({out}{qq} >> 32)", 0), (f"({out}{qq} >> 32)", 1)]
+    elif v % 2 == 0:
+        for qq in range(v // 2):
+            L.append(f"{ind}{out}{qq} = {cbw}[uint64({entry} * {v // 2} + {qq})]")
+            src += [(f"{out}{qq}", 0), (f"{out}{qq}", 1)]
+    else:
+        for t in range(v):
+            L.append(f"{ind}{out}{t} = {cbw}[uint64({entry} * {v} + {t})]")
+            src.append((f"{out}{t}", 0))
+    return L, src
+
+
+def pair_sel(ha: int, hb: int) -> str:
+    """prmt selector of the fp16 pair (half ha of a, half hb of b)."""
+    return hex((0x32 if ha else 0x10) | ((0x76 if hb else 0x54) << 8))
+
+
 def flat_word_view(cb: torch.Tensor, v: int) -> torch.Tensor:
     """Flat global word view for gather_global_src."""
     return word_view(cb, v).reshape(-1)
@@ -514,19 +563,30 @@ def flat_word_view(cb: torch.Tensor, v: int) -> torch.Tensor:
 DQ_THREADS = 256
 NS_STAGE = 8  # packed words staged per thread and step (loads in flight together)
 DQ_MAXREG = 128  # register cap of the row-staged kernel (0: the compiler's choice): 2 blocks per SM
+DQ_BLOCKS = 2  # resident blocks per SM the staged rows leave room for
+DQ_MAXREG_H2 = 64  # the half2 variant: fp16 pairs instead of fp32 values, 4 blocks per SM
+DQ_BLOCKS_H2 = 4
 MAX_ROWS_PER_STEP = 4
 
 
 @functools.cache
 def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, cb_smem: bool, half: bool,
-             vec: bool, cpt: int, threads: int, maxreg: int = 0):
+             vec: bool, cpt: int, threads: int, maxreg: int = 0, h2: bool = False):
     """Row-staged dequantization: a block walks rows of vectors (grid-stride, `rb` per step),
     stages their packed words in shared memory with coalesced 8-byte loads, then each thread
     produces `cpt` consecutive original columns x v output rows: one code per column read from
     shared memory (perm and groups through the column map), the centroid from the shared
     planes (small codebooks) or from global memory (16-byte loads), scale/bias in fp32, and
-    one 16-byte (fp16, cpt = 8) or 8-byte (cpt = 4) store per output row."""
+    one 16-byte (fp16, cpt = 8) or 8-byte (cpt = 4) store per output row.
+
+    h2 (fp16 output, 8 columns per thread, N a multiple of 8): the centroid words are not
+    converted: each output row's 8 values are built as 4 fp16 pairs of neighbouring columns
+    (one prmt each), the residual added and scale/bias applied in half2 (`add.rn.f16x2`,
+    `fma.rn.f16x2`: rounded once, as the fp32 path) and stored as one 16-byte word. 8- and 16-bit
+    codes are read with one byte-addressed shared load instead of a word load and a shift."""
     _jit_env()
+    byte_codes = bits in (8, 16)
+    per_word = 32 // bits  # codes per 32-bit staged word (byte_codes)
     mask = (1 << bits) - 1
     cross = 32 % bits != 0 and bits % 32 != 0  # codes may straddle two words
     ind = "    "
@@ -534,6 +594,7 @@ def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, c
          f"{ind}s64 = cuda.shared.array(0, int64)",
          f"{ind}s32 = cuda.shared.array(0, int32)",
          f"{ind}s16 = cuda.shared.array(0, int16)",
+         f"{ind}s8 = cuda.shared.array(0, uint8)",
          f"{ind}m = out.shape[0]",
          f"{ind}n = out.shape[1]",
          f"{ind}nrows = indices.shape[1]",
@@ -591,29 +652,54 @@ def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, c
         L += [f"{i3}if jb + {u} < n:",
               f"{i4}_l = int64(colmap[jb + {u}])",
               f"{i4}g{u} = (_l >> {LOC_SHIFT}) - 1",
+              f"{i4}bo{u} = (_l & {LOC_MASK}) + g{u} * nwords * {per_word}" if byte_codes else
               f"{i4}bo{u} = (_l & {LOC_MASK}) * {bits} + g{u} * nwords * 32"]
         if has_norm:
             L += [f"{i4}sc{u} = float32(scale[jb + {u}])", f"{i4}bi{u} = float32(wbias[jb + {u}])"]
         L += [f"{i3}else:", f"{i4}g{u} = 0", f"{i4}bo{u} = 0"]
         if has_norm:
             L += [f"{i4}sc{u} = float32(0.0)", f"{i4}bi{u} = float32(0.0)"]
+    if h2 and has_norm:  # fp16 pairs of neighbouring columns' scale and bias
+        for i in range(cpt // 2):
+            L += [f"{i3}s2_{i} = f2h(sc{2 * i}) | (f2h(sc{2 * i + 1}) << 16)",
+                  f"{i3}b2_{i} = f2h(bi{2 * i}) | (f2h(bi{2 * i + 1}) << 16)"]
     L += [f"{i3}for rr in range(rb):",
           f"{i4}r = r0 + rr",
           f"{i4}if r < nrows:",
-          f"{i5}wb = (ow + rr * nwr) * 32"]
+          f"{i5}wb = (ow + rr * nwr) * {per_word if byte_codes else 32}"]
+    srcs, rsrcs = [], []
     for u in range(cpt):
-        L += [f"{i5}_o = wb + bo{u}",
-              f"{i5}_w = _o >> 5",
-              f"{i5}_sh = _o & 31",
-              f"{i5}_x = int64(s32[uint64(_w)]) & 0xFFFFFFFF"]
-        if cross:
-            L += [f"{i5}if _sh + {bits} > 32:",
-                  f"{i6}_x |= (int64(s32[uint64(_w + 1)]) & 0xFFFFFFFF) << 32"]
-        L.append(f"{i5}_c = (_x >> _sh) & {mask}")
+        if byte_codes:
+            ld = f"int64(s8[uint64(wb + bo{u})])" if bits == 8 else f"(int64(s16[uint64(wb + bo{u})]) & 0xFFFF)"
+            L.append(f"{i5}_c = {ld}")
+        else:
+            L += [f"{i5}_o = wb + bo{u}",
+                  f"{i5}_w = _o >> 5",
+                  f"{i5}_sh = _o & 31",
+                  f"{i5}_x = int64(s32[uint64(_w)]) & 0xFFFFFFFF"]
+            if cross:
+                L += [f"{i5}if _sh + {bits} > 32:",
+                      f"{i6}_x |= (int64(s32[uint64(_w + 1)]) & 0xFFFFFFFF) << 32"]
+            L.append(f"{i5}_c = (_x >> _sh) & {mask}")
         main = f"(_c & {(1 << main_bits) - 1})" if has_res else "_c"
         L.append(f"{i5}_cm = g{u} * k + {main}")
         if has_res:
             L.append(f"{i5}_cr = g{u} * kr + (_c >> {main_bits})")
+        if h2:
+            if cb_smem:
+                lm, sm = words_smem_src(v, "_cm", "K", "m", f"_m{u}_", i5)
+            else:
+                lm, sm = words_global_src(v, "cbw", "_cm", f"_m{u}_", i5)
+            L += lm
+            srcs.append(sm)
+            if has_res:
+                if cb_smem:
+                    lr, sr = words_smem_src(v, "_cr", "KR", "r", f"_r{u}_", i5)
+                else:
+                    lr, sr = words_global_src(v, "rcbw", "_cr", f"_r{u}_", i5)
+                L += lr
+                rsrcs.append(sr)
+            continue
         if cb_smem:
             L += gather_smem_src(v, "_cm", "K", "m", f"v{u}_", False, i5)
             if has_res:
@@ -627,6 +713,17 @@ def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, c
                 L.append(f"{i5}v{u}_{t} = v{u}_{t} * sc{u} + bi{u}")
     for t in range(v):
         L += [f"{i5}row = r * {v} + {t}", f"{i5}if row < m:"]
+        if h2:
+            for i in range(cpt // 2):
+                (ea, ha), (eb, hb) = srcs[2 * i][t], srcs[2 * i + 1][t]
+                L.append(f"{i6}_p{i} = hpair({ea}, {eb}, {pair_sel(ha, hb)})")
+                if has_res:
+                    (ea, ha), (eb, hb) = rsrcs[2 * i][t], rsrcs[2 * i + 1][t]
+                    L.append(f"{i6}_p{i} = hadd2(_p{i}, hpair({ea}, {eb}, {pair_sel(ha, hb)}))")
+                if has_norm:
+                    L.append(f"{i6}_p{i} = hfma2(_p{i}, s2_{i}, b2_{i})")
+            L.append(f"{i6}st128w(out64, (row * n + jb) >> 2, _p0, _p1, _p2, _p3)")
+            continue
         if half and vec:
             L.append(f"{i6}if full:")
             hs = ", ".join(f"f2h(v{u}_{t})" for u in range(cpt))
@@ -641,18 +738,21 @@ def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, c
             for u in range(cpt):
                 L += [f"{i6}if jb + {u} < n:", f"{i6}    out[row, jb + {u}] = v{u}_{t}"]
     src = "\n".join(L) + "\n"
+    hpair, hadd2, hfma2 = nb.half2_ops()
     env = {**kernel_env(), "f2h": nb.float_to_half_bits(), "st128": nb.store_128(), "pack4": _packers()[0],
-           "pack8": _packers()[1]}
-    fn = nb.compile_source(src, "dequant2", env, f"dequant2-v{v}-b{bits}-{main_bits}-{has_res}-{cb_smem}-{half}")
+           "pack8": _packers()[1], "hpair": hpair, "hadd2": hadd2, "hfma2": hfma2, "st128w": nb.store_128w()}
+    fn = nb.compile_source(src, "dequant2", env,
+                           f"dequant2-v{v}-b{bits}-{main_bits}-{has_res}-{cb_smem}-{half}-{'h2' if h2 else ''}")
     return cuda.jit(fn, max_registers=maxreg) if maxreg and not nb.simulator_enabled() else cuda.jit(fn)
 
 
 def kernel_env() -> dict:
     """Names every generated kernel may use."""
-    from numba import int16, int32, uint64
+    from numba import int16, int32, uint8, uint64
 
     _jit_env()
-    return {"cuda": cuda, "int64": int64, "int32": int32, "int16": int16, "uint64": uint64, "float32": float32,
+    return {"cuda": cuda, "int64": int64, "int32": int32, "int16": int16, "uint8": uint8, "uint64": uint64,
+            "float32": float32,
             "h2f": nb.half_bits_to_float(), "ld128": nb.load_128()}
 
 
@@ -677,11 +777,14 @@ def _packers():
 
 
 def dequant2_config(p: PackedLayer, dtype: torch.dtype, threads: int = DQ_THREADS, *, rb: int | None = None,
-                    maxreg: int | None = None) -> dict | None:
+                    maxreg: int | None = None, h2: bool | None = None, blocks: int | None = None) -> dict | None:
     """Launch configuration of the row-staged kernel for this layer, or None (old kernel).
 
-    rb (rows of vectors staged per step) defaults to the most that leaves room for two blocks
-    per SM; maxreg caps the registers (0: the compiler's choice)."""
+    h2: the half2 variant (default: wherever it applies: fp16 out, v <= 8, N % 8 == 0). blocks:
+    resident blocks per SM aimed at (default DQ_BLOCKS / DQ_BLOCKS_H2); rb (rows of vectors staged
+    per step) defaults to the most that leaves them room; maxreg caps the registers (0: the
+    compiler's choice). The grid is what is resident at once (registers and shared memory both
+    counted: a second partial wave costs more than the grid-stride loop saves)."""
     if p.outlier_size or p.vector_len > MAX_V:
         return None
     v = p.vector_len
@@ -690,26 +793,35 @@ def dequant2_config(p: PackedLayer, dtype: torch.dtype, threads: int = DQ_THREAD
     cbb = cb if cb_smem else 0
     row_bytes = ceil16(p.group_num * p.indices.shape[2] * 4)
     limit = nb.smem_optin()
+    half = dtype == torch.float16
+    cpt = (8 if v <= 8 else 4) if half else 4
+    vec = half and p.in_features % cpt == 0
+    h2_ok = vec and cpt == 8
+    if h2 and not h2_ok:
+        raise ValueError("h2: the half2 kernel needs fp16 output, vector_len <= 8 and in_features % 8 == 0")
+    h2 = h2_ok if h2 is None else bool(h2)
+    if blocks is None:
+        blocks = DQ_BLOCKS_H2 if h2 else DQ_BLOCKS
+    if maxreg is None:
+        maxreg = DQ_MAXREG_H2 if h2 else DQ_MAXREG
     if rb is None:
         rb = MAX_ROWS_PER_STEP
-        while rb > 1 and cbb + rb * row_bytes > max(limit // 2 - 2048, cbb + row_bytes):
+        while rb > 1 and cbb + rb * row_bytes > max(limit // blocks - 2048, cbb + row_bytes):
             rb //= 2
     if rb < 1:
         raise ValueError(f"rb: {rb} rows per step")
     shmem = cbb + rb * row_bytes
     if shmem > limit:
         return None
-    half = dtype == torch.float16
-    cpt = (8 if v <= 8 else 4) if half else 4
-    vec = half and p.in_features % cpt == 0
     if nb.simulator_enabled():
         sms, per_sm = 2, 1
     else:
         sms = torch.cuda.get_device_properties(p.device).multi_processor_count
-        per_sm = max(1, min(limit // max(shmem, 1), 2048 // threads))
+        by_regs = 65536 // ((maxreg or 255) * threads)  # maxreg 0: assume the worst
+        per_sm = max(1, min(limit // max(shmem + 1024, 1), 2048 // threads, by_regs))
     grid = max(1, min(nb.cdiv(p.rows, rb), sms * per_sm))
     return dict(cb_smem=cb_smem, rb=rb, shmem=shmem, half=half, cpt=cpt, vec=vec, grid=grid, threads=threads,
-                maxreg=DQ_MAXREG if maxreg is None else maxreg)
+                maxreg=maxreg, h2=h2)
 
 
 def dequantize2(p: PackedLayer, dtype: torch.dtype, colmap: torch.Tensor, cfg: dict) -> torch.Tensor:
@@ -723,7 +835,7 @@ def dequantize2(p: PackedLayer, dtype: torch.dtype, colmap: torch.Tensor, cfg: d
     has_res = p.num_res_centroids > 0
     res = p.res_centroids if has_res else p.centroids
     kern = _kernel2(v, p.code_bits, p.main_bits, has_res, p.weight_scale is not None, cfg["cb_smem"], cfg["half"],
-                    cfg["vec"], cfg["cpt"], cfg["threads"], cfg["maxreg"])
+                    cfg["vec"], cfg["cpt"], cfg["threads"], cfg["maxreg"], cfg["h2"])
     f16 = nb.dummy(dev, torch.float16)
     nb.launch(kern, cfg["grid"], cfg["threads"], nb.stream_for(p.indices),
               p.indices, idx64, flat_words(p.centroids, v), flat_words(res, v),

@@ -170,6 +170,34 @@ def test_dequant_both_kernels_match_oracle(name, path):
     _close(dequantize(p, torch.float32, path=path, **SMALL), dequantize_ref(p, torch.float32), 1e-5)
 
 
+# layouts of the half2 dequantize (fp16 out, v <= 8, N % 8 == 0): byte codes (8 and 8+8 bit), odd v
+# (int64 + int16 planes), v6 (int64 + int32 planes), a global codebook (k = 65536), two groups
+H2_LAYERS = {
+    "v4_k256": dict(m=37, n=64, v=4, k=256, kr=0, o=0, g=1),
+    "v8_k256_res": dict(m=21, n=48, v=8, k=256, kr=256, o=0, g=1, bias=False),
+    "v5_k32": dict(m=13, n=40, v=5, k=32, kr=0, o=0, g=1, norm=False),
+    "v6_k4096": dict(m=23, n=72, v=6, k=4096, kr=0, o=0, g=1),
+    "v8_k65536": dict(m=19, n=56, v=8, k=65536, kr=0, o=0, g=1),
+    "v4_two_groups": dict(m=19, n=64, v=4, k=16, kr=0, o=0, g=2),
+}
+
+
+@pytest.mark.parametrize("name", list(H2_LAYERS))
+def test_dequant_half2_matches_oracle(name):
+    """The half2 variant (values paired with prmt, residual and scale/bias in f16x2) and the fp32
+    variant of the row-staged kernel both equal the oracle and differ by at most two fp16 steps of
+    the largest value (the half2 variant rounds main + residual to fp16 before scaling)."""
+    p = PackedLayer.from_module(_layer(**H2_LAYERS[name]))
+    ref = dequantize_ref(p, torch.float16)
+    a = dequantize(p, torch.float16, path="staged", h2=True, **SMALL)
+    b = dequantize(p, torch.float16, path="staged", h2=False, **SMALL)
+    _close(a, ref)
+    _close(b, ref)
+    assert (a.float() - b.float()).abs().max() <= 2 * torch.finfo(torch.float16).eps * b.float().abs().max()
+    with pytest.raises(ValueError, match="h2: the half2 kernel"):
+        dequantize(p, torch.float32, path="staged", h2=True, **SMALL)
+
+
 # ------------------------------------------------------------------------------ gemv
 @pytest.mark.parametrize("name,batch", [("v6_k4096", 1), ("v6_k4096", 3), ("v6_res", 2), ("v5_plain", 1),
                                         ("v12", 8), ("v12", 1)])
