@@ -564,14 +564,15 @@ DQ_THREADS = 256
 NS_STAGE = 8  # packed words staged per thread and step (loads in flight together)
 DQ_MAXREG = 128  # register cap of the row-staged kernel (0: the compiler's choice): 2 blocks per SM
 DQ_BLOCKS = 2  # resident blocks per SM the staged rows leave room for
-DQ_MAXREG_H2 = 64  # the half2 variant: fp16 pairs instead of fp32 values, 4 blocks per SM
-DQ_BLOCKS_H2 = 4
+DQ_MAXREG_H2 = 80  # the half2 variant: fp16 pairs instead of fp32 values, 3 blocks per SM
+DQ_BLOCKS_H2 = 3  # H100 (bench/dequant_probe.py): 28672x8192 v4-k256 225.6 (fp32 path) -> 228.8 us,
+# v5-k1024 284.2 -> 229.1, v6-k4096 266.6 -> 232.7; 8192x28672 v4-k256 294.4 -> 278.2 us
 MAX_ROWS_PER_STEP = 4
 
 
 @functools.cache
 def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, cb_smem: bool, half: bool,
-             vec: bool, cpt: int, threads: int, maxreg: int = 0, h2: bool = False):
+             vec: bool, cpt: int, threads: int, maxreg: int = 0, h2: bool = False, colvec: bool = False):
     """Row-staged dequantization: a block walks rows of vectors (grid-stride, `rb` per step),
     stages their packed words in shared memory with coalesced 8-byte loads, then each thread
     produces `cpt` consecutive original columns x v output rows: one code per column read from
@@ -583,7 +584,9 @@ def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, c
     converted: each output row's 8 values are built as 4 fp16 pairs of neighbouring columns
     (one prmt each), the residual added and scale/bias applied in half2 (`add.rn.f16x2`,
     `fma.rn.f16x2`: rounded once, as the fp32 path) and stored as one 16-byte word. 8- and 16-bit
-    codes are read with one byte-addressed shared load instead of a word load and a shift."""
+    codes are read with one byte-addressed shared load instead of a word load and a shift.
+    colvec (h2 with fp16 scale/bias): colmap, scale and bias arrive as int64 views and a thread's
+    8 columns of them are 4 16-byte loads, the scale/bias pairs used as loaded (no conversion)."""
     _jit_env()
     byte_codes = bits in (8, 16)
     per_word = 32 // bits  # codes per 32-bit staged word (byte_codes)
@@ -648,7 +651,18 @@ def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, c
           f"{ind * 2}for jb in range(tid * {cpt}, n, {threads * cpt}):",
           f"{ind * 3}full = jb + {cpt} <= n"]
     i3, i4, i5, i6 = ind * 3, ind * 4, ind * 5, ind * 6
-    for u in range(cpt):
+    for u in range(cpt if colvec else 0):
+        if u % 4 == 0:
+            L.append(f"{i3}_ca, _cb = ld128(colmap, (jb >> 1) + {u // 2})")
+        w = "_ca" if u % 4 < 2 else "_cb"
+        L += [f"{i3}_l = {w} >> 32" if u % 2 else f"{i3}_l = {w} & 0xFFFFFFFF",
+              f"{i3}g{u} = (_l >> {LOC_SHIFT}) - 1",
+              f"{i3}bo{u} = (_l & {LOC_MASK}) + g{u} * nwords * {per_word}" if byte_codes else
+              f"{i3}bo{u} = (_l & {LOC_MASK}) * {bits} + g{u} * nwords * 32"]
+    if colvec and has_norm:
+        L += [f"{i3}s2_0, s2_2 = ld128(scale, jb >> 2)", f"{i3}s2_1 = s2_0 >> 32", f"{i3}s2_3 = s2_2 >> 32",
+              f"{i3}b2_0, b2_2 = ld128(wbias, jb >> 2)", f"{i3}b2_1 = b2_0 >> 32", f"{i3}b2_3 = b2_2 >> 32"]
+    for u in range(0 if colvec else cpt):
         L += [f"{i3}if jb + {u} < n:",
               f"{i4}_l = int64(colmap[jb + {u}])",
               f"{i4}g{u} = (_l >> {LOC_SHIFT}) - 1",
@@ -659,7 +673,7 @@ def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, c
         L += [f"{i3}else:", f"{i4}g{u} = 0", f"{i4}bo{u} = 0"]
         if has_norm:
             L += [f"{i4}sc{u} = float32(0.0)", f"{i4}bi{u} = float32(0.0)"]
-    if h2 and has_norm:  # fp16 pairs of neighbouring columns' scale and bias
+    if h2 and has_norm and not colvec:  # fp16 pairs of neighbouring columns' scale and bias
         for i in range(cpt // 2):
             L += [f"{i3}s2_{i} = f2h(sc{2 * i}) | (f2h(sc{2 * i + 1}) << 16)",
                   f"{i3}b2_{i} = f2h(bi{2 * i}) | (f2h(bi{2 * i + 1}) << 16)"]
@@ -834,13 +848,19 @@ def dequantize2(p: PackedLayer, dtype: torch.dtype, colmap: torch.Tensor, cfg: d
     idx64 = p.indices.view(torch.int64) if words % 2 == 0 else torch.zeros(1, 1, 1, dtype=torch.int64, device=dev)
     has_res = p.num_res_centroids > 0
     res = p.res_centroids if has_res else p.centroids
+    # 16-byte column loads: fp16 scale/bias (or none), every column array 16-byte aligned
+    norm = [t for t in (p.weight_scale, p.weight_bias) if t is not None]
+    colvec = bool(cfg["h2"] and all(t.dtype == torch.float16 for t in norm)
+                  and all(t.data_ptr() % 16 == 0 for t in (colmap, *norm)))
     kern = _kernel2(v, p.code_bits, p.main_bits, has_res, p.weight_scale is not None, cfg["cb_smem"], cfg["half"],
-                    cfg["vec"], cfg["cpt"], cfg["threads"], cfg["maxreg"], cfg["h2"])
+                    cfg["vec"], cfg["cpt"], cfg["threads"], cfg["maxreg"], cfg["h2"], colvec)
     f16 = nb.dummy(dev, torch.float16)
+    cols = [colmap, p.weight_scale if p.weight_scale is not None else f16,
+            p.weight_bias if p.weight_bias is not None else f16]
+    if colvec:
+        cols = [t.view(torch.int64) if t.numel() > 1 else t for t in cols]
     nb.launch(kern, cfg["grid"], cfg["threads"], nb.stream_for(p.indices),
               p.indices, idx64, flat_words(p.centroids, v), flat_words(res, v),
-              flat_word_view(p.centroids, v), flat_word_view(res, v), colmap,
-              p.weight_scale if p.weight_scale is not None else f16,
-              p.weight_bias if p.weight_bias is not None else f16,
+              flat_word_view(p.centroids, v), flat_word_view(res, v), *cols,
               out, out64, p.num_centroids, p.num_res_centroids, cfg["rb"], shmem=cfg["shmem"])
     return out
