@@ -23,6 +23,7 @@ batches to the shared-memory kernel. Same algebra and oracle as kernels/gemv.py.
 from __future__ import annotations
 
 import functools
+import math
 
 from . import _numba as nb
 from .dequant import PackedLayer
@@ -32,7 +33,7 @@ ROWS_MAXREG = 64  # H100: 70B shapes 84 -> 70 us (occupancy), 7B shapes unchange
 STEP_BYTES = 32  # bytes of codes a lane loads per step (two 16-byte loads)
 REPLICAS = 16  # copies of the codebook words, one per 64-bit bank pair
 CB_ROWS_MAX = 96 * 1024  # shared memory for the replicated codebooks
-KC_MAX = 4096  # stored columns per block at most (x' staging: 16 KiB)
+KC_MAX = 2048  # stored columns per block at most (more blocks beat longer runs per lane at 70B)
 SMS = 132  # H100 SXM; steers the split-K heuristic only
 XB = 4  # x' columns a thread stages at a time (all loads issued, then the stores)
 FLUSH = 8  # fp16 x: codes summed in half2 before the sums are added into fp32
@@ -65,9 +66,12 @@ def rows_config(p: PackedLayer, threads: int, warp: int, kc: int | None = None, 
     tiles = tiles or nb.cdiv(p.rows, rw)
     n = p.in_features
     if kc is None:
-        # ~2 blocks per SM in all, at least one step per lane, at most KC_MAX columns staged
-        nsplit = max(1, nb.cdiv(2 * SMS, tiles))
-        kc = min(max(unit, nb.cdiv(nb.cdiv(n, nsplit), unit) * unit), max(unit, KC_MAX // unit * unit))
+        # ~3 blocks per SM in all, the chunk rounded to the nearest power of two, at most KC_MAX
+        # columns: H100 sweep (bench/gemv_rows_probe.py --kc): 28672x8192 62.0 -> 53.4 us,
+        # 8192x28672 74.6 -> 55.5, 8192x8192 23.5 -> 21.3, 4096x11008 20.0 -> 18.3; 7B others equal
+        nsplit = max(1, nb.cdiv(3 * SMS, tiles))
+        kc = 1 << max(0, round(math.log2(max(1.0, n / nsplit))))
+        kc = min(max(unit, kc // unit * unit), max(unit, KC_MAX // unit * unit))
     if kc % unit:
         raise ValueError(f"kc: {kc} is not a multiple of {unit} (column runs x codes per step)")
     r = replicas(p) if warp > 1 else 1  # copies only avoid bank conflicts; the simulator has none
