@@ -90,12 +90,15 @@ def main() -> None:
     ap.add_argument("--ablate", default="", help="comma list of kernel_rows ablations to time too (main, fill, epi)")
     ap.add_argument("--flush", type=int, default=0, help="codes summed in half2 between fp32 flushes (0: FLUSH)")
     ap.add_argument("--threads", type=int, default=0, help="threads per block of the row kernel (0: ROWS_THREADS)")
+    ap.add_argument("--cb-max", type=int, default=0, help="KiB for the codebook copies (0: CB_ROWS_MAX)")
     ap.add_argument("--graph", action="store_true", help="also time calls replayed from a CUDA graph")
     ap.add_argument("--fp32", action="store_true", help="also time fp32 x (the fp32-arithmetic variant)")
     a = ap.parse_args()
     t0 = time.time()
     if a.flush:
         gemv_rows.FLUSH = a.flush
+    if a.cb_max:
+        gemv_rows.CB_ROWS_MAX = a.cb_max * 1024
 
     def log(*args):
         print(f"[{time.time() - t0:6.1f}s]", *args, flush=True)

@@ -599,3 +599,41 @@ def store_128w():
         _st(arr, i, a, b, d, e)
 
     return st128w
+
+
+@functools.lru_cache(maxsize=1)
+def load_64():
+    """Device function ld64(arr, i) -> arr.flat[i] for a C-contiguous int64 array of any rank (one
+    `ld.global.u64`; the row kernel reads 10-bit code steps, 40 bytes, as five of them)."""
+    c = cuda()
+    if simulator_enabled():
+        @c.jit(device=True)
+        def ld64(arr, i):
+            return arr.reshape(-1)[i]
+
+        return ld64
+
+    from llvmlite import ir
+    from numba import types
+    from numba.cuda.extending import intrinsic
+
+    @intrinsic
+    def _ld(typingctx, arr, i):
+        if not (isinstance(arr, types.Array) and arr.dtype == types.int64 and isinstance(i, types.Integer)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            ary = context.make_array(sig.args[0])(context, builder, args[0])
+            i64 = ir.IntType(64)
+            idx = args[1] if args[1].type.width == 64 else builder.sext(args[1], i64)
+            addr = builder.ptrtoint(builder.gep(ary.data, [idx]), i64)
+            fnty = ir.FunctionType(i64, [i64])
+            return builder.call(ir.InlineAsm(fnty, "ld.global.u64 $0, [$1];", "=l,l"), [addr])
+
+        return types.int64(arr, i), codegen
+
+    @c.jit(device=True, forceinline=True)
+    def ld64(arr, i):
+        return _ld(arr, i)
+
+    return ld64

@@ -531,8 +531,9 @@ class GemvPlan:
         if path not in (None, "rows", "smem", "l2"):
             raise ValueError(f"path: {path!r} is not 'rows', 'smem' or 'l2'")
         if path == "rows" and not rows_path_ok(p):
-            raise ValueError("path: the row-per-lane kernel needs 8-bit codes (optionally + an 8-bit residual), "
-                             "v a multiple of 4, one group, no outliers and rows of whole 32-byte steps")
+            raise ValueError("path: the row-per-lane kernel needs 8-bit codes (optionally + an 8-bit residual) "
+                             "or 10-bit codes, v a multiple of 4 (or one more), one group, no outliers and "
+                             "rows of whole 32-code steps")
         rows = path in (None, "rows") and rows_path_ok(p)
         path = None if path == "rows" else path
         kc_asked = kc  # the base kernel's setup below fills kc in

@@ -1,4 +1,5 @@
-"""Row-per-lane fused gemv for byte codes and small codebooks (v4-k256, v8-k256 + k256, ...).
+"""Row-per-lane fused gemv for small codebooks: byte codes (v4-k256, v8-k256 + k256, ...) and the
+2-bit preset's 10-bit codes (v5-k1024).
 
 Why a third kernel: in the two others a warp walks one row of vectors, each lane a few columns,
 so every row ends in a shuffle reduction of v sums, and the centroid gathers of a warp land on
@@ -11,7 +12,8 @@ vectors (v outputs) and walks a run of columns, so
   copies of it, interleaved so that lane l reads copy l % R: a centroid word lives at
   (code * Q + h) * R + copy, and the 16 lanes of a half-warp (one 64-bit wavefront) hit 16
   different bank pairs whatever their codes (R = 16; 8 when the codebooks would not fit);
-* a lane loads its row's codes 32 bytes at a time (two 16-byte loads): whole DRAM sectors.
+* a lane loads its row's codes a step at a time (32 codes: 32 bytes for 8-bit codes, two 16-byte
+  loads, whole DRAM sectors; 40 bytes for the 2-bit preset's 10-bit codes, five 8-byte loads).
 
 Block: RW = 32 rows of vectors (one per lane) x CS = threads / 32 column runs (one per warp) of a
 chunk of kc stored columns; the CS partial sums of a row are added through shared memory, then
@@ -30,8 +32,8 @@ from .dequant import PackedLayer
 
 ROWS_THREADS = 256  # 8 warps: 32 rows x 8 column runs
 ROWS_MAXREG = 64  # H100: 70B shapes 84 -> 70 us (occupancy), 7B shapes unchanged
-STEP_BYTES = 32  # bytes of codes a lane loads per step (two 16-byte loads)
 REPLICAS = 16  # copies of the codebook words, one per 64-bit bank pair
+REPLICAS_10BIT = 2
 CB_ROWS_MAX = 96 * 1024  # shared memory for the replicated codebooks
 KC_MAX = 2048  # stored columns per block at most (more blocks beat longer runs per lane at 70B)
 SMS = 132  # H100 SXM; steers the split-K heuristic only
@@ -39,19 +41,38 @@ XB = 4  # x' columns a thread stages at a time (all loads issued, then the store
 FLUSH = 8  # fp16 x: codes summed in half2 before the sums are added into fp32
 
 
+def step_codes(code_bits: int) -> int:
+    """Codes a lane takes per step: 32 (8- and 10-bit codes: 32 / 40 bytes), 16 (16-bit codes)."""
+    return 16 if code_bits == 16 else 32
+
+
 def rows_path_ok(p: PackedLayer) -> bool:
-    """Byte-aligned codes (8-bit main index, optional 8-bit residual), v a multiple of 4, one group,
-    no outliers, rows of whole 32-byte steps: the row-per-lane kernel applies (batch 1)."""
-    return (p.outlier_size == 0 and p.group_num == 1 and p.vector_len % 4 == 0 and p.main_bits == 8
-            and p.code_bits in (8, 16) and (p.in_features * p.code_bits) % (8 * STEP_BYTES) == 0
-            and p.indices.shape[2] * 4 == p.in_features * p.code_bits // 8)
+    """The row-per-lane kernel applies (batch 1): one group, no outliers, and either 8-bit codes
+    (optionally + an 8-bit residual) or 10-bit codes (k = 1024, the 2-bit preset's v5-k1024), v a
+    multiple of 4 or one more (v = 5: a 4-value word + one fp16 value per centroid; no residual
+    then), rows of whole steps and no padding words."""
+    v, b = p.vector_len, p.code_bits
+    codes = ((p.main_bits == 8 and b in (8, 16)) or (p.main_bits == 10 and b == 10))
+    shape = v % 4 == 0 or (v % 4 == 1 and b != 16)
+    return (p.outlier_size == 0 and p.group_num == 1 and codes and shape and v >= 4
+            and p.in_features % step_codes(b) == 0 and (p.in_features * b) % 64 == 0
+            and p.indices.shape[2] * 32 == p.in_features * b)
+
+
+def replica_bytes(p: PackedLayer) -> int:
+    """Bytes of one copy of the codebooks: q 64-bit words per centroid (main + residual), plus one
+    fp16 value per main centroid when v % 4 == 1."""
+    q = p.vector_len // 4
+    extra = 2 * p.num_centroids if p.vector_len % 4 == 1 else 0
+    return (p.num_centroids + p.num_res_centroids) * q * 8 + extra
 
 
 def replicas(p: PackedLayer) -> int:
-    """Copies of the codebooks that fit in CB_ROWS_MAX (16, else 8, 4, ...)."""
-    words = (p.num_centroids + p.num_res_centroids) * (p.vector_len // 4)
-    r = REPLICAS
-    while r > 1 and words * r * 8 > CB_ROWS_MAX:
+    """Copies of the codebooks that fit in CB_ROWS_MAX (16, else 8, 4, ...); 2 for 10-bit codes,
+    whose 10 KiB codebook copies cost more in occupancy than they save in bank conflicts (H100,
+    v5-k1024 28672x8192: 8 copies 119.8 us, 4: 121.2, 2: 112.0; 4096x4096 25.5 / 21.1 / 19.6)."""
+    r = REPLICAS_10BIT if p.main_bits == 10 else REPLICAS
+    while r > 1 and replica_bytes(p) * r > CB_ROWS_MAX:
         r //= 2
     return r
 
@@ -61,7 +82,7 @@ def rows_config(p: PackedLayer, threads: int, warp: int, kc: int | None = None, 
     tiles: row tiles of the launch when it covers several layers (kernels/gemv_group.py)."""
     rw = warp if warp > 1 else 4  # the simulator runs one thread per "lane": keep blocks small
     cs = threads // rw
-    cps = STEP_BYTES * 8 // p.code_bits  # codes per step
+    cps = step_codes(p.code_bits)
     unit = cs * cps
     tiles = tiles or nb.cdiv(p.rows, rw)
     n = p.in_features
@@ -75,9 +96,8 @@ def rows_config(p: PackedLayer, threads: int, warp: int, kc: int | None = None, 
     if kc % unit:
         raise ValueError(f"kc: {kc} is not a multiple of {unit} (column runs x codes per step)")
     r = replicas(p) if warp > 1 else 1  # copies only avoid bank conflicts; the simulator has none
-    q = p.vector_len // 4
-    cbw = (p.num_centroids + p.num_res_centroids) * q * r  # int64 words
-    shmem = 8 * cbw + 4 * (kc + cs * rw * p.vector_len + 2)
+    cbb = nb.cdiv(replica_bytes(p) * r, 8) * 8
+    shmem = cbb + 4 * (kc + cs * rw * p.vector_len + 2)
     return dict(rw=rw, cs=cs, cps=cps, kc=kc, tiles=tiles, nsplit=nb.cdiv(n, kc), replicas=r, shmem=nb.cdiv(shmem, 16) * 16)
 
 
@@ -146,14 +166,18 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
     half = xdtype == "torch.float16"
     warp = 1 if nb.simulator_enabled() else 32
     q = v // 4
-    cps = STEP_BYTES * 8 // code_bits
-    per_word = 64 // code_bits
+    odd = v % 4 == 1  # the last value of each main centroid in an fp16 plane (16-bit units at o16)
+    cps = step_codes(code_bits)
+    nws = cps * code_bits // 64  # 64-bit words of codes per step
+    ahead = 2 if nws <= 4 else 1  # steps of codes loaded ahead (registers: 10-bit steps are 5 words)
+    bufs = ["w", "n", "m"][:ahead + 1]
     threads = rw * cs
     run = kc // cs
     kq, krq = k * q, kr * q
-    nf = nb.cdiv(kq + krq, threads)
+    nf = nb.cdiv(k if odd else kq + krq, threads)
     cbn = kq * r
-    oxs = (kq + krq) * r * 2  # x' after the codebooks (32-bit units; even)
+    o16 = (kq + krq) * r * 4
+    oxs = (kq + krq) * r * 2 + (nb.cdiv(k * r, 4) * 2 if odd else 0)  # x' after the codebooks (32-bit; even)
     ored = oxs + kc
     owb = ored + cs * rw * v
     ofl = owb + 1
@@ -178,6 +202,7 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
              f"{ind}tile = cuda.blockIdx.x"]
         yo, ct = "", "tile"
     L += [f"{ind}s64 = cuda.shared.array(0, int64)",
+          f"{ind}s16 = cuda.shared.array(0, int16)",
           f"{ind}sf = cuda.shared.array(0, float32)",
           f"{ind}s32 = cuda.shared.array(0, int32)",
           f"{ind}n = x.shape[1]",
@@ -193,16 +218,21 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
          f"{ind}c = k0 + sc * {run}",
          f"{ind}cend = min(c + {run}, n)",
          f"{ind}live = row < nrows and c < cend",
-         f"{ind}w0 = w1 = w2 = w3 = n0 = n1 = n2 = n3 = int64(0)",
+         f"{ind}{' = '.join(f'{b}{i}' for b in bufs[:ahead] for i in range(nws))} = int64(0)",
          f"{ind}if live:",
-         f"{i2}_b = row * nw64 + ((c * {code_bits}) >> 6)",
-         f"{i2}w0, w1 = ld128(idx64, _b)",
-         f"{i2}w2, w3 = ld128(idx64, _b + 2)",
-         f"{i2}if c + {cps} < cend:",
-         f"{i3}n0, n1 = ld128(idx64, _b + 4)",
-         f"{i3}n2, n3 = ld128(idx64, _b + 6)"]
+         f"{i2}_b = row * nw64 + ((c * {code_bits}) >> 6)"]
+    L += load_words(bufs[0], "_b", nws, i2)
+    if ahead == 2:
+        L += [f"{i2}if c + {cps} < cend:"] + load_words(bufs[1], f"_b + {nws}", nws, i3)
     # ---- codebook words, once each
-    for i in range(nf):
+    for i in range(nf if odd else 0):  # cbw: int16 view (G, k * v); centroid _e's values
+        L += [f"{ind}_e{i} = tid + {i * threads}", f"{ind}if _e{i} < {k}:"]
+        for t in range(v):
+            L.append(f"{i2}_h{i}_{t} = int64(cbw[0, _e{i} * {v} + {t}]) & 0xFFFF")
+        L.append(f"{ind}else:")
+        for t in range(v):
+            L.append(f"{i2}_h{i}_{t} = int64(0)")
+    for i in range(0 if odd else nf):
         L += [f"{ind}_e{i} = tid + {i * threads}",
               f"{ind}if _e{i} < {kq}:",
               f"{i2}_g{i} = cbw[0, _e{i}]"]
@@ -229,7 +259,18 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
         if has_norm:
             L.append(f"{i2}_wp += _x{j} * _w{j}")
     # ---- R copies of every codebook word (lane-rotated copies: the stores do not share banks)
-    if "fill" not in ablate:
+    if "fill" not in ablate and odd:
+        for i in range(nf):
+            L.append(f"{ind}if _e{i} < {k}:")
+            for h in range(q):
+                w = " | ".join(f"(_h{i}_{4 * h + t} << {16 * t})" for t in range(4))
+                L.append(f"{i2}_gw = {w}")
+                for t in range(r):
+                    L.append(f"{i2}s64[(_e{i} * {q} + {h}) * {r} + ((tid + {t}) & {r - 1})] = _gw")
+            for t in range(r):
+                L.append(f"{i2}s16[{o16} + _e{i} * {r} + ((tid + {t}) & {r - 1})] = int16(_h{i}_{v - 1} - "
+                         f"((_h{i}_{v - 1} & 0x8000) << 1))")
+    if "fill" not in ablate and not odd:
         for i in range(nf):
             L.append(f"{ind}if _e{i} < {kq + krq}:")
             for t in range(r):
@@ -243,29 +284,31 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
     for t in range(v):
         L.append(f"{ind}a{t} = float32(0.0)")
     if half:
-        for j in range(v // 2):
+        for j in range(2 * q):
             L.append(f"{ind}h{j} = int32(0)")
+        if odd:
+            L.append(f"{ind}hx = int32(0)")
     L += [f"{ind}cp = tid & {r - 1}",
           f"{ind}if live:" if "main" not in ablate else f"{ind}if live and cend < 0:",
           f"{i2}while c < cend:",
-          f"{i3}c2 = c + {2 * cps}",
+          f"{i3}c2 = c + {ahead * cps}",
           f"{i3}if c2 < cend:",
-          f"{i4}_b = row * nw64 + ((c2 * {code_bits}) >> 6)",
-          f"{i4}m0, m1 = ld128(idx64, _b)",
-          f"{i4}m2, m3 = ld128(idx64, _b + 2)",
-          f"{i3}else:",
-          f"{i4}m0 = m1 = m2 = m3 = int64(0)",
+          f"{i4}_b = row * nw64 + ((c2 * {code_bits}) >> 6)"]
+    L += load_words(bufs[ahead], "_b", nws, i4)
+    L += [f"{i3}else:",
+          f"{i4}{' = '.join(f'{bufs[ahead]}{i}' for i in range(nws))} = int64(0)",
           # unsigned: numba adds a negative-index wraparound (4 instructions) to every signed index
           f"{i3}xo = uint64({oxs // 2} + ((c - k0) >> 1))" if half else f"{i3}xo = uint64({oxs} + c - k0)"]
 
     def flush(i: str) -> list[str]:
         out = []
-        for j in range(v // 2):
+        for j in range(2 * q):
             out += [f"{i}a{2 * j} += h2f(h{j})", f"{i}a{2 * j + 1} += h2f(h{j} >> 16)", f"{i}h{j} = int32(0)"]
+        if odd:
+            out += [f"{i}a{v - 1} += h2f(hx) + h2f(hx >> 16)", f"{i}hx = int32(0)"]
         return out
 
     for u in range(cps):
-        w, sh = u // per_word, (u % per_word) * code_bits
         if half:
             if u % 2 == 0:
                 L += [f"{i3}_xw = s64[xo + uint64({u // 2})]", f"{i3}_x = _xw"]
@@ -273,9 +316,11 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
                 L.append(f"{i3}_x = _xw >> 32")
         else:
             L.append(f"{i3}_x = sf[xo + uint64({u})]")
-        L.append(f"{i3}_cm = (w{w} >> {sh}) & 255")
-        if has_res:
-            L.append(f"{i3}_cr = (w{w} >> {sh + 8}) & 255")
+        if has_res:  # 16-bit codes: main byte, residual byte
+            w, sh = u // 4, (u % 4) * 16
+            L += [f"{i3}_cm = (w{w} >> {sh}) & 255", f"{i3}_cr = (w{w} >> {sh + 8}) & 255"]
+        else:
+            L.append(f"{i3}_cm = {code_src(u, code_bits)}")
         for h in range(q):
             L.append(f"{i3}_m = s64[(_cm * {q} + {h}) * {r} + cp]")
             if has_res:
@@ -290,9 +335,17 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
                 if has_res:
                     val = f"({val} + h2f(_r >> {16 * t}))"
                 L.append(f"{i3}a{4 * h + t} += _x * {val}")
+        if odd:  # the last value: paired with the next code's, times (x'_u, x'_u+1), in half2
+            L.append(f"{i3}_o{u % 2} = s16[uint64({o16} + _cm * {r} + cp)]")
+            if not half:
+                L.append(f"{i3}a{v - 1} += _x * h2f(_o{u % 2})")
+            elif u % 2:
+                L.append(f"{i3}hx = hfma2(hpair(_o0, _o1, 0x5410), hpair(_xw, _xw >> 32, 0x5410), hx)")
         if half and (u + 1) % FLUSH == 0:
             L += flush(i3)
-    L += [f"{i3}w0, w1, w2, w3 = n0, n1, n2, n3", f"{i3}n0, n1, n2, n3 = m0, m1, m2, m3", f"{i3}c += {cps}"]
+    for a, b in zip(bufs[:-1], bufs[1:], strict=True):
+        L.append(f"{i3}{', '.join(f'{a}{i}' for i in range(nws))} = {', '.join(f'{b}{i}' for i in range(nws))}")
+    L.append(f"{i3}c += {cps}")
     if half and cps % FLUSH:
         L += flush(ind)
     # ---- partial sums of the column runs -> one sum per output of the tile
@@ -313,11 +366,32 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
         L += store_sum_src("0", "orow", has_bias, i3, yo)
         L += split_epilogue_src(1, f"tile * {rw * v}", str(rw * v), has_bias, threads, ind, yo, ct)
     src = "\n".join(L) + "\n"
-    env = {**kernel_env(), "hf2": nb.half2_fma_pair(), "f2h2": nb.float_to_half2(), "warp_allsum": nb.warp_allsum(warp)}
+    hpair, _, hfma2 = nb.half2_ops()
+    env = {**kernel_env(), "hf2": nb.half2_fma_pair(), "f2h2": nb.float_to_half2(), "warp_allsum": nb.warp_allsum(warp),
+           "hpair": hpair, "hfma2": hfma2, "ld64": nb.load_64()}
     tag = f"gemv-rows-v{v}-b{code_bits}-rw{rw}-cs{cs}-r{r}-kc{kc}-{'h' if half else 'f'}{ablate}-g{len(group)}"
     fn = nb.compile_source(src, "gemv_rows", env, tag)
     c = nb.cuda()
     return c.jit(fn, max_registers=maxreg) if maxreg and not nb.simulator_enabled() else c.jit(fn)
+
+
+def load_words(buf: str, base: str, nws: int, ind: str) -> list[str]:
+    """Kernel lines: the nws 64-bit words of codes at flat index `base` of idx64 into buf0..: 16-byte
+    loads when nws is even (8- and 16-bit steps), 8-byte loads otherwise (10-bit: 5 words)."""
+    if nws % 2 == 0:
+        return [f"{ind}{buf}{i}, {buf}{i + 1} = ld128(idx64, {base} + {i})" for i in range(0, nws, 2)]
+    return [f"{ind}{buf}{i} = ld64(idx64, {base} + {i})" for i in range(nws)]
+
+
+def code_src(u: int, bits: int) -> str:
+    """Expression of code u of a step held in words w0.. (LSB-first stream, codes of `bits` bits)."""
+    o = u * bits
+    i, sh = o >> 6, o & 63
+    mask = (1 << bits) - 1
+    if sh + bits <= 64:
+        return f"((w{i} >> {sh}) & {mask})" if sh else f"(w{i} & {mask})"
+    lo = 64 - sh  # bits from word i (the top ones), the rest from word i + 1
+    return f"(((w{i} >> {sh}) & {(1 << lo) - 1}) | ((w{i + 1} & {(1 << (bits - lo)) - 1}) << {lo}))"
 
 
 def rows_launch(p: PackedLayer, cfg: dict, xdtype, maxreg: int, ablate: str = "", group: tuple = ()):

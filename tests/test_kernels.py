@@ -372,6 +372,12 @@ ROWS_LAYERS = {
     "v8_k256_r256": dict(m=45, n=48, v=8, k=256, kr=256, o=0, g=1, bias=False),
     # no perm, norm or bias
     "v4_plain": dict(m=21, n=64, v=4, k=256, kr=0, o=0, g=1, perm=False, norm=False, bias=False),
+    # the 2-bit preset's layout: v5-k1024, 10-bit codes (five 64-bit words per step, codes straddle
+    # words), the fifth centroid value in its own fp16 plane
+    "v5_k1024": dict(m=43, n=64, v=5, k=1024, kr=0, o=0, g=1),
+    # v = 5 with byte codes; v8 with 10-bit codes
+    "v5_k256": dict(m=23, n=64, v=5, k=256, kr=0, o=0, g=1, bias=False),
+    "v8_k1024": dict(m=40, n=96, v=8, k=1024, kr=0, o=0, g=1, perm=False),
 }
 
 
@@ -414,12 +420,13 @@ def test_gemv_rows_split_k(name):
         assert not plan.rcnt.any() and not plan.workspace(1, True).any()
 
 
-def test_gemv_rows_several_steps_per_lane():
-    """A lane walks several 32-byte steps of codes (the loads two steps ahead, the half2 sums
-    flushed into fp32), with one column chunk and with two."""
+@pytest.mark.parametrize("name", ["v4_k256", "v5_k1024"])
+def test_gemv_rows_several_steps_per_lane(name):
+    """A lane walks several steps of codes (8-bit: loads two steps ahead; 10-bit: one step ahead,
+    five words a step; the half2 sums flushed into fp32), with one column chunk and with two."""
     from kernels.gemv import GemvPlan
 
-    p = PackedLayer.from_module(_layer(**{**ROWS_LAYERS["v4_k256"], "m": 40, "n": 512}))
+    p = PackedLayer.from_module(_layer(**{**ROWS_LAYERS[name], "m": 40, "n": 512}))
     for kc in (512, 256):
         plan = GemvPlan(p, kc=kc)
         c = plan.rows_cfg
