@@ -570,6 +570,24 @@ DQ_BLOCKS_H2 = 3  # H100 (bench/dequant_probe.py): 28672x8192 v4-k256 225.6 (fp3
 MAX_ROWS_PER_STEP = 4
 
 
+def _stage_words_src(tot: str, var: str, load: str, zero: str, store: str, threads: int, ind: str) -> list[str]:
+    """Kernel lines: stage `tot` packed words of a block's rows in shared memory, NS_STAGE words per
+    thread and step, every load issued before the stores (the loop is latency-bound). Word q ->
+    (row _rr, word _k, group _g) by multiply-shifts with _M1/_M2; load/store are templates in {i}."""
+    i1, i2 = ind + "    ", ind + "        "
+    L = [f"{ind}_tot = {tot}", f"{ind}for _i0 in range(tid, _tot, {threads * NS_STAGE}):"]
+    for i in range(NS_STAGE):
+        L += [f"{i1}_q{i} = _i0 + {i * threads}",
+              f"{i1}_rr{i} = (_q{i} * _M1) >> 32",
+              f"{i1}_k{i} = _q{i} - _rr{i} * _dv1",
+              f"{i1}_g{i} = (_k{i} * _M2) >> 32",
+              f"{i1}_ok{i} = _q{i} < _tot and r0 + _rr{i} < nrows",
+              f"{i1}{var}{i} = {load.format(i=i)} if _ok{i} else {zero}"]
+    for i in range(NS_STAGE):
+        L += [f"{i1}if _ok{i}:", f"{i2}{store.format(i=i)} = {var}{i}"]
+    return L
+
+
 @functools.cache
 def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, cb_smem: bool, half: bool,
              vec: bool, cpt: int, threads: int, maxreg: int = 0, h2: bool = False, colvec: bool = False):
@@ -626,35 +644,13 @@ def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, c
           f"{ind}_M2 = ((int64(1) << 32) + _dv2 - 1) // _dv2",
           f"{ind}for r0 in range(cuda.blockIdx.x * rb, nrows, cuda.gridDim.x * rb):",
           f"{ind * 2}cuda.syncthreads()",
-          f"{ind * 2}if even:",
-          f"{ind * 3}_tot = rb * ngroups * nw2",
-          f"{ind * 3}for _i0 in range(tid, _tot, {threads * NS_STAGE}):"]
-    # NS_STAGE words per thread and step, all loads issued before the stores (latency-bound loop)
-    for i in range(NS_STAGE):
-        L += [f"{ind * 4}_q{i} = _i0 + {i * threads}",
-              f"{ind * 4}_rr{i} = (_q{i} * _M1) >> 32",
-              f"{ind * 4}_k{i} = _q{i} - _rr{i} * _dv1",
-              f"{ind * 4}_g{i} = (_k{i} * _M2) >> 32",
-              f"{ind * 4}_ok{i} = _q{i} < _tot and r0 + _rr{i} < nrows",
-              f"{ind * 4}_d{i} = idx64[_g{i}, r0 + _rr{i}, _k{i} - _g{i} * nw2] if _ok{i} else int64(0)"]
-    for i in range(NS_STAGE):
-        L += [f"{ind * 4}if _ok{i}:",
-              f"{ind * 5}s64[ow // 2 + _rr{i} * (nwr // 2) + _k{i}] = _d{i}"]
-    L += [f"{ind * 2}else:",
-          f"{ind * 3}_tot = rb * nwr",
-          f"{ind * 3}for _i0 in range(tid, _tot, {threads * NS_STAGE}):"]
-    for i in range(NS_STAGE):
-        L += [f"{ind * 4}_q{i} = _i0 + {i * threads}",
-              f"{ind * 4}_rr{i} = (_q{i} * _M1) >> 32",
-              f"{ind * 4}_k{i} = _q{i} - _rr{i} * _dv1",
-              f"{ind * 4}_g{i} = (_k{i} * _M2) >> 32",
-              f"{ind * 4}_ok{i} = _q{i} < _tot and r0 + _rr{i} < nrows",
-              f"{ind * 4}_e{i} = indices[_g{i}, r0 + _rr{i}, _k{i} - _g{i} * nwords] if _ok{i} else int32(0)"]
-    for i in range(NS_STAGE):
-        L += [f"{ind * 4}if _ok{i}:",
-              f"{ind * 5}s32[ow + _q{i}] = _e{i}"]
-    L += [
-          f"{ind * 2}cuda.syncthreads()",
+          f"{ind * 2}if even:"]
+    L += _stage_words_src("rb * ngroups * nw2", "_d", "idx64[_g{i}, r0 + _rr{i}, _k{i} - _g{i} * nw2]", "int64(0)",
+                          "s64[ow // 2 + _rr{i} * (nwr // 2) + _k{i}]", threads, ind * 3)
+    L.append(f"{ind * 2}else:")
+    L += _stage_words_src("rb * nwr", "_e", "indices[_g{i}, r0 + _rr{i}, _k{i} - _g{i} * nwords]", "int32(0)",
+                          "s32[ow + _q{i}]", threads, ind * 3)
+    L += [f"{ind * 2}cuda.syncthreads()",
           f"{ind * 2}for jb in range(tid * {cpt}, n, {threads * cpt}):",
           f"{ind * 3}full = jb + {cpt} <= n"]
     i3, i4, i5, i6 = ind * 3, ind * 4, ind * 5, ind * 6
