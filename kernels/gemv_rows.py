@@ -201,8 +201,9 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
              f"{ind}m = y.shape[1]",
              f"{ind}tile = cuda.blockIdx.x"]
         yo, ct = "", "tile"
+    if odd:
+        L.append(f"{ind}s16 = cuda.shared.array(0, int16)")
     L += [f"{ind}s64 = cuda.shared.array(0, int64)",
-          f"{ind}s16 = cuda.shared.array(0, int16)",
           f"{ind}sf = cuda.shared.array(0, float32)",
           f"{ind}s32 = cuda.shared.array(0, int32)",
           f"{ind}n = x.shape[1]",
