@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.kernels import FORMATS, PEAK, SHAPES, copies_for, make_layer, rel_err, time_device  # noqa: E402
+from bench.kernels import FORMATS, SHAPES, copies_for, make_layer, peak, rel_err, time_device  # noqa: E402
 from kernels.dequant import _kernel2, column_map, dequant2_config, dequantize, dequantize_ref  # noqa: E402
 
 
@@ -74,7 +74,7 @@ def main() -> None:
                 gbs = m * n * 2 / t / 1e3
                 c = {a: cfg[a] for a in ("rb", "grid", "maxreg", "h2", "shmem")} if cfg else {}
                 print(f"{fkey} {m}x{n} [{var or 'default'}] {c} regs={registers(p0, cfg) if cfg else -1} "
-                      f"rel={rel:.1e}: {t:.1f} us {gbs:.0f} GB/s written ({100 * gbs * 1e9 / PEAK:.0f}% peak)",
+                      f"rel={rel:.1e}: {t:.1f} us {gbs:.0f} GB/s written ({100 * gbs * 1e9 / peak():.0f}% peak)",
                       flush=True)
             del layers, maps, wref
             torch.cuda.empty_cache()

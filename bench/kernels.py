@@ -32,7 +32,13 @@ from kernels.assign import assign  # noqa: E402
 from kernels.dequant import PackedLayer, column_map, dequantize, dequantize_ref  # noqa: E402
 from kernels.gemv import GemvPlan, gemv  # noqa: E402
 
-PEAK = 3.35e12  # H100 SXM HBM3, bytes/s
+PEAKS = {"H200": 4.8e12, "H100": 3.35e12}  # HBM bytes/s: H200 HBM3e, H100 SXM HBM3
+
+
+def peak() -> float:
+    """Peak HBM bandwidth of this GPU (the H100's where the name is not known)."""
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    return next((b for k, b in PEAKS.items() if k in name), PEAKS["H100"])
 L2_BYTES = 50 * 2**20
 SHAPES = {  # (out, in)
     "7B q/k/v/o 4096x4096": (4096, 4096),
@@ -203,10 +209,10 @@ def bench_matvec(quick: bool, formats: list[str], shapes: list[str]) -> list[dic
                 "bits_per_weight_indices": p0.code_bits / v, "gemv_path": pl0.path,
                 "launch": {**cfg, "grid": [cfg.get("tiles", pl0.tiles), cfg.get("nsplit", pl0.nsplit)]},
                 "gemv_us": t, "gemv_host_us": h, "bytes_read": read, "gemv_GBps": read / t / 1e3,
-                "gemv_pct_peak": 100 * read / (t * 1e-6) / PEAK, "fp16_us": t_fp16, "fp16_host_us": h_fp16,
+                "gemv_pct_peak": 100 * read / (t * 1e-6) / peak(), "fp16_us": t_fp16, "fp16_host_us": h_fp16,
                 "speedup_vs_fp16": t_fp16 / t, "gemv_rel_err": rel, "dequant_rel_err": drel,
                 "dequant_us": td, "dequant_GBps_written": m * n * 2 / td / 1e3,
-                "dequant_pct_peak_written": 100 * m * n * 2 / (td * 1e-6) / PEAK,
+                "dequant_pct_peak_written": 100 * m * n * 2 / (td * 1e-6) / peak(),
             })
             print(json.dumps(rows[-1]), flush=True)
             if sname.startswith("7B q") and fkey in BATCH_FORMATS and not quick:
@@ -446,7 +452,7 @@ def markdown(rows: list[dict], asg: dict | None, device: str, hostc: dict | None
            "after warm-up, inputs rotated over > 150 MB; device time (host launch cost separate). "
            "GB/s read = packed indices + codebooks + perm + scale/bias + x over the gemv time; dequantize "
            "bandwidth counts the fp16 bytes written.", "",
-           "| shape (out x in) | format | gemv kernel | batch | fused gemv µs | GB/s read | % of 3.35 TB/s "
+           f"| shape (out x in) | format | gemv kernel | batch | fused gemv µs | GB/s read | % of {peak() / 1e12:.2f} TB/s "
            "| torch fp16 µs | speedup | dequant µs | dequant GB/s written (% peak) | host µs/call (gemv) |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -533,7 +539,7 @@ def main() -> None:
     hostc = host_overhead()
     rows = bench_matvec(args.quick, formats, shapes)
     asg = None if args.no_assign else bench_assign(args.quick)
-    (out / "kernels_h100.json").write_text(json.dumps({**meta, "device": dev, "matvec": rows, "assign": asg,
+    (out / f"kernels_{dev.split()[1].lower() if len(dev.split()) > 1 else 'gpu'}.json").write_text(json.dumps({**meta, "device": dev, "matvec": rows, "assign": asg,
                                                        "host_overhead": hostc}, indent=1))
     md = markdown(rows, asg, dev, hostc, meta)
     (out / "kernels.md").write_text(md)
