@@ -19,7 +19,8 @@ config_app = typer.Typer(name="config", help="Effective settings (environment an
 # environment variables worth showing; values of those in SECRETS are never printed
 SHOWN = ("VPTQ_HOME", "VPTQ_DB_URL", "VPTQ_ARTIFACTS", "PREFECT_API_URL", "PREFECT_HOME", "AWS_ENDPOINT_URL",
          "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "HF_ENDPOINT", "HF_TOKEN",
-         "HF_HUB_OFFLINE", "CUDA_VISIBLE_DEVICES", "NUMBA_ENABLE_CUDASIM")
+         "HF_HUB_OFFLINE", "CUDA_VISIBLE_DEVICES", "NUMBA_ENABLE_CUDASIM",
+         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")
 SECRETS = ("AWS_SECRET_ACCESS_KEY", "HF_TOKEN", "AWS_SESSION_TOKEN")
 
 

@@ -342,11 +342,17 @@ def test_max_ppl_ratio_publishes_a_rejected_version_never_latest(home, tiny_llam
 def test_config_show_masks_secrets(home, monkeypatch):
     monkeypatch.setenv("VPTQ_DB_URL", "postgresql://vptq:hunter2@127.0.0.1:5432/test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "hunter2")
+    monkeypatch.delenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", raising=False)
     code, out, err = run("config", "show", "--json")
     assert code == 0, err
     s = json.loads(out)
     assert s["home"] == str(home) and s["database"] == "postgresql://vptq:***@127.0.0.1:5432/test"
     assert s["env"]["AWS_SECRET_ACCESS_KEY"] == "***" and "hunter2" not in out
+    # the CLI's wait for Prefect's ephemeral API (Prefect's own default of 20 s is too short on a cold start)
+    assert s["env"]["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] == "120"
+    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")  # a user's own value wins
+    code, out, err = run("config", "show", "--json")
+    assert json.loads(out)["env"]["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] == "300"
     code, out, err = run("config", "show")
     assert code == 0 and "hunter2" not in out and str(home) in out
 
