@@ -39,6 +39,8 @@ def peak() -> float:
     """Peak HBM bandwidth of this GPU (the H100's where the name is not known)."""
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
     return next((b for k, b in PEAKS.items() if k in name), PEAKS["H100"])
+
+
 L2_BYTES = 50 * 2**20
 SHAPES = {  # (out, in)
     "7B q/k/v/o 4096x4096": (4096, 4096),
@@ -539,8 +541,9 @@ def main() -> None:
     hostc = host_overhead()
     rows = bench_matvec(args.quick, formats, shapes)
     asg = None if args.no_assign else bench_assign(args.quick)
-    (out / f"kernels_{dev.split()[1].lower() if len(dev.split()) > 1 else 'gpu'}.json").write_text(json.dumps({**meta, "device": dev, "matvec": rows, "assign": asg,
-                                                       "host_overhead": hostc}, indent=1))
+    gpu = dev.split()[1].lower() if len(dev.split()) > 1 else "gpu"  # "NVIDIA H200" -> kernels_h200.json
+    (out / f"kernels_{gpu}.json").write_text(json.dumps({**meta, "device": dev, "matvec": rows, "assign": asg,
+                                                        "host_overhead": hostc}, indent=1))
     md = markdown(rows, asg, dev, hostc, meta)
     (out / "kernels.md").write_text(md)
     print(md)
