@@ -7,6 +7,9 @@
   numba's implicit stream synchronisation, and kernels launch on torch's current stream.
 * Under the simulator (`NUMBA_ENABLE_CUDASIM=1`, how CI runs the kernels without a GPU) CPU
   tensors are passed as numpy views of the same memory, so launchers are identical in both modes.
+* The simulator's `cuda.shared.array` looks up a block's array and creates it when missing
+  without a lock, so two of its threads could each create one and no longer share memory (the
+  kernel then reads a tile it never loaded): `_lock_simulator_shared_arrays` serialises it.
 """
 
 from __future__ import annotations
@@ -37,7 +40,47 @@ def cuda():
         cfg.reload_config()
     from numba import cuda as _cuda
 
+    if cfg.ENABLE_CUDASIM:
+        _lock_simulator_shared_arrays()
     return _cuda
+
+
+def _lock_simulator_shared_arrays() -> None:
+    """Make the simulator's shared-array get-or-create atomic across a block's threads.
+
+    Its `FakeCUDAShared.array` does `get`, then `np.empty` + store when missing: a thread switch
+    between the two gives two threads different arrays (seen in CI as wrong nearest-centroid
+    indices, more often with a short GIL switch interval). The simulator picks the array by its
+    caller's file and line, which a wrapper would hide, so the original body is run under a lock
+    with the caller frame it expects.
+    """
+    import sys
+    import threading
+    import traceback
+
+    import numpy as np
+    from numba.cuda.simulator import kernelapi
+
+    shared = kernelapi.FakeCUDAShared
+    if getattr(shared, "_vptq_locked", False):
+        return
+    original = shared.array
+    lock = threading.Lock()
+
+    def array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None:  # dynamic shared memory / errors: nothing to race
+            return original(self, shape, dtype, alignment)
+        if isinstance(dtype, kernelapi.types.Type):
+            dtype = kernelapi.numpy_support.as_dtype(dtype)
+        caller = traceback.extract_stack(sys._getframe(1), limit=1)[-1][0:2]  # the kernel's line
+        with lock:
+            res = self._allocations.get(caller)
+            if res is None:
+                res = self._allocations[caller] = np.empty(shape, dtype)
+        return res
+
+    shared.array = array
+    shared._vptq_locked = True
 
 
 @functools.lru_cache(maxsize=1)

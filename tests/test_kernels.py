@@ -111,6 +111,35 @@ def _grid_data(n, k, v, seed):
     return x.to(DEV), c.to(DEV)
 
 
+@pytest.mark.skipif(HAS_GPU, reason="the simulator's shared memory only")
+def test_simulator_shared_array_is_one_array_per_block_across_thread_switches():
+    """CI once saw wrong nearest-centroid indices in a launch's first block: two simulated
+    threads each created the block's shared tile. Force a switch between lookup and store."""
+    import threading
+    import time
+
+    import numpy as np
+    from numba.cuda.simulator import kernelapi
+
+    nb.cuda()  # installs the lock
+
+    class SlowLookup(dict):
+        def get(self, key, default=None):
+            found = super().get(key, default)
+            time.sleep(0.005)  # every other thread runs here, between the lookup and the store
+            return found
+
+    shared = kernelapi.FakeCUDAShared(0)
+    shared._allocations = SlowLookup()
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(shared.array(8, np.float32))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 4 and all(a is got[0] for a in got)
+
+
 @pytest.mark.parametrize("v,n,k,dtype", [(8, 301, 300, torch.float32), (2, 45, 70, torch.float16),
                                          (6, 77, 33, torch.float32), (16, 40, 19, torch.float16)])
 def test_assign_exact_indices(v, n, k, dtype):
