@@ -93,3 +93,33 @@ def test_cached_teacher_matches_live_teacher(tiny_llama_dir, text_file, monkeypa
     a, b = cached.report.e2e, live.report.e2e
     assert a["kl_before"] == pytest.approx(b["kl_before"], rel=1e-2)
     assert a["kl_after"] == pytest.approx(b["kl_after"], rel=5e-2)
+
+
+def test_tokenized_text_is_reused_only_for_the_same_tokenizer_and_text(tiny_llama_dir, text_file):
+    """tokenize_text keeps recent ids: a repeat gives the ids of a fresh tokenization without
+    running the tokenizer; another text or a tokenizer with another vocabulary runs it again."""
+    from vptq.source import load_tokenizer, resolve
+
+    class Counting:
+        def __init__(self, tok):
+            self.tok, self.calls, self.backend_tokenizer = tok, 0, tok.backend_tokenizer
+
+        def __call__(self, *a, **kw):
+            self.calls += 1
+            return self.tok(*a, **kw)
+
+    text = text_file.read_text()[:30000] + "\nzyzzyva quokkas\n"  # a text no other test tokenizes
+    tok = Counting(load_tokenizer(resolve(str(tiny_llama_dir))))
+    fresh = tok.tok(text, return_tensors="pt").input_ids
+    first = tokenize_text(tok, text)
+    first[0, :10] = -1  # the caller owns its ids: the kept copy is untouched
+    again = tokenize_text(tok, text)
+    assert tok.calls == 1 and torch.equal(again, fresh)
+    assert tokenize_text(tok, text + " more").shape[1] > fresh.shape[1] and tok.calls == 2
+
+    other = load_tokenizer(resolve(str(tiny_llama_dir)))
+    other.add_tokens(["zyzzyva"])  # the same folder's tokenizer, one more word in its vocabulary
+    other = Counting(other)
+    ids = tokenize_text(other, text)
+    assert other.calls == 1 and torch.equal(ids, other.tok(text, return_tensors="pt").input_ids)
+    assert not torch.equal(ids, fresh)
