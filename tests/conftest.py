@@ -4,6 +4,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Session fixtures are registered here, once: a module importing one would get its own instance
+# (pytest keys a fixture by where it is defined), e.g. a Prefect test server per test module.
+from tests.prefect_fixtures import prefect_harness  # noqa: E402, F401
+from tests.store_fixtures import moto_server  # noqa: E402, F401
+
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 REPO = Path(__file__).resolve().parents[1]

@@ -26,7 +26,6 @@ import tasks.workspace
 import vptq.pipeline
 import vptq.sequential
 from cli.main import _progress, app
-from tests.prefect_fixtures import prefect_harness  # noqa: F401 - the session fixture
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--nsamples", "2", "--seqlen", "64", "--set", "num_centroids=16", "--set", "kmeans_iters=3",

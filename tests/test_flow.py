@@ -17,8 +17,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tests.prefect_fixtures import prefect_harness  # noqa: F401 - the session fixture
-from tests.store_fixtures import bucket, moto_server, s3_client, s3_env  # noqa: F401 - S3 on moto
+from tests.store_fixtures import bucket, s3_client, s3_env  # noqa: F401 - S3 on moto
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--nsamples", "2", "--seqlen", "64", "--eval-windows", "1", "--eval-seqlen", "64",

@@ -20,7 +20,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.prefect_fixtures import prefect_harness  # noqa: F401 - the session fixture
 from tests.test_flow import TINY, checkpoint_bytes, home, run  # noqa: F401 - fixtures
 
 

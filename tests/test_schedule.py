@@ -12,8 +12,6 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from tests.prefect_fixtures import prefect_harness  # noqa: F401 - the session fixture
-
 TINY = ["--nsamples", "2", "--seqlen", "64", "--eval-windows", "1", "--eval-seqlen", "64",
         "--set", "vector_len=4", "--set", "num_centroids=16", "--set", "kmeans_iters=3",
         "--set", "refine_iters=0", "--set", "e2e_steps=0", "--json"]

@@ -23,7 +23,6 @@ from tests.store_fixtures import (  # noqa: F401 - fixtures
     db_url,
     free_port,
     make_folder,
-    moto_server,
     repo,
     s3_client,
     s3_env,

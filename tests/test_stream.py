@@ -7,7 +7,6 @@ import json
 
 import torch
 
-from tests.prefect_fixtures import prefect_harness  # noqa: F401 - the session fixture
 from tests.test_flow import TINY, checkpoint_bytes, home, run  # noqa: F401 - fixtures
 from vptq.stream import open_streamed
 
