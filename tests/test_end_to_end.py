@@ -123,3 +123,38 @@ def test_tokenized_text_is_reused_only_for_the_same_tokenizer_and_text(tiny_llam
     ids = tokenize_text(other, text)
     assert other.calls == 1 and torch.equal(ids, other.tok(text, return_tensors="pt").input_ids)
     assert not torch.equal(ids, fresh)
+
+
+def test_gguf_tokenizer_is_built_once_per_file_version_and_handed_out_as_copies(tmp_path, monkeypatch):
+    """Building a tokenizer from a GGUF file takes seconds: one build per (file, size, mtime), each
+    caller gets its own copy; an HF folder's tokenizer is always read afresh."""
+    import os
+
+    import transformers
+
+    from vptq.source import load_tokenizer, resolve
+
+    builds = []
+
+    def build(path, gguf_file=None, **kw):
+        builds.append(gguf_file)
+        return {"vocab": ["a", "b"], "build": len(builds)}
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", build)
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF")
+    a, b = load_tokenizer(resolve(str(f))), load_tokenizer(resolve(str(f)))
+    assert builds == ["m.gguf"] and a == b and a is not b and a["vocab"] is not b["vocab"]
+    a["vocab"].append("c")
+    assert load_tokenizer(resolve(str(f)))["vocab"] == ["a", "b"]
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the file replaced: built again
+    assert load_tokenizer(resolve(str(f)))["build"] == 2 and len(builds) == 2
+    load_tokenizer(resolve(str(f)))
+    assert len(builds) == 2
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    load_tokenizer(resolve(str(hf)))
+    load_tokenizer(resolve(str(hf)))
+    assert builds[2:] == [None, None]
