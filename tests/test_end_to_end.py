@@ -125,9 +125,9 @@ def test_tokenized_text_is_reused_only_for_the_same_tokenizer_and_text(tiny_llam
     assert not torch.equal(ids, fresh)
 
 
-def test_gguf_tokenizer_is_built_once_per_file_version_and_handed_out_as_copies(tmp_path, monkeypatch):
-    """Building a tokenizer from a GGUF file takes seconds: one build per (file, size, mtime), each
-    caller gets its own copy; an HF folder's tokenizer is always read afresh."""
+def test_tokenizer_is_built_once_per_version_of_its_files_and_handed_out_as_copies(tmp_path, monkeypatch):
+    """Building a tokenizer takes seconds: one build per source and version of its files (size,
+    mtime; weights do not count), each caller gets its own copy."""
     import os
 
     import transformers
@@ -137,8 +137,12 @@ def test_gguf_tokenizer_is_built_once_per_file_version_and_handed_out_as_copies(
     builds = []
 
     def build(path, gguf_file=None, **kw):
-        builds.append(gguf_file)
+        builds.append(gguf_file or path.name)
         return {"vocab": ["a", "b"], "build": len(builds)}
+
+    def touch(f):
+        st = f.stat()
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", build)
     f = tmp_path / "m.gguf"
@@ -147,14 +151,17 @@ def test_gguf_tokenizer_is_built_once_per_file_version_and_handed_out_as_copies(
     assert builds == ["m.gguf"] and a == b and a is not b and a["vocab"] is not b["vocab"]
     a["vocab"].append("c")
     assert load_tokenizer(resolve(str(f)))["vocab"] == ["a", "b"]
-    st = f.stat()
-    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the file replaced: built again
-    assert load_tokenizer(resolve(str(f)))["build"] == 2 and len(builds) == 2
-    load_tokenizer(resolve(str(f)))
-    assert len(builds) == 2
+    touch(f)  # the file replaced: built again, once
+    assert load_tokenizer(resolve(str(f)))["build"] == 2 and load_tokenizer(resolve(str(f)))["build"] == 2
+
     hf = tmp_path / "hf"
     hf.mkdir()
-    (hf / "config.json").write_text("{}")
+    for name in ("config.json", "tokenizer.json", "model.safetensors"):
+        (hf / name).write_text("{}")
     load_tokenizer(resolve(str(hf)))
+    touch(hf / "model.safetensors")  # new weights, same tokenizer files: nothing to rebuild
     load_tokenizer(resolve(str(hf)))
-    assert builds[2:] == [None, None]
+    assert builds == ["m.gguf", "m.gguf", "hf"]
+    touch(hf / "tokenizer.json")
+    (hf / "special_tokens_map.json").write_text("{}")
+    assert load_tokenizer(resolve(str(hf)))["build"] == 4

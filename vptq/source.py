@@ -62,31 +62,44 @@ def resolve(source: str) -> ModelSource:
     return ModelSource("vptq" if qc.get("quant_method") == "vptq" else "hf", p.resolve())
 
 
-_GGUF_TOKENIZERS: dict[tuple[str, int, int], object] = {}
-_GGUF_TOKENIZERS_LOCK = threading.Lock()
+_TOKENIZERS: dict[tuple, object] = {}
+_TOKENIZERS_LOCK = threading.Lock()
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".onnx")
+
+
+def _tokenizer_files(src: ModelSource) -> tuple:
+    """(name, size, mtime) of every file the tokenizer can be read from: the GGUF file, or the
+    folder's files other than weights (tokenizer.json, its config, special tokens, config.json...)."""
+    if src.gguf_file is not None:
+        files = [(src.path / src.gguf_file).resolve()]
+    else:
+        files = sorted(f for f in src.path.iterdir() if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES))
+    return tuple((f.name, st.st_size, st.st_mtime_ns) for f in files for st in [f.stat()])
 
 
 def load_tokenizer(src: ModelSource):
-    """The source's tokenizer. Building one from a GGUF file converts its vocabulary and merges
-    (6-8 s for SmolLM2's 49k tokens on one core) and a job needs it several times, so this process
-    keeps each GGUF file's tokenizer (keyed by path, size and mtime) and hands out deep copies
-    (0.13 s; a caller may add tokens or change padding without affecting the next one)."""
+    """The source's tokenizer. A job needs it several times (request check, calibration, evaluation
+    before and after) and building one is slow (SmolLM2's from its GGUF file: 6-8 s on one core;
+    from a folder 0.3-0.7 s), so this process keeps one per source, keyed by the size and mtime of
+    the files it is read from (a replaced file builds it afresh), and hands out deep copies (0.13 s
+    for 49k tokens; a caller may add tokens or change padding without affecting the next one)."""
     from transformers import AutoTokenizer
 
-    if src.gguf_file is None:
-        return AutoTokenizer.from_pretrained(src.path)
-    f = (src.path / src.gguf_file).resolve()
-    st = f.stat()
-    key = (str(f), st.st_size, st.st_mtime_ns)
-    with _GGUF_TOKENIZERS_LOCK:
-        kept = _GGUF_TOKENIZERS.get(key)
+    key = (str(src.path.resolve()), src.gguf_file, _tokenizer_files(src))
+    with _TOKENIZERS_LOCK:
+        kept = _TOKENIZERS.get(key)
     if kept is None:
         kept = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
-        with _GGUF_TOKENIZERS_LOCK:
-            for old in [k for k in _GGUF_TOKENIZERS if k[0] == key[0]]:  # the file changed: drop the old one
-                del _GGUF_TOKENIZERS[old]
-            _GGUF_TOKENIZERS[key] = kept
-    return copy.deepcopy(kept)
+        with _TOKENIZERS_LOCK:
+            for old in [k for k in _TOKENIZERS if k[:2] == key[:2]]:  # its files changed: drop the old one
+                del _TOKENIZERS[old]
+            _TOKENIZERS[key] = kept
+    try:
+        return copy.deepcopy(kept)
+    except Exception:  # noqa: BLE001 - a tokenizer class that cannot be copied: build one for this caller
+        with _TOKENIZERS_LOCK:
+            _TOKENIZERS.pop(key, None)
+        return AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
 
 
 def load_model(src: ModelSource, dtype: torch.dtype = torch.float32):
