@@ -132,6 +132,7 @@ def test_tokenizer_is_built_once_per_version_of_its_files_and_handed_out_as_copi
 
     import transformers
 
+    from vptq import source
     from vptq.source import load_tokenizer, resolve
 
     builds = []
@@ -145,6 +146,7 @@ def test_tokenizer_is_built_once_per_version_of_its_files_and_handed_out_as_copi
         os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", build)
+    monkeypatch.setattr(source, "_TOKENIZERS", {})  # this test's own; the other tests' stay kept
     f = tmp_path / "m.gguf"
     f.write_bytes(b"GGUF")
     a, b = load_tokenizer(resolve(str(f))), load_tokenizer(resolve(str(f)))
@@ -165,3 +167,9 @@ def test_tokenizer_is_built_once_per_version_of_its_files_and_handed_out_as_copi
     touch(hf / "tokenizer.json")
     (hf / "special_tokens_map.json").write_text("{}")
     assert load_tokenizer(resolve(str(hf)))["build"] == 4
+
+    for i in range(3):  # three more sources: five in all, the oldest kept one (m.gguf) is let go
+        (tmp_path / f"m{i}.gguf").write_bytes(b"GGUF")
+        load_tokenizer(resolve(str(tmp_path / f"m{i}.gguf")))
+    assert load_tokenizer(resolve(str(hf)))["build"] == 4 and len(builds) == 7
+    assert load_tokenizer(resolve(str(f)))["build"] == 8

@@ -62,7 +62,8 @@ def resolve(source: str) -> ModelSource:
     return ModelSource("vptq" if qc.get("quant_method") == "vptq" else "hf", p.resolve())
 
 
-_TOKENIZERS: dict[tuple, object] = {}
+_TOKENIZERS: dict[tuple, object] = {}  # oldest first
+_TOKENIZERS_MAX = 4  # a worker serving many models keeps the last few
 _TOKENIZERS_LOCK = threading.Lock()
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".onnx")
 
@@ -94,6 +95,8 @@ def load_tokenizer(src: ModelSource):
             for old in [k for k in _TOKENIZERS if k[:2] == key[:2]]:  # its files changed: drop the old one
                 del _TOKENIZERS[old]
             _TOKENIZERS[key] = kept
+            while len(_TOKENIZERS) > _TOKENIZERS_MAX:
+                del _TOKENIZERS[next(iter(_TOKENIZERS))]
     try:
         return copy.deepcopy(kept)
     except Exception:  # noqa: BLE001 - a tokenizer class that cannot be copied: build one for this caller
