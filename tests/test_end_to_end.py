@@ -124,6 +124,13 @@ def test_tokenized_text_is_reused_only_for_the_same_tokenizer_and_text(tiny_llam
     assert other.calls == 1 and torch.equal(ids, other.tok(text, return_tensors="pt").input_ids)
     assert not torch.equal(ids, fresh)
 
+    plain = load_tokenizer(resolve(str(tiny_llama_dir)))
+    special = "hello <|endoftext|> world"
+    joined = tokenize_text(plain, special)
+    plain.split_special_tokens = True  # a switch outside the tokenizer's JSON: the token read as text
+    split = tokenize_text(plain, special)
+    assert torch.equal(split, plain(special, return_tensors="pt").input_ids) and split.shape[1] > joined.shape[1]
+
 
 def test_tokenizer_is_built_once_per_version_of_its_files_and_handed_out_as_copies(tmp_path, monkeypatch):
     """Building a tokenizer takes seconds: one build per source and version of its files (size,

@@ -38,7 +38,9 @@ def _tokenizer_key(tokenizer) -> str | None:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or not hasattr(backend, "to_str"):
         return None
-    return f"{type(tokenizer).__name__}:{hashlib.sha256(backend.to_str().encode()).hexdigest()}"
+    # the special-token splitting switch is an attribute outside that JSON
+    split = (getattr(tokenizer, "split_special_tokens", None), getattr(backend, "encode_special_tokens", None))
+    return f"{type(tokenizer).__name__}:{split}:{hashlib.sha256(backend.to_str().encode()).hexdigest()}"
 
 
 def tokenize_text(tokenizer, text: str) -> torch.Tensor:
