@@ -88,6 +88,7 @@ def main() -> None:
     ap.add_argument("--maxreg", default=str(ROWS_MAXREG),
                     help="comma list of register caps (0 = the compiler's choice; default: the plan's)")
     ap.add_argument("--ablate", default="", help="comma list of kernel_rows ablations to time too (main, fill, epi)")
+    ap.add_argument("--lpr", default="0", help="comma list of lanes per row (0: the default, LANES_PER_ROW)")
     ap.add_argument("--flush", type=int, default=0, help="codes summed in half2 between fp32 flushes (0: FLUSH)")
     ap.add_argument("--threads", type=int, default=0, help="threads per block of the row kernel (0: ROWS_THREADS)")
     ap.add_argument("--cb-max", type=int, default=0, help="KiB for the codebook copies (0: CB_ROWS_MAX)")
@@ -120,13 +121,15 @@ def main() -> None:
             wref = dequantize_ref(p, torch.float32)
             yref = x.float() @ wref.t()
             del wref
-            for kc in a.kc.split(","):
-                for mr in (int(s) for s in a.maxreg.split(",")):
+            for kc, mr, lpr in ((kc, int(mr), int(lpr)) for kc in a.kc.split(",") for mr in a.maxreg.split(",")
+                                for lpr in a.lpr.split(",")):
+                if True:
                     plans = [GemvPlan(q, checked=True) for q in [p, *others]]
-                    if (kc != "auto" or a.threads) and plans[0].path == "rows":  # the row kernel only
+                    if (kc != "auto" or a.threads or lpr) and plans[0].path == "rows":  # the row kernel only
                         for pl in plans:
                             pl.rows_threads = a.threads or pl.rows_threads
-                            pl.rows_cfg = rows_config(pl.p, pl.rows_threads, pl.warp, None if kc == "auto" else int(kc))
+                            pl.rows_cfg = rows_config(pl.p, pl.rows_threads, pl.warp, None if kc == "auto" else int(kc),
+                                                      lpr=lpr or None)
                     if plans[0].path != "rows":
                         log(fkey, shape, "not the row kernel:", plans[0].path)
                         continue
@@ -147,7 +150,7 @@ def main() -> None:
                             graph = f"  | graph: {tg:.1f} us vs fp16 {tfg:.1f} us = {tfg / tg:.2f}x"
                         c = plans[0].rows_cfg
                         log(f"{fkey} {shape} x={str(dt)[6:]} kc={c['kc']} nsplit={c['nsplit']} tiles={c['tiles']} "
-                            f"R={c['replicas']} t={plans[0].rows_threads} flush={gemv_rows.FLUSH} maxreg={mr} ablate={ab or '-'} regs={regs(plans[0])} rel={rel:.1e}: "
+                            f"R={c['replicas']} lpr={c['lpr']} t={plans[0].rows_threads} flush={gemv_rows.FLUSH} maxreg={mr} ablate={ab or '-'} regs={regs(plans[0])} rel={rel:.1e}: "
                             f"{t:.1f} us ({nbytes / t / 1e3:.0f} GB/s)  fp16 {tf:.1f} us  speedup {tf / t:.2f}x{graph}")
 
 

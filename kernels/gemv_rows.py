@@ -37,6 +37,7 @@ REPLICAS_10BIT = 2
 CB_ROWS_MAX = 96 * 1024  # shared memory for the replicated codebooks
 KC_MAX = 2048  # stored columns per block at most (more blocks beat longer runs per lane at 70B)
 SMS = 132  # H100 SXM; steers the split-K heuristic only
+LANES_PER_ROW = 1  # lanes sharing a row of vectors (1: a lane walks its row alone)
 XB = 4  # x' columns a thread stages at a time (all loads issued, then the stores)
 FLUSH = 8  # fp16 x: codes summed in half2 before the sums are added into fp32
 
@@ -77,12 +78,24 @@ def replicas(p: PackedLayer) -> int:
     return r
 
 
-def rows_config(p: PackedLayer, threads: int, warp: int, kc: int | None = None, tiles: int | None = None) -> dict:
-    """Launch shape: rows of vectors per block (rw), column runs (cs), chunk (kc), splits, smem.
-    tiles: row tiles of the launch when it covers several layers (kernels/gemv_group.py)."""
+def lanes_per_row(p: PackedLayer, rw: int, cs: int, want: int | None = None) -> int:
+    """Lanes that share a row of vectors (`lpr`): the largest of `want` (LANES_PER_ROW), halved
+    until it divides the warp's rows and column runs and the row is whole steps of lpr lanes."""
+    lpr = want or LANES_PER_ROW
+    while lpr > 1 and (rw % lpr or cs % lpr or p.in_features % (lpr * step_codes(p.code_bits))):
+        lpr //= 2
+    return lpr
+
+
+def rows_config(p: PackedLayer, threads: int, warp: int, kc: int | None = None, tiles: int | None = None,
+                lpr: int | None = None) -> dict:
+    """Launch shape: rows of vectors per block (rw), column runs (cs), lanes per row (lpr), chunk
+    (kc), splits, smem. tiles: row tiles of the launch when it covers several layers
+    (kernels/gemv_group.py)."""
     rw = warp if warp > 1 else 4  # the simulator runs one thread per "lane": keep blocks small
     cs = threads // rw
     cps = step_codes(p.code_bits)
+    lpr = lanes_per_row(p, rw, cs, lpr)
     unit = cs * cps
     tiles = tiles or nb.cdiv(p.rows, rw)
     n = p.in_features
@@ -98,7 +111,8 @@ def rows_config(p: PackedLayer, threads: int, warp: int, kc: int | None = None, 
     r = replicas(p) if warp > 1 else 1  # copies only avoid bank conflicts; the simulator has none
     cbb = nb.cdiv(replica_bytes(p) * r, 8) * 8
     shmem = cbb + 4 * (kc + cs * rw * p.vector_len + 2)
-    return dict(rw=rw, cs=cs, cps=cps, kc=kc, tiles=tiles, nsplit=nb.cdiv(n, kc), replicas=r, shmem=nb.cdiv(shmem, 16) * 16)
+    return dict(rw=rw, cs=cs, cps=cps, lpr=lpr, kc=kc, tiles=tiles, nsplit=nb.cdiv(n, kc), replicas=r,
+                shmem=nb.cdiv(shmem, 16) * 16)
 
 
 def store_sum_src(b: str, row: str, has_bias: bool, ind: str, yo: str = "") -> list[str]:
@@ -144,7 +158,7 @@ def split_epilogue_src(batch: int, base: str, count: str, has_bias: bool, thread
 @functools.cache
 def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm: bool, has_bias: bool,
                 rw: int, cs: int, r: int, kc: int, k: int, kr: int, xdtype: str, maxreg: int = 0,
-                ablate: str = "", group: tuple = ()):
+                ablate: str = "", group: tuple = (), lpr: int = 1):
     """Generated source, every per-code step unrolled into scalar registers.
 
     fp16 x: x' is staged as fp16 pairs and every centroid word is multiplied into packed half2
@@ -160,7 +174,12 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
     group = ((tiles, out_features), ...) for two or more layers that share x (q/k/v, gate/up):
     one launch, the row tiles of every layer side by side on grid x, each layer's tensors passed
     as its own arguments (suffix 0, 1, ...) and y / the workspace holding the outputs side by side.
-    A block picks its layer's tensors first; the rest of the kernel is the one-layer kernel."""
+    A block picks its layer's tensors first; the rest of the kernel is the one-layer kernel.
+
+    lpr > 1 lanes per row: the lpr neighbouring lanes of a row take turns over its codes a piece
+    (16 bytes; a whole step for 10-bit codes) at a time, so one warp-wide load reads whole sectors
+    of 32 / lpr rows instead of half sectors of 32 rows (fewer L1 wavefronts per byte); each lane
+    keeps its own partial sums, added with the column runs' at the end."""
     from .dequant import kernel_env
 
     half = xdtype == "torch.float16"
@@ -172,7 +191,13 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
     ahead = 2 if nws <= 4 else 1  # steps of codes loaded ahead (registers: 10-bit steps are 5 words)
     bufs = ["w", "n", "m"][:ahead + 1]
     threads = rw * cs
-    run = kc // cs
+    nl = lpr
+    run = kc // (cs // nl)  # columns of a column run, walked by its L lanes of each row in turn
+    npc = nws // 2 if nws % 2 == 0 else 1  # pieces a lane loads per step (16 bytes; 10-bit: one)
+    wpp = nws // npc  # 64-bit words per piece
+    cpp = cps // npc  # codes per piece
+    sub_w = f" + sub * {wpp}" if nl > 1 else ""  # this lane's first piece
+    sub_c = f" + sub * {cpp}" if nl > 1 else ""
     kq, krq = k * q, kr * q
     nf = nb.cdiv(k if odd else kq + krq, threads)
     cbn = kq * r
@@ -211,8 +236,9 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
           f"{ind}nw64 = idx64.shape[2]",
           f"{ind}k0 = cuda.blockIdx.y * {kc}",
          f"{ind}tid = cuda.threadIdx.x",
-         f"{ind}rl = tid % {rw}",
-         f"{ind}sc = tid // {rw}",
+         *([f"{ind}rl = tid % {rw}", f"{ind}sc = tid // {rw}", f"{ind}ci = sc"] if nl == 1 else
+           [f"{ind}_q = tid // {rw}", f"{ind}_t = tid % {rw}", f"{ind}sub = _t % {nl}",
+            f"{ind}rl = (_q % {nl}) * {rw // nl} + _t // {nl}", f"{ind}sc = _q // {nl}", f"{ind}ci = sc * {nl} + sub"]),
          f"{ind}ofl = {ofl}",
          # ---- the first two steps' codes of this lane's row, requested first (the longest latency)
          f"{ind}row = tile * {rw} + rl",
@@ -221,10 +247,10 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
          f"{ind}live = row < nrows and c < cend",
          f"{ind}{' = '.join(f'{b}{i}' for b in bufs[:ahead] for i in range(nws))} = int64(0)",
          f"{ind}if live:",
-         f"{i2}_b = row * nw64 + ((c * {code_bits}) >> 6)"]
-    L += load_words(bufs[0], "_b", nws, i2)
+         f"{i2}_b = row * nw64 + ((c * {code_bits}) >> 6){sub_w}"]
+    L += load_words(bufs[0], "_b", nws, i2, nl)
     if ahead == 2:
-        L += [f"{i2}if c + {cps} < cend:"] + load_words(bufs[1], f"_b + {nws}", nws, i3)
+        L += [f"{i2}if c + {nl * cps} < cend:"] + load_words(bufs[1], f"_b + {nl * nws}", nws, i3, nl)
     # ---- codebook words, once each
     for i in range(nf if odd else 0):  # cbw: int16 view (G, k * v); centroid _e's values
         L += [f"{ind}_e{i} = tid + {i * threads}", f"{ind}if _e{i} < {k}:"]
@@ -292,14 +318,19 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
     L += [f"{ind}cp = tid & {r - 1}",
           f"{ind}if live:" if "main" not in ablate else f"{ind}if live and cend < 0:",
           f"{i2}while c < cend:",
-          f"{i3}c2 = c + {ahead * cps}",
+          f"{i3}c2 = c + {ahead * nl * cps}",
           f"{i3}if c2 < cend:",
-          f"{i4}_b = row * nw64 + ((c2 * {code_bits}) >> 6)"]
-    L += load_words(bufs[ahead], "_b", nws, i4)
+          f"{i4}_b = row * nw64 + ((c2 * {code_bits}) >> 6){sub_w}"]
+    L += load_words(bufs[ahead], "_b", nws, i4, nl)
     L += [f"{i3}else:",
           f"{i4}{' = '.join(f'{bufs[ahead]}{i}' for i in range(nws))} = int64(0)",
           # unsigned: numba adds a negative-index wraparound (4 instructions) to every signed index
-          f"{i3}xo = uint64({oxs // 2} + ((c - k0) >> 1))" if half else f"{i3}xo = uint64({oxs} + c - k0)"]
+          f"{i3}xo = uint64({oxs // 2} + ((c - k0{sub_c}) >> 1))" if half else f"{i3}xo = uint64({oxs} + c - k0{sub_c})"]
+
+    def col(u: int) -> int:
+        """Column of code u of a lane's step, from the lane's first (xo): piece u // cpp is the
+        (u // cpp)-th piece of this lane, nl pieces of the row apart."""
+        return (u // cpp) * nl * cpp + u % cpp
 
     def flush(i: str) -> list[str]:
         out = []
@@ -312,11 +343,11 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
     for u in range(cps):
         if half:
             if u % 2 == 0:
-                L += [f"{i3}_xw = s64[xo + uint64({u // 2})]", f"{i3}_x = _xw"]
+                L += [f"{i3}_xw = s64[xo + uint64({col(u) // 2})]", f"{i3}_x = _xw"]
             else:
                 L.append(f"{i3}_x = _xw >> 32")
         else:
-            L.append(f"{i3}_x = sf[xo + uint64({u})]")
+            L.append(f"{i3}_x = sf[xo + uint64({col(u)})]")
         if has_res:  # 16-bit codes: main byte, residual byte
             w, sh = u // 4, (u % 4) * 16
             L += [f"{i3}_cm = (w{w} >> {sh}) & 255", f"{i3}_cr = (w{w} >> {sh + 8}) & 255"]
@@ -346,12 +377,12 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
             L += flush(i3)
     for a, b in zip(bufs[:-1], bufs[1:], strict=True):
         L.append(f"{i3}{', '.join(f'{a}{i}' for i in range(nws))} = {', '.join(f'{b}{i}' for i in range(nws))}")
-    L.append(f"{i3}c += {cps}")
+    L.append(f"{i3}c += {nl * cps}")
     if half and cps % FLUSH:
         L += flush(ind)
     # ---- partial sums of the column runs -> one sum per output of the tile
     for t in range(v):
-        L.append(f"{ind}sf[{ored} + (sc * {rw} + rl) * {v} + {t}] = a{t}")
+        L.append(f"{ind}sf[{ored} + (ci * {rw} + rl) * {v} + {t}] = a{t}")
     L += [f"{ind}cuda.syncthreads()",
           f"{ind}for _e in range(tid, {rw * v}, {threads}):",
           f"{i2}orow = tile * {rw * v} + _e",
@@ -370,17 +401,18 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
     hpair, _, hfma2 = nb.half2_ops()
     env = {**kernel_env(), "hf2": nb.half2_fma_pair(), "f2h2": nb.float_to_half2(), "warp_allsum": nb.warp_allsum(warp),
            "hpair": hpair, "hfma2": hfma2, "ld64": nb.load_64()}
-    tag = f"gemv-rows-v{v}-b{code_bits}-rw{rw}-cs{cs}-r{r}-kc{kc}-{'h' if half else 'f'}{ablate}-g{len(group)}"
+    tag = f"gemv-rows-v{v}-b{code_bits}-rw{rw}-cs{cs}-l{nl}-r{r}-kc{kc}-{'h' if half else 'f'}{ablate}-g{len(group)}"
     fn = nb.compile_source(src, "gemv_rows", env, tag)
     c = nb.cuda()
     return c.jit(fn, max_registers=maxreg) if maxreg and not nb.simulator_enabled() else c.jit(fn)
 
 
-def load_words(buf: str, base: str, nws: int, ind: str) -> list[str]:
-    """Kernel lines: the nws 64-bit words of codes at flat index `base` of idx64 into buf0..: 16-byte
-    loads when nws is even (8- and 16-bit steps), 8-byte loads otherwise (10-bit: 5 words)."""
+def load_words(buf: str, base: str, nws: int, ind: str, nl: int = 1) -> list[str]:
+    """Kernel lines: a lane's nws 64-bit words of codes of a step, from flat index `base` of idx64,
+    into buf0..: 16-byte loads (pieces nl pieces apart: the row's nl lanes interleave) when nws is
+    even (8- and 16-bit steps), 8-byte loads of one contiguous piece otherwise (10-bit: 5 words)."""
     if nws % 2 == 0:
-        return [f"{ind}{buf}{i}, {buf}{i + 1} = ld128(idx64, {base} + {i})" for i in range(0, nws, 2)]
+        return [f"{ind}{buf}{i}, {buf}{i + 1} = ld128(idx64, {base} + {i * nl})" for i in range(0, nws, 2)]
     return [f"{ind}{buf}{i} = ld64(idx64, {base} + {i})" for i in range(nws)]
 
 
@@ -401,5 +433,6 @@ def rows_launch(p: PackedLayer, cfg: dict, xdtype, maxreg: int, ablate: str = ""
     layer's tensors (GemvPlan.rows_static), the workspace and counters, y, then these scalars."""
     kern = kernel_rows(p.vector_len, p.code_bits, p.num_res_centroids > 0, p.perm is not None,
                        p.weight_scale is not None, p.bias is not None, cfg["rw"], cfg["cs"], cfg["replicas"],
-                       cfg["kc"], p.num_centroids, p.num_res_centroids, str(xdtype), maxreg, ablate, group)
+                       cfg["kc"], p.num_centroids, p.num_res_centroids, str(xdtype), maxreg, ablate, group,
+                       cfg["lpr"])
     return kern, [cfg["nsplit"]]

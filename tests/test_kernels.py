@@ -484,6 +484,40 @@ def test_gemv_rows_several_steps_per_lane(name, m, n):
             _close(plan(x), gemv_ref(x.float(), p), tol)
 
 
+# lanes sharing a row: 8-bit codes (two 16-byte pieces a step, interleaved), 16-bit codes with the
+# residual (8 codes a piece), 10-bit codes (a whole 5-word step a piece)
+@pytest.mark.parametrize("name,m,n,lpr", [("v4_k256", 12, 512, 2), ("v4_k256", 9, 512, 4),
+                                          ("v5_k1024", 20, 256, 2), ("v8_k256_r256", 16, 128, 2)])
+def test_gemv_rows_lanes_per_row(name, m, n, lpr):
+    """lpr lanes take turns over a row's codes (one warp-wide load reads whole sectors of fewer
+    rows); each lane's partial sums join the column runs' in the block reduction. Equal to the
+    oracle with one column chunk and with two (split-K), fp16 and fp32."""
+    from kernels.gemv import GemvPlan
+    from kernels.gemv_rows import rows_config
+
+    p = PackedLayer.from_module(_layer(**{**ROWS_LAYERS[name], "m": m, "n": n}))
+    for kc in (n, n // 2):
+        plan = GemvPlan(p)
+        plan.rows_cfg = c = rows_config(p, plan.rows_threads, plan.warp, kc, lpr=lpr)
+        assert plan.path == "rows" and c["lpr"] == lpr and c["kc"] == kc
+        if kc == n:  # each lane walks several steps of its row
+            assert kc // (c["cs"] // lpr) >= 2 * lpr * c["cps"]
+        for seed, dtype, tol in ((3, torch.float16, 3e-3), (4, torch.float32, 1e-4)):
+            x = torch.randn(1, p.in_features, generator=torch.Generator().manual_seed(seed)).to(dtype).to(DEV)
+            _close(plan(x), gemv_ref(x.float(), p), tol)
+        assert not plan.rcnt.any() and not plan.workspace(1, True).any()
+
+
+def test_lanes_per_row_falls_back_where_rows_are_short():
+    """lpr halves until the row is whole steps of lpr lanes and it divides the warp's rows."""
+    from kernels.gemv_rows import lanes_per_row
+
+    p = PackedLayer.from_module(_layer(**{**ROWS_LAYERS["v4_k256"], "n": 96}))  # 3 steps of 32 codes
+    assert lanes_per_row(p, 32, 8, 4) == 1
+    p = PackedLayer.from_module(_layer(**{**ROWS_LAYERS["v4_k256"], "n": 128}))
+    assert lanes_per_row(p, 32, 8, 4) == 4 and lanes_per_row(p, 4, 2, 4) == 2
+
+
 def _group_layers(n=256):
     """q/k/v-like layers: same input width and format, different widths out (GQA) and values."""
     return [_layer(**{**ROWS_LAYERS["v4_k256"], "m": m, "n": n, "seed": s}) for s, m in ((1, 150), (2, 40), (3, 44))]
