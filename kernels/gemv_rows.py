@@ -37,7 +37,7 @@ REPLICAS_10BIT = 2
 CB_ROWS_MAX = 96 * 1024  # shared memory for the replicated codebooks
 KC_MAX = 2048  # stored columns per block at most (more blocks beat longer runs per lane at 70B)
 SMS = 132  # H100 SXM; steers the split-K heuristic only
-LANES_PER_ROW = 1  # lanes sharing a row of vectors (1: a lane walks its row alone)
+LANES_PER_ROW = 2  # lanes sharing a row of vectors (H200, v4-k256 28672x8192: 1 lane 51.8 us, 2: 45.2, 4: 50.0)
 XB = 4  # x' columns a thread stages at a time (all loads issued, then the stores)
 FLUSH = 8  # fp16 x: codes summed in half2 before the sums are added into fp32
 
@@ -87,6 +87,13 @@ def lanes_per_row(p: PackedLayer, rw: int, cs: int, want: int | None = None) -> 
     return lpr
 
 
+def x_words(kc: int, lpr: int) -> int:
+    """32-bit words of shared memory for x' of a chunk: one per column, plus (4 or more lanes per
+    row) 4 words of skew after every 32 columns, so the lanes of a row, which read x' 16 columns
+    apart, never hit the same banks (without it, lanes 0 and 2 of a row would: 32 columns apart)."""
+    return kc + (kc // 32) * 4 if lpr >= 4 else kc
+
+
 def rows_config(p: PackedLayer, threads: int, warp: int, kc: int | None = None, tiles: int | None = None,
                 lpr: int | None = None) -> dict:
     """Launch shape: rows of vectors per block (rw), column runs (cs), lanes per row (lpr), chunk
@@ -110,7 +117,7 @@ def rows_config(p: PackedLayer, threads: int, warp: int, kc: int | None = None, 
         raise ValueError(f"kc: {kc} is not a multiple of {unit} (column runs x codes per step)")
     r = replicas(p) if warp > 1 else 1  # copies only avoid bank conflicts; the simulator has none
     cbb = nb.cdiv(replica_bytes(p) * r, 8) * 8
-    shmem = cbb + 4 * (kc + cs * rw * p.vector_len + 2)
+    shmem = cbb + 4 * (x_words(kc, lpr) + cs * rw * p.vector_len + 2)
     return dict(rw=rw, cs=cs, cps=cps, lpr=lpr, kc=kc, tiles=tiles, nsplit=nb.cdiv(n, kc), replicas=r,
                 shmem=nb.cdiv(shmem, 16) * 16)
 
@@ -203,7 +210,8 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
     cbn = kq * r
     o16 = (kq + krq) * r * 4
     oxs = (kq + krq) * r * 2 + (nb.cdiv(k * r, 4) * 2 if odd else 0)  # x' after the codebooks (32-bit; even)
-    ored = oxs + kc
+    skew = nl >= 4
+    ored = oxs + x_words(kc, nl)
     owb = ored + cs * rw * v
     ofl = owb + 1
     ind = "    "
@@ -282,7 +290,8 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
     for j in range(XB):
         xv = f"_x{j} * _s{j}" if has_norm else f"_x{j}"
         L += [f"{i2}if _c{j} < {kc}:",
-              f"{i3}s32[{oxs} + _c{j}] = f2h2({xv})" if half else f"{i3}sf[{oxs} + _c{j}] = {xv}"]
+              f"{i3}_y{j} = _c{j} + ((_c{j} >> 5) << 2)" if skew else f"{i3}_y{j} = _c{j}",
+              f"{i3}s32[{oxs} + _y{j}] = f2h2({xv})" if half else f"{i3}sf[{oxs} + _y{j}] = {xv}"]
         if has_norm:
             L.append(f"{i2}_wp += _x{j} * _w{j}")
     # ---- R copies of every codebook word (lane-rotated copies: the stores do not share banks)
@@ -325,12 +334,16 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
     L += [f"{i3}else:",
           f"{i4}{' = '.join(f'{bufs[ahead]}{i}' for i in range(nws))} = int64(0)",
           # unsigned: numba adds a negative-index wraparound (4 instructions) to every signed index
-          f"{i3}xo = uint64({oxs // 2} + ((c - k0{sub_c}) >> 1))" if half else f"{i3}xo = uint64({oxs} + c - k0{sub_c})"]
+          f"{i3}_xx = c - k0{sub_c}",
+          f"{i3}_xx += (_xx >> 5) << 2" if skew else f"{i3}pass",
+          f"{i3}xo = uint64({oxs // 2} + (_xx >> 1))" if half else f"{i3}xo = uint64({oxs} + _xx)"]
 
     def col(u: int) -> int:
-        """Column of code u of a lane's step, from the lane's first (xo): piece u // cpp is the
-        (u // cpp)-th piece of this lane, nl pieces of the row apart."""
-        return (u // cpp) * nl * cpp + u % cpp
+        """x' word of code u of a lane's step, from the lane's first (xo): piece u // cpp is the
+        (u // cpp)-th piece of this lane, nl pieces of the row apart (pieces never cross a
+        32-column skew boundary: they are 8, 16 or 32 columns, aligned)."""
+        gap = nl * cpp * 9 // 8 if skew else nl * cpp
+        return (u // cpp) * gap + u % cpp
 
     def flush(i: str) -> list[str]:
         out = []
