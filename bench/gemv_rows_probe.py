@@ -89,6 +89,8 @@ def main() -> None:
                     help="comma list of register caps (0 = the compiler's choice; default: the plan's)")
     ap.add_argument("--ablate", default="", help="comma list of kernel_rows ablations to time too (main, fill, epi)")
     ap.add_argument("--lpr", default="0", help="comma list of lanes per row (0: the default, LANES_PER_ROW)")
+    ap.add_argument("--variants", default="", help="';'-separated variants, each a ','-list of key=value "
+                    "(kc, maxreg, lpr, rw); replaces the --kc x --maxreg x --lpr product")
     ap.add_argument("--flush", type=int, default=0, help="codes summed in half2 between fp32 flushes (0: FLUSH)")
     ap.add_argument("--threads", type=int, default=0, help="threads per block of the row kernel (0: ROWS_THREADS)")
     ap.add_argument("--cb-max", type=int, default=0, help="KiB for the codebook copies (0: CB_ROWS_MAX)")
@@ -121,37 +123,44 @@ def main() -> None:
             wref = dequantize_ref(p, torch.float32)
             yref = x.float() @ wref.t()
             del wref
-            for kc, mr, lpr in ((kc, int(mr), int(lpr)) for kc in a.kc.split(",") for mr in a.maxreg.split(",")
-                                for lpr in a.lpr.split(",")):
-                if True:
-                    plans = [GemvPlan(q, checked=True) for q in [p, *others]]
-                    if (kc != "auto" or a.threads or lpr) and plans[0].path == "rows":  # the row kernel only
-                        for pl in plans:
-                            pl.rows_threads = a.threads or pl.rows_threads
-                            pl.rows_cfg = rows_config(pl.p, pl.rows_threads, pl.warp, None if kc == "auto" else int(kc),
-                                                      lpr=lpr or None)
-                    if plans[0].path != "rows":
-                        log(fkey, shape, "not the row kernel:", plans[0].path)
-                        continue
+            variants = ([dict(kv.split("=") for kv in v.split(",")) for v in a.variants.split(";")] if a.variants else
+                        [dict(kc=kc, maxreg=mr, lpr=lpr) for kc in a.kc.split(",") for mr in a.maxreg.split(",")
+                         for lpr in a.lpr.split(",")])
+            for var in variants:
+                kc, mr, lpr = var.get("kc", "auto"), int(var.get("maxreg", ROWS_MAXREG)), int(var.get("lpr", 0))
+                rw = int(var.get("rw", 0))
+                plans = [GemvPlan(q, checked=True) for q in [p, *others]]
+                if (kc != "auto" or a.threads or lpr or rw) and plans[0].path == "rows":  # the row kernel only
                     for pl in plans:
-                        pl.rows_maxreg = mr
-                    rel = rel_err(plans[0](x), yref)
-                    dtypes = [torch.float16] + ([torch.float32] if a.fp32 else [])
-                    runs = [(dt, "") for dt in dtypes] + [(torch.float16, ab) for ab in a.ablate.split(",") if ab]
-                    for dt, ab in runs:
-                        for pl in plans:
-                            pl.rows_ablate, pl._fast = ab, {}
-                        xx = x.to(dt)
-                        calls = [lambda pl=pl, xx=xx: pl(xx) for pl in plans]
-                        t, _ = time_device(calls, iters=100)
-                        graph = ""
-                        if a.graph:
-                            tg = time_graph(calls)
-                            graph = f"  | graph: {tg:.1f} us vs fp16 {tfg:.1f} us = {tfg / tg:.2f}x"
-                        c = plans[0].rows_cfg
-                        log(f"{fkey} {shape} x={str(dt)[6:]} kc={c['kc']} nsplit={c['nsplit']} tiles={c['tiles']} "
-                            f"R={c['replicas']} lpr={c['lpr']} t={plans[0].rows_threads} flush={gemv_rows.FLUSH} maxreg={mr} ablate={ab or '-'} regs={regs(plans[0])} rel={rel:.1e}: "
-                            f"{t:.1f} us ({nbytes / t / 1e3:.0f} GB/s)  fp16 {tf:.1f} us  speedup {tf / t:.2f}x{graph}")
+                        pl.rows_threads = a.threads or pl.rows_threads
+                        if kc == "all":  # one column chunk: no split-K
+                            c0 = rows_config(pl.p, pl.rows_threads, pl.warp, lpr=lpr or None, rw=rw or None)
+                            kc = str(nb.cdiv(n, c0["cs"] * c0["cps"]) * c0["cs"] * c0["cps"])
+                        pl.rows_cfg = rows_config(pl.p, pl.rows_threads, pl.warp, None if kc == "auto" else int(kc),
+                                                  lpr=lpr or None, rw=rw or None)
+                        pl.rcnt = torch.zeros(pl.rows_cfg["tiles"], dtype=torch.int32, device="cuda")
+                if plans[0].path != "rows":
+                    log(fkey, shape, "not the row kernel:", plans[0].path)
+                    continue
+                for pl in plans:
+                    pl.rows_maxreg = mr
+                rel = rel_err(plans[0](x), yref)
+                dtypes = [torch.float16] + ([torch.float32] if a.fp32 else [])
+                runs = [(dt, "") for dt in dtypes] + [(torch.float16, ab) for ab in a.ablate.split(",") if ab]
+                for dt, ab in runs:
+                    for pl in plans:
+                        pl.rows_ablate, pl._fast = ab, {}
+                    xx = x.to(dt)
+                    calls = [lambda pl=pl, xx=xx: pl(xx) for pl in plans]
+                    t, _ = time_device(calls, iters=100)
+                    graph = ""
+                    if a.graph:
+                        tg = time_graph(calls)
+                        graph = f"  | graph: {tg:.1f} us vs fp16 {tfg:.1f} us = {tfg / tg:.2f}x"
+                    c = plans[0].rows_cfg
+                    log(f"{fkey} {shape} x={str(dt)[6:]} kc={c['kc']} nsplit={c['nsplit']} tiles={c['tiles']} "
+                        f"R={c['replicas']} rw={c['rw']} lpr={c['lpr']} t={plans[0].rows_threads} flush={gemv_rows.FLUSH} maxreg={mr} ablate={ab or '-'} regs={regs(plans[0])} rel={rel:.1e}: "
+                        f"{t:.1f} us ({nbytes / t / 1e3:.0f} GB/s)  fp16 {tf:.1f} us  speedup {tf / t:.2f}x{graph}")
 
 
 if __name__ == "__main__":

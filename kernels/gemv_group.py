@@ -39,7 +39,7 @@ class RowsGroupPlan:
         self.threads = plans[0].rows_threads
         c0 = plans[0].rows_cfg
         tiles = [nb.cdiv(pl.p.rows, c0["rw"]) for pl in plans]
-        self.cfg = rows_config(p0, self.threads, plans[0].warp, tiles=sum(tiles))
+        self.cfg = rows_config(p0, self.threads, plans[0].warp, tiles=sum(tiles), lpr=c0["lpr"], rw=c0["rw"])
         self.group = tuple((t, pl.p.out_features) for t, pl in zip(tiles, plans, strict=True))
         self.splits = [pl.p.out_features for pl in plans]
         self.out_features = sum(self.splits)

@@ -37,6 +37,7 @@ REPLICAS_10BIT = 2
 CB_ROWS_MAX = 96 * 1024  # shared memory for the replicated codebooks
 KC_MAX = 2048  # stored columns per block at most (more blocks beat longer runs per lane at 70B)
 SMS = 132  # H100 SXM; steers the split-K heuristic only
+SIM_WARP = 4  # the simulator's stand-in for a warp (rows of a tile by default; keeps blocks small)
 LANES_PER_ROW = 2  # lanes sharing a row of vectors (H200, v4-k256 28672x8192: 1 lane 51.8 us, 2: 45.2, 4: 50.0)
 XB = 4  # x' columns a thread stages at a time (all loads issued, then the stores)
 FLUSH = 8  # fp16 x: codes summed in half2 before the sums are added into fp32
@@ -78,12 +79,22 @@ def replicas(p: PackedLayer) -> int:
     return r
 
 
-def lanes_per_row(p: PackedLayer, rw: int, cs: int, want: int | None = None) -> int:
-    """Lanes that share a row of vectors (`lpr`): the largest of `want` (LANES_PER_ROW), halved
-    until it divides the warp's rows and column runs and the row is whole steps of lpr lanes."""
-    lpr = want or LANES_PER_ROW
-    while lpr > 1 and (rw % lpr or cs % lpr or p.in_features % (lpr * step_codes(p.code_bits))):
+def lanes_per_row(p: PackedLayer, rw: int, gsz: int, threads: int, want: int | None = None) -> int:
+    """Lanes that share a row of vectors (`lpr`): the largest of `want` (LANES_PER_ROW) and the
+    least that lets a warp (gsz lanes: 32, the tile's rows in the simulator) hold whole rows of
+    the tile, halved while the warp's rows do not tile the block or the row is not whole steps of
+    lpr lanes. Raises when no lpr fits (rw too small for the warp)."""
+    lpr = max(want or LANES_PER_ROW, nb.cdiv(gsz, rw))
+
+    def fits(q: int) -> bool:
+        rpw = gsz // q  # rows of a warp
+        return (gsz % q == 0 and rpw <= rw and rw % rpw == 0 and (threads // gsz) % (rw // rpw) == 0
+                and p.in_features % (q * step_codes(p.code_bits)) == 0)
+
+    while lpr > 1 and not fits(lpr):
         lpr //= 2
+    if not fits(lpr):
+        raise ValueError(f"rw: {rw} rows per tile do not fit warps of {gsz} lanes for in_features {p.in_features}")
     return lpr
 
 
@@ -95,14 +106,15 @@ def x_words(kc: int, lpr: int) -> int:
 
 
 def rows_config(p: PackedLayer, threads: int, warp: int, kc: int | None = None, tiles: int | None = None,
-                lpr: int | None = None) -> dict:
+                lpr: int | None = None, rw: int | None = None) -> dict:
     """Launch shape: rows of vectors per block (rw), column runs (cs), lanes per row (lpr), chunk
     (kc), splits, smem. tiles: row tiles of the launch when it covers several layers
     (kernels/gemv_group.py)."""
-    rw = warp if warp > 1 else 4  # the simulator runs one thread per "lane": keep blocks small
+    gsz = warp if warp > 1 else SIM_WARP
+    rw = rw or gsz  # the simulator runs one thread per "lane": keep blocks small
     cs = threads // rw
     cps = step_codes(p.code_bits)
-    lpr = lanes_per_row(p, rw, cs, lpr)
+    lpr = lanes_per_row(p, rw, gsz, threads, lpr)
     unit = cs * cps
     tiles = tiles or nb.cdiv(p.rows, rw)
     n = p.in_features
@@ -199,6 +211,9 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
     bufs = ["w", "n", "m"][:ahead + 1]
     threads = rw * cs
     nl = lpr
+    gsz = SIM_WARP if warp == 1 else warp  # lanes of a warp (in the simulator: a stand-in)
+    rpw = gsz // nl  # rows of a warp
+    ngr = rw // rpw  # warps side by side over the tile's rows
     run = kc // (cs // nl)  # columns of a column run, walked by its L lanes of each row in turn
     npc = nws // 2 if nws % 2 == 0 else 1  # pieces a lane loads per step (16 bytes; 10-bit: one)
     wpp = nws // npc  # 64-bit words per piece
@@ -244,9 +259,10 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
           f"{ind}nw64 = idx64.shape[2]",
           f"{ind}k0 = cuda.blockIdx.y * {kc}",
          f"{ind}tid = cuda.threadIdx.x",
-         *([f"{ind}rl = tid % {rw}", f"{ind}sc = tid // {rw}", f"{ind}ci = sc"] if nl == 1 else
-           [f"{ind}_q = tid // {rw}", f"{ind}_t = tid % {rw}", f"{ind}sub = _t % {nl}",
-            f"{ind}rl = (_q % {nl}) * {rw // nl} + _t // {nl}", f"{ind}sc = _q // {nl}", f"{ind}ci = sc * {nl} + sub"]),
+         # a warp: rpw rows x nl lanes each (the lanes of a row adjacent); ngr warps cover the tile's rows
+         *([f"{ind}rl = tid % {rw}", f"{ind}sc = tid // {rw}", f"{ind}ci = sc"] if nl == 1 and rw == gsz else
+           [f"{ind}_q = tid // {gsz}", f"{ind}_t = tid % {gsz}", f"{ind}sub = _t % {nl}",
+            f"{ind}rl = (_q % {ngr}) * {rpw} + _t // {nl}", f"{ind}sc = _q // {ngr}", f"{ind}ci = sc * {nl} + sub"]),
          f"{ind}ofl = {ofl}",
          # ---- the first two steps' codes of this lane's row, requested first (the longest latency)
          f"{ind}row = tile * {rw} + rl",

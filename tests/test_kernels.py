@@ -486,20 +486,25 @@ def test_gemv_rows_several_steps_per_lane(name, m, n):
 
 # lanes sharing a row: 8-bit codes (two 16-byte pieces a step, interleaved), 16-bit codes with the
 # residual (8 codes a piece), 10-bit codes (a whole 5-word step a piece)
-@pytest.mark.parametrize("name,m,n,lpr", [("v4_k256", 12, 512, 2), ("v4_k256", 9, 512, 4),
-                                          ("v5_k1024", 20, 256, 2), ("v8_k256_r256", 16, 128, 2)])
-def test_gemv_rows_lanes_per_row(name, m, n, lpr):
+# rw: rows of a tile (the simulator's warp is 4 lanes: rw 2 = a warp of 2 rows x 2 lanes, rw 8 =
+# two warps side by side over the rows)
+@pytest.mark.parametrize("name,m,n,lpr,rw", [("v4_k256", 12, 512, 2, 4), ("v4_k256", 9, 512, 4, 4),
+                                             ("v5_k1024", 20, 256, 2, 4), ("v8_k256_r256", 16, 128, 2, 4),
+                                             ("v4_k256", 11, 512, 2, 2), ("v4_k256", 19, 256, 1, 8)])
+def test_gemv_rows_lanes_per_row(name, m, n, lpr, rw):
     """lpr lanes take turns over a row's codes (one warp-wide load reads whole sectors of fewer
-    rows); each lane's partial sums join the column runs' in the block reduction. Equal to the
-    oracle with one column chunk and with two (split-K), fp16 and fp32."""
+    rows); each lane's partial sums join the column runs' in the block reduction; tiles of fewer
+    or more rows than a warp's. Equal to the oracle with one column chunk and with two
+    (split-K), fp16 and fp32."""
     from kernels.gemv import GemvPlan
     from kernels.gemv_rows import rows_config
 
     p = PackedLayer.from_module(_layer(**{**ROWS_LAYERS[name], "m": m, "n": n}))
     for kc in (n, n // 2):
         plan = GemvPlan(p)
-        plan.rows_cfg = c = rows_config(p, plan.rows_threads, plan.warp, kc, lpr=lpr)
-        assert plan.path == "rows" and c["lpr"] == lpr and c["kc"] == kc
+        plan.rows_cfg = c = rows_config(p, plan.rows_threads, plan.warp, kc, lpr=lpr, rw=rw)
+        plan.rcnt = torch.zeros(c["tiles"], dtype=torch.int32, device=p.device)
+        assert plan.path == "rows" and c["lpr"] == lpr and c["kc"] == kc and c["rw"] == rw
         if kc == n:  # each lane walks several steps of its row
             assert kc // (c["cs"] // lpr) >= 2 * lpr * c["cps"]
         for seed, dtype, tol in ((3, torch.float16, 3e-3), (4, torch.float32, 1e-4)):
@@ -513,9 +518,12 @@ def test_lanes_per_row_falls_back_where_rows_are_short():
     from kernels.gemv_rows import lanes_per_row
 
     p = PackedLayer.from_module(_layer(**{**ROWS_LAYERS["v4_k256"], "n": 96}))  # 3 steps of 32 codes
-    assert lanes_per_row(p, 32, 8, 4) == 1
+    assert lanes_per_row(p, 32, 32, 256, 4) == 1
+    with pytest.raises(ValueError, match="rw: 8 rows per tile"):  # a warp of 32 lanes needs 4 lanes a row
+        lanes_per_row(p, 8, 32, 256, 1)
     p = PackedLayer.from_module(_layer(**{**ROWS_LAYERS["v4_k256"], "n": 128}))
-    assert lanes_per_row(p, 32, 8, 4) == 4 and lanes_per_row(p, 4, 2, 4) == 2
+    assert lanes_per_row(p, 32, 32, 256, 4) == 4 and lanes_per_row(p, 8, 32, 256, 1) == 4
+    assert lanes_per_row(p, 4, 4, 8, 4) == 2  # 2 warps of 4 lanes: 4 lanes a row would need 4 warps
 
 
 def _group_layers(n=256):
