@@ -129,7 +129,7 @@ def test_sigkilled_subprocess_resumes_to_the_same_tensors(setup, tmp_path):
         from vptq.config import QuantConfig
         from vptq.finetune import finetune_model
         from vptq.io import load_quantized
-        torch.set_num_threads(1)
+        torch.set_num_threads({torch.get_num_threads()})  # as here: CPU sums may split by thread count
         cfg = QuantConfig.from_dict({FT.to_dict()!r})
         student = load_quantized({str(folder)!r})
         teacher = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'teacher')!r}, dtype=torch.float32)
