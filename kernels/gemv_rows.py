@@ -38,7 +38,10 @@ CB_ROWS_MAX = 96 * 1024  # shared memory for the replicated codebooks
 KC_MAX = 2048  # stored columns per block at most (more blocks beat longer runs per lane at 70B)
 SMS = 132  # H100 SXM; steers the split-K heuristic only
 SIM_WARP = 4  # the simulator's stand-in for a warp (rows of a tile by default; keeps blocks small)
-LANES_PER_ROW = 2  # lanes sharing a row of vectors (H200, v4-k256 28672x8192: 1 lane 51.8 us, 2: 45.2, 4: 50.0)
+# lanes sharing a row of vectors, by code width. H200 (bench/gemv_rows_probe.py --variants): v4-k256
+# 28672x8192 1 lane 51.8 us, 2: 44.6, 4: 45.3 (7B shapes: 2 best or equal); v5-k1024 (10-bit)
+# 28672x8192 1: 112.0, 2: 101.6, 4: 93.9; 8192x8192 2: 41.8, 4: 39.5
+LANES_PER_ROW = {8: 2, 16: 2, 10: 4}
 XB = 4  # x' columns a thread stages at a time (all loads issued, then the stores)
 FLUSH = 8  # fp16 x: codes summed in half2 before the sums are added into fp32
 
@@ -80,11 +83,11 @@ def replicas(p: PackedLayer) -> int:
 
 
 def lanes_per_row(p: PackedLayer, rw: int, gsz: int, threads: int, want: int | None = None) -> int:
-    """Lanes that share a row of vectors (`lpr`): the largest of `want` (LANES_PER_ROW) and the
+    """Lanes that share a row of vectors (`lpr`): the larger of `want` (LANES_PER_ROW) and the
     least that lets a warp (gsz lanes: 32, the tile's rows in the simulator) hold whole rows of
     the tile, halved while the warp's rows do not tile the block or the row is not whole steps of
     lpr lanes. Raises when no lpr fits (rw too small for the warp)."""
-    lpr = max(want or LANES_PER_ROW, nb.cdiv(gsz, rw))
+    lpr = max(want or LANES_PER_ROW.get(p.code_bits, 1), nb.cdiv(gsz, rw))
 
     def fits(q: int) -> bool:
         rpw = gsz // q  # rows of a warp
