@@ -25,7 +25,7 @@ from kernels import _numba as nb  # noqa: E402
 from kernels import gemv_rows  # noqa: E402
 from kernels.dequant import dequantize_ref  # noqa: E402
 from kernels.gemv import GemvPlan  # noqa: E402
-from kernels.gemv_rows import ROWS_MAXREG, rows_config  # noqa: E402
+from kernels.gemv_rows import ROWS_MAXREG  # noqa: E402
 
 SHAPES = "4096x4096,11008x4096,4096x11008,8192x8192,28672x8192,8192x28672"
 
@@ -133,12 +133,11 @@ def main() -> None:
                 if (kc != "auto" or a.threads or lpr or rw) and plans[0].path == "rows":  # the row kernel only
                     for pl in plans:
                         pl.rows_threads = a.threads or pl.rows_threads
+                        c0 = pl.configure_rows(lpr=lpr or None, rw=rw or None)
                         if kc == "all":  # one column chunk: no split-K
-                            c0 = rows_config(pl.p, pl.rows_threads, pl.warp, lpr=lpr or None, rw=rw or None)
                             kc = str(nb.cdiv(n, c0["cs"] * c0["cps"]) * c0["cs"] * c0["cps"])
-                        pl.rows_cfg = rows_config(pl.p, pl.rows_threads, pl.warp, None if kc == "auto" else int(kc),
-                                                  lpr=lpr or None, rw=rw or None)
-                        pl.rcnt = torch.zeros(pl.rows_cfg["tiles"], dtype=torch.int32, device="cuda")
+                        if kc != "auto":
+                            pl.configure_rows(int(kc), lpr=lpr or None, rw=rw or None)
                 if plans[0].path != "rows":
                     log(fkey, shape, "not the row kernel:", plans[0].path)
                     continue

@@ -31,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels.assign import assign  # noqa: E402
 from kernels.dequant import PackedLayer, column_map, dequantize, dequantize_ref  # noqa: E402
 from kernels.gemv import GemvPlan, gemv  # noqa: E402
-from kernels.gemv_rows import rows_config  # noqa: E402
 
 PEAKS = {"H200": 4.8e12, "H100": 3.35e12}  # HBM bytes/s: H200 HBM3e, H100 SXM HBM3
 
@@ -354,7 +353,7 @@ def one(spec: str) -> None:
     else:
         plan = GemvPlan(p, checked=True)
         if rest and rest[0].startswith("lpr") and plan.path == "rows":
-            plan.rows_cfg = rows_config(p, plan.rows_threads, plan.warp, lpr=int(rest[0][3:]))
+            plan.configure_rows(lpr=int(rest[0][3:]))
         x = torch.randn(1, n, device="cuda", dtype=torch.float16)
         for _ in range(3):
             plan(x)

@@ -629,13 +629,20 @@ class GemvPlan:
         self.rows_maxreg = ROWS_MAXREG  # 0: the compiler's choice
         self.rows_ablate = ""  # bench probes only: see kernel_rows
         # kc is the base kernel's knob unless it fits the row kernel's unit
-        self.rows_cfg = rows_config(p, self.rows_threads, self.warp)
+        self.configure_rows()
         if kc is not None and kc % (self.rows_cfg["cs"] * self.rows_cfg["cps"]) == 0:
-            self.rows_cfg = rows_config(p, self.rows_threads, self.warp, kc)
+            self.configure_rows(kc)
         self.ridx64 = p.indices.view(torch.int64)
         self.rcbw_main = word_view(p.centroids, p.vector_len)
         self.rcbw_res = word_view(p.res_centroids, p.vector_len) if p.num_res_centroids else self.rcbw_main
-        self.rcnt = torch.zeros(self.rows_cfg["tiles"], dtype=torch.int32, device=p.device)
+
+    def configure_rows(self, kc: int | None = None, **kw) -> dict:
+        """Set the row kernel's launch shape (`rows_config` with this plan's threads and warp; kw:
+        lpr, rw) and the split-K counters of its row tiles; returns the shape."""
+        self.rows_cfg = rows_config(self.p, self.rows_threads, self.warp, kc, **kw)
+        self.rcnt = torch.zeros(self.rows_cfg["tiles"], dtype=torch.int32, device=self.p.device)
+        self._fast = {}
+        return self.rows_cfg
 
     def rows_static(self) -> list[torch.Tensor]:
         """This layer's tensors as the row kernel takes them (after x, before the workspace)."""

@@ -101,11 +101,21 @@ def lanes_per_row(p: PackedLayer, rw: int, gsz: int, threads: int, want: int | N
     return lpr
 
 
+def warp_lanes(warp: int) -> int:
+    """Lanes of a warp as the row kernel maps rows onto them (the simulator's warp is 1 thread:
+    a stand-in of SIM_WARP lanes)."""
+    return warp if warp > 1 else SIM_WARP
+
+
+def x_skewed(lpr: int) -> bool:
+    """x' is stored with 4 words of skew after every 32 columns (4 or more lanes per row): the lanes
+    of a row read x' 16 columns apart, and without it lanes 0 and 2 (32 columns apart) share banks."""
+    return lpr >= 4
+
+
 def x_words(kc: int, lpr: int) -> int:
-    """32-bit words of shared memory for x' of a chunk: one per column, plus (4 or more lanes per
-    row) 4 words of skew after every 32 columns, so the lanes of a row, which read x' 16 columns
-    apart, never hit the same banks (without it, lanes 0 and 2 of a row would: 32 columns apart)."""
-    return kc + (kc // 32) * 4 if lpr >= 4 else kc
+    """32-bit words of shared memory for x' of a chunk: one per column, plus the skew."""
+    return kc + (kc // 32) * 4 if x_skewed(lpr) else kc
 
 
 def rows_config(p: PackedLayer, threads: int, warp: int, kc: int | None = None, tiles: int | None = None,
@@ -113,7 +123,7 @@ def rows_config(p: PackedLayer, threads: int, warp: int, kc: int | None = None, 
     """Launch shape: rows of vectors per block (rw), column runs (cs), lanes per row (lpr), chunk
     (kc), splits, smem. tiles: row tiles of the launch when it covers several layers
     (kernels/gemv_group.py)."""
-    gsz = warp if warp > 1 else SIM_WARP
+    gsz = warp_lanes(warp)
     rw = rw or gsz  # the simulator runs one thread per "lane": keep blocks small
     cs = threads // rw
     cps = step_codes(p.code_bits)
@@ -214,10 +224,10 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
     bufs = ["w", "n", "m"][:ahead + 1]
     threads = rw * cs
     nl = lpr
-    gsz = SIM_WARP if warp == 1 else warp  # lanes of a warp (in the simulator: a stand-in)
+    gsz = warp_lanes(warp)
     rpw = gsz // nl  # rows of a warp
     ngr = rw // rpw  # warps side by side over the tile's rows
-    run = kc // (cs // nl)  # columns of a column run, walked by its L lanes of each row in turn
+    run = kc // (cs // nl)  # columns of a column run, walked by the nl lanes of each row in turn
     npc = nws // 2 if nws % 2 == 0 else 1  # pieces a lane loads per step (16 bytes; 10-bit: one)
     wpp = nws // npc  # 64-bit words per piece
     cpp = cps // npc  # codes per piece
@@ -228,7 +238,7 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
     cbn = kq * r
     o16 = (kq + krq) * r * 4
     oxs = (kq + krq) * r * 2 + (nb.cdiv(k * r, 4) * 2 if odd else 0)  # x' after the codebooks (32-bit; even)
-    skew = nl >= 4
+    skew = x_skewed(nl)
     ored = oxs + x_words(kc, nl)
     owb = ored + cs * rw * v
     ofl = owb + 1
@@ -263,9 +273,12 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
           f"{ind}k0 = cuda.blockIdx.y * {kc}",
          f"{ind}tid = cuda.threadIdx.x",
          # a warp: rpw rows x nl lanes each (the lanes of a row adjacent); ngr warps cover the tile's rows
-         *([f"{ind}rl = tid % {rw}", f"{ind}sc = tid // {rw}", f"{ind}ci = sc"] if nl == 1 and rw == gsz else
-           [f"{ind}_q = tid // {gsz}", f"{ind}_t = tid % {gsz}", f"{ind}sub = _t % {nl}",
-            f"{ind}rl = (_q % {ngr}) * {rpw} + _t // {nl}", f"{ind}sc = _q // {ngr}", f"{ind}ci = sc * {nl} + sub"]),
+         f"{ind}_q = tid // {gsz}",
+         f"{ind}_t = tid % {gsz}",
+         f"{ind}sub = _t % {nl}",
+         f"{ind}rl = (_q % {ngr}) * {rpw} + _t // {nl}",
+         f"{ind}sc = _q // {ngr}",
+         f"{ind}ci = sc * {nl} + sub",
          f"{ind}ofl = {ofl}",
          # ---- the first two steps' codes of this lane's row, requested first (the longest latency)
          f"{ind}row = tile * {rw} + rl",
@@ -354,7 +367,7 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
           f"{i4}{' = '.join(f'{bufs[ahead]}{i}' for i in range(nws))} = int64(0)",
           # unsigned: numba adds a negative-index wraparound (4 instructions) to every signed index
           f"{i3}_xx = c - k0{sub_c}",
-          f"{i3}_xx += (_xx >> 5) << 2" if skew else f"{i3}pass",
+          *([f"{i3}_xx += (_xx >> 5) << 2"] if skew else []),
           f"{i3}xo = uint64({oxs // 2} + (_xx >> 1))" if half else f"{i3}xo = uint64({oxs} + _xx)"]
 
     def col(u: int) -> int:

@@ -497,13 +497,11 @@ def test_gemv_rows_lanes_per_row(name, m, n, lpr, rw):
     or more rows than a warp's. Equal to the oracle with one column chunk and with two
     (split-K), fp16 and fp32."""
     from kernels.gemv import GemvPlan
-    from kernels.gemv_rows import rows_config
 
     p = PackedLayer.from_module(_layer(**{**ROWS_LAYERS[name], "m": m, "n": n}))
     for kc in (n, n // 2):
         plan = GemvPlan(p)
-        plan.rows_cfg = c = rows_config(p, plan.rows_threads, plan.warp, kc, lpr=lpr, rw=rw)
-        plan.rcnt = torch.zeros(c["tiles"], dtype=torch.int32, device=p.device)
+        c = plan.configure_rows(kc, lpr=lpr, rw=rw)
         assert plan.path == "rows" and c["lpr"] == lpr and c["kc"] == kc and c["rw"] == rw
         if kc == n:  # each lane walks several steps of its row
             assert kc // (c["cs"] // lpr) >= 2 * lpr * c["cps"]
