@@ -17,7 +17,7 @@ graph and replayed (host launch cost removed for both sides: the numba kernels l
 current stream without syncs, so they are captured like torch's own kernels).
 On CUDA every format of --formats is measured in turn on the same model (the block linears are
 swapped again for each); the first one is the headline `vptq` entry.
-Results: bench/results/decode_cpu.json / decode_h100.json.
+Results: bench/results/decode_cpu.json / decode_<gpu>.json (decode_h100.json, decode_h200.json).
 """
 
 from __future__ import annotations
@@ -314,7 +314,8 @@ def main() -> None:
         print(json.dumps(r, indent=1))
     if args.gpu:
         r = {**meta, **bench_gpu(args.new, args.layers, formats)}
-        (out / "decode_h100.json").write_text(json.dumps(r, indent=1))
+        gpu = r["device"].split()[1].lower()  # "NVIDIA H200" -> decode_h200.json: runs on other GPUs don't overwrite
+        (out / f"decode_{gpu}.json").write_text(json.dumps(r, indent=1))
         print(json.dumps(r, indent=1))
     if not (args.cpu or args.gpu):
         ap.error("give --cpu and/or --gpu")

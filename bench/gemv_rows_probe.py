@@ -85,12 +85,13 @@ def main() -> None:
     ap.add_argument("--formats", default="v4k256,v8k256r256")
     ap.add_argument("--shapes", default=SHAPES)
     ap.add_argument("--kc", default="auto", help="comma list of column chunks (auto = the plan's choice)")
-    ap.add_argument("--maxreg", default=str(ROWS_MAXREG),
+    ap.add_argument("--maxreg", default="plan",
                     help="comma list of register caps (0 = the compiler's choice; default: the plan's)")
     ap.add_argument("--ablate", default="", help="comma list of kernel_rows ablations to time too (main, fill, epi)")
     ap.add_argument("--lpr", default="0", help="comma list of lanes per row (0: the default, LANES_PER_ROW)")
     ap.add_argument("--variants", default="", help="';'-separated variants, each a ','-list of key=value "
-                    "(kc, maxreg, lpr, rw); replaces the --kc x --maxreg x --lpr product")
+                    "(kc, maxreg, lpr, rw, threads, r = codebook copies, cbmax = KiB for them, persist=1, gx); replaces the "
+                    "--kc x --maxreg x --lpr product")
     ap.add_argument("--flush", type=int, default=0, help="codes summed in half2 between fp32 flushes (0: FLUSH)")
     ap.add_argument("--threads", type=int, default=0, help="threads per block of the row kernel (0: ROWS_THREADS)")
     ap.add_argument("--cb-max", type=int, default=0, help="KiB for the codebook copies (0: CB_ROWS_MAX)")
@@ -102,6 +103,7 @@ def main() -> None:
         gemv_rows.FLUSH = a.flush
     if a.cb_max:
         gemv_rows.CB_ROWS_MAX = a.cb_max * 1024
+    defaults = (gemv_rows.REPLICAS, gemv_rows.REPLICAS_10BIT, gemv_rows.CB_ROWS_MAX, gemv_rows.PERSIST_REPLICAS)
 
     def log(*args):
         print(f"[{time.time() - t0:6.1f}s]", *args, flush=True)
@@ -127,22 +129,32 @@ def main() -> None:
                         [dict(kc=kc, maxreg=mr, lpr=lpr) for kc in a.kc.split(",") for mr in a.maxreg.split(",")
                          for lpr in a.lpr.split(",")])
             for var in variants:
-                kc, mr, lpr = var.get("kc", "auto"), int(var.get("maxreg", ROWS_MAXREG)), int(var.get("lpr", 0))
-                rw = int(var.get("rw", 0))
+                kc, mr, lpr = var.get("kc", "auto"), var.get("maxreg", "plan"), int(var.get("lpr", 0))
+                rw, threads = int(var.get("rw", 0)), int(var.get("threads", a.threads))
+                persist = var.get("persist", "0") == "1"
+                kw = dict(lpr=lpr or None, rw=rw or None, persist=persist, gx=int(var["gx"]) if "gx" in var else None)
+                tdef, mdef = ((gemv_rows.PERSIST_THREADS, gemv_rows.PERSIST_MAXREG) if persist else
+                              (gemv_rows.ROWS_THREADS, ROWS_MAXREG))
+                # codebook copies: the module's caps, as a variant sets them (the plans read them when built)
+                gemv_rows.REPLICAS, gemv_rows.REPLICAS_10BIT, gemv_rows.CB_ROWS_MAX, gemv_rows.PERSIST_REPLICAS = defaults
+                if "r" in var:
+                    gemv_rows.REPLICAS = gemv_rows.REPLICAS_10BIT = gemv_rows.PERSIST_REPLICAS = int(var["r"])
+                if "cbmax" in var:
+                    gemv_rows.CB_ROWS_MAX = int(var["cbmax"]) * 1024
                 plans = [GemvPlan(q, checked=True) for q in [p, *others]]
-                if (kc != "auto" or a.threads or lpr or rw) and plans[0].path == "rows":  # the row kernel only
-                    for pl in plans:
-                        pl.rows_threads = a.threads or pl.rows_threads
-                        c0 = pl.configure_rows(lpr=lpr or None, rw=rw or None)
+                if (kc != "auto" or threads or lpr or rw or "r" in var or persist) and plans[0].path == "rows":
+                    for pl in plans:  # the row kernel only
+                        c0 = pl.configure_rows(threads=threads or tdef, **kw)
+                        pl.rows_maxreg = mdef
                         if kc == "all":  # one column chunk: no split-K
                             kc = str(nb.cdiv(n, c0["cs"] * c0["cps"]) * c0["cs"] * c0["cps"])
                         if kc != "auto":
-                            pl.configure_rows(int(kc), lpr=lpr or None, rw=rw or None)
+                            pl.configure_rows(int(kc), **kw)
                 if plans[0].path != "rows":
                     log(fkey, shape, "not the row kernel:", plans[0].path)
                     continue
                 for pl in plans:
-                    pl.rows_maxreg = mr
+                    pl.rows_maxreg = pl.rows_maxreg if mr == "plan" else int(mr)
                 rel = rel_err(plans[0](x), yref)
                 dtypes = [torch.float16] + ([torch.float32] if a.fp32 else [])
                 runs = [(dt, "") for dt in dtypes] + [(torch.float16, ab) for ab in a.ablate.split(",") if ab]
@@ -158,7 +170,7 @@ def main() -> None:
                         graph = f"  | graph: {tg:.1f} us vs fp16 {tfg:.1f} us = {tfg / tg:.2f}x"
                     c = plans[0].rows_cfg
                     log(f"{fkey} {shape} x={str(dt)[6:]} kc={c['kc']} nsplit={c['nsplit']} tiles={c['tiles']} "
-                        f"R={c['replicas']} rw={c['rw']} lpr={c['lpr']} t={plans[0].rows_threads} flush={gemv_rows.FLUSH} maxreg={mr} ablate={ab or '-'} regs={regs(plans[0])} rel={rel:.1e}: "
+                        f"R={c['replicas']} shmem={c['shmem']} gx={c['gx']}{' persist' if c['persist'] else ''} rw={c['rw']} lpr={c['lpr']} t={plans[0].rows_threads} flush={gemv_rows.FLUSH} maxreg={plans[0].rows_maxreg} ablate={ab or '-'} regs={regs(plans[0])} rel={rel:.1e}: "
                         f"{t:.1f} us ({nbytes / t / 1e3:.0f} GB/s)  fp16 {tf:.1f} us  speedup {tf / t:.2f}x{graph}")
 
 

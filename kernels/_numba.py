@@ -680,3 +680,48 @@ def load_64():
         return _ld(arr, i)
 
     return ld64
+
+
+@functools.lru_cache(maxsize=1)
+def load_shared_128():
+    """Device function lds128(arr, i) -> (arr[i], arr[i + 1]) for a 1-D int64 shared array, i even:
+    one `ld.shared.v2.u64` (16 bytes a lane: a quarter-warp of distinct 16-byte slots is one shared
+    wavefront). Why not two indexings: the compiler keeps them two 8-byte loads, each a half-warp
+    wavefront, and the row kernel's 16-byte centroid slots (kernels/gemv_rows.py, v = 5) then
+    conflict in pairs. Marked as having side effects so LLVM never moves it above a barrier."""
+    c = cuda()
+    if simulator_enabled():
+        @c.jit(device=True)
+        def lds128(arr, i):
+            return arr[i], arr[i + 1]
+
+        return lds128
+
+    from llvmlite import ir
+    from numba import types
+    from numba.cuda.extending import intrinsic
+
+    @intrinsic
+    def _ld(typingctx, arr, i):
+        if not (isinstance(arr, types.Array) and arr.dtype == types.int64 and isinstance(i, types.Integer)):
+            return None
+        sig = types.UniTuple(types.int64, 2)(arr, i)
+
+        def codegen(context, builder, sig, args):
+            ary = context.make_array(sig.args[0])(context, builder, args[0])
+            i64 = ir.IntType(64)
+            idx = args[1] if args[1].type.width == 64 else builder.sext(args[1], i64)
+            addr = builder.ptrtoint(builder.gep(ary.data, [idx]), i64)
+            fnty = ir.FunctionType(ir.LiteralStructType([i64, i64]), [i64])
+            asm = "{ .reg .u64 t; cvta.to.shared.u64 t, $2; ld.shared.v2.u64 {$0, $1}, [t]; }"
+            res = builder.call(ir.InlineAsm(fnty, asm, "=l,=l,l", side_effect=True), [addr])
+            return context.make_tuple(builder, sig.return_type,
+                                      [builder.extract_value(res, 0), builder.extract_value(res, 1)])
+
+        return sig, codegen
+
+    @c.jit(device=True, forceinline=True)
+    def lds128(arr, i):
+        return _ld(arr, i)
+
+    return lds128

@@ -54,6 +54,9 @@ from .dequant import (
     word_view,
 )
 from .gemv_rows import (
+    PERSIST_BITS,
+    PERSIST_MAXREG,
+    PERSIST_THREADS,
     ROWS_MAXREG,
     ROWS_THREADS,
     rows_config,
@@ -625,20 +628,23 @@ class GemvPlan:
         """State of the row-per-lane kernel (kernels/gemv_rows.py), used for batch 1."""
         p = self.p
         self.path = "rows"
-        self.rows_threads = 16 if self.sim else ROWS_THREADS
-        self.rows_maxreg = ROWS_MAXREG  # 0: the compiler's choice
+        # persistent blocks where they pay (PERSIST_BITS); the simulator's tests ask for them
+        persist = p.code_bits in PERSIST_BITS and not self.sim
+        self.rows_threads = 16 if self.sim else (PERSIST_THREADS if persist else ROWS_THREADS)
+        self.rows_maxreg = PERSIST_MAXREG if persist else ROWS_MAXREG  # 0: the compiler's choice
         self.rows_ablate = ""  # bench probes only: see kernel_rows
         # kc is the base kernel's knob unless it fits the row kernel's unit
-        self.configure_rows()
+        self.configure_rows(persist=persist)
         if kc is not None and kc % (self.rows_cfg["cs"] * self.rows_cfg["cps"]) == 0:
-            self.configure_rows(kc)
+            self.configure_rows(kc, persist=persist)
         self.ridx64 = p.indices.view(torch.int64)
         self.rcbw_main = word_view(p.centroids, p.vector_len)
         self.rcbw_res = word_view(p.res_centroids, p.vector_len) if p.num_res_centroids else self.rcbw_main
 
-    def configure_rows(self, kc: int | None = None, **kw) -> dict:
+    def configure_rows(self, kc: int | None = None, threads: int | None = None, **kw) -> dict:
         """Set the row kernel's launch shape (`rows_config` with this plan's threads and warp; kw:
-        lpr, rw) and the split-K counters of its row tiles; returns the shape."""
+        lpr, rw, persist, gx) and the split-K counters of its row tiles; returns the shape."""
+        self.rows_threads = threads or self.rows_threads
         self.rows_cfg = rows_config(self.p, self.rows_threads, self.warp, kc, **kw)
         self.rcnt = torch.zeros(self.rows_cfg["tiles"], dtype=torch.int32, device=self.p.device)
         self._fast = {}
@@ -674,7 +680,7 @@ class GemvPlan:
             c = self.rows_cfg
             kern, scalars = rows_launch(p, c, dtype, self.rows_maxreg, self.rows_ablate)
             static = [*self.rows_static(), self.workspace(1, c["nsplit"] > 1), self.rcnt]
-            return kern, (c["tiles"], c["nsplit"]), c["shmem"], static, scalars, self.rows_threads
+            return kern, (c["gx"], c["nsplit"]), c["shmem"], static, scalars, self.rows_threads
         if self.base == "smem":
             c = self.smem_config(bsz)
             split = c["nsplit"] > 1

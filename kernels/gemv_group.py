@@ -14,7 +14,7 @@ import torch
 
 from . import _numba as nb
 from .gemv import GemvPlan, launch_fast, prepare_fast
-from .gemv_rows import rows_config, rows_launch
+from .gemv_rows import ROWS_MAXREG, ROWS_THREADS, rows_config, rows_launch
 
 _SAME = ("in_features", "vector_len", "code_bits", "num_centroids", "num_res_centroids", "device")
 
@@ -36,8 +36,9 @@ class RowsGroupPlan:
                 raise ValueError(f"group: layers differ in {', '.join(diff)}")
         self.plans = plans
         self.sim = plans[0].sim
-        self.threads = plans[0].rows_threads
         c0 = plans[0].rows_cfg
+        # a persistent plan's block (PERSIST_THREADS) is sized for one block per SM; the group launch is not
+        self.threads = plans[0].rows_threads if not c0["persist"] else (16 if self.sim else ROWS_THREADS)
         tiles = [nb.cdiv(pl.p.rows, c0["rw"]) for pl in plans]
         self.cfg = rows_config(p0, self.threads, plans[0].warp, tiles=sum(tiles), lpr=c0["lpr"], rw=c0["rw"])
         self.group = tuple((t, pl.p.out_features) for t, pl in zip(tiles, plans, strict=True))
@@ -48,7 +49,7 @@ class RowsGroupPlan:
         n = self.out_features if self.cfg["nsplit"] > 1 else 1
         self.ws = torch.zeros(1, n, dtype=torch.float32, device=dev)
         self.static = [t for pl in plans for t in pl.rows_static()] + [self.ws, self.cnt]
-        self.maxreg = plans[0].rows_maxreg
+        self.maxreg = plans[0].rows_maxreg if not c0["persist"] else ROWS_MAXREG
         self._fast: dict = {}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -44,6 +44,20 @@ SIM_WARP = 4  # the simulator's stand-in for a warp (rows of a tile by default; 
 LANES_PER_ROW = {8: 2, 16: 2, 10: 4}
 XB = 4  # x' columns a thread stages at a time (all loads issued, then the stores)
 FLUSH = 8  # fp16 x: codes summed in half2 before the sums are added into fp32
+# persistent blocks (rows_config(persist=True)): threads, register cap, codebook copies and their
+# shared memory. H200, v5-k1024 (bench/gemv_rows_probe.py --variants): 28672x8192 93.9 us (not
+# persistent, 2 copies) -> 1024 threads 70.2, 512 threads at 128 registers 64.0; 8192x8192 39.5 -> 29.6
+PERSIST_THREADS = 512
+PERSIST_MAXREG = 128
+PERSIST_REPLICAS = 16  # as many as fit PERSIST_CB_MAX (v5-k1024's 16-byte slots: 8)
+PERSIST_CB_MAX = 160 * 1024
+PERSIST_KC_MAX = 8192  # x' of a chunk stays in shared memory next to the copies
+ITEM_COLS = 256  # a row tile's fixed cost (prefetch, reduction, epilogue) in columns, for the kc choice
+SMEM_SM = 227 * 1024  # shared memory an SM gives its blocks (H100/H200)
+# code widths whose plans persist by default (GemvPlan): 10-bit codes (v5-k1024, 10 KiB codebooks:
+# the 8 copies need one block per SM). Byte codes are faster without (H200 v4-k256 28672x8192 44.9 us
+# against 57.6-73.3 persistent: their 16 copies fit 4 blocks per SM anyway)
+PERSIST_BITS = frozenset({10})
 
 
 def step_codes(code_bits: int) -> int:
@@ -64,18 +78,30 @@ def rows_path_ok(p: PackedLayer) -> bool:
             and p.indices.shape[2] * 32 == p.in_features * b)
 
 
-def replica_bytes(p: PackedLayer) -> int:
+def wide_ok(p: PackedLayer) -> bool:
+    """The 16-byte centroid slots of kernel_rows(wide=True) apply: v = 5, no residual."""
+    return p.vector_len == 5 and p.num_res_centroids == 0
+
+
+def replica_bytes(p: PackedLayer, wide: bool = False) -> int:
     """Bytes of one copy of the codebooks: q 64-bit words per centroid (main + residual), plus one
-    fp16 value per main centroid when v % 4 == 1."""
+    fp16 value per main centroid when v % 4 == 1; wide: 16 bytes per centroid."""
+    if wide:
+        return 16 * p.num_centroids
     q = p.vector_len // 4
     extra = 2 * p.num_centroids if p.vector_len % 4 == 1 else 0
     return (p.num_centroids + p.num_res_centroids) * q * 8 + extra
 
 
-def replicas(p: PackedLayer) -> int:
+def replicas(p: PackedLayer, persist: bool = False) -> int:
     """Copies of the codebooks that fit in CB_ROWS_MAX (16, else 8, 4, ...); 2 for 10-bit codes,
     whose 10 KiB codebook copies cost more in occupancy than they save in bank conflicts (H100,
     v5-k1024 28672x8192: 8 copies 119.8 us, 4: 121.2, 2: 112.0; 4096x4096 25.5 / 21.1 / 19.6)."""
+    if persist:  # one block per SM: room for more copies
+        r, wide = PERSIST_REPLICAS, wide_ok(p)
+        while r > 1 and replica_bytes(p, wide) * r > PERSIST_CB_MAX:
+            r //= 2
+        return r
     r = REPLICAS_10BIT if p.main_bits == 10 else REPLICAS
     while r > 1 and replica_bytes(p) * r > CB_ROWS_MAX:
         r //= 2
@@ -118,11 +144,38 @@ def x_words(kc: int, lpr: int) -> int:
     return kc + (kc // 32) * 4 if x_skewed(lpr) else kc
 
 
+def blocks_per_sm(shmem: int, threads: int, maxreg: int = ROWS_MAXREG) -> int:
+    """Blocks of the row kernel an SM holds (shared memory, threads, registers at the cap)."""
+    return max(1, min(SMEM_SM // max(shmem, 1), 2048 // threads, 65536 // (threads * (maxreg or 255))))
+
+
+def persist_kc(n: int, unit: int, tiles: int, slots: int) -> int:
+    """Column chunk of a persistent launch: the least modelled time, cdiv(tiles, blocks a chunk
+    gets) x (kc + ITEM_COLS), over chunks of unit x 2^j columns (and the whole row) up to
+    PERSIST_KC_MAX; ties go to the larger chunk (fewer split-K atomics)."""
+    cands, kc = [], unit
+    while kc < n and kc <= PERSIST_KC_MAX:
+        cands.append(kc)
+        kc *= 2
+    whole = nb.cdiv(n, unit) * unit
+    if whole <= max(PERSIST_KC_MAX, unit):
+        cands.append(whole)
+    best = None
+    for kc in cands:
+        ns = nb.cdiv(n, kc)
+        gx = max(1, min(tiles, slots // ns))
+        cost = nb.cdiv(tiles, gx) * (kc + ITEM_COLS) * nb.cdiv(ns * gx, slots)
+        if best is None or cost <= best[0]:
+            best = (cost, kc)
+    return best[1]
+
+
 def rows_config(p: PackedLayer, threads: int, warp: int, kc: int | None = None, tiles: int | None = None,
-                lpr: int | None = None, rw: int | None = None) -> dict:
+                lpr: int | None = None, rw: int | None = None, persist: bool = False, gx: int | None = None) -> dict:
     """Launch shape: rows of vectors per block (rw), column runs (cs), lanes per row (lpr), chunk
-    (kc), splits, smem. tiles: row tiles of the launch when it covers several layers
-    (kernels/gemv_group.py)."""
+    (kc), splits, smem, blocks on grid x (gx). tiles: row tiles of the launch when it covers
+    several layers (kernels/gemv_group.py). persist: gx blocks per chunk, each walking row tiles
+    (kernel_rows(persist=True)); gx: their number (default: as many as fill the SMs)."""
     gsz = warp_lanes(warp)
     rw = rw or gsz  # the simulator runs one thread per "lane": keep blocks small
     cs = threads // rw
@@ -131,6 +184,16 @@ def rows_config(p: PackedLayer, threads: int, warp: int, kc: int | None = None, 
     unit = cs * cps
     tiles = tiles or nb.cdiv(p.rows, rw)
     n = p.in_features
+    wide = persist and wide_ok(p)
+    r = (replicas(p, persist) if warp > 1 else 1)  # copies only avoid bank conflicts; the simulator has none
+    cbb = nb.cdiv(replica_bytes(p, wide) * r, 8) * 8
+
+    def smem(kc: int) -> int:
+        return nb.cdiv(cbb + 4 * (x_words(kc, lpr) + cs * rw * p.vector_len + 2), 16) * 16
+
+    slots = SMS * blocks_per_sm(smem(min(n, KC_MAX)), threads, PERSIST_MAXREG if persist else ROWS_MAXREG)
+    if kc is None and persist:
+        kc = persist_kc(n, unit, tiles, slots)
     if kc is None:
         # ~3 blocks per SM in all, the chunk rounded to the nearest power of two, at most KC_MAX
         # columns: H100 sweep (bench/gemv_rows_probe.py --kc): 28672x8192 62.0 -> 53.4 us,
@@ -140,11 +203,13 @@ def rows_config(p: PackedLayer, threads: int, warp: int, kc: int | None = None, 
         kc = min(max(unit, kc // unit * unit), max(unit, KC_MAX // unit * unit))
     if kc % unit:
         raise ValueError(f"kc: {kc} is not a multiple of {unit} (column runs x codes per step)")
-    r = replicas(p) if warp > 1 else 1  # copies only avoid bank conflicts; the simulator has none
-    cbb = nb.cdiv(replica_bytes(p) * r, 8) * 8
-    shmem = cbb + 4 * (x_words(kc, lpr) + cs * rw * p.vector_len + 2)
-    return dict(rw=rw, cs=cs, cps=cps, lpr=lpr, kc=kc, tiles=tiles, nsplit=nb.cdiv(n, kc), replicas=r,
-                shmem=nb.cdiv(shmem, 16) * 16)
+    nsplit = nb.cdiv(n, kc)
+    if persist:
+        gx = gx or max(1, min(tiles, slots // nsplit))
+    elif gx is not None:
+        raise ValueError("gx: only a persistent launch takes a block count")
+    return dict(rw=rw, cs=cs, cps=cps, lpr=lpr, kc=kc, tiles=tiles, nsplit=nsplit, replicas=r, shmem=smem(kc),
+                gx=gx or tiles, persist=persist, wide=wide)
 
 
 def store_sum_src(b: str, row: str, has_bias: bool, ind: str, yo: str = "") -> list[str]:
@@ -190,7 +255,7 @@ def split_epilogue_src(batch: int, base: str, count: str, has_bias: bool, thread
 @functools.cache
 def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm: bool, has_bias: bool,
                 rw: int, cs: int, r: int, kc: int, k: int, kr: int, xdtype: str, maxreg: int = 0,
-                ablate: str = "", group: tuple = (), lpr: int = 1):
+                ablate: str = "", group: tuple = (), lpr: int = 1, persist: bool = False, wide: bool = False):
     """Generated source, every per-code step unrolled into scalar registers.
 
     fp16 x: x' is staged as fp16 pairs and every centroid word is multiplied into packed half2
@@ -211,8 +276,17 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
     lpr > 1 lanes per row: the lpr neighbouring lanes of a row take turns over its codes a piece
     (16 bytes; a whole step for 10-bit codes) at a time, so one warp-wide load reads whole sectors
     of 32 / lpr rows instead of half sectors of 32 rows (fewer L1 wavefronts per byte); each lane
-    keeps its own partial sums, added with the column runs' at the end."""
+    keeps its own partial sums, added with the column runs' at the end.
+
+    persist: the block fills its codebook copies and stages x' of its column chunk (grid y) once,
+    then walks row tiles blockIdx.x, + gridDim.x, ... (one layer only): with 8 copies of a 10-bit
+    codebook (128 KiB, one block per SM) the fill would otherwise cost as much as the tile.
+    wide (v = 5): a centroid is one 16-byte slot per copy (values 0-3, then value 4 in the low
+    16 bits of the second word), read with one 16-byte shared load; with 8 copies and lane l
+    reading copy l % 8, a quarter-warp's 8 loads hit 8 different bank quads whatever the codes
+    (the fp16 plane of the narrow layout conflicts ~3-way at any affordable number of copies)."""
     from .dequant import kernel_env
+    assert not (persist and group) and (not wide or (v == 5 and not has_res))
 
     half = xdtype == "torch.float16"
     warp = 1 if nb.simulator_enabled() else 32
@@ -238,6 +312,9 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
     cbn = kq * r
     o16 = (kq + krq) * r * 4
     oxs = (kq + krq) * r * 2 + (nb.cdiv(k * r, 4) * 2 if odd else 0)  # x' after the codebooks (32-bit; even)
+    if wide:
+        oxs = k * r * 4  # 16-byte slots
+    odd_plane = odd and not wide
     skew = x_skewed(nl)
     ored = oxs + x_words(kc, nl)
     owb = ored + cs * rw * v
@@ -259,10 +336,11 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
         yo, ct = "yo + ", "gt"
     else:
         L = ["def gemv_rows(x, xsrc, xscale, xwb, idx64, cbw, rcbw, bias, ws, cnt, y, nsplit):",
-             f"{ind}m = y.shape[1]",
-             f"{ind}tile = cuda.blockIdx.x"]
+             f"{ind}m = y.shape[1]"]
+        if not persist:
+            L.append(f"{ind}tile = cuda.blockIdx.x")
         yo, ct = "", "tile"
-    if odd:
+    if odd_plane:
         L.append(f"{ind}s16 = cuda.shared.array(0, int16)")
     L += [f"{ind}s64 = cuda.shared.array(0, int64)",
           f"{ind}sf = cuda.shared.array(0, float32)",
@@ -279,9 +357,10 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
          f"{ind}rl = (_q % {ngr}) * {rpw} + _t // {nl}",
          f"{ind}sc = _q // {ngr}",
          f"{ind}ci = sc * {nl} + sub",
-         f"{ind}ofl = {ofl}",
-         # ---- the first two steps' codes of this lane's row, requested first (the longest latency)
-         f"{ind}row = tile * {rw} + rl",
+         f"{ind}ofl = {ofl}"]
+    head = L
+    # ---- the first two steps' codes of this lane's row, requested first (the longest latency)
+    L = [f"{ind}row = tile * {rw} + rl",
          f"{ind}c = k0 + sc * {run}",
          f"{ind}cend = min(c + {run}, n)",
          f"{ind}live = row < nrows and c < cend",
@@ -291,6 +370,8 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
     L += load_words(bufs[0], "_b", nws, i2, nl)
     if ahead == 2:
         L += [f"{i2}if c + {nl * cps} < cend:"] + load_words(bufs[1], f"_b + {nl * nws}", nws, i3, nl)
+    tile_head = L
+    L = []
     # ---- codebook words, once each
     for i in range(nf if odd else 0):  # cbw: int16 view (G, k * v); centroid _e's values
         L += [f"{ind}_e{i} = tid + {i * threads}", f"{ind}if _e{i} < {k}:"]
@@ -327,7 +408,14 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
         if has_norm:
             L.append(f"{i2}_wp += _x{j} * _w{j}")
     # ---- R copies of every codebook word (lane-rotated copies: the stores do not share banks)
-    if "fill" not in ablate and odd:
+    if "fill" not in ablate and wide:
+        for i in range(nf):  # slot (centroid, copy): word 0 = values 0-3, word 1 = value 4
+            w = " | ".join(f"(_h{i}_{t} << {16 * t})" for t in range(4))
+            L += [f"{ind}if _e{i} < {k}:", f"{i2}_gw = {w}"]
+            for t in range(r):
+                L += [f"{i2}_sl = (_e{i} * {r} + ((tid + {t}) & {r - 1})) * 2",
+                      f"{i2}s64[_sl] = _gw", f"{i2}s64[_sl + 1] = _h{i}_4"]
+    if "fill" not in ablate and odd_plane:
         for i in range(nf):
             L.append(f"{ind}if _e{i} < {k}:")
             for h in range(q):
@@ -348,6 +436,8 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
         # one shared atomic per warp (a float atomic on one address from every thread is a CAS spin)
         L += [f"{ind}_wp = warp_allsum(_wp)", f"{ind}if tid % {warp} == 0:", f"{i2}cuda.atomic.add(sf, {owb}, _wp)",
               f"{ind}cuda.syncthreads()"]
+    setup = L
+    L = []
     # ---- this lane's row over its column run; each step loads the codes two steps ahead
     for t in range(v):
         L.append(f"{ind}a{t} = float32(0.0)")
@@ -398,7 +488,7 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
             L += [f"{i3}_cm = (w{w} >> {sh}) & 255", f"{i3}_cr = (w{w} >> {sh + 8}) & 255"]
         else:
             L.append(f"{i3}_cm = {code_src(u, code_bits)}")
-        for h in range(q):
+        for h in range(0 if wide else q):
             L.append(f"{i3}_m = s64[(_cm * {q} + {h}) * {r} + cp]")
             if has_res:
                 L.append(f"{i3}_r = s64[{cbn} + (_cr * {q} + {h}) * {r} + cp]")
@@ -412,8 +502,14 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
                 if has_res:
                     val = f"({val} + h2f(_r >> {16 * t}))"
                 L.append(f"{i3}a{4 * h + t} += _x * {val}")
+        if wide:  # values 0-3 and value 4 of the centroid: one 16-byte load
+            L += [f"{i3}_m, _o{u % 2} = lds128(s64, uint64((_cm * {r} + cp) * 2))",
+                  f"{i3}h0, h1 = hf2(_m, _x, h0, h1)" if half else ""]
+            if not half:
+                L += [f"{i3}a{t} += _x * h2f(_m >> {16 * t})" for t in range(4)]
         if odd:  # the last value: paired with the next code's, times (x'_u, x'_u+1), in half2
-            L.append(f"{i3}_o{u % 2} = s16[uint64({o16} + _cm * {r} + cp)]")
+            if not wide:
+                L.append(f"{i3}_o{u % 2} = s16[uint64({o16} + _cm * {r} + cp)]")
             if not half:
                 L.append(f"{i3}a{v - 1} += _x * h2f(_o{u % 2})")
             elif u % 2:
@@ -442,11 +538,18 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
     else:
         L += store_sum_src("0", "orow", has_bias, i3, yo)
         L += split_epilogue_src(1, f"tile * {rw * v}", str(rw * v), has_bias, threads, ind, yo, ct)
-    src = "\n".join(L) + "\n"
+    if persist:  # codebook and x' once; then this block's row tiles
+        tail = tile_head + L + [f"{ind}cuda.syncthreads()"]
+        L = head + setup + [f"{ind}for tile in range(cuda.blockIdx.x, (nrows + {rw - 1}) // {rw}, cuda.gridDim.x):"]
+        L += [ind + ln for ln in tail if ln]
+    else:
+        L = head + tile_head + setup + L
+    src = "\n".join(ln for ln in L if ln) + "\n"
     hpair, _, hfma2 = nb.half2_ops()
     env = {**kernel_env(), "hf2": nb.half2_fma_pair(), "f2h2": nb.float_to_half2(), "warp_allsum": nb.warp_allsum(warp),
-           "hpair": hpair, "hfma2": hfma2, "ld64": nb.load_64()}
-    tag = f"gemv-rows-v{v}-b{code_bits}-rw{rw}-cs{cs}-l{nl}-r{r}-kc{kc}-{'h' if half else 'f'}{ablate}-g{len(group)}"
+           "hpair": hpair, "hfma2": hfma2, "ld64": nb.load_64(), "lds128": nb.load_shared_128()}
+    tag = (f"gemv-rows-v{v}-b{code_bits}-rw{rw}-cs{cs}-l{nl}-r{r}-kc{kc}-{'h' if half else 'f'}{ablate}-g{len(group)}"
+           f"{'-p' if persist else ''}{'-w' if wide else ''}")
     fn = nb.compile_source(src, "gemv_rows", env, tag)
     c = nb.cuda()
     return c.jit(fn, max_registers=maxreg) if maxreg and not nb.simulator_enabled() else c.jit(fn)
@@ -479,5 +582,5 @@ def rows_launch(p: PackedLayer, cfg: dict, xdtype, maxreg: int, ablate: str = ""
     kern = kernel_rows(p.vector_len, p.code_bits, p.num_res_centroids > 0, p.perm is not None,
                        p.weight_scale is not None, p.bias is not None, cfg["rw"], cfg["cs"], cfg["replicas"],
                        cfg["kc"], p.num_centroids, p.num_res_centroids, str(xdtype), maxreg, ablate, group,
-                       cfg["lpr"])
+                       cfg["lpr"], cfg["persist"], cfg["wide"])
     return kern, [cfg["nsplit"]]

@@ -511,6 +511,42 @@ def test_gemv_rows_lanes_per_row(name, m, n, lpr, rw):
         assert not plan.rcnt.any() and not plan.workspace(1, True).any()
 
 
+# persistent blocks: codebook copies and x' once per block, then row tiles blockIdx.x, + gridDim.x,
+# ...; v5-k1024 with 16-byte centroid slots (wide), byte codes with the word layout
+@pytest.mark.parametrize("name,m,n,gx", [("v5_k1024", 70, 256, 2), ("v4_k256", 70, 512, 3), ("v5_k1024", 45, 256, 1)])
+def test_gemv_rows_persistent(name, m, n, gx):
+    """gx blocks per column chunk walk every row tile (more tiles than blocks, a short last
+    tile) and equal the oracle with one column chunk and with two (split-K), fp16 and fp32; the
+    split-K counters and workspace are left zeroed; a second call gives the same result (to
+    rounding: the x . wbias and split-K sums are atomics)."""
+    from kernels.gemv import GemvPlan
+
+    p = PackedLayer.from_module(_layer(**{**ROWS_LAYERS[name], "m": m, "n": n}))
+    for kc in (n, n // 2):
+        plan = GemvPlan(p)
+        c = plan.configure_rows(kc, persist=True, gx=gx)
+        assert c["persist"] and c["gx"] == gx and c["tiles"] > gx and c["wide"] == (p.vector_len == 5)
+        for seed, dtype, tol in ((3, torch.float16, 3e-3), (4, torch.float32, 1e-4)):
+            x = torch.randn(1, p.in_features, generator=torch.Generator().manual_seed(seed)).to(dtype).to(DEV)
+            y = plan(x)
+            _close(y, gemv_ref(x.float(), p), tol)
+            assert not plan.rcnt.any() and not plan.workspace(1, True).any()
+        _close(plan(x), y, 1e-5)  # a second call: the counters and workspace were left ready
+
+
+def test_persist_kc_balances_tiles_over_the_sms():
+    """The persistent chunk: whole rows when the tiles alone fill the SMs; split-K when they are few."""
+    from kernels.gemv_rows import persist_kc
+
+    assert persist_kc(8192, 1024, 1000, 132) == 8192  # 1000 tiles: no split needed
+    kc = persist_kc(8192, 1024, 26, 132)  # 26 tiles: split the columns to use the SMs
+    assert kc < 8192 and 26 * (8192 // kc) >= 100
+    with pytest.raises(ValueError, match="gx: only a persistent"):
+        from kernels.gemv import GemvPlan
+
+        GemvPlan(PackedLayer.from_module(_layer(**{**ROWS_LAYERS["v4_k256"], "m": 16, "n": 128}))).configure_rows(gx=2)
+
+
 def test_lanes_per_row_falls_back_where_rows_are_short():
     """lpr halves until the row is whole steps of lpr lanes and it divides the warp's rows."""
     from kernels.gemv_rows import lanes_per_row
