@@ -14,15 +14,24 @@ import torch
 
 from . import _numba as nb
 from .gemv import GemvPlan, launch_fast, prepare_fast
-from .gemv_rows import ROWS_MAXREG, ROWS_THREADS, rows_config, rows_launch
+from .gemv_rows import rows_config, rows_launch
 
 _SAME = ("in_features", "vector_len", "code_bits", "num_centroids", "num_res_centroids", "device")
 
 
-class RowsGroupPlan:
-    """Fused batch-1 gemv of two or more layers on the row kernel; build from their GemvPlans."""
+def layer_blocks(tiles: list[int], total: int) -> list[int]:
+    """Blocks for each layer of a persistent group launch: its share of `total` by tiles (rounded
+    down), at least one, at most its tiles."""
+    s = sum(tiles)
+    return [max(1, min(t, total * t // s)) for t in tiles]
 
-    def __init__(self, plans: list[GemvPlan]):
+
+class RowsGroupPlan:
+    """Fused batch-1 gemv of two or more layers on the row kernel; build from their GemvPlans.
+    Persistent when the first plan is (kernels/gemv_rows.py PERSIST_BITS); gx: the blocks of a
+    column chunk in all (default: as many as fill the SMs)."""
+
+    def __init__(self, plans: list[GemvPlan], gx: int | None = None):
         if len(plans) < 2:
             raise ValueError("group: needs two or more layers")
         if any(pl.path != "rows" for pl in plans):
@@ -37,11 +46,17 @@ class RowsGroupPlan:
         self.plans = plans
         self.sim = plans[0].sim
         c0 = plans[0].rows_cfg
-        # a persistent plan's block (PERSIST_THREADS) is sized for one block per SM; the group launch is not
-        self.threads = plans[0].rows_threads if not c0["persist"] else (16 if self.sim else ROWS_THREADS)
+        self.threads = plans[0].rows_threads
         tiles = [nb.cdiv(pl.p.rows, c0["rw"]) for pl in plans]
-        self.cfg = rows_config(p0, self.threads, plans[0].warp, tiles=sum(tiles), lpr=c0["lpr"], rw=c0["rw"])
-        self.group = tuple((t, pl.p.out_features) for t, pl in zip(tiles, plans, strict=True))
+        persist = c0["persist"]
+        self.cfg = rows_config(p0, self.threads, plans[0].warp, tiles=sum(tiles), lpr=c0["lpr"], rw=c0["rw"],
+                               persist=persist, gx=gx)
+        if persist:  # the blocks of a column chunk shared by the layers as their tiles are: each walks one layer's
+            blocks = layer_blocks(tiles, self.cfg["gx"])
+            self.cfg["gx"] = sum(blocks)
+            self.group = tuple((t, pl.p.out_features, b) for t, pl, b in zip(tiles, plans, blocks, strict=True))
+        else:
+            self.group = tuple((t, pl.p.out_features) for t, pl in zip(tiles, plans, strict=True))
         self.splits = [pl.p.out_features for pl in plans]
         self.out_features = sum(self.splits)
         dev = p0.device
@@ -49,7 +64,7 @@ class RowsGroupPlan:
         n = self.out_features if self.cfg["nsplit"] > 1 else 1
         self.ws = torch.zeros(1, n, dtype=torch.float32, device=dev)
         self.static = [t for pl in plans for t in pl.rows_static()] + [self.ws, self.cnt]
-        self.maxreg = plans[0].rows_maxreg if not c0["persist"] else ROWS_MAXREG
+        self.maxreg = plans[0].rows_maxreg
         self._fast: dict = {}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,7 +78,7 @@ class RowsGroupPlan:
             return y
         c = self.cfg
         kern, scalars = rows_launch(self.plans[0].p, c, x.dtype, self.maxreg, group=self.group)
-        grid = (int(self.cnt.numel()), c["nsplit"])
+        grid = (c["gx"], c["nsplit"])
         nb.launch(kern, grid, self.threads, nb.stream_for(x), x, *self.static, y, *scalars, shmem=c["shmem"])
         if not self.sim:
             self._fast[x.dtype] = prepare_fast(kern, grid, self.threads, c["shmem"], self.static, scalars)

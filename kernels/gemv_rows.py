@@ -279,14 +279,15 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
     keeps its own partial sums, added with the column runs' at the end.
 
     persist: the block fills its codebook copies and stages x' of its column chunk (grid y) once,
-    then walks row tiles blockIdx.x, + gridDim.x, ... (one layer only): with 8 copies of a 10-bit
+    then walks row tiles blockIdx.x, + gridDim.x, ... (a group: group[l][2] blocks for layer l walk
+    its tiles, the counters of layer l starting at the tiles before it): with 8 copies of a 10-bit
     codebook (128 KiB, one block per SM) the fill would otherwise cost as much as the tile.
     wide (v = 5): a centroid is one 16-byte slot per copy (values 0-3, then value 4 in the low
     16 bits of the second word), read with one 16-byte shared load; with 8 copies and lane l
     reading copy l % 8, a quarter-warp's 8 loads hit 8 different bank quads whatever the codes
     (the fp16 plane of the narrow layout conflicts ~3-way at any affordable number of copies)."""
     from .dequant import kernel_env
-    assert not (persist and group) and (not wide or (v == 5 and not has_res))
+    assert not wide or (v == 5 and not has_res)
 
     half = xdtype == "torch.float16"
     warp = 1 if nb.simulator_enabled() else 32
@@ -326,14 +327,19 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
         per = ", ".join(f"{a}{li}" for li in range(len(group)) for a in names)
         L = [f"def gemv_rows(x, {per}, ws, cnt, y, nsplit):",
              f"{ind}gt = cuda.blockIdx.x"]
-        t0 = m0 = 0
-        for li, (tl, ml) in enumerate(group):
+        t0 = m0 = b0 = 0
+        for li, (tl, ml, *blk) in enumerate(group):
+            bl = blk[0] if persist else tl  # blocks of this layer on grid x (persist: they walk its tiles)
             head = "if" if li == 0 else ("elif" if li < len(group) - 1 else "else")
-            L.append(f"{ind}{head} gt < {t0 + tl}:" if head != "else" else f"{ind}else:")
-            L += [f"{i2}tile = gt - {t0}", f"{i2}yo = {m0}", f"{i2}m = {ml}"]
+            L.append(f"{ind}{head} gt < {b0 + bl}:" if head != "else" else f"{ind}else:")
+            if persist:
+                L += [f"{i2}tb = gt - {b0}", f"{i2}tst = {bl}", f"{i2}ntl = {tl}", f"{i2}tofs = {t0}"]
+            else:
+                L.append(f"{i2}tile = gt - {t0}")
+            L += [f"{i2}yo = {m0}", f"{i2}m = {ml}"]
             L += [f"{i2}{a} = {a}{li}" for a in names]
-            t0, m0 = t0 + tl, m0 + ml
-        yo, ct = "yo + ", "gt"
+            t0, m0, b0 = t0 + tl, m0 + ml, b0 + bl
+        yo, ct = "yo + ", ("tofs + tile" if persist else "gt")
     else:
         L = ["def gemv_rows(x, xsrc, xscale, xwb, idx64, cbw, rcbw, bias, ws, cnt, y, nsplit):",
              f"{ind}m = y.shape[1]"]
@@ -540,7 +546,8 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
         L += split_epilogue_src(1, f"tile * {rw * v}", str(rw * v), has_bias, threads, ind, yo, ct)
     if persist:  # codebook and x' once; then this block's row tiles
         tail = tile_head + L + [f"{ind}cuda.syncthreads()"]
-        L = head + setup + [f"{ind}for tile in range(cuda.blockIdx.x, (nrows + {rw - 1}) // {rw}, cuda.gridDim.x):"]
+        walk = "tb, ntl, tst" if group else f"cuda.blockIdx.x, (nrows + {rw - 1}) // {rw}, cuda.gridDim.x"
+        L = head + setup + [f"{ind}for tile in range({walk}):"]
         L += [ind + ln for ln in tail if ln]
     else:
         L = head + tile_head + setup + L

@@ -513,6 +513,7 @@ def test_gemv_rows_lanes_per_row(name, m, n, lpr, rw):
 
 # persistent blocks: codebook copies and x' once per block, then row tiles blockIdx.x, + gridDim.x,
 # ...; v5-k1024 with 16-byte centroid slots (wide), byte codes with the word layout
+# (on a GPU: 32-row tiles and 512-column units, so 10x the rows and 4x the columns)
 @pytest.mark.parametrize("name,m,n,gx", [("v5_k1024", 70, 256, 2), ("v4_k256", 70, 512, 3), ("v5_k1024", 45, 256, 1)])
 def test_gemv_rows_persistent(name, m, n, gx):
     """gx blocks per column chunk walk every row tile (more tiles than blocks, a short last
@@ -521,6 +522,8 @@ def test_gemv_rows_persistent(name, m, n, gx):
     rounding: the x . wbias and split-K sums are atomics)."""
     from kernels.gemv import GemvPlan
 
+    if HAS_GPU:
+        m, n = 10 * m, 4 * n
     p = PackedLayer.from_module(_layer(**{**ROWS_LAYERS[name], "m": m, "n": n}))
     for kc in (n, n // 2):
         plan = GemvPlan(p)
@@ -583,6 +586,30 @@ def test_gemv_group_equals_each_layer():
         assert not group.cnt.any() and not group.ws.any()
     with pytest.raises(ValueError, match="group: layers differ in in_features"):
         RowsGroupPlan([GemvPlan(ps[0]), GemvPlan(PackedLayer.from_module(_group_layers(512)[1]))])
+
+
+def test_gemv_group_persistent():
+    """A persistent group launch (the 2-bit preset's layout): each layer's blocks walk its own
+    tiles (fewer blocks than tiles) with one and two column chunks, = each layer's oracle."""
+    from kernels.gemv import GemvPlan
+    from kernels.gemv_group import RowsGroupPlan, layer_blocks
+
+    assert layer_blocks([10, 3, 3], 8) == [5, 1, 1] and layer_blocks([2, 2], 100) == [2, 2]
+    f, n = (10, 1024) if HAS_GPU else (1, 256)  # a GPU's tiles are 32 rows, its column unit 512
+    mods = [_layer(**{**ROWS_LAYERS["v5_k1024"], "m": f * m, "n": n, "seed": s}) for s, m in ((1, 150), (2, 40), (3, 45))]
+    ps = [PackedLayer.from_module(m) for m in mods]
+    for kc in (n, n // 2):
+        plans = [GemvPlan(p) for p in ps]
+        for pl in plans:
+            pl.configure_rows(kc, persist=True)
+        group = RowsGroupPlan(plans, gx=5)
+        tiles = [t for t, _, _ in group.group]
+        assert group.cfg["persist"] and sum(b for _, _, b in group.group) == group.cfg["gx"] < sum(tiles)
+        for seed, dtype, tol in ((1, torch.float16, 3e-3), (2, torch.float32, 1e-4)):
+            x = torch.randn(1, n, generator=torch.Generator().manual_seed(seed)).to(dtype).to(DEV)
+            for y, p in zip(group.split(group(x)), ps, strict=True):
+                _close(y, gemv_ref(x.float(), p), tol)
+            assert not group.cnt.any() and not group.ws.any()
 
 
 def test_shared_input_serves_siblings_from_one_launch(monkeypatch):
