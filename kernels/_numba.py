@@ -245,23 +245,17 @@ def log2i(n: int) -> int:
     return int(math.log2(n))
 
 
-@functools.lru_cache(maxsize=1)
-def load_128():
-    """Device function ld128(arr, i) -> (arr.flat[i], arr.flat[i + 1]) for a C-contiguous int64 array.
-
-    On the GPU one `ld.global.v2.u64` (inline PTX): a 16-byte centroid (v=8 fp16) costs one load
-    instruction instead of two, which halves the L1 wavefronts of the random codebook gathers
-    (the limit of the fused gemv). i must be even and the array 16-byte aligned (torch allocations
-    are 256-byte aligned).
-    """
+def _pair_load(asm: str, side_effect: bool, inline: dict):
+    """Device function f(arr, i) -> (arr.flat[i], arr.flat[i + 1]) of a C-contiguous int64 array as
+    one 16-byte load: `asm` with operands $0, $1 (the words) and $2 (the generic address)."""
     c = cuda()
     if simulator_enabled():
         @c.jit(device=True)
-        def ld128(arr, i):
+        def pair(arr, i):
             a = arr.reshape(-1)
             return a[i], a[i + 1]
 
-        return ld128
+        return pair
 
     from llvmlite import ir
     from numba import types
@@ -275,23 +269,33 @@ def load_128():
 
         def codegen(context, builder, sig, args):
             ary = context.make_array(sig.args[0])(context, builder, args[0])
-            idx = args[1]
-            if idx.type.width != 64:
-                idx = builder.sext(idx, ir.IntType(64))
-            addr = builder.ptrtoint(builder.gep(ary.data, [idx]), ir.IntType(64))
             i64 = ir.IntType(64)
+            idx = args[1] if args[1].type.width == 64 else builder.sext(args[1], i64)
+            addr = builder.ptrtoint(builder.gep(ary.data, [idx]), i64)
             fnty = ir.FunctionType(ir.LiteralStructType([i64, i64]), [i64])
-            res = builder.call(ir.InlineAsm(fnty, "ld.global.v2.u64 {$0, $1}, [$2];", "=l,=l,l"), [addr])
+            res = builder.call(ir.InlineAsm(fnty, asm, "=l,=l,l", side_effect=side_effect), [addr])
             return context.make_tuple(builder, sig.return_type,
                                       [builder.extract_value(res, 0), builder.extract_value(res, 1)])
 
         return sig, codegen
 
-    @c.jit(device=True, inline=True)
-    def ld128(arr, i):
+    @c.jit(device=True, **inline)
+    def pair(arr, i):
         return _ld(arr, i)
 
-    return ld128
+    return pair
+
+
+@functools.lru_cache(maxsize=1)
+def load_128():
+    """Device function ld128(arr, i) -> (arr.flat[i], arr.flat[i + 1]) for a C-contiguous int64 array.
+
+    On the GPU one `ld.global.v2.u64` (inline PTX): a 16-byte centroid (v=8 fp16) costs one load
+    instruction instead of two, which halves the L1 wavefronts of the random codebook gathers
+    (the limit of the fused gemv). i must be even and the array 16-byte aligned (torch allocations
+    are 256-byte aligned).
+    """
+    return _pair_load("ld.global.v2.u64 {$0, $1}, [$2];", False, {"inline": True})
 
 
 @functools.lru_cache(maxsize=1)
@@ -689,39 +693,5 @@ def load_shared_128():
     wavefront). Why not two indexings: the compiler keeps them two 8-byte loads, each a half-warp
     wavefront, and the row kernel's 16-byte centroid slots (kernels/gemv_rows.py, v = 5) then
     conflict in pairs. Marked as having side effects so LLVM never moves it above a barrier."""
-    c = cuda()
-    if simulator_enabled():
-        @c.jit(device=True)
-        def lds128(arr, i):
-            return arr[i], arr[i + 1]
-
-        return lds128
-
-    from llvmlite import ir
-    from numba import types
-    from numba.cuda.extending import intrinsic
-
-    @intrinsic
-    def _ld(typingctx, arr, i):
-        if not (isinstance(arr, types.Array) and arr.dtype == types.int64 and isinstance(i, types.Integer)):
-            return None
-        sig = types.UniTuple(types.int64, 2)(arr, i)
-
-        def codegen(context, builder, sig, args):
-            ary = context.make_array(sig.args[0])(context, builder, args[0])
-            i64 = ir.IntType(64)
-            idx = args[1] if args[1].type.width == 64 else builder.sext(args[1], i64)
-            addr = builder.ptrtoint(builder.gep(ary.data, [idx]), i64)
-            fnty = ir.FunctionType(ir.LiteralStructType([i64, i64]), [i64])
-            asm = "{ .reg .u64 t; cvta.to.shared.u64 t, $2; ld.shared.v2.u64 {$0, $1}, [t]; }"
-            res = builder.call(ir.InlineAsm(fnty, asm, "=l,=l,l", side_effect=True), [addr])
-            return context.make_tuple(builder, sig.return_type,
-                                      [builder.extract_value(res, 0), builder.extract_value(res, 1)])
-
-        return sig, codegen
-
-    @c.jit(device=True, forceinline=True)
-    def lds128(arr, i):
-        return _ld(arr, i)
-
-    return lds128
+    return _pair_load("{ .reg .u64 t; cvta.to.shared.u64 t, $2; ld.shared.v2.u64 {$0, $1}, [t]; }", True,
+                      {"forceinline": True})
