@@ -169,6 +169,13 @@ def smem_optin() -> int:
     return int(cuda().get_current_device().MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
 
 
+def sm_count() -> int:
+    """SMs of the current device (the simulator: an H100's 132)."""
+    if simulator_enabled():
+        return 132
+    return int(cuda().get_current_device().MULTIPROCESSOR_COUNT)
+
+
 def allow_dynamic_smem(kernel, arrs, shmem: int) -> None:
     """Compile `kernel` for these arguments and raise its dynamic shared memory limit (and prefer
     the largest shared-memory carveout) so a launch with `shmem` bytes (> 48 KiB) is accepted."""

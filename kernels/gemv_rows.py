@@ -186,12 +186,16 @@ def rows_config(p: PackedLayer, threads: int, warp: int, kc: int | None = None, 
     n = p.in_features
     wide = persist and wide_ok(p)
     r = (replicas(p, persist) if warp > 1 else 1)  # copies only avoid bank conflicts; the simulator has none
-    cbb = nb.cdiv(replica_bytes(p, wide) * r, 8) * 8
 
     def smem(kc: int) -> int:
+        cbb = nb.cdiv(replica_bytes(p, wide) * r, 8) * 8
         return nb.cdiv(cbb + 4 * (x_words(kc, lpr) + cs * rw * p.vector_len + 2), 16) * 16
 
-    slots = SMS * blocks_per_sm(smem(min(n, KC_MAX)), threads, PERSIST_MAXREG if persist else ROWS_MAXREG)
+    if persist:  # fewer copies where a block may take less shared memory than an H100/H200's 227 KiB
+        while r > 1 and smem(min(nb.cdiv(n, unit) * unit, max(unit, PERSIST_KC_MAX))) > nb.smem_optin():
+            r //= 2
+    sms = nb.sm_count() if persist else SMS  # a persistent grid is sized to the device
+    slots = sms * blocks_per_sm(smem(min(n, KC_MAX)), threads, PERSIST_MAXREG if persist else ROWS_MAXREG)
     if kc is None and persist:
         kc = persist_kc(n, unit, tiles, slots)
     if kc is None:

@@ -550,6 +550,23 @@ def test_persist_kc_balances_tiles_over_the_sms():
         GemvPlan(PackedLayer.from_module(_layer(**{**ROWS_LAYERS["v4_k256"], "m": 16, "n": 128}))).configure_rows(gx=2)
 
 
+def test_persistent_launch_fits_the_device(monkeypatch):
+    """The persistent shape of the preset's layout on a GPU (32-lane warps): 8 copies of 16-byte
+    slots within an H100/H200 block's 227 KiB; fewer copies where a block may take less shared
+    memory (an RTX-class 99 KiB), and blocks for the device's SMs."""
+    from kernels import _numba as nb
+    from kernels.gemv_rows import rows_config
+
+    p = PackedLayer.from_module(_layer(**{**ROWS_LAYERS["v5_k1024"], "m": 640, "n": 1024}))
+    monkeypatch.setattr(nb, "smem_optin", lambda: 227 * 1024)
+    c = rows_config(p, 512, 32, persist=True)
+    assert c["wide"] and c["replicas"] == 8 and 128 * 1024 < c["shmem"] <= 227 * 1024
+    monkeypatch.setattr(nb, "smem_optin", lambda: 99 * 1024)
+    monkeypatch.setattr(nb, "sm_count", lambda: 46)
+    c = rows_config(p, 512, 32, persist=True)
+    assert c["replicas"] == 4 and c["shmem"] <= 99 * 1024 and c["gx"] * c["nsplit"] <= 46
+
+
 def test_lanes_per_row_falls_back_where_rows_are_short():
     """lpr halves until the row is whole steps of lpr lanes and it divides the warp's rows."""
     from kernels.gemv_rows import lanes_per_row
