@@ -13,7 +13,11 @@ vectors (v outputs) and walks a run of columns, so
   (code * Q + h) * R + copy, and the 16 lanes of a half-warp (one 64-bit wavefront) hit 16
   different bank pairs whatever their codes (R = 16; 8 when the codebooks would not fit);
 * a lane loads its row's codes a step at a time (32 codes: 32 bytes for 8-bit codes, two 16-byte
-  loads, whole DRAM sectors; 40 bytes for the 2-bit preset's 10-bit codes, five 8-byte loads).
+  loads, whole DRAM sectors; 40 bytes for the 2-bit preset's 10-bit codes, five 8-byte loads);
+* 10-bit codes (1024 centroids of v = 5: 10 KiB a copy) run persistent blocks, one per SM: each
+  fills 8 copies of 16-byte centroid slots (one 16-byte shared load a code, a quarter-warp never
+  conflicts) and stages x' once, then walks row tiles. With 2 copies refilled by every block,
+  4 of every 10 shared wavefronts were bank conflicts (bench/RESULTS.md).
 
 Block: RW = 32 rows of vectors (one per lane) x CS = threads / 32 column runs (one per warp) of a
 chunk of kc stored columns; the CS partial sums of a row are added through shared memory, then
