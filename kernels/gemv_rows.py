@@ -17,7 +17,7 @@ vectors (v outputs) and walks a run of columns, so
 * 10-bit codes (1024 centroids of v = 5: 10 KiB a copy) run persistent blocks, one per SM: each
   fills 8 copies of 16-byte centroid slots (one 16-byte shared load a code, a quarter-warp never
   conflicts) and stages x' once, then walks row tiles. With 2 copies refilled by every block,
-  4 of every 10 shared wavefronts were bank conflicts (bench/RESULTS.md).
+  6 of every 10 shared wavefronts were bank conflicts (bench/RESULTS.md).
 
 Block: RW = 32 rows of vectors (one per lane) x CS = threads / 32 column runs (one per warp) of a
 chunk of kc stored columns; the CS partial sums of a row are added through shared memory, then
