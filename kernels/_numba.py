@@ -697,8 +697,9 @@ def load_64():
 def load_shared_128():
     """Device function lds128(arr, i) -> (arr[i], arr[i + 1]) for a 1-D int64 shared array, i even:
     one `ld.shared.v2.u64` (16 bytes a lane: a quarter-warp of distinct 16-byte slots is one shared
-    wavefront). Why not two indexings: the compiler keeps them two 8-byte loads, each a half-warp
-    wavefront, and the row kernel's 16-byte centroid slots (kernels/gemv_rows.py, v = 5) then
-    conflict in pairs. Marked as having side effects so LLVM never moves it above a barrier."""
+    wavefront). Why not two indexings: unless the compiler merges them they are two 8-byte loads,
+    each a half-warp wavefront, and the row kernel's 16-byte centroid slots (kernels/gemv_rows.py,
+    v = 5) then conflict in pairs; this is one load by construction (the two-indexing form was not
+    timed). Marked as having side effects so LLVM never moves it above a barrier."""
     return _pair_load("{ .reg .u64 t; cvta.to.shared.u64 t, $2; ld.shared.v2.u64 {$0, $1}, [t]; }", True,
                       {"forceinline": True})
