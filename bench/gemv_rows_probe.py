@@ -90,7 +90,8 @@ def main() -> None:
     ap.add_argument("--ablate", default="", help="comma list of kernel_rows ablations to time too (main, fill, epi)")
     ap.add_argument("--lpr", default="0", help="comma list of lanes per row (0: the default, LANES_PER_ROW)")
     ap.add_argument("--variants", default="", help="';'-separated variants, each a ','-list of key=value "
-                    "(kc, maxreg, lpr, rw, threads, r = codebook copies, cbmax = KiB for them, persist=1, gx); replaces the "
+                    "(kc, maxreg, lpr, rw, threads, r = codebook copies, cbmax = KiB for them, persist=1, gx, ahead = steps of "
+                    "codes loaded ahead); replaces the "
                     "--kc x --maxreg x --lpr product")
     ap.add_argument("--flush", type=int, default=0, help="codes summed in half2 between fp32 flushes (0: FLUSH)")
     ap.add_argument("--threads", type=int, default=0, help="threads per block of the row kernel (0: ROWS_THREADS)")
@@ -132,7 +133,8 @@ def main() -> None:
                 kc, mr, lpr = var.get("kc", "auto"), var.get("maxreg", "plan"), int(var.get("lpr", 0))
                 rw, threads = int(var.get("rw", 0)), int(var.get("threads", a.threads))
                 persist = var.get("persist", "0") == "1"
-                kw = dict(lpr=lpr or None, rw=rw or None, persist=persist, gx=int(var["gx"]) if "gx" in var else None)
+                kw = dict(lpr=lpr or None, rw=rw or None, persist=persist, gx=int(var["gx"]) if "gx" in var else None,
+                          ahead=int(var.get("ahead", 0)))
                 tdef, mdef = ((gemv_rows.PERSIST_THREADS, gemv_rows.PERSIST_MAXREG) if persist else
                               (gemv_rows.ROWS_THREADS, ROWS_MAXREG))
                 # codebook copies: the module's caps, as a variant sets them (the plans read them when built)
@@ -142,7 +144,7 @@ def main() -> None:
                 if "cbmax" in var:
                     gemv_rows.CB_ROWS_MAX = int(var["cbmax"]) * 1024
                 plans = [GemvPlan(q, checked=True) for q in [p, *others]]
-                if (kc != "auto" or threads or lpr or rw or "r" in var or persist) and plans[0].path == "rows":
+                if (kc != "auto" or threads or lpr or rw or "r" in var or persist or "ahead" in var) and plans[0].path == "rows":
                     for pl in plans:  # the row kernel only
                         c0 = pl.configure_rows(threads=threads or tdef, **kw)
                         pl.rows_maxreg = mdef
@@ -170,7 +172,7 @@ def main() -> None:
                         graph = f"  | graph: {tg:.1f} us vs fp16 {tfg:.1f} us = {tfg / tg:.2f}x"
                     c = plans[0].rows_cfg
                     log(f"{fkey} {shape} x={str(dt)[6:]} kc={c['kc']} nsplit={c['nsplit']} tiles={c['tiles']} "
-                        f"R={c['replicas']} shmem={c['shmem']} gx={c['gx']}{' persist' if c['persist'] else ''} rw={c['rw']} lpr={c['lpr']} t={plans[0].rows_threads} flush={gemv_rows.FLUSH} maxreg={plans[0].rows_maxreg} ablate={ab or '-'} regs={regs(plans[0])} rel={rel:.1e}: "
+                        f"R={c['replicas']} ahead={c['ahead'] or 'default'} shmem={c['shmem']} gx={c['gx']}{' persist' if c['persist'] else ''} rw={c['rw']} lpr={c['lpr']} t={plans[0].rows_threads} flush={gemv_rows.FLUSH} maxreg={plans[0].rows_maxreg} ablate={ab or '-'} regs={regs(plans[0])} rel={rel:.1e}: "
                         f"{t:.1f} us ({nbytes / t / 1e3:.0f} GB/s)  fp16 {tf:.1f} us  speedup {tf / t:.2f}x{graph}")
 
 

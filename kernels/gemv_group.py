@@ -50,7 +50,7 @@ class RowsGroupPlan:
         tiles = [nb.cdiv(pl.p.rows, c0["rw"]) for pl in plans]
         persist = c0["persist"]
         self.cfg = rows_config(p0, self.threads, plans[0].warp, tiles=sum(tiles), lpr=c0["lpr"], rw=c0["rw"],
-                               persist=persist, gx=gx)
+                               persist=persist, gx=gx, ahead=c0["ahead"])
         if persist:  # the blocks of a column chunk shared by the layers as their tiles are: each walks one layer's
             blocks = layer_blocks(tiles, self.cfg["gx"])
             self.cfg["gx"] = sum(blocks)

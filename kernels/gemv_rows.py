@@ -175,11 +175,13 @@ def persist_kc(n: int, unit: int, tiles: int, slots: int) -> int:
 
 
 def rows_config(p: PackedLayer, threads: int, warp: int, kc: int | None = None, tiles: int | None = None,
-                lpr: int | None = None, rw: int | None = None, persist: bool = False, gx: int | None = None) -> dict:
+                lpr: int | None = None, rw: int | None = None, persist: bool = False, gx: int | None = None,
+                ahead: int = 0) -> dict:
     """Launch shape: rows of vectors per block (rw), column runs (cs), lanes per row (lpr), chunk
     (kc), splits, smem, blocks on grid x (gx). tiles: row tiles of the launch when it covers
     several layers (kernels/gemv_group.py). persist: gx blocks per chunk, each walking row tiles
-    (kernel_rows(persist=True)); gx: their number (default: as many as fill the SMs)."""
+    (kernel_rows(persist=True)); gx: their number (default: as many as fill the SMs); ahead: steps
+    of codes loaded ahead (0: kernel_rows' choice)."""
     gsz = warp_lanes(warp)
     rw = rw or gsz  # the simulator runs one thread per "lane": keep blocks small
     cs = threads // rw
@@ -217,7 +219,7 @@ def rows_config(p: PackedLayer, threads: int, warp: int, kc: int | None = None, 
     elif gx is not None:
         raise ValueError("gx: only a persistent launch takes a block count")
     return dict(rw=rw, cs=cs, cps=cps, lpr=lpr, kc=kc, tiles=tiles, nsplit=nsplit, replicas=r, shmem=smem(kc),
-                gx=gx or tiles, persist=persist, wide=wide)
+                gx=gx or tiles, persist=persist, wide=wide, ahead=ahead)
 
 
 def store_sum_src(b: str, row: str, has_bias: bool, ind: str, yo: str = "") -> list[str]:
@@ -263,7 +265,8 @@ def split_epilogue_src(batch: int, base: str, count: str, has_bias: bool, thread
 @functools.cache
 def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm: bool, has_bias: bool,
                 rw: int, cs: int, r: int, kc: int, k: int, kr: int, xdtype: str, maxreg: int = 0,
-                ablate: str = "", group: tuple = (), lpr: int = 1, persist: bool = False, wide: bool = False):
+                ablate: str = "", group: tuple = (), lpr: int = 1, persist: bool = False, wide: bool = False,
+                ahead: int = 0):
     """Generated source, every per-code step unrolled into scalar registers.
 
     fp16 x: x' is staged as fp16 pairs and every centroid word is multiplied into packed half2
@@ -303,8 +306,10 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
     odd = v % 4 == 1  # the last value of each main centroid in an fp16 plane (16-bit units at o16)
     cps = step_codes(code_bits)
     nws = cps * code_bits // 64  # 64-bit words of codes per step
-    ahead = 2 if nws <= 4 else 1  # steps of codes loaded ahead (registers: 10-bit steps are 5 words)
-    bufs = ["w", "n", "m"][:ahead + 1]
+    # steps of codes loaded ahead (registers: 10-bit steps are 5 words); `ahead` > 0 asks for another
+    # depth (a probe knob: bench/gemv_rows_probe.py --variants ahead=N)
+    ahead = ahead or (2 if nws <= 4 else 1)
+    bufs = [f"w{'' if j == 0 else chr(ord('a') + j)}" for j in range(ahead + 1)]
     threads = rw * cs
     nl = lpr
     gsz = warp_lanes(warp)
@@ -382,8 +387,8 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
          f"{ind}if live:",
          f"{i2}_b = row * nw64 + ((c * {code_bits}) >> 6){sub_w}"]
     L += load_words(bufs[0], "_b", nws, i2, nl)
-    if ahead == 2:
-        L += [f"{i2}if c + {nl * cps} < cend:"] + load_words(bufs[1], f"_b + {nl * nws}", nws, i3, nl)
+    for j in range(1, ahead):
+        L += [f"{i2}if c + {j * nl * cps} < cend:"] + load_words(bufs[j], f"_b + {j * nl * nws}", nws, i3, nl)
     tile_head = L
     L = []
     # ---- codebook words, once each
@@ -564,7 +569,7 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
     env = {**kernel_env(), "hf2": nb.half2_fma_pair(), "f2h2": nb.float_to_half2(), "warp_allsum": nb.warp_allsum(warp),
            "hpair": hpair, "hfma2": hfma2, "ld64": nb.load_64(), "lds128": nb.load_shared_128()}
     tag = (f"gemv-rows-v{v}-b{code_bits}-rw{rw}-cs{cs}-l{nl}-r{r}-kc{kc}-{'h' if half else 'f'}{ablate}-g{len(group)}"
-           f"{'-p' if persist else ''}{'-w' if wide else ''}")
+           f"{'-p' if persist else ''}{'-w' if wide else ''}-a{ahead}")
     fn = nb.compile_source(src, "gemv_rows", env, tag)
     c = nb.cuda()
     return c.jit(fn, max_registers=maxreg) if maxreg and not nb.simulator_enabled() else c.jit(fn)
@@ -597,5 +602,5 @@ def rows_launch(p: PackedLayer, cfg: dict, xdtype, maxreg: int, ablate: str = ""
     kern = kernel_rows(p.vector_len, p.code_bits, p.num_res_centroids > 0, p.perm is not None,
                        p.weight_scale is not None, p.bias is not None, cfg["rw"], cfg["cs"], cfg["replicas"],
                        cfg["kc"], p.num_centroids, p.num_res_centroids, str(xdtype), maxreg, ablate, group,
-                       cfg["lpr"], cfg["persist"], cfg["wide"])
+                       cfg["lpr"], cfg["persist"], cfg["wide"], cfg["ahead"])
     return kern, [cfg["nsplit"]]

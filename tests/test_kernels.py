@@ -552,6 +552,22 @@ def test_persist_kc_balances_tiles_over_the_sms():
         GemvPlan(PackedLayer.from_module(_layer(**{**ROWS_LAYERS["v4_k256"], "m": 16, "n": 128}))).configure_rows(gx=2)
 
 
+@pytest.mark.parametrize("name,ahead", [("v4_k256", 3), ("v5_k1024", 2)])
+def test_gemv_rows_codes_loaded_further_ahead(name, ahead):
+    """Codes requested `ahead` steps before they are used (a probe knob; the defaults are 2 for
+    byte codes, 1 for 10-bit codes): each lane walks more steps than that, and the result equals
+    the oracle."""
+    from kernels.gemv import GemvPlan
+
+    m, n = (640, 2048) if HAS_GPU else (20, 512)
+    p = PackedLayer.from_module(_layer(**{**ROWS_LAYERS[name], "m": m, "n": n}))
+    plan = GemvPlan(p)
+    c = plan.configure_rows(n, ahead=ahead)
+    assert c["ahead"] == ahead and n // (c["cs"] // c["lpr"]) > ahead * c["lpr"] * c["cps"]
+    x = torch.randn(1, n, generator=torch.Generator().manual_seed(5)).half().to(DEV)
+    _close(plan(x), gemv_ref(x.float(), p), 3e-3)
+
+
 def test_persistent_launch_fits_the_device(monkeypatch):
     """The persistent shape of the preset's layout on a GPU (32-lane warps): 8 copies of 16-byte
     slots within an H100/H200 block's 227 KiB; fewer copies where a block may take less shared
