@@ -25,7 +25,6 @@ from kernels import _numba as nb  # noqa: E402
 from kernels import gemv_rows  # noqa: E402
 from kernels.dequant import dequantize_ref  # noqa: E402
 from kernels.gemv import GemvPlan  # noqa: E402
-from kernels.gemv_rows import ROWS_MAXREG  # noqa: E402
 
 SHAPES = "4096x4096,11008x4096,4096x11008,8192x8192,28672x8192,8192x28672"
 
@@ -135,8 +134,7 @@ def main() -> None:
                 persist = var.get("persist", "0") == "1"
                 kw = dict(lpr=lpr or None, rw=rw or None, persist=persist, gx=int(var["gx"]) if "gx" in var else None,
                           ahead=int(var.get("ahead", 0)))
-                tdef, mdef = ((gemv_rows.PERSIST_THREADS, gemv_rows.PERSIST_MAXREG) if persist else
-                              (gemv_rows.ROWS_THREADS, ROWS_MAXREG))
+                tdef, mdef = gemv_rows.threads_maxreg(persist)
                 # codebook copies: the module's caps, as a variant sets them (the plans read them when built)
                 gemv_rows.REPLICAS, gemv_rows.REPLICAS_10BIT, gemv_rows.CB_ROWS_MAX, gemv_rows.PERSIST_REPLICAS = defaults
                 if "r" in var:

@@ -55,15 +55,12 @@ from .dequant import (
 )
 from .gemv_rows import (
     PERSIST_BITS,
-    PERSIST_MAXREG,
-    PERSIST_THREADS,
-    ROWS_MAXREG,
-    ROWS_THREADS,
     rows_config,
     rows_launch,
     rows_path_ok,
     split_epilogue_src,
     store_sum_src,
+    threads_maxreg,
 )
 
 THREADS = 256  # threads per block (8 warps)
@@ -630,8 +627,8 @@ class GemvPlan:
         self.path = "rows"
         # persistent blocks where they pay (PERSIST_BITS); the simulator's tests ask for them
         persist = p.code_bits in PERSIST_BITS and not self.sim
-        self.rows_threads = 16 if self.sim else (PERSIST_THREADS if persist else ROWS_THREADS)
-        self.rows_maxreg = PERSIST_MAXREG if persist else ROWS_MAXREG  # 0: the compiler's choice
+        threads, self.rows_maxreg = threads_maxreg(persist)  # maxreg 0: the compiler's choice
+        self.rows_threads = 16 if self.sim else threads
         self.rows_ablate = ""  # bench probes only: see kernel_rows
         # kc is the base kernel's knob unless it fits the row kernel's unit
         self.configure_rows(persist=persist)

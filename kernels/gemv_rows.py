@@ -148,6 +148,11 @@ def x_words(kc: int, lpr: int) -> int:
     return kc + (kc // 32) * 4 if x_skewed(lpr) else kc
 
 
+def threads_maxreg(persist: bool) -> tuple[int, int]:
+    """Threads per block and register cap of the row kernel on a GPU, persistent or not."""
+    return (PERSIST_THREADS, PERSIST_MAXREG) if persist else (ROWS_THREADS, ROWS_MAXREG)
+
+
 def blocks_per_sm(shmem: int, threads: int, maxreg: int = ROWS_MAXREG) -> int:
     """Blocks of the row kernel an SM holds (shared memory, threads, registers at the cap)."""
     return max(1, min(SMEM_SM // max(shmem, 1), 2048 // threads, 65536 // (threads * (maxreg or 255))))
@@ -200,10 +205,12 @@ def rows_config(p: PackedLayer, threads: int, warp: int, kc: int | None = None, 
     if persist:  # fewer copies where a block may take less shared memory than an H100/H200's 227 KiB
         while r > 1 and smem(min(nb.cdiv(n, unit) * unit, max(unit, PERSIST_KC_MAX))) > nb.smem_optin():
             r //= 2
-    sms = nb.sm_count() if persist else SMS  # a persistent grid is sized to the device
-    slots = sms * blocks_per_sm(smem(min(n, KC_MAX)), threads, PERSIST_MAXREG if persist else ROWS_MAXREG)
-    if kc is None and persist:
-        kc = persist_kc(n, unit, tiles, slots)
+        # blocks resident at once, on the device's SMs: the persistent grid
+        slots = nb.sm_count() * blocks_per_sm(smem(min(n, KC_MAX)), threads, PERSIST_MAXREG)
+        if kc is None:
+            kc = persist_kc(n, unit, tiles, slots)
+    elif gx is not None:
+        raise ValueError("gx: only a persistent launch takes a block count")
     if kc is None:
         # ~3 blocks per SM in all, the chunk rounded to the nearest power of two, at most KC_MAX
         # columns: H100 sweep (bench/gemv_rows_probe.py --kc): 28672x8192 62.0 -> 53.4 us,
@@ -216,8 +223,6 @@ def rows_config(p: PackedLayer, threads: int, warp: int, kc: int | None = None, 
     nsplit = nb.cdiv(n, kc)
     if persist:
         gx = gx or max(1, min(tiles, slots // nsplit))
-    elif gx is not None:
-        raise ValueError("gx: only a persistent launch takes a block count")
     return dict(rw=rw, cs=cs, cps=cps, lpr=lpr, kc=kc, tiles=tiles, nsplit=nsplit, replicas=r, shmem=smem(kc),
                 gx=gx or tiles, persist=persist, wide=wide, ahead=ahead)
 
@@ -433,7 +438,7 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
             L += [f"{ind}if _e{i} < {k}:", f"{i2}_gw = {w}"]
             for t in range(r):
                 L += [f"{i2}_sl = (_e{i} * {r} + ((tid + {t}) & {r - 1})) * 2",
-                      f"{i2}s64[_sl] = _gw", f"{i2}s64[_sl + 1] = _h{i}_4"]
+                      f"{i2}s64[_sl] = _gw", f"{i2}s64[_sl + 1] = _h{i}_{v - 1}"]
     if "fill" not in ablate and odd_plane:
         for i in range(nf):
             L.append(f"{ind}if _e{i} < {k}:")
@@ -522,9 +527,10 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
                     val = f"({val} + h2f(_r >> {16 * t}))"
                 L.append(f"{i3}a{4 * h + t} += _x * {val}")
         if wide:  # values 0-3 and value 4 of the centroid: one 16-byte load
-            L += [f"{i3}_m, _o{u % 2} = lds128(s64, uint64((_cm * {r} + cp) * 2))",
-                  f"{i3}h0, h1 = hf2(_m, _x, h0, h1)" if half else ""]
-            if not half:
+            L.append(f"{i3}_m, _o{u % 2} = lds128(s64, uint64((_cm * {r} + cp) * 2))")
+            if half:
+                L.append(f"{i3}h0, h1 = hf2(_m, _x, h0, h1)")
+            else:
                 L += [f"{i3}a{t} += _x * h2f(_m >> {16 * t})" for t in range(4)]
         if odd:  # the last value: paired with the next code's, times (x'_u, x'_u+1), in half2
             if not wide:
@@ -561,10 +567,10 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
         tail = tile_head + L + [f"{ind}cuda.syncthreads()"]
         walk = "tb, ntl, tst" if group else f"cuda.blockIdx.x, (nrows + {rw - 1}) // {rw}, cuda.gridDim.x"
         L = head + setup + [f"{ind}for tile in range({walk}):"]
-        L += [ind + ln for ln in tail if ln]
+        L += [ind + ln for ln in tail]
     else:
         L = head + tile_head + setup + L
-    src = "\n".join(ln for ln in L if ln) + "\n"
+    src = "\n".join(L) + "\n"
     hpair, _, hfma2 = nb.half2_ops()
     env = {**kernel_env(), "hf2": nb.half2_fma_pair(), "f2h2": nb.float_to_half2(), "warp_allsum": nb.warp_allsum(warp),
            "hpair": hpair, "hfma2": hfma2, "ld64": nb.load_64(), "lds128": nb.load_shared_128()}
