@@ -38,6 +38,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.kernels import gpu_tag  # noqa: E402
 from vptq.layers import VQuantLinear, share_inputs  # noqa: E402
 
 PROMPT = "The history of the transistor begins with"
@@ -314,8 +315,7 @@ def main() -> None:
         print(json.dumps(r, indent=1))
     if args.gpu:
         r = {**meta, **bench_gpu(args.new, args.layers, formats)}
-        gpu = r["device"].split()[1].lower()  # "NVIDIA H200" -> decode_h200.json: runs on other GPUs don't overwrite
-        (out / f"decode_{gpu}.json").write_text(json.dumps(r, indent=1))
+        (out / f"decode_{gpu_tag(r['device'])}.json").write_text(json.dumps(r, indent=1))
         print(json.dumps(r, indent=1))
     if not (args.cpu or args.gpu):
         ap.error("give --cpu and/or --gpu")

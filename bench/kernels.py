@@ -35,6 +35,12 @@ from kernels.gemv import GemvPlan, gemv  # noqa: E402
 PEAKS = {"H200": 4.8e12, "H100": 3.35e12}  # HBM bytes/s: H200 HBM3e, H100 SXM HBM3
 
 
+def gpu_tag(device_name: str) -> str:
+    """Short GPU name for record files: "NVIDIA H200" -> "h200" (runs on other GPUs don't overwrite)."""
+    words = device_name.split()
+    return words[1].lower() if len(words) > 1 else "gpu"
+
+
 def peak() -> float:
     """Peak HBM bandwidth of this GPU (the H100's where the name is not known)."""
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
@@ -544,8 +550,7 @@ def main() -> None:
     hostc = host_overhead()
     rows = bench_matvec(args.quick, formats, shapes)
     asg = None if args.no_assign else bench_assign(args.quick)
-    gpu = dev.split()[1].lower() if len(dev.split()) > 1 else "gpu"  # "NVIDIA H200" -> kernels_h200.json
-    (out / f"kernels_{gpu}.json").write_text(json.dumps({**meta, "device": dev, "matvec": rows, "assign": asg,
+    (out / f"kernels_{gpu_tag(dev)}.json").write_text(json.dumps({**meta, "device": dev, "matvec": rows, "assign": asg,
                                                         "host_overhead": hostc}, indent=1))
     md = markdown(rows, asg, dev, hostc, meta)
     (out / "kernels.md").write_text(md)
