@@ -96,3 +96,15 @@ def test_reference_vqlinear_reads_our_artifacts(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert len(rows) == 2 and all(row["max_abs_diff"] == 0.0 for row in rows)
+
+
+def test_no_installed_distribution_shadows_our_top_level_packages():
+    """transformers imports Hugging Face's `kernels` when that distribution is installed (5.25
+    requires it) and would find our `kernels/` instead; any other distribution providing one of our
+    import names would clash the same way, so the environment must not hold one."""
+    import importlib.metadata as md
+
+    ours = ("vptq", "kernels", "store", "tasks", "flows", "cli")
+    mapping = md.packages_distributions()
+    clashes = {name: sorted(set(mapping.get(name, [])) - {"vptq-service"}) for name in ours}
+    assert not any(clashes.values()), f"distributions providing our import names: {clashes}"
