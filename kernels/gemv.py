@@ -55,6 +55,7 @@ from .dequant import (
 )
 from .gemv_rows import (
     PERSIST_BITS,
+    interleave_codes,
     rows_config,
     rows_launch,
     rows_path_ok,
@@ -634,16 +635,18 @@ class GemvPlan:
         self.configure_rows(persist=persist)
         if kc is not None and kc % (self.rows_cfg["cs"] * self.rows_cfg["cps"]) == 0:
             self.configure_rows(kc, persist=persist)
-        self.ridx64 = p.indices.view(torch.int64)
         self.rcbw_main = word_view(p.centroids, p.vector_len)
         self.rcbw_res = word_view(p.res_centroids, p.vector_len) if p.num_res_centroids else self.rcbw_main
 
     def configure_rows(self, kc: int | None = None, threads: int | None = None, **kw) -> dict:
         """Set the row kernel's launch shape (`rows_config` with this plan's threads and warp; kw:
-        lpr, rw, persist, gx) and the split-K counters of its row tiles; returns the shape."""
+        lpr, rw, persist, gx, ahead, ilv) and the split-K counters of its row tiles; returns the shape."""
         self.rows_threads = threads or self.rows_threads
         self.rows_cfg = rows_config(self.p, self.rows_threads, self.warp, kc, **kw)
         self.rcnt = torch.zeros(self.rows_cfg["tiles"], dtype=torch.int32, device=self.p.device)
+        # ilv: a copy of the codes in the kernel's load order (as many bytes again as the codes)
+        idx64 = self.p.indices.view(torch.int64)
+        self.ridx64 = interleave_codes(idx64, self.rows_cfg, self.p.code_bits) if self.rows_cfg["ilv"] else idx64
         self._fast = {}
         return self.rows_cfg
 

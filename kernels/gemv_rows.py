@@ -31,6 +31,8 @@ from __future__ import annotations
 import functools
 import math
 
+import torch
+
 from . import _numba as nb
 from .dequant import PackedLayer
 
@@ -181,12 +183,13 @@ def persist_kc(n: int, unit: int, tiles: int, slots: int) -> int:
 
 def rows_config(p: PackedLayer, threads: int, warp: int, kc: int | None = None, tiles: int | None = None,
                 lpr: int | None = None, rw: int | None = None, persist: bool = False, gx: int | None = None,
-                ahead: int = 0) -> dict:
+                ahead: int = 0, ilv: bool = False) -> dict:
     """Launch shape: rows of vectors per block (rw), column runs (cs), lanes per row (lpr), chunk
     (kc), splits, smem, blocks on grid x (gx). tiles: row tiles of the launch when it covers
     several layers (kernels/gemv_group.py). persist: gx blocks per chunk, each walking row tiles
     (kernel_rows(persist=True)); gx: their number (default: as many as fill the SMs); ahead: steps
-    of codes loaded ahead (0: kernel_rows' choice)."""
+    of codes loaded ahead (0: kernel_rows' choice); ilv: codes in the warp-interleaved order
+    (interleave_codes) the plan keeps a copy in."""
     gsz = warp_lanes(warp)
     rw = rw or gsz  # the simulator runs one thread per "lane": keep blocks small
     cs = threads // rw
@@ -224,7 +227,7 @@ def rows_config(p: PackedLayer, threads: int, warp: int, kc: int | None = None, 
     if persist:
         gx = gx or max(1, min(tiles, slots // nsplit))
     return dict(rw=rw, cs=cs, cps=cps, lpr=lpr, kc=kc, tiles=tiles, nsplit=nsplit, replicas=r, shmem=smem(kc),
-                gx=gx or tiles, persist=persist, wide=wide, ahead=ahead)
+                gx=gx or tiles, persist=persist, wide=wide, ahead=ahead, ilv=ilv, gsz=gsz)
 
 
 def store_sum_src(b: str, row: str, has_bias: bool, ind: str, yo: str = "") -> list[str]:
@@ -271,7 +274,7 @@ def split_epilogue_src(batch: int, base: str, count: str, has_bias: bool, thread
 def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm: bool, has_bias: bool,
                 rw: int, cs: int, r: int, kc: int, k: int, kr: int, xdtype: str, maxreg: int = 0,
                 ablate: str = "", group: tuple = (), lpr: int = 1, persist: bool = False, wide: bool = False,
-                ahead: int = 0):
+                ahead: int = 0, ilv: bool = False):
     """Generated source, every per-code step unrolled into scalar registers.
 
     fp16 x: x' is staged as fp16 pairs and every centroid word is multiplied into packed half2
@@ -301,7 +304,12 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
     wide (v = 5): a centroid is one 16-byte slot per copy (values 0-3, then value 4 in the low
     16 bits of the second word), read with one 16-byte shared load; with 8 copies and lane l
     reading copy l % 8, a quarter-warp's 8 loads hit 8 different bank quads whatever the codes
-    (the fp16 plane of the narrow layout conflicts ~3-way at any affordable number of copies)."""
+    (the fp16 plane of the narrow layout conflicts ~3-way at any affordable number of copies).
+
+    ilv: idx64 holds the codes in interleave_codes' order, so that each load instruction of a warp
+    reads one contiguous run (512 bytes of 16-byte pieces, 256 of 8-byte words) instead of a piece
+    of every row of the warp (1-2 cache lines per row: an L1 wavefront each); the codes a lane
+    gets, and the rest of the kernel, are the same."""
     from .dequant import kernel_env
     assert not wide or (v == 5 and not has_res)
 
@@ -325,6 +333,7 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
     wpp = nws // npc  # 64-bit words per piece
     cpp = cps // npc  # codes per piece
     sub_w = f" + sub * {wpp}" if nl > 1 else ""  # this lane's first piece
+    sw = 2 if nws % 2 == 0 else 1  # 64-bit words of a lane's load (16 or 8 bytes)
     sub_c = f" + sub * {cpp}" if nl > 1 else ""
     kq, krq = k * q, kr * q
     nf = nb.cdiv(k if odd else kq + krq, threads)
@@ -334,6 +343,15 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
     if wide:
         oxs = k * r * 4  # 16-byte slots
     odd_plane = odd and not wide
+
+    def code_base(cx: str) -> str:
+        """Flat idx64 index of this lane's first word of the step starting at column cx."""
+        if ilv:  # the row block's words, then the step's, then this lane's
+            return f"(row - rl % {rpw}) * nw64 + ((({cx}) * {code_bits}) >> 6) * {rpw} + _t * {sw}"
+        return f"row * nw64 + ((({cx}) * {code_bits}) >> 6){sub_w}"
+
+    step_words = nws * gsz if ilv else nl * nws  # idx64 words from one step of a lane to its next
+    gap = gsz if ilv else 0
     skew = x_skewed(nl)
     ored = oxs + x_words(kc, nl)
     owb = ored + cs * rw * v
@@ -390,10 +408,10 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
          f"{ind}live = row < nrows and c < cend",
          f"{ind}{' = '.join(f'{b}{i}' for b in bufs[:ahead] for i in range(nws))} = int64(0)",
          f"{ind}if live:",
-         f"{i2}_b = row * nw64 + ((c * {code_bits}) >> 6){sub_w}"]
-    L += load_words(bufs[0], "_b", nws, i2, nl)
+         f"{i2}_b = {code_base('c')}"]
+    L += load_words(bufs[0], "_b", nws, i2, nl, gap)
     for j in range(1, ahead):
-        L += [f"{i2}if c + {j * nl * cps} < cend:"] + load_words(bufs[j], f"_b + {j * nl * nws}", nws, i3, nl)
+        L += [f"{i2}if c + {j * nl * cps} < cend:"] + load_words(bufs[j], f"_b + {j * step_words}", nws, i3, nl, gap)
     tile_head = L
     L = []
     # ---- codebook words, once each
@@ -475,8 +493,8 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
           f"{i2}while c < cend:",
           f"{i3}c2 = c + {ahead * nl * cps}",
           f"{i3}if c2 < cend:",
-          f"{i4}_b = row * nw64 + ((c2 * {code_bits}) >> 6){sub_w}"]
-    L += load_words(bufs[ahead], "_b", nws, i4, nl)
+          f"{i4}_b = {code_base('c2')}"]
+    L += load_words(bufs[ahead], "_b", nws, i4, nl, gap)
     L += [f"{i3}else:",
           f"{i4}{' = '.join(f'{bufs[ahead]}{i}' for i in range(nws))} = int64(0)",
           # unsigned: numba adds a negative-index wraparound (4 instructions) to every signed index
@@ -575,19 +593,40 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
     env = {**kernel_env(), "hf2": nb.half2_fma_pair(), "f2h2": nb.float_to_half2(), "warp_allsum": nb.warp_allsum(warp),
            "hpair": hpair, "hfma2": hfma2, "ld64": nb.load_64(), "lds128": nb.load_shared_128()}
     tag = (f"gemv-rows-v{v}-b{code_bits}-rw{rw}-cs{cs}-l{nl}-r{r}-kc{kc}-{'h' if half else 'f'}{ablate}-g{len(group)}"
-           f"{'-p' if persist else ''}{'-w' if wide else ''}-a{ahead}")
+           f"{'-p' if persist else ''}{'-w' if wide else ''}-a{ahead}{'-i' if ilv else ''}")
     fn = nb.compile_source(src, "gemv_rows", env, tag)
     c = nb.cuda()
     return c.jit(fn, max_registers=maxreg) if maxreg and not nb.simulator_enabled() else c.jit(fn)
 
 
-def load_words(buf: str, base: str, nws: int, ind: str, nl: int = 1) -> list[str]:
+def load_words(buf: str, base: str, nws: int, ind: str, nl: int = 1, gap: int = 0) -> list[str]:
     """Kernel lines: a lane's nws 64-bit words of codes of a step, from flat index `base` of idx64,
     into buf0..: 16-byte loads (pieces nl pieces apart: the row's nl lanes interleave) when nws is
-    even (8- and 16-bit steps), 8-byte loads of one contiguous piece otherwise (10-bit: 5 words)."""
+    even (8- and 16-bit steps), 8-byte loads of one contiguous piece otherwise (10-bit: 5 words).
+    gap > 0 (interleave_codes' order, gap = lanes of a warp): the lane's loads are a warp's loads apart."""
     if nws % 2 == 0:
-        return [f"{ind}{buf}{i}, {buf}{i + 1} = ld128(idx64, {base} + {i * nl})" for i in range(0, nws, 2)]
-    return [f"{ind}{buf}{i} = ld64(idx64, {base} + {i})" for i in range(nws)]
+        return [f"{ind}{buf}{i}, {buf}{i + 1} = ld128(idx64, {base} + {i * (gap or nl)})" for i in range(0, nws, 2)]
+    return [f"{ind}{buf}{i} = ld64(idx64, {base} + {i * (gap or 1)})" for i in range(nws)]
+
+
+def interleave_codes(idx64: torch.Tensor, cfg: dict, code_bits: int) -> torch.Tensor:
+    """idx64 (1, rows, words) in the order kernel_rows(ilv=True) reads: blocks of rpw rows (a warp's
+    rows), in each the steps of the lanes in turn, in each step the lanes' loads in turn, in each
+    load the warp's lanes side by side (lane t = row-in-block * lpr + sub). Rows padded with zero
+    codes to whole blocks (their outputs are past out_features: never written)."""
+    nl, gsz = cfg["lpr"], cfg["gsz"]
+    rpw = gsz // nl
+    nws = cfg["cps"] * code_bits // 64
+    rows, words = idx64.shape[1], idx64.shape[2]
+    nrb = -(-rows // rpw)
+    groups = words // (nl * nws)  # steps of all nl lanes of a row
+    src = torch.zeros(nrb * rpw, words, dtype=torch.int64, device=idx64.device)
+    src[:rows] = idx64[0]
+    if nws % 2:  # word w of a step group: lane w // nws, load w % nws
+        out = src.view(nrb, rpw, groups, nl, nws).permute(0, 2, 4, 1, 3)
+    else:  # 16-byte piece P = w // 2: lane P % nl, load P // nl
+        out = src.view(nrb, rpw, groups, nws // 2, nl, 2).permute(0, 2, 3, 1, 4, 5)
+    return out.contiguous().view(1, nrb * rpw, words)
 
 
 def code_src(u: int, bits: int) -> str:
@@ -608,5 +647,5 @@ def rows_launch(p: PackedLayer, cfg: dict, xdtype, maxreg: int, ablate: str = ""
     kern = kernel_rows(p.vector_len, p.code_bits, p.num_res_centroids > 0, p.perm is not None,
                        p.weight_scale is not None, p.bias is not None, cfg["rw"], cfg["cs"], cfg["replicas"],
                        cfg["kc"], p.num_centroids, p.num_res_centroids, str(xdtype), maxreg, ablate, group,
-                       cfg["lpr"], cfg["persist"], cfg["wide"], cfg["ahead"])
+                       cfg["lpr"], cfg["persist"], cfg["wide"], cfg["ahead"], cfg["ilv"])
     return kern, [cfg["nsplit"]]

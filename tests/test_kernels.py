@@ -568,6 +568,39 @@ def test_gemv_rows_codes_loaded_further_ahead(name, ahead):
     _close(plan(x), gemv_ref(x.float(), p), 3e-3)
 
 
+@pytest.mark.parametrize("name,lpr,persist", [("v4_k256", 2, False), ("v4_k256", 1, False), ("v8_k256_r256", 2, False),
+                                              ("v5_k1024", 4, False), ("v5_k1024", 2, True)])
+def test_gemv_rows_interleaved_codes(name, lpr, persist):
+    """Codes copied into the warp-interleaved order (ilv: one contiguous run per load instruction of
+    a warp; rows padded to whole warps): the plan's copy holds the same codes, and the result equals
+    the oracle, for byte, 16-bit and 10-bit codes, one and several rows of a warp per lane group,
+    rows that are not whole warps, and a persistent launch; the row kernel's group launch too."""
+    from kernels.gemv import GemvPlan
+    from kernels.gemv_group import RowsGroupPlan
+
+    m, n = (650, 2048) if HAS_GPU else (43, 512)
+    p = PackedLayer.from_module(_layer(**{**ROWS_LAYERS[name], "m": m, "n": n}))
+    plan = GemvPlan(p)
+    c = plan.configure_rows(n, lpr=lpr, persist=persist, ilv=True)
+    assert c["ilv"] and c["lpr"] == lpr and c["persist"] == persist
+    idx = p.indices.view(torch.int64)
+    rpw = c["gsz"] // lpr
+    assert plan.ridx64.shape == (1, -(-p.rows // rpw) * rpw, idx.shape[2]) and plan.ridx64.data_ptr() != idx.data_ptr()
+    assert torch.equal(plan.ridx64.flatten().sort().values,
+                       torch.cat([idx.flatten(), idx.new_zeros(plan.ridx64.numel() - idx.numel())]).sort().values)
+    x = torch.randn(1, n, generator=torch.Generator().manual_seed(6)).half().to(DEV)
+    _close(plan(x), gemv_ref(x.float(), p), 3e-3)
+    other = PackedLayer.from_module(_layer(**{**ROWS_LAYERS[name], "m": m // 2, "n": n, "seed": 9}))
+    plan2 = GemvPlan(other)
+    plan2.configure_rows(n, lpr=lpr, persist=persist, ilv=True)
+    group = RowsGroupPlan([plan, plan2])
+    for y, q in zip(group.split(group(x)), (p, other), strict=True):
+        _close(y, gemv_ref(x.float(), q), 3e-3)
+    plan2.configure_rows(n, lpr=lpr, persist=persist)
+    with pytest.raises(ValueError, match="order of their codes"):
+        RowsGroupPlan([plan, plan2])
+
+
 def test_persistent_launch_fits_the_device(monkeypatch):
     """The persistent shape of the preset's layout on a GPU (32-lane warps): 8 copies of 16-byte
     slots within an H100/H200 block's 227 KiB; fewer copies where a block may take less shared
