@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench lint clean interop-ref
+.PHONY: install demo test bench lint clean interop-ref sass-tools sass
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,6 +34,15 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/quality.py
+
+# Static profile of the batch-1 gemv kernels as compiled for an H100/H200 (registers, spills, the hot
+# loop's instructions per code), no GPU needed: bench/sass.py. The compiler wheels are not part of
+# `make install` (CI does not need them).
+sass-tools: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[dev,sass]'
+
+sass: sass-tools
+	$(BIN)/python -u bench/sass.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check vptq kernels store tasks flows cli tests bench

@@ -79,6 +79,56 @@ def empty_floor() -> float:
     return time_device([lambda: nop[132, 256, s](arr)], iters=100)[0]
 
 
+CAPS = (gemv_rows.REPLICAS, gemv_rows.REPLICAS_10BIT, gemv_rows.CB_ROWS_MAX, gemv_rows.PERSIST_REPLICAS)
+VARIANT_KEYS = ("kc", "maxreg", "lpr", "rw", "threads", "r", "cbmax", "persist", "gx", "ahead", "ilv")
+
+
+def parse_variants(text: str) -> list[dict]:
+    """--variants: ';'-separated variants, each a ','-list of key=value (VARIANT_KEYS); '' = the plan."""
+    out = []
+    for v in text.split(";"):
+        var = dict(kv.split("=", 1) for kv in v.split(",") if kv)
+        bad = sorted(set(var) - set(VARIANT_KEYS))
+        if bad:
+            raise SystemExit(f"--variants: unknown key(s) {', '.join(bad)} (known: {', '.join(VARIANT_KEYS)})")
+        out.append(var)
+    return out
+
+
+def plans_for(layers: list, var: dict, threads: int = 0) -> list[GemvPlan]:
+    """GemvPlans of the layers with one variant applied (VARIANT_KEYS): kc (a number, "auto" or
+    "all": one chunk), maxreg ("plan" or a number), lpr, rw, threads, r (codebook copies), cbmax
+    (KiB), persist (0/1; default: the plan's choice), gx, ahead, ilv (0/1: codes in the warp-interleaved
+    order, kernels/gemv_rows.py interleave_codes). The module caps a variant sets are
+    reset first, and the plans read them when built."""
+    kc, mr, lpr = var.get("kc", "auto"), var.get("maxreg", "plan"), int(var.get("lpr", 0))
+    rw, threads = int(var.get("rw", 0)), int(var.get("threads", threads))
+    gemv_rows.REPLICAS, gemv_rows.REPLICAS_10BIT, gemv_rows.CB_ROWS_MAX, gemv_rows.PERSIST_REPLICAS = CAPS
+    if "r" in var:
+        gemv_rows.REPLICAS = gemv_rows.REPLICAS_10BIT = gemv_rows.PERSIST_REPLICAS = int(var["r"])
+    if "cbmax" in var:
+        gemv_rows.CB_ROWS_MAX = int(var["cbmax"]) * 1024
+    plans = [GemvPlan(q, checked=True) for q in layers]
+    if plans[0].path != "rows":
+        return plans
+    persist = var["persist"] == "1" if "persist" in var else plans[0].rows_cfg["persist"]
+    kw = dict(lpr=lpr or None, rw=rw or None, persist=persist, gx=int(var["gx"]) if "gx" in var else None,
+              ahead=int(var.get("ahead", 0)), ilv=var.get("ilv", "0") == "1")
+    tdef, mdef = gemv_rows.threads_maxreg(persist)
+    n = layers[0].in_features
+    if kc != "auto" or threads or lpr or rw or set(var) & {"r", "persist", "ahead", "gx", "ilv"}:
+        for pl in plans:  # the row kernel only
+            c0 = pl.configure_rows(threads=threads or tdef, **kw)
+            pl.rows_maxreg = mdef
+            if kc == "all":  # one column chunk: no split-K
+                kc = str(nb.cdiv(n, c0["cs"] * c0["cps"]) * c0["cs"] * c0["cps"])
+            if kc != "auto":
+                pl.configure_rows(int(kc), **kw)
+    for pl in plans:
+        pl.rows_maxreg = pl.rows_maxreg if mr == "plan" else int(mr)
+    return plans
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--formats", default="v4k256,v8k256r256")
@@ -89,8 +139,8 @@ def main() -> None:
     ap.add_argument("--ablate", default="", help="comma list of kernel_rows ablations to time too (main, fill, epi)")
     ap.add_argument("--lpr", default="0", help="comma list of lanes per row (0: the default, LANES_PER_ROW)")
     ap.add_argument("--variants", default="", help="';'-separated variants, each a ','-list of key=value "
-                    "(kc, maxreg, lpr, rw, threads, r = codebook copies, cbmax = KiB for them, persist=1, gx, ahead = steps of "
-                    "codes loaded ahead); replaces the "
+                    "(kc, maxreg, lpr, rw, threads, r = codebook copies, cbmax = KiB for them, persist = 0/1 (default: "
+                    "the plan's), gx, ahead = steps of codes loaded ahead, ilv = 0/1 warp-interleaved codes); replaces the "
                     "--kc x --maxreg x --lpr product")
     ap.add_argument("--flush", type=int, default=0, help="codes summed in half2 between fp32 flushes (0: FLUSH)")
     ap.add_argument("--threads", type=int, default=0, help="threads per block of the row kernel (0: ROWS_THREADS)")
@@ -103,7 +153,6 @@ def main() -> None:
         gemv_rows.FLUSH = a.flush
     if a.cb_max:
         gemv_rows.CB_ROWS_MAX = a.cb_max * 1024
-    defaults = (gemv_rows.REPLICAS, gemv_rows.REPLICAS_10BIT, gemv_rows.CB_ROWS_MAX, gemv_rows.PERSIST_REPLICAS)
 
     def log(*args):
         print(f"[{time.time() - t0:6.1f}s]", *args, flush=True)
@@ -125,36 +174,14 @@ def main() -> None:
             wref = dequantize_ref(p, torch.float32)
             yref = x.float() @ wref.t()
             del wref
-            variants = ([dict(kv.split("=") for kv in v.split(",")) for v in a.variants.split(";")] if a.variants else
+            variants = (parse_variants(a.variants) if a.variants else
                         [dict(kc=kc, maxreg=mr, lpr=lpr) for kc in a.kc.split(",") for mr in a.maxreg.split(",")
                          for lpr in a.lpr.split(",")])
             for var in variants:
-                kc, mr, lpr = var.get("kc", "auto"), var.get("maxreg", "plan"), int(var.get("lpr", 0))
-                rw, threads = int(var.get("rw", 0)), int(var.get("threads", a.threads))
-                persist = var.get("persist", "0") == "1"
-                kw = dict(lpr=lpr or None, rw=rw or None, persist=persist, gx=int(var["gx"]) if "gx" in var else None,
-                          ahead=int(var.get("ahead", 0)))
-                tdef, mdef = gemv_rows.threads_maxreg(persist)
-                # codebook copies: the module's caps, as a variant sets them (the plans read them when built)
-                gemv_rows.REPLICAS, gemv_rows.REPLICAS_10BIT, gemv_rows.CB_ROWS_MAX, gemv_rows.PERSIST_REPLICAS = defaults
-                if "r" in var:
-                    gemv_rows.REPLICAS = gemv_rows.REPLICAS_10BIT = gemv_rows.PERSIST_REPLICAS = int(var["r"])
-                if "cbmax" in var:
-                    gemv_rows.CB_ROWS_MAX = int(var["cbmax"]) * 1024
-                plans = [GemvPlan(q, checked=True) for q in [p, *others]]
-                if (kc != "auto" or threads or lpr or rw or "r" in var or persist or "ahead" in var) and plans[0].path == "rows":
-                    for pl in plans:  # the row kernel only
-                        c0 = pl.configure_rows(threads=threads or tdef, **kw)
-                        pl.rows_maxreg = mdef
-                        if kc == "all":  # one column chunk: no split-K
-                            kc = str(nb.cdiv(n, c0["cs"] * c0["cps"]) * c0["cs"] * c0["cps"])
-                        if kc != "auto":
-                            pl.configure_rows(int(kc), **kw)
+                plans = plans_for([p, *others], var, a.threads)
                 if plans[0].path != "rows":
                     log(fkey, shape, "not the row kernel:", plans[0].path)
                     continue
-                for pl in plans:
-                    pl.rows_maxreg = pl.rows_maxreg if mr == "plan" else int(mr)
                 rel = rel_err(plans[0](x), yref)
                 dtypes = [torch.float16] + ([torch.float32] if a.fp32 else [])
                 runs = [(dt, "") for dt in dtypes] + [(torch.float16, ab) for ab in a.ablate.split(",") if ab]
