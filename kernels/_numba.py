@@ -703,3 +703,72 @@ def load_shared_128():
     timed). Marked as having side effects so LLVM never moves it above a barrier."""
     return _pair_load("{ .reg .u64 t; cvta.to.shared.u64 t, $2; ld.shared.v2.u64 {$0, $1}, [t]; }", True,
                       {"forceinline": True})
+
+
+@functools.lru_cache(maxsize=1)
+def shared_128_at():
+    """(sbase, lds128at): sbase(arr) -> the 32-bit shared-window address of a shared array (once per
+    kernel); lds128at(arr, base, off) -> the two int64 words at byte offset `off` (16-byte aligned)
+    of that array, one `ld.shared.v2.u64` at the 32-bit address base + off. Why: load_shared_128
+    takes a generic 64-bit address, which costs every load a 64-bit address sum and a move (the
+    row kernel's 10-bit codes: 2 of its 14 instructions per code, bench/sass.py). The simulator
+    reads arr[off // 8] and the next word (base 0)."""
+    c = cuda()
+    if simulator_enabled():
+        @c.jit(device=True)
+        def sbase(arr):
+            return 0
+
+        @c.jit(device=True)
+        def lds128at(arr, base, off):
+            i = (base + off) // 8
+            return arr[i], arr[i + 1]
+
+        return sbase, lds128at
+
+    from llvmlite import ir
+    from numba import types
+    from numba.cuda.extending import intrinsic
+
+    i32, i64 = ir.IntType(32), ir.IntType(64)
+
+    @intrinsic
+    def _sbase(typingctx, arr):
+        if not isinstance(arr, types.Array):
+            return None
+
+        def codegen(context, builder, sig, args):
+            ary = context.make_array(sig.args[0])(context, builder, args[0])
+            addr = builder.ptrtoint(ary.data, i64)
+            fnty = ir.FunctionType(i32, [i64])
+            asm = "{ .reg .u64 t; cvta.to.shared.u64 t, $1; cvt.u32.u64 $0, t; }"
+            return builder.call(ir.InlineAsm(fnty, asm, "=r,l"), [addr])
+
+        return types.uint32(arr), codegen
+
+    @intrinsic
+    def _lds(typingctx, base, off):
+        if not (isinstance(base, types.Integer) and isinstance(off, types.Integer)):
+            return None
+        sig = types.UniTuple(types.int64, 2)(base, off)
+
+        def codegen(context, builder, sig, args):
+            b, o = (builder.trunc(a, i32) if a.type.width > 32 else a for a in args)
+            fnty = ir.FunctionType(ir.LiteralStructType([i64, i64]), [i32])
+            # side effects: never moved above a barrier (the slots are filled before it)
+            res = builder.call(ir.InlineAsm(fnty, "ld.shared.v2.u64 {$0, $1}, [$2];", "=l,=l,r", side_effect=True),
+                               [builder.add(b, o)])
+            return context.make_tuple(builder, sig.return_type,
+                                      [builder.extract_value(res, 0), builder.extract_value(res, 1)])
+
+        return sig, codegen
+
+    @c.jit(device=True, forceinline=True)
+    def sbase(arr):
+        return _sbase(arr)
+
+    @c.jit(device=True, forceinline=True)
+    def lds128at(arr, base, off):
+        return _lds(base, off)
+
+    return sbase, lds128at

@@ -312,6 +312,7 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
     gets, and the rest of the kernel, are the same."""
     from .dequant import kernel_env
     assert not wide or (v == 5 and not has_res)
+    assert r & (r - 1) == 0, "copies of the codebook: a power of two (lanes pick theirs with a mask)"
 
     half = xdtype == "torch.float16"
     warp = 1 if nb.simulator_enabled() else 32
@@ -489,6 +490,8 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
         if odd:
             L.append(f"{ind}hx = int32(0)")
     L += [f"{ind}cp = tid & {r - 1}",
+          # wide: this lane's copy of slot 0 as a 32-bit shared address; a code adds code * 16 * r
+          *([f"{ind}sbc = sbase(s64) + cp * 16"] if wide else []),
           f"{ind}if live:" if "main" not in ablate else f"{ind}if live and cend < 0:",
           f"{i2}while c < cend:",
           f"{i3}c2 = c + {ahead * nl * cps}",
@@ -528,6 +531,8 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
         if has_res:  # 16-bit codes: main byte, residual byte
             w, sh = u // 4, (u % 4) * 16
             L += [f"{i3}_cm = (w{w} >> {sh}) & 255", f"{i3}_cr = (w{w} >> {sh + 8}) & 255"]
+        elif wide:  # the slot's byte offset: code * 16 * r
+            L.append(f"{i3}_co = {code_src(u, code_bits, nb.log2i(16 * r))}")
         else:
             L.append(f"{i3}_cm = {code_src(u, code_bits)}")
         for h in range(0 if wide else q):
@@ -545,7 +550,7 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
                     val = f"({val} + h2f(_r >> {16 * t}))"
                 L.append(f"{i3}a{4 * h + t} += _x * {val}")
         if wide:  # values 0-3 and value 4 of the centroid: one 16-byte load
-            L.append(f"{i3}_m, _o{u % 2} = lds128(s64, uint64((_cm * {r} + cp) * 2))")
+            L.append(f"{i3}_m, _o{u % 2} = lds128at(s64, sbc, _co)")
             if half:
                 L.append(f"{i3}h0, h1 = hf2(_m, _x, h0, h1)")
             else:
@@ -591,7 +596,8 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
     src = "\n".join(L) + "\n"
     hpair, _, hfma2 = nb.half2_ops()
     env = {**kernel_env(), "hf2": nb.half2_fma_pair(), "f2h2": nb.float_to_half2(), "warp_allsum": nb.warp_allsum(warp),
-           "hpair": hpair, "hfma2": hfma2, "ld64": nb.load_64(), "lds128": nb.load_shared_128()}
+           "hpair": hpair, "hfma2": hfma2, "ld64": nb.load_64(), "sbase": nb.shared_128_at()[0],
+           "lds128at": nb.shared_128_at()[1]}
     tag = (f"gemv-rows-v{v}-b{code_bits}-rw{rw}-cs{cs}-l{nl}-r{r}-kc{kc}-{'h' if half else 'f'}{ablate}-g{len(group)}"
            f"{'-p' if persist else ''}{'-w' if wide else ''}-a{ahead}{'-i' if ilv else ''}")
     fn = nb.compile_source(src, "gemv_rows", env, tag)
@@ -629,15 +635,20 @@ def interleave_codes(idx64: torch.Tensor, cfg: dict, code_bits: int) -> torch.Te
     return out.contiguous().view(1, nrb * rpw, words)
 
 
-def code_src(u: int, bits: int) -> str:
-    """Expression of code u of a step held in words w0.. (LSB-first stream, codes of `bits` bits)."""
+def code_src(u: int, bits: int, shift: int = 0) -> str:
+    """Expression of code u of a step held in words w0.. (LSB-first stream, codes of `bits` bits);
+    shift: of the code times 2**shift, the two shifts folded into one where the code lies in one word."""
     o = u * bits
     i, sh = o >> 6, o & 63
-    mask = (1 << bits) - 1
+    mask = ((1 << bits) - 1) << shift
     if sh + bits <= 64:
-        return f"((w{i} >> {sh}) & {mask})" if sh else f"(w{i} & {mask})"
+        d = sh - shift
+        if d > 0:
+            return f"((w{i} >> {d}) & {mask})"
+        return f"((w{i} << {-d}) & {mask})" if d else f"(w{i} & {mask})"
     lo = 64 - sh  # bits from word i (the top ones), the rest from word i + 1
-    return f"(((w{i} >> {sh}) & {(1 << lo) - 1}) | ((w{i + 1} & {(1 << (bits - lo)) - 1}) << {lo}))"
+    code = f"(((w{i} >> {sh}) & {(1 << lo) - 1}) | ((w{i + 1} & {(1 << (bits - lo)) - 1}) << {lo}))"
+    return f"({code} << {shift})" if shift else code
 
 
 def rows_launch(p: PackedLayer, cfg: dict, xdtype, maxreg: int, ablate: str = "", group: tuple = ()):
