@@ -167,21 +167,60 @@ def compile_sass(kern, args: list, maxreg: int, cc: tuple[int, int], dump: Path 
                 spill_ld=int(spill.group(2)) if spill else -1, sass=sass)
 
 
-def report(fkey: str, shape: str, var: dict, plan, res: dict) -> str:
+def hot_summary(res: dict, per: int, unit: str = "codes") -> str:
+    """ptxas' figures, and the hot loop's instructions per `per` codes (one iteration) by class."""
     ins, labels = parse(res["sass"])
-    c = plan.rows_cfg
-    head = (f"{fkey} {shape} {','.join(f'{k}={v}' for k, v in var.items()) or 'plan'}: kc={c['kc']} lpr={c['lpr']} "
-            f"R={c['replicas']} threads={plan.rows_threads} maxreg={plan.rows_maxreg}"
-            f"{' persist' if c['persist'] else ''}{' wide' if c['wide'] else ''} ahead={c['ahead'] or 'default'} | "
-            f"regs {res['regs']}, spills {res['spill_st']}/{res['spill_ld']} B, {len(ins)} instructions")
+    head = f"regs {res['regs']}, spills {res['spill_st']}/{res['spill_ld']} B, {len(ins)} instructions"
     hl = hot_loop(ins, labels)
     if hl is None:
         return head + " | no loop found"
     body = ins[hl[0]:hl[1] + 1]
-    per = c["cps"]  # codes a lane takes per step (one iteration)
-    m = mix(body)
-    parts = ", ".join(f"{k} {v / per:.2f}" for k, v in m.most_common())
-    return head + f"\n    hot loop: {len(body)} instructions per {per} codes = {len(body) / per:.2f} per code ({parts})"
+    parts = ", ".join(f"{k} {v / per:.2f}" for k, v in mix(body).most_common())
+    return head + f"\n    hot loop: {len(body)} instructions per {per} {unit} = {len(body) / per:.2f} per code ({parts})"
+
+
+def gemv_case(p, var: dict, cc, dump, tag: str) -> str:
+    """The batch-1 row gemv of layout p with a --variants entry: its launch shape and profile."""
+    import torch
+
+    from bench.gemv_rows_probe import plans_for
+
+    (plan,) = plans_for([p], var)
+    if plan.path != "rows":
+        return f"not the row kernel ({plan.path})"
+    kern, _, _, static, scalars, _ = plan._launch_args(1, torch.float16)
+    args = [torch.zeros(1, p.in_features, dtype=torch.float16), *static, torch.zeros(1, p.out_features), *scalars]
+    res = compile_sass(kern, args, plan.rows_maxreg, cc, dump, tag)
+    c = plan.rows_cfg
+    return (f"gemv kc={c['kc']} lpr={c['lpr']} R={c['replicas']} threads={plan.rows_threads} maxreg={plan.rows_maxreg}"
+            f"{' persist' if c['persist'] else ''}{' wide' if c['wide'] else ''}{' ilv' if c['ilv'] else ''} "
+            f"ahead={c['ahead'] or 'default'} | " + hot_summary(res, c["cps"]))
+
+
+DQ_KEYS = ("threads", "rb", "maxreg", "h2", "blocks")
+
+
+def dequant_case(p, var: dict, cc, dump, tag: str) -> str:
+    """The row-staged dequantize to fp16 (kernels/dequant.py) with a variant of dequant2_config's
+    knobs (DQ_KEYS): its launch shape and profile, per code = per column of a thread's row step."""
+    import torch
+
+    from kernels.dequant import column_map, dequant2_config, dequant2_launch
+
+    bad = sorted(set(var) - set(DQ_KEYS))
+    if bad:
+        raise SystemExit(f"dequant variants: unknown key(s) {', '.join(bad)} (known: {', '.join(DQ_KEYS)})")
+    kw = {k: int(v) for k, v in var.items() if k != "threads"}
+    if "h2" in kw:
+        kw["h2"] = bool(kw["h2"])
+    cfg = dequant2_config(p, torch.float16, int(var.get("threads", 0)) or 256, **kw)
+    if cfg is None:
+        return "not the row-staged kernel"
+    kern, args, _ = dequant2_launch(p, torch.float16, column_map(p), cfg)
+    res = compile_sass(kern, args, cfg["maxreg"], cc, dump, tag)
+    return (f"dequant rb={cfg['rb']} threads={cfg['threads']} maxreg={cfg['maxreg']} cpt={cfg['cpt']}"
+            f"{' h2' if cfg['h2'] else ''}{' smem-codebook' if cfg['cb_smem'] else ''} grid={cfg['grid']} | "
+            + hot_summary(res, cfg["cpt"], "columns"))
 
 
 def main() -> None:
@@ -190,7 +229,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--formats", default="v5k1024,v4k256")
     ap.add_argument("--shapes", default=SHAPES)
-    ap.add_argument("--variants", default="", help="as bench/gemv_rows_probe.py --variants ('' = the plan)")
+    ap.add_argument("--kernels", default="gemv", help="comma list: gemv (the batch-1 row gemv), dequant")
+    ap.add_argument("--variants", default="", help="gemv: as bench/gemv_rows_probe.py --variants ('' = the plan)")
+    ap.add_argument("--dq-variants", default="", help=f"dequant: ';'-separated ','-lists of {'/'.join(DQ_KEYS)}=N")
     ap.add_argument("--cc", default="90", help="compute capability (90: H100/H200)")
     ap.add_argument("--sms", type=int, default=132, help="SMs of the device the plans are made for")
     ap.add_argument("--smem-kib", type=int, default=227, help="shared memory a block may opt in to, KiB")
@@ -198,27 +239,26 @@ def main() -> None:
     a = ap.parse_args()
     cc = (int(a.cc[:-1]), int(a.cc[-1]))
     offline_device(a.sms, a.smem_kib * 1024, cc)
-    import torch
-
-    from bench.gemv_rows_probe import plans_for
     from bench.kernels import FORMATS, make_layer
 
-    variants = parse_variants(a.variants)
+    cases = {"gemv": (gemv_case, parse_variants(a.variants)),
+             "dequant": (dequant_case, [dict(kv.split("=", 1) for kv in v.split(",") if kv)
+                                        for v in a.dq_variants.split(";")])}
+    kinds = a.kernels.split(",")
+    if set(kinds) - set(cases):
+        raise SystemExit(f"--kernels: one of {', '.join(cases)}")
+    dump = Path(a.dump) if a.dump else None
     for fkey in a.formats.split(","):
         _, v, k, kr = FORMATS[fkey]
         for shape in a.shapes.split(","):
             m, n = (int(s) for s in shape.split("x"))
             p = make_layer(m, n, kr, seed=1, v=v, k=k, device="cpu")
-            for i, var in enumerate(variants):
-                (plan,) = plans_for([p], var)
-                if plan.path != "rows":
-                    print(f"{fkey} {shape}: not the row kernel ({plan.path})", flush=True)
-                    continue
-                kern, _, _, static, scalars, _ = plan._launch_args(1, torch.float16)
-                args = [torch.zeros(1, n, dtype=torch.float16), *static, torch.zeros(1, m), *scalars]
-                res = compile_sass(kern, args, plan.rows_maxreg, cc, Path(a.dump) if a.dump else None,
-                                   f"{fkey}-{shape}-{i}")
-                print(report(fkey, shape, var, plan, res), flush=True)
+            for kind in kinds:
+                fn, variants = cases[kind]
+                for i, var in enumerate(variants):
+                    name = ",".join(f"{key}={val}" for key, val in var.items()) or "default"
+                    out = fn(p, var, cc, dump, f"{kind}-{fkey}-{shape}-{i}")
+                    print(f"{fkey} {shape} {name}: {out}", flush=True)
 
 
 if __name__ == "__main__":

@@ -590,7 +590,8 @@ def _stage_words_src(tot: str, var: str, load: str, zero: str, store: str, threa
 
 @functools.cache
 def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, cb_smem: bool, half: bool,
-             vec: bool, cpt: int, threads: int, maxreg: int = 0, h2: bool = False, colvec: bool = False):
+             vec: bool, cpt: int, threads: int, maxreg: int = 0, h2: bool = False, colvec: bool = False,
+             one_group: bool = False):
     """Row-staged dequantization: a block walks rows of vectors (grid-stride, `rb` per step),
     stages their packed words in shared memory with coalesced 8-byte loads, then each thread
     produces `cpt` consecutive original columns x v output rows: one code per column read from
@@ -604,7 +605,8 @@ def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, c
     `fma.rn.f16x2`: rounded once, as the fp32 path) and stored as one 16-byte word. 8- and 16-bit
     codes are read with one byte-addressed shared load instead of a word load and a shift.
     colvec (h2 with fp16 scale/bias): colmap, scale and bias arrive as int64 views and a thread's
-    8 columns of them are 4 16-byte loads, the scale/bias pairs used as loaded (no conversion)."""
+    8 columns of them are 4 16-byte loads, the scale/bias pairs used as loaded (no conversion).
+    one_group (G = 1, every preset): no group arithmetic (the column map's group field is ignored)."""
     _jit_env()
     byte_codes = bits in (8, 16)
     per_word = 32 // bits  # codes per 32-bit staged word (byte_codes)
@@ -618,6 +620,7 @@ def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, c
          f"{ind}s8 = cuda.shared.array(0, uint8)",
          f"{ind}m = out.shape[0]",
          f"{ind}n = out.shape[1]",
+         f"{ind}n4 = n >> 2",
          f"{ind}nrows = indices.shape[1]",
          f"{ind}ngroups = indices.shape[0]",
          f"{ind}nwords = indices.shape[2]",
@@ -654,28 +657,46 @@ def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, c
           f"{ind * 2}for jb in range(tid * {cpt}, n, {threads * cpt}):",
           f"{ind * 3}full = jb + {cpt} <= n"]
     i3, i4, i5, i6 = ind * 3, ind * 4, ind * 5, ind * 6
+
+    def grp(u: int, _ind: str) -> str:
+        """The group's offset in the staged row (none for one group)."""
+        return "" if one_group else f" + g{u} * nwords * {per_word if byte_codes else 32}"
+
     for u in range(cpt if colvec else 0):
         if u % 4 == 0:
             L.append(f"{i3}_ca, _cb = ld128(colmap, (jb >> 1) + {u // 2})")
         w = "_ca" if u % 4 < 2 else "_cb"
         L += [f"{i3}_l = {w} >> 32" if u % 2 else f"{i3}_l = {w} & 0xFFFFFFFF",
-              f"{i3}g{u} = (_l >> {LOC_SHIFT}) - 1",
-              f"{i3}bo{u} = (_l & {LOC_MASK}) + g{u} * nwords * {per_word}" if byte_codes else
-              f"{i3}bo{u} = (_l & {LOC_MASK}) * {bits} + g{u} * nwords * 32"]
+              f"{i3}g{u} = {0 if one_group else f'(_l >> {LOC_SHIFT}) - 1'}",
+              f"{i3}bo{u} = (_l & {LOC_MASK}){grp(u, i3)}" if byte_codes else
+              f"{i3}bo{u} = (_l & {LOC_MASK}) * {bits}{grp(u, i3)}"]
     if colvec and has_norm:
         L += [f"{i3}s2_0, s2_2 = ld128(scale, jb >> 2)", f"{i3}s2_1 = s2_0 >> 32", f"{i3}s2_3 = s2_2 >> 32",
               f"{i3}b2_0, b2_2 = ld128(wbias, jb >> 2)", f"{i3}b2_1 = b2_0 >> 32", f"{i3}b2_3 = b2_2 >> 32"]
     for u in range(0 if colvec else cpt):
         L += [f"{i3}if jb + {u} < n:",
               f"{i4}_l = int64(colmap[jb + {u}])",
-              f"{i4}g{u} = (_l >> {LOC_SHIFT}) - 1",
-              f"{i4}bo{u} = (_l & {LOC_MASK}) + g{u} * nwords * {per_word}" if byte_codes else
-              f"{i4}bo{u} = (_l & {LOC_MASK}) * {bits} + g{u} * nwords * 32"]
+              f"{i4}g{u} = {0 if one_group else f'(_l >> {LOC_SHIFT}) - 1'}",
+              f"{i4}bo{u} = (_l & {LOC_MASK}){grp(u, i4)}" if byte_codes else
+              f"{i4}bo{u} = (_l & {LOC_MASK}) * {bits}{grp(u, i4)}"]
         if has_norm:
             L += [f"{i4}sc{u} = float32(scale[jb + {u}])", f"{i4}bi{u} = float32(wbias[jb + {u}])"]
         L += [f"{i3}else:", f"{i4}g{u} = 0", f"{i4}bo{u} = 0"]
         if has_norm:
             L += [f"{i4}sc{u} = float32(0.0)", f"{i4}bi{u} = float32(0.0)"]
+    for u in range(cpt):
+        # per column, not per row: a staged row starts on a word, so the code's word within the row
+        # and its shift are the column's; and the group's first centroid (bench/sass.py: the row loop's
+        # 64-bit bit arithmetic was half of its instructions)
+        if not byte_codes:
+            L += [f"{i3}bw{u} = bo{u} >> 5", f"{i3}bs{u} = bo{u} & 31"]
+            if cross:
+                L.append(f"{i3}cr{u} = bs{u} > {32 - bits}")
+        if not one_group:
+            L.append(f"{i3}gk{u} = g{u} * k")
+            if has_res:
+                L.append(f"{i3}gr{u} = g{u} * kr")
+    L.append(f"{i3}jb4 = jb >> 2")
     if h2 and has_norm and not colvec:  # fp16 pairs of neighbouring columns' scale and bias
         for i in range(cpt // 2):
             L += [f"{i3}s2_{i} = f2h(sc{2 * i}) | (f2h(sc{2 * i + 1}) << 16)",
@@ -683,25 +704,25 @@ def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, c
     L += [f"{i3}for rr in range(rb):",
           f"{i4}r = r0 + rr",
           f"{i4}if r < nrows:",
-          f"{i5}wb = (ow + rr * nwr) * {per_word if byte_codes else 32}"]
+          f"{i5}wb = (ow + rr * nwr) * {per_word}" if byte_codes else f"{i5}ww = ow + rr * nwr",
+          # 16-byte index of (row r * v, column jb) of the output, when its rows are whole 16-byte words
+          f"{i5}ob = r * {v} * n4 + jb4"]
     srcs, rsrcs = [], []
     for u in range(cpt):
         if byte_codes:
             ld = f"int64(s8[uint64(wb + bo{u})])" if bits == 8 else f"(int64(s16[uint64(wb + bo{u})]) & 0xFFFF)"
             L.append(f"{i5}_c = {ld}")
         else:
-            L += [f"{i5}_o = wb + bo{u}",
-                  f"{i5}_w = _o >> 5",
-                  f"{i5}_sh = _o & 31",
+            L += [f"{i5}_w = ww + bw{u}",
                   f"{i5}_x = int64(s32[uint64(_w)]) & 0xFFFFFFFF"]
             if cross:
-                L += [f"{i5}if _sh + {bits} > 32:",
+                L += [f"{i5}if cr{u}:",
                       f"{i6}_x |= (int64(s32[uint64(_w + 1)]) & 0xFFFFFFFF) << 32"]
-            L.append(f"{i5}_c = (_x >> _sh) & {mask}")
+            L.append(f"{i5}_c = (_x >> bs{u}) & {mask}")
         main = f"(_c & {(1 << main_bits) - 1})" if has_res else "_c"
-        L.append(f"{i5}_cm = g{u} * k + {main}")
+        L.append(f"{i5}_cm = {main}" if one_group else f"{i5}_cm = gk{u} + {main}")
         if has_res:
-            L.append(f"{i5}_cr = g{u} * kr + (_c >> {main_bits})")
+            L.append(f"{i5}_cr = (_c >> {main_bits})" if one_group else f"{i5}_cr = gr{u} + (_c >> {main_bits})")
         if h2:
             if cb_smem:
                 lm, sm = words_smem_src(v, "_cm", "K", "m", f"_m{u}_", i5)
@@ -739,13 +760,13 @@ def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, c
                     L.append(f"{i6}_p{i} = hadd2(_p{i}, hpair({ea}, {eb}, {pair_sel(ha, hb)}))")
                 if has_norm:
                     L.append(f"{i6}_p{i} = hfma2(_p{i}, s2_{i}, b2_{i})")
-            L.append(f"{i6}st128w(out64, (row * n + jb) >> 2, _p0, _p1, _p2, _p3)")
+            L.append(f"{i6}st128w(out64, ob + {t} * n4, _p0, _p1, _p2, _p3)")
             continue
         if half and vec:
             L.append(f"{i6}if full:")
             hs = ", ".join(f"f2h(v{u}_{t})" for u in range(cpt))
             if cpt == 8:
-                L += [f"{i6}    _lo, _hi = pack8({hs})", f"{i6}    st128(out64, (row * n + jb) >> 2, _lo, _hi)"]
+                L += [f"{i6}    _lo, _hi = pack8({hs})", f"{i6}    st128(out64, ob + {t} * n4, _lo, _hi)"]
             else:  # cpt == 4: one 8-byte store
                 L += [f"{i6}    out64[row, jb >> 2] = pack4({hs})"]
             L.append(f"{i6}else:")
@@ -759,7 +780,7 @@ def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, c
     env = {**kernel_env(), "f2h": nb.float_to_half_bits(), "st128": nb.store_128(), "pack4": _packers()[0],
            "pack8": _packers()[1], "hpair": hpair, "hadd2": hadd2, "hfma2": hfma2, "st128w": nb.store_128w()}
     fn = nb.compile_source(src, "dequant2", env,
-                           f"dequant2-v{v}-b{bits}-{main_bits}-{has_res}-{cb_smem}-{half}-{'h2' if h2 else ''}")
+                           f"dequant2-v{v}-b{bits}-{main_bits}-{has_res}-{cb_smem}-{half}-{'h2' if h2 else ''}{'-g1' if one_group else ''}")
     return cuda.jit(fn, max_registers=maxreg) if maxreg and not nb.simulator_enabled() else cuda.jit(fn)
 
 
@@ -833,7 +854,7 @@ def dequant2_config(p: PackedLayer, dtype: torch.dtype, threads: int = DQ_THREAD
     if nb.simulator_enabled():
         sms, per_sm = 2, 1
     else:
-        sms = torch.cuda.get_device_properties(p.device).multi_processor_count
+        sms = nb.sm_count()
         by_regs = 65536 // ((maxreg or 255) * threads)  # maxreg 0: assume the worst
         per_sm = max(1, min(limit // max(shmem + 1024, 1), 2048 // threads, by_regs))
     grid = max(1, min(nb.cdiv(p.rows, rb), sms * per_sm))
@@ -842,6 +863,13 @@ def dequant2_config(p: PackedLayer, dtype: torch.dtype, threads: int = DQ_THREAD
 
 
 def dequantize2(p: PackedLayer, dtype: torch.dtype, colmap: torch.Tensor, cfg: dict) -> torch.Tensor:
+    kern, args, out = dequant2_launch(p, dtype, colmap, cfg)
+    nb.launch(kern, cfg["grid"], cfg["threads"], nb.stream_for(p.indices), *args, shmem=cfg["shmem"])
+    return out
+
+
+def dequant2_launch(p: PackedLayer, dtype: torch.dtype, colmap: torch.Tensor, cfg: dict) -> tuple:
+    """(compiled row-staged kernel, its arguments, the output they write) for dequant2_config's cfg."""
     dev = p.device
     v = p.vector_len
     m, n = p.out_features, p.in_features
@@ -856,14 +884,12 @@ def dequantize2(p: PackedLayer, dtype: torch.dtype, colmap: torch.Tensor, cfg: d
     colvec = bool(cfg["h2"] and all(t.dtype == torch.float16 for t in norm)
                   and all(t.data_ptr() % 16 == 0 for t in (colmap, *norm)))
     kern = _kernel2(v, p.code_bits, p.main_bits, has_res, p.weight_scale is not None, cfg["cb_smem"], cfg["half"],
-                    cfg["vec"], cfg["cpt"], cfg["threads"], cfg["maxreg"], cfg["h2"], colvec)
+                    cfg["vec"], cfg["cpt"], cfg["threads"], cfg["maxreg"], cfg["h2"], colvec, p.group_num == 1)
     f16 = nb.dummy(dev, torch.float16)
     cols = [colmap, p.weight_scale if p.weight_scale is not None else f16,
             p.weight_bias if p.weight_bias is not None else f16]
     if colvec:
         cols = [t.view(torch.int64) if t.numel() > 1 else t for t in cols]
-    nb.launch(kern, cfg["grid"], cfg["threads"], nb.stream_for(p.indices),
-              p.indices, idx64, flat_words(p.centroids, v), flat_words(res, v),
-              flat_word_view(p.centroids, v), flat_word_view(res, v), *cols,
-              out, out64, p.num_centroids, p.num_res_centroids, cfg["rb"], shmem=cfg["shmem"])
-    return out
+    args = [p.indices, idx64, flat_words(p.centroids, v), flat_words(res, v), flat_word_view(p.centroids, v),
+            flat_word_view(res, v), *cols, out, out64, p.num_centroids, p.num_res_centroids, cfg["rb"]]
+    return kern, args, out

@@ -216,7 +216,8 @@ def test_dequant_both_kernels_match_oracle(name, path):
 
 
 # layouts of the half2 dequantize (fp16 out, v <= 8, N % 8 == 0): byte codes (8 and 8+8 bit), odd v
-# (int64 + int16 planes), v6 (int64 + int32 planes), a global codebook (k = 65536), two groups
+# (int64 + int16 planes), v6 (int64 + int32 planes), a global codebook (k = 65536), two groups (and with
+# a residual, codes crossing words)
 H2_LAYERS = {
     "v4_k256": dict(m=37, n=64, v=4, k=256, kr=0, o=0, g=1),
     "v8_k256_res": dict(m=21, n=48, v=8, k=256, kr=256, o=0, g=1, bias=False),
@@ -224,6 +225,8 @@ H2_LAYERS = {
     "v6_k4096": dict(m=11, n=72, v=6, k=4096, kr=0, o=0, g=1),
     "v8_k65536": dict(m=19, n=56, v=8, k=65536, kr=0, o=0, g=1),
     "v4_two_groups": dict(m=19, n=64, v=4, k=16, kr=0, o=0, g=2),
+    # two groups with a residual and 7-bit codes that cross words (the group terms of main and residual)
+    "v5_res_two_groups": dict(m=13, n=48, v=5, k=32, kr=4, o=0, g=2),
 }
 
 
