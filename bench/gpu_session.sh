@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One GPU call's worth of kernel checks and timings (the device tool: each call under 10 minutes;
+# its image has torch, numba-cuda and transformers but no prefect/sqlalchemy/boto3, hence
+# --noconftest and only vptq/ + kernels/ imported). Stages, in the order given (default: all):
+#   tests   the kernel tests on the GPU (row gemv, groups, dequantize): correctness first
+#   probe   the row gemv's knobs on every 7B/70B shape (bench/gemv_rows_probe.py --variants)
+#   table   the full kernel table of the batch-1 formats (bench/kernels.py)
+#   decode  the Llama-2-7B-shaped decode step (bench/decode.py)
+# Output under $OUT (default bench/results/gpu_session), one log per stage; the raw records the
+# scripts write go there too. Usage: bash bench/gpu_session.sh [stage ...]
+# Env: PROBE_VARIANTS (default ";ilv=1"), FORMATS (default v4k256,v5k1024).
+set -u
+OUT=${OUT:-bench/results/gpu_session}
+mkdir -p "$OUT"
+export OUT
+PY=${PY:-python}
+FORMATS=${FORMATS:-v4k256,v5k1024}
+PROBE_VARIANTS=${PROBE_VARIANTS:-;ilv=1}
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(tests probe table decode)
+{ date -u; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null; git log --oneline -1 2>/dev/null
+  $PY -c "import torch, numpy, numba, importlib.metadata as m; print('torch', torch.__version__, 'numpy', numpy.__version__, 'numba', numba.__version__, 'numba-cuda', m.version('numba-cuda'))"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+for s in "${stages[@]}"; do
+  echo "== $s $(date -u +%H:%M:%S)"
+  case $s in
+    tests)  $PY -m pytest --noconftest -q -x -p no:cacheprovider tests/test_kernels.py \
+              -k "rows or group or dequant or shared_input or persist" > "$OUT/tests.log" 2>&1 ;;
+    probe)  for f in ${FORMATS//,/ }; do
+              $PY -u bench/gemv_rows_probe.py --formats "$f" --variants "$PROBE_VARIANTS" > "$OUT/probe_$f.log" 2>&1
+            done ;;
+    table)  $PY -u bench/kernels.py --formats "$FORMATS" --no-assign --out "$OUT" > "$OUT/table.log" 2>&1 ;;
+    decode) $PY -u bench/decode.py --gpu --formats "$FORMATS" --out "$OUT" > "$OUT/decode.log" 2>&1 ;;
+    *) echo "unknown stage $s (tests, probe, table, decode)"; exit 2 ;;
+  esac
+  echo "   rc=$? $(date -u +%H:%M:%S)"; tail -n 3 "$OUT"/*"$s"*.log 2>/dev/null | tail -n 8
+done
