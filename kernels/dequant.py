@@ -689,7 +689,7 @@ def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, c
         # and its shift are the column's; and the group's first centroid (bench/sass.py: the row loop's
         # 64-bit bit arithmetic was half of its instructions)
         if not byte_codes:
-            L += [f"{i3}bw{u} = bo{u} >> 5", f"{i3}bs{u} = bo{u} & 31"]
+            L += [f"{i3}bw{u} = int32(bo{u} >> 5)", f"{i3}bs{u} = int32(bo{u} & 31)"]
             if cross:
                 L.append(f"{i3}cr{u} = bs{u} > {32 - bits}")
         if not one_group:
