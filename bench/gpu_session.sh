@@ -8,14 +8,17 @@
 #   decode  the Llama-2-7B-shaped decode step (bench/decode.py)
 # Output under $OUT (default bench/results/gpu_session), one log per stage; the raw records the
 # scripts write go there too. Usage: bash bench/gpu_session.sh [stage ...]
-# Env: PROBE_VARIANTS (default ";ilv=1"), FORMATS (default v4k256,v5k1024).
+# Env: FORMATS (default v4k256,v5k1024); PROBE_<format> overrides a format's probe variants (default:
+# the plan against interleaved codes, and for v5k1024 also 1024-thread persistent blocks at 64
+# registers, which bench/sass.py shows no longer spill in the hot loop).
 set -u
 OUT=${OUT:-bench/results/gpu_session}
 mkdir -p "$OUT"
 export OUT
 PY=${PY:-python}
 FORMATS=${FORMATS:-v4k256,v5k1024}
-PROBE_VARIANTS=${PROBE_VARIANTS:-;ilv=1}
+PROBE_v4k256=${PROBE_v4k256:-;ilv=1}
+PROBE_v5k1024=${PROBE_v5k1024:-;ilv=1;threads=1024,maxreg=64;threads=1024,maxreg=64,ilv=1}
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(tests probe table decode)
 { date -u; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null; git log --oneline -1 2>/dev/null
@@ -28,7 +31,8 @@ for s in "${stages[@]}"; do
     tests)  $PY -m pytest --noconftest -q -x -p no:cacheprovider tests/test_kernels.py \
               -k "rows or group or dequant or shared_input or persist" > "$OUT/tests.log" 2>&1 ;;
     probe)  for f in ${FORMATS//,/ }; do
-              $PY -u bench/gemv_rows_probe.py --formats "$f" --variants "$PROBE_VARIANTS" > "$OUT/probe_$f.log" 2>&1
+              var="PROBE_$f"
+              $PY -u bench/gemv_rows_probe.py --formats "$f" --variants "${!var:-;ilv=1}" > "$OUT/probe_$f.log" 2>&1
             done ;;
     table)  $PY -u bench/kernels.py --formats "$FORMATS" --no-assign --out "$OUT" > "$OUT/table.log" 2>&1 ;;
     decode) $PY -u bench/decode.py --gpu --formats "$FORMATS" --out "$OUT" > "$OUT/decode.log" 2>&1 ;;
