@@ -10,7 +10,7 @@
 # scripts write go there too. Usage: bash bench/gpu_session.sh [stage ...]
 # Env: FORMATS (default v4k256,v5k1024); PROBE_<format> overrides a format's probe variants (default:
 # the plan against interleaved codes, and for v5k1024 also 1024-thread persistent blocks at 64
-# registers, which bench/sass.py shows no longer spill in the hot loop).
+# registers: no spill in the hot loop, bench/sass.py).
 set -u
 OUT=${OUT:-bench/results/gpu_session}
 mkdir -p "$OUT"
