@@ -114,9 +114,11 @@ def plans_for(layers: list, var: dict, threads: int = 0) -> list[GemvPlan]:
     persist = var["persist"] == "1" if "persist" in var else plans[0].rows_cfg["persist"]
     kw = dict(lpr=lpr or None, rw=rw or None, persist=persist, gx=int(var["gx"]) if "gx" in var else None,
               ahead=int(var.get("ahead", 0)), ilv=var.get("ilv", "0") == "1")
+    if mr != "plan" and persist:  # the persistent grid: as many blocks as fit at this register cap
+        kw["maxreg"] = int(mr)
     tdef, mdef = gemv_rows.threads_maxreg(persist)
     n = layers[0].in_features
-    if kc != "auto" or threads or lpr or rw or set(var) & {"r", "persist", "ahead", "gx", "ilv"}:
+    if kc != "auto" or threads or lpr or rw or set(var) & {"r", "persist", "ahead", "gx", "ilv"} or "maxreg" in kw:
         for pl in plans:  # the row kernel only
             c0 = pl.configure_rows(threads=threads or tdef, **kw)
             pl.rows_maxreg = mdef

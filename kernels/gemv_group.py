@@ -54,7 +54,8 @@ class RowsGroupPlan:
         tiles = [nb.cdiv(pl.p.rows, c0["rw"]) for pl in plans]
         persist = c0["persist"]
         self.cfg = rows_config(p0, self.threads, plans[0].warp, tiles=sum(tiles), lpr=c0["lpr"], rw=c0["rw"],
-                               persist=persist, gx=gx, ahead=c0["ahead"], ilv=c0["ilv"])
+                               persist=persist, gx=gx, ahead=c0["ahead"], ilv=c0["ilv"],
+                               maxreg=plans[0].rows_maxreg if persist else None)
         if persist:  # the blocks of a column chunk shared by the layers as their tiles are: each walks one layer's
             blocks = layer_blocks(tiles, self.cfg["gx"])
             self.cfg["gx"] = sum(blocks)

@@ -183,13 +183,14 @@ def persist_kc(n: int, unit: int, tiles: int, slots: int) -> int:
 
 def rows_config(p: PackedLayer, threads: int, warp: int, kc: int | None = None, tiles: int | None = None,
                 lpr: int | None = None, rw: int | None = None, persist: bool = False, gx: int | None = None,
-                ahead: int = 0, ilv: bool = False) -> dict:
+                ahead: int = 0, ilv: bool = False, maxreg: int | None = None) -> dict:
     """Launch shape: rows of vectors per block (rw), column runs (cs), lanes per row (lpr), chunk
     (kc), splits, smem, blocks on grid x (gx). tiles: row tiles of the launch when it covers
     several layers (kernels/gemv_group.py). persist: gx blocks per chunk, each walking row tiles
     (kernel_rows(persist=True)); gx: their number (default: as many as fill the SMs); ahead: steps
     of codes loaded ahead (0: kernel_rows' choice); ilv: codes in the warp-interleaved order
-    (interleave_codes) the plan keeps a copy in."""
+    (interleave_codes) the plan keeps a copy in; maxreg: the register cap the persistent grid is
+    sized for (blocks resident per SM; default PERSIST_MAXREG, what plans compile with)."""
     gsz = warp_lanes(warp)
     rw = rw or gsz  # the simulator runs one thread per "lane": keep blocks small
     cs = threads // rw
@@ -209,7 +210,7 @@ def rows_config(p: PackedLayer, threads: int, warp: int, kc: int | None = None, 
         while r > 1 and smem(min(nb.cdiv(n, unit) * unit, max(unit, PERSIST_KC_MAX))) > nb.smem_optin():
             r //= 2
         # blocks resident at once, on the device's SMs: the persistent grid
-        slots = nb.sm_count() * blocks_per_sm(smem(min(n, KC_MAX)), threads, PERSIST_MAXREG)
+        slots = nb.sm_count() * blocks_per_sm(smem(min(n, KC_MAX)), threads, maxreg or PERSIST_MAXREG)
         if kc is None:
             kc = persist_kc(n, unit, tiles, slots)
     elif gx is not None:

@@ -619,6 +619,15 @@ def test_persistent_launch_fits_the_device(monkeypatch):
     monkeypatch.setattr(nb, "sm_count", lambda: 46)
     c = rows_config(p, 512, 32, persist=True)
     assert c["replicas"] == 4 and c["shmem"] <= 99 * 1024 and c["gx"] * c["nsplit"] <= 46
+    # the grid is what is resident at the register cap it is sized for: byte codes at 64 registers
+    # (4 blocks of 256 threads per SM) against the default 128 (2)
+    from bench.kernels import make_layer
+
+    monkeypatch.setattr(nb, "smem_optin", lambda: 227 * 1024)
+    monkeypatch.setattr(nb, "sm_count", lambda: 132)
+    q = make_layer(81920, 1024, v=4, k=256, device="cpu")  # 640 tiles of 32 rows
+    c128, c64 = (rows_config(q, 256, 32, 1024, persist=True, maxreg=mr) for mr in (None, 64))
+    assert c128["nsplit"] == c64["nsplit"] == 1 and (c128["gx"], c64["gx"]) == (264, 528)
 
 
 def test_lanes_per_row_falls_back_where_rows_are_short():
