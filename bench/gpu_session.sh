@@ -9,7 +9,8 @@
 # Output under $OUT (default bench/results/gpu_session), one log per stage; the raw records the
 # scripts write go there too. Usage: bash bench/gpu_session.sh [stage ...]
 # Env: FORMATS (default v4k256,v5k1024); PROBE_<format> overrides a format's probe variants (default:
-# the plan against interleaved codes; v4k256 also persistent at 4 blocks of 256 threads per SM,
+# the plan against interleaved codes; v4k256 also 64-row tiles (x' staged half as often) and
+# persistent at 4 blocks of 256 threads per SM,
 # v5k1024 also 1024-thread persistent blocks at 64
 # registers: no spill in the hot loop, bench/sass.py).
 set -u
@@ -18,7 +19,7 @@ mkdir -p "$OUT"
 export OUT
 PY=${PY:-python}
 FORMATS=${FORMATS:-v4k256,v5k1024}
-PROBE_v4k256=${PROBE_v4k256:-;ilv=1;persist=1,threads=256,maxreg=64;persist=1,threads=256,maxreg=64,ilv=1}
+PROBE_v4k256=${PROBE_v4k256:-;ilv=1;rw=64;rw=64,ilv=1;persist=1,threads=256,maxreg=64;persist=1,threads=256,maxreg=64,ilv=1}
 PROBE_v5k1024=${PROBE_v5k1024:-;ilv=1;threads=1024,maxreg=64;threads=1024,maxreg=64,ilv=1}
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(tests probe table decode)

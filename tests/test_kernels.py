@@ -571,21 +571,24 @@ def test_gemv_rows_codes_loaded_further_ahead(name, ahead):
     _close(plan(x), gemv_ref(x.float(), p), 3e-3)
 
 
-@pytest.mark.parametrize("name,lpr,persist", [("v4_k256", 2, False), ("v4_k256", 1, False), ("v8_k256_r256", 2, False),
-                                              ("v5_k1024", 4, False), ("v5_k1024", 2, True)])
-def test_gemv_rows_interleaved_codes(name, lpr, persist):
+@pytest.mark.parametrize("name,lpr,persist,tiles_of_two_warps", [
+    ("v4_k256", 2, False, False), ("v4_k256", 1, False, False), ("v4_k256", 2, False, True),
+    ("v8_k256_r256", 2, False, False), ("v5_k1024", 4, False, False), ("v5_k1024", 2, True, False)])
+def test_gemv_rows_interleaved_codes(name, lpr, persist, tiles_of_two_warps):
     """Codes copied into the warp-interleaved order (ilv: one contiguous run per load instruction of
     a warp; rows padded to whole warps): the plan's copy holds the same codes, and the result equals
     the oracle, for byte, 16-bit and 10-bit codes, one and several rows of a warp per lane group,
-    rows that are not whole warps, and a persistent launch; the row kernel's group launch too."""
+    rows that are not whole warps, row tiles of two warps' rows, and a persistent launch; the row
+    kernel's group launch too."""
     from kernels.gemv import GemvPlan
     from kernels.gemv_group import RowsGroupPlan
 
     m, n = (650, 2048) if HAS_GPU else (43, 512)
     p = PackedLayer.from_module(_layer(**{**ROWS_LAYERS[name], "m": m, "n": n}))
     plan = GemvPlan(p)
-    c = plan.configure_rows(n, lpr=lpr, persist=persist, ilv=True)
-    assert c["ilv"] and c["lpr"] == lpr and c["persist"] == persist
+    rw = 2 * (32 if HAS_GPU else 4) if tiles_of_two_warps else None  # 4: the simulator's warp (SIM_WARP)
+    c = plan.configure_rows(n, lpr=lpr, persist=persist, ilv=True, rw=rw)
+    assert c["ilv"] and c["lpr"] == lpr and c["persist"] == persist and c["rw"] == (rw or c["gsz"])
     idx = p.indices.view(torch.int64)
     rpw = c["gsz"] // lpr
     assert plan.ridx64.shape == (1, -(-p.rows // rpw) * rpw, idx.shape[2]) and plan.ridx64.data_ptr() != idx.data_ptr()
@@ -595,11 +598,11 @@ def test_gemv_rows_interleaved_codes(name, lpr, persist):
     _close(plan(x), gemv_ref(x.float(), p), 3e-3)
     other = PackedLayer.from_module(_layer(**{**ROWS_LAYERS[name], "m": m // 2, "n": n, "seed": 9}))
     plan2 = GemvPlan(other)
-    plan2.configure_rows(n, lpr=lpr, persist=persist, ilv=True)
+    plan2.configure_rows(n, lpr=lpr, persist=persist, ilv=True, rw=rw)
     group = RowsGroupPlan([plan, plan2])
     for y, q in zip(group.split(group(x)), (p, other), strict=True):
         _close(y, gemv_ref(x.float(), q), 3e-3)
-    plan2.configure_rows(n, lpr=lpr, persist=persist)
+    plan2.configure_rows(n, lpr=lpr, persist=persist, rw=rw)
     with pytest.raises(ValueError, match="order of their codes"):
         RowsGroupPlan([plan, plan2])
 
