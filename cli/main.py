@@ -107,6 +107,17 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
+def _hint(e: BaseException) -> str:
+    """What to do about an error that comes from the environment rather than the request."""
+    if isinstance(e, ImportError) and (e.name == "kernels" or "from 'kernels'" in str(e)):
+        # transformers >= 5.25 imports Hugging Face's `kernels` distribution when it is installed, and
+        # finds this project's top-level `kernels` package instead (pyproject pins transformers < 5.25)
+        return (" -- another installed distribution provides a top-level `kernels` package (Hugging Face's"
+                " `kernels`), which clashes with vptq-service's: `pip uninstall kernels`, or install"
+                " vptq-service in its own environment")
+    return ""
+
+
 @contextmanager
 def _errors(debug: bool):
     """Map exceptions to one-line messages and exit codes (2 usage, 1 failure)."""
@@ -142,7 +153,7 @@ def _errors(debug: bool):
         if debug:
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        _err(f"{type(e).__name__}: {first} (run with --debug for the traceback)", EXIT_FAILURE)
+        _err(f"{type(e).__name__}: {first}{_hint(e)} (run with --debug for the traceback)", EXIT_FAILURE)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -508,3 +508,19 @@ def test_request_defaults_follow_the_preset():
     assert JobSpec(source="smollm2", name="x", bits=3, nsamples=256, hessians="original").key() == s.key()
     mine = JobSpec(source="smollm2", name="x", bits=3, nsamples=8, hessians="sequential")
     assert (mine.nsamples, mine.hessians) == (8, "sequential") and mine.key() != s.key()
+
+
+def test_import_error_from_a_clashing_kernels_distribution_says_what_to_do(capsys):
+    """An installed Hugging Face `kernels` (which transformers >= 5.25 imports) is found instead of our
+    `kernels` package: one line that names the clash and the fix, exit 1; other errors get no hint."""
+    import typer
+
+    from cli.main import _errors
+
+    for exc, hint in ((ImportError("cannot import name 'CUDAProperties' from 'kernels' (/x/kernels/__init__.py)",
+                                   name="kernels"), True), (ValueError("something else"), False)):
+        with pytest.raises(typer.Exit) as ei, _errors(False):
+            raise exc
+        err = capsys.readouterr().err
+        assert ei.value.exit_code == 1 and err.count("\n") == 1 and err.startswith("error: ")
+        assert ("pip uninstall kernels" in err) == hint, err
