@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.kernels import FORMATS, SHAPES, copies_for, make_layer, peak, rel_err, time_device  # noqa: E402
-from kernels.dequant import _kernel2, column_map, dequant2_config, dequantize, dequantize_ref  # noqa: E402
+from kernels.dequant import column_map, dequant2_config, dequant2_launch, dequantize, dequantize_ref  # noqa: E402
 
 
 def parse_variant(s: str) -> dict:
@@ -32,10 +32,10 @@ def parse_variant(s: str) -> dict:
     return kw
 
 
-def registers(p, cfg) -> int:
+def registers(p, cfg, colmap) -> int:
+    """Registers per thread of the kernel the timed calls ran (dequant2_launch picks it as they do)."""
     try:
-        kern = _kernel2(p.vector_len, p.code_bits, p.main_bits, p.num_res_centroids > 0, p.weight_scale is not None,
-                        cfg["cb_smem"], cfg["half"], cfg["vec"], cfg["cpt"], cfg["threads"], cfg["maxreg"], cfg["h2"])
+        kern = dequant2_launch(p, torch.float16, colmap, cfg)[0]
         (k,) = kern.overloads.values()
         return int(k._codelibrary.get_cufunc().attrs.regs)
     except Exception:
@@ -73,7 +73,7 @@ def main() -> None:
                 t, _ = time_device(calls, iters=100)
                 gbs = m * n * 2 / t / 1e3
                 c = {a: cfg[a] for a in ("rb", "grid", "maxreg", "h2", "shmem")} if cfg else {}
-                print(f"{fkey} {m}x{n} [{var or 'default'}] {c} regs={registers(p0, cfg) if cfg else -1} "
+                print(f"{fkey} {m}x{n} [{var or 'default'}] {c} regs={registers(p0, cfg, maps[0]) if cfg else -1} "
                       f"rel={rel:.1e}: {t:.1f} us {gbs:.0f} GB/s written ({100 * gbs * 1e9 / peak():.0f}% peak)",
                       flush=True)
             del layers, maps, wref

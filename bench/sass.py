@@ -202,18 +202,13 @@ DQ_KEYS = ("threads", "rb", "maxreg", "h2", "blocks")
 
 def dequant_case(p, var: dict, cc, dump, tag: str) -> str:
     """The row-staged dequantize to fp16 (kernels/dequant.py) with a variant of dequant2_config's
-    knobs (DQ_KEYS): its launch shape and profile, per code = per column of a thread's row step."""
+    knobs (DQ_KEYS, as bench/dequant_probe.py parses them): its launch shape and profile, per code =
+    per column of a thread's row step."""
     import torch
 
     from kernels.dequant import column_map, dequant2_config, dequant2_launch
 
-    bad = sorted(set(var) - set(DQ_KEYS))
-    if bad:
-        raise SystemExit(f"dequant variants: unknown key(s) {', '.join(bad)} (known: {', '.join(DQ_KEYS)})")
-    kw = {k: int(v) for k, v in var.items() if k != "threads"}
-    if "h2" in kw:
-        kw["h2"] = bool(kw["h2"])
-    cfg = dequant2_config(p, torch.float16, int(var.get("threads", 0)) or 256, **kw)
+    cfg = dequant2_config(p, torch.float16, **var)
     if cfg is None:
         return "not the row-staged kernel"
     kern, args, _ = dequant2_launch(p, torch.float16, column_map(p), cfg)
@@ -224,6 +219,7 @@ def dequant_case(p, var: dict, cc, dump, tag: str) -> str:
 
 
 def main() -> None:
+    from bench.dequant_probe import parse_variant
     from bench.gemv_rows_probe import SHAPES, parse_variants
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -242,8 +238,10 @@ def main() -> None:
     from bench.kernels import FORMATS, make_layer
 
     cases = {"gemv": (gemv_case, parse_variants(a.variants)),
-             "dequant": (dequant_case, [dict(kv.split("=", 1) for kv in v.split(",") if kv)
-                                        for v in a.dq_variants.split(";")])}
+             "dequant": (dequant_case, [parse_variant(v) for v in a.dq_variants.split(";")])}
+    bad = sorted({k for var in cases["dequant"][1] for k in var} - set(DQ_KEYS))
+    if bad:
+        raise SystemExit(f"--dq-variants: unknown key(s) {', '.join(bad)} (known: {', '.join(DQ_KEYS)})")
     kinds = a.kernels.split(",")
     if set(kinds) - set(cases):
         raise SystemExit(f"--kernels: one of {', '.join(cases)}")

@@ -252,17 +252,23 @@ def log2i(n: int) -> int:
     return int(math.log2(n))
 
 
-def _pair_load(asm: str, side_effect: bool, inline: dict):
-    """Device function f(arr, i) -> (arr.flat[i], arr.flat[i + 1]) of a C-contiguous int64 array as
-    one 16-byte load: `asm` with operands $0, $1 (the words) and $2 (the generic address)."""
+@functools.lru_cache(maxsize=1)
+def load_128():
+    """Device function ld128(arr, i) -> (arr.flat[i], arr.flat[i + 1]) for a C-contiguous int64 array.
+
+    On the GPU one `ld.global.v2.u64` (inline PTX): a 16-byte centroid (v=8 fp16) costs one load
+    instruction instead of two, which halves the L1 wavefronts of the random codebook gathers
+    (the limit of the fused gemv). i must be even and the array 16-byte aligned (torch allocations
+    are 256-byte aligned).
+    """
     c = cuda()
     if simulator_enabled():
         @c.jit(device=True)
-        def pair(arr, i):
+        def ld128(arr, i):
             a = arr.reshape(-1)
             return a[i], a[i + 1]
 
-        return pair
+        return ld128
 
     from llvmlite import ir
     from numba import types
@@ -276,33 +282,23 @@ def _pair_load(asm: str, side_effect: bool, inline: dict):
 
         def codegen(context, builder, sig, args):
             ary = context.make_array(sig.args[0])(context, builder, args[0])
+            idx = args[1]
+            if idx.type.width != 64:
+                idx = builder.sext(idx, ir.IntType(64))
+            addr = builder.ptrtoint(builder.gep(ary.data, [idx]), ir.IntType(64))
             i64 = ir.IntType(64)
-            idx = args[1] if args[1].type.width == 64 else builder.sext(args[1], i64)
-            addr = builder.ptrtoint(builder.gep(ary.data, [idx]), i64)
             fnty = ir.FunctionType(ir.LiteralStructType([i64, i64]), [i64])
-            res = builder.call(ir.InlineAsm(fnty, asm, "=l,=l,l", side_effect=side_effect), [addr])
+            res = builder.call(ir.InlineAsm(fnty, "ld.global.v2.u64 {$0, $1}, [$2];", "=l,=l,l"), [addr])
             return context.make_tuple(builder, sig.return_type,
                                       [builder.extract_value(res, 0), builder.extract_value(res, 1)])
 
         return sig, codegen
 
-    @c.jit(device=True, **inline)
-    def pair(arr, i):
+    @c.jit(device=True, inline=True)
+    def ld128(arr, i):
         return _ld(arr, i)
 
-    return pair
-
-
-@functools.lru_cache(maxsize=1)
-def load_128():
-    """Device function ld128(arr, i) -> (arr.flat[i], arr.flat[i + 1]) for a C-contiguous int64 array.
-
-    On the GPU one `ld.global.v2.u64` (inline PTX): a 16-byte centroid (v=8 fp16) costs one load
-    instruction instead of two, which halves the L1 wavefronts of the random codebook gathers
-    (the limit of the fused gemv). i must be even and the array 16-byte aligned (torch allocations
-    are 256-byte aligned).
-    """
-    return _pair_load("ld.global.v2.u64 {$0, $1}, [$2];", False, {"inline": True})
+    return ld128
 
 
 @functools.lru_cache(maxsize=1)
@@ -694,25 +690,15 @@ def load_64():
 
 
 @functools.lru_cache(maxsize=1)
-def load_shared_128():
-    """Device function lds128(arr, i) -> (arr[i], arr[i + 1]) for a 1-D int64 shared array, i even:
-    one `ld.shared.v2.u64` (16 bytes a lane: a quarter-warp of distinct 16-byte slots is one shared
-    wavefront). Why not two indexings: unless the compiler merges them they are two 8-byte loads,
-    each a half-warp wavefront, and the row kernel's 16-byte centroid slots (kernels/gemv_rows.py,
-    v = 5) then conflict in pairs; this is one load by construction (the two-indexing form was not
-    timed). Marked as having side effects so LLVM never moves it above a barrier."""
-    return _pair_load("{ .reg .u64 t; cvta.to.shared.u64 t, $2; ld.shared.v2.u64 {$0, $1}, [t]; }", True,
-                      {"forceinline": True})
-
-
-@functools.lru_cache(maxsize=1)
 def shared_128_at():
     """(sbase, lds128at): sbase(arr) -> the 32-bit shared-window address of a shared array (once per
     kernel); lds128at(arr, base, off) -> the two int64 words at byte offset `off` (16-byte aligned)
-    of that array, one `ld.shared.v2.u64` at the 32-bit address base + off. Why: load_shared_128
-    takes a generic 64-bit address, which costs every load a 64-bit address sum and a move (the
-    row kernel's 10-bit codes: 2 of its 14 instructions per code, bench/sass.py). The simulator
-    reads arr[off // 8] and the next word (base 0)."""
+    of that array, one `ld.shared.v2.u64` at the 32-bit address base + off. Why one instruction:
+    two 8-byte indexings, unless the compiler merges them, are two loads, each a half-warp
+    wavefront, and the row kernel's 16-byte centroid slots (v = 5) would then conflict in pairs.
+    Why a 32-bit address: a generic 64-bit one costs every load a 64-bit address sum and a move
+    (the row kernel's 10-bit codes: 2 of its 14 instructions per code, bench/sass.py). The
+    simulator reads arr[(base + off) // 8] and the next word (base 0)."""
     c = cuda()
     if simulator_enabled():
         @c.jit(device=True)

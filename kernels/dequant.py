@@ -658,7 +658,7 @@ def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, c
           f"{ind * 3}full = jb + {cpt} <= n"]
     i3, i4, i5, i6 = ind * 3, ind * 4, ind * 5, ind * 6
 
-    def grp(u: int, _ind: str) -> str:
+    def grp(u: int) -> str:
         """The group's offset in the staged row (none for one group)."""
         return "" if one_group else f" + g{u} * nwords * {per_word if byte_codes else 32}"
 
@@ -668,8 +668,8 @@ def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, c
         w = "_ca" if u % 4 < 2 else "_cb"
         L += [f"{i3}_l = {w} >> 32" if u % 2 else f"{i3}_l = {w} & 0xFFFFFFFF",
               f"{i3}g{u} = {0 if one_group else f'(_l >> {LOC_SHIFT}) - 1'}",
-              f"{i3}bo{u} = (_l & {LOC_MASK}){grp(u, i3)}" if byte_codes else
-              f"{i3}bo{u} = (_l & {LOC_MASK}) * {bits}{grp(u, i3)}"]
+              f"{i3}bo{u} = (_l & {LOC_MASK}){grp(u)}" if byte_codes else
+              f"{i3}bo{u} = (_l & {LOC_MASK}) * {bits}{grp(u)}"]
     if colvec and has_norm:
         L += [f"{i3}s2_0, s2_2 = ld128(scale, jb >> 2)", f"{i3}s2_1 = s2_0 >> 32", f"{i3}s2_3 = s2_2 >> 32",
               f"{i3}b2_0, b2_2 = ld128(wbias, jb >> 2)", f"{i3}b2_1 = b2_0 >> 32", f"{i3}b2_3 = b2_2 >> 32"]
@@ -677,8 +677,8 @@ def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, c
         L += [f"{i3}if jb + {u} < n:",
               f"{i4}_l = int64(colmap[jb + {u}])",
               f"{i4}g{u} = {0 if one_group else f'(_l >> {LOC_SHIFT}) - 1'}",
-              f"{i4}bo{u} = (_l & {LOC_MASK}){grp(u, i4)}" if byte_codes else
-              f"{i4}bo{u} = (_l & {LOC_MASK}) * {bits}{grp(u, i4)}"]
+              f"{i4}bo{u} = (_l & {LOC_MASK}){grp(u)}" if byte_codes else
+              f"{i4}bo{u} = (_l & {LOC_MASK}) * {bits}{grp(u)}"]
         if has_norm:
             L += [f"{i4}sc{u} = float32(scale[jb + {u}])", f"{i4}bi{u} = float32(wbias[jb + {u}])"]
         L += [f"{i3}else:", f"{i4}g{u} = 0", f"{i4}bo{u} = 0"]
@@ -696,7 +696,9 @@ def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, c
             L.append(f"{i3}gk{u} = g{u} * k")
             if has_res:
                 L.append(f"{i3}gr{u} = g{u} * kr")
-    L.append(f"{i3}jb4 = jb >> 2")
+    wide_store = h2 or (half and vec and cpt == 8)  # the output rows are stored 16 bytes at a time
+    if wide_store:
+        L.append(f"{i3}jb4 = jb >> 2")
     if h2 and has_norm and not colvec:  # fp16 pairs of neighbouring columns' scale and bias
         for i in range(cpt // 2):
             L += [f"{i3}s2_{i} = f2h(sc{2 * i}) | (f2h(sc{2 * i + 1}) << 16)",
@@ -704,9 +706,9 @@ def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, c
     L += [f"{i3}for rr in range(rb):",
           f"{i4}r = r0 + rr",
           f"{i4}if r < nrows:",
-          f"{i5}wb = (ow + rr * nwr) * {per_word}" if byte_codes else f"{i5}ww = ow + rr * nwr",
-          # 16-byte index of (row r * v, column jb) of the output, when its rows are whole 16-byte words
-          f"{i5}ob = r * {v} * n4 + jb4"]
+          f"{i5}wb = (ow + rr * nwr) * {per_word}" if byte_codes else f"{i5}ww = ow + rr * nwr"]
+    if wide_store:  # 16-byte index of (row r * v, column jb) of the output (its rows are whole 16-byte words)
+        L.append(f"{i5}ob = r * {v} * n4 + jb4")
     srcs, rsrcs = [], []
     for u in range(cpt):
         if byte_codes:
