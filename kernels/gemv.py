@@ -518,7 +518,8 @@ class GemvPlan:
     (v8-k65536 and every other layout) gathers them through L1/L2; `path == "rows"` (8-bit codes,
     kernels/gemv_rows.py) serves batch 1 where it applies, `base` the other batches. `path` forces
     one ("rows" / "smem" only where they apply). kc / rw tune the L2 kernel; kc / rt / u tune the shared-memory one
-    (kc = columns per block; rt = rows of vectors per block; u = codes per lane).
+    (kc = columns per block; rt = rows of vectors per block; u = codes per lane). Where the rows kernel
+    applies, kc is its column chunk and the base kernel keeps its default.
 
     Holds strong references to every tensor it reads; rebuild it when the layer's tensors change
     (kernels.dispatch keys the cached plan on the tensors' data_ptr and _version).
@@ -537,7 +538,9 @@ class GemvPlan:
                              "rows of whole 32-code steps")
         rows = path in (None, "rows") and rows_path_ok(p)
         path = None if path == "rows" else path
-        kc_asked = kc  # the base kernel's setup below fills kc in
+        # kc tunes the kernel that serves batch 1: the rows kernel where it applies (the base kernel then
+        # takes its own default; a rows chunk need not be a multiple of the base kernel's warp x u)
+        kc_asked, kc = kc, (None if rows else kc)
         if path == "smem" and not smem_path_ok(p):
             raise ValueError("path: the shared-memory kernel needs one group, no outliers and codebooks "
                              f"<= {CB_SMEM_MAX} bytes (this layer: {smem_codebook_bytes(p)} bytes)")
