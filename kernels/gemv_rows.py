@@ -48,10 +48,12 @@ SIM_WARP = 4  # the simulator's stand-in for a warp (rows of a tile by default; 
 # 28672x8192 1 lane 51.8 us, 2: 44.6, 4: 45.3 (7B shapes: 2 best or equal); v5-k1024 (10-bit)
 # 28672x8192 1: 112.0, 2: 101.6, 4: 93.9; 8192x8192 2: 41.8, 4: 39.5
 LANES_PER_ROW = {8: 2, 16: 2, 10: 4}
-# rows of vectors per block of the non-persistent kernel, by code width (default: a warp's lanes).
-# H200, v4-k256 (bench/gpu_session.sh probe, 2026-12-03): 64-row tiles stage x' half as often:
-# 28672x8192 42.6 -> 39.8 us, 8192x28672 47.3 -> 41.4, 8192x8192 18.2 -> 17.7, 7B shapes 2-4 % faster
-ROWS_RW = {8: 64}
+# rows of vectors per block on a GPU, by code width (default: a warp's lanes). H200 (bench/gpu_session.sh
+# probe, 2026-12-03), 64-row tiles stage x' half as often: v4-k256 28672x8192 42.6 -> 39.8 us,
+# 8192x28672 47.3 -> 41.4, 8192x8192 18.2 -> 17.7, 7B shapes 2-4 % faster (128 rows: 70B 3-5 % faster
+# again, 7B 3-7 % slower); v5-k1024 (persistent) 28672x8192 54.9 -> 53.0, 8192x8192 26.3 -> 24.8,
+# 7B shapes 1-5 % faster (both with interleaved codes)
+ROWS_RW = {8: 64, 10: 64}
 XB = 4  # x' columns a thread stages at a time (all loads issued, then the stores)
 FLUSH = 8  # fp16 x: codes summed in half2 before the sums are added into fp32
 # persistent blocks (rows_config(persist=True)): threads, register cap, codebook copies and their
@@ -197,7 +199,7 @@ def rows_config(p: PackedLayer, threads: int, warp: int, kc: int | None = None, 
     sized for (blocks resident per SM; default PERSIST_MAXREG, what plans compile with)."""
     gsz = warp_lanes(warp)
     # the simulator runs one thread per "lane": keep its blocks small
-    rw = rw or (ROWS_RW.get(p.code_bits, gsz) if warp > 1 and not persist else gsz)
+    rw = rw or (ROWS_RW.get(p.code_bits, gsz) if warp > 1 else gsz)
     cs = threads // rw
     cps = step_codes(p.code_bits)
     lpr = lanes_per_row(p, rw, gsz, threads, lpr)

@@ -455,7 +455,8 @@ def test_gemv_rows_split_k(name):
     from kernels.gemv import GemvPlan
 
     gpu = not nb.simulator_enabled()
-    mod = _layer(**{**ROWS_LAYERS[name], "n": 4096 if gpu else 256})
+    # a GPU's tiles are 64 rows of vectors: 75 rows make two
+    mod = _layer(**{**ROWS_LAYERS[name], "n": 4096 if gpu else 256, "m": 300 if gpu else 150})
     p = PackedLayer.from_module(mod)
     probe = GemvPlan(p)
     unit = probe.rows_cfg["cs"] * probe.rows_cfg["cps"]
@@ -475,6 +476,7 @@ def test_gemv_rows_several_steps_per_lane(name, m, n):
     five words a step; the half2 sums flushed into fp32), with one column chunk and with two."""
     from kernels.gemv import GemvPlan
 
+    n = 16 * n if HAS_GPU else n  # a GPU block's column runs are 32 or 64 lanes wide
     p = PackedLayer.from_module(_layer(**{**ROWS_LAYERS[name], "m": m, "n": n}))
     for kc in (n, n // 2):
         plan = GemvPlan(p, kc=kc)
@@ -518,7 +520,7 @@ def test_gemv_rows_lanes_per_row(name, m, n, lpr, rw):
 
 # persistent blocks: codebook copies and x' once per block, then row tiles blockIdx.x, + gridDim.x,
 # ...; v5-k1024 with 16-byte centroid slots (wide), byte codes with the word layout
-# (on a GPU: 32-row tiles and 512-column units, so 10x the rows and 4x the columns)
+# (on a GPU: 64-row tiles and 512-column units, so 20x the rows and 4x the columns)
 @pytest.mark.parametrize("name,m,n,gx", [("v5_k1024", 70, 256, 2), ("v4_k256", 70, 512, 3), ("v5_k1024", 45, 256, 1)])
 def test_gemv_rows_persistent(name, m, n, gx):
     """gx blocks per column chunk walk every row tile (more tiles than blocks, a short last
@@ -528,7 +530,7 @@ def test_gemv_rows_persistent(name, m, n, gx):
     from kernels.gemv import GemvPlan
 
     if HAS_GPU:
-        m, n = 10 * m, 4 * n
+        m, n = 20 * m, 4 * n
     p = PackedLayer.from_module(_layer(**{**ROWS_LAYERS[name], "m": m, "n": n}))
     for kc in (n, n // 2):
         plan = GemvPlan(p)
@@ -588,7 +590,7 @@ def test_gemv_rows_interleaved_codes(name, lpr, persist, tiles_of_two_warps):
     plan = GemvPlan(p)
     rw = 2 * (32 if HAS_GPU else 4) if tiles_of_two_warps else None  # 4: the simulator's warp (SIM_WARP)
     c = plan.configure_rows(n, lpr=lpr, persist=persist, ilv=True, rw=rw)
-    assert c["ilv"] and c["lpr"] == lpr and c["persist"] == persist and c["rw"] == (rw or c["gsz"])
+    assert c["ilv"] and c["lpr"] == lpr and c["persist"] == persist and (rw is None or c["rw"] == rw)
     idx = p.indices.view(torch.int64)
     rpw = c["gsz"] // lpr
     assert plan.ridx64.shape == (1, -(-p.rows // rpw) * rpw, idx.shape[2]) and plan.ridx64.data_ptr() != idx.data_ptr()
@@ -629,7 +631,7 @@ def test_persistent_launch_fits_the_device(monkeypatch):
     monkeypatch.setattr(nb, "smem_optin", lambda: 227 * 1024)
     monkeypatch.setattr(nb, "sm_count", lambda: 132)
     q = make_layer(81920, 1024, v=4, k=256, device="cpu")  # 640 tiles of 32 rows
-    c128, c64 = (rows_config(q, 256, 32, 1024, persist=True, maxreg=mr) for mr in (None, 64))
+    c128, c64 = (rows_config(q, 256, 32, 1024, persist=True, maxreg=mr, rw=32) for mr in (None, 64))
     assert c128["nsplit"] == c64["nsplit"] == 1 and (c128["gx"], c64["gx"]) == (264, 528)
 
 
