@@ -11,6 +11,8 @@ Importing this module never imports numba; the kernels' modules import it on fir
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import _numba as nb
@@ -77,6 +79,19 @@ def gemv(x: torch.Tensor, layer) -> torch.Tensor:
     return gemv_ref(x, p)
 
 
+INTERLEAVE_ENV = "VPTQ_INTERLEAVE_CODES"
+
+
+def interleave_codes_wanted() -> bool:
+    """VPTQ_INTERLEAVE_CODES=1: batch-1 plans keep a copy of the codes in the row kernel's load order
+    (bench/RESULTS.md: 2-14 % faster gemv on an H200, at the cost of the codes' GPU memory once more).
+    Read when a layer's plan is built."""
+    val = os.environ.get(INTERLEAVE_ENV, "0").strip()
+    if val not in ("0", "1"):
+        raise ValueError(f"{INTERLEAVE_ENV}: {val!r} is not 0 or 1")
+    return val == "1"
+
+
 def _layer_state(mod):
     """(PackedLayer, column map, GemvPlan) of a VQuantLinear, validated once and cached on the module.
 
@@ -91,7 +106,7 @@ def _layer_state(mod):
 
         p = PackedLayer.from_module(mod)
         check_layer(p, kernel=True, check_values=True)
-        plan = GemvPlan(p, checked=True) if _kernel_layer_dtypes(p) else None
+        plan = GemvPlan(p, checked=True, ilv=interleave_codes_wanted()) if _kernel_layer_dtypes(p) else None
         st = (key, p, column_map(p), plan)
         mod._kernel_state = st
     return st[1], st[2], st[3]

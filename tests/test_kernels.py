@@ -362,6 +362,28 @@ def test_layer_forward_routes_to_kernels():
             _close(y, yr, 3e-3)
 
 
+def test_interleaved_codes_switch(monkeypatch):
+    """VPTQ_INTERLEAVE_CODES=1: the layer's batch-1 plan reads its interleaved copy of the codes and
+    gives the same numbers; 0 (the default) keeps the stored codes; anything else is refused by name."""
+    mod = _layer(**{**ROWS_LAYERS["v4_k256"], "m": 40, "n": 128})
+    x = torch.randn(1, 1, mod.in_features, generator=torch.Generator().manual_seed(8)).half().to(DEV)
+    yr = torch.nn.functional.linear(x.float(), dequantize_ref(PackedLayer.from_module(mod), torch.float32),
+                                    mod.bias.float())
+    with torch.no_grad():
+        for val, ilv in (("1", True), ("0", False)):
+            monkeypatch.setenv("VPTQ_INTERLEAVE_CODES", val)
+            mod._kernel_state = None  # the plan is built (and the switch read) once per layer state
+            y = dispatch.vq_linear_forward(mod, x, force=True)
+            plan = mod._kernel_state[3]
+            assert plan.path == "rows" and plan.rows_cfg["ilv"] == ilv
+            assert (plan.ridx64.data_ptr() != mod.indices.data_ptr()) == ilv
+            _close(y, yr, 3e-3)
+        monkeypatch.setenv("VPTQ_INTERLEAVE_CODES", "yes")
+        mod._kernel_state = None
+        with pytest.raises(ValueError, match="VPTQ_INTERLEAVE_CODES: 'yes' is not 0 or 1"):
+            dispatch.vq_linear_forward(mod, x, force=True)
+
+
 def test_cpu_forward_never_uses_kernels(monkeypatch):
     """CPU tensors keep the torch path (bit-for-bit), also with the simulator on."""
     import kernels.dispatch as d
