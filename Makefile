@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench lint clean interop-ref sass-tools sass
+.PHONY: install demo test bench lint clean interop-ref sass-tools sass gpu-wheels
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -43,6 +43,12 @@ sass-tools: $(STAMP)
 
 sass: sass-tools
 	$(BIN)/python -u bench/sass.py
+
+# Wheels for the GPU machine, whose image has no internet (bench/gpu_session.sh installs them there;
+# pass carry [".gpu"] to the device call): pytest-xdist runs the kernel tests on its 16 host cores,
+# where each test spends most of its time compiling its own kernels.
+gpu-wheels: $(STAMP)
+	$(BIN)/python -m pip download -q --no-deps -d .gpu/wheels 'pytest-xdist>=3.6,<4' 'execnet>=2.1,<3'
 
 lint: $(STAMP)
 	$(BIN)/ruff check vptq kernels store tasks flows cli tests bench

@@ -8,7 +8,10 @@
 #   decode  the Llama-2-7B-shaped decode step (bench/decode.py)
 # Output under $OUT (default bench/results/gpu_session), one log per stage; the raw records the
 # scripts write go there too. Usage: bash bench/gpu_session.sh [stage ...]
-# Env: FORMATS (default v4k256,v5k1024); PROBE_<format> overrides a format's probe variants (default:
+# .gpu/wheels/*.whl (make gpu-wheels; carry [".gpu"]) are installed first: with pytest-xdist the
+# tests stage runs TEST_WORKERS (default 12) processes, ~60-100 s instead of ~360 s (each test
+# compiles its own kernels on the host).
+# Env: TESTS_K (the tests stage's -k expression), FORMATS (default v4k256,v5k1024); PROBE_<format> overrides a format's probe variants (default:
 # the plan against interleaved codes; v4k256 also 64-row tiles (x' staged half as often) and
 # persistent at 4 blocks of 256 threads per SM,
 # v5k1024 also 1024-thread persistent blocks at 64
@@ -21,6 +24,9 @@ PY=${PY:-python}
 FORMATS=${FORMATS:-v4k256,v5k1024}
 PROBE_v4k256=${PROBE_v4k256:-;ilv=1;rw=64;rw=64,ilv=1;persist=1,threads=256,maxreg=64;persist=1,threads=256,maxreg=64,ilv=1}
 PROBE_v5k1024=${PROBE_v5k1024:-;ilv=1;threads=1024,maxreg=64;threads=1024,maxreg=64,ilv=1}
+if ls .gpu/wheels/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps .gpu/wheels/*.whl > "$OUT/pip.log" 2>&1 || echo "wheels: see $OUT/pip.log"
+fi
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(tests probe table decode)
 { date -u; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null; git log --oneline -1 2>/dev/null
@@ -30,8 +36,10 @@ cat "$OUT/env.txt"
 for s in "${stages[@]}"; do
   echo "== $s $(date -u +%H:%M:%S)"
   case $s in
-    tests)  $PY -m pytest --noconftest -q -x -p no:cacheprovider tests/test_kernels.py \
-              -k "rows or group or dequant or shared_input or persist" > "$OUT/tests.log" 2>&1 ;;
+    tests)  xd=()
+            if $PY -c "import xdist" 2>/dev/null; then xd=(-n "${TEST_WORKERS:-12}"); fi
+            $PY -m pytest --noconftest -q -p no:cacheprovider "${xd[@]}" tests/test_kernels.py \
+              -k "${TESTS_K:-rows or group or dequant or shared_input or persist}" > "$OUT/tests.log" 2>&1 ;;
     probe)  for f in ${FORMATS//,/ }; do
               var="PROBE_$f"
               $PY -u bench/gemv_rows_probe.py --formats "$f" --variants "${!var:-;ilv=1}" > "$OUT/probe_$f.log" 2>&1
