@@ -11,19 +11,18 @@
 # .gpu/wheels/*.whl (make gpu-wheels; carry [".gpu"]) are installed first: with pytest-xdist the
 # tests stage runs TEST_WORKERS (default 12) processes, ~60-100 s instead of ~360 s (each test
 # compiles its own kernels on the host).
-# Env: TESTS_K (the tests stage's -k expression), FORMATS (default v4k256,v5k1024); PROBE_<format> overrides a format's probe variants (default:
-# the plan against interleaved codes; v4k256 also 64-row tiles (x' staged half as often) and
-# persistent at 4 blocks of 256 threads per SM,
-# v5k1024 also 1024-thread persistent blocks at 64
-# registers: no spill in the hot loop, bench/sass.py).
+# Env: TESTS_K (the tests stage's -k expression), FORMATS (default v4k256,v5k1024); PROBE_<format>
+# overrides a format's probe variants. Defaults: the open questions after the 2026-12-03 (5) probe
+# (bench/RESULTS.md): the plan, with interleaved codes, with half the codebook copies (less to fill
+# per block, more blocks per SM), and v4k256 in 512-thread blocks (8 column runs a tile).
 set -u
 OUT=${OUT:-bench/results/gpu_session}
 mkdir -p "$OUT"
 export OUT
 PY=${PY:-python}
 FORMATS=${FORMATS:-v4k256,v5k1024}
-PROBE_v4k256=${PROBE_v4k256:-;ilv=1;rw=64;rw=64,ilv=1;persist=1,threads=256,maxreg=64;persist=1,threads=256,maxreg=64,ilv=1}
-PROBE_v5k1024=${PROBE_v5k1024:-;ilv=1;threads=1024,maxreg=64;threads=1024,maxreg=64,ilv=1}
+PROBE_v4k256=${PROBE_v4k256:-;ilv=1;r=8;r=8,ilv=1;threads=512;threads=512,ilv=1}
+PROBE_v5k1024=${PROBE_v5k1024:-;ilv=1;r=4;r=4,ilv=1}
 if ls .gpu/wheels/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps .gpu/wheels/*.whl > "$OUT/pip.log" 2>&1 || echo "wheels: see $OUT/pip.log"
 fi
