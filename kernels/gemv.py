@@ -519,7 +519,8 @@ class GemvPlan:
     kernels/gemv_rows.py) serves batch 1 where it applies, `base` the other batches. `path` forces
     one ("rows" / "smem" only where they apply). kc / rw tune the L2 kernel; kc / rt / u tune the shared-memory one
     (kc = columns per block; rt = rows of vectors per block; u = codes per lane). Where the rows kernel
-    applies, kc is its column chunk and the base kernel keeps its default. ilv: the rows kernel reads
+    applies, kc is its column chunk (used where it is whole units of it) and the base kernel keeps its
+    default (path="smem" / "l2" tunes a base kernel alone). ilv: the rows kernel reads
     a copy of the codes in its load order (2-14 % faster on an H200, as many GPU bytes again as the codes).
 
     Holds strong references to every tensor it reads; rebuild it when the layer's tensors change
@@ -635,7 +636,7 @@ class GemvPlan:
         threads, self.rows_maxreg = threads_maxreg(persist)  # maxreg 0: the compiler's choice
         self.rows_threads = 16 if self.sim else threads
         self.rows_ablate = ""  # bench probes only: see kernel_rows
-        # kc is the base kernel's knob unless it fits the row kernel's unit
+        # a kc that is not a whole number of the row kernel's units (column runs x codes a step) is ignored
         self.configure_rows(persist=persist, ilv=ilv)
         if kc is not None and kc % (self.rows_cfg["cs"] * self.rows_cfg["cps"]) == 0:
             self.configure_rows(kc, persist=persist, ilv=ilv)
