@@ -19,8 +19,10 @@ vectors (v outputs) and walks a run of columns, so
   conflicts) and stages x' once, then walks row tiles. With 2 copies refilled by every block,
   6 of every 10 shared wavefronts were bank conflicts (bench/RESULTS.md).
 
-Block: RW = 32 rows of vectors (one per lane) x CS = threads / 32 column runs (one per warp) of a
-chunk of kc stored columns; the CS partial sums of a row are added through shared memory, then
+Block: rw rows of vectors (ROWS_RW: 64 on a GPU; LANES_PER_ROW lanes share a row, taking turns
+over its steps) x cs = threads / rw column runs of a chunk of kc stored columns; optionally the
+codes in the warp-interleaved order (interleave_codes: a plan's copy, VPTQ_INTERLEAVE_CODES=1).
+The cs partial sums of a row are added through shared memory, then
 written to y, or (split-K, several chunks) added into the fp32 workspace, the last block of a row
 tile writing y, exactly as in kernels/gemv.py. Batch 1 only (decode); GemvPlan hands larger
 batches to the shared-memory kernel. Same algebra and oracle as kernels/gemv.py.
@@ -36,7 +38,7 @@ import torch
 from . import _numba as nb
 from .dequant import PackedLayer
 
-ROWS_THREADS = 256  # 8 warps: 32 rows x 8 column runs
+ROWS_THREADS = 256  # 8 warps: 64 rows x 4 column runs (ROWS_RW)
 ROWS_MAXREG = 64  # H100: 70B shapes 84 -> 70 us (occupancy), 7B shapes unchanged
 REPLICAS = 16  # copies of the codebook words, one per 64-bit bank pair
 REPLICAS_10BIT = 2
