@@ -636,10 +636,12 @@ class GemvPlan:
         threads, self.rows_maxreg = threads_maxreg(persist)  # maxreg 0: the compiler's choice
         self.rows_threads = 16 if self.sim else threads
         self.rows_ablate = ""  # bench probes only: see kernel_rows
-        # a kc that is not a whole number of the row kernel's units (column runs x codes a step) is ignored
-        self.configure_rows(persist=persist, ilv=ilv)
-        if kc is not None and kc % (self.rows_cfg["cs"] * self.rows_cfg["cps"]) == 0:
-            self.configure_rows(kc, persist=persist, ilv=ilv)
+        # a kc that is not a whole number of the row kernel's units (column runs x codes a step) is ignored;
+        # the shape is settled first so the plan's tensors (counters, interleaved codes) are built once
+        unit = rows_config(p, self.rows_threads, self.warp, persist=persist)
+        if kc is not None and kc % (unit["cs"] * unit["cps"]):
+            kc = None
+        self.configure_rows(kc, persist=persist, ilv=ilv)
         self.rcbw_main = word_view(p.centroids, p.vector_len)
         self.rcbw_res = word_view(p.res_centroids, p.vector_len) if p.num_res_centroids else self.rcbw_main
 
