@@ -59,6 +59,14 @@ def main() -> None:
             nbytes = p0.indices.numel() * 4
             layers = [p0] + [make_layer(m, n, kr, seed=s, v=v, k=k) for s in range(1, copies_for(nbytes + m * n * 2))]
             maps = [column_map(p) for p in layers]
+            # the write ceiling: torch filling an output of this shape (the same bytes written, nothing
+            # read), the most any dequantize of this shape could reach under this timing protocol
+            outs = [torch.empty(m, n, dtype=torch.float16, device="cuda") for _ in range(2)]
+            tf, _ = time_device([lambda o=o: o.fill_(1.0) for o in outs], iters=100)
+            gf = m * n * 2 / tf / 1e3
+            print(f"{fkey} {m}x{n} [torch fill_, write ceiling]: {tf:.1f} us {gf:.0f} GB/s written "
+                  f"({100 * gf * 1e9 / peak():.0f}% peak)", flush=True)
+            del outs
             for var in args.variants.split(";"):
                 kw = parse_variant(var)
                 try:
