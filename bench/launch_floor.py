@@ -46,6 +46,8 @@ def back_to_back(call, n: int = 100) -> float:
 
 
 def nop_kernels():
+    from numba import float32
+
     c = nb.cuda()
 
     @c.jit
@@ -61,17 +63,11 @@ def nop_kernels():
 
     @c.jit
     def nop_smem(a):
-        s = c.shared.array(0, nb_float32())
+        s = c.shared.array(0, float32)
         if c.threadIdx.x == 9999:
             a[0] = s[5]
 
     return nop1, nop16, nop_smem
-
-
-def nb_float32():
-    from numba import float32
-
-    return float32
 
 
 def fast_launch(disp, grid, threads, shmem, args):
