@@ -331,7 +331,7 @@ def column_map(p: PackedLayer) -> torch.Tensor:
 def dequantize(p: PackedLayer, dtype: torch.dtype = torch.float16, *, colmap: torch.Tensor | None = None,
                threads: int | None = None, checked: bool = False, path: str | None = None,
                rb: int | None = None, maxreg: int | None = None, h2: bool | None = None,
-               blocks: int | None = None) -> torch.Tensor:
+               blocks: int | None = None, grid: int | None = None, ranges: bool = True) -> torch.Tensor:
     """numba.cuda dequantization; same contract as `dequantize_ref` (dtype fp16 or fp32).
 
     Two kernels: "staged" (rows of packed codes staged in shared memory, codebooks there too when
@@ -349,7 +349,7 @@ def dequantize(p: PackedLayer, dtype: torch.dtype = torch.float16, *, colmap: to
     if path not in (None, "staged", "columns"):
         raise ValueError(f"path: {path!r} is not 'staged' or 'columns'")
     cfg = None if path == "columns" else dequant2_config(p, dtype, threads or DQ_THREADS, rb=rb, maxreg=maxreg,
-                                                         h2=h2, blocks=blocks)
+                                                         h2=h2, blocks=blocks, grid=grid, ranges=ranges)
     if path == "staged" and cfg is None:
         raise ValueError("path: the row-staged kernel needs no outlier columns and the packed rows in shared memory")
     if cfg is not None:
@@ -581,7 +581,7 @@ def _stage_words_src(tot: str, var: str, load: str, zero: str, store: str, threa
               f"{i1}_rr{i} = (_q{i} * _M1) >> 32",
               f"{i1}_k{i} = _q{i} - _rr{i} * _dv1",
               f"{i1}_g{i} = (_k{i} * _M2) >> 32",
-              f"{i1}_ok{i} = _q{i} < _tot and r0 + _rr{i} < nrows",
+              f"{i1}_ok{i} = _q{i} < _tot and r0 + _rr{i} < re",
               f"{i1}{var}{i} = {load.format(i=i)} if _ok{i} else {zero}"]
     for i in range(NS_STAGE):
         L += [f"{i1}if _ok{i}:", f"{i2}{store.format(i=i)} = {var}{i}"]
@@ -591,8 +591,8 @@ def _stage_words_src(tot: str, var: str, load: str, zero: str, store: str, threa
 @functools.cache
 def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, cb_smem: bool, half: bool,
              vec: bool, cpt: int, threads: int, maxreg: int = 0, h2: bool = False, colvec: bool = False,
-             one_group: bool = False):
-    """Row-staged dequantization: a block walks rows of vectors (grid-stride, `rb` per step),
+             one_group: bool = False, ranges: bool = True):
+    """Row-staged dequantization: a block walks a contiguous range of rows of vectors (`rb` per step),
     stages their packed words in shared memory with coalesced 8-byte loads, then each thread
     produces `cpt` consecutive original columns x v output rows: one code per column read from
     shared memory (perm and groups through the column map), the centroid from the shared
@@ -606,7 +606,8 @@ def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, c
     codes are read with one byte-addressed shared load instead of a word load and a shift.
     colvec (h2 with fp16 scale/bias): colmap, scale and bias arrive as int64 views and a thread's
     8 columns of them are 4 16-byte loads, the scale/bias pairs used as loaded (no conversion).
-    one_group (G = 1, every preset): no group arithmetic (the column map's group field is ignored)."""
+    one_group (G = 1, every preset): no group arithmetic (the column map's group field is ignored).
+    ranges: each block walks one contiguous range of rows (else rb-row steps grid-stride)."""
     _jit_env()
     byte_codes = bits in (8, 16)
     per_word = 32 // bits  # codes per 32-bit staged word (byte_codes)
@@ -644,10 +645,17 @@ def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, c
           f"{ind}_dv1 = ngroups * nw2 if even else nwr",
           f"{ind}_dv2 = max(nw2, 1) if even else nwords",
           f"{ind}_M1 = ((int64(1) << 32) + _dv1 - 1) // _dv1",
-          f"{ind}_M2 = ((int64(1) << 32) + _dv2 - 1) // _dv2",
-          f"{ind}for r0 in range(cuda.blockIdx.x * rb, nrows, cuda.gridDim.x * rb):",
-          f"{ind * 2}cuda.syncthreads()",
-          f"{ind * 2}if even:"]
+          f"{ind}_M2 = ((int64(1) << 32) + _dv2 - 1) // _dv2"]
+    if ranges:
+        # a block's rows are one contiguous range, the ranges of the blocks a row apart in length: with
+        # rb-row steps dealt out grid-stride, some blocks took a step more than others (8192x8192:
+        # 512 steps over 396 blocks), and the last of them set the time
+        L += [f"{ind}rs = (int64(cuda.blockIdx.x) * nrows) // cuda.gridDim.x",
+              f"{ind}re = (int64(cuda.blockIdx.x + 1) * nrows) // cuda.gridDim.x",
+              f"{ind}for r0 in range(rs, re, rb):"]
+    else:  # rb-row steps dealt out grid-stride (the kernel before 2026-12-03 (6); kept for the probe)
+        L += [f"{ind}re = nrows", f"{ind}for r0 in range(cuda.blockIdx.x * rb, nrows, cuda.gridDim.x * rb):"]
+    L += [f"{ind * 2}cuda.syncthreads()", f"{ind * 2}if even:"]
     L += _stage_words_src("rb * ngroups * nw2", "_d", "idx64[_g{i}, r0 + _rr{i}, _k{i} - _g{i} * nw2]", "int64(0)",
                           "s64[ow // 2 + _rr{i} * (nwr // 2) + _k{i}]", threads, ind * 3)
     L.append(f"{ind * 2}else:")
@@ -705,7 +713,7 @@ def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, c
                   f"{i3}b2_{i} = f2h(bi{2 * i}) | (f2h(bi{2 * i + 1}) << 16)"]
     L += [f"{i3}for rr in range(rb):",
           f"{i4}r = r0 + rr",
-          f"{i4}if r < nrows:",
+          f"{i4}if r < re:",
           f"{i5}wb = (ow + rr * nwr) * {per_word}" if byte_codes else f"{i5}ww = ow + rr * nwr"]
     if wide_store:  # 16-byte index of (row r * v, column jb) of the output (its rows are whole 16-byte words)
         L.append(f"{i5}ob = r * {v} * n4 + jb4")
@@ -782,7 +790,8 @@ def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, c
     env = {**kernel_env(), "f2h": nb.float_to_half_bits(), "st128": nb.store_128(), "pack4": _packers()[0],
            "pack8": _packers()[1], "hpair": hpair, "hadd2": hadd2, "hfma2": hfma2, "st128w": nb.store_128w()}
     fn = nb.compile_source(src, "dequant2", env,
-                           f"dequant2-v{v}-b{bits}-{main_bits}-{has_res}-{cb_smem}-{half}-{'h2' if h2 else ''}{'-g1' if one_group else ''}")
+                           f"dequant2-v{v}-b{bits}-{main_bits}-{has_res}-{cb_smem}-{half}-{'h2' if h2 else ''}{'-g1' if one_group else ''}"
+                           f"{'' if ranges else '-gs'}")
     return cuda.jit(fn, max_registers=maxreg) if maxreg and not nb.simulator_enabled() else cuda.jit(fn)
 
 
@@ -817,14 +826,17 @@ def _packers():
 
 
 def dequant2_config(p: PackedLayer, dtype: torch.dtype, threads: int = DQ_THREADS, *, rb: int | None = None,
-                    maxreg: int | None = None, h2: bool | None = None, blocks: int | None = None) -> dict | None:
+                    maxreg: int | None = None, h2: bool | None = None, blocks: int | None = None,
+                    grid: int | None = None, ranges: bool = True) -> dict | None:
     """Launch configuration of the row-staged kernel for this layer, or None (old kernel).
 
     h2: the half2 variant (default: wherever it applies: fp16 out, v <= 8, N % 8 == 0). blocks:
     resident blocks per SM aimed at (default DQ_BLOCKS / DQ_BLOCKS_H2); rb (rows of vectors staged
     per step) defaults to the most that leaves them room; maxreg caps the registers (0: the
-    compiler's choice). The grid is what is resident at once (registers and shared memory both
-    counted: a second partial wave costs more than the grid-stride loop saves)."""
+    compiler's choice). The grid (default) is what is resident at once (registers and shared memory
+    both counted: a second partial wave costs more than walking more rows saves), at most one
+    block per rb rows; each block walks a contiguous range of rows (ranges=False: rb-row steps
+    grid-stride, the earlier kernel, for comparison)."""
     if p.outlier_size or p.vector_len > MAX_V:
         return None
     v = p.vector_len
@@ -859,9 +871,12 @@ def dequant2_config(p: PackedLayer, dtype: torch.dtype, threads: int = DQ_THREAD
         sms = nb.sm_count()
         by_regs = 65536 // ((maxreg or 255) * threads)  # maxreg 0: assume the worst
         per_sm = max(1, min(limit // max(shmem + 1024, 1), 2048 // threads, by_regs))
-    grid = max(1, min(nb.cdiv(p.rows, rb), sms * per_sm))
+    if grid is None:
+        grid = max(1, min(nb.cdiv(p.rows, rb), sms * per_sm))
+    elif grid < 1:
+        raise ValueError(f"grid: {grid} blocks")
     return dict(cb_smem=cb_smem, rb=rb, shmem=shmem, half=half, cpt=cpt, vec=vec, grid=grid, threads=threads,
-                maxreg=maxreg, h2=h2)
+                maxreg=maxreg, h2=h2, ranges=bool(ranges))
 
 
 def dequantize2(p: PackedLayer, dtype: torch.dtype, colmap: torch.Tensor, cfg: dict) -> torch.Tensor:
@@ -886,7 +901,8 @@ def dequant2_launch(p: PackedLayer, dtype: torch.dtype, colmap: torch.Tensor, cf
     colvec = bool(cfg["h2"] and all(t.dtype == torch.float16 for t in norm)
                   and all(t.data_ptr() % 16 == 0 for t in (colmap, *norm)))
     kern = _kernel2(v, p.code_bits, p.main_bits, has_res, p.weight_scale is not None, cfg["cb_smem"], cfg["half"],
-                    cfg["vec"], cfg["cpt"], cfg["threads"], cfg["maxreg"], cfg["h2"], colvec, p.group_num == 1)
+                    cfg["vec"], cfg["cpt"], cfg["threads"], cfg["maxreg"], cfg["h2"], colvec, p.group_num == 1,
+                    cfg.get("ranges", True))
     f16 = nb.dummy(dev, torch.float16)
     cols = [colmap, p.weight_scale if p.weight_scale is not None else f16,
             p.weight_bias if p.weight_bias is not None else f16]

@@ -246,6 +246,22 @@ def test_dequant_half2_matches_oracle(name):
         dequantize(p, torch.float32, path="staged", h2=True, **SMALL)
 
 
+@pytest.mark.parametrize("rb,grid,ranges", [(4, None, True), (3, 2, True), (1, 3, True), (2, 9, True),
+                                           (3, 2, False), (1, 3, False)])
+def test_dequant_row_ranges(rb, grid, ranges):
+    """Each block's contiguous range of rows (uneven: 10 rows of vectors over 2, 3 or 9 blocks, steps of
+    rb that do not divide them; more blocks than steps) and the grid-stride steps both cover every row once."""
+    p = PackedLayer.from_module(_layer(**H2_LAYERS["v4_k256"]))
+    assert p.rows == 10
+    # the output's memory held NaNs just before (the allocators hand a freed block of this size back):
+    # a row no block writes stays wrong
+    torch.full((p.out_features, p.in_features), float("nan"), dtype=torch.float16, device=p.device).sum()
+    w = dequantize(p, torch.float16, path="staged", rb=rb, grid=grid, ranges=ranges, **SMALL)
+    _close(w, dequantize_ref(p, torch.float16))
+    with pytest.raises(ValueError, match="grid: 0 blocks"):
+        dequantize(p, torch.float16, path="staged", grid=0, **SMALL)
+
+
 # ------------------------------------------------------------------------------ gemv
 @pytest.mark.parametrize("name,batch", [("v6_k4096", 1), ("v6_k4096", 3), ("v6_res", 2), ("v5_plain", 1),
                                         ("v12", 8), ("v12", 1)])
