@@ -105,7 +105,8 @@ def main() -> None:
     cases = {
         "torch add_ (1 element)": lambda: t.add_(1.0),
         "torch fp16 x @ W.T 64x64": lambda: x @ w.t(),
-        "numba nop, dispatcher, 1 array": lambda: nop1[132, 256, s](arr),
+        # the stream looked up per call: a graph capture runs on a side stream
+        "numba nop, dispatcher, 1 array": lambda: nop1[132, 256, nb.stream_for(t)](arr),
         "numba nop, pre-marshalled, 1 array": None,
         "numba nop, pre-marshalled, 16 arrays": None,
         "numba nop, pre-marshalled, 96 KiB dynamic smem": None,
