@@ -197,7 +197,7 @@ def gemv_case(p, var: dict, cc, dump, tag: str) -> str:
             f"ahead={c['ahead'] or 'default'} | " + hot_summary(res, c["cps"]))
 
 
-DQ_KEYS = ("threads", "rb", "maxreg", "h2", "blocks", "grid", "ranges", "pf")
+DQ_KEYS = ("threads", "rb", "maxreg", "h2", "blocks", "grid", "ranges")
 
 
 def dequant_case(p, var: dict, cc, dump, tag: str) -> str:

@@ -350,47 +350,6 @@ def store_128():
     return st128
 
 
-@functools.lru_cache(maxsize=1)
-def prefetch_l2():
-    """Device function pf(arr, i): fetch the 128-byte line holding arr.flat[i] into L2 ahead of its
-    loads (`prefetch.global.L2`, a hint: no register, nothing waits on it). The simulator checks
-    that i lies inside the array, which is all it can check."""
-    c = cuda()
-    if simulator_enabled():
-        @c.jit(device=True)
-        def pf(arr, i):
-            assert 0 <= i < arr.size, "prefetch outside the array"
-
-        return pf
-
-    from llvmlite import ir
-    from numba import types
-    from numba.cuda.extending import intrinsic
-
-    @intrinsic
-    def _pf(typingctx, arr, i):
-        if not (isinstance(arr, types.Array) and isinstance(i, types.Integer)):
-            return None
-        sig = types.void(arr, i)
-
-        def codegen(context, builder, sig, args):
-            ary = context.make_array(sig.args[0])(context, builder, args[0])
-            i64 = ir.IntType(64)
-            idx = args[1] if args[1].type.width == 64 else builder.sext(args[1], i64)
-            addr = builder.ptrtoint(builder.gep(ary.data, [idx]), i64)
-            fnty = ir.FunctionType(ir.VoidType(), [i64])
-            builder.call(ir.InlineAsm(fnty, "prefetch.global.L2 [$0];", "l", side_effect=True), [addr])
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    @c.jit(device=True, forceinline=True)
-    def pf(arr, i):
-        _pf(arr, i)
-
-    return pf
-
-
 def _wrap64(v) -> int:
     """Python/numpy integer -> the int64 with the same low 64 bits (simulator only)."""
     v = int(v) & 0xFFFFFFFFFFFFFFFF

@@ -331,8 +331,7 @@ def column_map(p: PackedLayer) -> torch.Tensor:
 def dequantize(p: PackedLayer, dtype: torch.dtype = torch.float16, *, colmap: torch.Tensor | None = None,
                threads: int | None = None, checked: bool = False, path: str | None = None,
                rb: int | None = None, maxreg: int | None = None, h2: bool | None = None,
-               blocks: int | None = None, grid: int | None = None, ranges: bool = True,
-               pf: bool = True) -> torch.Tensor:
+               blocks: int | None = None, grid: int | None = None, ranges: bool = True) -> torch.Tensor:
     """numba.cuda dequantization; same contract as `dequantize_ref` (dtype fp16 or fp32).
 
     Two kernels: "staged" (rows of packed codes staged in shared memory, codebooks there too when
@@ -350,7 +349,7 @@ def dequantize(p: PackedLayer, dtype: torch.dtype = torch.float16, *, colmap: to
     if path not in (None, "staged", "columns"):
         raise ValueError(f"path: {path!r} is not 'staged' or 'columns'")
     cfg = None if path == "columns" else dequant2_config(p, dtype, threads or DQ_THREADS, rb=rb, maxreg=maxreg,
-                                                         h2=h2, blocks=blocks, grid=grid, ranges=ranges, pf=pf)
+                                                         h2=h2, blocks=blocks, grid=grid, ranges=ranges)
     if path == "staged" and cfg is None:
         raise ValueError("path: the row-staged kernel needs no outlier columns and the packed rows in shared memory")
     if cfg is not None:
@@ -589,23 +588,10 @@ def _stage_words_src(tot: str, var: str, load: str, zero: str, store: str, threa
     return L
 
 
-def _prefetch_src(first: str, threads: int, ind: str) -> list[str]:
-    """Kernel lines: prefetch into L2 the packed words of this block's rb rows from row `first` (up
-    to the range's end `re`), one 128-byte line per thread and turn, every group's rows."""
-    i2, i3, i4 = ind + "    ", ind + "        ", ind + "            "
-    return [f"{ind}_p0 = {first}",
-            f"{ind}if _p0 < re:",
-            f"{i2}_pw = min(rb, re - _p0) * nwords",
-            f"{i2}for _pg in range(ngroups):",
-            f"{i3}_pb = (_pg * nrows + _p0) * nwords",
-            f"{i3}for _pq in range(tid * 32, _pw, {threads * 32}):",
-            f"{i4}pf(indices, _pb + _pq)"]
-
-
 @functools.cache
 def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, cb_smem: bool, half: bool,
              vec: bool, cpt: int, threads: int, maxreg: int = 0, h2: bool = False, colvec: bool = False,
-             one_group: bool = False, ranges: bool = True, pf: bool = True):
+             one_group: bool = False, ranges: bool = True):
     """Row-staged dequantization: a block walks a contiguous range of rows of vectors (`rb` per step),
     stages their packed words in shared memory with coalesced 8-byte loads, then each thread
     produces `cpt` consecutive original columns x v output rows: one code per column read from
@@ -621,10 +607,7 @@ def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, c
     colvec (h2 with fp16 scale/bias): colmap, scale and bias arrive as int64 views and a thread's
     8 columns of them are 4 16-byte loads, the scale/bias pairs used as loaded (no conversion).
     one_group (G = 1, every preset): no group arithmetic (the column map's group field is ignored).
-    ranges: each block walks one contiguous range of rows (else rb-row steps grid-stride).
-    pf (with ranges): the packed words of a block's first step are prefetched into L2 before the
-    codebook fill, and those of its next step while it computes this one (`prefetch.global.L2`):
-    the staging loads then wait on L2, not on DRAM."""
+    ranges: each block walks one contiguous range of rows (else rb-row steps grid-stride)."""
     _jit_env()
     byte_codes = bits in (8, 16)
     per_word = 32 // bits  # codes per 32-bit staged word (byte_codes)
@@ -645,17 +628,6 @@ def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, c
          f"{ind}tid = cuda.threadIdx.x",
          f"{ind}K = ngroups * k",
          f"{ind}KR = ngroups * kr"]
-    pf = pf and ranges
-    if ranges:
-        # a block's rows are one contiguous range, the ranges of the blocks a row apart in length: with
-        # rb-row steps dealt out grid-stride, some blocks took a step more than others (8192x8192:
-        # 512 steps over 396 blocks), and the last of them set the time
-        L += [f"{ind}rs = (int64(cuda.blockIdx.x) * nrows) // cuda.gridDim.x",
-              f"{ind}re = (int64(cuda.blockIdx.x + 1) * nrows) // cuda.gridDim.x"]
-    else:  # rb-row steps dealt out grid-stride (the kernel before 2026-12-03 (6); kept for the probe)
-        L += [f"{ind}re = nrows"]
-    if pf:  # the first step's words are on their way while the codebook is copied
-        L += _prefetch_src("rs", threads, ind)
     if cb_smem:
         L += plane_bases_src(v, "K", "KR" if has_res else None, ind)
         L += fill_src(v, "cbg", "K", "m", threads, ind)
@@ -675,17 +647,20 @@ def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, c
           f"{ind}_M1 = ((int64(1) << 32) + _dv1 - 1) // _dv1",
           f"{ind}_M2 = ((int64(1) << 32) + _dv2 - 1) // _dv2"]
     if ranges:
-        L.append(f"{ind}for r0 in range(rs, re, rb):")
-    else:
-        L.append(f"{ind}for r0 in range(cuda.blockIdx.x * rb, nrows, cuda.gridDim.x * rb):")
+        # a block's rows are one contiguous range, the ranges of the blocks a row apart in length: with
+        # rb-row steps dealt out grid-stride, some blocks took a step more than others (8192x8192:
+        # 512 steps over 396 blocks), and the last of them set the time
+        L += [f"{ind}rs = (int64(cuda.blockIdx.x) * nrows) // cuda.gridDim.x",
+              f"{ind}re = (int64(cuda.blockIdx.x + 1) * nrows) // cuda.gridDim.x",
+              f"{ind}for r0 in range(rs, re, rb):"]
+    else:  # rb-row steps dealt out grid-stride (the kernel before 2026-12-03 (6); kept for the probe)
+        L += [f"{ind}re = nrows", f"{ind}for r0 in range(cuda.blockIdx.x * rb, nrows, cuda.gridDim.x * rb):"]
     L += [f"{ind * 2}cuda.syncthreads()", f"{ind * 2}if even:"]
     L += _stage_words_src("rb * ngroups * nw2", "_d", "idx64[_g{i}, r0 + _rr{i}, _k{i} - _g{i} * nw2]", "int64(0)",
                           "s64[ow // 2 + _rr{i} * (nwr // 2) + _k{i}]", threads, ind * 3)
     L.append(f"{ind * 2}else:")
     L += _stage_words_src("rb * nwr", "_e", "indices[_g{i}, r0 + _rr{i}, _k{i} - _g{i} * nwords]", "int32(0)",
                           "s32[ow + _q{i}]", threads, ind * 3)
-    if pf:  # the next step's words, while this one is computed
-        L += _prefetch_src("r0 + rb", threads, ind * 2)
     L += [f"{ind * 2}cuda.syncthreads()",
           f"{ind * 2}for jb in range(tid * {cpt}, n, {threads * cpt}):",
           f"{ind * 3}full = jb + {cpt} <= n"]
@@ -813,11 +788,10 @@ def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, c
     src = "\n".join(L) + "\n"
     hpair, hadd2, hfma2 = nb.half2_ops()
     env = {**kernel_env(), "f2h": nb.float_to_half_bits(), "st128": nb.store_128(), "pack4": _packers()[0],
-           "pack8": _packers()[1], "hpair": hpair, "hadd2": hadd2, "hfma2": hfma2, "st128w": nb.store_128w(),
-           "pf": nb.prefetch_l2()}
+           "pack8": _packers()[1], "hpair": hpair, "hadd2": hadd2, "hfma2": hfma2, "st128w": nb.store_128w()}
     fn = nb.compile_source(src, "dequant2", env,
                            f"dequant2-v{v}-b{bits}-{main_bits}-{has_res}-{cb_smem}-{half}-{'h2' if h2 else ''}{'-g1' if one_group else ''}"
-                           f"{'' if ranges else '-gs'}{'-pf' if pf else ''}")
+                           f"{'' if ranges else '-gs'}")
     return cuda.jit(fn, max_registers=maxreg) if maxreg and not nb.simulator_enabled() else cuda.jit(fn)
 
 
@@ -853,7 +827,7 @@ def _packers():
 
 def dequant2_config(p: PackedLayer, dtype: torch.dtype, threads: int = DQ_THREADS, *, rb: int | None = None,
                     maxreg: int | None = None, h2: bool | None = None, blocks: int | None = None,
-                    grid: int | None = None, ranges: bool = True, pf: bool = True) -> dict | None:
+                    grid: int | None = None, ranges: bool = True) -> dict | None:
     """Launch configuration of the row-staged kernel for this layer, or None (old kernel).
 
     h2: the half2 variant (default: wherever it applies: fp16 out, v <= 8, N % 8 == 0). blocks:
@@ -902,7 +876,7 @@ def dequant2_config(p: PackedLayer, dtype: torch.dtype, threads: int = DQ_THREAD
     elif grid < 1:
         raise ValueError(f"grid: {grid} blocks")
     return dict(cb_smem=cb_smem, rb=rb, shmem=shmem, half=half, cpt=cpt, vec=vec, grid=grid, threads=threads,
-                maxreg=maxreg, h2=h2, ranges=bool(ranges), pf=bool(pf))
+                maxreg=maxreg, h2=h2, ranges=bool(ranges))
 
 
 def dequantize2(p: PackedLayer, dtype: torch.dtype, colmap: torch.Tensor, cfg: dict) -> torch.Tensor:
@@ -928,7 +902,7 @@ def dequant2_launch(p: PackedLayer, dtype: torch.dtype, colmap: torch.Tensor, cf
                   and all(t.data_ptr() % 16 == 0 for t in (colmap, *norm)))
     kern = _kernel2(v, p.code_bits, p.main_bits, has_res, p.weight_scale is not None, cfg["cb_smem"], cfg["half"],
                     cfg["vec"], cfg["cpt"], cfg["threads"], cfg["maxreg"], cfg["h2"], colvec, p.group_num == 1,
-                    cfg.get("ranges", True), cfg.get("pf", True))
+                    cfg.get("ranges", True))
     f16 = nb.dummy(dev, torch.float16)
     cols = [colmap, p.weight_scale if p.weight_scale is not None else f16,
             p.weight_bias if p.weight_bias is not None else f16]
