@@ -649,7 +649,9 @@ def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, c
     if ranges:
         # a block's rows are one contiguous range, the ranges of the blocks a row apart in length: with
         # rb-row steps dealt out grid-stride, some blocks took a step more than others (8192x8192:
-        # 512 steps over 396 blocks), and the last of them set the time
+        # 512 steps over 396 blocks), and the last of them set the time. H200 (bench/RESULTS.md,
+        # 2026-12-03 (6)): v5-k1024 8192x8192 65.4 -> 57.0 us, 28672x8192 176.6 -> 161.9; v4-k256
+        # 8192x8192 55.8 -> 51.8; the rest within -3..+5 %
         L += [f"{ind}rs = (int64(cuda.blockIdx.x) * nrows) // cuda.gridDim.x",
               f"{ind}re = (int64(cuda.blockIdx.x + 1) * nrows) // cuda.gridDim.x",
               f"{ind}for r0 in range(rs, re, rb):"]
