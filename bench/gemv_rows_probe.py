@@ -138,7 +138,7 @@ def main() -> None:
     ap.add_argument("--kc", default="auto", help="comma list of column chunks (auto = the plan's choice)")
     ap.add_argument("--maxreg", default="plan",
                     help="comma list of register caps (0 = the compiler's choice; default: the plan's)")
-    ap.add_argument("--ablate", default="", help="comma list of kernel_rows ablations to time too (main, fill, epi)")
+    ap.add_argument("--ablate", default="", help="comma list of kernel_rows ablations to time too (main, fill, epi, xperm, xall)")
     ap.add_argument("--lpr", default="0", help="comma list of lanes per row (0: the default, LANES_PER_ROW)")
     ap.add_argument("--variants", default="", help="';'-separated variants, each a ','-list of key=value "
                     "(kc, maxreg, lpr, rw, threads, r = codebook copies, cbmax = KiB for them, persist = 0/1 (default: "

@@ -295,7 +295,8 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
     copies so the stores do not share banks), and each step loads the codes two steps ahead.
     x' is staged XB columns per thread at a time (bounded registers: occupancy is what keeps
     enough bytes in flight at 70B shapes). `ablate` (bench probes only) drops parts to time the
-    rest: "main" (no column loop), "fill" (no codebook stores), "epi" (no split-K epilogue).
+    rest: "main" (no column loop), "fill" (no codebook stores), "epi" (no split-K epilogue), "xperm"
+    (x' read in stored order: no gather through the permutation), "xall" (no x' loads at all).
 
     group = ((tiles, out_features), ...) for two or more layers that share x (q/k/v, gate/up):
     one launch, the row tiles of every layer side by side on grid x, each layer's tensors passed
@@ -447,12 +448,16 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
         L += [f"{i2}_c{j} = _i0 + {j * threads}",
               f"{i2}_p{j} = k0 + _c{j}",
               f"{i2}_ok{j} = _c{j} < {kc} and _p{j} < n",
-              f"{i2}_j{j} = (int64(xsrc[_p{j}]) if _ok{j} else int64(0))" if has_perm else f"{i2}_j{j} = _p{j}"]
-        if has_norm:
+              f"{i2}_j{j} = (int64(xsrc[_p{j}]) if _ok{j} else int64(0))" if has_perm and "xperm" not in ablate
+              else f"{i2}_j{j} = _p{j}"]
+        if has_norm and "xall" not in ablate:
             L += [f"{i2}_s{j} = float32(xscale[_p{j}]) if _ok{j} else float32(0.0)",
                   f"{i2}_w{j} = float32(xwb[_p{j}]) if _ok{j} else float32(0.0)"]
+        elif has_norm:
+            L += [f"{i2}_s{j} = float32(1.0)", f"{i2}_w{j} = float32(0.0)"]
     for j in range(XB):
-        L.append(f"{i2}_x{j} = float32(x[0, _j{j}]) if _ok{j} else float32(0.0)")
+        L.append(f"{i2}_x{j} = float32(x[0, _j{j}]) if _ok{j} else float32(0.0)" if "xall" not in ablate
+                 else f"{i2}_x{j} = float32(_c{j})")
     for j in range(XB):
         xv = f"_x{j} * _s{j}" if has_norm else f"_x{j}"
         L += [f"{i2}if _c{j} < {kc}:",
