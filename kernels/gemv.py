@@ -42,9 +42,11 @@ import math
 import torch
 
 from . import _numba as nb
+from .code_columns import permute_code_columns
 from .dequant import (
     CB_SMEM_MAX,
     PackedLayer,
+    _perm64,
     ceil16,
     check_layer,
     dequantize_ref,
@@ -649,17 +651,28 @@ class GemvPlan:
         """Set the row kernel's launch shape (`rows_config` with this plan's threads and warp; kw:
         lpr, rw, persist, gx, ahead, ilv) and the split-K counters of its row tiles; returns the shape."""
         self.rows_threads = threads or self.rows_threads
-        self.rows_cfg = rows_config(self.p, self.rows_threads, self.warp, kc, **kw)
-        self.rcnt = torch.zeros(self.rows_cfg["tiles"], dtype=torch.int32, device=self.p.device)
-        # ilv: a copy of the codes in the kernel's load order (as many bytes again as the codes)
-        idx64 = self.p.indices.view(torch.int64)
-        self.ridx64 = interleave_codes(idx64, self.rows_cfg, self.p.code_bits) if self.rows_cfg["ilv"] else idx64
+        p = self.p
+        cfg = self.rows_cfg = rows_config(p, self.rows_threads, self.warp, kc, **kw)
+        self.rcnt = torch.zeros(cfg["tiles"], dtype=torch.int32, device=p.device)
+        # ilv: a copy of the codes in the kernel's load order (as many bytes again as the codes); being
+        # a copy, its columns may as well be in the original order (kernels/code_columns.py): x' is
+        # then read in order, not gathered through the permutation for every row tile
+        codes = p.indices
+        cfg["xperm"] = p.perm is not None and not cfg["ilv"]
+        self.rxsrc, self.rxscale, self.rxwb = self.xsrc, self.xscale, self.xwb
+        if cfg["ilv"] and p.perm is not None:
+            codes = permute_code_columns(codes, p.code_bits, torch.argsort(_perm64(p.perm)))
+            if p.weight_scale is not None:  # scale and bias are per original column already
+                self.rxscale = p.weight_scale.to(torch.float32).contiguous()
+                self.rxwb = p.weight_bias.to(torch.float32).contiguous()
+        idx64 = codes.view(torch.int64)
+        self.ridx64 = interleave_codes(idx64, cfg, p.code_bits) if cfg["ilv"] else idx64
         self._fast = {}
-        return self.rows_cfg
+        return cfg
 
     def rows_static(self) -> list[torch.Tensor]:
         """This layer's tensors as the row kernel takes them (after x, before the workspace)."""
-        return [self.xsrc, self.xscale, self.xwb, self.ridx64, self.rcbw_main, self.rcbw_res, self.bias]
+        return [self.rxsrc, self.rxscale, self.rxwb, self.ridx64, self.rcbw_main, self.rcbw_res, self.bias]
 
     # ------------------------------------------------------------------ launch configuration
     def smem_config(self, bsz: int) -> dict:

@@ -670,7 +670,9 @@ def rows_launch(p: PackedLayer, cfg: dict, xdtype, maxreg: int, ablate: str = ""
     """(compiled kernel, scalar arguments) of a row-kernel launch of layout p with rows_config cfg;
     one layer, or a group of layers of p's layout (kernels/gemv_group.py). The kernel takes x, each
     layer's tensors (GemvPlan.rows_static), the workspace and counters, y, then these scalars."""
-    kern = kernel_rows(p.vector_len, p.code_bits, p.num_res_centroids > 0, p.perm is not None,
+    # xperm: x' gathered through the permutation (False where the plan's copy of the codes is in the
+    # original column order, GemvPlan.configure_rows)
+    kern = kernel_rows(p.vector_len, p.code_bits, p.num_res_centroids > 0, cfg.get("xperm", p.perm is not None),
                        p.weight_scale is not None, p.bias is not None, cfg["rw"], cfg["cs"], cfg["replicas"],
                        cfg["kc"], p.num_centroids, p.num_res_centroids, str(xdtype), maxreg, ablate, group,
                        cfg["lpr"], cfg["persist"], cfg["wide"], cfg["ahead"], cfg["ilv"])

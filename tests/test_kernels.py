@@ -611,15 +611,38 @@ def test_gemv_rows_codes_loaded_further_ahead(name, ahead):
     _close(plan(x), gemv_ref(x.float(), p), 3e-3)
 
 
+@pytest.mark.parametrize("bits,n", [(8, 64), (16, 32), (10, 64), (10, 96), (7, 32)])
+def test_permute_code_columns(bits, n, monkeypatch):
+    """Columns of packed codes reordered (whole bytes, and codes that straddle words, in row chunks)
+    equal packing the reordered codes; a wrong column count or a padded row is refused."""
+    from kernels import code_columns
+    from vptq.packing import pack_indices
+
+    monkeypatch.setattr(code_columns, "ROWS_PER_CHUNK", 5)  # 37 rows: several chunks and a short one
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (1, 37, n), generator=g)
+    order = torch.randperm(n, generator=g)
+    out = code_columns.permute_code_columns(pack_indices(codes, bits), bits, order)
+    assert torch.equal(out, pack_indices(codes[..., order], bits))
+    with pytest.raises(ValueError, match="order: expected"):
+        code_columns.permute_code_columns(pack_indices(codes, bits), bits, order[:-1])
+    with pytest.raises(ValueError, match="not whole"):
+        code_columns.permute_code_columns(pack_indices(codes[..., :3], 10), 10, order[:3])
+
+
 @pytest.mark.parametrize("name,lpr,persist,tiles_of_two_warps", [
     ("v4_k256", 2, False, False), ("v4_k256", 1, False, False), ("v4_k256", 2, False, True),
-    ("v8_k256_r256", 2, False, False), ("v5_k1024", 4, False, False), ("v5_k1024", 2, True, False)])
+    ("v8_k256_r256", 2, False, False), ("v5_k1024", 4, False, False), ("v5_k1024", 2, True, False),
+    ("v4_plain", 2, False, False)])
 def test_gemv_rows_interleaved_codes(name, lpr, persist, tiles_of_two_warps):
     """Codes copied into the warp-interleaved order (ilv: one contiguous run per load instruction of
-    a warp; rows padded to whole warps): the plan's copy holds the same codes, and the result equals
-    the oracle, for byte, 16-bit and 10-bit codes, one and several rows of a warp per lane group,
-    rows that are not whole warps, row tiles of two warps' rows, and a persistent launch; the row
-    kernel's group launch too."""
+    a warp; rows padded to whole warps), their columns in the original order where the layer has a
+    permutation (x' then read in order: xperm False): the plan's copy holds those codes, and the
+    result equals the oracle, for byte, 16-bit and 10-bit codes, one and several rows of a warp per
+    lane group, rows that are not whole warps, row tiles of two warps' rows, a persistent launch and
+    a layer without a permutation; the row kernel's group launch too."""
+    from kernels.code_columns import permute_code_columns
+    from kernels.dequant import _perm64
     from kernels.gemv import GemvPlan
     from kernels.gemv_group import RowsGroupPlan
 
@@ -629,7 +652,12 @@ def test_gemv_rows_interleaved_codes(name, lpr, persist, tiles_of_two_warps):
     rw = 2 * (32 if HAS_GPU else 4) if tiles_of_two_warps else None  # 4: the simulator's warp (SIM_WARP)
     c = plan.configure_rows(n, lpr=lpr, persist=persist, ilv=True, rw=rw)
     assert c["ilv"] and c["lpr"] == lpr and c["persist"] == persist and (rw is None or c["rw"] == rw)
-    idx = p.indices.view(torch.int64)
+    assert not c["xperm"]
+    codes = p.indices
+    if p.perm is not None:
+        codes = permute_code_columns(codes, p.code_bits, torch.argsort(_perm64(p.perm)))
+        assert not torch.equal(codes, p.indices)
+    idx = codes.view(torch.int64)
     rpw = c["gsz"] // lpr
     assert plan.ridx64.shape == (1, -(-p.rows // rpw) * rpw, idx.shape[2]) and plan.ridx64.data_ptr() != idx.data_ptr()
     assert torch.equal(plan.ridx64.flatten().sort().values,
