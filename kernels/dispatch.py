@@ -84,7 +84,8 @@ INTERLEAVE_ENV = "VPTQ_INTERLEAVE_CODES"
 
 def interleave_codes_wanted() -> bool:
     """VPTQ_INTERLEAVE_CODES=1: batch-1 plans keep a copy of the codes in the row kernel's load order
-    (bench/RESULTS.md: 2-14 % faster gemv on an H200, at the cost of the codes' GPU memory once more).
+    (bench/RESULTS.md: 3-19 % faster gemv on an H200, its columns in the original order so that x needs
+    no gather, at the cost of the codes' GPU memory once more).
     Read when a layer's plan is built."""
     val = os.environ.get(INTERLEAVE_ENV, "0").strip()
     if val not in ("0", "1"):

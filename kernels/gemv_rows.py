@@ -21,7 +21,8 @@ vectors (v outputs) and walks a run of columns, so
 
 Block: rw rows of vectors (ROWS_RW: 64 on a GPU; LANES_PER_ROW lanes share a row, taking turns
 over its steps) x cs = threads / rw column runs of a chunk of kc stored columns; optionally the
-codes in the warp-interleaved order (interleave_codes: a plan's copy, VPTQ_INTERLEAVE_CODES=1).
+codes in the warp-interleaved order (interleave_codes: a plan's copy, VPTQ_INTERLEAVE_CODES=1), whose
+columns are then in the original order too (kernels/code_columns.py; x' read without the permutation).
 The cs partial sums of a row are added through shared memory, then
 written to y, or (split-K, several chunks) added into the fp32 workspace, the last block of a row
 tile writing y, exactly as in kernels/gemv.py. Batch 1 only (decode); GemvPlan hands larger
