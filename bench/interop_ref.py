@@ -63,6 +63,9 @@ def export(args) -> None:
         "tiny-res-outlier": _tiny(out, "tiny-res-outlier", 0, vector_len=6, num_centroids=64, num_res_centroids=16,
                                   outlier_percent=5.0, outlier_vector_len=2, outlier_centroids=32),
         "tiny-groups": _tiny(out, "tiny-groups", 1, vector_len=4, num_centroids=256, group_num=2),
+        # one group, no outliers, act-order on: the permutation folded into the codes' column order
+        # and not stored (vptq/quantizer.py), as in every preset
+        "tiny-folded-perm": _tiny(out, "tiny-folded-perm", 2, vector_len=5, num_centroids=64, num_res_centroids=8),
     }
     for item in args.artifact:
         name, _, folder = item.partition("=")

@@ -95,7 +95,7 @@ def test_reference_vqlinear_reads_our_artifacts(tmp_path):
                        cwd=root, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 2 and all(row["max_abs_diff"] == 0.0 for row in rows)
+    assert len(rows) == 3 and all(row["max_abs_diff"] == 0.0 for row in rows)
 
 
 def test_no_installed_distribution_shadows_our_top_level_packages():

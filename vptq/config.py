@@ -197,7 +197,8 @@ def layer_bits(cfg: QuantConfig, out_features: int, in_features: int) -> dict[st
         "res_centroids": 16 * lay.group_num * cfg.num_res_centroids * v,
         "outlier_indices": 0,
         "outlier_centroids": 0,
-        "perm": 16 * in_features if cfg.enable_perm else 0,
+        # one group, no outliers: the permutation is folded into the codes' column order (quantizer.py)
+        "perm": 16 * in_features if cfg.enable_perm and (lay.outlier_size or lay.group_num > 1) else 0,
         "norm": 2 * 16 * in_features if cfg.enable_norm else 0,
     }
     if lay.outlier_size:

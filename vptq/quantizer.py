@@ -332,6 +332,16 @@ def quantize_linear(
             idx[g, :, c] = a
             if ridx is not None:
                 ridx[g, :, c] = b
+    if perm is not None and not o and lay.group_num == 1:
+        # one group and no outlier columns: the act-order permutation only relabels the columns (each
+        # has its own codes; scale and bias are per original column already), so the codes are stored
+        # in the original column order and no permutation is. The kernels then read x in order: the
+        # gather through the permutation cost the row gemv 4-12 % on an H200 (bench/RESULTS.md,
+        # 2026-12-03 (6))
+        inv = torch.argsort(perm)
+        idx = idx[:, :, inv]
+        ridx = ridx[:, :, inv] if ridx is not None else None
+        perm = None
     result = VQWeights(
         layout=lay,
         vector_len=v,
