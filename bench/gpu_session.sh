@@ -14,7 +14,8 @@
 # .gpu/wheels/*.whl (make gpu-wheels; carry [".gpu"]) are installed first: with pytest-xdist the
 # tests stage runs TEST_WORKERS (default 12) processes, ~60-100 s instead of ~360 s (each test
 # compiles its own kernels on the host).
-# Env: TESTS_K (the tests stage's -k expression), FORMATS (default v4k256,v5k1024); PROBE_<format>
+# Env: TESTS_K (the tests stage's -k expression), FORMATS (default v4k256,v5k1024); VPTQ_BENCH_PERM=0
+# (layers without a permutation, as the quantizer stores one group without outliers); PROBE_<format>
 # overrides a format's probe variants. Defaults: the open questions after the 2026-12-03 (5) probe
 # (bench/RESULTS.md): the plan, with interleaved codes, with half the codebook copies (less to fill
 # per block, more blocks per SM), and v4k256 in 512-thread blocks (8 column runs a tile) or at 48

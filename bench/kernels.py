@@ -71,18 +71,24 @@ DEFAULT_FORMATS = "v8k65536,v6k4096,v8k65536r256,v4k4096"
 BATCH_FORMATS = ("v8k65536", "v6k4096")  # also timed at batch 2, 4, 8 on the 4096x4096 shape
 
 
+# VPTQ_BENCH_PERM=0: benchmark layers without a permutation, the layout the quantizer stores for
+# one group and no outliers (every preset, vptq/quantizer.py); default 1: a random one, as before
+PERM = os.environ.get("VPTQ_BENCH_PERM", "1") != "0"
+
+
 def make_layer(m: int, n: int, k_res: int = 0, seed: int = 0, v: int = 8, k: int = 65536,
-               device: str = "cuda") -> PackedLayer:
-    """G=1, perm + norm, no outliers; random packed words (every bit pattern is a valid code of
-    the stored format: main index = low log2 k bits, residual = the rest) and random codebooks."""
+               device: str = "cuda", perm: bool | None = None) -> PackedLayer:
+    """G=1, norm, a random permutation unless perm is false (default PERM), no outliers; random
+    packed words (every bit pattern is a valid code of the stored format: main index = low log2 k
+    bits, residual = the rest) and random codebooks."""
     g = torch.Generator(device=device).manual_seed(seed)
     bits = int(math.log2(k)) + (int(math.log2(k_res)) if k_res else 0)
     rows, words = math.ceil(m / v), math.ceil(n * bits / 32)
     idx = torch.randint(-(2**31), 2**31 - 1, (1, rows, words), device=device, dtype=torch.int32, generator=g)
     cb = (0.02 * torch.randn(1, k * v, device=device, generator=g)).half()
     res = (0.005 * torch.randn(1, k_res * v, device=device, generator=g)).half() if k_res else None
-    perm = torch.randperm(n, device=device, generator=g)
-    perm16 = torch.where(perm >= 2**15, perm - 2**16, perm).to(torch.int16)
+    pv = torch.randperm(n, device=device, generator=g)
+    perm16 = torch.where(pv >= 2**15, pv - 2**16, pv).to(torch.int16) if (PERM if perm is None else perm) else None
     scale = (torch.rand(n, device=device, generator=g) + 0.5).half()
     wb = (0.01 * torch.randn(n, device=device, generator=g)).half()
     return PackedLayer(in_features=n, out_features=m, vector_len=v, num_centroids=k, group_num=1,
@@ -144,7 +150,7 @@ def host_overhead() -> dict:
     numba's dispatcher, the VQuantLinear module path (kernels.dispatch), and torch fp16 F.linear."""
     from vptq.layers import VQuantLinear
 
-    p = make_layer(4096, 4096, 0, seed=0)
+    p = make_layer(4096, 4096, 0, seed=0, perm=True)  # the module below has a perm buffer
     x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
     fast = GemvPlan(p, checked=True)
     fast6 = GemvPlan(make_layer(4096, 4096, 0, seed=0, v=6, k=4096), checked=True)
@@ -530,7 +536,7 @@ def main() -> None:
         shapes = names[:1]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"command": "python bench/kernels.py " + " ".join(sys.argv[1:]),
+    meta = {"command": ("" if PERM else "VPTQ_BENCH_PERM=0 ") + "python bench/kernels.py " + " ".join(sys.argv[1:]),
             "date": datetime.now(UTC).isoformat(timespec="seconds"), "versions": versions()}
     print(json.dumps(meta), flush=True)
     if args.sweep or args.graph_check or args.check or args.sweep_smem:
