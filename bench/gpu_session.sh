@@ -16,18 +16,17 @@
 # compiles its own kernels on the host).
 # Env: TESTS_K (the tests stage's -k expression), FORMATS (default v4k256,v5k1024); VPTQ_BENCH_PERM=0
 # (layers without a permutation, as the quantizer stores one group without outliers); PROBE_<format>
-# overrides a format's probe variants. Defaults: the open questions after the 2026-12-03 (5) probe
-# (bench/RESULTS.md): the plan, with interleaved codes, with half the codebook copies (less to fill
-# per block, more blocks per SM), and v4k256 in 512-thread blocks (8 column runs a tile) or at 48
-# registers (5 blocks of 256 threads per SM instead of 4; bench/sass.py: 6 local loads per 32 codes).
+# overrides a format's probe variants. Defaults: the plan and the opt-in (interleaved codes in the
+# original column order), and 128-row tiles with it; half the codebook copies, 512-thread v4k256
+# blocks and 48 registers were slower on every shape (bench/RESULTS.md, 2026-12-03 (6)).
 set -u
 OUT=${OUT:-bench/results/gpu_session}
 mkdir -p "$OUT"
 export OUT
 PY=${PY:-python}
 FORMATS=${FORMATS:-v4k256,v5k1024}
-PROBE_v4k256=${PROBE_v4k256:-;ilv=1;r=8;r=8,ilv=1;threads=512;maxreg=48}
-PROBE_v5k1024=${PROBE_v5k1024:-;ilv=1;r=4;r=4,ilv=1}
+PROBE_v4k256=${PROBE_v4k256:-;ilv=1;ilv=1,rw=128}
+PROBE_v5k1024=${PROBE_v5k1024:-;ilv=1;ilv=1,rw=128}
 if ls .gpu/wheels/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps .gpu/wheels/*.whl > "$OUT/pip.log" 2>&1 || echo "wheels: see $OUT/pip.log"
 fi
