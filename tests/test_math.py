@@ -57,6 +57,27 @@ def test_every_part_dequantizes_consistently(kw):
     assert 0 <= rep.proxy_loss < 1.0
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(enable_norm=True, num_res_centroids=16), dict(group_num=2),
+                                dict(outlier_percent=5.0, outlier_vector_len=2, outlier_centroids=64)])
+def test_permutation_folded_into_the_column_order(kw, monkeypatch):
+    """With one group and no outlier columns the act-order permutation is folded into the codes'
+    column order and not stored; the weights are exactly those of the unfolded layer. Groups and
+    outlier columns keep it."""
+    import vptq.quantizer as qz
+
+    w, h = correlated_problem(m=50, n=40, seed=5)
+    cfg = QuantConfig(vector_len=4, num_centroids=64, kmeans_iters=10).with_(**kw)
+    q, rep = quantize_linear(w, h, cfg)
+    monkeypatch.setattr(qz, "FOLD_PERM", False)
+    q0, rep0 = quantize_linear(w, h, cfg)
+    assert q0.perm is not None and not torch.equal(q0.perm, torch.arange(40))
+    folded = cfg.group_num == 1 and cfg.outlier_percent == 0
+    assert (q.perm is None) == folded
+    if folded:
+        assert not torch.equal(q.indices, q0.indices)
+    assert torch.equal(dequantize(q), dequantize(q0)) and rep.proxy_loss == rep0.proxy_loss
+
+
 def test_residual_codebook_lowers_error():
     w, h = correlated_problem(seed=5)
     base = QuantConfig(vector_len=4, num_centroids=64, kmeans_iters=20, enable_norm=False)

@@ -19,6 +19,9 @@ from .kmeans import nearest, weighted_kmeans
 # the closed-form codebook update solves a (T x T) system, T = all centroids of a layer:
 # beyond this (e.g. one 65,536-entry codebook) it is skipped
 MAX_REFINE_CENTROIDS = 4096
+# one group, no outlier columns: store the codes in the original column order and no permutation
+# (quantize_linear); False keeps the stored permutation (the format allows both; tests compare them)
+FOLD_PERM = True
 
 
 @dataclass
@@ -332,7 +335,7 @@ def quantize_linear(
             idx[g, :, c] = a
             if ridx is not None:
                 ridx[g, :, c] = b
-    if perm is not None and not o and lay.group_num == 1:
+    if FOLD_PERM and perm is not None and not o and lay.group_num == 1:
         # one group and no outlier columns: the act-order permutation only relabels the columns (each
         # has its own codes; scale and bias are per original column already), so the codes are stored
         # in the original column order and no permutation is. The kernels then read x in order: the
