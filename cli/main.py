@@ -422,6 +422,13 @@ _register_settings(app)
 
 
 def main() -> None:  # console-script entry point
+    from cli.malloc import tune
+
+    try:
+        tune()  # large freed blocks kept for reuse (cli/malloc.py): CPU quantization faults far less
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_USAGE)
     app()
 
 
