@@ -904,7 +904,7 @@ def dequant2_launch(p: PackedLayer, dtype: torch.dtype, colmap: torch.Tensor, cf
                   and all(t.data_ptr() % 16 == 0 for t in (colmap, *norm)))
     kern = _kernel2(v, p.code_bits, p.main_bits, has_res, p.weight_scale is not None, cfg["cb_smem"], cfg["half"],
                     cfg["vec"], cfg["cpt"], cfg["threads"], cfg["maxreg"], cfg["h2"], colvec, p.group_num == 1,
-                    cfg.get("ranges", True))
+                    cfg["ranges"])
     f16 = nb.dummy(dev, torch.float16)
     cols = [colmap, p.weight_scale if p.weight_scale is not None else f16,
             p.weight_bias if p.weight_bias is not None else f16]

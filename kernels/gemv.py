@@ -599,7 +599,7 @@ class GemvPlan:
         one = torch.zeros(1, dtype=f32, device=dev)
         # folded per stored column p: source column, scale and wbias of that column
         if p.perm is not None:
-            src = p.perm.to(torch.int64) & 0xFFFF if p.perm.dtype == torch.int16 else p.perm.to(torch.int64)
+            src = _perm64(p.perm)
             self.xsrc = src.to(torch.int32).contiguous()
         else:
             src = None
@@ -659,7 +659,6 @@ class GemvPlan:
         # a copy, its columns may as well be in the original order (kernels/code_columns.py): x' is
         # then read in order, not gathered through the permutation for every row tile
         codes = p.indices
-        cfg["xperm"] = p.perm is not None and not cfg["ilv"]
         self.rxsrc, self.rxscale, self.rxwb = self.xsrc, self.xscale, self.xwb
         if cfg["ilv"] and p.perm is not None:
             codes = permute_code_columns(codes, p.code_bits, torch.argsort(_perm64(p.perm)))

@@ -37,11 +37,10 @@ class RowsGroupPlan:
         if any(pl.path != "rows" for pl in plans):
             raise ValueError("group: every layer must take the row-per-lane kernel (8-bit codes, one group)")
         # interleaved codes are in the order of their plan's lanes per row and warp: the group's must be the same
-        # (and their columns are in the original order or all in the stored one: xperm)
-        order = {(c["ilv"], c["lpr"], c["gsz"], c["xperm"]) if c["ilv"] else (False, c["xperm"])
-                 for c in (pl.rows_cfg for pl in plans)}
+        # (whether their columns are in the original order follows from ilv and the permutation, checked below)
+        order = {(c["ilv"], c["lpr"], c["gsz"]) if c["ilv"] else (False,) for c in (pl.rows_cfg for pl in plans)}
         if len(order) > 1:
-            raise ValueError("group: layers differ in the order of their codes (ilv, lanes per row, permutation)")
+            raise ValueError("group: layers differ in the order of their codes (ilv, lanes per row)")
         p0 = plans[0].p
         for pl in plans[1:]:
             p = pl.p
@@ -58,7 +57,6 @@ class RowsGroupPlan:
         self.cfg = rows_config(p0, self.threads, plans[0].warp, tiles=sum(tiles), lpr=c0["lpr"], rw=c0["rw"],
                                persist=persist, gx=gx, ahead=c0["ahead"], ilv=c0["ilv"],
                                maxreg=plans[0].rows_maxreg if persist else None)
-        self.cfg["xperm"] = c0["xperm"]
         if persist:  # the blocks of a column chunk shared by the layers as their tiles are: each walks one layer's
             blocks = layer_blocks(tiles, self.cfg["gx"])
             self.cfg["gx"] = sum(blocks)

@@ -237,8 +237,11 @@ def rows_config(p: PackedLayer, threads: int, warp: int, kc: int | None = None, 
     nsplit = nb.cdiv(n, kc)
     if persist:
         gx = gx or max(1, min(tiles, slots // nsplit))
+    # xperm: x' gathered through the permutation; an interleaved copy of the codes has its columns in the
+    # original order instead (GemvPlan.configure_rows, kernels/code_columns.py)
     return dict(rw=rw, cs=cs, cps=cps, lpr=lpr, kc=kc, tiles=tiles, nsplit=nsplit, replicas=r, shmem=smem(kc),
-                gx=gx or tiles, persist=persist, wide=wide, ahead=ahead, ilv=ilv, gsz=gsz)
+                gx=gx or tiles, persist=persist, wide=wide, ahead=ahead, ilv=ilv, gsz=gsz,
+                xperm=p.perm is not None and not ilv)
 
 
 def store_sum_src(b: str, row: str, has_bias: bool, ind: str, yo: str = "") -> list[str]:
@@ -671,9 +674,7 @@ def rows_launch(p: PackedLayer, cfg: dict, xdtype, maxreg: int, ablate: str = ""
     """(compiled kernel, scalar arguments) of a row-kernel launch of layout p with rows_config cfg;
     one layer, or a group of layers of p's layout (kernels/gemv_group.py). The kernel takes x, each
     layer's tensors (GemvPlan.rows_static), the workspace and counters, y, then these scalars."""
-    # xperm: x' gathered through the permutation (False where the plan's copy of the codes is in the
-    # original column order, GemvPlan.configure_rows)
-    kern = kernel_rows(p.vector_len, p.code_bits, p.num_res_centroids > 0, cfg.get("xperm", p.perm is not None),
+    kern = kernel_rows(p.vector_len, p.code_bits, p.num_res_centroids > 0, cfg["xperm"],
                        p.weight_scale is not None, p.bias is not None, cfg["rw"], cfg["cs"], cfg["replicas"],
                        cfg["kc"], p.num_centroids, p.num_res_centroids, str(xdtype), maxreg, ablate, group,
                        cfg["lpr"], cfg["persist"], cfg["wide"], cfg["ahead"], cfg["ilv"])
