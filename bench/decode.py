@@ -38,7 +38,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.kernels import gpu_tag  # noqa: E402
+from bench.kernels import PERM, gpu_tag  # noqa: E402
 from vptq.layers import VQuantLinear, share_inputs  # noqa: E402
 
 PROMPT = "The history of the transistor begins with"
@@ -46,10 +46,11 @@ PROMPT = "The history of the transistor begins with"
 
 def random_vq(lin: nn.Linear, v: int, k: int, *, device, gen: torch.Generator) -> VQuantLinear:
     """A VQuantLinear of lin's shape: v, k (2-bit at v8-k65536, v6-k4096), one group, perm + norm, random
-    codes (on CUDA random packed words: with one group and no residual every bit pattern is a valid code)."""
+    codes (on CUDA random packed words: with one group and no residual every bit pattern is a valid code).
+    VPTQ_BENCH_PERM=0 (bench/kernels.py): no permutation, the layout the quantizer stores for every preset."""
     n, m = lin.in_features, lin.out_features
     with torch.device(device):
-        q = VQuantLinear(n, m, [-1, v], [-1, k], [-1, -1], 1, n, 0, enable_norm=True, enable_perm=True,
+        q = VQuantLinear(n, m, [-1, v], [-1, k], [-1, -1], 1, n, 0, enable_norm=True, enable_perm=PERM,
                          bias=lin.bias is not None, dtype=torch.float16)
     with torch.no_grad():
         q.indices.copy_(torch.randint(-(2**31), 2**31 - 1, q.indices.shape, generator=gen, dtype=torch.int32,
@@ -57,7 +58,8 @@ def random_vq(lin: nn.Linear, v: int, k: int, *, device, gen: torch.Generator) -
                         if torch.device(device).type == "cuda" or (k == 65536 and v == 8) else _codes(q, gen, device))
         q.centroids.weight.copy_(0.02 * torch.randn(q.centroids.weight.shape, generator=gen, device=device))
         perm = torch.randperm(n, generator=gen, device=device)
-        q.perm.copy_(torch.where(perm >= 2**15, perm - 2**16, perm).to(torch.int16))
+        if PERM:
+            q.perm.copy_(torch.where(perm >= 2**15, perm - 2**16, perm).to(torch.int16))
         q.weight_scale.copy_(torch.rand(n, generator=gen, device=device) + 0.5)
         q.weight_bias.copy_(0.01 * torch.randn(n, generator=gen, device=device))
         if lin.bias is not None:
@@ -207,7 +209,8 @@ def bench_cpu(new: int) -> dict:
     cfg = preset(2)
     res = {"device": "cpu", "threads": torch.get_num_threads(), "model": "SmolLM2-135M (GGUF -> FP32)",
            "prompt_tokens": ids.shape[1], "new_tokens": new,
-           "format": f"v{cfg.vector_len}-k{cfg.num_centroids} (the repo's 2-bit preset), G=1, perm+norm, random codes"}
+           "format": f"v{cfg.vector_len}-k{cfg.num_centroids} (the repo's 2-bit preset), G=1, "
+                     f"{'perm+' if PERM else ''}norm, random codes"}
     fp = weight_bytes(model)
     dt, toks_fp = run_generate(model, ids, new)
     res["fp"] = {**fp, "seconds": dt, "tokens_per_s": new / dt, "ms_per_token": 1e3 * dt / new,
@@ -240,7 +243,7 @@ def bench_gpu(new: int, layers: int, formats: list[str]) -> dict:
     def describe(f):
         v, k = parse_format(f)
         return (f"{math.log2(k) / v:g} bit v{v}-k{k} ({k * v * 2 // 1024} KiB fp16 codebook per linear), G=1, "
-                "perm+norm, random codes")
+                f"{'perm+' if PERM else ''}norm, random codes")
 
     res = {"device": torch.cuda.get_device_name(), "model": f"Llama-2-7B shape ({layers} blocks), random fp16",
            "prompt_tokens": ids.shape[1], "new_tokens": new, "format": describe(formats[0])}
@@ -306,7 +309,7 @@ def main() -> None:
             ap.error(str(e))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"command": "python bench/decode.py " + " ".join(sys.argv[1:]),
+    meta = {"command": ("" if PERM else "VPTQ_BENCH_PERM=0 ") + "python bench/decode.py " + " ".join(sys.argv[1:]),
             "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": platform.node(),
             "cpu_count": os.cpu_count(), "versions": versions()}
     if args.cpu:

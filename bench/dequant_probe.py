@@ -4,7 +4,7 @@
                                      [--variants "h2=0;h2=1;h2=1,maxreg=80,blocks=3"]
 
 For each format, shape and variant (keyword arguments of `kernels.dequant.dequantize`: h2, maxreg,
-blocks, rb, threads, grid, ranges): check the fp16 result against the fp32 oracle (relative error), then time it
+blocks, rb, threads, grid, ranges, contig): check the fp16 result against the fp32 oracle (relative error), then time it
 (CUDA-event median, inputs rotated past the L2, as bench/kernels.py) and print µs, GB/s over the
 fp16 bytes written and % of the H100's 3.35 TB/s, with the launch configuration and registers.
 The full table of every kernel is bench/kernels.py; this is the quick loop for tuning.
@@ -27,7 +27,7 @@ def parse_variant(s: str) -> dict:
     for part in filter(None, s.split(",")):
         key, val = part.split("=")
         kw[key] = int(val)
-    for b in ("h2", "ranges"):
+    for b in ("h2", "ranges", "contig"):
         if b in kw:
             kw[b] = bool(kw[b])
     return kw
@@ -73,7 +73,8 @@ def main() -> None:
                 try:
                     cfg = dequant2_config(p0, torch.float16, kw.get("threads", 256), rb=kw.get("rb"),
                                           maxreg=kw.get("maxreg"), h2=kw.get("h2"), blocks=kw.get("blocks"),
-                                          grid=kw.get("grid"), ranges=kw.get("ranges", True))
+                                          grid=kw.get("grid"), ranges=kw.get("ranges", True),
+                                          contig=kw.get("contig"))
                     rel = rel_err(dequantize(p0, torch.float16, **kw), wref)
                 except ValueError as e:
                     print(f"{fkey} {m}x{n} {var}: {e}", flush=True)
@@ -82,7 +83,7 @@ def main() -> None:
                          for p, cm in zip(layers, maps, strict=True)]
                 t, _ = time_device(calls, iters=100)
                 gbs = m * n * 2 / t / 1e3
-                c = {a: cfg[a] for a in ("rb", "grid", "maxreg", "h2", "shmem", "ranges")} if cfg else {}
+                c = {a: cfg[a] for a in ("rb", "grid", "maxreg", "h2", "shmem", "ranges", "contig")} if cfg else {}
                 print(f"{fkey} {m}x{n} [{var or 'default'}] {c} regs={registers(p0, cfg, maps[0]) if cfg else -1} "
                       f"rel={rel:.1e}: {t:.1f} us {gbs:.0f} GB/s written ({100 * gbs * 1e9 / peak():.0f}% peak)",
                       flush=True)

@@ -8,7 +8,8 @@
 #   decode  the Llama-2-7B-shaped decode step (bench/decode.py)
 #   floor   what an empty launch costs under each timing protocol (bench/launch_floor.py)
 #   dequant the row-staged dequantize's knobs and torch's write ceiling per shape (bench/dequant_probe.py;
-#           DQ_VARIANTS, DQ_SHAPES override)
+#           DQ_VARIANTS, DQ_SHAPES override; default: the kernel and, where it reads consecutive codes
+#           together (no permutation), the same without that: contig=0)
 # Output under $OUT (default bench/results/gpu_session), one log per stage; the raw records the
 # scripts write go there too. Usage: bash bench/gpu_session.sh [stage ...]
 # .gpu/wheels/*.whl (make gpu-wheels; carry [".gpu"]) are installed first: with pytest-xdist the
@@ -51,7 +52,7 @@ for s in "${stages[@]}"; do
     decode) $PY -u bench/decode.py --gpu --formats "$FORMATS" --out "$OUT" > "$OUT/decode.log" 2>&1 ;;
     floor)  $PY -u bench/launch_floor.py > "$OUT/floor.log" 2>&1 ;;
     dequant) $PY -u bench/dequant_probe.py --formats "$FORMATS" --shapes "${DQ_SHAPES:-0,1,2,3,4,5}" \
-              --variants "${DQ_VARIANTS:-h2=1;h2=1,rb=1;h2=1,rb=2;h2=1,threads=128;h2=1,threads=512,rb=1}" \
+              --variants "${DQ_VARIANTS:-h2=1;h2=1,contig=0}" \
               > "$OUT/dequant.log" 2>&1 ;;
     *) echo "unknown stage $s (tests, probe, table, decode, floor, dequant)"; exit 2 ;;
   esac

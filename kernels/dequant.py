@@ -331,7 +331,8 @@ def column_map(p: PackedLayer) -> torch.Tensor:
 def dequantize(p: PackedLayer, dtype: torch.dtype = torch.float16, *, colmap: torch.Tensor | None = None,
                threads: int | None = None, checked: bool = False, path: str | None = None,
                rb: int | None = None, maxreg: int | None = None, h2: bool | None = None,
-               blocks: int | None = None, grid: int | None = None, ranges: bool = True) -> torch.Tensor:
+               blocks: int | None = None, grid: int | None = None, ranges: bool = True,
+               contig: bool | None = None) -> torch.Tensor:
     """numba.cuda dequantization; same contract as `dequantize_ref` (dtype fp16 or fp32).
 
     Two kernels: "staged" (rows of packed codes staged in shared memory, codebooks there too when
@@ -349,7 +350,8 @@ def dequantize(p: PackedLayer, dtype: torch.dtype = torch.float16, *, colmap: to
     if path not in (None, "staged", "columns"):
         raise ValueError(f"path: {path!r} is not 'staged' or 'columns'")
     cfg = None if path == "columns" else dequant2_config(p, dtype, threads or DQ_THREADS, rb=rb, maxreg=maxreg,
-                                                         h2=h2, blocks=blocks, grid=grid, ranges=ranges)
+                                                         h2=h2, blocks=blocks, grid=grid, ranges=ranges,
+                                                         contig=contig)
     if path == "staged" and cfg is None:
         raise ValueError("path: the row-staged kernel needs no outlier columns and the packed rows in shared memory")
     if cfg is not None:
@@ -588,10 +590,44 @@ def _stage_words_src(tot: str, var: str, load: str, zero: str, store: str, threa
     return L
 
 
+def contig_codes_src(bits: int, ind: str) -> list[str]:
+    """Kernel lines loading the 8 consecutive codes of columns jb..jb+7 of staged row rr (jb a multiple
+    of 8; the row starts on an 8-byte boundary): 8-bit: one int64 (_k0); 16-bit: two (_k0, _k1);
+    10-bit: the three int32 words holding their 80 bits, which start at bit 16 * (jb / 8 % 2) of the
+    first, shifted down into _k0 (bits 0-63) and _k1 (the 16 above)."""
+    if bits == 8:
+        return [f"{ind}_k0 = s64[uint64((wb + jb) >> 3)]"]
+    if bits == 16:
+        return [f"{ind}_kq = uint64((wb + jb) >> 2)", f"{ind}_k0 = s64[_kq]", f"{ind}_k1 = s64[_kq + 1]"]
+    return [f"{ind}_kq = uint64(ww + (((jb >> 3) * 5) >> 1))",
+            f"{ind}_x0 = int64(s32[_kq]) & 0xFFFFFFFF",
+            f"{ind}_x1 = int64(s32[_kq + 1]) & 0xFFFFFFFF",
+            f"{ind}_x2 = int64(s32[_kq + 2]) & 0xFFFFFFFF",
+            f"{ind}if (jb >> 3) & 1:",
+            f"{ind}    _k0 = (_x0 >> 16) | (_x1 << 16) | (_x2 << 48)",
+            f"{ind}    _k1 = _x2 >> 16",
+            f"{ind}else:",
+            f"{ind}    _k0 = _x0 | (_x1 << 32)",
+            f"{ind}    _k1 = _x2"]
+
+
+def contig_code(bits: int, u: int) -> str:
+    """Expression of code u (0..7) of contig_codes_src's words (masked: the shifts are arithmetic)."""
+    if bits == 8:
+        return f"((_k0 >> {8 * u}) & 255)"
+    if bits == 16:
+        return f"((_k{u // 4} >> {16 * (u % 4)}) & 65535)"
+    if u < 6:
+        return f"((_k0 >> {10 * u}) & 1023)"
+    if u == 6:
+        return "(((_k0 >> 60) & 15) | ((_k1 & 63) << 4))"
+    return "((_k1 >> 6) & 1023)"
+
+
 @functools.cache
 def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, cb_smem: bool, half: bool,
              vec: bool, cpt: int, threads: int, maxreg: int = 0, h2: bool = False, colvec: bool = False,
-             one_group: bool = False, ranges: bool = True):
+             one_group: bool = False, ranges: bool = True, contig: bool = False):
     """Row-staged dequantization: a block walks a contiguous range of rows of vectors (`rb` per step),
     stages their packed words in shared memory with coalesced 8-byte loads, then each thread
     produces `cpt` consecutive original columns x v output rows: one code per column read from
@@ -607,8 +643,13 @@ def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, c
     colvec (h2 with fp16 scale/bias): colmap, scale and bias arrive as int64 views and a thread's
     8 columns of them are 4 16-byte loads, the scale/bias pairs used as loaded (no conversion).
     one_group (G = 1, every preset): no group arithmetic (the column map's group field is ignored).
-    ranges: each block walks one contiguous range of rows (else rb-row steps grid-stride)."""
+    ranges: each block walks one contiguous range of rows (else rb-row steps grid-stride).
+    contig (h2, one group, no permutation: the column map is the identity, every preset's stored
+    layout): a thread's 8 columns have 8 consecutive codes, read with one or two 8-byte shared loads
+    (8- and 16-bit codes) or three 4-byte ones (10-bit) instead of one load per code, and no column map."""
     _jit_env()
+    if contig and not (h2 and one_group and bits in (8, 10, 16)):
+        raise ValueError("contig: needs the half2 kernel, one group and 8-, 10- or 16-bit codes")
     byte_codes = bits in (8, 16)
     per_word = 32 // bits  # codes per 32-bit staged word (byte_codes)
     mask = (1 << bits) - 1
@@ -672,7 +713,7 @@ def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, c
         """The group's offset in the staged row (none for one group)."""
         return "" if one_group else f" + g{u} * nwords * {per_word if byte_codes else 32}"
 
-    for u in range(cpt if colvec else 0):
+    for u in range(cpt if colvec and not contig else 0):
         if u % 4 == 0:
             L.append(f"{i3}_ca, _cb = ld128(colmap, (jb >> 1) + {u // 2})")
         w = "_ca" if u % 4 < 2 else "_cb"
@@ -683,18 +724,19 @@ def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, c
     if colvec and has_norm:
         L += [f"{i3}s2_0, s2_2 = ld128(scale, jb >> 2)", f"{i3}s2_1 = s2_0 >> 32", f"{i3}s2_3 = s2_2 >> 32",
               f"{i3}b2_0, b2_2 = ld128(wbias, jb >> 2)", f"{i3}b2_1 = b2_0 >> 32", f"{i3}b2_3 = b2_2 >> 32"]
-    for u in range(0 if colvec else cpt):
-        L += [f"{i3}if jb + {u} < n:",
-              f"{i4}_l = int64(colmap[jb + {u}])",
-              f"{i4}g{u} = {0 if one_group else f'(_l >> {LOC_SHIFT}) - 1'}",
-              f"{i4}bo{u} = (_l & {LOC_MASK}){grp(u)}" if byte_codes else
-              f"{i4}bo{u} = (_l & {LOC_MASK}) * {bits}{grp(u)}"]
+    for u in range(0 if colvec or (contig and not has_norm) else cpt):
+        L.append(f"{i3}if jb + {u} < n:")
+        if not contig:
+            L += [f"{i4}_l = int64(colmap[jb + {u}])",
+                  f"{i4}g{u} = {0 if one_group else f'(_l >> {LOC_SHIFT}) - 1'}",
+                  f"{i4}bo{u} = (_l & {LOC_MASK}){grp(u)}" if byte_codes else
+                  f"{i4}bo{u} = (_l & {LOC_MASK}) * {bits}{grp(u)}"]
         if has_norm:
             L += [f"{i4}sc{u} = float32(scale[jb + {u}])", f"{i4}bi{u} = float32(wbias[jb + {u}])"]
         L += [f"{i3}else:", f"{i4}g{u} = 0", f"{i4}bo{u} = 0"]
         if has_norm:
             L += [f"{i4}sc{u} = float32(0.0)", f"{i4}bi{u} = float32(0.0)"]
-    for u in range(cpt):
+    for u in range(0 if contig else cpt):
         # per column, not per row: a staged row starts on a word, so the code's word within the row
         # and its shift are the column's; and the group's first centroid (bench/sass.py: the row loop's
         # 64-bit bit arithmetic was half of its instructions)
@@ -719,9 +761,13 @@ def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, c
           f"{i5}wb = (ow + rr * nwr) * {per_word}" if byte_codes else f"{i5}ww = ow + rr * nwr"]
     if wide_store:  # 16-byte index of (row r * v, column jb) of the output (its rows are whole 16-byte words)
         L.append(f"{i5}ob = r * {v} * n4 + jb4")
+    if contig:
+        L += contig_codes_src(bits, i5)
     srcs, rsrcs = [], []
     for u in range(cpt):
-        if byte_codes:
+        if contig:
+            L.append(f"{i5}_c = {contig_code(bits, u)}")
+        elif byte_codes:
             ld = f"int64(s8[uint64(wb + bo{u})])" if bits == 8 else f"(int64(s16[uint64(wb + bo{u})]) & 0xFFFF)"
             L.append(f"{i5}_c = {ld}")
         else:
@@ -793,7 +839,7 @@ def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, c
            "pack8": _packers()[1], "hpair": hpair, "hadd2": hadd2, "hfma2": hfma2, "st128w": nb.store_128w()}
     fn = nb.compile_source(src, "dequant2", env,
                            f"dequant2-v{v}-b{bits}-{main_bits}-{has_res}-{cb_smem}-{half}-{'h2' if h2 else ''}{'-g1' if one_group else ''}"
-                           f"{'' if ranges else '-gs'}")
+                           f"{'' if ranges else '-gs'}{'-c' if contig else ''}")
     return cuda.jit(fn, max_registers=maxreg) if maxreg and not nb.simulator_enabled() else cuda.jit(fn)
 
 
@@ -829,7 +875,7 @@ def _packers():
 
 def dequant2_config(p: PackedLayer, dtype: torch.dtype, threads: int = DQ_THREADS, *, rb: int | None = None,
                     maxreg: int | None = None, h2: bool | None = None, blocks: int | None = None,
-                    grid: int | None = None, ranges: bool = True) -> dict | None:
+                    grid: int | None = None, ranges: bool = True, contig: bool | None = None) -> dict | None:
     """Launch configuration of the row-staged kernel for this layer, or None (old kernel).
 
     h2: the half2 variant (default: wherever it applies: fp16 out, v <= 8, N % 8 == 0). blocks:
@@ -838,7 +884,9 @@ def dequant2_config(p: PackedLayer, dtype: torch.dtype, threads: int = DQ_THREAD
     compiler's choice). The grid (default) is what is resident at once (registers and shared memory
     both counted: a second partial wave costs more than walking more rows saves), at most one
     block per rb rows; each block walks a contiguous range of rows (ranges=False: rb-row steps
-    grid-stride, the earlier kernel, for comparison)."""
+    grid-stride, the earlier kernel, for comparison). contig: read a thread's 8 consecutive codes
+    together (default: wherever the column map is the identity: h2, one group, no permutation, 8-,
+    10- or 16-bit codes; False: a code at a time through the column map, for comparison)."""
     if p.outlier_size or p.vector_len > MAX_V:
         return None
     v = p.vector_len
@@ -877,8 +925,14 @@ def dequant2_config(p: PackedLayer, dtype: torch.dtype, threads: int = DQ_THREAD
         grid = max(1, min(nb.cdiv(p.rows, rb), sms * per_sm))
     elif grid < 1:
         raise ValueError(f"grid: {grid} blocks")
+    # 8- and 16-bit codes are read 8 bytes at a time: every staged row must start on an 8-byte boundary
+    contig_ok = bool(h2 and p.perm is None and p.group_num == 1 and (
+        p.code_bits == 10 or (p.code_bits in (8, 16) and p.indices.shape[2] % 2 == 0)))
+    if contig and not contig_ok:
+        raise ValueError("contig: needs the half2 kernel, one group, no permutation and 8-, 10- or 16-bit codes")
+    contig = contig_ok if contig is None else bool(contig)
     return dict(cb_smem=cb_smem, rb=rb, shmem=shmem, half=half, cpt=cpt, vec=vec, grid=grid, threads=threads,
-                maxreg=maxreg, h2=h2, ranges=bool(ranges))
+                maxreg=maxreg, h2=h2, ranges=bool(ranges), contig=contig)
 
 
 def dequantize2(p: PackedLayer, dtype: torch.dtype, colmap: torch.Tensor, cfg: dict) -> torch.Tensor:
@@ -904,7 +958,7 @@ def dequant2_launch(p: PackedLayer, dtype: torch.dtype, colmap: torch.Tensor, cf
                   and all(t.data_ptr() % 16 == 0 for t in (colmap, *norm)))
     kern = _kernel2(v, p.code_bits, p.main_bits, has_res, p.weight_scale is not None, cfg["cb_smem"], cfg["half"],
                     cfg["vec"], cfg["cpt"], cfg["threads"], cfg["maxreg"], cfg["h2"], colvec, p.group_num == 1,
-                    cfg["ranges"])
+                    cfg["ranges"], cfg["contig"])
     f16 = nb.dummy(dev, torch.float16)
     cols = [colmap, p.weight_scale if p.weight_scale is not None else f16,
             p.weight_bias if p.weight_bias is not None else f16]

@@ -19,7 +19,7 @@ pytest.importorskip("numba.cuda")
 from kernels import _numba as nb  # noqa: E402
 from kernels import dispatch  # noqa: E402
 from kernels.assign import assign, assign_ref  # noqa: E402
-from kernels.dequant import PackedLayer, dequantize, dequantize_ref  # noqa: E402
+from kernels.dequant import PackedLayer, dequant2_config, dequantize, dequantize_ref  # noqa: E402
 from kernels.gemv import gemv, gemv_ref  # noqa: E402
 from vptq.config import LayerLayout  # noqa: E402
 from vptq.layers import VQuantLinear  # noqa: E402
@@ -260,6 +260,35 @@ def test_dequant_row_ranges(rb, grid, ranges):
     _close(w, dequantize_ref(p, torch.float16))
     with pytest.raises(ValueError, match="grid: 0 blocks"):
         dequantize(p, torch.float16, path="staged", grid=0, **SMALL)
+
+
+# layouts whose column map is the identity (one group, no permutation, no outliers: every preset's
+# stored layout): 8-bit, 10-bit (plain, and 8 + 2 with a residual; 40 columns: both bit offsets of
+# a thread's first code within its word) and 16-bit (8 + 8) codes
+CONTIG_LAYERS = {
+    "v4_k256": dict(m=37, n=64, v=4, k=256, kr=0, o=0, g=1, perm=False),
+    "v5_k1024": dict(m=23, n=40, v=5, k=1024, kr=0, o=0, g=1, perm=False),
+    "v5_k1024_nonorm": dict(m=13, n=56, v=5, k=1024, kr=0, o=0, g=1, perm=False, norm=False),
+    "v4_k256_res4": dict(m=21, n=48, v=4, k=256, kr=4, o=0, g=1, perm=False, bias=False),
+    "v8_k256_res256": dict(m=19, n=40, v=8, k=256, kr=256, o=0, g=1, perm=False),
+}
+
+
+@pytest.mark.parametrize("name", list(CONTIG_LAYERS))
+def test_dequant_contiguous_codes(name):
+    """Without a permutation (one group, no outliers) the half2 kernel reads each thread's 8 consecutive
+    codes together and no column map: chosen by default, equal to the code-at-a-time kernel and the oracle;
+    asked for on a layout with a permutation, a ValueError."""
+    p = PackedLayer.from_module(_layer(**CONTIG_LAYERS[name]))
+    assert dequant2_config(p, torch.float16)["contig"]
+    a = dequantize(p, torch.float16, path="staged", **SMALL)
+    b = dequantize(p, torch.float16, path="staged", contig=False, **SMALL)
+    assert torch.equal(a, b)
+    _close(a, dequantize_ref(p, torch.float16))
+    permuted = PackedLayer.from_module(_layer(**{**CONTIG_LAYERS[name], "perm": True}))
+    assert not dequant2_config(permuted, torch.float16)["contig"]
+    with pytest.raises(ValueError, match="contig: needs"):
+        dequantize(permuted, torch.float16, path="staged", contig=True, **SMALL)
 
 
 # ------------------------------------------------------------------------------ gemv
