@@ -63,6 +63,9 @@ FORMATS = {  # key: (label, v, k, k_res)
     "v8k65536r256": ("3 bit v8-k65536-256 (released)", 8, 65536, 256),
     "v4k4096": ("3 bit v4-k4096", 4, 4096, 0),
     "v6k4096r64": ("3 bit v6-k4096-64", 6, 4096, 64),
+    # the 3- and 4-bit presets (vptq/config.py PRESETS): a residual codebook, 15- and 16-bit codes
+    "v5k1024r32": ("3 bit v5-k1024-32 (our 3-bit preset)", 5, 1024, 32),
+    "v4k1024r64": ("4 bit v4-k1024-64 (our 4-bit preset)", 4, 1024, 64),
     # byte codes, small codebooks: the row-per-lane kernel (kernels/gemv_rows.py) at batch 1
     "v4k256": ("2 bit v4-k256", 4, 256, 0),
     "v8k256r256": ("2 bit v8-k256+256", 8, 256, 256),
