@@ -635,7 +635,7 @@ class GemvPlan:
         p = self.p
         self.path = "rows"
         # persistent blocks where they pay (PERSIST_BITS); the simulator's tests ask for them
-        persist = p.code_bits in PERSIST_BITS and not self.sim
+        persist = p.main_bits in PERSIST_BITS and not self.sim
         threads, self.rows_maxreg = threads_maxreg(persist)  # maxreg 0: the compiler's choice
         self.rows_threads = 16 if self.sim else threads
         self.rows_ablate = ""  # bench probes only: see kernel_rows

@@ -1,5 +1,5 @@
-"""Row-per-lane fused gemv for small codebooks: byte codes (v4-k256, v8-k256 + k256, ...) and the
-2-bit preset's 10-bit codes (v5-k1024).
+"""Row-per-lane fused gemv for small codebooks: byte codes (v4-k256, v8-k256 + k256, ...), the
+2-bit preset's 10-bit codes (v5-k1024) and the 4-bit preset's 10 + 6-bit codes (v4-k1024-64).
 
 Why a third kernel: in the two others a warp walks one row of vectors, each lane a few columns,
 so every row ends in a shuffle reduction of v sums, and the centroid gathers of a warp land on
@@ -50,7 +50,10 @@ SIM_WARP = 4  # the simulator's stand-in for a warp (rows of a tile by default; 
 # lanes sharing a row of vectors, by code width. H200 (bench/gemv_rows_probe.py --variants): v4-k256
 # 28672x8192 1 lane 51.8 us, 2: 44.6, 4: 45.3 (7B shapes: 2 best or equal); v5-k1024 (10-bit)
 # 28672x8192 1: 112.0, 2: 101.6, 4: 93.9; 8192x8192 2: 41.8, 4: 39.5
-LANES_PER_ROW = {8: 2, 16: 2, 10: 4}
+# Keyed by the main code's width (8: also 8 + 8-bit residual codes). 10-bit main codes with a 6-bit
+# residual (the 4-bit preset, 16-bit codes), H200 (2026-12-04, persistent): 2 lanes 14.2/26.7/27.2/26.3/
+# 78.1/76.3 us on the 7B/70B shapes, 4 lanes 13.8/25.5/25.3/25.1/71.5/68.2
+LANES_PER_ROW = {8: 2, 10: 4}
 # rows of vectors per block on a GPU, by code width (default: a warp's lanes). H200 (bench/gpu_session.sh
 # probe, 2026-12-03), 64-row tiles stage x' half as often: v4-k256 28672x8192 42.6 -> 39.8 us,
 # 8192x28672 47.3 -> 41.4, 8192x8192 18.2 -> 17.7, 7B shapes 2-4 % faster (128 rows: 70B 3-5 % faster
@@ -69,9 +72,10 @@ PERSIST_CB_MAX = 160 * 1024
 PERSIST_KC_MAX = 8192  # x' of a chunk stays in shared memory next to the copies
 ITEM_COLS = 256  # a row tile's fixed cost (prefetch, reduction, epilogue) in columns, for the kc choice
 SMEM_SM = 227 * 1024  # shared memory an SM gives its blocks (H100/H200)
-# code widths whose plans persist by default (GemvPlan): 10-bit codes (v5-k1024, 10 KiB codebooks:
-# the 8 copies need one block per SM). Byte codes are faster without (H200 v4-k256 28672x8192 44.9 us
-# against 57.6-73.3 persistent: their 16 copies fit 4 blocks per SM anyway)
+# main code widths whose plans persist by default (GemvPlan): 10-bit main codes (v5-k1024, 10 KiB
+# codebooks: the 8 copies need one block per SM; v4-k1024-64: 8.5 KiB, 16 copies). Byte codes are
+# faster without (H200 v4-k256 28672x8192 44.9 us against 57.6-73.3 persistent: their 16 copies fit
+# 4 blocks per SM anyway)
 PERSIST_BITS = frozenset({10})
 
 
@@ -82,11 +86,12 @@ def step_codes(code_bits: int) -> int:
 
 def rows_path_ok(p: PackedLayer) -> bool:
     """The row-per-lane kernel applies (batch 1): one group, no outliers, and either 8-bit codes
-    (optionally + an 8-bit residual) or 10-bit codes (k = 1024, the 2-bit preset's v5-k1024), v a
-    multiple of 4 or one more (v = 5: a 4-value word + one fp16 value per centroid; no residual
-    then), rows of whole steps and no padding words."""
+    (optionally + an 8-bit residual), 10-bit codes (k = 1024, the 2-bit preset's v5-k1024) or 10-bit
+    codes + a 6-bit residual (the 4-bit preset's v4-k1024-64: 16-bit codes), v a multiple of 4 or one
+    more (v = 5: a 4-value word + one fp16 value per centroid; no residual then), rows of whole
+    steps and no padding words."""
     v, b = p.vector_len, p.code_bits
-    codes = ((p.main_bits == 8 and b in (8, 16)) or (p.main_bits == 10 and b == 10))
+    codes = ((p.main_bits == 8 and b in (8, 16)) or (p.main_bits == 10 and b in (10, 16)))
     shape = v % 4 == 0 or (v % 4 == 1 and b != 16)
     return (p.outlier_size == 0 and p.group_num == 1 and codes and shape and v >= 4
             and p.in_features % step_codes(b) == 0 and (p.in_features * b) % 64 == 0
@@ -128,7 +133,7 @@ def lanes_per_row(p: PackedLayer, rw: int, gsz: int, threads: int, want: int | N
     least that lets a warp (gsz lanes: 32, the tile's rows in the simulator) hold whole rows of
     the tile, halved while the warp's rows do not tile the block or the row is not whole steps of
     lpr lanes. Raises when no lpr fits (rw too small for the warp)."""
-    lpr = max(want or LANES_PER_ROW.get(p.code_bits, 1), nb.cdiv(gsz, rw))
+    lpr = max(want or LANES_PER_ROW.get(p.main_bits, 1), nb.cdiv(gsz, rw))
 
     def fits(q: int) -> bool:
         rpw = gsz // q  # rows of a warp
@@ -331,6 +336,8 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
 
     half = xdtype == "torch.float16"
     warp = 1 if nb.simulator_enabled() else 32
+    mb = nb.log2i(k)  # main code bits; a residual code sits above them (16-bit codes: 8 + 8 or 10 + 6)
+    assert not has_res or code_bits == mb + nb.log2i(kr) == 16
     q = v // 4
     odd = v % 4 == 1  # the last value of each main centroid in an fp16 plane (16-bit units at o16)
     cps = step_codes(code_bits)
@@ -547,9 +554,9 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
                 L.append(f"{i3}_x = _xw >> 32")
         else:
             L.append(f"{i3}_x = sf[xo + uint64({col(u)})]")
-        if has_res:  # 16-bit codes: main byte, residual byte
+        if has_res:  # 16-bit codes: main (8 or 10 bits), then the residual
             w, sh = u // 4, (u % 4) * 16
-            L += [f"{i3}_cm = (w{w} >> {sh}) & 255", f"{i3}_cr = (w{w} >> {sh + 8}) & 255"]
+            L += [f"{i3}_cm = (w{w} >> {sh}) & {k - 1}", f"{i3}_cr = (w{w} >> {sh + mb}) & {kr - 1}"]
         elif wide:  # the slot's byte offset: code * 16 * r
             L.append(f"{i3}_co = {code_src(u, code_bits, nb.log2i(16 * r))}")
         else:
