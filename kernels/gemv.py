@@ -539,8 +539,8 @@ class GemvPlan:
             raise ValueError(f"path: {path!r} is not 'rows', 'smem' or 'l2'")
         if path == "rows" and not rows_path_ok(p):
             raise ValueError("path: the row-per-lane kernel needs 8-bit codes (optionally + an 8-bit residual) "
-                             "or 10-bit codes, v a multiple of 4 (or one more), one group, no outliers and "
-                             "rows of whole 32-code steps")
+                             "or 10-bit codes (optionally + a 6-bit residual, or a 5-bit one at v = 5), v a "
+                             "multiple of 4 (or one more), one group, no outliers and rows of whole steps")
         rows = path in (None, "rows") and rows_path_ok(p)
         path = None if path == "rows" else path
         # kc tunes the kernel that serves batch 1: the rows kernel where it applies (the base kernel then

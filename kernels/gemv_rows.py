@@ -80,34 +80,44 @@ PERSIST_BITS = frozenset({10})
 
 
 def step_codes(code_bits: int) -> int:
-    """Codes a lane takes per step: 32 (8- and 10-bit codes: 32 / 40 bytes), 16 (16-bit codes)."""
-    return 16 if code_bits == 16 else 32
+    """Codes a lane takes per step: 32 (8- and 10-bit codes: 32 / 40 bytes), 16 (16-bit codes), 64
+    (15-bit codes: 120 bytes, the least whole number of 64-bit words)."""
+    return {16: 16, 15: 64}.get(code_bits, 32)
 
 
 def rows_path_ok(p: PackedLayer) -> bool:
     """The row-per-lane kernel applies (batch 1): one group, no outliers, and either 8-bit codes
-    (optionally + an 8-bit residual), 10-bit codes (k = 1024, the 2-bit preset's v5-k1024) or 10-bit
-    codes + a 6-bit residual (the 4-bit preset's v4-k1024-64: 16-bit codes), v a multiple of 4 or one
-    more (v = 5: a 4-value word + one fp16 value per centroid; no residual then), rows of whole
-    steps and no padding words."""
+    (optionally + an 8-bit residual), 10-bit codes (k = 1024, the 2-bit preset's v5-k1024), 10-bit
+    codes + a 6-bit residual (the 4-bit preset's v4-k1024-64: 16-bit codes) or + a 5-bit residual at
+    v = 5 (the 3-bit preset's v5-k1024-32: 15-bit codes), v a multiple of 4 or one more (v = 5: a
+    4-value word + one fp16 value per centroid, or one 16-byte slot: wide_ok), rows of whole steps
+    and no padding words."""
     v, b = p.vector_len, p.code_bits
-    codes = ((p.main_bits == 8 and b in (8, 16)) or (p.main_bits == 10 and b in (10, 16)))
-    shape = v % 4 == 0 or (v % 4 == 1 and b != 16)
+    codes = ((p.main_bits == 8 and b in (8, 16)) or (p.main_bits == 10 and b in (10, 16))
+             or (p.main_bits == 10 and b == 15 and v == 5))
+    # v = 4j + 1: the last value in an fp16 plane (no residual), or v = 5 in 16-byte slots (wide_ok)
+    shape = v % 4 == 0 or (v % 4 == 1 and b != 16 and (p.num_res_centroids == 0 or v == 5))
     return (p.outlier_size == 0 and p.group_num == 1 and codes and shape and v >= 4
             and p.in_features % step_codes(b) == 0 and (p.in_features * b) % 64 == 0
             and p.indices.shape[2] * 32 == p.in_features * b)
 
 
 def wide_ok(p: PackedLayer) -> bool:
-    """The 16-byte centroid slots of kernel_rows(wide=True) apply: v = 5, no residual."""
-    return p.vector_len == 5 and p.num_res_centroids == 0
+    """The 16-byte centroid slots of kernel_rows(wide=True) apply: v = 5 (main and residual centroids)."""
+    return p.vector_len == 5
+
+
+def wide_needed(p: PackedLayer) -> bool:
+    """v = 5 with a residual: only the 16-byte slots hold its residual centroids (the fp16 plane of
+    the narrow layout has the main codebook's fifth values only), persistent launch or not."""
+    return p.vector_len == 5 and p.num_res_centroids > 0
 
 
 def replica_bytes(p: PackedLayer, wide: bool = False) -> int:
     """Bytes of one copy of the codebooks: q 64-bit words per centroid (main + residual), plus one
-    fp16 value per main centroid when v % 4 == 1; wide: 16 bytes per centroid."""
+    fp16 value per main centroid when v % 4 == 1; wide: 16 bytes per centroid (main + residual)."""
     if wide:
-        return 16 * p.num_centroids
+        return 16 * (p.num_centroids + p.num_res_centroids)
     q = p.vector_len // 4
     extra = 2 * p.num_centroids if p.vector_len % 4 == 1 else 0
     return (p.num_centroids + p.num_res_centroids) * q * 8 + extra
@@ -123,7 +133,7 @@ def replicas(p: PackedLayer, persist: bool = False) -> int:
             r //= 2
         return r
     r = REPLICAS_10BIT if p.main_bits == 10 else REPLICAS
-    while r > 1 and replica_bytes(p) * r > CB_ROWS_MAX:
+    while r > 1 and replica_bytes(p, wide_needed(p)) * r > CB_ROWS_MAX:
         r //= 2
     return r
 
@@ -214,7 +224,7 @@ def rows_config(p: PackedLayer, threads: int, warp: int, kc: int | None = None, 
     unit = cs * cps
     tiles = tiles or nb.cdiv(p.rows, rw)
     n = p.in_features
-    wide = persist and wide_ok(p)
+    wide = (persist and wide_ok(p)) or wide_needed(p)
     r = (replicas(p, persist) if warp > 1 else 1)  # copies only avoid bank conflicts; the simulator has none
 
     def smem(kc: int) -> int:
@@ -331,13 +341,14 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
     of every row of the warp (1-2 cache lines per row: an L1 wavefront each); the codes a lane
     gets, and the rest of the kernel, are the same."""
     from .dequant import kernel_env
-    assert not wide or (v == 5 and not has_res)
+    assert not wide or v == 5
+    assert not (v % 4 == 1 and has_res) or wide, "v = 4j + 1 with a residual: 16-byte slots only"
     assert r & (r - 1) == 0, "copies of the codebook: a power of two (lanes pick theirs with a mask)"
 
     half = xdtype == "torch.float16"
     warp = 1 if nb.simulator_enabled() else 32
     mb = nb.log2i(k)  # main code bits; a residual code sits above them (16-bit codes: 8 + 8 or 10 + 6)
-    assert not has_res or code_bits == mb + nb.log2i(kr) == 16
+    assert not has_res or code_bits == mb + nb.log2i(kr)
     q = v // 4
     odd = v % 4 == 1  # the last value of each main centroid in an fp16 plane (16-bit units at o16)
     cps = step_codes(code_bits)
@@ -359,12 +370,12 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
     sw = 2 if nws % 2 == 0 else 1  # 64-bit words of a lane's load (16 or 8 bytes)
     sub_c = f" + sub * {cpp}" if nl > 1 else ""
     kq, krq = k * q, kr * q
-    nf = nb.cdiv(k if odd else kq + krq, threads)
+    nf = nb.cdiv((k + kr) if odd else kq + krq, threads)
     cbn = kq * r
     o16 = (kq + krq) * r * 4
     oxs = (kq + krq) * r * 2 + (nb.cdiv(k * r, 4) * 2 if odd else 0)  # x' after the codebooks (32-bit; even)
     if wide:
-        oxs = k * r * 4  # 16-byte slots
+        oxs = (k + kr) * r * 4  # 16-byte slots: main centroids, then residual ones
     odd_plane = odd and not wide
 
     def code_base(cx: str) -> str:
@@ -442,6 +453,10 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
         L += [f"{ind}_e{i} = tid + {i * threads}", f"{ind}if _e{i} < {k}:"]
         for t in range(v):
             L.append(f"{i2}_h{i}_{t} = int64(cbw[0, _e{i} * {v} + {t}]) & 0xFFFF")
+        if has_res:  # the residual centroids (wide slots k, k + 1, ...)
+            L.append(f"{ind}elif _e{i} < {k + kr}:")
+            for t in range(v):
+                L.append(f"{i2}_h{i}_{t} = int64(rcbw[0, (_e{i} - {k}) * {v} + {t}]) & 0xFFFF")
         L.append(f"{ind}else:")
         for t in range(v):
             L.append(f"{i2}_h{i}_{t} = int64(0)")
@@ -480,7 +495,7 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
     if "fill" not in ablate and wide:
         for i in range(nf):  # slot (centroid, copy): word 0 = values 0-3, word 1 = value 4
             w = " | ".join(f"(_h{i}_{t} << {16 * t})" for t in range(4))
-            L += [f"{ind}if _e{i} < {k}:", f"{i2}_gw = {w}"]
+            L += [f"{ind}if _e{i} < {k + kr}:", f"{i2}_gw = {w}"]
             for t in range(r):
                 L += [f"{i2}_sl = (_e{i} * {r} + ((tid + {t}) & {r - 1})) * 2",
                       f"{i2}s64[_sl] = _gw", f"{i2}s64[_sl + 1] = _h{i}_{v - 1}"]
@@ -533,10 +548,11 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
 
     def col(u: int) -> int:
         """x' word of code u of a lane's step, from the lane's first (xo): piece u // cpp is the
-        (u // cpp)-th piece of this lane, nl pieces of the row apart (pieces never cross a
-        32-column skew boundary: they are 8, 16 or 32 columns, aligned)."""
+        (u // cpp)-th piece of this lane, nl pieces of the row apart (pieces are 8, 16, 32 or 64
+        columns, aligned: a 64-column piece crosses one 32-column skew boundary)."""
         gap = nl * cpp * 9 // 8 if skew else nl * cpp
-        return (u // cpp) * gap + u % cpp
+        w = u % cpp
+        return (u // cpp) * gap + w + ((w >> 5) << 2 if skew else 0)
 
     def flush(i: str) -> list[str]:
         out = []
@@ -554,9 +570,12 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
                 L.append(f"{i3}_x = _xw >> 32")
         else:
             L.append(f"{i3}_x = sf[xo + uint64({col(u)})]")
-        if has_res:  # 16-bit codes: main (8 or 10 bits), then the residual
-            w, sh = u // 4, (u % 4) * 16
-            L += [f"{i3}_cm = (w{w} >> {sh}) & {k - 1}", f"{i3}_cr = (w{w} >> {sh + mb}) & {kr - 1}"]
+        if has_res:  # main (8 or 10 bits), then the residual (wide: both as slot byte offsets)
+            sh = nb.log2i(16 * r) if wide else 0
+            L += [f"{i3}{'_co' if wide else '_cm'} = {field_src(u * code_bits, mb, sh)}",
+                  f"{i3}_cr = {field_src(u * code_bits + mb, code_bits - mb, sh)}"]
+            if wide:
+                L.append(f"{i3}_cro = _cr + {k * 16 * r}")
         elif wide:  # the slot's byte offset: code * 16 * r
             L.append(f"{i3}_co = {code_src(u, code_bits, nb.log2i(16 * r))}")
         else:
@@ -575,19 +594,29 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
                 if has_res:
                     val = f"({val} + h2f(_r >> {16 * t}))"
                 L.append(f"{i3}a{4 * h + t} += _x * {val}")
-        if wide:  # values 0-3 and value 4 of the centroid: one 16-byte load
+        if wide:  # values 0-3 and value 4 of the centroid: one 16-byte load (and the residual's)
             L.append(f"{i3}_m, _o{u % 2} = lds128at(s64, sbc, _co)")
+            if has_res:
+                L.append(f"{i3}_r, _p{u % 2} = lds128at(s64, sbc, _cro)")
             if half:
                 L.append(f"{i3}h0, h1 = hf2(_m, _x, h0, h1)")
+                if has_res:
+                    L.append(f"{i3}h0, h1 = hf2(_r, _x, h0, h1)")
             else:
                 L += [f"{i3}a{t} += _x * h2f(_m >> {16 * t})" for t in range(4)]
+                if has_res:
+                    L += [f"{i3}a{t} += _x * h2f(_r >> {16 * t})" for t in range(4)]
         if odd:  # the last value: paired with the next code's, times (x'_u, x'_u+1), in half2
             if not wide:
                 L.append(f"{i3}_o{u % 2} = s16[uint64({o16} + _cm * {r} + cp)]")
             if not half:
                 L.append(f"{i3}a{v - 1} += _x * h2f(_o{u % 2})")
+                if has_res:
+                    L.append(f"{i3}a{v - 1} += _x * h2f(_p{u % 2})")
             elif u % 2:
                 L.append(f"{i3}hx = hfma2(hpair(_o0, _o1, 0x5410), hpair(_xw, _xw >> 32, 0x5410), hx)")
+                if has_res:
+                    L.append(f"{i3}hx = hfma2(hpair(_p0, _p1, 0x5410), hpair(_xw, _xw >> 32, 0x5410), hx)")
         if half and (u + 1) % FLUSH == 0:
             L += flush(i3)
     for a, b in zip(bufs[:-1], bufs[1:], strict=True):
@@ -664,7 +693,12 @@ def interleave_codes(idx64: torch.Tensor, cfg: dict, code_bits: int) -> torch.Te
 def code_src(u: int, bits: int, shift: int = 0) -> str:
     """Expression of code u of a step held in words w0.. (LSB-first stream, codes of `bits` bits);
     shift: of the code times 2**shift, the two shifts folded into one where the code lies in one word."""
-    o = u * bits
+    return field_src(u * bits, bits, shift)
+
+
+def field_src(o: int, bits: int, shift: int = 0) -> str:
+    """Expression of the `bits`-bit field at bit o of a step held in words w0.. (LSB first), times
+    2**shift (code_src; a residual code's main and residual parts are two fields)."""
     i, sh = o >> 6, o & 63
     mask = ((1 << bits) - 1) << shift
     if sh + bits <= 64:

@@ -495,6 +495,9 @@ ROWS_LAYERS = {
     "v8_k1024": dict(m=40, n=96, v=8, k=1024, kr=0, o=0, g=1, perm=False),
     # the 4-bit preset's layout: v4-k1024 + a 64-entry residual (16-bit codes: 10-bit main, 6-bit residual)
     "v4_k1024_r64": dict(m=38, n=64, v=4, k=1024, kr=64, o=0, g=1),
+    # the 3-bit preset's layout: v5-k1024 + a 32-entry residual (15-bit codes: 64 a step, 15 words; both
+    # codebooks in 16-byte slots)
+    "v5_k1024_r32": dict(m=23, n=128, v=5, k=1024, kr=32, o=0, g=1),
 }
 
 
@@ -565,7 +568,7 @@ def test_gemv_rows_several_steps_per_lane(name, m, n):
 @pytest.mark.parametrize("name,m,n,lpr,rw", [("v4_k256", 12, 512, 2, 4), ("v4_k256", 9, 512, 4, 4),
                                              ("v5_k1024", 20, 256, 2, 4), ("v8_k256_r256", 16, 128, 2, 4),
                                              ("v4_k256", 11, 512, 2, 2), ("v4_k256", 19, 256, 1, 8),
-                                             ("v4_k1024_r64", 10, 256, 4, 4)])
+                                             ("v4_k1024_r64", 10, 256, 4, 4), ("v5_k1024_r32", 10, 512, 4, 4)])
 @pytest.mark.skipif(HAS_GPU, reason="tiles sized for the simulator's 4-lane warp (a GPU's 32 lanes need rw >= 32 / lpr); "
                     "the GPU runs lpr 2 and 4 in the persistent and default-plan tests")
 def test_gemv_rows_lanes_per_row(name, m, n, lpr, rw):
@@ -592,7 +595,7 @@ def test_gemv_rows_lanes_per_row(name, m, n, lpr, rw):
 # ...; v5-k1024 with 16-byte centroid slots (wide), byte codes with the word layout
 # (on a GPU: 64-row tiles and 512-column units, so 20x the rows and 4x the columns)
 @pytest.mark.parametrize("name,m,n,gx", [("v5_k1024", 70, 256, 2), ("v4_k256", 70, 512, 3), ("v5_k1024", 45, 256, 1),
-                                        ("v4_k1024_r64", 70, 256, 2)])
+                                        ("v4_k1024_r64", 70, 256, 2), ("v5_k1024_r32", 25, 512, 1)])
 def test_gemv_rows_persistent(name, m, n, gx):
     """gx blocks per column chunk walk every row tile (more tiles than blocks, a short last
     tile) and equal the oracle with one column chunk and with two (split-K), fp16 and fp32; the
@@ -666,7 +669,7 @@ def test_permute_code_columns(bits, n, monkeypatch):
 @pytest.mark.parametrize("name,lpr,persist,tiles_of_two_warps", [
     ("v4_k256", 2, False, False), ("v4_k256", 1, False, False), ("v4_k256", 2, False, True),
     ("v8_k256_r256", 2, False, False), ("v5_k1024", 4, False, False), ("v5_k1024", 2, True, False),
-    ("v4_plain", 2, False, False), ("v4_k1024_r64", 2, True, False)])
+    ("v4_plain", 2, False, False), ("v4_k1024_r64", 2, True, False), ("v5_k1024_r32", 4, True, False)])
 def test_gemv_rows_interleaved_codes(name, lpr, persist, tiles_of_two_warps):
     """Codes copied into the warp-interleaved order (ilv: one contiguous run per load instruction of
     a warp; rows padded to whole warps), their columns in the original order where the layer has a
