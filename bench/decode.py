@@ -44,19 +44,22 @@ from vptq.layers import VQuantLinear, share_inputs  # noqa: E402
 PROMPT = "The history of the transistor begins with"
 
 
-def random_vq(lin: nn.Linear, v: int, k: int, *, device, gen: torch.Generator) -> VQuantLinear:
+def random_vq(lin: nn.Linear, v: int, k: int, *, device, gen: torch.Generator, kr: int = 0) -> VQuantLinear:
     """A VQuantLinear of lin's shape: v, k (2-bit at v8-k65536, v6-k4096), one group, perm + norm, random
     codes (on CUDA random packed words: with one group and no residual every bit pattern is a valid code).
-    VPTQ_BENCH_PERM=0 (bench/kernels.py): no permutation, the layout the quantizer stores for every preset."""
+    VPTQ_BENCH_PERM=0 (bench/kernels.py): no permutation, the layout the quantizer stores for every preset.
+    kr: a residual codebook of kr centroids (the 3- and 4-bit presets: v5-k1024-32, v4-k1024-64)."""
     n, m = lin.in_features, lin.out_features
     with torch.device(device):
-        q = VQuantLinear(n, m, [-1, v], [-1, k], [-1, -1], 1, n, 0, enable_norm=True, enable_perm=PERM,
+        q = VQuantLinear(n, m, [-1, v], [-1, k], [-1, kr if kr else -1], 1, n, 0, enable_norm=True, enable_perm=PERM,
                          bias=lin.bias is not None, dtype=torch.float16)
     with torch.no_grad():
         q.indices.copy_(torch.randint(-(2**31), 2**31 - 1, q.indices.shape, generator=gen, dtype=torch.int32,
                                       device=device)
                         if torch.device(device).type == "cuda" or (k == 65536 and v == 8) else _codes(q, gen, device))
         q.centroids.weight.copy_(0.02 * torch.randn(q.centroids.weight.shape, generator=gen, device=device))
+        if kr:
+            q.res_centroids.weight.copy_(0.005 * torch.randn(q.res_centroids.weight.shape, generator=gen, device=device))
         perm = torch.randperm(n, generator=gen, device=device)
         if PERM:
             q.perm.copy_(torch.where(perm >= 2**15, perm - 2**16, perm).to(torch.int16))
@@ -72,7 +75,7 @@ def _codes(q: VQuantLinear, gen, device) -> torch.Tensor:
     from vptq.packing import pack_indices
 
     g, r, _ = q.indices.shape
-    codes = torch.randint(0, q.num_centroids[1], (g, r, q.group_size), generator=gen, device=device)
+    codes = torch.randint(0, 2 ** q.code_bits, (g, r, q.group_size), generator=gen, device=device)
     return pack_indices(codes, q.code_bits).to(device)
 
 
@@ -81,20 +84,21 @@ def block_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
             for n, m in layer.named_modules() if isinstance(m, (nn.Linear, VQuantLinear))]
 
 
-def parse_format(f: str) -> tuple[int, int]:
-    """'v6k4096' -> (6, 4096)."""
+def parse_format(f: str) -> tuple[int, int, int]:
+    """'v6k4096' -> (6, 4096, 0); 'v5k1024r32' -> (5, 1024, 32) (a residual codebook of 32)."""
     import re
 
-    mt = re.fullmatch(r"v(\d+)k(\d+)", f)
+    mt = re.fullmatch(r"v(\d+)k(\d+)(?:r(\d+))?", f)
     if not mt:
-        raise ValueError(f"format: {f!r} is not v<vector length>k<centroids>, e.g. v6k4096 (no residual codebooks here)")
-    return int(mt.group(1)), int(mt.group(2))
+        raise ValueError(f"format: {f!r} is not v<vector length>k<centroids>[r<residual centroids>], e.g. v6k4096 "
+                         "or v5k1024r32")
+    return int(mt.group(1)), int(mt.group(2)), int(mt.group(3) or 0)
 
 
-def quantize_blocks(model: nn.Module, v: int, k: int, device) -> None:
+def quantize_blocks(model: nn.Module, v: int, k: int, device, kr: int = 0) -> None:
     gen = torch.Generator(device=device).manual_seed(0)
     for name, lin in block_linears(model):
-        model.set_submodule(name, random_vq(lin, v, k, device=device, gen=gen))
+        model.set_submodule(name, random_vq(lin, v, k, device=device, gen=gen, kr=kr))
         del lin
 
 
@@ -241,8 +245,10 @@ def bench_gpu(new: int, layers: int, formats: list[str]) -> dict:
     model.eval()
     ids = torch.randint(3, 32000, (1, 16), generator=torch.Generator().manual_seed(0)).to(dev)
     def describe(f):
-        v, k = parse_format(f)
-        return (f"{math.log2(k) / v:g} bit v{v}-k{k} ({k * v * 2 // 1024} KiB fp16 codebook per linear), G=1, "
+        v, k, kr = parse_format(f)
+        bits = (math.log2(k) + (math.log2(kr) if kr else 0)) / v
+        res = f"-{kr}" if kr else ""
+        return (f"{bits:g} bit v{v}-k{k}{res} ({(k + kr) * v * 2 // 1024} KiB fp16 codebooks per linear), G=1, "
                 f"{'perm+' if PERM else ''}norm, random codes")
 
     res = {"device": torch.cuda.get_device_name(), "model": f"Llama-2-7B shape ({layers} blocks), random fp16",
@@ -269,7 +275,8 @@ def bench_gpu(new: int, layers: int, formats: list[str]) -> dict:
 
     measure("fp16")
     for i, fmt in enumerate(formats):
-        quantize_blocks(model, *parse_format(fmt), dev)
+        v, k, kr = parse_format(fmt)
+        quantize_blocks(model, v, k, dev, kr=kr)
         measure("vptq" if i == 0 else f"vptq_{fmt}")
         # then with q/k/v and gate/up each in one launch (vptq.layers.share_inputs; what
         # vptq.from_pretrained sets up), where the format takes the row kernel

@@ -15,7 +15,8 @@
 # .gpu/wheels/*.whl (make gpu-wheels; carry [".gpu"]) are installed first: with pytest-xdist the
 # tests stage runs TEST_WORKERS (default 12) processes, ~60-100 s instead of ~360 s (each test
 # compiles its own kernels on the host).
-# Env: TESTS_K (the tests stage's -k expression), FORMATS (default v4k256,v5k1024); VPTQ_BENCH_PERM=0
+# Env: TESTS_K (the tests stage's -k expression), FORMATS (default v4k256 and the 2-, 3- and 4-bit presets:
+# v5k1024, v5k1024r32, v4k1024r64); VPTQ_BENCH_PERM=0
 # (layers without a permutation, as the quantizer stores one group without outliers); PROBE_<format>
 # overrides a format's probe variants. Defaults: the plan and the opt-in (interleaved codes in the
 # original column order), and 128-row tiles with it; half the codebook copies, 512-thread v4k256
@@ -25,7 +26,7 @@ OUT=${OUT:-bench/results/gpu_session}
 mkdir -p "$OUT"
 export OUT
 PY=${PY:-python}
-FORMATS=${FORMATS:-v4k256,v5k1024}
+FORMATS=${FORMATS:-v4k256,v5k1024,v5k1024r32,v4k1024r64}
 PROBE_v4k256=${PROBE_v4k256:-;ilv=1;ilv=1,rw=128}
 PROBE_v5k1024=${PROBE_v5k1024:-;ilv=1;ilv=1,rw=128}
 if ls .gpu/wheels/*.whl >/dev/null 2>&1; then
