@@ -1,5 +1,6 @@
 """Row-per-lane fused gemv for small codebooks: byte codes (v4-k256, v8-k256 + k256, ...), the
-2-bit preset's 10-bit codes (v5-k1024) and the 4-bit preset's 10 + 6-bit codes (v4-k1024-64).
+2-bit preset's 10-bit codes (v5-k1024), the 3-bit preset's 10 + 5-bit codes (v5-k1024-32) and the
+4-bit preset's 10 + 6-bit codes (v4-k1024-64).
 
 Why a third kernel: in the two others a warp walks one row of vectors, each lane a few columns,
 so every row ends in a shuffle reduction of v sums, and the centroid gathers of a warp land on
@@ -335,6 +336,8 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
     16 bits of the second word), read with one 16-byte shared load; with 8 copies and lane l
     reading copy l % 8, a quarter-warp's 8 loads hit 8 different bank quads whatever the codes
     (the fp16 plane of the narrow layout conflicts ~3-way at any affordable number of copies).
+    With a residual (v5-k1024-32, persistent or not) its centroids take slots k, k + 1, ...: a code
+    is two 16-byte loads.
 
     ilv: idx64 holds the codes in interleave_codes' order, so that each load instruction of a warp
     reads one contiguous run (512 bytes of 16-byte pieces, 256 of 8-byte words) instead of a piece
