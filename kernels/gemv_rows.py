@@ -91,27 +91,23 @@ def rows_path_ok(p: PackedLayer) -> bool:
     (optionally + an 8-bit residual), 10-bit codes (k = 1024, the 2-bit preset's v5-k1024), 10-bit
     codes + a 6-bit residual (the 4-bit preset's v4-k1024-64: 16-bit codes) or + a 5-bit residual at
     v = 5 (the 3-bit preset's v5-k1024-32: 15-bit codes), v a multiple of 4 or one more (v = 5: a
-    4-value word + one fp16 value per centroid, or one 16-byte slot: wide_ok), rows of whole steps
+    4-value word + one fp16 value per centroid, or one 16-byte slot: wide_slots), rows of whole steps
     and no padding words."""
     v, b = p.vector_len, p.code_bits
     codes = ((p.main_bits == 8 and b in (8, 16)) or (p.main_bits == 10 and b in (10, 16))
              or (p.main_bits == 10 and b == 15 and v == 5))
-    # v = 4j + 1: the last value in an fp16 plane (no residual), or v = 5 in 16-byte slots (wide_ok)
+    # v = 4j + 1: the last value in an fp16 plane (no residual), or v = 5 in 16-byte slots (wide_slots)
     shape = v % 4 == 0 or (v % 4 == 1 and b != 16 and (p.num_res_centroids == 0 or v == 5))
     return (p.outlier_size == 0 and p.group_num == 1 and codes and shape and v >= 4
             and p.in_features % step_codes(b) == 0 and (p.in_features * b) % 64 == 0
             and p.indices.shape[2] * 32 == p.in_features * b)
 
 
-def wide_ok(p: PackedLayer) -> bool:
-    """The 16-byte centroid slots of kernel_rows(wide=True) apply: v = 5 (main and residual centroids)."""
-    return p.vector_len == 5
-
-
-def wide_needed(p: PackedLayer) -> bool:
-    """v = 5 with a residual: only the 16-byte slots hold its residual centroids (the fp16 plane of
-    the narrow layout has the main codebook's fifth values only), persistent launch or not."""
-    return p.vector_len == 5 and p.num_res_centroids > 0
+def wide_slots(p: PackedLayer, persist: bool) -> bool:
+    """The centroids sit in 16-byte slots (kernel_rows(wide=True)): v = 5, in a persistent launch, or
+    with a residual in any launch (the fp16 plane of the narrow layout holds the main codebook's fifth
+    values only)."""
+    return p.vector_len == 5 and (persist or p.num_res_centroids > 0)
 
 
 def replica_bytes(p: PackedLayer, wide: bool = False) -> int:
@@ -128,13 +124,14 @@ def replicas(p: PackedLayer, persist: bool = False) -> int:
     """Copies of the codebooks that fit in CB_ROWS_MAX (16, else 8, 4, ...); 2 for 10-bit codes,
     whose 10 KiB codebook copies cost more in occupancy than they save in bank conflicts (H100,
     v5-k1024 28672x8192: 8 copies 119.8 us, 4: 121.2, 2: 112.0; 4096x4096 25.5 / 21.1 / 19.6)."""
+    nbytes = replica_bytes(p, wide_slots(p, persist))
     if persist:  # one block per SM: room for more copies
-        r, wide = PERSIST_REPLICAS, wide_ok(p)
-        while r > 1 and replica_bytes(p, wide) * r > PERSIST_CB_MAX:
+        r = PERSIST_REPLICAS
+        while r > 1 and nbytes * r > PERSIST_CB_MAX:
             r //= 2
         return r
     r = REPLICAS_10BIT if p.main_bits == 10 else REPLICAS
-    while r > 1 and replica_bytes(p, wide_needed(p)) * r > CB_ROWS_MAX:
+    while r > 1 and nbytes * r > CB_ROWS_MAX:
         r //= 2
     return r
 
@@ -225,7 +222,7 @@ def rows_config(p: PackedLayer, threads: int, warp: int, kc: int | None = None, 
     unit = cs * cps
     tiles = tiles or nb.cdiv(p.rows, rw)
     n = p.in_features
-    wide = (persist and wide_ok(p)) or wide_needed(p)
+    wide = wide_slots(p, persist)
     r = (replicas(p, persist) if warp > 1 else 1)  # copies only avoid bank conflicts; the simulator has none
 
     def smem(kc: int) -> int:
