@@ -51,7 +51,7 @@ gpu-wheels: $(STAMP)
 	$(BIN)/python -m pip download -q --no-deps -d .gpu/wheels 'pytest-xdist>=3.6,<4' 'execnet>=2.1,<3'
 
 lint: $(STAMP)
-	$(BIN)/ruff check vptq kernels store tasks flows cli tests bench
+	$(BIN)/ruff check vptq store tasks flows cli tests bench
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

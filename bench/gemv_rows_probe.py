@@ -21,10 +21,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.kernels import FORMATS, copies_for, layer_bytes, make_layer, rel_err, time_device  # noqa: E402
-from kernels import _numba as nb  # noqa: E402
-from kernels import gemv_rows  # noqa: E402
-from kernels.dequant import dequantize_ref  # noqa: E402
-from kernels.gemv import GemvPlan  # noqa: E402
+from vptq.kernels import _numba as nb  # noqa: E402
+from vptq.kernels import gemv_rows  # noqa: E402
+from vptq.kernels.dequant import dequantize_ref  # noqa: E402
+from vptq.kernels.gemv import GemvPlan  # noqa: E402
 
 SHAPES = "4096x4096,11008x4096,4096x11008,8192x8192,28672x8192,8192x28672"
 

@@ -34,10 +34,9 @@ def main() -> None:
     a = ap.parse_args()
     os.environ["VPTQ_HOME"] = tempfile.mkdtemp(prefix="vptq-hstage-")
     import torch
-
-    from tasks.calibration import sample_calibration
-    from tasks.hessians import collect_hessian_set
-    from tasks.model import fetch_model
+    from vptq_service.tasks.calibration import sample_calibration
+    from vptq_service.tasks.hessians import collect_hessian_set
+    from vptq_service.tasks.model import fetch_model
 
     fetched = fetch_model.fn(a.source)
     calib = sample_calibration.fn(fetched["path"], None, a.nsamples, a.seqlen, 0)

@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.gemv_rows_probe import time_graph  # noqa: E402
 from bench.kernels import time_device  # noqa: E402
-from kernels import _numba as nb  # noqa: E402
-from kernels.gemv import _arr_args, _core_stream  # noqa: E402
+from vptq.kernels import _numba as nb  # noqa: E402
+from vptq.kernels.gemv import _arr_args, _core_stream  # noqa: E402
 
 
 def back_to_back(call, n: int = 100) -> float:

@@ -41,7 +41,7 @@ CHEAP = ["e2e_steps=0", "refine_iters=0", "kmeans_iters=4"]
 
 
 def _overrides(items: list[str]) -> dict:
-    from cli.main import overrides_from
+    from vptq_service.cli.main import overrides_from
 
     return overrides_from(None, items)
 
@@ -49,7 +49,7 @@ def _overrides(items: list[str]) -> dict:
 def run_flow_child(a) -> dict:
     """The flow path, in this process; VPTQ_HOME/PREFECT_HOME set by the parent."""
     t_import = time.perf_counter()
-    from cli.jobs import build_spec, open_job, run_flow
+    from vptq_service.cli.jobs import build_spec, open_job, run_flow
 
     t0 = time.perf_counter()
     spec = build_spec(a.source, "overhead", a.bits, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen,
@@ -85,7 +85,8 @@ def _task_runs(flow_run_id: str) -> dict:
 def run_direct_child(a) -> dict:
     """The direct path, in this process."""
     t_import = time.perf_counter()
-    from flows.spec import JobSpec
+    from vptq_service.flows.spec import JobSpec
+
     from vptq.pipeline import compress
 
     cfg = JobSpec(source=a.source, name="overhead", bits=a.bits, seed=a.seed, overrides=_overrides(a.set),

@@ -118,7 +118,7 @@ def offline_device(sms: int, smem: int, cc: tuple[int, int]) -> None:
         raise SystemExit("unset NUMBA_ENABLE_CUDASIM: the simulator's kernels are not the device's")
     import numba.cuda.dispatcher as disp
 
-    from kernels import _numba as nb
+    from vptq.kernels import _numba as nb
 
     nb.sm_count = lambda: sms
     nb.smem_optin = lambda: smem
@@ -206,7 +206,7 @@ def dequant_case(p, var: dict, cc, dump, tag: str) -> str:
     per column of a thread's row step."""
     import torch
 
-    from kernels.dequant import column_map, dequant2_config, dequant2_launch
+    from vptq.kernels.dequant import column_map, dequant2_config, dequant2_launch
 
     cfg = dequant2_config(p, torch.float16, **var)
     if cfg is None:

@@ -24,7 +24,7 @@ artifacts_app = typer.Typer(name="artifacts", help="Artifact registry: list, pub
 def _store_errors(debug: bool = False):
     """StoreError -> one line, exit 1 (2 when the request itself is wrong: a bad or unknown
     NAME:VERSION); Ctrl-C -> exit 130 (a pull leaves dest untouched)."""
-    from store.errors import StoreError, StoreUsageError
+    from vptq_service.store.errors import StoreError, StoreUsageError
 
     try:
         yield
@@ -39,14 +39,14 @@ def _store_errors(debug: bool = False):
 
 
 def _registry(with_db: bool):
-    from store.artifacts import open_artifact_store
-    from store.registry import Registry
+    from vptq_service.store.artifacts import open_artifact_store
+    from vptq_service.store.registry import Registry
 
     store = open_artifact_store()
     store.check()
     repo = None
     if with_db:
-        from store.repository import Repository
+        from vptq_service.store.repository import Repository
 
         repo = Repository.open()
     return Registry(store, repo)
@@ -57,9 +57,9 @@ def upgrade(revision: str = typer.Option("head", "--revision", help="Target Alem
             debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")) -> None:
     """Apply the schema migrations to the database of VPTQ_DB_URL (default: SQLite in VPTQ_HOME)."""
     with _store_errors(debug):
-        from store.db import make_engine
-        from store.migrate import current_revision
-        from store.migrate import upgrade as run_upgrade
+        from vptq_service.store.db import make_engine
+        from vptq_service.store.migrate import current_revision
+        from vptq_service.store.migrate import upgrade as run_upgrade
 
         engine = make_engine()
         try:
@@ -75,8 +75,8 @@ def upgrade(revision: str = typer.Option("head", "--revision", help="Target Alem
 def current(debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")) -> None:
     """Show the database URL (password hidden) and its schema revision."""
     with _store_errors(debug):
-        from store.db import make_engine
-        from store.migrate import current_revision, head_revision
+        from vptq_service.store.db import make_engine
+        from vptq_service.store.migrate import current_revision, head_revision
 
         engine = make_engine()
         try:
@@ -94,7 +94,7 @@ def list_(name: Optional[str] = typer.Argument(None, help="Only this artifact na
           debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")) -> None:
     """Published versions in the artifact store (VPTQ_ARTIFACTS), newest first."""
     with _store_errors(debug):
-        from store.registry import parse_ref
+        from vptq_service.store.registry import parse_ref
 
         if name is not None:
             parse_ref(name)
@@ -120,8 +120,8 @@ def publish(ref: str = typer.Argument(..., help="NAME:VERSION to publish as."),
             debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")) -> None:
     """Upload FOLDER as NAME:VERSION (refused if it exists) and record it in the database."""
     with _store_errors(debug):
-        from store.errors import StoreError
-        from store.registry import parse_ref
+        from vptq_service.store.errors import StoreError
+        from vptq_service.store.registry import parse_ref
 
         name, version = parse_ref(ref)
         if version is None:
@@ -138,7 +138,7 @@ def pull(ref: str = typer.Argument(..., help="NAME or NAME:VERSION (newest accep
          debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")) -> None:
     """Download an artifact, verify every sha256, and create DEST only when all files check out."""
     with _store_errors(debug):
-        from store.registry import parse_ref
+        from vptq_service.store.registry import parse_ref
 
         parse_ref(ref)  # bad input is reported before any store is contacted
         registry = _registry(with_db=False)
@@ -164,8 +164,8 @@ def delete(ref: str = typer.Argument(..., help="NAME:VERSION to delete."),
            debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")) -> None:
     """Delete one published version from the store and the database (asks first)."""
     with _store_errors(debug):
-        from store.errors import StoreError
-        from store.registry import parse_ref
+        from vptq_service.store.errors import StoreError
+        from vptq_service.store.registry import parse_ref
 
         name, version = parse_ref(ref)
         if version is None:

@@ -31,9 +31,10 @@ def _write(text: str) -> None:
 
 def _load(source: str, device: str):
     """(model, tokenizer); registry errors as one line, exit 1."""
-    from cli.main import _err
-    from cli.refs import local_model
-    from store.errors import StoreError
+    from vptq_service.cli.main import _err
+    from vptq_service.cli.refs import local_model
+    from vptq_service.store.errors import StoreError
+
     from vptq.generate import load_for_generation
 
     if device == "cuda":
@@ -58,7 +59,7 @@ def generate(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Continue PROMPT with SOURCE, streaming the text to stdout."""
-    from cli.main import EXIT_USAGE, _emit, _err, _errors, _stdout_to_stderr
+    from vptq_service.cli.main import EXIT_USAGE, _emit, _err, _errors, _stdout_to_stderr
 
     if max_new_tokens < 1:
         _err(f"--max-new-tokens {max_new_tokens}: use at least 1", EXIT_USAGE)
@@ -88,7 +89,7 @@ def chat(
     stdout, one reply per turn followed by a newline. `/exit` or end of input ends the chat,
     `/reset` forgets the conversation.
     """
-    from cli.main import EXIT_USAGE, _err, _errors
+    from vptq_service.cli.main import EXIT_USAGE, _err, _errors
 
     if max_new_tokens < 1:
         _err(f"--max-new-tokens {max_new_tokens}: use at least 1", EXIT_USAGE)

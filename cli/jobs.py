@@ -28,8 +28,8 @@ jobs_app = typer.Typer(name="jobs", help="Compression jobs: ls, show, logs, canc
 @contextmanager
 def _job_errors(debug: bool):
     """Bad input (config, source, unknown job) -> one line, exit 2; other failures -> one line, exit 1."""
-    from cli.main import EXIT_FAILURE, EXIT_USAGE, _err, _errors, _stdout_to_stderr  # noqa: F401
-    from store.errors import StoreError, StoreUsageError
+    from vptq_service.cli.main import EXIT_FAILURE, EXIT_USAGE, _err, _errors, _stdout_to_stderr  # noqa: F401
+    from vptq_service.store.errors import StoreError, StoreUsageError
 
     with _errors(debug):
         try:
@@ -120,7 +120,7 @@ def _console_logs(verbose: bool = False):
 
 def run_flow(job_id: int, verbose: bool = False) -> dict[str, Any]:
     """Run (or resume) the job's flow in this process; its summary dict (a failed job raises)."""
-    from flows.compress import compress as compress_flow
+    from vptq_service.flows.compress import compress as compress_flow
 
     with _console_logs(verbose):
         return compress_flow(job_id)
@@ -133,11 +133,11 @@ def build_spec(source: str, name: str, bits: int, version: str | None = None, ca
                runner: str = "local", workers: int | None = None):
     """The validated JobSpec of a request; every cheap check runs here, before a job row exists."""
     from pydantic import ValidationError
+    from vptq_service.flows.spec import JobSpec
+    from vptq_service.store.errors import StoreError
+    from vptq_service.store.registry import parse_ref
+    from vptq_service.tasks.runner import check_runner
 
-    from flows.spec import JobSpec
-    from store.errors import StoreError
-    from store.registry import parse_ref
-    from tasks.runner import check_runner
     from vptq.config import ConfigError
     from vptq.pipeline import check_device, check_request, read_text
 
@@ -174,8 +174,9 @@ def build_spec(source: str, name: str, bits: int, version: str | None = None, ca
 
 def open_job(spec, refuse_existing_version: bool = True):
     """The job of this request: the unfinished (or finished) one with the same key, else a new row."""
-    from store.repository import Repository
-    from tasks.workspace import code_version
+    from vptq_service.store.repository import Repository
+    from vptq_service.tasks.workspace import code_version
+
     from vptq.config import ConfigError
 
     with Repository.session_scope() as repo:
@@ -198,7 +199,8 @@ def export_artifact(ref: str, out: Path, overwrite: bool = False) -> Path:
     import shutil
     import tempfile
 
-    from cli.db import _registry
+    from vptq_service.cli.db import _registry
+
     from vptq.io import check_out
 
     out = check_out(out, overwrite)
@@ -253,7 +255,7 @@ def submit(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Submit a compression job: a Prefect flow run on a worker, or in this process."""
-    from cli.main import EXIT_USAGE, _err, _stdout_to_stderr, overrides_from
+    from vptq_service.cli.main import EXIT_USAGE, _err, _stdout_to_stderr, overrides_from
 
     if bits not in (2, 3, 4):
         _err(f"--bits {bits}: choose 2, 3 or 4", EXIT_USAGE)
@@ -266,7 +268,7 @@ def submit(
             if not api:
                 _err("--cron needs a Prefect server: start `vptq server`, export PREFECT_API_URL and run "
                      "`vptq worker`", EXIT_USAGE)
-            from flows.schedule import schedule_request
+            from vptq_service.flows.schedule import schedule_request
 
             data = schedule_request(spec, cron)
             _emit(data, as_json, f"scheduled {data['deployment']} on '{cron}' (next: {data['next_run']})")
@@ -303,7 +305,7 @@ def list_jobs(
 ) -> None:
     """Jobs, newest first."""
     with _job_errors(debug):
-        from store.repository import Repository
+        from vptq_service.store.repository import Repository
 
         with Repository.session_scope() as repo:
             rows = [_row(j) for j in repo.list_jobs(status, limit)]
@@ -328,8 +330,8 @@ def show(
 ) -> None:
     """One job: status, blocks done of total, error, layers, artifact."""
     with _job_errors(debug):
-        from flows.compress import job_summary
-        from store.repository import Repository
+        from vptq_service.flows.compress import job_summary
+        from vptq_service.store.repository import Repository
 
         with Repository.session_scope() as repo:
             s = job_summary(repo, job_id)
@@ -351,10 +353,10 @@ def cancel(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Cancel a job: a running flow stops before its next block; its Prefect flow run is cancelled."""
-    from cli.main import EXIT_USAGE, _err
+    from vptq_service.cli.main import EXIT_USAGE, _err
 
     with _job_errors(debug):
-        from store.repository import Repository
+        from vptq_service.store.repository import Repository
 
         with Repository.session_scope() as repo:
             job = repo.get_job(job_id)
@@ -393,7 +395,7 @@ def logs(
 ) -> None:
     """The job's log lines as the Prefect API stored them (flow and task runs)."""
     with _job_errors(debug):
-        from store.repository import Repository
+        from vptq_service.store.repository import Repository
 
         with Repository.session_scope() as repo:
             job = repo.get_job(job_id)
@@ -436,10 +438,10 @@ def resume(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Continue a job in this process: finished blocks are reused, not recomputed."""
-    from cli.main import _stdout_to_stderr
+    from vptq_service.cli.main import _stdout_to_stderr
 
     with _job_errors(debug):
-        from store.repository import Repository
+        from vptq_service.store.repository import Repository
 
         with Repository.session_scope() as repo:
             repo.get_job(job_id)  # an unknown id fails here, before Prefect starts
@@ -454,18 +456,17 @@ def worker(
 ) -> None:
     """Serve the `compress` and `compress-scheduled` deployments: run the jobs `vptq submit` queues
     and the scheduled re-runs of `vptq submit --cron` (needs PREFECT_API_URL)."""
-    from cli.main import EXIT_USAGE, _err
+    from vptq_service.cli.main import EXIT_USAGE, _err
 
     if not os.environ.get("PREFECT_API_URL"):
         _err("PREFECT_API_URL is not set: start `vptq server` and export "
              "PREFECT_API_URL=http://127.0.0.1:4200/api", EXIT_USAGE)
     with _job_errors(debug):
         from prefect import serve
-
-        from flows.compress import DEPLOYMENT
-        from flows.compress import compress as compress_flow
-        from flows.schedule import DEPLOYMENT as SCHEDULED
-        from flows.schedule import compress_scheduled
+        from vptq_service.flows.compress import DEPLOYMENT
+        from vptq_service.flows.compress import compress as compress_flow
+        from vptq_service.flows.schedule import DEPLOYMENT as SCHEDULED
+        from vptq_service.flows.schedule import compress_scheduled
 
         # a deployment applied without schedules keeps the schedules `vptq submit --cron` added
         serve(compress_flow.to_deployment(name=DEPLOYMENT), compress_scheduled.to_deployment(name=SCHEDULED),

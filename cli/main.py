@@ -122,7 +122,8 @@ def _hint(e: BaseException) -> str:
 def _errors(debug: bool):
     """Map exceptions to one-line messages and exit codes (2 usage, 1 failure)."""
     _quiet_libraries()
-    from store.errors import StoreError, StoreUsageError
+    from vptq_service.store.errors import StoreError, StoreUsageError
+
     from vptq.config import ConfigError
     from vptq.source import SourceError
 
@@ -267,10 +268,11 @@ def compress(
     """
     if bits not in (2, 3, 4):
         _err(f"--bits {bits}: choose 2, 3 or 4", EXIT_USAGE)
-    from cli.jobs import _job_errors
+    from vptq_service.cli.jobs import _job_errors
 
     with _job_errors(debug):
-        from cli.jobs import build_spec, export_artifact, open_job, run_flow
+        from vptq_service.cli.jobs import build_spec, export_artifact, open_job, run_flow
+
         from vptq.io import check_out
 
         if out is not None:
@@ -284,12 +286,12 @@ def compress(
                           str(calib) if calib else None, nsamples, seqlen, seed, hessians.value if hessians else None, over,
                           device.value, str(eval_text) if eval_text else None, eval_windows, eval_seqlen,
                           max_ppl_ratio, runner, workers)
-        from store.artifacts import open_artifact_store
+        from vptq_service.store.artifacts import open_artifact_store
 
         open_artifact_store().check()  # an unreachable store fails now, not after the quantization
         job = open_job(spec)
         with _stdout_to_stderr(as_json), _progress(True, "quantize") as cb:
-            import flows.compress as fc
+            import vptq_service.flows.compress as fc
 
             fc.progress_hook = cb
             try:
@@ -391,7 +393,8 @@ def eval_(
 ) -> None:
     """Perplexity of a model on the first WINDOWS windows of SEQLEN tokens of TEXT."""
     with _errors(debug):
-        from cli.refs import local_model
+        from vptq_service.cli.refs import local_model
+
         from vptq.pipeline import evaluate
 
         source = local_model(source)
@@ -404,25 +407,25 @@ def eval_(
         _emit(data, as_json, f"perplexity {r.perplexity:.3f} over {r.windows} x {r.seqlen} tokens")
 
 
-from cli.db import register as _register_store  # noqa: E402 - store commands: db, artifacts, pull
+from vptq_service.cli.db import register as _register_store  # noqa: E402 - store commands: db, artifacts, pull
 
 _register_store(app)
-from cli.jobs import register as _register_jobs  # noqa: E402 - submit, jobs, worker
+from vptq_service.cli.jobs import register as _register_jobs  # noqa: E402 - submit, jobs, worker
 
 _register_jobs(app)
-from cli.generate import register as _register_generate  # noqa: E402 - generate, chat
+from vptq_service.cli.generate import register as _register_generate  # noqa: E402 - generate, chat
 
 _register_generate(app)
-from cli.plan import register as _register_plan  # noqa: E402 - plan
+from vptq_service.cli.plan import register as _register_plan  # noqa: E402 - plan
 
 _register_plan(app)
-from cli.settings import register as _register_settings  # noqa: E402 - config show
+from vptq_service.cli.settings import register as _register_settings  # noqa: E402 - config show
 
 _register_settings(app)
 
 
 def main() -> None:  # console-script entry point
-    from cli.malloc import tune
+    from vptq_service.cli.malloc import tune
 
     try:
         tune()  # large freed blocks kept for reuse (cli/malloc.py): CPU quantization faults far less

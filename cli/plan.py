@@ -102,7 +102,7 @@ def register(main_app: typer.Typer) -> None:
         Times come from a short probe on this machine (block 0's forward, one or two real linears
         quantized with the job's config, one fine-tuning step), extrapolated to the whole model.
         """
-        from cli.main import EXIT_USAGE, _emit, _err, _errors, _stdout_to_stderr, overrides_from
+        from vptq_service.cli.main import EXIT_USAGE, _emit, _err, _errors, _stdout_to_stderr, overrides_from
 
         if bits not in (2, 3, 4):
             _err(f"--bits {bits}: choose 2, 3 or 4", EXIT_USAGE)
@@ -112,7 +112,8 @@ def register(main_app: typer.Typer) -> None:
             _err(f"{source}: plan reads local sources only; `vptq pull` or download it first, then plan the "
                  "folder", EXIT_USAGE)
         with _errors(debug):
-            from store.db import vptq_home
+            from vptq_service.store.db import vptq_home
+
             from vptq.config import calib_windows, preset
             from vptq.plan import plan
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 def cache_dir() -> Path:
-    from store.db import vptq_home
+    from vptq_service.store.db import vptq_home
 
     return vptq_home() / "cache" / "artifacts"
 
@@ -25,8 +25,8 @@ def local_model(ref: str) -> str:
 
     if ref.strip().lower() == "smollm2" or Path(ref).expanduser().exists():
         return ref
-    from store.errors import StoreError
-    from store.registry import parse_ref
+    from vptq_service.store.errors import StoreError
+    from vptq_service.store.registry import parse_ref
 
     try:
         parse_ref(ref)
@@ -35,7 +35,7 @@ def local_model(ref: str) -> str:
                           "or a published artifact NAME[:VERSION]") from None
     if "/" in ref or ref.endswith(".gguf"):  # looks like a path that is not there
         raise SourceError(f"model source {ref!r} does not exist")
-    from cli.db import _registry
+    from vptq_service.cli.db import _registry
 
     registry = _registry(with_db=False)
     m = registry.resolve(ref)  # newest accepted version when none is given

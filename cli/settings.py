@@ -33,9 +33,10 @@ def _version(dist: str) -> str | None:
 
 def effective() -> dict[str, Any]:
     """The settings as the commands would resolve them now (nothing is created but VPTQ_HOME)."""
-    from store.artifacts import open_artifact_store
-    from store.db import db_url, vptq_home
-    from store.errors import mask_url
+    from vptq_service.store.artifacts import open_artifact_store
+    from vptq_service.store.db import db_url, vptq_home
+    from vptq_service.store.errors import mask_url
+
     from vptq.pipeline import default_calibration_text
 
     home = vptq_home()
@@ -64,7 +65,7 @@ def effective() -> dict[str, Any]:
 def show(as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
          debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")) -> None:
     """Effective settings: VPTQ_HOME, database, artifact store, Prefect API, versions (secrets masked)."""
-    from cli.main import _emit, _errors
+    from vptq_service.cli.main import _emit, _errors
 
     with _errors(debug):
         s = effective()

@@ -22,9 +22,8 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.runtime import flow_run
-
-from flows.spec import JobSpec
-from tasks import (
+from vptq_service.flows.spec import JobSpec
+from vptq_service.tasks import (
     assemble_model,
     evaluate_model,
     fetch_model,
@@ -33,7 +32,7 @@ from tasks import (
     quantize_block,
     sample_calibration,
 )
-from tasks.blocks import (
+from vptq_service.tasks.blocks import (
     block_done,
     block_hessians,
     finish_block,
@@ -42,9 +41,9 @@ from tasks.blocks import (
     quantize_linear,
     run_key,
 )
-from tasks.hessians import collect_hessian_set
-from tasks.runner import make_task_runner, submit_options
-from tasks.workspace import code_version, run_dir
+from vptq_service.tasks.hessians import collect_hessian_set
+from vptq_service.tasks.runner import make_task_runner, submit_options
+from vptq_service.tasks.workspace import code_version, run_dir
 
 DEPLOYMENT = "compress"
 
@@ -237,7 +236,7 @@ def run_job(repo, job_id: int, spec: JobSpec) -> dict[str, Any]:
 @flow(name="compress", flow_run_name="compress-job-{job_id}", log_prints=False)
 def compress(job_id: int) -> dict[str, Any]:
     """Run (or resume) compression job `job_id` as recorded in the lineage database."""
-    from store.repository import Repository
+    from vptq_service.store.repository import Repository
 
     repo = Repository.open()
     try:

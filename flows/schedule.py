@@ -24,8 +24,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow, get_run_logger
-
-from flows.spec import JobSpec
+from vptq_service.flows.spec import JobSpec
 
 FLOW = "compress-scheduled"
 DEPLOYMENT = "scheduled"
@@ -107,15 +106,15 @@ def schedule_request(spec: JobSpec, cron: str, timezone: str | None = None) -> d
 
 def scheduled_job_key(spec: JobSpec, model_sha256: str) -> str:
     """Key of a scheduled run's job: the request and the model as fetched now."""
-    from tasks.workspace import digest
+    from vptq_service.tasks.workspace import digest
 
     return digest("scheduled", spec.key(), model_sha256)[:24]
 
 
 def open_scheduled_job(spec: JobSpec, model_sha256: str, schedule: str | None = None):
     """The job of this request on this model: the newest not-cancelled one with the key, else a new row."""
-    from store.repository import Repository
-    from tasks.workspace import code_version
+    from vptq_service.store.repository import Repository
+    from vptq_service.tasks.workspace import code_version
 
     key = scheduled_job_key(spec, model_sha256)
     with Repository.session_scope() as repo:
@@ -131,8 +130,8 @@ def open_scheduled_job(spec: JobSpec, model_sha256: str, schedule: str | None = 
 def compress_scheduled(spec: dict[str, Any]) -> dict[str, Any]:
     """One scheduled run of a request: fetch the model, open the job of (request, model sha256), and
     run (or report) it with the `compress` flow as a subflow."""
-    from flows.compress import compress
-    from tasks import fetch_model
+    from vptq_service.flows.compress import compress
+    from vptq_service.tasks import fetch_model
 
     log = get_run_logger()
     job_spec = JobSpec.model_validate(spec)

@@ -67,6 +67,6 @@ class JobSpec(BaseModel):
     def key(self) -> str:
         """Identity of the job: the same request resumes the same job. The runner is not part of it:
         every runner gives the same bytes, so a job may be resumed on another one."""
-        from tasks.workspace import digest
+        from vptq_service.tasks.workspace import digest
 
         return digest("job", self.model_dump(exclude={"runner", "workers"}))[:24]

@@ -5,6 +5,6 @@ name:version with a sha256 manifest), `open_artifact_store()` and `StoreError`. 
 imported by vptq/ or kernels/.
 """
 
-from store.errors import StoreError, mask_url
+from vptq_service.store.errors import StoreError, mask_url
 
 __all__ = ["StoreError", "mask_url"]

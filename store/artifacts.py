@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from store.errors import StoreError, mask_url
+from vptq_service.store.errors import StoreError, mask_url
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +293,7 @@ def open_artifact_store(raw: str | None = None, **s3_options) -> ArtifactStore:
     """The store named by raw (default: VPTQ_ARTIFACTS, else VPTQ_HOME/artifacts)."""
     raw = os.environ.get("VPTQ_ARTIFACTS", "").strip() if raw is None else raw.strip()
     if not raw:
-        from store.db import vptq_home
+        from vptq_service.store.db import vptq_home
 
         return LocalStore(vptq_home() / "artifacts")
     if raw.startswith("file://"):

@@ -15,8 +15,7 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
-
-from store.errors import StoreError, mask_url
+from vptq_service.store.errors import StoreError, mask_url
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,8 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
-
-from store.db import make_engine
-from store.errors import StoreError
+from vptq_service.store.db import make_engine
+from vptq_service.store.errors import StoreError
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-
-from store import entities
+from vptq_service.store import entities
 
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "crashed", "cancelled")
 ARTIFACT_STATUSES = ("published", "rejected")  # rejected: failed its evaluation gate, never "latest"

@@ -20,8 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from store.artifacts import ArtifactStore
-from store.errors import StoreError, StoreUsageError
+from vptq_service.store.artifacts import ArtifactStore
+from vptq_service.store.errors import StoreError, StoreUsageError
 
 log = logging.getLogger(__name__)
 

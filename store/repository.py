@@ -13,11 +13,10 @@ from typing import Any
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
-
-from store import entities
-from store.db import session_factory
-from store.errors import StoreError, mask_text, mask_url
-from store.models import (
+from vptq_service.store import entities
+from vptq_service.store.db import session_factory
+from vptq_service.store.errors import StoreError, mask_text, mask_url
+from vptq_service.store.models import (
     ARTIFACT_STATUSES,
     JOB_STATUSES,
     Artifact,
@@ -52,7 +51,7 @@ class Repository:
     @classmethod
     def open(cls, url: str | None = None) -> Repository:
         """A repository on url (default VPTQ_DB_URL / the SQLite file in VPTQ_HOME) at schema head."""
-        from store.migrate import open_database
+        from vptq_service.store.migrate import open_database
 
         return cls(open_database(url))
 

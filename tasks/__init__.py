@@ -4,11 +4,11 @@ Large tensors live in the job's workspace folder (VPTQ_HOME/work); task results 
 hashes and figures only.
 """
 
-from tasks.blocks import assemble_model, quantize_block
-from tasks.calibration import sample_calibration
-from tasks.evaluation import evaluate_model
-from tasks.model import fetch_model, inspect_model
-from tasks.publish import publish_artifact
+from vptq_service.tasks.blocks import assemble_model, quantize_block
+from vptq_service.tasks.calibration import sample_calibration
+from vptq_service.tasks.evaluation import evaluate_model
+from vptq_service.tasks.model import fetch_model, inspect_model
+from vptq_service.tasks.publish import publish_artifact
 
 __all__ = ["assemble_model", "evaluate_model", "fetch_model", "inspect_model", "publish_artifact",
            "quantize_block", "sample_calibration"]

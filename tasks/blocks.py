@@ -18,8 +18,7 @@ from typing import Any
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-
-from tasks.workspace import (
+from vptq_service.tasks.workspace import (
     code_version,
     digest,
     fp_block,
@@ -138,7 +137,8 @@ def quantize_block(run: str, model_path: str, model_sha: str, calib_path: str, c
 
     hessians: a shared Hessian set folder (hessians="original"); without it the block's Hessians
     are collected here, on its inputs."""
-    from tasks.hessians import load_block_hessians
+    from vptq_service.tasks.hessians import load_block_hessians
+
     from vptq.config import QuantConfig
     from vptq.sequential import quantize_block as quantize_linears
 
@@ -172,7 +172,8 @@ def block_hessians(run: str, model_path: str, calib_path: str, config: dict[str,
                    device: str = "cpu") -> str:
     """Hessians of block `index`'s target linears on its inputs, to the workspace; returns the folder
     (laid out as a Hessian set) that quantize_linear reads."""
-    from tasks.hessians import save_block_hessians
+    from vptq_service.tasks.hessians import save_block_hessians
+
     from vptq.config import QuantConfig
     from vptq.sequential import block_hessians as collect
     from vptq.sequential import target_linears
@@ -189,8 +190,9 @@ def block_hessians(run: str, model_path: str, calib_path: str, config: dict[str,
 def quantize_linear(run: str, model_path: str, hessians: str, config: dict[str, Any], index: int, name: str,
                     device: str = "cpu") -> dict[str, Any]:
     """One linear of block `index` from its Hessian: the VQuantLinear's state + config to the workspace."""
-    from tasks.hessians import load_block_hessians
-    from tasks.runner import worker_device
+    from vptq_service.tasks.hessians import load_block_hessians
+    from vptq_service.tasks.runner import worker_device
+
     from vptq.config import QuantConfig
     from vptq.sequential import vptq_linear
 

@@ -6,8 +6,7 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-
-from tasks.workspace import save_tensors, tensor_hash, work_root
+from vptq_service.tasks.workspace import save_tensors, tensor_hash, work_root
 
 
 @task(cache_policy=NO_CACHE)

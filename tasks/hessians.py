@@ -26,8 +26,15 @@ from typing import Any
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-
-from tasks.workspace import digest, fp_block, load_fp_model, load_tensors, save_tensors, work_root, write_json
+from vptq_service.tasks.workspace import (
+    digest,
+    fp_block,
+    load_fp_model,
+    load_tensors,
+    save_tensors,
+    work_root,
+    write_json,
+)
 
 MANIFEST = "manifest.json"
 BATCH = 4  # calibration windows per forward pass (as the block tasks)
@@ -43,7 +50,7 @@ def hessian_dir(key: str) -> Path:
 
 def read_manifest(key: str, verify: bool = True) -> dict[str, Any] | None:
     """The set's manifest when it is complete (every file there, sizes and, if verify, sha256 match)."""
-    from store.registry import sha256_file
+    from vptq_service.store.registry import sha256_file
 
     d = hessian_dir(key)
     try:
@@ -91,7 +98,8 @@ def load_block_hessians(path: str | Path, index: int) -> dict[str, torch.Tensor]
 def collect_hessian_set(model_path: str, model_sha: str, calib_path: str, calib_hash: str, nsamples: int,
                         seqlen: int, device: str = "cpu", mode: str = "original") -> dict[str, Any]:
     """The Hessian set of (model, calibration windows): reused when complete, else computed and stored."""
-    from store.registry import sha256_file
+    from vptq_service.store.registry import sha256_file
+
     from vptq.sequential import original_hessians
 
     if mode != "original":

@@ -7,8 +7,7 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-
-from tasks.workspace import digest, load_fp_model, sha256_path, work_root
+from vptq_service.tasks.workspace import digest, load_fp_model, sha256_path, work_root
 
 
 def no_retry_on_bad_input(task, task_run, state) -> bool:
@@ -27,7 +26,8 @@ def no_retry_on_bad_input(task, task_run, state) -> bool:
 
 def _download_s3(uri: str) -> Path:
     """Copy every object under s3://bucket/prefix into VPTQ_HOME/work/models/<hash of uri>."""
-    from store.artifacts import open_artifact_store
+    from vptq_service.store.artifacts import open_artifact_store
+
     from vptq.source import SourceError
 
     store = open_artifact_store(uri)

@@ -7,8 +7,7 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-
-from tasks.model import no_retry_on_bad_input
+from vptq_service.tasks.model import no_retry_on_bad_input
 
 
 def next_version(versions: list[str]) -> str:
@@ -23,9 +22,9 @@ def publish_artifact(folder: str, name: str, version: str | None, job_id: int,
     """Upload folder as name:version (default: next vN) and record it; a job publishes once.
 
     status "rejected" (the job's perplexity gate failed) keeps the version but never as latest."""
-    from store.artifacts import open_artifact_store
-    from store.registry import Registry
-    from store.repository import Repository
+    from vptq_service.store.artifacts import open_artifact_store
+    from vptq_service.store.registry import Registry
+    from vptq_service.store.repository import Repository
 
     repo = Repository.open()
     try:

@@ -13,12 +13,15 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-VPTQ_DIR = Path(__file__).resolve().parents[1] / "vptq"
+import vptq
+
+# the method's package (vptq/ with its kernels in vptq/kernels/): every source file a block's bytes depend on
+VPTQ_DIR = Path(vptq.__file__).resolve().parent
 
 
 def work_root() -> Path:
     """VPTQ_HOME/work: models fetched from remote stores, calibration sets, per-run block state."""
-    from store.db import vptq_home
+    from vptq_service.store.db import vptq_home
 
     root = vptq_home() / "work"
     root.mkdir(parents=True, exist_ok=True)
@@ -32,7 +35,7 @@ def digest(*parts: Any) -> str:
 
 def sha256_path(path: Path) -> str:
     """sha256 of a file, or of a folder's (relative path, file sha256) list; hidden files skipped."""
-    from store.registry import sha256_file
+    from vptq_service.store.registry import sha256_file
 
     if path.is_file():
         return sha256_file(path)
@@ -42,8 +45,10 @@ def sha256_path(path: Path) -> str:
 
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
-    """Hash of the method's source (vptq/*.py): a changed quantizer invalidates cached blocks."""
-    return digest([(p.name, p.read_text()) for p in sorted(VPTQ_DIR.glob("*.py"))])[:16]
+    """Hash of the method's source (vptq/**/*.py, the kernels included): a changed quantizer or kernel
+    invalidates cached blocks."""
+    files = sorted(VPTQ_DIR.rglob("*.py"))
+    return digest([(p.relative_to(VPTQ_DIR).as_posix(), p.read_text()) for p in files])[:16]
 
 
 def tensor_hash(t: torch.Tensor) -> str:

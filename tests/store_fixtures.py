@@ -55,9 +55,9 @@ def db_url(request, tmp_path):
 @pytest.fixture
 def repo(db_url, monkeypatch):
     """A Repository on a migrated database; VPTQ_DB_URL points at it."""
-    from store.db import make_engine
-    from store.migrate import upgrade
-    from store.repository import Repository
+    from vptq_service.store.db import make_engine
+    from vptq_service.store.migrate import upgrade
+    from vptq_service.store.repository import Repository
 
     monkeypatch.setenv("VPTQ_DB_URL", db_url)
     engine = make_engine(db_url)
@@ -123,8 +123,8 @@ def make_folder(root, sizes: dict[str, int], seed: int = 0):
 
 def work_on_job(url: str, job_id: int, layers: int, barrier) -> None:
     """Child-process body of the concurrency test: many small transactions on one job."""
-    from store.migrate import open_database
-    from store.repository import Repository
+    from vptq_service.store.migrate import open_database
+    from vptq_service.store.repository import Repository
 
     repo = Repository(open_database(url)) if url.startswith("sqlite") else Repository.open(url)
     barrier.wait(timeout=60)
@@ -138,8 +138,8 @@ def work_on_job(url: str, job_id: int, layers: int, barrier) -> None:
 
 def publish_then_die(folder: str, name: str, version: str, die_after: int) -> None:
     """Child-process body: publish, and die abruptly (no cleanup) after die_after files."""
-    from store.artifacts import open_artifact_store
-    from store.registry import Registry
+    from vptq_service.store.artifacts import open_artifact_store
+    from vptq_service.store.registry import Registry
 
     def progress(done: int, total: int, path: str) -> None:
         if done >= die_after:

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import vptq_service.tasks.workspace
 from typer.testing import CliRunner
+from vptq_service.cli.main import _progress, app
 
-import tasks.workspace
 import vptq.pipeline
 import vptq.sequential
-from cli.main import _progress, app
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--nsamples", "2", "--seqlen", "64", "--set", "num_centroids=16", "--set", "kmeans_iters=3",
@@ -39,7 +39,7 @@ def run(*args: str) -> tuple[int, str, str]:
 
 
 def vptq_proc(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli.main", *map(str, args)], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "vptq_service.cli.main", *map(str, args)], cwd=REPO, capture_output=True,
                           text=True, timeout=600, **kw)
 
 
@@ -71,7 +71,7 @@ def jobs_in(home: Path) -> list:
     """The job rows of VPTQ_HOME's database (none when it was never created)."""
     if not (home / "vptq.db").exists():
         return []
-    from store.repository import Repository
+    from vptq_service.store.repository import Repository
 
     with Repository.session_scope() as repo:
         return repo.list_jobs()
@@ -101,7 +101,7 @@ def no_model_load(monkeypatch):
         raise AssertionError("the model was loaded before the input was validated")
 
     monkeypatch.setattr(vptq.pipeline, "load_model", boom)
-    monkeypatch.setattr(tasks.workspace, "load_fp_model", boom)
+    monkeypatch.setattr(vptq_service.tasks.workspace, "load_fp_model", boom)
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +176,7 @@ class TestBadInput:
         assert_one_line_error(*run("compress"), 2, "source")
 
     def test_version_that_exists_is_refused(self, tiny_llama_dir, calib, home):
-        from store.repository import Repository
+        from vptq_service.store.repository import Repository
 
         with Repository.session_scope() as repo:
             repo.record_artifact("taken", "v1", "file:///x", 1, "0" * 64)
@@ -381,7 +381,7 @@ def test_eval_human_output_on_original_model(tiny_llama_dir, calib):
 def test_progress_bar_only_on_a_terminal(checkpoint, calib):
     assert _progress(True, "x").__enter__() is None  # pytest's stderr is not a terminal
     master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "eval", str(checkpoint), "--text", str(calib),
+    proc = subprocess.Popen([sys.executable, "-m", "vptq_service.cli.main", "eval", str(checkpoint), "--text", str(calib),
                              *EVAL_TINY, "--json"], cwd=REPO, stdout=subprocess.PIPE, stderr=slave, text=True)
     os.close(slave)
     chunks: list[bytes] = []
@@ -467,7 +467,7 @@ def slow_save(tensors, path, metadata=None):
     time.sleep(120)
 
 vptq.io.save_file = slow_save
-from cli.main import main
+from vptq_service.cli.main import main
 sys.argv = ["vptq", *sys.argv[1:]]
 main()
 """
@@ -498,7 +498,8 @@ def test_killed_while_saving_leaves_nothing_at_out(sig, code, tiny_llama_dir, ca
 def test_request_defaults_follow_the_preset():
     """Hessian mode and calibration windows left out of a request come from the preset, and the
     stored spec is explicit: leaving them out or spelling the defaults is the same job."""
-    from flows.spec import JobSpec
+    from vptq_service.flows.spec import JobSpec
+
     from vptq.config import calib_windows, preset
 
     s = JobSpec(source="smollm2", name="x", bits=3)
@@ -514,8 +515,7 @@ def test_import_error_from_a_clashing_kernels_distribution_says_what_to_do(capsy
     """An installed Hugging Face `kernels` (which transformers >= 5.25 imports) is found instead of our
     `kernels` package: one line that names the clash and the fix, exit 1; other errors get no hint."""
     import typer
-
-    from cli.main import _errors
+    from vptq_service.cli.main import _errors
 
     for exc, hint in ((ImportError("cannot import name 'CUDAProperties' from 'kernels' (/x/kernels/__init__.py)",
                                    name="kernels"), True), (ValueError("something else"), False)):

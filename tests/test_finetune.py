@@ -195,8 +195,8 @@ def test_bad_input_is_refused_with_a_clear_error(setup, tiny_llama_dir):
 def test_assemble_task_resumes_fine_tuning_from_the_run_workspace(setup, tiny_llama_dir, tmp_path, monkeypatch):
     """tasks.blocks.assemble_model keeps the checkpoint in the run's workspace: a rerun after a
     stop mid-fine-tune resumes there and saves the tensors of an uninterrupted run."""
-    import tasks.blocks as tb
-    from tasks.workspace import load_fp_model, save_tensors
+    import vptq_service.tasks.blocks as tb
+    from vptq_service.tasks.workspace import load_fp_model, save_tensors
 
     monkeypatch.setenv("VPTQ_HOME", str(tmp_path / "home"))
     calib = save_tensors({"input_ids": setup[2]}, tmp_path / "calib.safetensors")

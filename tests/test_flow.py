@@ -38,7 +38,7 @@ def home(tmp_path, monkeypatch, prefect_harness):  # noqa: F811
 
 
 def run(*args) -> tuple[int, str, str]:
-    from cli.main import app
+    from vptq_service.cli.main import app
 
     r = CliRunner().invoke(app, [str(a) for a in args])
     return r.exit_code, r.stdout, r.stderr
@@ -60,9 +60,10 @@ def test_flow_end_to_end_then_pull_and_generate(home, tiny_llama_dir, text_file,
     assert s["status"] == "succeeded" and s["blocks_total"] == 2 and s["blocks_reused"] == 0
     assert s["artifact"] == "tiny:v1" and s["perplexity_after"] > 0 and s["error"] is None
 
-    from store.artifacts import open_artifact_store
-    from store.registry import Registry
-    from store.repository import Repository
+    from vptq_service.store.artifacts import open_artifact_store
+    from vptq_service.store.registry import Registry
+    from vptq_service.store.repository import Repository
+
     from vptq.io import load_quantized
 
     repo = Repository.open()
@@ -181,7 +182,7 @@ def test_bad_input_fails_fast_with_one_line(home, tiny_llama_dir, text_file, tmp
     jobs = json.loads(out)["items"]
     assert [j["status"] for j in jobs] == ["failed"]  # found by the flow's inspect step, before any block
     assert "group_num=1000" in jobs[0]["error"]
-    from store.repository import Repository
+    from vptq_service.store.repository import Repository
 
     repo = Repository.open()
     assert all(repo.layer_results(j["job_id"]) == [] for j in jobs)
@@ -202,7 +203,7 @@ def slow_block_1(block, x, pe, cfg, device, *a, prefix="", **kw):
         time.sleep(300)
     return real(block, x, pe, cfg, device, *a, prefix=prefix, **kw)
 vptq.sequential.quantize_block = slow_block_1
-from cli.main import app
+from vptq_service.cli.main import app
 app(sys.argv[2:])
 """
 
@@ -247,8 +248,9 @@ def test_model_from_s3_published_to_s3(home, bucket, tiny_llama_dir, text_file, 
     assert code == 0, err
     assert s["status"] == "succeeded" and s["artifact"] == "tiny:v1" and s["blocks_total"] == 2
 
-    from store.artifacts import open_artifact_store
-    from store.registry import Registry
+    from vptq_service.store.artifacts import open_artifact_store
+    from vptq_service.store.registry import Registry
+
     from vptq.io import load_quantized
 
     assert Registry(open_artifact_store()).store.uri.startswith("s3://")
@@ -260,11 +262,10 @@ def test_model_from_s3_published_to_s3(home, bucket, tiny_llama_dir, text_file, 
 def test_worker_serves_the_deployment_and_submit_queues(home, tiny_llama_dir, text_file, monkeypatch):
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL
-
-    from store.repository import Repository
+    from vptq_service.store.repository import Repository
 
     monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())
-    worker = subprocess.Popen([sys.executable, "-m", "cli.main", "worker"], cwd=REPO, env=dict(os.environ),
+    worker = subprocess.Popen([sys.executable, "-m", "vptq_service.cli.main", "worker"], cwd=REPO, env=dict(os.environ),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120

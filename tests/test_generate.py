@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 from typer.testing import CliRunner
+from vptq_service.cli.main import app
 
-from cli.main import app
 from vptq.config import QuantConfig
 from vptq.generate import chat_ids, generate_text
 from vptq.io import load_quantized, save_quantized
@@ -63,8 +63,8 @@ def test_generate_streams_the_greedy_text_of_a_quantized_folder(quantized_dir, s
 
 
 def test_generate_from_the_registry_by_name(quantized_dir, home):
-    from store.artifacts import open_artifact_store
-    from store.registry import Registry
+    from vptq_service.store.artifacts import open_artifact_store
+    from vptq_service.store.registry import Registry
 
     Registry(open_artifact_store()).publish("tiny", "v1", quantized_dir)
     code, out, err = run("generate", "tiny", "Hi", "--max-new-tokens", "3", "--json")

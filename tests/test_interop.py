@@ -99,12 +99,12 @@ def test_reference_vqlinear_reads_our_artifacts(tmp_path):
 
 
 def test_no_installed_distribution_shadows_our_top_level_packages():
-    """transformers imports Hugging Face's `kernels` when that distribution is installed (5.25
-    requires it) and would find our `kernels/` instead; any other distribution providing one of our
-    import names would clash the same way, so the environment must not hold one."""
+    """Any other distribution providing one of our import names (`vptq`, `vptq_service`) would clash
+    with ours, so the environment must not hold one. (Hugging Face's `kernels`, which transformers
+    imports when installed, no longer clashes: our kernels are `vptq.kernels`.)"""
     import importlib.metadata as md
 
-    ours = ("vptq", "kernels", "store", "tasks", "flows", "cli")
+    ours = ("vptq", "vptq_service")
     mapping = md.packages_distributions()
-    clashes = {name: sorted(set(mapping.get(name, [])) - {"vptq-service"}) for name in ours}
+    clashes = {name: sorted(set(mapping.get(name, [])) - {"vptq-service", "vptq_service"}) for name in ours}
     assert not any(clashes.values()), f"distributions providing our import names: {clashes}"

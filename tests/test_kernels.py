@@ -16,12 +16,12 @@ if not HAS_GPU:  # must be set before numba is imported; CPU code never routes t
 pytest.importorskip("numba")
 pytest.importorskip("numba.cuda")
 
-from kernels import _numba as nb  # noqa: E402
-from kernels import dispatch  # noqa: E402
-from kernels.assign import assign, assign_ref  # noqa: E402
-from kernels.dequant import PackedLayer, dequant2_config, dequantize, dequantize_ref  # noqa: E402
-from kernels.gemv import gemv, gemv_ref  # noqa: E402
 from vptq.config import LayerLayout  # noqa: E402
+from vptq.kernels import _numba as nb  # noqa: E402
+from vptq.kernels import dispatch  # noqa: E402
+from vptq.kernels.assign import assign, assign_ref  # noqa: E402
+from vptq.kernels.dequant import PackedLayer, dequant2_config, dequantize, dequantize_ref  # noqa: E402
+from vptq.kernels.gemv import gemv, gemv_ref  # noqa: E402
 from vptq.layers import VQuantLinear  # noqa: E402
 from vptq.quantizer import VQWeights  # noqa: E402
 
@@ -296,7 +296,7 @@ def test_dequant_contiguous_codes(name):
                                         ("v12", 8), ("v12", 1)])
 def test_gemv_smem_matches_oracle(name, batch):
     """The codebook-in-shared-memory kernel is what small codebooks get, and equals the oracle."""
-    from kernels.gemv import GemvPlan
+    from vptq.kernels.gemv import GemvPlan
 
     mod = _layer(**LAYERS[name])
     p = PackedLayer.from_module(mod)
@@ -316,7 +316,7 @@ def test_gemv_smem_split_k_plan(name, batch, n0):
     """Shared-memory kernel with several column chunks (atomics + last-block epilogue), several
     row tiles, 4 warps and more rows than warps (warp jobs of several rows: next-row prefetch),
     the plan reused: workspace and counters are left zeroed by each call."""
-    from kernels.gemv import GemvPlan
+    from vptq.kernels.gemv import GemvPlan
 
     warp = 1 if nb.simulator_enabled() else 32
     # > 2 chunks of 32 lanes x 32 codes on a GPU; n0 = 96: rows of 36 words, 16-byte code loads
@@ -336,7 +336,7 @@ def test_gemv_smem_split_k_plan(name, batch, n0):
 def test_gemv_paths_agree_and_bad_plans():
     """Forcing the L2 kernel on a small codebook gives the same result; a layout the shared-memory
     kernel cannot take, or bad launch parameters, are ValueErrors naming them, before any launch."""
-    from kernels.gemv import GemvPlan
+    from vptq.kernels.gemv import GemvPlan
 
     p = PackedLayer.from_module(_layer(**LAYERS["v6_k4096"]))
     x = torch.randn(2, p.in_features, generator=torch.Generator().manual_seed(0)).half().to(DEV)
@@ -368,7 +368,7 @@ def test_gemv_matches_oracle(name, batch):
 def test_gemv_split_k_plan(name, batch):
     """Split-K (several column chunks, atomics + last-block epilogue), rows tiles of 2 rows per
     warp, plan reused across calls: the workspace and counters are left zeroed by each call."""
-    from kernels.gemv import GemvPlan
+    from vptq.kernels.gemv import GemvPlan
 
     wide = {"v8_fast": 300, "full": 301, "v8_res256": 300}[name]  # > one 256-column chunk on CUDA
     mod = _layer(**{**LAYERS[name], "n": wide})
@@ -431,7 +431,7 @@ def test_interleaved_codes_switch(monkeypatch):
 
 def test_cpu_forward_never_uses_kernels(monkeypatch):
     """CPU tensors keep the torch path (bit-for-bit), also with the simulator on."""
-    import kernels.dispatch as d
+    import vptq.kernels.dispatch as d
 
     mod = _layer(**LAYERS["v8_16bit"]).cpu()
     monkeypatch.setattr(d, "vq_linear_forward", lambda *a, **k: pytest.fail("kernel route on CPU"))
@@ -505,7 +505,7 @@ ROWS_LAYERS = {
 def test_gemv_rows_matches_oracle(name):
     """Byte codes and small codebooks take the row-per-lane kernel at batch 1; it equals the oracle
     in fp16 and fp32."""
-    from kernels.gemv import GemvPlan
+    from vptq.kernels.gemv import GemvPlan
 
     mod = _layer(**ROWS_LAYERS[name])
     p = PackedLayer.from_module(mod)
@@ -524,7 +524,7 @@ def test_gemv_rows_matches_oracle(name):
 def test_gemv_rows_split_k(name):
     """Several column chunks (atomics + last-block epilogue) and row tiles, the plan reused: the
     workspace and counters are left zeroed by each call."""
-    from kernels.gemv import GemvPlan
+    from vptq.kernels.gemv import GemvPlan
 
     gpu = not nb.simulator_enabled()
     # a GPU's tiles are 64 rows of vectors: 75 rows make two
@@ -546,7 +546,7 @@ def test_gemv_rows_split_k(name):
 def test_gemv_rows_several_steps_per_lane(name, m, n):
     """A lane walks several steps of codes (8-bit: loads two steps ahead; 10-bit: one step ahead,
     five words a step; the half2 sums flushed into fp32), with one column chunk and with two."""
-    from kernels.gemv import GemvPlan
+    from vptq.kernels.gemv import GemvPlan
 
     n = 16 * n if HAS_GPU else n  # a GPU block's column runs are 32 or 64 lanes wide
     p = PackedLayer.from_module(_layer(**{**ROWS_LAYERS[name], "m": m, "n": n}))
@@ -576,7 +576,7 @@ def test_gemv_rows_lanes_per_row(name, m, n, lpr, rw):
     rows); each lane's partial sums join the column runs' in the block reduction; tiles of fewer
     or more rows than a warp's. Equal to the oracle with one column chunk and with two
     (split-K), fp16 and fp32."""
-    from kernels.gemv import GemvPlan
+    from vptq.kernels.gemv import GemvPlan
 
     p = PackedLayer.from_module(_layer(**{**ROWS_LAYERS[name], "m": m, "n": n}))
     for kc in (n, n // 2):
@@ -601,7 +601,7 @@ def test_gemv_rows_persistent(name, m, n, gx):
     tile) and equal the oracle with one column chunk and with two (split-K), fp16 and fp32; the
     split-K counters and workspace are left zeroed; a second call gives the same result (to
     rounding: the x . wbias and split-K sums are atomics)."""
-    from kernels.gemv import GemvPlan
+    from vptq.kernels.gemv import GemvPlan
 
     if HAS_GPU:
         m, n = 20 * m, 4 * n
@@ -620,13 +620,13 @@ def test_gemv_rows_persistent(name, m, n, gx):
 
 def test_persist_kc_balances_tiles_over_the_sms():
     """The persistent chunk: whole rows when the tiles alone fill the SMs; split-K when they are few."""
-    from kernels.gemv_rows import persist_kc
+    from vptq.kernels.gemv_rows import persist_kc
 
     assert persist_kc(8192, 1024, 1000, 132) == 8192  # 1000 tiles: no split needed
     kc = persist_kc(8192, 1024, 26, 132)  # 26 tiles: split the columns to use the SMs
     assert kc < 8192 and 26 * (8192 // kc) >= 100
     with pytest.raises(ValueError, match="gx: only a persistent"):
-        from kernels.gemv import GemvPlan
+        from vptq.kernels.gemv import GemvPlan
 
         GemvPlan(PackedLayer.from_module(_layer(**{**ROWS_LAYERS["v4_k256"], "m": 16, "n": 128}))).configure_rows(gx=2)
 
@@ -636,7 +636,7 @@ def test_gemv_rows_codes_loaded_further_ahead(name, ahead):
     """Codes requested `ahead` steps before they are used (a probe knob; the defaults are 2 for
     byte codes, 1 for 10-bit codes): each lane walks more steps than that, and the result equals
     the oracle."""
-    from kernels.gemv import GemvPlan
+    from vptq.kernels.gemv import GemvPlan
 
     m, n = (640, 2048) if HAS_GPU else (20, 512)
     p = PackedLayer.from_module(_layer(**{**ROWS_LAYERS[name], "m": m, "n": n}))
@@ -651,7 +651,7 @@ def test_gemv_rows_codes_loaded_further_ahead(name, ahead):
 def test_permute_code_columns(bits, n, monkeypatch):
     """Columns of packed codes reordered (whole bytes, and codes that straddle words, in row chunks)
     equal packing the reordered codes; a wrong column count or a padded row is refused."""
-    from kernels import code_columns
+    from vptq.kernels import code_columns
     from vptq.packing import pack_indices
 
     monkeypatch.setattr(code_columns, "ROWS_PER_CHUNK", 5)  # 37 rows: several chunks and a short one
@@ -677,10 +677,10 @@ def test_gemv_rows_interleaved_codes(name, lpr, persist, tiles_of_two_warps):
     result equals the oracle, for byte, 16-bit and 10-bit codes, one and several rows of a warp per
     lane group, rows that are not whole warps, row tiles of two warps' rows, a persistent launch and
     a layer without a permutation; the row kernel's group launch too."""
-    from kernels.code_columns import permute_code_columns
-    from kernels.dequant import _perm64
-    from kernels.gemv import GemvPlan
-    from kernels.gemv_group import RowsGroupPlan
+    from vptq.kernels.code_columns import permute_code_columns
+    from vptq.kernels.dequant import _perm64
+    from vptq.kernels.gemv import GemvPlan
+    from vptq.kernels.gemv_group import RowsGroupPlan
 
     m, n = (650, 2048) if HAS_GPU else (43, 512)
     p = PackedLayer.from_module(_layer(**{**ROWS_LAYERS[name], "m": m, "n": n}))
@@ -715,8 +715,8 @@ def test_persistent_launch_fits_the_device(monkeypatch):
     """The persistent shape of the preset's layout on a GPU (32-lane warps): 8 copies of 16-byte
     slots within an H100/H200 block's 227 KiB; fewer copies where a block may take less shared
     memory (an RTX-class 99 KiB), and blocks for the device's SMs."""
-    from kernels import _numba as nb
-    from kernels.gemv_rows import rows_config
+    from vptq.kernels import _numba as nb
+    from vptq.kernels.gemv_rows import rows_config
 
     p = PackedLayer.from_module(_layer(**{**ROWS_LAYERS["v5_k1024"], "m": 640, "n": 1024}))
     monkeypatch.setattr(nb, "smem_optin", lambda: 227 * 1024)
@@ -739,7 +739,7 @@ def test_persistent_launch_fits_the_device(monkeypatch):
 
 def test_lanes_per_row_falls_back_where_rows_are_short():
     """lpr halves until the row is whole steps of lpr lanes and it divides the warp's rows."""
-    from kernels.gemv_rows import lanes_per_row
+    from vptq.kernels.gemv_rows import lanes_per_row
 
     p = PackedLayer.from_module(_layer(**{**ROWS_LAYERS["v4_k256"], "n": 96}))  # 3 steps of 32 codes
     assert lanes_per_row(p, 32, 32, 256, 4) == 1
@@ -758,8 +758,8 @@ def _group_layers(n=256):
 def test_gemv_group_equals_each_layer():
     """One launch for three layers on the same x (split-K: several column chunks) = each layer's
     oracle; the workspace and counters are left zeroed for the next call."""
-    from kernels.gemv import GemvPlan
-    from kernels.gemv_group import RowsGroupPlan
+    from vptq.kernels.gemv import GemvPlan
+    from vptq.kernels.gemv_group import RowsGroupPlan
 
     ps = [PackedLayer.from_module(m) for m in _group_layers(4096 if HAS_GPU else 256)]
     group = RowsGroupPlan([GemvPlan(p) for p in ps])
@@ -778,8 +778,8 @@ def test_gemv_group_equals_each_layer():
 def test_gemv_group_persistent():
     """A persistent group launch (the 2-bit preset's layout): each layer's blocks walk its own
     tiles (fewer blocks than tiles) with one and two column chunks, = each layer's oracle."""
-    from kernels.gemv import GemvPlan
-    from kernels.gemv_group import RowsGroupPlan, layer_blocks
+    from vptq.kernels.gemv import GemvPlan
+    from vptq.kernels.gemv_group import RowsGroupPlan, layer_blocks
 
     assert layer_blocks([10, 3, 3], 8) == [5, 1, 1] and layer_blocks([2, 2], 100) == [2, 2]
     f, n = (10, 1024) if HAS_GPU else (1, 256)  # a GPU's tiles are 32 rows, its column unit 512
@@ -802,7 +802,7 @@ def test_gemv_group_persistent():
 def test_shared_input_serves_siblings_from_one_launch(monkeypatch):
     """share_inputs marks q/k/v; the first call launches once for all three, the siblings get their
     outputs (same numbers as their own plans); another x, or x changed in place, recomputes."""
-    from kernels.gemv_group import RowsGroupPlan
+    from vptq.kernels.gemv_group import RowsGroupPlan
     from vptq.layers import share_inputs
 
     mods = _group_layers(128)
@@ -846,8 +846,8 @@ def test_shared_input_serves_siblings_from_one_launch(monkeypatch):
 
 
 def test_gemv_rows_applies_only_where_it_can():
-    from kernels.gemv import GemvPlan
-    from kernels.gemv_rows import rows_path_ok
+    from vptq.kernels.gemv import GemvPlan
+    from vptq.kernels.gemv_rows import rows_path_ok
 
     odd = PackedLayer.from_module(_layer(**{**ROWS_LAYERS["v4_k256"], "n": 40}))  # rows not whole 32-byte steps
     assert not rows_path_ok(odd) and GemvPlan(odd, **SMALL).path == "smem"

@@ -8,12 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from cli.malloc import tune
+from vptq_service.cli.malloc import tune
 
 ROOT = Path(__file__).resolve().parents[1]
 # 64 MiB temporaries (above glibc's largest default mmap threshold, 32 MiB), page faults counted
-LOOP = ("import resource, torch; from cli.malloc import tune; t = tune(); torch.set_num_threads(1); "
+LOOP = ("import resource, torch; from vptq_service.cli.malloc import tune; t = tune(); torch.set_num_threads(1); "
         "x = torch.randn(2048, 8192); r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt; "
         "[float((x * 2.0).sum()) for _ in range(60)]; "
         "print(t, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)")
@@ -36,7 +35,7 @@ def test_bad_value_is_refused(monkeypatch):
 
 def test_cli_refuses_a_bad_value_in_one_line():
     env = {**os.environ, "VPTQ_MALLOC_TUNE": "2"}
-    r = subprocess.run([sys.executable, "-m", "cli.main", "--help"], cwd=ROOT, env=env, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "vptq_service.cli.main", "--help"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "error: VPTQ_MALLOC_TUNE='2': use 1 (keep large freed blocks for reuse, the default) or 0"]

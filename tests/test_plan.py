@@ -4,8 +4,8 @@ import json
 
 import pytest
 from typer.testing import CliRunner
+from vptq_service.cli.main import app
 
-from cli.main import app
 from vptq.config import preset
 
 KEYS = {"bpw", "output_bytes", "peak_device_bytes", "peak_host_bytes", "workspace_bytes", "hessian_bytes",

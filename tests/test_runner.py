@@ -28,7 +28,7 @@ def compress(model: Path, calib: Path, out: Path, *extra) -> dict:
     assert code == 0, err
     s = json.loads(stdout)
     assert s["status"] == "succeeded", s
-    from cli.db import _registry
+    from vptq_service.cli.db import _registry
 
     _registry(with_db=False).pull(s["artifact"], out)
     return s
@@ -69,8 +69,8 @@ def test_hessian_set_is_shared_and_matches_in_model_hessians(home, tiny_llama_di
     assert s2["hessians_reused"] is True and s2["hessian_set"] == s1["hessian_set"]
     assert s2["job_id"] != s1["job_id"] and s2["blocks_reused"] == 0
 
-    from store.repository import Repository
-    from tasks.hessians import hessian_dir, read_manifest
+    from vptq_service.store.repository import Repository
+    from vptq_service.tasks.hessians import hessian_dir, read_manifest
 
     with Repository.session_scope() as repo:
         sets = repo.list_hessian_sets()
@@ -86,7 +86,8 @@ def test_hessian_set_is_shared_and_matches_in_model_hessians(home, tiny_llama_di
     assert read_manifest(s1["hessian_set"]) is None
 
     # the same quantization through vptq.pipeline (Hessians collected inside the model run)
-    from flows.spec import JobSpec
+    from vptq_service.flows.spec import JobSpec
+
     from vptq.pipeline import compress as direct
 
     over = dict(o.split("=", 1) for o in TINY[TINY.index("--set") + 1::2] if "=" in o)
@@ -170,7 +171,7 @@ def test_bad_runner_options_are_refused_before_a_job(home, tiny_llama_dir, text_
     code, out, err = run("submit", tiny_llama_dir, "--name", "tiny", "--calib", text_file, *TINY, "--runner", "dask",
                          "--workers", "0")
     assert code == 2 and "--workers 0" in err
-    from store.repository import Repository
+    from vptq_service.store.repository import Repository
 
     with Repository.session_scope() as repo:
         assert repo.list_jobs() == []

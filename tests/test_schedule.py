@@ -33,7 +33,7 @@ def home(tmp_path, monkeypatch, prefect_harness):  # noqa: F811
 
 
 def run(*args) -> tuple[int, str, str]:
-    from cli.main import app
+    from vptq_service.cli.main import app
 
     r = CliRunner().invoke(app, [str(a) for a in args])
     return r.exit_code, r.stdout, r.stderr
@@ -41,8 +41,7 @@ def run(*args) -> tuple[int, str, str]:
 
 def schedules():
     from prefect.client.orchestration import get_client
-
-    from flows.schedule import FULL_NAME
+    from vptq_service.flows.schedule import FULL_NAME
 
     with get_client(sync_client=True) as client:
         dep = client.read_deployment_by_name(FULL_NAME)
@@ -50,7 +49,7 @@ def schedules():
 
 
 def test_cron_creates_a_scheduled_deployment_idempotently(home, tiny_llama_dir, text_file):
-    from flows.schedule import DEPLOYMENT, compress_scheduled
+    from vptq_service.flows.schedule import DEPLOYMENT, compress_scheduled
 
     args = ["submit", tiny_llama_dir, "--name", "nightly", "--calib", text_file, *TINY]
     code, out, err = run(*args, "--cron", "0 3 * * *")
@@ -110,9 +109,8 @@ def test_scheduled_run_makes_a_new_job_only_when_the_model_changed(home, tiny_ll
     the model at the path replaced -> a new job and the next version."""
     import torch
     from safetensors.torch import load_file, save_file
-
-    from cli.jobs import build_spec
-    from flows.schedule import compress_scheduled, scheduled_job_key
+    from vptq_service.cli.jobs import build_spec
+    from vptq_service.flows.schedule import compress_scheduled, scheduled_job_key
 
     model = tmp_path / "moving-model"
     shutil.copytree(tiny_llama_dir, model)
@@ -135,7 +133,7 @@ def test_scheduled_run_makes_a_new_job_only_when_the_model_changed(home, tiny_ll
     assert moved["status"] == "succeeded" and moved["job_id"] != first["job_id"]
     assert moved["artifact"] == "nightly:v2"
 
-    from store.repository import Repository
+    from vptq_service.store.repository import Repository
 
     with Repository.session_scope() as repo:
         jobs = {j.id: j for j in repo.list_jobs()}

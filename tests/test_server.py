@@ -62,14 +62,14 @@ def wait_for(what: str, check, procs: dict[str, subprocess.Popen], timeout: floa
 
 
 def vptq(env: dict[str, str], *args, timeout: float = 120) -> tuple[int, str, str]:
-    r = subprocess.run([sys.executable, "-m", "cli.main", *map(str, args)], cwd=REPO, env=env,
+    r = subprocess.run([sys.executable, "-m", "vptq_service.cli.main", *map(str, args)], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=timeout)
     return r.returncode, r.stdout, r.stderr
 
 
 def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     """A `vptq ...` process in its own process group (so its children end with it)."""
-    return subprocess.Popen([sys.executable, "-m", "cli.main", *args], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-m", "vptq_service.cli.main", *args], cwd=REPO, env=env,
                             stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
 
 

@@ -12,13 +12,13 @@ import typer
 from sqlalchemy import inspect, text
 from sqlalchemy.exc import IntegrityError
 from typer.testing import CliRunner
+from vptq_service.store.errors import StoreError, mask_url
 
-from store.errors import StoreError, mask_url
 from tests.store_fixtures import db_url, repo, work_on_job  # noqa: F401 - fixtures
 
 
 def _cli():
-    from cli.db import register
+    from vptq_service.cli.db import register
 
     app = typer.Typer()
     register(app)
@@ -29,10 +29,9 @@ def test_migrations_match_models(db_url):  # noqa: F811
     """Alembic head == the ORM: autogenerate finds no difference; constraints carry their names."""
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
-
-    from store.db import make_engine
-    from store.migrate import current_revision, head_revision, upgrade
-    from store.models import Base
+    from vptq_service.store.db import make_engine
+    from vptq_service.store.migrate import current_revision, head_revision, upgrade
+    from vptq_service.store.models import Base
 
     engine = make_engine(db_url)
     assert current_revision(engine) is None
@@ -49,8 +48,7 @@ def test_migrations_match_models(db_url):  # noqa: F811
         assert "ix_jobs_status_created_at" in {i["name"] for i in insp.get_indexes("jobs")}
     # the migration is reversible: down to nothing and back up
     from alembic import command
-
-    from store.migrate import alembic_config
+    from vptq_service.store.migrate import alembic_config
 
     cfg = alembic_config()
     with engine.begin() as conn:
@@ -65,9 +63,8 @@ def test_migrations_match_models(db_url):  # noqa: F811
 def test_migration_0002_renames_completed_jobs(db_url):  # noqa: F811
     """A database written before 0002 keeps its finished jobs: `completed` becomes `succeeded`, and back."""
     from alembic import command
-
-    from store.db import make_engine
-    from store.migrate import alembic_config, upgrade
+    from vptq_service.store.db import make_engine
+    from vptq_service.store.migrate import alembic_config, upgrade
 
     engine = make_engine(db_url)
     upgrade(engine, "0001")
@@ -91,8 +88,8 @@ def test_migration_0002_renames_completed_jobs(db_url):  # noqa: F811
 
 
 def test_sqlite_default_created_and_upgraded_on_first_use(tmp_path, monkeypatch):
-    from store.migrate import head_revision
-    from store.repository import Repository
+    from vptq_service.store.migrate import head_revision
+    from vptq_service.store.repository import Repository
 
     monkeypatch.delenv("VPTQ_DB_URL", raising=False)
     monkeypatch.setenv("VPTQ_HOME", str(tmp_path / "home"))
@@ -107,8 +104,8 @@ def test_sqlite_default_created_and_upgraded_on_first_use(tmp_path, monkeypatch)
 
 def test_open_upgrades_sqlite_but_not_postgres(db_url, monkeypatch):  # noqa: F811
     """SQLite is migrated on first use; a shared PostgreSQL only by `vptq db upgrade`."""
-    from store.migrate import current_revision, head_revision
-    from store.repository import Repository
+    from vptq_service.store.migrate import current_revision, head_revision
+    from vptq_service.store.repository import Repository
 
     monkeypatch.setenv("VPTQ_DB_URL", db_url)
     if db_url.startswith("postgresql"):
@@ -123,7 +120,7 @@ def test_open_upgrades_sqlite_but_not_postgres(db_url, monkeypatch):  # noqa: F8
 
 
 def test_job_lifecycle_and_layer_results(repo):  # noqa: F811
-    from store.models import Base
+    from vptq_service.store.models import Base
 
     model = repo.add_model("hf://org/model", "a" * 64, "LlamaForCausalLM", 135_000_000)
     assert repo.add_model("hf://org/model", "a" * 64).id == model.id  # idempotent
@@ -197,7 +194,7 @@ def test_artifacts_and_evaluations(repo):  # noqa: F811
 
 
 def test_session_scope_rolls_back_on_error(repo):  # noqa: F811
-    from store.models import Job
+    from vptq_service.store.models import Job
 
     with pytest.raises(RuntimeError), repo.session() as s:
         s.add(Job(source_uri="lost", config={}, status="queued"))
@@ -224,7 +221,7 @@ def test_two_processes_updating_different_jobs_lose_no_update(repo, db_url):  # 
 
 
 def test_credentials_never_in_errors_logs_or_rows(repo, caplog):  # noqa: F811
-    from store.db import make_engine
+    from vptq_service.store.db import make_engine
 
     caplog.set_level(logging.DEBUG)
     with pytest.raises(StoreError) as e:

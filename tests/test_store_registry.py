@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import typer
 from typer.testing import CliRunner
+from vptq_service.store.artifacts import LocalStore, S3Store, open_artifact_store
+from vptq_service.store.errors import StoreError
+from vptq_service.store.registry import MANIFEST, Registry, parse_ref
 
-from store.artifacts import LocalStore, S3Store, open_artifact_store
-from store.errors import StoreError
-from store.registry import MANIFEST, Registry, parse_ref
 from tests.store_fixtures import (  # noqa: F401 - fixtures
     S3_SECRET,
     bucket,
@@ -33,7 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cli():
-    from cli.db import register
+    from vptq_service.cli.db import register
 
     app = typer.Typer()
     register(app)

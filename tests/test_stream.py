@@ -50,8 +50,8 @@ def test_not_streamable_sources_are_loaded_whole(tmp_path):
 
 def test_a_job_on_a_streamed_model_writes_the_bytes_of_a_whole_model_job(home, tiny_llama_dir, text_file,  # noqa: F811
                                                                          tmp_path, monkeypatch):
-    from cli.db import _registry
-    from tasks.workspace import load_fp_model
+    from vptq_service.cli.db import _registry
+    from vptq_service.tasks.workspace import load_fp_model
 
     outs = {}
     for stream in ("1", "0"):

@@ -24,7 +24,7 @@ def nearest(x: torch.Tensor, centroids: torch.Tensor, c_sq: torch.Tensor | None 
     if x.is_cuda and x.shape[0] >= _KERNEL_MIN_VECTORS:
         # the numba kernel (codebook tiles in shared memory); it falls back to the same
         # matmul form below when numba is missing or the shape is unsupported
-        from kernels.dispatch import nearest as kernel_nearest
+        from vptq.kernels.dispatch import nearest as kernel_nearest
 
         return kernel_nearest(x, centroids, c_sq)
     if c_sq is None:

@@ -197,7 +197,7 @@ class VQuantLinear(nn.Module):
         if x.is_cuda and not self.indices_as_float:  # the kernels read int16 outlier indices
             # numba.cuda kernels: fused gemv for <= 8 token rows, dequantize + F.linear above.
             # Imported lazily so numba stays optional; None = use the torch path below.
-            from kernels.dispatch import vq_linear_forward
+            from vptq.kernels.dispatch import vq_linear_forward
 
             y = vq_linear_forward(self, x)
             if y is not None:
@@ -231,7 +231,7 @@ def share_inputs(model: nn.Module) -> int:
         for names in SHARED_INPUTS:
             mods = [kids.get(k) for k in names]
             if all(isinstance(m, VQuantLinear) for m in mods) and len({m.in_features for m in mods}) == 1:
-                from kernels.dispatch import share_input
+                from vptq.kernels.dispatch import share_input
 
                 share_input(mods)
                 n += 1

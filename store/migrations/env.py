@@ -1,12 +1,11 @@
 """Alembic environment: runs on a connection handed over by store.migrate, else on VPTQ_DB_URL."""
 
 from alembic import context
-
-from store.models import Base, UTCDateTime
+from vptq_service.store.models import Base, UTCDateTime
 
 
 def _render_item(type_, obj, autogen_context):
-    """Render our UTC type as the plain column type, so revisions never import store.models."""
+    """Render our UTC type as the plain column type, so revisions never import vptq_service.store.models."""
     if type_ == "type" and isinstance(obj, UTCDateTime):
         return "sa.DateTime(timezone=True)"
     return False
@@ -32,7 +31,7 @@ def main() -> None:
     if connection is not None:
         _run(connection)
         return
-    from store.db import make_engine
+    from vptq_service.store.db import make_engine
 
     engine = make_engine()
     try:
