@@ -34,6 +34,7 @@ class JobRecord:
     source_uri: str
     status: str
     config: dict[str, Any] = field(hash=False)
+    job_key: str | None
     model_id: int | None
     calibration_set_id: int | None
     code_version: str | None

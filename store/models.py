@@ -122,6 +122,8 @@ class Job(Base):
     source_uri: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16), default="queued")
     config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # identity of the request (flows/request.py): the same request finds its job by this, indexed
+    job_key: Mapped[str | None] = mapped_column(String(64), index=True)
     model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id", ondelete="SET NULL"), index=True)
     calibration_set_id: Mapped[int | None] = mapped_column(
         ForeignKey("calibration_sets.id", ondelete="SET NULL"), index=True)
@@ -136,7 +138,7 @@ class Job(Base):
     def to_entity(self) -> entities.JobRecord:
         return entities.JobRecord(
             id=self.id, source_uri=self.source_uri, status=self.status, config=dict(self.config or {}),
-            model_id=self.model_id, calibration_set_id=self.calibration_set_id, code_version=self.code_version,
+            job_key=self.job_key, model_id=self.model_id, calibration_set_id=self.calibration_set_id, code_version=self.code_version,
             prefect_run_id=self.prefect_run_id, error=self.error, created_at=self.created_at,
             started_at=self.started_at, finished_at=self.finished_at, updated_at=self.updated_at)
 

@@ -15,7 +15,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 from vptq_service.store import entities
 from vptq_service.store.db import session_factory
-from vptq_service.store.errors import StoreError, mask_text, mask_url
+from vptq_service.store.errors import StoreError, StoreUsageError, mask_text, mask_url
 from vptq_service.store.models import (
     ARTIFACT_STATUSES,
     JOB_STATUSES,
@@ -120,12 +120,12 @@ class Repository:
 
     def create_job(self, source_uri: str, config: dict[str, Any], code_version: str | None = None,
                    model_id: int | None = None, calibration_set_id: int | None = None,
-                   prefect_run_id: str | None = None) -> entities.JobRecord:
-        """A new job in status `queued`."""
+                   prefect_run_id: str | None = None, job_key: str | None = None) -> entities.JobRecord:
+        """A new job in status `queued`; job_key is the request's identity (find_job)."""
         with self.session() as s:
             row = Job(source_uri=mask_url(source_uri), config=dict(config), code_version=code_version,
                       model_id=model_id, calibration_set_id=calibration_set_id, prefect_run_id=prefect_run_id,
-                      status="queued")
+                      job_key=job_key, status="queued")
             s.add(row)
             s.flush()
             return row.to_entity()
@@ -133,6 +133,13 @@ class Repository:
     def get_job(self, job_id: int) -> entities.JobRecord:
         with self.session() as s:
             return _job(s, job_id).to_entity()
+
+    def find_job(self, job_key: str) -> entities.JobRecord | None:
+        """The newest job of this request key that was not cancelled (it can be resumed or reported)."""
+        with self.session() as s:
+            row = s.scalar(select(Job).where(Job.job_key == job_key, Job.status != "cancelled")
+                           .order_by(Job.created_at.desc(), Job.id.desc()).limit(1))
+            return None if row is None else row.to_entity()
 
     def list_jobs(self, status: str | None = None, limit: int = 50) -> list[entities.JobRecord]:
         """Newest first, optionally one status."""
@@ -293,7 +300,7 @@ def _job(s: Session, job_id: int, lock: bool = False) -> Job:
         q = q.with_for_update()  # no-op on SQLite, whose BEGIN IMMEDIATE already serializes writers
     row = s.scalar(q)
     if row is None:
-        raise StoreError(f"no job with id {job_id}; `vptq jobs` lists them")
+        raise StoreUsageError(f"no job with id {job_id}; `vptq jobs` lists them")
     return row
 
 

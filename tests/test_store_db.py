@@ -253,3 +253,37 @@ def test_bad_db_url_is_one_clear_line(url, expect, monkeypatch, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], result.stderr
     assert "topsecret" not in result.output + result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "vptq.db").exists()
+
+
+def test_migration_0004_indexes_and_backfills_job_keys(db_url):  # noqa: F811
+    """Rows written before 0004 get their config's job_key as the indexed column; find_job queries it
+    (the newest not-cancelled job of the key); the downgrade drops the column again."""
+    from alembic import command
+    from vptq_service.store.db import make_engine
+    from vptq_service.store.migrate import alembic_config, head_revision, upgrade
+    from vptq_service.store.repository import Repository
+
+    engine = make_engine(db_url)
+    upgrade(engine, "0003")
+    with engine.begin() as conn:
+        for cfg in ('{"job_key": "k1", "spec": {}}', '{"bits": 2}', '{"job_key": "k1"}'):
+            conn.execute(text("INSERT INTO jobs (source_uri, status, config, created_at, updated_at) "
+                              "VALUES ('m', 'queued', :cfg, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"), {"cfg": cfg})
+    assert upgrade(engine) == head_revision()
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT job_key FROM jobs ORDER BY id")).scalars().all() == ["k1", None, "k1"]
+        assert "ix_jobs_job_key" in {i["name"] for i in inspect(conn).get_indexes("jobs")}
+    r = Repository(engine)
+    first, _, newest = [j.id for j in sorted(r.list_jobs(), key=lambda j: j.id)]
+    assert r.find_job("k1").id == newest and r.find_job("k2") is None
+    r.set_job_status(newest, "cancelled")
+    assert r.find_job("k1").id == first  # a cancelled job is never resumed
+    made = r.create_job("m", {"job_key": "k2"}, job_key="k2")
+    assert r.find_job("k2") == r.get_job(made.id) and made.job_key == "k2"
+    cfg = alembic_config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0003")
+    with engine.connect() as conn:
+        assert "job_key" not in {c["name"] for c in inspect(conn).get_columns("jobs")}
+    engine.dispose()
