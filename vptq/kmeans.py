@@ -15,7 +15,8 @@ _TILE = 1 << 27  # floats per distance tile (512 MiB): a full 2M x 65536 matrix 
 _KERNEL_MIN_VECTORS = 1 << 14
 
 
-def _chunk(k: int) -> int:
+def tile_rows(k: int) -> int:
+    """Rows of x per distance tile against k centroids (nearest()); vptq.plan sizes its memory by it."""
     return max(1024, _TILE // k)
 
 
@@ -30,7 +31,7 @@ def nearest(x: torch.Tensor, centroids: torch.Tensor, c_sq: torch.Tensor | None 
     if c_sq is None:
         c_sq = (centroids * centroids).sum(1)
     out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-    step = _chunk(centroids.shape[0])
+    step = tile_rows(centroids.shape[0])
     for s in range(0, x.shape[0], step):
         xs = x[s : s + step]
         # ||x||^2 is constant per row, so argmin of ||c||^2 - 2 x.c is the nearest centroid
