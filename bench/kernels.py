@@ -29,8 +29,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vptq.kernels.assign import assign  # noqa: E402
-from vptq.kernels.dequant import PackedLayer, column_map, dequantize, dequantize_ref  # noqa: E402
+from vptq.kernels.dequant import dequantize, dequantize_ref  # noqa: E402
 from vptq.kernels.gemv import GemvPlan, gemv  # noqa: E402
+from vptq.kernels.layout import PackedLayer, column_map  # noqa: E402
 
 PEAKS = {"H200": 4.8e12, "H100": 3.35e12}  # HBM bytes/s: H200 HBM3e, H100 SXM HBM3
 

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.gemv_rows_probe import time_graph  # noqa: E402
 from bench.kernels import time_device  # noqa: E402
 from vptq.kernels import _numba as nb  # noqa: E402
-from vptq.kernels.gemv import _arr_args, _core_stream  # noqa: E402
+from vptq.kernels._numba import arr_args, core_stream  # noqa: E402
 
 
 def back_to_back(call, n: int = 100) -> float:
@@ -71,21 +71,21 @@ def nop_kernels():
 
 
 def fast_launch(disp, grid, threads, shmem, args):
-    """A pre-marshalled launch of `disp` (compiled for args), as kernels/gemv.py's prepare_fast."""
+    """A pre-marshalled launch of `disp` (compiled for args), as kernels/_numba.py's prepare_fast."""
     from numba.cuda._compat import CUDA_CORE_GE_1_0
     from numba.cuda.dispatcher import LaunchConfig, launch
 
     (kern,) = disp.overloads.values()
     flat = []
     for t in args:
-        flat += _arr_args(t)
+        flat += arr_args(t)
     g3, b3 = (grid, 1, 1), (threads, 1, 1)
     cfg = (LaunchConfig(grid=g3, block=b3, shmem_size=shmem, is_cooperative=False) if CUDA_CORE_GE_1_0 else
            LaunchConfig(grid=g3, block=b3, shmem_size=shmem, cooperative_launch=False))
     fn = kern._codelibrary.get_cufunc().kernel
 
     def call():
-        launch(_core_stream(torch.cuda.current_stream().cuda_stream), cfg, fn, *flat)
+        launch(core_stream(torch.cuda.current_stream().cuda_stream), cfg, fn, *flat)
 
     return call
 

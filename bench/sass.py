@@ -206,7 +206,8 @@ def dequant_case(p, var: dict, cc, dump, tag: str) -> str:
     per column of a thread's row step."""
     import torch
 
-    from vptq.kernels.dequant import column_map, dequant2_config, dequant2_launch
+    from vptq.kernels.dequant import dequant2_config, dequant2_launch
+    from vptq.kernels.layout import column_map
 
     cfg = dequant2_config(p, torch.float16, **var)
     if cfg is None:

@@ -20,8 +20,9 @@ from vptq.config import LayerLayout  # noqa: E402
 from vptq.kernels import _numba as nb  # noqa: E402
 from vptq.kernels import dispatch  # noqa: E402
 from vptq.kernels.assign import assign, assign_ref  # noqa: E402
-from vptq.kernels.dequant import PackedLayer, dequant2_config, dequantize, dequantize_ref  # noqa: E402
+from vptq.kernels.dequant import dequant2_config, dequantize, dequantize_ref  # noqa: E402
 from vptq.kernels.gemv import gemv, gemv_ref  # noqa: E402
+from vptq.kernels.layout import PackedLayer  # noqa: E402
 from vptq.layers import VQuantLinear  # noqa: E402
 from vptq.quantizer import VQWeights  # noqa: E402
 
@@ -678,9 +679,9 @@ def test_gemv_rows_interleaved_codes(name, lpr, persist, tiles_of_two_warps):
     lane group, rows that are not whole warps, row tiles of two warps' rows, a persistent launch and
     a layer without a permutation; the row kernel's group launch too."""
     from vptq.kernels.code_columns import permute_code_columns
-    from vptq.kernels.dequant import _perm64
     from vptq.kernels.gemv import GemvPlan
     from vptq.kernels.gemv_group import RowsGroupPlan
+    from vptq.kernels.layout import perm64
 
     m, n = (650, 2048) if HAS_GPU else (43, 512)
     p = PackedLayer.from_module(_layer(**{**ROWS_LAYERS[name], "m": m, "n": n}))
@@ -691,7 +692,7 @@ def test_gemv_rows_interleaved_codes(name, lpr, persist, tiles_of_two_warps):
     assert not c["xperm"]
     codes = p.indices
     if p.perm is not None:
-        codes = permute_code_columns(codes, p.code_bits, torch.argsort(_perm64(p.perm)))
+        codes = permute_code_columns(codes, p.code_bits, torch.argsort(perm64(p.perm)))
         assert not torch.equal(codes, p.indices)
     idx = codes.view(torch.int64)
     rpw = c["gsz"] // lpr

@@ -10,10 +10,13 @@
 * The simulator's `cuda.shared.array` looks up a block's array and creates it when missing
   without a lock, so two of its threads could each create one and no longer share memory (the
   kernel then reads a tile it never loaded): `_lock_simulator_shared_arrays` serialises it.
+* Pre-marshalled launches (`prepare_fast`, `launch_fast`) use numba's dispatcher internals; when
+  those move, `prepare_fast` returns None and the plans keep the dispatcher's path.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 import os
@@ -310,8 +313,8 @@ def store_128():
         @c.jit(device=True)
         def st128(arr, i, lo, hi):
             a = arr.reshape(-1)
-            a[i] = _wrap64(lo)
-            a[i + 1] = _wrap64(hi)
+            a[i] = wrap64(lo)
+            a[i + 1] = wrap64(hi)
 
         return st128
 
@@ -350,7 +353,7 @@ def store_128():
     return st128
 
 
-def _wrap64(v) -> int:
+def wrap64(v) -> int:
     """Python/numpy integer -> the int64 with the same low 64 bits (simulator only)."""
     v = int(v) & 0xFFFFFFFFFFFFFFFF
     return v - (1 << 64) if v >= (1 << 63) else v
@@ -615,8 +618,8 @@ def store_128w():
         @c.jit(device=True)
         def st128w(arr, i, a, b, d, e):
             f = arr.reshape(-1)
-            f[i] = _wrap64((int(a) & 0xFFFFFFFF) | ((int(b) & 0xFFFFFFFF) << 32))
-            f[i + 1] = _wrap64((int(d) & 0xFFFFFFFF) | ((int(e) & 0xFFFFFFFF) << 32))
+            f[i] = wrap64((int(a) & 0xFFFFFFFF) | ((int(b) & 0xFFFFFFFF) << 32))
+            f[i + 1] = wrap64((int(d) & 0xFFFFFFFF) | ((int(e) & 0xFFFFFFFF) << 32))
 
         return st128w
 
@@ -758,3 +761,50 @@ def shared_128_at():
         return _lds(base, off)
 
     return sbase, lds128at
+
+
+# ------------------------------------------------------------------ pre-marshalled launches
+# A plan (gemv.py GemvPlan, gemv_group.py RowsGroupPlan) marshals its constant arguments once; a
+# call then passes only x and y straight to the driver, past numba's dispatcher (`host_us` in
+# bench/results/kernels.md).
+def arr_args(t: torch.Tensor) -> list:
+    """A torch tensor as numba's kernel ABI for an array argument (meminfo, parent, size, ...)."""
+    it = t.element_size()
+    return [0, 0, t.numel(), it, t.data_ptr(), *t.shape, *(s * it for s in t.stride())]
+
+
+@functools.lru_cache(maxsize=64)
+def core_stream(ptr: int):
+    """cuda.core stream object for a raw CUDA stream handle (torch's current stream)."""
+    from numba.cuda.cudadrv import driver
+
+    return driver._to_core_stream(_external_stream(ptr))
+
+
+def prepare_fast(disp, grid, threads: int, shmem: int, static_t: list, scalars_i: list):
+    """Marshal a launch's constant arguments once (None when numba's internals moved: the caller
+    keeps the slower dispatcher path). The call then passes x, y and these to `launch_fast`."""
+    try:
+        from numba.cuda._compat import CUDA_CORE_GE_1_0
+        from numba.cuda.dispatcher import LaunchConfig, launch
+
+        (kern,) = disp.overloads.values()
+        static = []
+        for t in static_t:
+            static += arr_args(t)
+        scalars = [ctypes.c_int64(s) for s in scalars_i]
+        grid3, block3 = (*grid, 1), (threads, 1, 1)
+        if CUDA_CORE_GE_1_0:
+            cfg = LaunchConfig(grid=grid3, block=block3, shmem_size=shmem, is_cooperative=False)
+        else:
+            cfg = LaunchConfig(grid=grid3, block=block3, shmem_size=shmem, cooperative_launch=False)
+        return (launch, cfg, kern._codelibrary.get_cufunc().kernel, static, scalars)
+    except Exception:  # numba internals moved: keep the (slower) dispatcher path
+        return None
+
+
+def launch_fast(fast: tuple, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Launch a `prepare_fast` record on torch's current stream: only x and y are marshalled."""
+    launch, cfg, kern, static, scalars = fast
+    stream = core_stream(torch.cuda.current_stream(x.device).cuda_stream)
+    launch(stream, cfg, kern, *arr_args(x), *static, *arr_args(y), *scalars)

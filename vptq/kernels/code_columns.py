@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .dequant import unpack_codes
+from .layout import unpack_codes
 
 ROWS_PER_CHUNK = 1024  # rows of codes unpacked at a time (10-bit codes: bounded temporary memory)
 

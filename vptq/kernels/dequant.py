@@ -1,191 +1,52 @@
-"""Stored VPTQ layer (packed indices + codebooks + outliers + perm + scale/bias) -> dense weight.
+"""Stored VPTQ layer (vptq.kernels.layout.PackedLayer) -> dense weight: the dequantize kernels.
 
-`PackedLayer` is the stored format of one `VQuantLinear` (vptq-method.md 3.2), read straight from
-the module's tensors without copies. `dequantize_ref` is the torch oracle (the arithmetic of
-vptq-method.md 2.1, in the output dtype); `dequantize` is the numba.cuda kernel with the same
-signature: one thread per (original column j, row of vectors r) writes the v outputs
-W[r*v : r*v+v, j], so consecutive threads write consecutive columns (coalesced stores); the
-centroid is fetched as 64-bit words (four fp16 values per load) and computed in float32,
-rounded once to the output dtype. Layouts without outlier columns take the row-staged kernel
-(`_kernel2`: packed rows and small codebooks in shared memory, 16-byte stores); `dequantize(...,
-path=...)` picks one explicitly.
+`dequantize_ref` is the torch oracle (the arithmetic of vptq-method.md 2.1, in the output dtype);
+`dequantize` is the numba.cuda kernel with the same signature: one thread per (original column j,
+row of vectors r) writes the v outputs W[r*v : r*v+v, j], so consecutive threads write
+consecutive columns (coalesced stores); the centroid is fetched as 64-bit words (four fp16 values
+per load) and computed in float32, rounded once to the output dtype. Layouts without outlier
+columns take the row-staged kernel (`_kernel2`: packed rows and small codebooks in shared memory,
+16-byte stores); `dequantize(..., path=...)` picks one explicitly.
 """
 
 from __future__ import annotations
 
 import functools
-import math
-from dataclasses import dataclass
 
 import torch
 
 from . import _numba as nb
+from .codegen import (
+    CB_SMEM_MAX,
+    ceil16,
+    device_helpers,
+    fill_src,
+    gather_global_src,
+    gather_smem_src,
+    kernel_env,
+    pair_sel,
+    plane_bases_src,
+    smem_codebook_bytes,
+    words_global_src,
+    words_smem_src,
+)
+from .layout import (
+    LOC_MASK,
+    LOC_SHIFT,
+    MAX_V,
+    PackedLayer,
+    check_layer,
+    column_map,
+    flat_word_view,
+    flat_words,
+    perm64,
+    unpack_codes,
+    word_view,
+)
 
 THREADS = 128  # threads per block along the columns
-MAX_V = 16
-LOC_SHIFT = 20  # column_map packs (group + 1) above 20 bits of column-within-group
-LOC_MASK = (1 << LOC_SHIFT) - 1
 
-cuda = float32 = int64 = None  # bound lazily by _jit_env(): numba is optional
-
-
-def _jit_env():
-    global cuda, float32, int64
-    cuda = nb.cuda()  # a module global: the simulator swaps it for its fake module inside kernels
-    from numba import float32, int64
-
-
-@dataclass(frozen=True)
-class PackedLayer:
-    """Tensors of one quantized linear in the published layout (shapes: vptq-method.md 3.2)."""
-
-    in_features: int
-    out_features: int
-    vector_len: int
-    num_centroids: int
-    group_num: int
-    group_size: int
-    indices: torch.Tensor  # (G, ceil(M/v), ceil(group_size*code_bits/32)) int32
-    centroids: torch.Tensor  # (G, k*v)
-    num_res_centroids: int = 0  # 0 = no residual codebook
-    res_centroids: torch.Tensor | None = None  # (G, k_res*v)
-    outlier_size: int = 0
-    outlier_vector_len: int = -1
-    outlier_num_centroids: int = -1
-    outlier_indices: torch.Tensor | None = None  # (1, ceil(M/v0), outlier_size) int16 (uint16 bits)
-    outlier_centroids: torch.Tensor | None = None  # (1, k0*v0)
-    perm: torch.Tensor | None = None  # (N,) int16 (uint16 bits) or int64: stored column p = original perm[p]
-    weight_scale: torch.Tensor | None = None  # (N,) original column order
-    weight_bias: torch.Tensor | None = None  # (N,)
-    bias: torch.Tensor | None = None  # (M,) the linear's own bias
-
-    @property
-    def main_bits(self) -> int:
-        return nb.log2i(self.num_centroids)
-
-    @property
-    def code_bits(self) -> int:
-        return self.main_bits + (nb.log2i(self.num_res_centroids) if self.num_res_centroids > 0 else 0)
-
-    @property
-    def rows(self) -> int:
-        return math.ceil(self.out_features / self.vector_len)
-
-    @property
-    def device(self) -> torch.device:
-        return self.indices.device
-
-    @classmethod
-    def from_module(cls, mod) -> PackedLayer:
-        """View of a `vptq.layers.VQuantLinear` (duck-typed: kernels/ does not import vptq/)."""
-        v, k, kr = mod.vector_lens[1], mod.num_centroids[1], mod.num_res_centroids[1]
-        has_out = getattr(mod, "has_outliers", False)
-        return cls(
-            in_features=mod.in_features, out_features=mod.out_features, vector_len=v, num_centroids=k,
-            group_num=mod.group_num, group_size=mod.group_size, indices=mod.indices,
-            centroids=mod.centroids.weight.detach(),
-            num_res_centroids=kr if kr > 0 else 0,
-            res_centroids=mod.res_centroids.weight.detach() if kr > 0 else None,
-            outlier_size=mod.outlier_size if has_out else 0,
-            outlier_vector_len=mod.vector_lens[0] if has_out else -1,
-            outlier_num_centroids=mod.num_centroids[0] if has_out else -1,
-            outlier_indices=mod.outlier_indices if has_out else None,
-            outlier_centroids=mod.outlier_centroids.weight.detach() if has_out else None,
-            perm=mod.perm if mod.enable_perm else None,
-            weight_scale=mod.weight_scale.detach() if mod.enable_norm else None,
-            weight_bias=mod.weight_bias.detach() if mod.enable_norm else None,
-            bias=mod.bias.detach() if mod.bias is not None else None,
-        )
-
-
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def check_layer(p: PackedLayer, *, kernel: bool = False, check_values: bool = True) -> None:
-    """ValueError naming the tensor when the stored layer is inconsistent (before any launch).
-
-    check_values also scans outlier indices and perm for out-of-range values (one device sync).
-    """
-    m, n, v, k = p.out_features, p.in_features, p.vector_len, p.num_centroids
-    g, gs, o = p.group_num, p.group_size, p.outlier_size
-    dev = p.indices.device
-
-    def need(name, t, shape, dtypes, contiguous=kernel):
-        if t is None:
-            raise ValueError(f"{name}: missing")
-        if tuple(t.shape) != tuple(shape):
-            raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
-        if t.dtype not in dtypes:
-            raise ValueError(f"{name}: dtype {t.dtype} not one of {dtypes}")
-        if t.device != dev:
-            raise ValueError(f"{name}: on {t.device}, indices are on {dev}")
-        if contiguous and not t.is_contiguous():
-            raise ValueError(f"{name}: must be contiguous (call .contiguous())")
-
-    if v < 1 or (kernel and v > MAX_V):
-        raise ValueError(f"vector_len: {v} not supported (1..{MAX_V})")
-    if not nb.is_pow2(k):
-        raise ValueError(f"centroids: num_centroids {k} is not a power of two")
-    if p.num_res_centroids and not nb.is_pow2(p.num_res_centroids):
-        raise ValueError(f"res_centroids: num_res_centroids {p.num_res_centroids} is not a power of two")
-    if p.code_bits > 32:
-        raise ValueError(f"indices: code width {p.code_bits} bits > 32")
-    if o + g * gs != n:
-        raise ValueError(f"indices: outlier_size + group_num*group_size = {o + g * gs} != in_features {n}")
-    c = p.centroids
-    if c.dim() == 2 and c.shape[0] == g and c.shape[1] != k * v:
-        if c.shape[1] % v:
-            raise ValueError(f"centroids: row length {c.shape[1]} is not a multiple of vector_len {v}")
-        raise ValueError(f"centroids: holds {c.shape[1] // v} codes, num_centroids says {k} "
-                         "(indices would fall outside the codebook)")
-    need("indices", p.indices, (g, p.rows, math.ceil(gs * p.code_bits / 32)), (torch.int32,))
-    need("centroids", c, (g, k * v), _FLOATS)
-    if p.num_res_centroids:
-        need("res_centroids", p.res_centroids, (g, p.num_res_centroids * v), (c.dtype,))
-    if o:
-        v0, k0 = p.outlier_vector_len, p.outlier_num_centroids
-        if v0 < 1 or k0 < 1:
-            raise ValueError(f"outlier_centroids: outlier_size {o} needs vector_len and num_centroids")
-        need("outlier_indices", p.outlier_indices, (1, math.ceil(m / v0), o), (torch.int16,))
-        need("outlier_centroids", p.outlier_centroids, (1, k0 * v0), (c.dtype,))
-        if check_values and int(p.outlier_indices.to(torch.int64).bitwise_and(0xFFFF).max()) >= k0:
-            raise ValueError(f"outlier_indices: values out of range for a codebook of {k0} entries")
-    if p.perm is not None:
-        need("perm", p.perm, (n,), (torch.int16, torch.int64, torch.int32))
-        if check_values:
-            pv = _perm64(p.perm)
-            if int(pv.max()) >= n or int(pv.min()) < 0:
-                raise ValueError(f"perm: values out of range for {n} input channels")
-    if (p.weight_scale is None) != (p.weight_bias is None):
-        raise ValueError("weight_scale: weight_scale and weight_bias come together")
-    if p.weight_scale is not None:
-        need("weight_scale", p.weight_scale, (n,), _FLOATS)
-        need("weight_bias", p.weight_bias, (n,), _FLOATS)
-    if p.bias is not None:
-        need("bias", p.bias, (m,), _FLOATS)
-    if kernel:
-        for name, t in (("weight_scale", p.weight_scale), ("weight_bias", p.weight_bias), ("bias", p.bias)):
-            if t is not None and t.dtype not in (torch.float16, torch.float32):
-                raise ValueError(f"{name}: the kernels read float16/float32, got {t.dtype}")
-        for name, t in (("centroids", c), ("res_centroids", p.res_centroids),
-                        ("outlier_centroids", p.outlier_centroids)):
-            if t is not None and t.dtype != torch.float16:
-                raise ValueError(f"{name}: the kernels read fp16 codebooks, got {t.dtype}")
-
-
-def _perm64(perm: torch.Tensor) -> torch.Tensor:
-    return perm.to(torch.int64) & 0xFFFF if perm.dtype == torch.int16 else perm.to(torch.int64)
-
-
-def unpack_codes(indices: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """(..., words) int32 -> (..., count) int64 codes of `bits` bits (vptq-method.md 2.3)."""
-    words = indices.to(torch.int64) & 0xFFFFFFFF
-    pos = torch.arange(count, device=indices.device) * bits
-    w0 = pos >> 5
-    sh = pos & 31
-    lo = words[..., w0]
-    hi = words[..., (w0 + 1).clamp_max(words.shape[-1] - 1)]
-    return (((hi << 32) | lo) >> sh) & ((1 << bits) - 1)
+cuda = float32 = int64 = None  # bound lazily by _kernel(): numba is optional
 
 
 def _gather_rows(cb: torch.Tensor, idx: torch.Tensor, m: int) -> torch.Tensor:
@@ -216,66 +77,19 @@ def dequantize_ref(p: PackedLayer, dtype: torch.dtype = torch.float16) -> torch.
         parts.append(wg)
     w = torch.cat(parts, dim=1)  # (M, N), stored (permuted) column order
     if p.perm is not None:
-        w = w[:, torch.argsort(_perm64(p.perm))]
+        w = w[:, torch.argsort(perm64(p.perm))]
     if p.weight_scale is not None:
         w = w * p.weight_scale.to(dtype)[None, :] + p.weight_bias.to(dtype)[None, :]
     return w
 
 
-# ---------------------------------------------------------------------------------- kernel
-def word_view(cb: torch.Tensor, v: int) -> torch.Tensor:
-    """fp16 codebook (G, k*v) viewed as int64 words (v % 4 == 0) or int32 words (v even) or itself."""
-    if v % 4 == 0:
-        return cb.view(torch.int64)
-    if v % 2 == 0:
-        return cb.view(torch.int32)
-    return cb.view(torch.int16)
-
-
-@functools.cache
-def device_helpers(v: int):
-    """(read_code, add_centroid) device functions specialised for vector length v."""
-    _jit_env()
-    h2f = nb.half_bits_to_float()
-    hw = 4 if v % 4 == 0 else (2 if v % 2 == 0 else 1)  # fp16 values per codebook word
-    nw = v // hw
-
-    @cuda.jit(device=True)
-    def read_code(words, g, r, c, bits, mask):
-        """Code c of packed row (g, r): bits [c*bits, (c+1)*bits) of the LSB-first stream."""
-        o = c * bits
-        w0 = o >> 5
-        sh = o & 31
-        val = int64(words[g, r, w0]) & 0xFFFFFFFF
-        if sh + bits > 32:
-            val |= (int64(words[g, r, w0 + 1]) & 0xFFFFFFFF) << 32
-        return (val >> sh) & mask
-
-    pair = hw == 4 and nw % 2 == 0  # v = 8, 16: 16-byte loads (one instruction per 8 values)
-    ld128 = nb.load_128()
-
-    @cuda.jit(device=True)
-    def add_centroid(cbw, g, idx, acc):
-        """acc[t] += C_g[idx, t] for t < v, reading the codebook as words of hw fp16 values."""
-        if pair:
-            base = g * cbw.shape[1] + idx * nw
-            for q2 in range(nw // 2):
-                wa, wb = ld128(cbw, base + 2 * q2)
-                for h in range(4):
-                    acc[q2 * 8 + h] += h2f(wa >> (16 * h))
-                    acc[q2 * 8 + 4 + h] += h2f(wb >> (16 * h))
-        else:
-            for q in range(nw):
-                w = int64(cbw[g, idx * nw + q])
-                for h in range(hw):
-                    acc[q * hw + h] += h2f(w >> (16 * h))
-
-    return read_code, add_centroid
-
 
 @functools.cache
 def _kernel(v: int, has_res: bool, has_out: bool, has_norm: bool, threads: int):
+    global cuda, float32, int64
     read_code, add_centroid = device_helpers(v)
+    cuda = nb.cuda()  # a module global: the simulator swaps it for its fake module inside kernels
+    from numba import float32, int64
 
     @cuda.jit
     def dequant_kernel(indices, cbw, rcbw, oidx, ocb, colmap, scale, wbias, bits, main_bits, v0, out):
@@ -313,19 +127,6 @@ def _kernel(v: int, has_res: bool, has_out: bool, has_norm: bool, threads: int):
                 out[row, j] = acc[t] * s + b
 
     return dequant_kernel
-
-
-def column_map(p: PackedLayer) -> torch.Tensor:
-    """int32 (N,): original column j -> (group + 1) << LOC_SHIFT | column within the group.
-
-    Group 0 is the outlier block. Precomputed once per layer so the kernel does no division.
-    """
-    n = p.in_features
-    pos = torch.argsort(_perm64(p.perm)) if p.perm is not None else torch.arange(n, device=p.device)
-    q = pos - p.outlier_size
-    g = torch.where(q < 0, 0, q // p.group_size + 1)
-    c = torch.where(q < 0, pos, q % p.group_size)
-    return ((g << LOC_SHIFT) | c).to(torch.int32)
 
 
 def dequantize(p: PackedLayer, dtype: torch.dtype = torch.float16, *, colmap: torch.Tensor | None = None,
@@ -372,193 +173,6 @@ def dequantize(p: PackedLayer, dtype: torch.dtype = torch.float16, *, colmap: to
         p.code_bits, p.main_bits, max(p.outlier_vector_len, 1), out,
     )
     return out
-
-
-# ------------------------------------------------------------- codebooks in shared memory
-# Small codebooks (v6-k4096: 48 KiB, v4-k4096: 32 KiB) are copied into shared memory once per
-# block and gathered from there instead of from L2. Layout ("planes", one per 4/2/1 fp16 values
-# of a centroid, each indexed by the code): floor(v/4) planes of int64, then one int32 plane if
-# v % 4 >= 2, then one int16 plane if v is odd; main codebook (all groups: entry g*k + c) at
-# byte 0, residual codebook at byte ceil16(main bytes). A v=6 centroid is then one 8-byte and
-# one 4-byte shared load at entry-strided addresses (fewer bank conflicts than 3 x 4 bytes).
-CB_SMEM_MAX = 96 * 1024  # codebook bytes (main + residual) the kernels keep in shared memory
-LOC_BITS_MASK = 0xFFFFFFFF
-
-
-def ceil16(b: int) -> int:
-    return -(-b // 16) * 16
-
-
-def smem_codebook_bytes(p: PackedLayer) -> int:
-    """Bytes of the shared-memory copy of every codebook of the layer (all groups, main + residual)."""
-    v, g = p.vector_len, p.group_num
-    b = ceil16(g * p.num_centroids * v * 2)
-    if p.num_res_centroids:
-        b += ceil16(g * p.num_res_centroids * v * 2)
-    return b
-
-
-def flat_words(cb: torch.Tensor, v: int) -> torch.Tensor:
-    """fp16 codebook (G, k*v) as a flat int32 (v even: v/2 words per entry) or int16 (v odd) view."""
-    return cb.reshape(-1).view(torch.int32 if v % 2 == 0 else torch.int16)
-
-
-def planes(v: int) -> tuple[int, int, int]:
-    """(int64 planes, int32 plane 0/1, int16 plane 0/1) of a centroid of v fp16 values."""
-    return v // 4, (v % 4) // 2, v % 2
-
-
-def plane_bases_src(v: int, kname: str, krname: str | None, ind: str) -> list[str]:
-    """Kernel lines defining the plane base indices m64/m32/m16 (main) and r64/r32/r16 (residual)
-    in units of each plane's dtype, and `cbbytes` (bytes of the codebooks, a multiple of 16)."""
-    q, d, _ = planes(v)
-    out = [f"{ind}m64 = 0",
-           f"{ind}m32 = ({q} * {kname} * 8) // 4",
-           f"{ind}m16 = ({q} * {kname} * 8 + {d} * {kname} * 4) // 2",
-           f"{ind}mbytes = ({kname} * {2 * v} + 15) // 16 * 16"]
-    if krname:
-        out += [f"{ind}r64 = mbytes // 8",
-                f"{ind}r32 = (mbytes + {q} * {krname} * 8) // 4",
-                f"{ind}r16 = (mbytes + {q} * {krname} * 8 + {d} * {krname} * 4) // 2",
-                f"{ind}cbbytes = mbytes + ({krname} * {2 * v} + 15) // 16 * 16"]
-    else:
-        out += [f"{ind}cbbytes = mbytes"]
-    return out
-
-
-def fill_src(v: int, src: str, kname: str, pre: str, threads: int, ind: str) -> list[str]:
-    """Kernel lines copying a global codebook (flat word view `src`, `kname` entries) into the
-    shared planes with bases {pre}64/{pre}32/{pre}16. Loads of NB entries per thread are issued
-    before any store so they are in flight together."""
-    q, d, o = planes(v)
-    even = v % 2 == 0
-    hw = v // 2 if even else v  # source words per entry
-    nbt = 8 if hw <= 4 else 4
-    L = [f"{ind}for _e0 in range(tid, {kname}, {threads * nbt}):"]
-    i2 = ind + "    "
-    i3 = i2 + "    "
-    for i in range(nbt):
-        L.append(f"{i2}_e{i} = _e0 + {i * threads}")
-        L.append(f"{i2}if _e{i} < {kname}:")
-        for j in range(hw):
-            L.append(f"{i3}_f{i}_{j} = int64({src}[_e{i} * {hw} + {j}])")
-        L.append(f"{i2}else:")
-        for j in range(hw):
-            L.append(f"{i3}_f{i}_{j} = int64(0)")
-    for i in range(nbt):
-        L.append(f"{i2}if _e{i} < {kname}:")
-        for pl in range(q):
-            if even:
-                val = f"(_f{i}_{2 * pl} & 0xFFFFFFFF) | (_f{i}_{2 * pl + 1} << 32)"
-            else:
-                h = [f"_f{i}_{4 * pl + t}" for t in range(4)]
-                val = f"({h[0]} & 0xFFFF) | (({h[1]} & 0xFFFF) << 16) | (({h[2]} & 0xFFFF) << 32) | ({h[3]} << 48)"
-            L.append(f"{i3}s64[{pre}64 + {pl} * {kname} + _e{i}] = {val}")
-        if d:
-            val = f"_f{i}_{2 * q}" if even else f"(_f{i}_{4 * q} & 0xFFFF) | (_f{i}_{4 * q + 1} << 16)"
-            L.append(f"{i3}s32[{pre}32 + _e{i}] = {val}")
-        if o:
-            L.append(f"{i3}s16[{pre}16 + _e{i}] = _f{i}_{4 * q + 2 * d}")
-    return L
-
-
-def gather_smem_src(v: int, code: str, kname: str, pre: str, out: str, add: bool, ind: str) -> list[str]:
-    """Kernel lines: {out}{t} (=|+=) float32 value t of centroid `code` of the shared planes {pre}."""
-    q, d, o = planes(v)
-    op = "+=" if add else "="
-    L = []
-    for pl in range(q):
-        L.append(f"{ind}_g{pl} = s64[uint64({pre}64 + {pl} * {kname} + {code})]")
-        for h in range(4):
-            L.append(f"{ind}{out}{4 * pl + h} {op} h2f(_g{pl} >> {16 * h})")
-    if d:
-        L.append(f"{ind}_gd = s32[uint64({pre}32 + {code})]")
-        L.append(f"{ind}{out}{4 * q} {op} h2f(_gd)")
-        L.append(f"{ind}{out}{4 * q + 1} {op} h2f(_gd >> 16)")
-    if o:
-        L.append(f"{ind}{out}{4 * q + 2 * d} {op} h2f(s16[uint64({pre}16 + {code})])")
-    return L
-
-
-def gather_global_src(v: int, cbw: str, entry: str, out: str, add: bool, ind: str) -> list[str]:
-    """Kernel lines: {out}{t} (=|+=) value t of centroid `entry` (g*k + c) read from the global
-    codebook word view `cbw` (flat: int64 if v % 4 == 0, int32 if v even, else int16)."""
-    op = "+=" if add else "="
-    L = []
-    if v % 4 == 0:
-        nq = v // 4
-        if nq % 2 == 0:
-            for q2 in range(nq // 2):
-                L.append(f"{ind}_ga, _gb = ld128({cbw}, {entry} * {nq} + {2 * q2})")
-                for h in range(4):
-                    L.append(f"{ind}{out}{8 * q2 + h} {op} h2f(_ga >> {16 * h})")
-                    L.append(f"{ind}{out}{8 * q2 + 4 + h} {op} h2f(_gb >> {16 * h})")
-        else:
-            for qq in range(nq):
-                L.append(f"{ind}_ga = {cbw}[uint64({entry} * {nq} + {qq})]")
-                for h in range(4):
-                    L.append(f"{ind}{out}{4 * qq + h} {op} h2f(_ga >> {16 * h})")
-    elif v % 2 == 0:
-        for qq in range(v // 2):
-            L.append(f"{ind}_ga = {cbw}[uint64({entry} * {v // 2} + {qq})]")
-            L.append(f"{ind}{out}{2 * qq} {op} h2f(_ga)")
-            L.append(f"{ind}{out}{2 * qq + 1} {op} h2f(_ga >> 16)")
-    else:
-        for t in range(v):
-            L.append(f"{ind}{out}{t} {op} h2f({cbw}[uint64({entry} * {v} + {t})])")
-    return L
-
-
-def words_smem_src(v: int, code: str, kname: str, pre: str, out: str, ind: str) -> tuple[list[str], list]:
-    """Kernel lines loading the raw words of centroid `code` of the shared planes {pre} into
-    {out}0.. and, per value t < v, (32-bit expression, half) holding its fp16 bits (half 1: the
-    high 16 bits). For the half2 kernels, which pair values up with prmt instead of converting."""
-    q, d, o = planes(v)
-    L, src = [], []
-    for pl in range(q):
-        L.append(f"{ind}{out}{pl} = s64[uint64({pre}64 + {pl} * {kname} + {code})]")
-        src += [(f"{out}{pl}", 0), (f"{out}{pl}", 1), (f"({out}{pl} >> 32)", 0), (f"({out}{pl} >> 32)", 1)]
-    if d:
-        L.append(f"{ind}{out}d = s32[uint64({pre}32 + {code})]")
-        src += [(f"{out}d", 0), (f"{out}d", 1)]
-    if o:
-        L.append(f"{ind}{out}o = s16[uint64({pre}16 + {code})]")
-        src.append((f"{out}o", 0))
-    return L, src
-
-
-def words_global_src(v: int, cbw: str, entry: str, out: str, ind: str) -> tuple[list[str], list]:
-    """As words_smem_src, from the global word view `cbw` (gather_global_src's layout)."""
-    L, src = [], []
-    if v % 4 == 0:
-        nq = v // 4
-        if nq % 2 == 0:
-            for q2 in range(nq // 2):
-                L.append(f"{ind}{out}{2 * q2}, {out}{2 * q2 + 1} = ld128({cbw}, {entry} * {nq} + {2 * q2})")
-        else:
-            for qq in range(nq):
-                L.append(f"{ind}{out}{qq} = {cbw}[uint64({entry} * {nq} + {qq})]")
-        for qq in range(nq):
-            src += [(f"{out}{qq}", 0), (f"{out}{qq}", 1), (f"({out}{qq} >> 32)", 0), (f"({out}{qq} >> 32)", 1)]
-    elif v % 2 == 0:
-        for qq in range(v // 2):
-            L.append(f"{ind}{out}{qq} = {cbw}[uint64({entry} * {v // 2} + {qq})]")
-            src += [(f"{out}{qq}", 0), (f"{out}{qq}", 1)]
-    else:
-        for t in range(v):
-            L.append(f"{ind}{out}{t} = {cbw}[uint64({entry} * {v} + {t})]")
-            src.append((f"{out}{t}", 0))
-    return L, src
-
-
-def pair_sel(ha: int, hb: int) -> str:
-    """prmt selector of the fp16 pair (half ha of a, half hb of b)."""
-    return hex((0x32 if ha else 0x10) | ((0x76 if hb else 0x54) << 8))
-
-
-def flat_word_view(cb: torch.Tensor, v: int) -> torch.Tensor:
-    """Flat global word view for gather_global_src."""
-    return word_view(cb, v).reshape(-1)
 
 
 # ------------------------------------------------------------- dequantize, row-staged kernel
@@ -647,7 +261,7 @@ def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, c
     contig (h2, one group, no permutation: the column map is the identity, every preset's stored
     layout): a thread's 8 columns have 8 consecutive codes, read with one or two 8-byte shared loads
     (8- and 16-bit codes) or three 4-byte ones (10-bit) instead of one load per code, and no column map."""
-    _jit_env()
+    c = nb.cuda()
     if contig and not (h2 and one_group and bits in (8, 10, 16)):
         raise ValueError("contig: needs the half2 kernel, one group and 8-, 10- or 16-bit codes")
     byte_codes = bits in (8, 16)
@@ -840,17 +454,7 @@ def _kernel2(v: int, bits: int, main_bits: int, has_res: bool, has_norm: bool, c
     fn = nb.compile_source(src, "dequant2", env,
                            f"dequant2-v{v}-b{bits}-{main_bits}-{has_res}-{cb_smem}-{half}-{'h2' if h2 else ''}{'-g1' if one_group else ''}"
                            f"{'' if ranges else '-gs'}{'-c' if contig else ''}")
-    return cuda.jit(fn, max_registers=maxreg) if maxreg and not nb.simulator_enabled() else cuda.jit(fn)
-
-
-def kernel_env() -> dict:
-    """Names every generated kernel may use."""
-    from numba import int16, int32, uint8, uint64
-
-    _jit_env()
-    return {"cuda": cuda, "int64": int64, "int32": int32, "int16": int16, "uint8": uint8, "uint64": uint64,
-            "float32": float32,
-            "h2f": nb.half_bits_to_float(), "ld128": nb.load_128()}
+    return c.jit(fn, max_registers=maxreg) if maxreg and not nb.simulator_enabled() else c.jit(fn)
 
 
 @functools.cache
@@ -860,7 +464,7 @@ def _packers():
     if nb.simulator_enabled():
         @c.jit(device=True)
         def pack4(a, b, d, e):
-            return nb._wrap64(int(a) | (int(b) << 16) | (int(d) << 32) | (int(e) << 48))
+            return nb.wrap64(int(a) | (int(b) << 16) | (int(d) << 32) | (int(e) << 48))
     else:
         @c.jit(device=True, forceinline=True)
         def pack4(a, b, d, e):

@@ -17,8 +17,9 @@ import torch
 
 from . import _numba as nb
 from .assign import MAX_K, SUPPORTED_V, assign_ref
-from .dequant import PackedLayer, check_layer, column_map, dequantize_ref
+from .dequant import dequantize_ref
 from .gemv import MAX_BATCH, gemv_ref
+from .layout import PackedLayer, check_layer, column_map
 
 FUSED_MAX_ROWS = MAX_BATCH  # token rows up to which VQuantLinear uses the fused gemv
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import _numba as nb
-from .gemv import GemvPlan, launch_fast, prepare_fast
+from .gemv import GemvPlan
 from .gemv_rows import rows_config, rows_launch
 
 _SAME = ("in_features", "vector_len", "code_bits", "num_centroids", "num_res_centroids", "device")
@@ -80,14 +80,14 @@ class RowsGroupPlan:
         y = torch.empty(1, self.out_features, dtype=x.dtype, device=x.device)
         fast = self._fast.get(x.dtype)
         if fast is not None:
-            launch_fast(fast, x, y)
+            nb.launch_fast(fast, x, y)
             return y
         c = self.cfg
         kern, scalars = rows_launch(self.plans[0].p, c, x.dtype, self.maxreg, group=self.group)
         grid = (c["gx"], c["nsplit"])
         nb.launch(kern, grid, self.threads, nb.stream_for(x), x, *self.static, y, *scalars, shmem=c["shmem"])
         if not self.sim:
-            self._fast[x.dtype] = prepare_fast(kern, grid, self.threads, c["shmem"], self.static, scalars)
+            self._fast[x.dtype] = nb.prepare_fast(kern, grid, self.threads, c["shmem"], self.static, scalars)
         return y
 
     def split(self, y: torch.Tensor) -> list[torch.Tensor]:

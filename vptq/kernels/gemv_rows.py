@@ -26,8 +26,9 @@ codes in the warp-interleaved order (interleave_codes: a plan's copy, VPTQ_INTER
 columns are then in the original order too (kernels/code_columns.py; x' read without the permutation).
 The cs partial sums of a row are added through shared memory, then
 written to y, or (split-K, several chunks) added into the fp32 workspace, the last block of a row
-tile writing y, exactly as in kernels/gemv.py. Batch 1 only (decode); GemvPlan hands larger
-batches to the shared-memory kernel. Same algebra and oracle as kernels/gemv.py.
+tile writing y, exactly as in kernels/gemv_smem.py (kernels/codegen.py `split_epilogue_src`). Batch
+1 only (decode); GemvPlan hands larger batches to the shared-memory kernel. Same algebra and oracle
+as kernels/gemv.py.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ import math
 import torch
 
 from . import _numba as nb
-from .dequant import PackedLayer
+from .codegen import kernel_env, split_epilogue_src, store_sum_src
+from .layout import PackedLayer
 
 ROWS_THREADS = 256  # 8 warps: 64 rows x 4 column runs (ROWS_RW)
 ROWS_MAXREG = 64  # H100: 70B shapes 84 -> 70 us (occupancy), 7B shapes unchanged
@@ -257,46 +259,6 @@ def rows_config(p: PackedLayer, threads: int, warp: int, kc: int | None = None, 
                 xperm=p.perm is not None and not ilv)
 
 
-def store_sum_src(b: str, row: str, has_bias: bool, ind: str, yo: str = "") -> list[str]:
-    """Kernel lines: a block's sum `tot` of output (b, row) -> y (+ bias), or into the fp32
-    workspace when the columns are split over several blocks (nsplit > 1). Shared with gemv.py.
-    yo: "off + " when y and the workspace hold several layers' outputs side by side."""
-    out = [f"{ind}if nsplit > 1:", f"{ind}    cuda.atomic.add(ws, ({b}, {yo}{row}), tot)", f"{ind}else:"]
-    if has_bias:
-        out.append(f"{ind}    tot += float32(bias[{row}])")
-    return out + [f"{ind}    y[{b}, {yo}{row}] = tot"]
-
-
-def split_epilogue_src(batch: int, base: str, count: str, has_bias: bool, threads: int, ind: str,
-                       yo: str = "", ct: str = "tile") -> list[str]:
-    """Kernel lines of the split-K epilogue: the last block of a row tile (atomic counter `cnt`,
-    flag in s32[ofl]) writes y[:, base:base+count] (+ bias) from the workspace and leaves the
-    workspace and its counter zeroed for the next call. Shared with gemv.py. yo: output offset
-    (as in store_sum_src); ct: the counter's index (the tile across every layer of a group)."""
-    i2, i3, i4, i5 = (ind + "    " * k for k in (1, 2, 3, 4))
-    # one fence by one thread after the barrier, as cooperative groups' grid sync does: a fence by
-    # every thread (membar.sc each) cost more than the rest of the epilogue
-    out = [f"{ind}if nsplit > 1:",
-           f"{i2}cuda.syncthreads()",
-           f"{i2}if tid == 0:",
-           f"{i3}cuda.threadfence()",
-           f"{i3}old = cuda.atomic.add(cnt, {ct}, 1)",
-           f"{i3}s32[ofl] = 1 if old == nsplit - 1 else 0",
-           f"{i3}cuda.threadfence()",
-           f"{i2}cuda.syncthreads()",
-           f"{i2}if s32[ofl] == 1:",
-           f"{i3}nr = {count}",
-           f"{i3}for _i in range(tid, {batch} * nr, {threads}):",
-           f"{i4}_b = _i // nr",
-           f"{i4}row = {base} + _i - _b * nr",
-           f"{i4}if row < m:",
-           f"{i5}tot = cuda.atomic.add(ws, (_b, {yo}row), float32(0.0))",  # L2-coherent read
-           f"{i5}ws[_b, {yo}row] = float32(0.0)"]
-    if has_bias:
-        out.append(f"{i5}tot += float32(bias[row])")
-    return out + [f"{i5}y[_b, {yo}row] = tot", f"{i3}if tid == 0:", f"{i4}cnt[{ct}] = 0"]
-
-
 @functools.cache
 def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm: bool, has_bias: bool,
                 rw: int, cs: int, r: int, kc: int, k: int, kr: int, xdtype: str, maxreg: int = 0,
@@ -340,7 +302,6 @@ def kernel_rows(v: int, code_bits: int, has_res: bool, has_perm: bool, has_norm:
     reads one contiguous run (512 bytes of 16-byte pieces, 256 of 8-byte words) instead of a piece
     of every row of the warp (1-2 cache lines per row: an L1 wavefront each); the codes a lane
     gets, and the rest of the kernel, are the same."""
-    from .dequant import kernel_env
     assert not wide or v == 5
     assert not (v % 4 == 1 and has_res) or wide, "v = 4j + 1 with a residual: 16-byte slots only"
     assert r & (r - 1) == 0, "copies of the codebook: a power of two (lanes pick theirs with a mask)"
