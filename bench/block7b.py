@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from vptq.config import QuantConfig, layer_bpw  # noqa: E402
-from vptq.sequential import quantize_block  # noqa: E402
+from vptq.driver import quantize_linears  # noqa: E402
 
 
 def sync(dev):
@@ -68,7 +68,7 @@ def main() -> None:
 
     sync(dev)
     t0 = time.perf_counter()
-    reps, _ = quantize_block(block, x, pe, cfg, dev, batch=a.batch, progress=tick)
+    reps, _ = quantize_linears(block, x, pe, cfg, dev, batch=a.batch, progress=tick)
     sync(dev)
     total = time.perf_counter() - t0
     first = min(times.values())

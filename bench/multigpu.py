@@ -6,9 +6,9 @@
 
 The block (hidden 8192, intermediate 28672, 64 heads, 8 KV heads; random fp16 weights) runs once on
 synthetic calibration activations (random windows) to collect the Hessians of its 7 linears, as
-the pipeline's block stage does (`vptq.sequential.block_hessians`). The linears are then placed as
+the pipeline's block stage does (`vptq.driver.block_hessians`). The linears are then placed as
 `--runner dask|ray` places them (tasks/runner.py: one worker process per GPU, each quantizing
-whole linears with `vptq.sequential.vptq_linear`, the function the pipeline's quantize_linear task
+whole linears with `vptq.driver.vptq_linear`, the function the pipeline's quantize_linear task
 calls), here with plain torch.multiprocessing because the GPU image has no Prefect or Dask:
 longest-first onto the least-loaded worker. Timed: from handing out the work to the last result
 (workers already started, CUDA initialised, inputs in host memory). Reported per GPU count:
@@ -37,7 +37,7 @@ import torch.multiprocessing as mp  # noqa: E402
 def _worker(rank: int, device: str, inbox, outbox) -> None:
     """Quantize the linears sent to this worker on its device; reply with the module state."""
     from vptq.config import QuantConfig
-    from vptq.sequential import vptq_linear
+    from vptq.driver import vptq_linear
 
     dev = torch.device(f"cuda:{rank}" if device == "cuda" else device)
     if dev.type == "cuda":
@@ -121,7 +121,7 @@ def main() -> None:
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
     from vptq.config import QuantConfig
-    from vptq.sequential import block_hessians, target_linears
+    from vptq.driver import block_hessians, target_linears
 
     dev = torch.device(a.device)
     have = torch.cuda.device_count() if dev.type == "cuda" else 64

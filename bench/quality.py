@@ -139,8 +139,8 @@ def machine(device: str) -> str:
 
 def run_one(name: str, spec: dict, args) -> dict:
     from vptq.baselines import gptq_linear, rtn_linear
+    from vptq.driver import vptq_linear
     from vptq.pipeline import compress, evaluate
-    from vptq.sequential import vptq_linear
     from vptq.source import load_model, resolve
 
     method = spec["method"]

@@ -1,9 +1,9 @@
-"""quantize_block(i): one decoder block from workspace inputs; assemble_model: the checkpoint.
+"""quantize_block(i): one vptq.driver.BlockStep between workspace files; assemble_model: the checkpoint.
 
-Block i reads `inputs_{i}.safetensors` (block 0: the embedded calibration windows), quantizes a
-copy of the original block exactly as vptq.sequential.quantize_model would, and writes
-`block_{i}.safetensors` (its state), `block_{i}.json` (its VPTQ layer configs and metrics) and
-`inputs_{i+1}.safetensors`. The task result is cached (persisted) under
+Block i reads `inputs_{i}.safetensors` (block 0: the embedded calibration windows), runs the
+driver's step on a copy of the original block, exactly as vptq.sequential.quantize_model does,
+and writes `block_{i}.safetensors` (its state), `block_{i}.json` (its VPTQ layer configs and
+metrics) and `inputs_{i+1}.safetensors`. The task result is cached (persisted) under
 hash(model sha, calibration hash, config, code version, i), so a rerun skips finished blocks.
 """
 
@@ -33,8 +33,6 @@ from vptq_service.tasks.workspace import (
     write_json,
 )
 
-BATCH = 4  # calibration windows per forward pass (as quantize_model's default)
-
 
 def run_key(model_sha: str, calib_hash: str, config: dict[str, Any]) -> str:
     """Workspace key of one run: what every block's result depends on, bar its index."""
@@ -48,9 +46,11 @@ def block_files(run: str, index: int) -> dict[str, Path]:
 
 
 def needs_inputs(config: dict[str, Any], hessians: str | None) -> bool:
-    """Whether a block needs its inputs (and so writes the next block's): not when its Hessians come
-    from a shared set and no block fine-tuning runs; such blocks are independent of each other."""
-    return hessians is None or bool(config.get("finetune_steps"))
+    """vptq.driver.needs_inputs for a config dict and a shared Hessian set folder (or None)."""
+    from vptq import driver
+    from vptq.config import QuantConfig
+
+    return driver.needs_inputs(QuantConfig.from_dict(config), hessians is not None)
 
 
 def block_done(run: str, index: int, with_next: bool = True) -> bool:
@@ -65,58 +65,43 @@ def block_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     return "block-" + digest(p["model_sha"], p["calib_hash"], p["config"], code_version(), p["index"])
 
 
-def _inputs(model, run: str, calib_path: str, index: int, finetune: bool):
-    """(x, fp_x) of block `index`: embedded windows for block 0, else the previous block's outputs."""
-    if index == 0:
-        ids = load_tensors(Path(calib_path))["input_ids"]
-        with torch.no_grad():
-            x = model.model.embed_tokens(ids).float()
-        return x, (x.clone() if finetune else None)
-    src = run_dir(run) / f"inputs_{index:03d}.safetensors"
-    if not src.is_file():
-        raise FileNotFoundError(f"{src} is missing: block {index - 1} must run first")
-    t = load_tensors(src)
-    return t["x"], t.get("fp_x")
+def _open_step(run: str, model_path: str, calib_path: str, cfg, index: int, device: str, hessians: str | None):
+    """Block `index` of a run as a vptq.driver.BlockStep: a copy of the original block on the device
+    and, when the step needs them, its inputs (block 0: the embedded windows; else the file the
+    previous block wrote)."""
+    from vptq import driver
+
+    model, _ = load_fp_model(model_path)
+    block = fp_block(model_path, index).to(device)
+    inputs = pe = None
+    if driver.needs_inputs(cfg, hessians is not None):
+        if index == 0:
+            inputs = driver.BlockInputs.first(model, load_tensors(Path(calib_path))["input_ids"], cfg)
+        else:
+            src = block_files(run, index - 1)["next"]
+            if not src.is_file():
+                raise FileNotFoundError(f"{src} is missing: block {index - 1} must run first")
+            t = load_tensors(src)
+            inputs = driver.BlockInputs(t["x"], t.get("fp_x"))
+        pe = driver.position_embeddings(model, inputs.x, device)
+    return driver.BlockStep(block, index, cfg, device, inputs, pe)
 
 
-class _Block:
-    """Block `index` of a run, ready to quantize: a copy of the original block on the device, its
-    inputs (quantized chain), the fine-tuning target and rotary embeddings when they are needed."""
+def _close_step(run: str, step, layers: list[dict[str, Any]], t0: float) -> dict[str, Any]:
+    """The rest of a quantized step (block fine-tuning if configured, the next block's inputs),
+    then its files: the next inputs, the block's state and meta."""
+    from vptq.layers import VQuantLinear
 
-    def __init__(self, run: str, model_path: str, calib_path: str, cfg, index: int, device: str,
-                 hessians: str | None):
-        from vptq.sequential import _forward_all, _rotary
-
-        self.run, self.cfg, self.index, self.dev = run, cfg, index, torch.device(device)
-        self.prefix = f"model.layers.{index}."
-        model, _ = load_fp_model(model_path)
-        self.block = fp_block(model_path, index).to(self.dev)
-        self.x = self.fp_x = self.pe = self.target = None
-        if needs_inputs(cfg.to_dict(), hessians):
-            self.x, self.fp_x = _inputs(model, run, calib_path, index, bool(cfg.finetune_steps))
-            self.pe = _rotary(model, self.x[:1].to(self.dev))
-            if self.fp_x is not None:
-                self.target = _forward_all(self.block, self.fp_x, self.pe, self.dev, BATCH)
-
-    def finish(self, layers: list[dict[str, Any]], fp_out: torch.Tensor | None, t0: float) -> dict[str, Any]:
-        """Block fine-tuning if configured, the next block's inputs, the block's state and meta files."""
-        from vptq.finetune import finetune_block
-        from vptq.layers import VQuantLinear
-        from vptq.sequential import _forward_all
-
-        cfg, files = self.cfg, block_files(self.run, self.index)
-        if cfg.finetune_steps and self.target is not None:
-            finetune_block(self.block, self.x, self.target, self.pe, cfg, self.dev, BATCH)
-        if self.x is not None:
-            fwd = cfg.hessians == "sequential" or cfg.finetune_steps or fp_out is None
-            nxt = _forward_all(self.block, self.x, self.pe, self.dev, BATCH) if fwd else fp_out
-            save_tensors({"x": nxt} | ({"fp_x": self.target} if self.target is not None else {}), files["next"])
-        save_tensors({self.prefix + k: v for k, v in self.block.state_dict().items()}, files["state"])
-        qcfg = {self.prefix + n: m.layer_config() for n, m in self.block.named_modules()
-                if isinstance(m, VQuantLinear)}
-        write_json({"index": self.index, "config_for_layers": qcfg, "layers": layers}, files["meta"])
-        return {"index": self.index, "layers": layers, "seconds": time.perf_counter() - t0,
-                "bits": sum(r["bits"] for r in layers), "weights": sum(r["weights"] for r in layers)}
+    files = block_files(run, step.index)
+    step.finetune()
+    nxt = step.next_inputs()
+    if nxt is not None:
+        save_tensors({"x": nxt.x} | ({"fp_x": nxt.fp_x} if nxt.fp_x is not None else {}), files["next"])
+    save_tensors({step.prefix + k: v for k, v in step.block.state_dict().items()}, files["state"])
+    qcfg = {step.prefix + n: m.layer_config() for n, m in step.block.named_modules() if isinstance(m, VQuantLinear)}
+    write_json({"index": step.index, "config_for_layers": qcfg, "layers": layers}, files["meta"])
+    return {"index": step.index, "layers": layers, "seconds": time.perf_counter() - t0,
+            "bits": sum(r["bits"] for r in layers), "weights": sum(r["weights"] for r in layers)}
 
 
 def state_dtype(sd: dict[str, torch.Tensor]) -> torch.dtype:
@@ -140,24 +125,22 @@ def quantize_block(run: str, model_path: str, model_sha: str, calib_path: str, c
     from vptq_service.tasks.hessians import load_block_hessians
 
     from vptq.config import QuantConfig
-    from vptq.sequential import quantize_block as quantize_linears
 
     t0 = time.perf_counter()
-    b = _Block(run, model_path, calib_path, QuantConfig.from_dict(config), index, device, hessians)
-    hs = load_block_hessians(hessians, index) if hessians else None
-    reps, fp_out = quantize_linears(b.block, b.x, b.pe, b.cfg, b.dev, prefix=b.prefix, batch=BATCH, hessians=hs)
-    return b.finish([_report(r) for r in reps], fp_out, t0)
+    step = _open_step(run, model_path, calib_path, QuantConfig.from_dict(config), index, device, hessians)
+    reps = step.quantize(hessians=load_block_hessians(hessians, index) if hessians else None)
+    return _close_step(run, step, [_report(r) for r in reps], t0)
 
 
 # -- the same block, spread over a task runner's workers (`--runner dask|ray`) ---------------------
 # block_hessians (in the flow's process) -> quantize_linear per linear (workers, any order) ->
-# finish_block (in the flow's process): the same calls as quantize_block, so the same bytes.
+# finish_block (in the flow's process): the same driver calls as quantize_block, so the same bytes.
 
 
 def linear_names(model_path: str, config: dict[str, Any], index: int) -> list[str]:
     """The target linears of block `index`, in the order quantize_block visits them."""
     from vptq.config import QuantConfig
-    from vptq.sequential import decoder_layers, target_linears
+    from vptq.driver import decoder_layers, target_linears
 
     model, _ = load_fp_model(model_path)
     return list(target_linears(decoder_layers(model)[index], QuantConfig.from_dict(config)))
@@ -175,14 +158,10 @@ def block_hessians(run: str, model_path: str, calib_path: str, config: dict[str,
     from vptq_service.tasks.hessians import save_block_hessians
 
     from vptq.config import QuantConfig
-    from vptq.sequential import block_hessians as collect
-    from vptq.sequential import target_linears
 
-    cfg = QuantConfig.from_dict(config)
-    b = _Block(run, model_path, calib_path, cfg, index, device, None)
-    hs, _ = collect(b.block, b.x, b.pe, b.dev, BATCH, target_linears(b.block, cfg))
+    step = _open_step(run, model_path, calib_path, QuantConfig.from_dict(config), index, device, None)
     d = run_dir(run) / "hessians"
-    save_block_hessians(hs, d, index)
+    save_block_hessians(step.hessians(), d, index)
     return str(d)
 
 
@@ -194,12 +173,12 @@ def quantize_linear(run: str, model_path: str, hessians: str, config: dict[str, 
     from vptq_service.tasks.runner import worker_device
 
     from vptq.config import QuantConfig
-    from vptq.sequential import vptq_linear
+    from vptq.driver import block_prefix, vptq_linear
 
     cfg, dev = QuantConfig.from_dict(config), worker_device(device)
     lin = fp_linear(model_path, index, name).to(dev)
     h = load_block_hessians(hessians, index)[name]
-    mod, rep = vptq_linear(f"model.layers.{index}.{name}", lin, h.to(dev), cfg)
+    mod, rep = vptq_linear(block_prefix(index) + name, lin, h.to(dev), cfg)
     save_tensors(mod.state_dict(), linear_file(run, index, name),
                  metadata={"layer_config": json.dumps(mod.layer_config())})
     return _report(rep)
@@ -214,28 +193,24 @@ def finish_block(run: str, model_path: str, model_sha: str, calib_path: str, cal
     from safetensors import safe_open
 
     from vptq.config import QuantConfig
+    from vptq.driver import target_linears
     from vptq.io import replace_linears
-    from vptq.sequential import _forward_all, target_linears
 
     t0 = time.perf_counter()
     cfg = QuantConfig.from_dict(config)
-    b = _Block(run, model_path, calib_path, cfg, index, device, hessians)
-    names = list(target_linears(b.block, cfg))
-    fp_out = None
-    if b.x is not None and cfg.hessians == "original" and not cfg.finetune_steps:
-        fp_out = _forward_all(b.block, b.x, b.pe, b.dev, BATCH)  # the original activations, as quantize_block
+    step = _open_step(run, model_path, calib_path, cfg, index, device, hessians)
+    step.keep_original_outputs()  # before the quantized linears replace the original ones
+    names = list(target_linears(step.block, cfg))
     for name in names:
         f = linear_file(run, index, name)
         with safe_open(str(f), "pt") as sf:
             entry = json.loads(sf.metadata()["layer_config"])
         sd = load_tensors(f)
-        dtype = state_dtype(sd)
-        mod = replace_linears(b.block, {name: entry}, dtype=dtype)[name]
+        mod = replace_linears(step.block, {name: entry}, dtype=state_dtype(sd))[name]
         mod.load_state_dict(sd)
-        mod.to(b.dev)
+        mod.to(step.device)
     by_name = {r["name"]: r for r in layers or []}
-    reports = [by_name[b.prefix + n] for n in names]
-    return b.finish(reports, fp_out, t0)
+    return _close_step(run, step, [by_name[step.prefix + n] for n in names], t0)
 
 
 FINETUNE_CHECKPOINT_EVERY = 10  # end-to-end fine-tuning steps between two checkpoints

@@ -37,7 +37,6 @@ from vptq_service.tasks.workspace import (
 )
 
 MANIFEST = "manifest.json"
-BATCH = 4  # calibration windows per forward pass (as the block tasks)
 
 
 def hessian_key(model_sha: str, calib_hash: str, mode: str, nsamples: int, seqlen: int) -> str:
@@ -100,7 +99,7 @@ def collect_hessian_set(model_path: str, model_sha: str, calib_path: str, calib_
     """The Hessian set of (model, calibration windows): reused when complete, else computed and stored."""
     from vptq_service.store.registry import sha256_file
 
-    from vptq.sequential import original_hessians
+    from vptq.driver import original_hessians
 
     if mode != "original":
         raise ValueError(f"a shared Hessian set exists only for hessians='original', not {mode!r}")
@@ -117,7 +116,7 @@ def collect_hessian_set(model_path: str, model_sha: str, calib_path: str, calib_
     model, _ = load_fp_model(model_path)
     ids = load_tensors(Path(calib_path))["input_ids"]
     files, blocks = [], 0
-    for i, hs in original_hessians(model, ids, device, BATCH, block=lambda i: fp_block(model_path, i)):
+    for i, hs in original_hessians(model, ids, device, block=lambda i: fp_block(model_path, i)):
         p = save_block_hessians(hs, d, i)
         files.append({"path": p.name, "size": p.stat().st_size, "sha256": sha256_file(p)})
         blocks = i + 1

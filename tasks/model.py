@@ -86,7 +86,7 @@ def fetch_model(source: str) -> dict[str, Any]:
 def inspect_model(path: str, config: dict[str, Any]) -> dict[str, Any]:
     """Load the model and check that the configuration fits every target linear."""
     from vptq.config import ConfigError, LayerLayout, QuantConfig
-    from vptq.sequential import decoder_layers, target_linears
+    from vptq.driver import decoder_layers, target_linears
 
     cfg = QuantConfig.from_dict(config)
     model, _ = load_fp_model(path)

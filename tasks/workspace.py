@@ -123,7 +123,7 @@ def fp_block(path: str, index: int) -> torch.nn.Module:
     """A fresh CPU copy of the original decoder block `index` (free to modify)."""
     import copy
 
-    from vptq.sequential import decoder_layers
+    from vptq.driver import decoder_layers
 
     model, _, stream = _opened(path)
     return stream.block(index) if stream else copy.deepcopy(decoder_layers(model)[index])
@@ -133,7 +133,7 @@ def fp_linear(path: str, index: int, name: str) -> torch.nn.Linear:
     """A fresh CPU copy of the original linear `name` of block `index` (only it is read from disk)."""
     import copy
 
-    from vptq.sequential import decoder_layers
+    from vptq.driver import decoder_layers
 
     model, _, stream = _opened(path)
     return stream.linear(index, name) if stream else copy.deepcopy(decoder_layers(model)[index].get_submodule(name))

@@ -24,8 +24,8 @@ import vptq_service.tasks.workspace
 from typer.testing import CliRunner
 from vptq_service.cli.main import _progress, app
 
+import vptq.driver
 import vptq.pipeline
-import vptq.sequential
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--nsamples", "2", "--seqlen", "64", "--set", "num_centroids=16", "--set", "kmeans_iters=3",
@@ -317,7 +317,7 @@ def test_failure_mid_run_is_exit_1_one_line_nothing_at_out(monkeypatch, tiny_lla
     def broken(*a, **k):
         raise RuntimeError("out of memory\nwith a second line")
 
-    monkeypatch.setattr(vptq.sequential, "quantize_block", broken)
+    monkeypatch.setattr(vptq.driver, "quantize_linears", broken)
     out = tmp_path / "q"
     r = run("compress", tiny_llama_dir, "--out", out, "--calib", calib, *TINY)
     assert_one_line_error(*r, 1, "RuntimeError: out of memory")
@@ -427,7 +427,7 @@ def test_ctrl_c_while_quantizing_leaves_nothing(monkeypatch, tiny_llama_dir, cal
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(vptq.sequential, "quantize_block", interrupted)
+    monkeypatch.setattr(vptq.driver, "quantize_linears", interrupted)
     out = tmp_path / "q"
     code, stdout, err = run("compress", tiny_llama_dir, "--out", out, "--calib", calib, *TINY, "--json")
     assert code == 130 and "interrupted" in err and "Traceback" not in err and stdout == ""

@@ -119,23 +119,23 @@ def test_flow_end_to_end_then_pull_and_generate(home, tiny_llama_dir, text_file,
 
 def test_resume_after_a_failure_reuses_blocks_and_is_byte_identical(home, tiny_llama_dir, text_file,
                                                                      monkeypatch, tmp_path):
-    import vptq.sequential
+    import vptq.driver
 
-    real = vptq.sequential.quantize_block
+    real = vptq.driver.quantize_linears
 
     def fail_on_block_1(block, x, pe, cfg, device, *a, prefix="", **kw):
         if prefix == "model.layers.1.":
             raise RuntimeError("worker lost")
         return real(block, x, pe, cfg, device, *a, prefix=prefix, **kw)
 
-    monkeypatch.setattr(vptq.sequential, "quantize_block", fail_on_block_1)
+    monkeypatch.setattr(vptq.driver, "quantize_linears", fail_on_block_1)
     code, out, err = submit(tiny_llama_dir, text_file)
     assert code == 1 and "worker lost" in err and "Traceback" not in err
     code, out, _ = run("jobs", "ls", "--json")
     (job,) = json.loads(out)["items"]
     assert job["status"] == "failed" and "worker lost" in job["error"]
 
-    monkeypatch.setattr(vptq.sequential, "quantize_block", real)
+    monkeypatch.setattr(vptq.driver, "quantize_linears", real)
     code, out, err = run("jobs", "resume", job["job_id"], "--json")
     assert code == 0, err
     s = json.loads(out)
@@ -195,14 +195,14 @@ def test_bad_input_fails_fast_with_one_line(home, tiny_llama_dir, text_file, tmp
 KILLABLE = """
 import sys, time
 from pathlib import Path
-import vptq.sequential
-real = vptq.sequential.quantize_block
+import vptq.driver
+real = vptq.driver.quantize_linears
 def slow_block_1(block, x, pe, cfg, device, *a, prefix="", **kw):
     if prefix == "model.layers.1.":
         Path(sys.argv[1]).write_text("block 1 started")
         time.sleep(300)
     return real(block, x, pe, cfg, device, *a, prefix=prefix, **kw)
-vptq.sequential.quantize_block = slow_block_1
+vptq.driver.quantize_linears = slow_block_1
 from vptq_service.cli.main import app
 app(sys.argv[2:])
 """
@@ -303,9 +303,9 @@ def test_worker_serves_the_deployment_and_submit_queues(home, tiny_llama_dir, te
 
 def test_cancel_stops_a_running_job_before_its_next_block(home, tiny_llama_dir, text_file, monkeypatch):
     """`vptq jobs cancel` from another terminal: the flow stops at the next block, nothing is published."""
-    import vptq.sequential
+    import vptq.driver
 
-    real = vptq.sequential.quantize_block
+    real = vptq.driver.quantize_linears
 
     def cancel_during_block_0(block, x, pe, cfg, device, *a, prefix="", **kw):
         if prefix == "model.layers.0.":
@@ -313,7 +313,7 @@ def test_cancel_stops_a_running_job_before_its_next_block(home, tiny_llama_dir, 
             assert code == 0 and json.loads(out)["status"] == "cancelled", err
         return real(block, x, pe, cfg, device, *a, prefix=prefix, **kw)
 
-    monkeypatch.setattr(vptq.sequential, "quantize_block", cancel_during_block_0)
+    monkeypatch.setattr(vptq.driver, "quantize_linears", cancel_during_block_0)
     code, out, err = submit(tiny_llama_dir, text_file)
     assert code == 1 and "cancelled after 1 of 2 blocks" in err and "Traceback" not in err
     code, out, _ = run("jobs", "show", "1", "--json")

@@ -6,7 +6,7 @@ import torch
 from vptq.baselines import gptq_weight, rtn_weight
 from vptq.config import QuantConfig
 from vptq.kmeans import nearest, weighted_kmeans
-from vptq.quantizer import LayerReport, _proxy, dequantize, inverse_hessian_factor, quantize_linear
+from vptq.quantizer import LayerReport, dequantize, inverse_hessian_factor, proxy_error, quantize_linear
 
 from .conftest import correlated_problem
 
@@ -36,7 +36,7 @@ def test_vptq_beats_kmeans_beats_rtn_at_two_bits():
     w, h = correlated_problem()
     cfg = QuantConfig(vector_len=4, num_centroids=256, enable_norm=False, kmeans_iters=30)
     _, rep = quantize_linear(w, h, cfg)
-    rtn = _proxy(rtn_weight(w, 2, 48) - w, h / torch.diag(h).mean()) / _proxy(w, h / torch.diag(h).mean())
+    rtn = proxy_error(rtn_weight(w, 2, 48) - w, h / torch.diag(h).mean()) / proxy_error(w, h / torch.diag(h).mean())
     assert rep.proxy_loss < rep.proxy_loss_kmeans < rtn
     assert rep.proxy_loss < 0.7 * rep.proxy_loss_kmeans  # the column loop is doing real work
 
@@ -53,7 +53,7 @@ def test_every_part_dequantizes_consistently(kw):
     what = dequantize(q)
     assert what.shape == w.shape
     hn = h / torch.diag(h).mean()
-    assert abs(_proxy(what - w, hn) / _proxy(w, hn) - rep.proxy_loss) < 1e-4
+    assert abs(proxy_error(what - w, hn) / proxy_error(w, hn) - rep.proxy_loss) < 1e-4
     assert 0 <= rep.proxy_loss < 1.0
 
 
@@ -89,8 +89,8 @@ def test_residual_codebook_lowers_error():
 def test_gptq_beats_rtn():
     w, h = correlated_problem(seed=7)
     hn = h / torch.diag(h).mean()
-    e_rtn = _proxy(rtn_weight(w, 3, 16) - w, hn)
-    e_gptq = _proxy(gptq_weight(w, h, 3, 16) - w, hn)
+    e_rtn = proxy_error(rtn_weight(w, 3, 16) - w, hn)
+    e_gptq = proxy_error(gptq_weight(w, h, 3, 16) - w, hn)
     assert e_gptq < e_rtn
 
 

@@ -133,7 +133,7 @@ import os, signal
 from pathlib import Path
 
 if os.environ.get("VPTQ_TEST_KILL_MARKER"):  # a dask worker: die once, in the middle of one linear
-    import vptq.sequential as s
+    import vptq.driver as s
 
     marker, real = Path(os.environ["VPTQ_TEST_KILL_MARKER"]), s.vptq_linear
 

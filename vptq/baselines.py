@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
-from .quantizer import LayerReport, _proxy, inverse_hessian_factor
+from .quantizer import LayerReport, inverse_hessian_factor, proxy_error
 
 
 def _grid(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +77,7 @@ def _scalar_linear(name: str, lin: nn.Linear, h: torch.Tensor, cfg: QuantConfig,
     rep = LayerReport(name=name, shape=(m, n))
     wq = rtn_weight(w0, bits, group) if method == "rtn" else gptq_weight(w0, h, bits, group, cfg.damp, report=rep)
     hn = h / torch.diag(h).mean().clamp_min(1e-12)
-    rep.proxy_loss = _proxy(wq - w0, hn) / max(_proxy(w0, hn), 1e-30)
+    rep.proxy_loss = proxy_error(wq - w0, hn) / max(proxy_error(w0, hn), 1e-30)
     groups = m * -(-n // group)
     rep.bits = m * n * bits + groups * 32
     rep.bpw = rep.bits / (m * n)

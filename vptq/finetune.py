@@ -16,6 +16,7 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,13 +27,14 @@ from .config import QuantConfig
 from .kmeans import nearest
 from .layers import VQuantLinear
 from .packing import from_int16, pack_indices
-from .quantizer import _vectors, dequantize
+from .quantizer import dequantize, to_vectors
 
 TEACHER_CACHE_BYTES = 4 << 30  # CPU memory allowed for the teacher's cached log-probs
 REASSIGN_WINDOWS = 4  # calibration windows whose activations give the discrete step's Hessians
 
 
-def _trainable(block: nn.Module, norms: bool = True) -> list[nn.Parameter]:
+def trainable(block: nn.Module, norms: bool = True) -> list[nn.Parameter]:
+    """The parameters fine-tuning trains: codebooks, scale/bias and (if `norms`) full-precision norm weights."""
     params = []
     for mod in block.modules():
         if isinstance(mod, VQuantLinear):
@@ -124,7 +126,7 @@ def _train(
     stored = {m: m.centroids.weight.dtype for m in quant}
     for m in quant:
         m.float()
-    params = _trainable(model)
+    params = trainable(model)
     keep = {id(p) for p in params}
     names = {id(p): name for name, p in model.named_parameters()}
     for p in model.parameters():
@@ -198,14 +200,15 @@ def _train(
 
 
 def finetune_block(
-    block: nn.Module, x: torch.Tensor, target: torch.Tensor, pe, cfg: QuantConfig,
-    device: torch.device, batch: int,
+    block: nn.Module, x: torch.Tensor, target: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tensor],
+    cfg: QuantConfig, device: torch.device, batch: int,
 ) -> dict:
-    """Adam on MSE(block(x), target) for cfg.finetune_steps minibatches; returns losses."""
-    from .sequential import _run_block  # local: sequential imports this module
+    """Adam on MSE(forward(x), target) for cfg.finetune_steps minibatches; returns losses.
+
+    forward(x) runs `block` (vptq.driver.run_block with its position embeddings)."""
 
     def loss_on(idx):
-        out = _run_block(block, x[idx].to(device), pe)
+        out = forward(x[idx].to(device))
         return nn.functional.mse_loss(out, target[idx].to(device))
 
     r = _train(block, loss_on, x.shape[0], batch, cfg.finetune_steps, cfg.finetune_lr, cfg.seed)
@@ -293,7 +296,7 @@ def reassign_codes(student: nn.Module, teacher: nn.Module, windows: torch.Tensor
         new_main, new_res = main.clone(), None if res is None else res.clone()
         for g in range(m.group_num):
             s0 = m.outlier_size + g * m.group_size
-            x = _vectors(target[:, s0 : s0 + m.group_size], v)  # (S*R, v), column by column
+            x = to_vectors(target[:, s0 : s0 + m.group_size], v)  # (S*R, v), column by column
             cb = q.centroids[g].float()
             idx = nearest(x, cb)
             new_main[g] = idx.reshape(m.group_size, rows).t()

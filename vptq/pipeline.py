@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, QuantConfig
+from .driver import QuantizeFn, vptq_linear
 from .evaluate import PerplexityResult, calibration_windows, perplexity, tokenize_text
 from .io import check_out, save_quantized
-from .sequential import ModelReport, Progress, QuantizeFn, quantize_model, vptq_linear
+from .sequential import ModelReport, Progress, quantize_model
 from .source import SourceError, load_model, load_tokenizer, resolve
 
 PACKAGE_CALIB = Path(__file__).parent / "data" / "wikitext2-valid.txt"

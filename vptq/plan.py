@@ -70,8 +70,8 @@ class Shapes:
 
 
 def shapes_of(model: nn.Module, cfg: QuantConfig) -> Shapes:
-    """Shapes of a (possibly meta-device) model; target linears as vptq.sequential picks them."""
-    from .sequential import decoder_layers, target_linears
+    """Shapes of a (possibly meta-device) model; target linears as vptq.driver picks them."""
+    from .driver import decoder_layers, target_linears
 
     try:
         layers = decoder_layers(model)
@@ -244,7 +244,7 @@ def _partial(src) -> Parts | None:
     config = AutoConfig.from_pretrained(src.path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    from .sequential import decoder_layers
+    from .driver import decoder_layers
 
     decoder_layers(model)
     want = {"model.layers.0": model.model.layers[0], "model.embed_tokens": model.model.embed_tokens,
@@ -283,7 +283,7 @@ def load_parts(src) -> Parts:
 
     t0 = time.perf_counter()
     model, _ = load_model(src)
-    from .sequential import decoder_layers
+    from .driver import decoder_layers
 
     try:
         layers = decoder_layers(model)
@@ -310,13 +310,13 @@ def _timed(fn, dev):
 
 def _input_groups(block: nn.Module, lins: dict[str, nn.Linear], x, pe) -> list[list[str]]:
     """Which linears see the same input tensor (they share one Hessian accumulator)."""
-    from .sequential import _run_block
+    from .driver import run_block
 
     seen: dict[str, torch.Tensor] = {}  # the inputs themselves, kept alive so that no id is reused
     hooks = [m.register_forward_pre_hook(lambda _m, a, n=n: seen.setdefault(n, a[0])) for n, m in lins.items()]
     try:
         with torch.no_grad():
-            _run_block(block, x, pe)
+            run_block(block, x, pe)
     finally:
         for hd in hooks:
             hd.remove()
@@ -333,9 +333,9 @@ def _input_groups(block: nn.Module, lins: dict[str, nn.Linear], x, pe) -> list[l
 def probe(parts: Parts, shapes: Shapes, cfg: QuantConfig, windows: torch.Tensor, dev: torch.device,
           log=None) -> dict:
     """Time block 0's Hessian forward, one or two real linears' VPTQ and one fine-tuning step."""
+    from .driver import forward_all, target_linears
     from .hessian import collect_hessians
     from .quantizer import quantize_linear
-    from .sequential import _forward_all, target_linears
 
     t_start = time.perf_counter()
     say = log or (lambda _msg: None)
@@ -348,11 +348,11 @@ def probe(parts: Parts, shapes: Shapes, cfg: QuantConfig, windows: torch.Tensor,
     lins = target_linears(block, cfg)
     shapes.shared_inputs = _input_groups(block, lins, x[:1].to(dev), pe)
     say("timing block 0's forward passes")
-    _, t_fwd = _timed(lambda: _forward_all(block, x, pe, dev, BATCH), dev)
-    _, t_fwd2 = _timed(lambda: _forward_all(block, x, pe, dev, BATCH), dev)
+    _, t_fwd = _timed(lambda: forward_all(block, x, pe, dev, BATCH), dev)
+    _, t_fwd2 = _timed(lambda: forward_all(block, x, pe, dev, BATCH), dev)
     t_fwd = min(t_fwd, t_fwd2)
     with collect_hessians(lins) as hs:
-        _, t_hess = _timed(lambda: _forward_all(block, x, pe, dev, BATCH), dev)
+        _, t_hess = _timed(lambda: forward_all(block, x, pe, dev, BATCH), dev)
     names = list(lins)
     first = names[0]
     biggest = max(names, key=lambda n: lins[n].weight.numel())
@@ -384,10 +384,10 @@ def probe(parts: Parts, shapes: Shapes, cfg: QuantConfig, windows: torch.Tensor,
 
 def _e2e_probe(parts: Parts, block, lins, hs, qmods, cfg: QuantConfig, windows, pe, dev) -> dict:
     """One KL step of a one-block student (all its linears VQuantLinear) and of the head alone."""
-    from .finetune import _trainable
+    from .driver import run_block
+    from .finetune import trainable
     from .layers import VQuantLinear
     from .quantizer import quantize_linear
-    from .sequential import _run_block
 
     fast = cfg.with_(kmeans_iters=2, refine_iters=0, error_feedback=False)  # same layout, cheap codes
     for name, lin in lins.items():
@@ -400,7 +400,7 @@ def _e2e_probe(parts: Parts, block, lins, hs, qmods, cfg: QuantConfig, windows, 
     def logits(with_block: bool):
         hid = embed(ids).float()
         if with_block:
-            hid = _run_block(block, hid, pe)
+            hid = run_block(block, hid, pe)
         return head(norm(hid)).float()
 
     with torch.no_grad():
@@ -408,7 +408,7 @@ def _e2e_probe(parts: Parts, block, lins, hs, qmods, cfg: QuantConfig, windows, 
         _, t_head_fwd = _timed(lambda: logits(False), dev)
     for p in [*embed.parameters(), *head.parameters()]:
         p.requires_grad_(False)
-    params = _trainable(block) + list(norm.parameters())
+    params = trainable(block) + list(norm.parameters())
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=cfg.e2e_lr)

@@ -107,7 +107,8 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float, report: LayerReport) ->
     return eye
 
 
-def _proxy(dw: torch.Tensor, h: torch.Tensor) -> float:
+def proxy_error(dw: torch.Tensor, h: torch.Tensor) -> float:
+    """tr(dW H dW^T): the output error a weight change dW causes on inputs with Hessian H."""
     return float(torch.einsum("ij,jk,ik->", dw, h, dw))
 
 
@@ -128,7 +129,7 @@ class _Codebooks:
         return c // self.lay.group_size, c % self.lay.group_size
 
 
-def _vectors(cols: torch.Tensor, v: int) -> torch.Tensor:
+def to_vectors(cols: torch.Tensor, v: int) -> torch.Tensor:
     """(M, C) columns -> (C * R, v) vectors along the output dimension, zero padded."""
     m, c = cols.shape
     pad = (-m) % v
@@ -176,7 +177,7 @@ def quantize_linear(
     gen_seed = cfg.seed
 
     def fit(cols: torch.Tensor, col_w: torch.Tensor, k: int, vl: int, seed: int) -> torch.Tensor:
-        x = _vectors(cols, vl)
+        x = to_vectors(cols, vl)
         rows = x.shape[0] // cols.shape[1]
         wt = col_w.repeat_interleave(rows) if cfg.weighted_kmeans else None
         c = weighted_kmeans(x, k, wt, cfg.kmeans_iters, seed, cfg.kmeans_max_samples)
@@ -207,7 +208,7 @@ def quantize_linear(
         q = torch.zeros_like(w_start)
         codes: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         for sl, cb, rc, vl in segments():
-            x = _vectors(w_start[:, sl], vl)  # (C*R, vl), column-major blocks of R vectors
+            x = to_vectors(w_start[:, sl], vl)  # (C*R, vl), column-major blocks of R vectors
             idx = nearest(x, cb)
             qv = cb[idx]
             ridx = None
@@ -242,7 +243,7 @@ def quantize_linear(
                 g, _ = books.which(j)
                 cb = books.outlier if g < 0 else books.main[g]
                 vl = v0 if g < 0 else v
-                x = _vectors(col, vl)  # (R, vl)
+                x = to_vectors(col, vl)  # (R, vl)
                 idx = nearest(x, cb, sq[id(cb)])
                 qv = cb[idx]
                 ridx = None
@@ -267,7 +268,7 @@ def quantize_linear(
         return out * scale.float()[None, :] + bias.float()[None, :] if scale is not None else out
 
     q_km, _, _ = loop(w, use_res=False, feedback=False)
-    rep.proxy_loss_kmeans = _proxy(unperm_denorm(q_km) - w0, h_eval) / _proxy(w0, h_eval)
+    rep.proxy_loss_kmeans = proxy_error(unperm_denorm(q_km) - w0, h_eval) / proxy_error(w0, h_eval)
 
     q, resid, codes = loop(w, use_res=False, feedback=cfg.error_feedback)
     if cfg.num_res_centroids:
@@ -278,7 +279,7 @@ def quantize_linear(
             books.res[g] = fit(resid[:, sl], diag[sl], cfg.num_res_centroids, v, gen_seed + 104729 + g)
         q, resid, codes = loop(w, use_res=True, feedback=cfg.error_feedback)
 
-    rep.proxy_loss_loop = _proxy(unperm_denorm(q) - w0, h_eval) / _proxy(w0, h_eval)
+    rep.proxy_loss_loop = proxy_error(unperm_denorm(q) - w0, h_eval) / proxy_error(w0, h_eval)
     rows = math.ceil(m / v)
     k, kr, gn = cfg.num_centroids, cfg.num_res_centroids, lay.group_num
 
@@ -301,7 +302,7 @@ def quantize_linear(
                 books.res[g] = theta[gn * k + g * kr : gn * k + (g + 1) * kr]
 
     def snapshot(qq, cd):
-        return _proxy(qq - w, h), qq, cd, list(books.main), list(books.res)
+        return proxy_error(qq - w, h), qq, cd, list(books.main), list(books.res)
 
     if cfg.refine_iters and gn * (k + kr) <= MAX_REFINE_CENTROIDS:
         best = snapshot(q, codes)
@@ -360,7 +361,7 @@ def quantize_linear(
         weight_bias=bias,
     )
     w_hat = dequantize(result)
-    rep.proxy_loss = _proxy(w_hat - w0, h_eval) / _proxy(w0, h_eval)
+    rep.proxy_loss = proxy_error(w_hat - w0, h_eval) / proxy_error(w0, h_eval)
     rep.bits = sum(layer_bits(cfg, m, n).values())
     rep.bpw = rep.bits / (m * n)
     rep.seconds = time.perf_counter() - t0

@@ -1,0 +1,113 @@
+"""vptq.driver: the one block step both quantize_model and the Prefect tasks run.
+
+The next block's inputs follow one rule (quantized outputs for sequential Hessians or a fine-tuned
+block, the original outputs for hessians="original"); a block whose linears are quantized one by
+one elsewhere (the dask/ray path) ends exactly like one quantized in place.
+"""
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from vptq import driver
+from vptq.config import QuantConfig
+from vptq.driver import BlockInputs, BlockStep
+from vptq.sequential import quantize_model
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = QuantConfig(vector_len=4, num_centroids=16, kmeans_iters=2, refine_iters=0)  # cheap: 7 linears a block
+
+
+@pytest.fixture(scope="module")
+def model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+
+
+def step0(model, ids, cfg, inputs=True):
+    block = copy.deepcopy(driver.decoder_layers(model)[0])
+    first = BlockInputs.first(model, ids, cfg) if inputs else None
+    pe = driver.position_embeddings(model, first.x, "cpu") if inputs else None
+    return BlockStep(block, 0, cfg, "cpu", first, pe)
+
+
+@pytest.mark.parametrize("hessians", ["sequential", "original"])
+def test_next_inputs_follow_the_one_rule(model, ids, hessians):
+    cfg = TINY.with_(hessians=hessians)
+    step = step0(model, ids, cfg)
+    original = driver.forward_all(copy.deepcopy(step.block), step.x, step.pe, "cpu")
+    step.quantize()
+    quantized = driver.forward_all(step.block, step.x, step.pe, "cpu")
+    assert not torch.equal(original, quantized)  # quantizing changed the block's outputs
+    nxt = step.next_inputs()
+    assert torch.equal(nxt.x, quantized if hessians == "sequential" else original) and nxt.fp_x is None
+
+
+def test_block_finetuning_chains_quantized_inputs_and_the_original_teacher(model, ids):
+    cfg = TINY.with_(hessians="original", finetune_steps=2)
+    step = step0(model, ids, cfg)
+    teacher = driver.forward_all(copy.deepcopy(step.block), step.x, step.pe, "cpu")
+    step.quantize()
+    ft = step.finetune()
+    assert ft["steps"] == 2 and ft["mse_after"] < ft["mse_before"]
+    nxt = step.next_inputs()
+    assert torch.equal(nxt.fp_x, teacher)  # the original model's chain, for the next block's target
+    assert torch.equal(nxt.x, driver.forward_all(step.block, step.x, step.pe, "cpu"))  # the fine-tuned block's
+
+
+@pytest.mark.parametrize("hessians", ["sequential", "original"])
+def test_linears_quantized_elsewhere_end_like_a_block_quantized_in_place(model, ids, hessians):
+    """The dask/ray path: Hessians out, one linear at a time, swapped back in -> the same block."""
+    cfg = TINY.with_(hessians=hessians)
+    here = step0(model, ids, cfg)
+    here.quantize()
+    apart = step0(model, ids, cfg)
+    hs = apart.hessians()
+    apart.keep_original_outputs()
+    for name, lin in driver.target_linears(apart.block, cfg).items():
+        mod, _ = driver.vptq_linear(apart.prefix + name, lin, hs[name], cfg)
+        apart.block.set_submodule(name, mod)
+    a, b = here.block.state_dict(), apart.block.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(here.next_inputs().x, apart.next_inputs().x)
+
+
+def test_a_step_on_a_shared_hessian_set_needs_no_inputs(model, ids):
+    cfg = TINY.with_(hessians="original")
+    assert not driver.needs_inputs(cfg, shared_hessians=True)
+    assert driver.needs_inputs(cfg, shared_hessians=False) and driver.needs_inputs(cfg.with_(finetune_steps=1), True)
+    (_, hs), = list(driver.original_hessians(model, ids, blocks=1))
+    step = step0(model, ids, cfg, inputs=False)
+    reports = step.quantize(hessians=hs)
+    names = driver.target_linears(step0(model, ids, cfg).block, cfg)
+    assert [r.name for r in reports] == [step.prefix + n for n in names]
+    assert step.next_inputs() is None
+    with pytest.raises(ValueError, match="no Hessian given"):
+        step0(model, ids, cfg, inputs=False).quantize(hessians={})
+
+
+def test_quantize_model_is_the_driver_steps_in_a_row(model, ids):
+    """quantize_model's block 1 is a step on what block 0's step handed on."""
+    cfg = TINY.with_(finetune_steps=1)
+    whole = copy.deepcopy(model)
+    report = quantize_model(whole, ids, cfg)
+    first = step0(model, ids, cfg)
+    first.quantize()
+    first.finetune()
+    second = BlockStep(copy.deepcopy(driver.decoder_layers(model)[1]), 1, cfg, "cpu", first.next_inputs(), first.pe)
+    second.quantize()
+    second.finetune()
+    a, b = driver.decoder_layers(whole)[1].state_dict(), second.block.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a) and len(report.finetune) == 2
+
