@@ -6,8 +6,8 @@ direct `vptq.pipeline.compress` call, one run each, same config and seed.
 
 Each path runs in a fresh Python process with its own VPTQ_HOME and PREFECT_HOME (so neither
 profits from the other's caches or workspace):
-- flow: what `vptq compress SOURCE --name N` does in-process: cli.jobs.build_spec -> open_job ->
-  run_flow (a temporary local Prefect API is started, as for `vptq compress` without
+- flow: what `vptq compress SOURCE --name N` does in-process: flows.request.build_spec -> open_job ->
+  cli.jobs.run_flow (a temporary local Prefect API is started, as for `vptq compress` without
   PREFECT_API_URL; every block a task with persisted results and workspace files; the
   checkpoint assembled, published to the local registry with sha256s); evaluation off.
 - direct: vptq.pipeline.compress(source, cfg, out, calib, nsamples, seqlen): load, calibrate,
@@ -41,7 +41,7 @@ CHEAP = ["e2e_steps=0", "refine_iters=0", "kmeans_iters=4"]
 
 
 def _overrides(items: list[str]) -> dict:
-    from vptq_service.cli.main import overrides_from
+    from vptq_service.cli.options import overrides_from
 
     return overrides_from(None, items)
 
@@ -49,7 +49,8 @@ def _overrides(items: list[str]) -> dict:
 def run_flow_child(a) -> dict:
     """The flow path, in this process; VPTQ_HOME/PREFECT_HOME set by the parent."""
     t_import = time.perf_counter()
-    from vptq_service.cli.jobs import build_spec, open_job, run_flow
+    from vptq_service.cli.jobs import run_flow
+    from vptq_service.flows.request import build_spec, open_job
 
     t0 = time.perf_counter()
     spec = build_spec(a.source, "overhead", a.bits, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen,
@@ -85,12 +86,10 @@ def _task_runs(flow_run_id: str) -> dict:
 def run_direct_child(a) -> dict:
     """The direct path, in this process."""
     t_import = time.perf_counter()
-    from vptq_service.flows.spec import JobSpec
-
+    from vptq.config import resolve
     from vptq.pipeline import compress
 
-    cfg = JobSpec(source=a.source, name="overhead", bits=a.bits, seed=a.seed, overrides=_overrides(a.set),
-                  nsamples=a.nsamples, seqlen=a.seqlen).quant_config()
+    cfg, _ = resolve(a.bits, _overrides(a.set), seed=a.seed)  # the rule build_spec applies
     out = Path(os.environ["VPTQ_HOME"]) / "direct-out"
     t0 = time.perf_counter()
     result, _, _ = compress(a.source, cfg, out, calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen)

@@ -10,18 +10,15 @@ timing goes to stderr. `--json` prints one JSON object and nothing else on stdou
 from __future__ import annotations
 
 import sys
-from enum import StrEnum
 from typing import Optional
 
 import typer
+from vptq_service.cli import options as opt
+from vptq_service.cli.errors import EXIT_FAILURE, EXIT_USAGE, errors, fail
+from vptq_service.cli.output import emit, stdout_to_stderr
 
 SOURCE_HELP = ("Original model (folder, .gguf, 'smollm2'), a quantized folder, or a published artifact "
                "NAME[:VERSION].")
-
-
-class _Device(StrEnum):
-    cpu = "cpu"
-    cuda = "cuda"
 
 
 def _write(text: str) -> None:
@@ -30,22 +27,19 @@ def _write(text: str) -> None:
 
 
 def _load(source: str, device: str):
-    """(model, tokenizer); registry errors as one line, exit 1."""
-    from vptq_service.cli.main import _err
+    """(model, tokenizer); registry errors as one line, exit 1 (even an unknown NAME: the registry
+    cannot supply the model)."""
     from vptq_service.cli.refs import local_model
     from vptq_service.store.errors import StoreError
 
     from vptq.generate import load_for_generation
+    from vptq.pipeline import check_device
 
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            _err("--device cuda: no CUDA device is available here; use --device cpu", 2)
+    check_device(device)
     try:
         path = local_model(source)
     except StoreError as e:
-        _err(str(e), 1)
+        fail(str(e), EXIT_FAILURE)
     return load_for_generation(path, device)
 
 
@@ -53,24 +47,22 @@ def generate(
     source: str = typer.Argument(..., help=SOURCE_HELP),
     prompt: str = typer.Argument(..., help="Text to continue."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Tokens to generate (greedy)."),
-    device: _Device = typer.Option(_Device.cpu, "--device", help="Compute device."),
+    device: opt.Device = opt.DEFAULT.device,
     as_json: bool = typer.Option(False, "--json", help='Print one JSON object {"text", "tokens", "seconds", '
                                  '"tokens_per_s"} and nothing else on stdout.'),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    debug: opt.Debug = False,
 ) -> None:
     """Continue PROMPT with SOURCE, streaming the text to stdout."""
-    from vptq_service.cli.main import EXIT_USAGE, _emit, _err, _errors, _stdout_to_stderr
-
     if max_new_tokens < 1:
-        _err(f"--max-new-tokens {max_new_tokens}: use at least 1", EXIT_USAGE)
-    with _errors(debug):
+        fail(f"--max-new-tokens {max_new_tokens}: use at least 1", EXIT_USAGE)
+    with errors(debug):
         from vptq.generate import generate_text
 
-        with _stdout_to_stderr(as_json):
-            model, tok = _load(source, device.value)
+        with stdout_to_stderr(as_json):
+            model, tok = _load(source, device)
             r = generate_text(model, tok, prompt, max_new_tokens, None if as_json else _write)
         if as_json:
-            _emit(r.to_dict(), True, "")
+            emit(r.to_dict(), True, "")
         else:
             _write("\n")
             typer.echo(f"[{r.tokens} tokens in {r.seconds:.2f} s, {r.tokens_per_s:.1f} tokens/s]", err=True)
@@ -80,8 +72,8 @@ def chat(
     source: str = typer.Argument(..., help=SOURCE_HELP),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Most tokens per reply (greedy)."),
     system: Optional[str] = typer.Option(None, "--system", help="A system message opening the conversation."),
-    device: _Device = typer.Option(_Device.cpu, "--device", help="Compute device."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    device: opt.Device = opt.DEFAULT.device,
+    debug: opt.Debug = False,
 ) -> None:
     """Multi-turn chat with SOURCE through its tokenizer's chat template.
 
@@ -89,14 +81,12 @@ def chat(
     stdout, one reply per turn followed by a newline. `/exit` or end of input ends the chat,
     `/reset` forgets the conversation.
     """
-    from vptq_service.cli.main import EXIT_USAGE, _err, _errors
-
     if max_new_tokens < 1:
-        _err(f"--max-new-tokens {max_new_tokens}: use at least 1", EXIT_USAGE)
-    with _errors(debug):
+        fail(f"--max-new-tokens {max_new_tokens}: use at least 1", EXIT_USAGE)
+    with errors(debug):
         from vptq.generate import chat_turn
 
-        model, tok = _load(source, device.value)
+        model, tok = _load(source, device)
         start = [{"role": "system", "content": system}] if system else []
         messages = list(start)
         interactive = sys.stdin.isatty()

@@ -11,51 +11,19 @@ blocks_total, blocks_reused, artifact (name:version), error. Exit 2 on bad input
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from vptq_service.cli import options as opt
+from vptq_service.cli.errors import EXIT_USAGE, errors, fail
+from vptq_service.cli.output import emit, stdout_to_stderr
 
 jobs_app = typer.Typer(name="jobs", help="Compression jobs: ls, show, logs, cancel, resume.", no_args_is_help=True,
                        add_completion=False, pretty_exceptions_enable=False)
-
-
-@contextmanager
-def _job_errors(debug: bool):
-    """Bad input (config, source, unknown job) -> one line, exit 2; other failures -> one line, exit 1."""
-    from vptq_service.cli.main import EXIT_FAILURE, EXIT_USAGE, _err, _errors, _stdout_to_stderr  # noqa: F401
-    from vptq_service.store.errors import StoreError, StoreUsageError
-
-    with _errors(debug):
-        try:
-            yield
-        except typer.Exit:
-            raise
-        except StoreError as e:
-            if debug:
-                raise
-            usage = isinstance(e, StoreUsageError) or "no job with id" in str(e)
-            _err(str(e), EXIT_USAGE if usage else EXIT_FAILURE)
-        except Exception as e:  # noqa: BLE001 - a failed flow: the job row has the reason
-            from vptq.config import ConfigError
-            from vptq.source import SourceError
-
-            if debug or isinstance(e, ConfigError | SourceError | FileExistsError):
-                raise
-            _err(f"{type(e).__name__}: {' '.join(str(e).split())}", EXIT_FAILURE)
-
-
-def _emit(data: dict[str, Any], as_json: bool, human: str) -> None:
-    if as_json:
-        sys.stdout.write(json.dumps(data, default=str) + "\n")
-        sys.stdout.flush()
-    else:
-        typer.echo(human)
 
 
 def _human(s: dict[str, Any]) -> str:
@@ -66,14 +34,6 @@ def _human(s: dict[str, Any]) -> str:
     if s.get("error"):
         line += f", error: {s['error']}"
     return line
-
-
-def _find_job(repo, key: str):
-    """The newest job of the identical request that can still be run or reported."""
-    for job in repo.list_jobs(limit=10_000):
-        if job.config.get("job_key") == key and job.status != "cancelled":
-            return job
-    return None
 
 
 class _NoTraceback(logging.Formatter):
@@ -126,153 +86,49 @@ def run_flow(job_id: int, verbose: bool = False) -> dict[str, Any]:
         return compress_flow(job_id)
 
 
-def build_spec(source: str, name: str, bits: int, version: str | None = None, calib: str | None = None,
-               nsamples: int | None = None, seqlen: int = 512, seed: int = 0, hessians: str | None = None,
-               overrides: dict[str, Any] | None = None, device: str = "cpu", eval_text: str | None = None,
-               eval_windows: int = 4, eval_seqlen: int = 512, max_ppl_ratio: float | None = None,
-               runner: str = "local", workers: int | None = None):
-    """The validated JobSpec of a request; every cheap check runs here, before a job row exists."""
-    from pydantic import ValidationError
-    from vptq_service.flows.spec import JobSpec
-    from vptq_service.store.errors import StoreError
-    from vptq_service.store.registry import parse_ref
-    from vptq_service.tasks.runner import check_runner
-
-    from vptq.config import ConfigError
-    from vptq.pipeline import check_device, check_request, read_text
-
-    check_runner(runner, workers)
-    try:
-        spec = JobSpec(source=source, name=name, version=version, bits=bits, calib=calib, nsamples=nsamples,
-                       seqlen=seqlen, seed=seed, hessians=hessians, overrides=overrides or {}, device=device,
-                       eval_text=eval_text, eval_windows=eval_windows, eval_seqlen=eval_seqlen,
-                       max_ppl_ratio=max_ppl_ratio, runner=runner, workers=workers).normalized()
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise ConfigError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
-    try:
-        parse_ref(f"{name}:{version}" if version else name)
-    except StoreError as e:
-        raise ConfigError(f"--name/--version: {e}") from None
-    if max_ppl_ratio is not None and not eval_windows:
-        raise ConfigError("--max-ppl-ratio needs an evaluation: give --eval-windows 1 or more")
-    spec.quant_config()
-    check_device(device)
-    if spec.eval_text:
-        read_text(spec.eval_text, "evaluation text", "--eval-text")
-    remote = spec.source.startswith(("s3://", "hf://"))  # their model is checked by fetch_model
-    if remote and spec.calib:
-        read_text(spec.calib, "calibration", "--calib")
-    if spec.source.startswith("hf://"):
-        repo_id = spec.source.removeprefix("hf://").strip("/").partition("@")[0]
-        if repo_id.count("/") != 1 or not all(repo_id.split("/")):
-            raise ConfigError(f"model source {source!r}: expected hf://ORG/NAME[@REVISION]")
-    if not remote:
-        check_request(spec.source, spec.calib, spec.nsamples, seqlen)
-    return spec
-
-
-def open_job(spec, refuse_existing_version: bool = True):
-    """The job of this request: the unfinished (or finished) one with the same key, else a new row."""
-    from vptq_service.store.repository import Repository
-    from vptq_service.tasks.workspace import code_version
-
-    from vptq.config import ConfigError
-
-    with Repository.session_scope() as repo:
-        job = _find_job(repo, spec.key())
-        if job is None:
-            if refuse_existing_version and spec.version and repo.get_artifact(spec.name, spec.version):
-                raise ConfigError(f"{spec.name}:{spec.version} already exists in the registry: choose another "
-                                  "--version, or leave it out to publish the next free one")
-            job = repo.create_job(spec.source, {"spec": spec.model_dump(), "job_key": spec.key(),
-                                                "quant": spec.quant_config().to_dict()},
-                                  code_version=code_version())
-        elif job.config["spec"].get("runner", "local") != spec.runner or job.config["spec"].get("workers") != spec.workers:
-            # same job (the runner is not part of its identity): resume it on the runner asked for now
-            job = repo.update_job(job.id, config_updates={"spec": spec.model_dump()})
-    return job
-
-
-def export_artifact(ref: str, out: Path, overwrite: bool = False) -> Path:
-    """Pull ref (verified) into out; an existing checkpoint at out is swapped out only at the end."""
-    import shutil
-    import tempfile
-
-    from vptq_service.cli.db import _registry
-
-    from vptq.io import check_out
-
-    out = check_out(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
-    old = None
-    try:
-        _registry(with_db=False).pull(ref, stage / "ckpt")
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old)
-        os.replace(stage / "ckpt", out)
-    except BaseException:
-        if old is not None and not out.exists():
-            os.replace(old, out)
-        raise
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-        if old is not None and old.exists():
-            shutil.rmtree(old, ignore_errors=True)
-    return out
-
-
 def submit(
-    source: str = typer.Argument(..., help="HF model folder, a .gguf file, 'smollm2', s3://bucket/prefix or hf://org/name."),
-    name: str = typer.Option(..., "--name", help="Registry name of the result (published as NAME:vN)."),
-    bits: int = typer.Option(2, "--bits", help="Bits per weight preset: 2, 3 or 4."),
-    version: Optional[str] = typer.Option(None, "--version", help="Registry version (default: the next vN)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML or JSON file of QuantConfig fields."),
-    calib: Optional[str] = typer.Option(None, "--calib", help="Calibration text (default: wikitext-2 valid)."),
-    nsamples: Optional[int] = typer.Option(None, "--nsamples", help="Calibration windows (default: 256 with "
-                                           "fine-tuning, 64 without)."),
-    seqlen: int = typer.Option(512, "--seqlen", help="Tokens per calibration window."),
-    seed: int = typer.Option(0, "--seed", help="Seed for windows and codebooks."),
-    set_: list[str] = typer.Option([], "--set", help="Override a QuantConfig field, e.g. --set e2e_steps=0."),
-    eval_text: Optional[str] = typer.Option(None, "--eval-text", help="Held-out text (default: the calibration text)."),
-    eval_windows: int = typer.Option(4, "--eval-windows", help="Perplexity windows before/after (0 = none)."),
-    eval_seqlen: int = typer.Option(512, "--eval-seqlen", help="Tokens per perplexity window."),
-    max_ppl_ratio: Optional[float] = typer.Option(
-        None, "--max-ppl-ratio", help="Publish the version as rejected when perplexity after > R x before."),
-    device: str = typer.Option("cpu", "--device", help="Compute device (cpu, cuda)."),
-    hessians: Optional[str] = typer.Option(None, "--hessians", help="original (the presets'): from the FP model, "
-                                           "one shared pass reused by later jobs; sequential: from the quantized prefix."),
-    runner: str = typer.Option("local", "--runner", help="Where a block's linears are quantized: local "
-                               "(this process), dask or ray (worker processes, one GPU each)."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Worker processes of --runner dask|ray "
-                                          "(default: the number of GPUs, else 2)."),
+    source: opt.Source,
+    name: opt.Name = None,
+    bits: opt.Bits = opt.DEFAULT.bits,
+    version: opt.Version = None,
+    config: opt.ConfigFile = None,
+    calib: opt.Calib = None,
+    nsamples: opt.Nsamples = None,
+    seqlen: opt.Seqlen = opt.DEFAULT.seqlen,
+    seed: opt.Seed = opt.DEFAULT.seed,
+    set_: opt.Set = [],  # noqa: B006 - typer reads the default, nothing mutates it
+    eval_text: opt.EvalText = None,
+    eval_windows: opt.EvalWindows = opt.DEFAULT.eval_windows,
+    eval_seqlen: opt.EvalSeqlen = opt.DEFAULT.eval_seqlen,
+    max_ppl_ratio: opt.MaxPplRatio = None,
+    device: opt.Device = opt.DEFAULT.device,
+    hessians: opt.Hessians = None,
+    runner: opt.Runner = opt.DEFAULT.runner,
+    workers: opt.Workers = None,
+    finetune_steps: opt.FinetuneSteps = None,
     cron: Optional[str] = typer.Option(None, "--cron", help="Instead of one run: a scheduled deployment "
                                        "re-running this request on a cron schedule (e.g. '0 3 * * *')."),
     local: bool = typer.Option(False, "--local", help="Run in this process even when PREFECT_API_URL is set."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    as_json: opt.Json = False,
+    debug: opt.Debug = False,
 ) -> None:
     """Submit a compression job: a Prefect flow run on a worker, or in this process."""
-    from vptq_service.cli.main import EXIT_USAGE, _err, _stdout_to_stderr, overrides_from
-
-    if bits not in (2, 3, 4):
-        _err(f"--bits {bits}: choose 2, 3 or 4", EXIT_USAGE)
-    with _job_errors(debug):
-        spec = build_spec(source, name, bits, version, calib, nsamples, seqlen, seed, hessians,
-                          overrides_from(config, set_), device, eval_text, eval_windows, eval_seqlen, max_ppl_ratio,
-                          runner, workers)
+    with errors(debug):
+        spec = opt.request_spec(source, bits, name, version, config, set_, calib, nsamples, seqlen, seed, device,
+                                hessians, runner, workers, finetune_steps, eval_text, eval_windows, eval_seqlen,
+                                max_ppl_ratio)
         api = os.environ.get("PREFECT_API_URL")
         if cron is not None:
             if not api:
-                _err("--cron needs a Prefect server: start `vptq server`, export PREFECT_API_URL and run "
+                fail("--cron needs a Prefect server: start `vptq server`, export PREFECT_API_URL and run "
                      "`vptq worker`", EXIT_USAGE)
             from vptq_service.flows.schedule import schedule_request
 
             data = schedule_request(spec, cron)
-            _emit(data, as_json, f"scheduled {data['deployment']} on '{cron}' (next: {data['next_run']})")
+            emit(data, as_json, f"scheduled {data['deployment']} on '{cron}' (next: {data['next_run']})")
             return
+        from vptq_service.flows.request import open_job
+
         job = open_job(spec)
         if api and not local and job.status != "succeeded":
             from prefect.deployments import run_deployment
@@ -280,11 +136,11 @@ def submit(
             run = run_deployment("compress/compress", parameters={"job_id": job.id}, timeout=0)
             data = {"job_id": job.id, "status": "queued", "flow_run_id": str(run.id), "blocks_total": None,
                     "blocks_reused": None, "artifact": None}
-            _emit(data, as_json, f"job {job.id} queued as flow run {run.id}")
+            emit(data, as_json, f"job {job.id} queued as flow run {run.id}")
             return
-        with _stdout_to_stderr(as_json):
+        with stdout_to_stderr(as_json):
             s = run_flow(job.id)
-        _emit(s, as_json, _human(s))
+        emit(s, as_json, _human(s))
         if s.get("status") != "succeeded":
             raise typer.Exit(1)
 
@@ -301,16 +157,16 @@ def list_jobs(
     status: Optional[str] = typer.Option(None, "--status", help="Only jobs in this status."),
     limit: int = typer.Option(50, "--limit", help="At most this many, newest first."),
     as_json: bool = typer.Option(False, "--json", help='Print {"items": [...]} on stdout.'),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    debug: opt.Debug = False,
 ) -> None:
     """Jobs, newest first."""
-    with _job_errors(debug):
+    with errors(debug):
         from vptq_service.store.repository import Repository
 
         with Repository.session_scope() as repo:
             rows = [_row(j) for j in repo.list_jobs(status, limit)]
         if as_json:
-            _emit({"items": rows}, True, "")
+            emit({"items": rows}, True, "")
         elif not rows:
             typer.echo("no jobs yet: start one with `vptq compress smollm2 --bits 2` or `vptq submit`")
         else:
@@ -325,11 +181,11 @@ jobs_app.command("list", hidden=True)(list_jobs)  # the longer spelling, kept wo
 @jobs_app.command("show")
 def show(
     job_id: int = typer.Argument(..., help="Job id (see `vptq jobs ls`)."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    as_json: opt.Json = False,
+    debug: opt.Debug = False,
 ) -> None:
     """One job: status, blocks done of total, error, layers, artifact."""
-    with _job_errors(debug):
+    with errors(debug):
         from vptq_service.flows.compress import job_summary
         from vptq_service.store.repository import Repository
 
@@ -342,33 +198,31 @@ def show(
         head = (f"job {s['job_id']} {s['status']}: {s['blocks_done']}/{s['blocks_total']} blocks"
                 + (f", artifact {s['artifact']}" if s.get("artifact") else "")
                 + (f", error: {s['error']}" if s.get("error") else ""))
-        _emit(s, as_json, head + "".join(f"\n  {r['layer']}: proxy loss {r['proxy_loss']:.4g}, "
+        emit(s, as_json, head + "".join(f"\n  {r['layer']}: proxy loss {r['proxy_loss']:.4g}, "
                                          f"{r['bpw']:.3f} bpw" for r in s["layers"]))
 
 
 @jobs_app.command("cancel")
 def cancel(
     job_id: int = typer.Argument(..., help="A queued, running or crashed job."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    as_json: opt.Json = False,
+    debug: opt.Debug = False,
 ) -> None:
     """Cancel a job: a running flow stops before its next block; its Prefect flow run is cancelled."""
-    from vptq_service.cli.main import EXIT_USAGE, _err
-
-    with _job_errors(debug):
+    with errors(debug):
         from vptq_service.store.repository import Repository
 
         with Repository.session_scope() as repo:
             job = repo.get_job(job_id)
             if job.status in ("succeeded", "failed", "cancelled"):
-                _err(f"job {job_id} is already {job.status}: nothing to cancel", EXIT_USAGE)
+                fail(f"job {job_id} is already {job.status}: nothing to cancel", EXIT_USAGE)
             job = repo.set_job_status(job_id, "cancelled", error="cancelled by `vptq jobs cancel`")
         prefect_state = None
         if job.prefect_run_id and os.environ.get("PREFECT_API_URL"):
             prefect_state = _cancel_flow_run(job.prefect_run_id)
         data = {"job_id": job_id, "status": job.status, "prefect_run_id": job.prefect_run_id,
                 "prefect_state": prefect_state}
-        _emit(data, as_json, f"job {job_id} cancelled" + (f" (flow run {prefect_state})" if prefect_state else ""))
+        emit(data, as_json, f"job {job_id} cancelled" + (f" (flow run {prefect_state})" if prefect_state else ""))
 
 
 def _cancel_flow_run(run_id: str) -> str | None:
@@ -391,10 +245,10 @@ def logs(
     job_id: int = typer.Argument(..., help="Job id (see `vptq jobs ls`)."),
     limit: int = typer.Option(1000, "--limit", help="At most this many lines, oldest first."),
     as_json: bool = typer.Option(False, "--json", help='Print {"items": [...]} on stdout.'),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    debug: opt.Debug = False,
 ) -> None:
     """The job's log lines as the Prefect API stored them (flow and task runs)."""
-    with _job_errors(debug):
+    with errors(debug):
         from vptq_service.store.repository import Repository
 
         with Repository.session_scope() as repo:
@@ -403,7 +257,7 @@ def logs(
         if job.prefect_run_id:
             items = _read_logs(job.prefect_run_id, limit)
         if as_json:
-            _emit({"job_id": job_id, "status": job.status, "items": items}, True, "")
+            emit({"job_id": job_id, "status": job.status, "items": items}, True, "")
             return
         if not items:
             typer.echo(f"job {job_id} ({job.status}) has no log lines"
@@ -434,34 +288,30 @@ def _read_logs(run_id: str, limit: int) -> list[dict[str, Any]]:
 @jobs_app.command("resume")
 def resume(
     job_id: int = typer.Argument(..., help="A crashed, killed or failed job."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    as_json: opt.Json = False,
+    debug: opt.Debug = False,
 ) -> None:
     """Continue a job in this process: finished blocks are reused, not recomputed."""
-    from vptq_service.cli.main import _stdout_to_stderr
-
-    with _job_errors(debug):
+    with errors(debug):
         from vptq_service.store.repository import Repository
 
         with Repository.session_scope() as repo:
             repo.get_job(job_id)  # an unknown id fails here, before Prefect starts
-        with _stdout_to_stderr(as_json):
+        with stdout_to_stderr(as_json):
             s = run_flow(job_id)
-        _emit(s, as_json, _human(s))
+        emit(s, as_json, _human(s))
 
 
 def worker(
     limit: int = typer.Option(1, "--limit", help="Flow runs at once."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    debug: opt.Debug = False,
 ) -> None:
     """Serve the `compress` and `compress-scheduled` deployments: run the jobs `vptq submit` queues
     and the scheduled re-runs of `vptq submit --cron` (needs PREFECT_API_URL)."""
-    from vptq_service.cli.main import EXIT_USAGE, _err
-
     if not os.environ.get("PREFECT_API_URL"):
-        _err("PREFECT_API_URL is not set: start `vptq server` and export "
+        fail("PREFECT_API_URL is not set: start `vptq server` and export "
              "PREFECT_API_URL=http://127.0.0.1:4200/api", EXIT_USAGE)
-    with _job_errors(debug):
+    with errors(debug):
         from prefect import serve
         from vptq_service.flows.compress import DEPLOYMENT
         from vptq_service.flows.compress import compress as compress_flow

@@ -7,10 +7,11 @@ vptq.plan (torch only); this file parses options, finds VPTQ_HOME and prints.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-from typing import Optional
 
 import typer
+from vptq_service.cli import options as opt
+from vptq_service.cli.errors import EXIT_USAGE, errors, fail
+from vptq_service.cli.output import emit, stdout_to_stderr
 
 
 def _size(n: int) -> str:
@@ -77,61 +78,49 @@ def _human(p: dict) -> str:
     return cap.get().rstrip("\n")
 
 
+def plan_cmd(
+    source: opt.Source,
+    bits: opt.Bits,
+    config: opt.ConfigFile = None,
+    set_: opt.Set = [],  # noqa: B006 - typer reads the default, nothing mutates it
+    calib: opt.Calib = None,
+    nsamples: opt.Nsamples = None,
+    seqlen: opt.Seqlen = opt.DEFAULT.seqlen,
+    device: opt.Device = opt.DEFAULT.device,
+    finetune_steps: opt.FinetuneSteps = None,
+    as_json: opt.Json = False,
+    debug: opt.Debug = False,
+) -> None:
+    """Estimate peak memory, disk, bpw, output size and time of `vptq compress` before running it.
+
+    Times come from a short probe on this machine (block 0's forward, one or two real linears
+    quantized with the job's config, one fine-tuning step), extrapolated to the whole model.
+    """
+    with errors(debug):
+        from vptq_service.store.db import vptq_home
+
+        from vptq.config import resolve
+        from vptq.pipeline import check_device
+        from vptq.plan import plan
+
+        cfg, nsamples = resolve(bits, opt.overrides_from(config, set_, finetune_steps), nsamples=nsamples)
+        check_device(device)
+        if source.startswith(("s3://", "hf://")):
+            fail(f"{source}: plan reads local sources only; `vptq pull` or download it first, then plan the "
+                 "folder", EXIT_USAGE)
+        home = vptq_home()
+        tty = sys.stderr.isatty()
+
+        def log(msg: str) -> None:
+            if tty:
+                typer.echo(f"plan: {msg}", err=True)
+
+        with stdout_to_stderr(as_json):
+            p = plan(source, cfg, nsamples, seqlen, device, home, str(calib) if calib else None, log)
+        p["bits_preset"] = bits
+        emit(p, as_json, "" if as_json else _human(p))
+
+
 def register(main_app: typer.Typer) -> None:
     """Attach `plan` to the main app."""
-
-    @main_app.command("plan")
-    def plan_cmd(
-        source: str = typer.Argument(..., help="HF model folder, a .gguf file or 'smollm2' (local sources)."),
-        bits: int = typer.Option(..., "--bits", help="Target bits per weight preset: 2, 3 or 4."),
-        config: Optional[Path] = typer.Option(None, "--config", help="TOML or JSON file of QuantConfig fields; "
-                                              "--set wins over it."),
-        set_: list[str] = typer.Option([], "--set", help="Override a QuantConfig field, e.g. --set num_centroids=256."),
-        calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text (default: wikitext-2 valid)."),
-        nsamples: Optional[int] = typer.Option(None, "--nsamples", help="Calibration windows of the job (default: "
-                                               "256 with fine-tuning, 64 without)."),
-        seqlen: int = typer.Option(512, "--seqlen", help="Tokens per calibration window."),
-        device: str = typer.Option("cpu", "--device", help="Compute device: cpu or cuda."),
-        finetune_steps: Optional[int] = typer.Option(
-            None, "--finetune-steps", help="End-to-end KL fine-tuning steps (0 = off; default: the preset's)."),
-        as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
-        debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
-    ) -> None:
-        """Estimate peak memory, disk, bpw, output size and time of `vptq compress` before running it.
-
-        Times come from a short probe on this machine (block 0's forward, one or two real linears
-        quantized with the job's config, one fine-tuning step), extrapolated to the whole model.
-        """
-        from vptq_service.cli.main import EXIT_USAGE, _emit, _err, _errors, _stdout_to_stderr, overrides_from
-
-        if bits not in (2, 3, 4):
-            _err(f"--bits {bits}: choose 2, 3 or 4", EXIT_USAGE)
-        if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-            _err(f"--device {device}: use cpu or cuda", EXIT_USAGE)
-        if source.startswith(("s3://", "hf://")):
-            _err(f"{source}: plan reads local sources only; `vptq pull` or download it first, then plan the "
-                 "folder", EXIT_USAGE)
-        with _errors(debug):
-            from vptq_service.store.db import vptq_home
-
-            from vptq.config import calib_windows, preset
-            from vptq.plan import plan
-
-            over = overrides_from(config, set_)
-            if finetune_steps is not None:
-                if finetune_steps < 0:
-                    _err(f"--finetune-steps {finetune_steps}: use 0 (off) or a positive number of steps", EXIT_USAGE)
-                over["e2e_steps"] = finetune_steps
-            cfg = preset(bits).with_(**over)
-            nsamples = nsamples or calib_windows(cfg.e2e_steps)
-            home = vptq_home()
-            tty = sys.stderr.isatty()
-
-            def log(msg: str) -> None:
-                if tty:
-                    typer.echo(f"plan: {msg}", err=True)
-
-            with _stdout_to_stderr(as_json):
-                p = plan(source, cfg, nsamples, seqlen, device, home, str(calib) if calib else None, log)
-            p["bits_preset"] = bits
-            _emit(p, as_json, "" if as_json else _human(p))
+    main_app.command("plan")(plan_cmd)

@@ -35,9 +35,9 @@ def local_model(ref: str) -> str:
                           "or a published artifact NAME[:VERSION]") from None
     if "/" in ref or ref.endswith(".gguf"):  # looks like a path that is not there
         raise SourceError(f"model source {ref!r} does not exist")
-    from vptq_service.cli.db import _registry
+    from vptq_service.store.registry import Registry
 
-    registry = _registry(with_db=False)
+    registry = Registry.open()
     m = registry.resolve(ref)  # newest accepted version when none is given
     dest = cache_dir() / m.name / m.version
     registry.pull(f"{m.name}:{m.version}", dest)  # a verified earlier pull is reused as is

@@ -12,6 +12,9 @@ from importlib import metadata
 from typing import Any
 
 import typer
+from vptq_service.cli import options as opt
+from vptq_service.cli.errors import errors
+from vptq_service.cli.output import emit
 
 config_app = typer.Typer(name="config", help="Effective settings (environment and defaults).",
                          no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -62,12 +65,9 @@ def effective() -> dict[str, Any]:
 
 
 @config_app.command("show")
-def show(as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
-         debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")) -> None:
+def show(as_json: opt.Json = False, debug: opt.Debug = False) -> None:
     """Effective settings: VPTQ_HOME, database, artifact store, Prefect API, versions (secrets masked)."""
-    from vptq_service.cli.main import _emit, _errors
-
-    with _errors(debug):
+    with errors(debug):
         s = effective()
         lines = [f"home        {s['home']}  [{s['home_from']}]",
                  f"database    {s['database']}  [{s['database_from']}]",
@@ -77,7 +77,7 @@ def show(as_json: bool = typer.Option(False, "--json", help="Print one JSON obje
                  f"calibration {s['calibration_default']}",
                  "versions    " + ", ".join(f"{k} {v}" for k, v in s["versions"].items() if v)]
         lines += [f"env         {k}={v}" for k, v in s["env"].items()]
-        _emit(s, as_json, "\n".join(lines))
+        emit(s, as_json, "\n".join(lines))
 
 
 def register(main_app: typer.Typer) -> None:

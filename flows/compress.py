@@ -112,11 +112,11 @@ def _submit_linears(task_runner, spec: JobSpec, run: str, model_path: str, calib
                 for name in linear_names(model_path, cfg, index)]
 
 
-def run_job(repo, job_id: int, spec: JobSpec) -> dict[str, Any]:
-    """The job's steps, each a task; lineage rows written as results come in."""
+def run_job(repo, job_id: int, spec: JobSpec, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The job's steps, each a task, on the job's resolved QuantConfig `cfg` (as a dict, the form the
+    tasks take); lineage rows written as results come in."""
     log = get_run_logger()
     t0 = time.perf_counter()
-    cfg = spec.quant_config().to_dict()
     _progress(0, 0, "fetching the model")
     fetched = fetch_model(spec.source)
     _progress(0, 0, "sampling calibration windows")
@@ -238,17 +238,21 @@ def compress(job_id: int) -> dict[str, Any]:
     """Run (or resume) compression job `job_id` as recorded in the lineage database."""
     from vptq_service.store.repository import Repository
 
+    from vptq.config import QuantConfig
+
     repo = Repository.open()
     try:
         job = repo.get_job(job_id)
         if job.status == "succeeded":
             return job_summary(repo, job_id)
         spec = JobSpec.model_validate(job.config["spec"])
+        # the QuantConfig resolved when the request was built (flows/request.py), as the row stores it
+        cfg = QuantConfig.from_dict(job.config["quant"]).to_dict()
         start_job(repo, job_id)
         if flow_run.id:
             repo.update_job(job_id, prefect_run_id=str(flow_run.id))
         try:
-            out = run_job(repo, job_id, spec)
+            out = run_job(repo, job_id, spec, cfg)
         except JobCancelled:
             raise  # the row already says cancelled
         except Exception as e:

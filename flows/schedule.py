@@ -113,17 +113,17 @@ def scheduled_job_key(spec: JobSpec, model_sha256: str) -> str:
 
 def open_scheduled_job(spec: JobSpec, model_sha256: str, schedule: str | None = None):
     """The job of this request on this model: the newest not-cancelled one with the key, else a new row."""
+    from vptq_service.flows.request import job_config
     from vptq_service.store.repository import Repository
     from vptq_service.tasks.workspace import code_version
 
     key = scheduled_job_key(spec, model_sha256)
     with Repository.session_scope() as repo:
-        for job in repo.list_jobs(limit=10_000):
-            if job.config.get("job_key") == key and job.status != "cancelled":
-                return job
-        return repo.create_job(spec.source, {"spec": spec.model_dump(), "job_key": key,
-                                             "quant": spec.quant_config().to_dict(), "schedule": schedule,
-                                             "model_sha256": model_sha256}, code_version=code_version())
+        job = repo.find_job(key)
+        if job is not None:
+            return job
+        return repo.create_job(spec.source, job_config(spec, key, schedule=schedule, model_sha256=model_sha256),
+                               code_version=code_version(), job_key=key)
 
 
 @flow(name=FLOW, log_prints=False)

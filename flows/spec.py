@@ -5,20 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 
 class JobSpec(BaseModel):
-    """What `vptq submit` asks for; stored in the job row and converted once into a QuantConfig."""
+    """What `vptq compress`/`vptq submit` ask for. Left-out defaults are filled by the one rule,
+    vptq.config.resolve, so a stored spec (and the job key) is explicit; `quant_config()` is the
+    resolved QuantConfig, computed once per spec and stored in the job row (flows/request.py)."""
 
     model_config = ConfigDict(extra="forbid")
 
     source: str  # model folder, .gguf file, `smollm2`, s3://bucket/prefix or hf://org/name
     name: str  # registry name of the result
     version: str | None = None  # default: the next vN of name
-    bits: Literal[2, 3, 4] = 2
+    bits: int = 2  # a preset of vptq.config.PRESETS (checked by resolve)
     calib: str | None = None  # calibration text (default: wikitext-2 valid)
-    nsamples: int | None = Field(None, ge=1)  # default: the preset's (vptq.config.calib_windows)
+    nsamples: int | None = None  # default: by the resolved e2e_steps (vptq.config.resolve)
     seqlen: int = Field(512, ge=16)
     seed: int = 0
     hessians: Literal["sequential", "original"] | None = None  # default: the preset's
@@ -31,18 +33,22 @@ class JobSpec(BaseModel):
     runner: Literal["local", "dask", "ray"] = "local"  # where a block's linears are quantized
     workers: int | None = Field(None, ge=1)  # runner worker processes (default: GPUs, else 2)
 
+    _config: Any = PrivateAttr(default=None)  # the resolved QuantConfig, once computed
+
     @model_validator(mode="after")
     def _preset_defaults(self) -> JobSpec:
-        """Fill what the request left to the preset, so a stored spec (and the job key) is explicit."""
-        from vptq.config import calib_windows, preset
-
-        p = preset(self.bits)
-        if self.hessians is None:
-            self.hessians = p.hessians
-        if self.nsamples is None:
-            steps = self.overrides.get("e2e_steps", p.e2e_steps)  # validated later by quant_config
-            self.nsamples = calib_windows(steps if isinstance(steps, int) else 0)
+        """Fill what the request left out (a stored spec has nothing left out: nothing is resolved)."""
+        if self.hessians is None or self.nsamples is None:
+            self._resolve()
         return self
+
+    def _resolve(self):
+        from vptq.config import resolve
+
+        cfg, nsamples = resolve(self.bits, self.overrides, seed=self.seed, hessians=self.hessians,
+                                nsamples=self.nsamples)
+        self.hessians, self.nsamples, self._config = cfg.hessians, nsamples, cfg
+        return cfg
 
     def normalized(self) -> JobSpec:
         """Local paths made absolute, so the same request from another folder is the same job."""
@@ -55,14 +61,8 @@ class JobSpec(BaseModel):
                                        "eval_text": absolute(self.eval_text)})
 
     def quant_config(self):
-        """The preset of `bits` with seed, Hessian mode and overrides applied (ConfigError if invalid)."""
-        from vptq.config import ConfigError, QuantConfig, preset
-
-        fields = set(QuantConfig.__dataclass_fields__) - {"seed", "hessians"}
-        unknown = set(self.overrides) - fields
-        if unknown:
-            raise ConfigError(f"unknown QuantConfig field(s) {sorted(unknown)}: use one of {sorted(fields)}")
-        return preset(self.bits).with_(seed=self.seed, hessians=self.hessians, **self.overrides)
+        """The resolved QuantConfig (vptq.config.resolve; ConfigError if the request is invalid)."""
+        return self._config if self._config is not None else self._resolve()
 
     def key(self) -> str:
         """Identity of the job: the same request resumes the same job. The runner is not part of it:

@@ -116,6 +116,17 @@ class Registry:
         self.store = store
         self.repo = repo  # store.repository.Repository or None
 
+    @classmethod
+    def open(cls, with_db: bool = False) -> Registry:
+        """The registry of VPTQ_ARTIFACTS (checked reachable now); with_db also records rows in the
+        lineage database of VPTQ_DB_URL."""
+        from vptq_service.store.artifacts import open_artifact_store
+        from vptq_service.store.repository import Repository
+
+        store = open_artifact_store()
+        store.check()
+        return cls(store, Repository.open() if with_db else None)
+
     # -- reading ---------------------------------------------------------------------------
 
     def manifest(self, name: str, version: str) -> Manifest | None:

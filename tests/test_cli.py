@@ -22,7 +22,8 @@ import pytest
 import torch
 import vptq_service.tasks.workspace
 from typer.testing import CliRunner
-from vptq_service.cli.main import _progress, app
+from vptq_service.cli.main import app
+from vptq_service.cli.output import progress
 
 import vptq.driver
 import vptq.pipeline
@@ -379,7 +380,7 @@ def test_eval_human_output_on_original_model(tiny_llama_dir, calib):
 
 
 def test_progress_bar_only_on_a_terminal(checkpoint, calib):
-    assert _progress(True, "x").__enter__() is None  # pytest's stderr is not a terminal
+    assert progress(True, "x").__enter__() is None  # pytest's stderr is not a terminal
     master, slave = pty.openpty()
     proc = subprocess.Popen([sys.executable, "-m", "vptq_service.cli.main", "eval", str(checkpoint), "--text", str(calib),
                              *EVAL_TINY, "--json"], cwd=REPO, stdout=subprocess.PIPE, stderr=slave, text=True)
@@ -515,11 +516,11 @@ def test_import_error_from_a_clashing_kernels_distribution_says_what_to_do(capsy
     """An installed Hugging Face `kernels` (which transformers >= 5.25 imports) is found instead of our
     `kernels` package: one line that names the clash and the fix, exit 1; other errors get no hint."""
     import typer
-    from vptq_service.cli.main import _errors
+    from vptq_service.cli.errors import errors
 
     for exc, hint in ((ImportError("cannot import name 'CUDAProperties' from 'kernels' (/x/kernels/__init__.py)",
                                    name="kernels"), True), (ValueError("something else"), False)):
-        with pytest.raises(typer.Exit) as ei, _errors(False):
+        with pytest.raises(typer.Exit) as ei, errors(False):
             raise exc
         err = capsys.readouterr().err
         assert ei.value.exit_code == 1 and err.count("\n") == 1 and err.startswith("error: ")

@@ -28,9 +28,9 @@ def compress(model: Path, calib: Path, out: Path, *extra) -> dict:
     assert code == 0, err
     s = json.loads(stdout)
     assert s["status"] == "succeeded", s
-    from vptq_service.cli.db import _registry
+    from vptq_service.store.registry import Registry
 
-    _registry(with_db=False).pull(s["artifact"], out)
+    Registry.open().pull(s["artifact"], out)
     return s
 
 

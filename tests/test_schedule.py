@@ -109,7 +109,7 @@ def test_scheduled_run_makes_a_new_job_only_when_the_model_changed(home, tiny_ll
     the model at the path replaced -> a new job and the next version."""
     import torch
     from safetensors.torch import load_file, save_file
-    from vptq_service.cli.jobs import build_spec
+    from vptq_service.flows.request import build_spec
     from vptq_service.flows.schedule import compress_scheduled, scheduled_job_key
 
     model = tmp_path / "moving-model"

@@ -50,7 +50,7 @@ def test_not_streamable_sources_are_loaded_whole(tmp_path):
 
 def test_a_job_on_a_streamed_model_writes_the_bytes_of_a_whole_model_job(home, tiny_llama_dir, text_file,  # noqa: F811
                                                                          tmp_path, monkeypatch):
-    from vptq_service.cli.db import _registry
+    from vptq_service.store.registry import Registry
     from vptq_service.tasks.workspace import load_fp_model
 
     outs = {}
@@ -63,7 +63,7 @@ def test_a_job_on_a_streamed_model_writes_the_bytes_of_a_whole_model_job(home, t
         assert code == 0, err
         s = json.loads(out)
         assert s["status"] == "succeeded" and s["peak_host_rss_mb"] > 0
-        _registry(with_db=False).pull(s["artifact"], tmp_path / f"out-{stream}")
+        Registry.open().pull(s["artifact"], tmp_path / f"out-{stream}")
         outs[stream] = checkpoint_bytes(tmp_path / f"out-{stream}")
         outs[stream].pop("vptq_report.json")  # holds the fine-tuning stage's timings
     load_fp_model.cache_clear()

@@ -150,6 +150,10 @@ PRESETS: dict[int, QuantConfig] = {
 FINETUNE_WINDOWS, ONESHOT_WINDOWS = 256, 64
 
 
+# set by a request's own fields (its seed, its Hessian mode), never through its config overrides
+REQUEST_FIELDS = ("seed", "hessians")
+
+
 def calib_windows(e2e_steps: int) -> int:
     """Default calibration windows of a job with this many end-to-end fine-tuning steps."""
     return FINETUNE_WINDOWS if e2e_steps > 0 else ONESHOT_WINDOWS
@@ -157,8 +161,29 @@ def calib_windows(e2e_steps: int) -> int:
 
 def preset(bits: int) -> QuantConfig:
     if bits not in PRESETS:
-        raise ConfigError(f"--bits {bits}: choose one of {sorted(PRESETS)}")
+        *rest, last = sorted(PRESETS)
+        raise ConfigError(f"--bits {bits}: choose {', '.join(map(str, rest))} or {last}")
     return PRESETS[bits]
+
+
+def resolve(bits: int, overrides: dict | None = None, *, seed: int | None = None, hessians: str | None = None,
+            nsamples: int | None = None) -> tuple[QuantConfig, int]:
+    """The one rule for what a request leaves out: (its QuantConfig, its calibration windows).
+
+    The config is the preset of `bits` with the overrides over it, then the request's seed and Hessian
+    mode when given (else the preset's); the windows default by the resolved config's e2e_steps
+    (calib_windows). ConfigError names the field and the fix."""
+    fields = set(QuantConfig.__dataclass_fields__) - set(REQUEST_FIELDS)
+    unknown = set(overrides or {}) - fields
+    if unknown:
+        raise ConfigError(f"unknown QuantConfig field(s) {sorted(unknown)}: use one of {sorted(fields)}")
+    own = {k: v for k, v in (("seed", seed), ("hessians", hessians)) if v is not None}
+    cfg = preset(bits).with_(**(overrides or {}), **own)
+    if nsamples is None:
+        nsamples = calib_windows(cfg.e2e_steps)
+    if nsamples < 1:
+        raise ConfigError(f"--nsamples {nsamples}: use at least 1 calibration window")
+    return cfg, nsamples
 
 
 # ----------------------------------------------------------------------------- layout

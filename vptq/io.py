@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import ConfigError
+from .errors import SourceError
 from .layers import VQuantLinear, share_inputs
-from .source import SourceError
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"

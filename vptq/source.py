@@ -10,11 +10,9 @@ from pathlib import Path
 
 import torch
 
+from .errors import SourceError
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class SourceError(ValueError):
-    """The model source cannot be used; the message says what and how to fix it."""
 
 
 @dataclass(frozen=True)

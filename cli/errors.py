@@ -1,0 +1,137 @@
+"""The CLI's one error mapper: every command's failure is one line on stderr and an exit code.
+
+Exit codes (README, "Errors and exit codes"): 2 bad input (ConfigError, SourceError, an existing
+--out, a StoreUsageError such as an unknown NAME:VERSION or job id, a usage error of the command
+line), 1 failure (any other error: the job, the database, the artifact store), 130 Ctrl-C, 143
+SIGTERM. `--debug` re-raises, so the traceback shows. No other cli module imports this one's
+callers: it imports nothing of cli/.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from contextlib import contextmanager
+from typing import Any, NoReturn
+
+import typer
+from typer.core import TyperGroup
+
+try:  # typer >= 0.2x carries its own copy of click; older ones use click itself
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover - depends on the typer version
+    from click import exceptions as click_exceptions
+
+NO_ARGS_IS_HELP = getattr(click_exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
+
+EXIT_USAGE = 2  # bad input: the message says what to change
+EXIT_FAILURE = 1  # the job itself failed
+EXIT_INTERRUPTED = 130  # Ctrl-C
+EXIT_TERMINATED = 143  # SIGTERM
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that cleanup (temporary folders) runs."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+def fail(msg: str, code: int) -> NoReturn:
+    """Print `error: msg` as one line on stderr and exit with code."""
+    typer.echo("error: " + " ".join(msg.split()), err=True)  # always one line
+    raise typer.Exit(code)
+
+
+def quiet_libraries() -> None:
+    """No tqdm/hub bars on a stderr that is not a terminal (logs, pipes); set before tqdm is imported."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry calls from a CLI
+    # Prefect waits 20 s for its ephemeral API server; a cold first start (fresh install: bytecode
+    # compiled, database migrated) on 2 busy cores can take longer and failed a job before it began
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+def hint(e: BaseException) -> str:
+    """What to do about an error that comes from the environment rather than the request."""
+    if isinstance(e, ImportError) and (e.name == "kernels" or "from 'kernels'" in str(e)):
+        # a top-level `kernels` other than Hugging Face's (an old vptq-service install had one) shadows
+        # the one transformers >= 5.25 imports
+        return (" -- another installed distribution provides a top-level `kernels` package (Hugging Face's"
+                " `kernels`), which clashes with vptq-service's: `pip uninstall kernels`, or install"
+                " vptq-service in its own environment")
+    return ""
+
+
+@contextmanager
+def errors(debug: bool):
+    """Map exceptions to one-line messages and exit codes (2 usage, 1 failure, 130, 143)."""
+    quiet_libraries()
+    from vptq_service.store.errors import StoreError, StoreUsageError
+
+    from vptq.config import ConfigError
+    from vptq.source import SourceError
+
+    previous = None
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (e.g. called from a worker): keep the default
+        pass
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:
+        typer.echo("interrupted: nothing half-written is left behind", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except Terminated:
+        typer.echo("terminated: nothing half-written is left behind", err=True)
+        raise typer.Exit(EXIT_TERMINATED) from None
+    except (ConfigError, SourceError, FileExistsError) as e:
+        if debug:
+            raise
+        fail(str(e), EXIT_USAGE)
+    except StoreError as e:  # the database or artifact store: its message says what to fix
+        if debug:
+            raise
+        fail(str(e), EXIT_USAGE if isinstance(e, StoreUsageError) else EXIT_FAILURE)
+    except Exception as e:  # noqa: BLE001 - the CLI boundary: one line, no traceback
+        if debug:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        fail(f"{type(e).__name__}: {first}{hint(e)} (run with --debug for the traceback)", EXIT_FAILURE)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class OneLineErrors(TyperGroup):
+    """Usage errors (missing option, bad value) as one line on stderr, not a rich panel."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra: Any) -> Any:
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except NO_ARGS_IS_HELP as e:  # bare `vptq`: the help, as typer prints it
+            e.show()
+            code = EXIT_USAGE
+        except click_exceptions.UsageError as e:
+            where = e.ctx.command_path if e.ctx else "vptq"
+            msg = " ".join(e.format_message().split())
+            typer.echo(f"error: {msg} (see '{where} --help')", err=True)
+            code = EXIT_USAGE
+        except click_exceptions.ClickException as e:
+            typer.echo(f"error: {' '.join(e.format_message().split())}", err=True)
+            code = e.exit_code
+        except typer.Abort:
+            typer.echo("interrupted", err=True)
+            code = EXIT_INTERRUPTED
+        else:
+            code = rv if isinstance(rv, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return code

@@ -1,0 +1,160 @@
+"""The options of a compression request, declared once for `vptq compress`, `vptq submit` and
+`vptq plan` (each a typing.Annotated alias: one flag, one type, one help), and the one way they
+become a request: `overrides_from` (--config, --set, --finetune-steps -> QuantConfig overrides) and
+`request_spec` (-> flows.request.build_spec, which resolves the config by vptq.config.resolve).
+
+Defaults are JobSpec's (flows/spec.py), so a command line and a stored spec cannot disagree.
+It imports nothing of cli/.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Annotated, Any, Optional
+
+import typer
+from vptq_service.flows.spec import JobSpec
+
+
+class HessianMode(StrEnum):
+    sequential = "sequential"
+    original = "original"
+
+
+# the request's defaults, as JobSpec declares them (the commands' signatures read them from here)
+DEFAULT = SimpleNamespace(**{k: f.default for k, f in JobSpec.model_fields.items() if not f.is_required()})
+
+Source = Annotated[str, typer.Argument(help="HF model folder, a .gguf file, 'smollm2', s3://bucket/prefix "
+                                            "or hf://org/name.")]
+Bits = Annotated[int, typer.Option("--bits", help="Bits per weight preset: 2, 3 or 4.")]
+Name = Annotated[Optional[str], typer.Option("--name", help="Registry name of the result, published as "
+                                                            "NAME:VERSION (default: SOURCE-Bbit).")]
+Version = Annotated[Optional[str], typer.Option("--version", help="Registry version (default: the next vN).")]
+ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="TOML or JSON file of QuantConfig fields "
+                                                                     "(see `vptq config show`); --set wins over it.")]
+Set = Annotated[list[str], typer.Option("--set", help="Override a QuantConfig field, e.g. --set e2e_steps=0.")]
+Calib = Annotated[Optional[Path], typer.Option("--calib", help="Calibration text (default: wikitext-2 valid).")]
+Nsamples = Annotated[Optional[int], typer.Option("--nsamples", help="Calibration windows, drawn from the text with "
+                                                                    "--seed (default: 256 with fine-tuning, 64 without).")]
+Seqlen = Annotated[int, typer.Option("--seqlen", help="Tokens per calibration window.")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed for windows and codebooks.")]
+Device = Annotated[str, typer.Option("--device", help="Compute device: cpu, cuda or cuda:N.")]
+Hessians = Annotated[Optional[HessianMode], typer.Option(
+    "--hessians", help="original (the presets'): from the FP model, one shared pass reused by later jobs on the "
+    "same model and data; sequential: from the quantized prefix.")]
+Runner = Annotated[str, typer.Option("--runner", help="Where a block's linears are quantized: local (this "
+                                                      "process), dask or ray (worker processes, one GPU each).")]
+Workers = Annotated[Optional[int], typer.Option("--workers", help="Worker processes of --runner dask|ray "
+                                                                  "(default: the number of GPUs, else 2).")]
+FinetuneSteps = Annotated[Optional[int], typer.Option(
+    "--finetune-steps", help="End-to-end KL fine-tuning steps after quantization (0 = off; default: the preset's, "
+    "400).")]
+EvalText = Annotated[Optional[Path], typer.Option("--eval-text", help="Held-out text for perplexity before/after "
+                                                                      "(default: the calibration text).")]
+EvalWindows = Annotated[int, typer.Option("--eval-windows", help="Perplexity windows before/after (0 = none).")]
+EvalSeqlen = Annotated[int, typer.Option("--eval-seqlen", help="Tokens per perplexity window.")]
+MaxPplRatio = Annotated[Optional[float], typer.Option(
+    "--max-ppl-ratio", help="Publish the version as rejected when perplexity after > R x before.")]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+
+
+def default_name(source: str, bits: int) -> str:
+    """Registry name when --name is not given: the source's last path part, e.g. smollm2-2bit."""
+    import re
+
+    stem = source.rstrip("/").split("/")[-1].split("@")[0]
+    stem = stem[:-5] if stem.lower().endswith(".gguf") else stem
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-._") or "model"
+    return f"{stem[:100]}-{bits}bit"
+
+
+def request_spec(source: str, bits: int, name: str | None, version: str | None, config: Path | None,
+                 set_: list[str], calib: Path | None, nsamples: int | None, seqlen: int, seed: int, device: str,
+                 hessians: HessianMode | None, runner: str, workers: int | None, finetune_steps: int | None,
+                 eval_text: Path | None, eval_windows: int, eval_seqlen: int, max_ppl_ratio: float | None) -> JobSpec:
+    """The validated JobSpec of the request these options spell (ConfigError, SourceError if invalid)."""
+    from vptq_service.flows.request import build_spec
+
+    return build_spec(source, name or default_name(source, bits), bits, version, str(calib) if calib else None,
+                      nsamples, seqlen, seed, hessians.value if hessians else None,
+                      overrides_from(config, set_, finetune_steps), device, str(eval_text) if eval_text else None,
+                      eval_windows, eval_seqlen, max_ppl_ratio, runner, workers)
+
+
+def overrides_from(config: Path | None, items: list[str], finetune_steps: int | None = None) -> dict[str, Any]:
+    """QuantConfig overrides: the --config file's fields, --set FIELD=VALUE over them, then
+    --finetune-steps (the end-to-end stage's e2e_steps)."""
+    from vptq.config import ConfigError
+
+    over = _config_file(config) if config is not None else {}
+    over.update(_overrides(items))
+    if finetune_steps is not None:
+        if finetune_steps < 0:
+            raise ConfigError(f"--finetune-steps {finetune_steps}: use 0 (off) or a positive number of steps")
+        over["e2e_steps"] = finetune_steps
+    return over
+
+
+def _settable() -> set[str]:
+    """QuantConfig fields a --config file or --set may give: not the request's own (seed, Hessian
+    mode: their own options) nor `targets` (not a scalar)."""
+    from vptq.config import REQUEST_FIELDS, QuantConfig
+
+    return set(QuantConfig.__dataclass_fields__) - set(REQUEST_FIELDS) - {"targets"}
+
+
+def _config_file(path: Path) -> dict[str, Any]:
+    """A flat TOML or JSON mapping of QuantConfig fields; unknown keys and wrong types refused."""
+    import tomllib
+
+    from vptq.config import ConfigError, QuantConfig
+
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    text = path.read_text(errors="replace")
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as e:
+        kind = "JSON" if path.suffix.lower() == ".json" else "TOML"
+        raise ConfigError(f"--config {path}: not valid {kind} ({' '.join(str(e).split())})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of QuantConfig fields")
+    fields = _settable()
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown key(s) {unknown}; valid keys: {sorted(fields)}")
+    default = QuantConfig()
+    for key, val in data.items():
+        typ = type(getattr(default, key))
+        ok = isinstance(val, typ) and not (typ is int and isinstance(val, bool))
+        if typ is float and isinstance(val, int) and not isinstance(val, bool):
+            data[key], ok = float(val), True
+        if not ok:
+            raise ConfigError(f"--config {path}: {key} = {val!r} is not a {typ.__name__}")
+    return dict(data)
+
+
+def _overrides(items: list[str]) -> dict[str, Any]:
+    from vptq.config import ConfigError, QuantConfig
+
+    fields = _settable()
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, val = item.partition("=")
+        if not sep or key not in fields:
+            raise ConfigError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
+        typ = type(getattr(QuantConfig(), key))
+        try:
+            if typ is bool:
+                if val.lower() not in ("true", "false", "1", "0", "on", "off"):
+                    raise ValueError(val)
+                out[key] = val.lower() in ("true", "1", "on")
+            else:
+                out[key] = typ(val)
+        except ValueError:
+            raise ConfigError(f"--set {item!r}: {val!r} is not a valid {typ.__name__}") from None
+    return out

@@ -1,0 +1,123 @@
+"""The job request, shared by the CLI (`vptq compress`, `vptq submit`) and the scheduler.
+
+- `build_spec(...)`: the validated JobSpec of a request; every cheap check runs here, before a job
+  row exists or a model is loaded, and the QuantConfig is resolved here, once (vptq.config.resolve).
+- `open_job(spec)`: the job of the request, found by its key with a database query
+  (Repository.find_job), else a new row that stores the spec, the key and the resolved config
+  (`config["quant"]`, which the `compress` flow reads back).
+- `export_artifact(ref, out)`: a published artifact pulled (verified) into a folder, swapped in at
+  the end.
+Errors are ConfigError/SourceError (bad input) or StoreError, for the caller to map.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from vptq_service.flows.spec import JobSpec
+
+
+def build_spec(source: str, name: str, bits: int, version: str | None = None, calib: str | None = None,
+               nsamples: int | None = None, seqlen: int = 512, seed: int = 0, hessians: str | None = None,
+               overrides: dict[str, Any] | None = None, device: str = "cpu", eval_text: str | None = None,
+               eval_windows: int = 4, eval_seqlen: int = 512, max_ppl_ratio: float | None = None,
+               runner: str = "local", workers: int | None = None) -> JobSpec:
+    """The validated JobSpec of a request, its QuantConfig resolved (ConfigError/SourceError if not valid)."""
+    from pydantic import ValidationError
+    from vptq_service.store.errors import StoreError
+    from vptq_service.store.registry import parse_ref
+    from vptq_service.tasks.runner import check_runner
+
+    from vptq.config import ConfigError
+    from vptq.pipeline import check_device, check_request, read_text
+
+    check_runner(runner, workers)
+    try:
+        spec = JobSpec(source=source, name=name, version=version, bits=bits, calib=calib, nsamples=nsamples,
+                       seqlen=seqlen, seed=seed, hessians=hessians, overrides=overrides or {}, device=device,
+                       eval_text=eval_text, eval_windows=eval_windows, eval_seqlen=eval_seqlen,
+                       max_ppl_ratio=max_ppl_ratio, runner=runner, workers=workers).normalized()
+    except ValidationError as e:
+        err = e.errors()[0]
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, ConfigError):  # raised by the one rule (vptq.config.resolve): its own message
+            raise cause from None
+        raise ConfigError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
+    try:
+        parse_ref(f"{name}:{version}" if version else name)
+    except StoreError as e:
+        raise ConfigError(f"--name/--version: {e}") from None
+    if max_ppl_ratio is not None and not eval_windows:
+        raise ConfigError("--max-ppl-ratio needs an evaluation: give --eval-windows 1 or more")
+    spec.quant_config()  # resolved now, once: an invalid config is refused before a job exists
+    check_device(device)
+    if spec.eval_text:
+        read_text(spec.eval_text, "evaluation text", "--eval-text")
+    remote = spec.source.startswith(("s3://", "hf://"))  # their model is checked by fetch_model
+    if remote and spec.calib:
+        read_text(spec.calib, "calibration", "--calib")
+    if spec.source.startswith("hf://"):
+        repo_id = spec.source.removeprefix("hf://").strip("/").partition("@")[0]
+        if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+            raise ConfigError(f"model source {source!r}: expected hf://ORG/NAME[@REVISION]")
+    if not remote:
+        check_request(spec.source, spec.calib, spec.nsamples, seqlen)
+    return spec
+
+
+def job_config(spec: JobSpec, key: str, **extra: Any) -> dict[str, Any]:
+    """What a new job row stores: the spec, its key and the resolved QuantConfig (read by the flow)."""
+    return {"spec": spec.model_dump(), "job_key": key, "quant": spec.quant_config().to_dict(), **extra}
+
+
+def open_job(spec: JobSpec, refuse_existing_version: bool = True):
+    """The job of this request: the unfinished (or finished) one with the same key, else a new row."""
+    from vptq_service.store.repository import Repository
+    from vptq_service.tasks.workspace import code_version
+
+    from vptq.config import ConfigError
+
+    key = spec.key()
+    with Repository.session_scope() as repo:
+        job = repo.find_job(key)
+        if job is None:
+            if refuse_existing_version and spec.version and repo.get_artifact(spec.name, spec.version):
+                raise ConfigError(f"{spec.name}:{spec.version} already exists in the registry: choose another "
+                                  "--version, or leave it out to publish the next free one")
+            job = repo.create_job(spec.source, job_config(spec, key), code_version=code_version(), job_key=key)
+        elif job.config["spec"].get("runner", "local") != spec.runner or job.config["spec"].get("workers") != spec.workers:
+            # same job (the runner is not part of its identity): resume it on the runner asked for now
+            job = repo.update_job(job.id, config_updates={"spec": spec.model_dump()})
+    return job
+
+
+def export_artifact(ref: str, out: Path, overwrite: bool = False) -> Path:
+    """Pull ref (verified) into out; an existing checkpoint at out is swapped out only at the end."""
+    import shutil
+    import tempfile
+
+    from vptq_service.store.registry import Registry
+
+    from vptq.io import check_out
+
+    out = check_out(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
+    old = None
+    try:
+        Registry.open().pull(ref, stage / "ckpt")
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old)
+        os.replace(stage / "ckpt", out)
+    except BaseException:
+        if old is not None and not out.exists():
+            os.replace(old, out)
+        raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if old is not None and old.exists():
+            shutil.rmtree(old, ignore_errors=True)
+    return out
