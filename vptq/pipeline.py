@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, QuantConfig
+from .config import ConfigError, QuantConfig, calib_windows
 from .driver import QuantizeFn, vptq_linear
 from .evaluate import PerplexityResult, calibration_windows, perplexity, tokenize_text
 from .io import check_out, save_quantized
@@ -114,7 +114,7 @@ def compress(
     cfg: QuantConfig,
     out: str | Path | None,
     calib: str | Path | None = None,
-    nsamples: int = 64,
+    nsamples: int | None = None,
     seqlen: int = 512,
     device: str = "cpu",
     overwrite: bool = False,
@@ -130,6 +130,8 @@ def compress(
     again with the same arguments after a crash resumes the fine-tuning from it (the one-shot
     quantization before it is recomputed: it is deterministic)."""
     t0 = time.perf_counter()
+    if nsamples is None:  # a job's default, by one rule (vptq.config.resolve)
+        nsamples = calib_windows(cfg.e2e_steps)
     # every cheap check first: a bad argument fails in seconds, not after loading the model
     dev = check_device(device)
     if out is not None:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ConfigError, LayerLayout, QuantConfig, layer_bits
+from .config import ConfigError, LayerLayout, QuantConfig, calib_windows, layer_bits
 
 GiB = 1 << 30
 RUNTIME_BYTES = 900 << 20  # Python + torch + transformers + prefect of a running job (measured RSS ~0.9 GiB)
@@ -545,7 +545,7 @@ def verdict(device: str, mem: dict, disk: dict, free: dict) -> tuple[bool, list[
 
 # ----------------------------------------------------------------------------- entry point
 
-def plan(source: str, cfg: QuantConfig, nsamples: int = 64, seqlen: int = 512, device: str = "cpu",
+def plan(source: str, cfg: QuantConfig, nsamples: int | None = None, seqlen: int = 512, device: str = "cpu",
          home: str | Path = ".", calib: str | Path | None = None, log=None) -> dict:
     """The whole plan as one JSON-able dict (see the module docstring for what is modelled)."""
     from .evaluate import calibration_windows, tokenize_text
@@ -553,6 +553,8 @@ def plan(source: str, cfg: QuantConfig, nsamples: int = 64, seqlen: int = 512, d
     from .source import load_tokenizer, resolve
 
     t0 = time.perf_counter()
+    if nsamples is None:  # a job's default, by one rule (vptq.config.resolve)
+        nsamples = calib_windows(cfg.e2e_steps)
     dev = check_device(device)
     if nsamples < 1:
         raise ConfigError(f"--nsamples {nsamples}: use at least 1 calibration window")
