@@ -202,6 +202,12 @@ class VQuantLinear(nn.Module):
             y = vq_linear_forward(self, x)
             if y is not None:
                 return y
+        elif getattr(self, "_cpu_kernel", False):  # opted in by vptq.kernels.dispatch.use_cpu_kernels
+            from vptq.kernels.dispatch import vq_linear_forward_cpu
+
+            y = vq_linear_forward_cpu(self, x)
+            if y is not None:
+                return y
         if torch.is_grad_enabled():
             w = self.dequantized_weight(x.dtype)
         else:

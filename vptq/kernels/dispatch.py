@@ -7,6 +7,7 @@ Importing this module never imports numba; the kernels' modules import it on fir
     dequantize(layer, dtype) -> W                       layer: PackedLayer or VQuantLinear
     gemv(x, layer) -> y                                 y = x W^T + bias, 1..8 rows
     vq_linear_forward(module, x) -> y or None           VQuantLinear's CUDA route
+    vq_linear_forward_cpu(module, x) -> y or None       its CPU route (kernels/cpu.py), opt-in: use_cpu_kernels
 """
 
 from __future__ import annotations
@@ -225,3 +226,29 @@ def share_input(mods: list) -> SharedInput:
     for m in mods:
         object.__setattr__(m, "_vq_shared", group)  # a plain attribute: not a submodule, not state
     return group
+
+
+def use_cpu_kernels(model: torch.nn.Module, on: bool = True) -> int:
+    """Opt the VQuantLinear layers of model into the CPU kernels (kernels/cpu.py: y from the packed
+    codes, no dense weight resident; their dense caches are dropped). Opt-in, so that quantization,
+    evaluation and fine-tuning keep the torch path's bit-exact numbers. Returns the layers marked."""
+    n = 0
+    for m in model.modules():
+        if hasattr(m, "indices") and hasattr(m, "vector_lens"):  # duck-typed VQuantLinear
+            object.__setattr__(m, "_cpu_kernel", bool(on))
+            if on:
+                m._cache = None
+            n += 1
+    return n
+
+
+def vq_linear_forward_cpu(mod, x: torch.Tensor) -> torch.Tensor | None:
+    """VQuantLinear.forward on the CPU kernels, or None for the torch path: a layer not opted in,
+    autograd needing the graph, x not a floating CPU tensor, or numba missing."""
+    if not getattr(mod, "_cpu_kernel", False) or x.is_cuda or not x.is_floating_point():
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or any(q.requires_grad for q in mod.parameters())):
+        return None
+    from . import cpu
+
+    return cpu.forward(mod, x) if cpu.available() else None

@@ -1,0 +1,162 @@
+"""The CPU kernels (vptq/kernels/cpu.py): y = x W^T straight from the packed codes, against the torch
+oracle (dequantize_ref, then F.linear), on the presets' layouts with outliers, a permutation, a
+per-channel scale/bias and a bias; the VQuantLinear route (opt-in) and a loaded model's logits;
+resident memory = the packed layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("numba")
+
+from vptq.config import LayerLayout, QuantConfig  # noqa: E402
+from vptq.io import load_quantized, save_quantized  # noqa: E402
+from vptq.kernels import cpu  # noqa: E402
+from vptq.kernels.dispatch import use_cpu_kernels  # noqa: E402
+from vptq.kernels.layout import PackedLayer  # noqa: E402
+from vptq.layers import VQuantLinear  # noqa: E402
+from vptq.quantizer import VQWeights, quantize_linear  # noqa: E402
+
+# the presets' layouts (vector length, centroids, residual centroids)
+PRESETS = {"2bit_v5k1024": (5, 1024, 0), "3bit_v5k1024r32": (5, 1024, 32), "4bit_v4k1024r64": (4, 1024, 64)}
+
+
+def random_layer(m=67, n=77, v=5, k=1024, kr=0, o=5, v0=2, k0=8, g=2, perm=True, norm=True, bias=True, seed=0):
+    """A random VQuantLinear in the stored format (M not a multiple of v; N = o + g * group_size)."""
+    gen = torch.Generator().manual_seed(seed)
+    gs = (n - o) // g
+    assert o + g * gs == n
+    r = -(-m // v)
+    q = VQWeights(layout=LayerLayout(m, n, o, g, gs), vector_len=v,
+                  centroids=torch.randn(g, k, v, generator=gen).half(),
+                  indices=torch.randint(0, k, (g, r, gs), generator=gen))
+    if kr:
+        q.res_centroids = (0.1 * torch.randn(g, kr, v, generator=gen)).half()
+        q.res_indices = torch.randint(0, kr, (g, r, gs), generator=gen)
+    if o:
+        q.outlier_vector_len = v0
+        q.outlier_centroids = torch.randn(1, k0, v0, generator=gen).half()
+        q.outlier_indices = torch.randint(0, k0, (1, -(-m // v0), o), generator=gen)
+    if perm:
+        q.perm = torch.randperm(n, generator=gen)
+    if norm:
+        q.weight_scale = (torch.rand(n, generator=gen) + 0.5).half()
+        q.weight_bias = (0.1 * torch.randn(n, generator=gen)).half()
+    return VQuantLinear.from_weights(q, torch.randn(m, generator=gen).half() if bias else None)
+
+
+def close(y: torch.Tensor, yr: torch.Tensor) -> None:
+    """Equal up to fp32 summation order: relative to the output's scale."""
+    err = (y.float() - yr.float()).abs().max().item()
+    assert err <= 1e-5 * max(1.0, yr.abs().max().item()) * yr.shape[-1] ** 0.5, err
+
+
+@pytest.mark.parametrize("batch", [1, 8, cpu.MAX_ROWS + 3])
+@pytest.mark.parametrize("full", [True, False], ids=["outliers_perm_norm_bias", "as_stored"])
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_kernel_matches_oracle(preset, full, batch):
+    """Every preset's layout, with outliers + 2 groups + perm + scale/bias + bias, and as the quantizer
+    stores it (one group, none of those); batch 1 (scalar kernel), 8 (batched) and above MAX_ROWS."""
+    v, k, kr = PRESETS[preset]
+    kw = {} if full else dict(o=0, g=1, perm=False, norm=False, bias=False, n=76)
+    p = PackedLayer.from_module(random_layer(v=v, k=k, kr=kr, **kw))
+    x = torch.randn(batch, p.in_features, generator=torch.Generator().manual_seed(batch))
+    close(cpu.CpuPlan.build(p)(x), cpu.gemm_ref(x, p))
+
+
+def test_layer_route_is_opt_in_and_matches_the_torch_path():
+    """Not opted in: the torch path, bit for bit, and no plan. Opted in: the kernels (no dense weight
+    cached), same numbers, any leading shape and float dtype; under autograd the torch path."""
+    mod = random_layer(**dict(zip(("v", "k", "kr"), PRESETS["3bit_v5k1024r32"], strict=True)))
+    x = torch.randn(2, 3, mod.in_features)
+    with torch.no_grad():
+        y_torch = mod(x)
+        assert getattr(mod, "_cpu_plan", None) is None and mod._cache is not None
+        assert use_cpu_kernels(nn.Sequential(mod)) == 1
+        assert mod._cache is None
+        y = mod(x)
+        assert mod._cache is None and mod._cpu_plan is not None
+        close(y, y_torch)
+        yb = mod(x.bfloat16())
+        assert yb.dtype == torch.bfloat16 and yb.shape == (2, 3, mod.out_features)
+    mod.centroids.weight.requires_grad_(True)
+    y_grad = mod(x)  # autograd needs the graph: the torch path
+    assert y_grad.requires_grad
+    use_cpu_kernels(mod, on=False)
+    with torch.no_grad():
+        assert torch.equal(mod(x), y_torch)
+
+
+def test_plan_follows_weight_updates():
+    """An in-place change of the codebook (load_state_dict, a fine-tuning step) rebuilds the plan."""
+    mod = random_layer(v=4, k=1024, kr=64, o=0, g=1, n=76)
+    use_cpu_kernels(mod)
+    x = torch.randn(1, mod.in_features)
+    with torch.no_grad():
+        y0 = mod(x)
+        mod.centroids.weight.mul_(2)
+        y1 = mod(x)
+    assert not torch.allclose(y0, y1)
+    close(y1, cpu.gemm_ref(x, PackedLayer.from_module(mod)))
+
+
+def test_resident_memory_is_the_packed_layer():
+    """A SmolLM2-sized MLP linear (576 -> 1536) at the 2-bit preset's layout: after calls at batch 1
+    and 8 the layer holds its stored tensors plus float32 codebooks, no dense weight; <= 1/5 of fp32."""
+    mod = random_layer(m=1536, n=576, v=5, k=1024, kr=0, o=0, g=1, perm=False, norm=False, bias=False)
+    use_cpu_kernels(mod)
+    with torch.no_grad():
+        for b in (1, 8):
+            mod(torch.randn(b, 576))
+    stored = sum(t.nbytes for t in mod.state_dict().values())
+    plan = mod._cpu_plan[1]
+    assert plan.nbytes == 4 * mod.centroids.weight.numel() + 4 * 5  # fp32 codebook + an empty residual
+    assert cpu.resident_bytes(mod) == stored + plan.nbytes
+    tensors = [t for t in vars(mod).values() if isinstance(t, torch.Tensor)]
+    assert all(t.numel() < 1536 * 576 for t in tensors) and mod._cache is None
+    assert cpu.resident_bytes(mod) <= 1536 * 576 * 4 / 5
+
+
+@pytest.fixture(scope="module")
+def tiny_quantized(tiny_llama_dir, smol_tokenizer, tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    cfg = QuantConfig(vector_len=4, num_centroids=64, num_res_centroids=16, kmeans_iters=3, refine_iters=0)
+    torch.manual_seed(0)
+    for name, lin in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]:
+        x = torch.randn(256, lin.in_features)
+        q, _ = quantize_linear(lin.weight.data, x.t() @ x / 256, cfg)
+        model.set_submodule(name, VQuantLinear.from_weights(q))
+    return save_quantized(model, tmp_path_factory.mktemp("cpu") / "q", smol_tokenizer)
+
+
+def test_loaded_model_gives_the_torch_paths_logits(tiny_quantized):
+    """A quantized folder, loaded: logits of a prompt (batched kernel), of one decode step on the KV
+    cache (batch-1 kernel) and of a long prompt (above MAX_ROWS: dequantized per call) match."""
+    ref = load_quantized(tiny_quantized).eval()
+    model = load_quantized(tiny_quantized).eval()
+    assert use_cpu_kernels(model) == 14
+    ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(0))
+    long = torch.randint(0, 1000, (1, cpu.MAX_ROWS + 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for inp in (ids, long):
+            close(model(inp).logits, ref(inp).logits)
+        out, out_ref = model(ids, use_cache=True), ref(ids, use_cache=True)
+        step = torch.tensor([[42]])
+        close(model(step, past_key_values=out.past_key_values).logits,
+              ref(step, past_key_values=out_ref.past_key_values).logits)
+    assert all(getattr(m, "_cpu_plan", None) is not None for m in model.modules() if isinstance(m, VQuantLinear))
+
+
+def test_bad_layouts_are_refused():
+    mod = random_layer(v=5, k=1024, o=0, g=1, n=76)
+    p = PackedLayer.from_module(mod)
+    with pytest.raises(ValueError, match="vector_len"):
+        cpu.kernel(17, False)
+    import dataclasses
+
+    with pytest.raises(ValueError, match="indices: expected shape"):
+        cpu.CpuPlan.build(dataclasses.replace(p, indices=p.indices[:, :-1]))
