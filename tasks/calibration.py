@@ -14,13 +14,11 @@ def sample_calibration(path: str, text: str | None, nsamples: int, seqlen: int, 
     """Tokenize the calibration text, draw nsamples x seqlen windows, store them by hash."""
     from vptq.config import ConfigError
     from vptq.evaluate import calibration_windows, tokenize_text
-    from vptq.pipeline import default_calibration_text, read_text
-
-    text_path = str(text or default_calibration_text())
-    from vptq.pipeline import _load
+    from vptq.pipeline import checked_load, default_calibration_text, read_text
     from vptq.source import load_tokenizer, resolve
 
-    tok = _load(load_tokenizer, resolve(path), "tokenizer")
+    text_path = str(text or default_calibration_text())
+    tok = checked_load(load_tokenizer, resolve(path), "tokenizer")
     ids = tokenize_text(tok, read_text(text_path, "calibration", "--calib"))
     if ids.numel() < seqlen + 1:
         raise ConfigError(f"calibration text has {ids.numel()} tokens, windows of {seqlen} need at least "

@@ -96,16 +96,16 @@ def _opened(path: str):
     """(model, tokenizer, StreamedModel or None) of a resolved source, kept for the next task of
     the same process. A Hugging Face safetensors folder is streamed (vptq/stream.py): the model's
     blocks stay on disk (meta) until fp_block / fp_linear read one; VPTQ_STREAM=0 loads it whole."""
-    from vptq.pipeline import _load
+    from vptq.pipeline import checked_load
     from vptq.source import load_model, load_tokenizer, resolve
     from vptq.stream import open_streamed
 
     src = resolve(path)
     if src.kind == "hf" and os.environ.get("VPTQ_STREAM", "1") != "0":
-        stream = _load(open_streamed, src.path, "model")
+        stream = checked_load(lambda s: open_streamed(s.path), src, "model")
         if stream is not None:
-            return stream.model, _load(load_tokenizer, src, "tokenizer"), stream
-    model, tok = _load(load_model, src, "model")
+            return stream.model, checked_load(load_tokenizer, src, "tokenizer"), stream
+    model, tok = checked_load(load_model, src, "model")
     return model, tok, None
 
 

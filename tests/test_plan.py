@@ -83,3 +83,22 @@ def test_plan_bad_source_and_config(tmp_path, home):
     cfg.write_text(json.dumps({"not_a_field": 1}))
     r = _plan(["smollm2", "--bits", "2", "--config", str(cfg)])
     assert r.exit_code == 2 and "unknown key" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_plan_an_already_quantized_folder_or_broken_weights(tiny_llama_dir, text_file, home, tmp_path):
+    """The request checks of compress (vptq.pipeline.check_request) and its loading errors, one line each."""
+    q = tmp_path / "q"
+    q.mkdir()
+    (q / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {"quant_method": "vptq"}}))
+    r = _plan([str(q), "--bits", "2", "--calib", str(text_file)])
+    assert r.exit_code == 2 and "already VPTQ-quantized: plan the original model" in r.output
+    assert len(r.output.strip().splitlines()) == 1
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in tiny_llama_dir.iterdir():
+        if f.suffix != ".safetensors":
+            (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    r = _plan([str(broken), "--bits", "2", "--calib", str(text_file), "--nsamples", "4", "--seqlen", "64"])
+    assert r.exit_code == 2 and "cannot load the model from" in r.output and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1

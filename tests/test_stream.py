@@ -48,6 +48,32 @@ def test_not_streamable_sources_are_loaded_whole(tmp_path):
     assert open_streamed(tmp_path) is None  # no safetensors weights
 
 
+def test_the_plan_probes_the_streamed_model_and_a_whole_load_alike(tiny_llama_dir, tmp_path):
+    """vptq plan reads what its probe runs through vptq.stream (block 0 only, as the job streams it); a
+    source that does not stream (.bin weights) is loaded whole: both equal from_pretrained's values."""
+    from vptq.plan import load_parts
+    from vptq.source import resolve
+
+    ref = whole(tiny_llama_dir)
+    binf = tmp_path / "bin"
+    binf.mkdir()
+    for f in tiny_llama_dir.iterdir():  # config and tokenizer
+        if f.suffix != ".safetensors":
+            (binf / f.name).write_bytes(f.read_bytes())
+    torch.save(ref.state_dict(), binf / "pytorch_model.bin")
+    x = torch.randn(1, 5, ref.config.hidden_size)
+    pos = torch.arange(5)[None]
+    for folder, streamed in ((tiny_llama_dir, True), (binf, False)):
+        p = load_parts(resolve(str(folder)))
+        assert p.full is not streamed and p.file_bytes > 0
+        if streamed:  # the other blocks stay on disk
+            assert all(t.is_meta for t in p.model.model.layers.parameters())
+        assert same_state(p.block0, ref.model.layers[0])
+        assert same_state(p.embed, ref.model.embed_tokens) and same_state(p.norm, ref.model.norm)
+        assert torch.equal(p.head.weight, ref.lm_head.weight)
+        assert all(torch.equal(a, b) for a, b in zip(p.rotary(x, pos), ref.model.rotary_emb(x, pos), strict=True))
+
+
 def test_a_job_on_a_streamed_model_writes_the_bytes_of_a_whole_model_job(home, tiny_llama_dir, text_file,  # noqa: F811
                                                                          tmp_path, monkeypatch):
     from vptq_service.store.registry import Registry

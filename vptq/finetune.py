@@ -33,6 +33,20 @@ TEACHER_CACHE_BYTES = 4 << 30  # CPU memory allowed for the teacher's cached log
 REASSIGN_WINDOWS = 4  # calibration windows whose activations give the discrete step's Hessians
 
 
+def e2e_batch(cfg: QuantConfig, windows: int) -> int:
+    """Calibration windows per end-to-end step: the config's, at most all of them."""
+    return max(1, min(cfg.e2e_batch, windows))
+
+
+def teacher_cache_bytes(steps: int, batch: int, windows: int, seqlen: int, vocab: int) -> int:
+    """Bytes of the teacher's log-probs (fp16) kept on the CPU for the end-to-end stage, 0 when they
+    are not kept. Each window is drawn ~steps*batch/windows times: when that is > 1 and the cache fits
+    TEACHER_CACHE_BYTES (64 x 512 tokens x 49k vocab = 3.2 GB), they are computed once, which removes
+    the teacher forward from every step (a quarter of a step's work). vptq.plan uses the same rule."""
+    size = windows * seqlen * vocab * 2
+    return size if steps * batch > windows and size <= TEACHER_CACHE_BYTES else 0
+
+
 def trainable(block: nn.Module, norms: bool = True) -> list[nn.Parameter]:
     """The parameters fine-tuning trains: codebooks, scale/bias and (if `norms`) full-precision norm weights."""
     params = []
@@ -342,17 +356,15 @@ def finetune_model(
     student.to(device)
     teacher.to(device).eval()
     n = windows.shape[0]
-    batch = max(1, min(cfg.e2e_batch, n))
-    # Each window is drawn ~steps*batch/n times: when that is > 1 and the teacher's log-probs fit
-    # the budget (64 x 512 tokens x 49k vocab in fp16 = 3.2 GB), compute them once and keep them
-    # on the CPU. That removes the teacher forward from every step (a quarter of a step's work).
+    batch = e2e_batch(cfg, n)
+
     @torch.no_grad()
     def teacher_logp(ids: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(teacher(ids.to(device)).logits.float(), -1)
 
     vocab = int(teacher.get_output_embeddings().weight.shape[0])
     cache = None
-    if cfg.e2e_steps * batch > n and windows.numel() * vocab * 2 <= TEACHER_CACHE_BYTES:
+    if teacher_cache_bytes(cfg.e2e_steps, batch, n, windows.shape[1], vocab):
         cache = torch.empty(*windows.shape, vocab, dtype=torch.float16)
         for i in range(n):
             # clamp: a log-prob below fp16's range would become -inf and the KL nan

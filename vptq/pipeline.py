@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -18,9 +19,10 @@ from .driver import QuantizeFn, vptq_linear
 from .evaluate import PerplexityResult, calibration_windows, perplexity, tokenize_text
 from .io import check_out, save_quantized
 from .sequential import ModelReport, Progress, quantize_model
-from .source import SourceError, load_model, load_tokenizer, resolve
+from .source import ModelSource, SourceError, load_model, load_tokenizer, resolve
 
 PACKAGE_CALIB = Path(__file__).parent / "data" / "wikitext2-valid.txt"
+T = TypeVar("T")
 
 
 def default_calibration_text() -> Path:
@@ -56,19 +58,20 @@ def read_text(path: str | Path, what: str, option: str = "the command") -> str:
     return text
 
 
-def check_request(source: str, calib: str | Path | None, nsamples: int, seqlen: int):
+def check_request(source: str, calib: str | Path | None, nsamples: int, seqlen: int, verb: str = "compress"):
     """The cheap checks of a compression request, before any model is loaded: window counts, the
     source (and that it is not already quantized), the calibration text and its token count.
-    Returns (resolved source, calibration token ids). Shared by compress() and the CLI's jobs."""
+    Returns (resolved source, calibration token ids). Shared by compress(), plan() and the CLI's jobs;
+    `verb` names the command in the message for an already quantized source."""
     if nsamples < 1:
         raise ConfigError(f"--nsamples {nsamples}: use at least 1 calibration window")
     if seqlen < 16:
         raise ConfigError(f"--seqlen {seqlen}: use at least 16 tokens per calibration window")
     src = resolve(source)
     if src.kind == "vptq":
-        raise ConfigError(f"{source} is already VPTQ-quantized: compress the original model")
+        raise ConfigError(f"{source} is already VPTQ-quantized: {verb} the original model")
     text = read_text(calib or default_calibration_text(), "calibration", "--calib")
-    ids = tokenize_text(_load(load_tokenizer, src, "tokenizer"), text)
+    ids = tokenize_text(checked_load(load_tokenizer, src, "tokenizer"), text)
     if ids.numel() < seqlen + 1:
         raise ConfigError(
             f"calibration text has {ids.numel()} tokens, windows of {seqlen} need at least {seqlen + 1}: "
@@ -76,13 +79,18 @@ def check_request(source: str, calib: str | Path | None, nsamples: int, seqlen: 
     return src, ids
 
 
-def _load(fn, src, what: str):
-    """fn(src) with a loading failure (bad folder, missing weights) as a one-line SourceError."""
+def checked_load(fn: Callable[[ModelSource], T], src: ModelSource, what: str) -> T:
+    """fn(src) -- a loader of a resolved source (load_model, load_tokenizer, ...) -- with its failure
+    (a bad folder, missing or broken weights) as a one-line SourceError naming `what` and the source.
+    The one place where a loader's exception becomes the user-facing error: every caller that loads
+    from a user's source goes through it."""
+    from safetensors import SafetensorError  # a truncated or corrupt weights file
+
     try:
         return fn(src)
     except SourceError:
         raise
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SourceError(f"cannot load the {what} from {src.uri}: {first}") from e
 
@@ -137,7 +145,7 @@ def compress(
     if out is not None:
         check_out(out, overwrite)
     src, ids = check_request(source, calib, nsamples, seqlen)
-    model, tok = _load(load_model, src, "model")
+    model, tok = checked_load(load_model, src, "model")
     windows = calibration_windows(ids, nsamples, seqlen, cfg.seed)
     rep = quantize_model(model, windows, cfg, dev, quantize_fn, progress, blocks=blocks,
                          checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
@@ -165,14 +173,14 @@ def evaluate(
     src = None
     if model is None:
         src = resolve(source)
-        tokenizer = _load(load_tokenizer, src, "tokenizer")
+        tokenizer = checked_load(load_tokenizer, src, "tokenizer")
     ids = tokenize_text(tokenizer, body)
     if ids.numel() < windows * seqlen:  # checked before loading the model
         raise ConfigError(
             f"evaluation text has {ids.numel()} tokens, {windows} windows of {seqlen} need "
             f"{windows * seqlen}: use fewer --windows, a shorter --seqlen or a longer --text")
     if src is not None:
-        model, _ = _load(load_model, src, "model")
+        model, _ = checked_load(load_model, src, "model")
     model.to(dev)
     try:
         return perplexity(model, ids, windows, seqlen, dev, progress)

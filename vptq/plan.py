@@ -1,7 +1,9 @@
 """Plan a compression job before running it: memory, disk, size and time (`vptq plan`).
 
 Everything here models the pipeline *as implemented* (the `compress` flow: tasks/blocks.py
-over vptq/sequential.py, vptq/hessian.py, vptq/quantizer.py, vptq/finetune.py):
+over vptq/driver.py, vptq/hessian.py, vptq/quantizer.py, vptq/finetune.py), with the constants
+and rules of those modules imported, not copied (the block batch, the distance tile, the codebook
+refinement's limit, the teacher cache); the model is read as the job streams it (vptq/stream.py):
 
 * bits: exact, `layer_bits` of every target linear (the same sum the job reports);
 * memory: one decoder block on the device at a time; the calibration activations
@@ -32,13 +34,14 @@ import torch
 from torch import nn
 
 from .config import ConfigError, LayerLayout, QuantConfig, calib_windows, layer_bits
+from .driver import BATCH, quantized_chain
+from .finetune import e2e_batch, teacher_cache_bytes
+from .kmeans import tile_rows
+from .quantizer import refines_codebooks
+from .stream import open_streamed
 
 GiB = 1 << 30
 RUNTIME_BYTES = 900 << 20  # Python + torch + transformers + prefect of a running job (measured RSS ~0.9 GiB)
-BATCH = 4  # windows per block forward (tasks.blocks.BATCH; not imported: tasks imports prefect)
-TEACHER_CACHE_BYTES = 4 << 30  # vptq.finetune.TEACHER_CACHE_BYTES
-TILE_FLOATS = 1 << 27  # vptq.kmeans._TILE
-MAX_REFINE_CENTROIDS = 4096  # vptq.quantizer.MAX_REFINE_CENTROIDS
 IO_BYTES_PER_S = 300e6  # workspace/checkpoint writes and hashing, a conservative local-disk figure
 PROBE_WINDOWS = 2
 PROBE_BUDGET_S = 20.0  # a second linear is probed only while the probe stays under this
@@ -126,10 +129,11 @@ def _quantizer_bytes(cfg: QuantConfig, m: int, n: int) -> int:
     hess = 7 * n * n * 4  # h clone, h_eval, scaled/permuted h, eye, Cholesky factor, inverse, U
     k = max(cfg.num_centroids, cfg.outlier_centroids)
     vectors = min(math.ceil(mn / cfg.vector_len), cfg.kmeans_max_samples)
-    tile = min(max(1024, TILE_FLOATS // k), vectors) * k * 4  # nearest(): distance tile
-    t = LayerLayout.for_shape(cfg, m, n).group_num * (cfg.num_centroids + cfg.num_res_centroids)
+    tile = min(tile_rows(k), vectors) * k * 4  # nearest(): distance tile
+    lay = LayerLayout.for_shape(cfg, m, n)
+    t = lay.group_num * (cfg.num_centroids + cfg.num_res_centroids)
     refine = 0
-    if cfg.refine_iters and t <= MAX_REFINE_CENTROIDS:
+    if refines_codebooks(cfg, lay):
         refine = 3 * t * t * 8 + t * n * 8 + 2 * mn * 8 + n * n * 8  # Gram, P^T H, W H (fp64)
     return dense + hess + tile + refine
 
@@ -159,7 +163,7 @@ def memory_estimate(shapes: Shapes, cfg: QuantConfig, nsamples: int, seqlen: int
     cache = 0
     e2e = {}
     if cfg.e2e_steps:
-        b = max(1, min(cfg.e2e_batch, nsamples))
+        b = e2e_batch(cfg, nsamples)
         tokens = b * seqlen
         per_block = (12 * h + 5 * inter + heads * seqlen) * f32  # saved for backward, per token
         train_act = tokens * (shapes.blocks * per_block + 5 * shapes.vocab * f32)
@@ -167,8 +171,7 @@ def memory_estimate(shapes: Shapes, cfg: QuantConfig, nsamples: int, seqlen: int
         e2e = {"teacher": model_fp, "student": student, "dense_weights_for_backward": lin_dense,
                "activations": train_act, "adam_and_grads": 3 * trainable}
         e2e_device = sum(e2e.values())
-        if cfg.e2e_steps * b > nsamples and nsamples * seqlen * shapes.vocab * 2 <= TEACHER_CACHE_BYTES:
-            cache = nsamples * seqlen * shapes.vocab * 2
+        cache = teacher_cache_bytes(cfg.e2e_steps, b, nsamples, seqlen, shapes.vocab)
     peak_device = max(block_device, e2e_device)
 
     ft = bool(cfg.finetune_steps)
@@ -232,59 +235,33 @@ def _file_bytes(src) -> int:
     return sum(f.stat().st_size for f in p.glob("*.safetensors")) or sum(f.stat().st_size for f in p.glob("*.bin"))
 
 
-def _partial(src) -> Parts | None:
-    """HF folder with safetensors: the model on the meta device, real weights only for the probe."""
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    files = sorted(src.path.glob("*.safetensors"))
-    if src.kind != "hf" or not files:
-        return None
+def _streamed(src) -> Parts | None:
+    """An HF safetensors folder through vptq.stream, as the job streams it: the shell model with its
+    blocks on the meta device, real weights for block 0 only (read from the shards)."""
     t0 = time.perf_counter()
-    config = AutoConfig.from_pretrained(src.path)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    from .driver import decoder_layers
-
-    decoder_layers(model)
-    want = {"model.layers.0": model.model.layers[0], "model.embed_tokens": model.model.embed_tokens,
-            "model.norm": model.model.norm}
-    head = model.get_output_embeddings()
-    tied = head is not None and head.weight is model.model.embed_tokens.weight
-    if head is not None and not tied:
-        want["lm_head"] = head
-    sd: dict[str, dict[str, torch.Tensor]] = {k: {} for k in want}
-    for f in files:
-        with safe_open(str(f), "pt") as fh:
-            for key in fh.keys():  # noqa: SIM118 - safe_open has no __iter__
-                for prefix in want:
-                    if key.startswith(prefix + "."):
-                        sd[prefix][key[len(prefix) + 1:]] = fh.get_tensor(key).float()
-    for prefix, mod in want.items():
-        mod.to_empty(device="cpu")
-        missing, _ = mod.load_state_dict(sd[prefix], strict=False)
-        if [k for k in missing if k in dict(mod.named_parameters())]:
-            return None
-    if tied:
-        head.weight = model.model.embed_tokens.weight
-    rotary = type(model.model.rotary_emb)(config=config)
-    return Parts(model, model.model.embed_tokens, model.model.layers[0], model.model.norm, head, rotary,
-                 False, time.perf_counter() - t0, _file_bytes(src))
+    s = open_streamed(src.path)
+    if s is None:
+        return None
+    inner = s.model.model
+    return Parts(s.model, inner.embed_tokens, s.block(0), inner.norm, s.model.get_output_embeddings(),
+                 inner.rotary_emb, False, time.perf_counter() - t0, _file_bytes(src))
 
 
 def load_parts(src) -> Parts:
-    try:
-        parts = _partial(src)
-    except Exception:  # noqa: BLE001 - an unusual architecture: load it whole instead
-        parts = None
-    if parts is not None:
-        return parts
+    """What the probe runs, streamed where the source allows (see _streamed), else the whole model."""
+    from .driver import decoder_layers
+
+    if src.kind == "hf":
+        try:
+            parts = _streamed(src)
+        except Exception:  # noqa: BLE001 - an unusual architecture: load it whole instead
+            parts = None
+        if parts is not None:
+            return parts
     from .source import load_model
 
     t0 = time.perf_counter()
     model, _ = load_model(src)
-    from .driver import decoder_layers
-
     try:
         layers = decoder_layers(model)
     except ValueError as e:
@@ -394,7 +371,7 @@ def _e2e_probe(parts: Parts, block, lins, hs, qmods, cfg: QuantConfig, windows, 
         q = qmods.get(name) or quantize_linear(lin.weight, hs[name].to(dev), fast, name)[0]
         block.set_submodule(name, VQuantLinear.from_weights(q).to(dev).float())
     embed, norm, head = parts.embed.to(dev), copy.deepcopy(parts.norm).to(dev), parts.head.to(dev)
-    b = max(1, min(cfg.e2e_batch, windows.shape[0]))
+    b = e2e_batch(cfg, windows.shape[0])
     ids = windows[:b].to(dev)
 
     def logits(with_block: bool):
@@ -463,7 +440,7 @@ def time_estimate(shapes: Shapes, cfg: QuantConfig, nsamples: int, seqlen: int, 
         quant = sum(lin_time(o, n) for _, o, n in blk)
         hess = nsamples * per_win_hess * scale
         fwd = nsamples * per_win_fwd * scale
-        nxt = fwd if (cfg.hessians == "sequential" or cfg.finetune_steps) else 0.0
+        nxt = fwd if quantized_chain(cfg) else 0.0  # else the next inputs are the Hessian pass's outputs
         ft = 0.0
         if cfg.finetune_steps:  # target forward + steps x (fwd + bwd ~ 3 fwd) of BATCH windows
             ft = fwd + cfg.finetune_steps * 3 * BATCH * per_win_fwd * scale
@@ -480,7 +457,7 @@ def time_estimate(shapes: Shapes, cfg: QuantConfig, nsamples: int, seqlen: int, 
         teacher_win = p["head_forward_seconds"] / p["batch"] + per_win_fwd * sum(
             bp / b0_params for bp in shapes.block_params)
         b = p["batch"]
-        cached = cfg.e2e_steps * b > nsamples and nsamples * seqlen * shapes.vocab * 2 <= TEACHER_CACHE_BYTES
+        cached = teacher_cache_bytes(cfg.e2e_steps, b, nsamples, seqlen, shapes.vocab) > 0
         teacher = nsamples * teacher_win if cached else cfg.e2e_steps * b * teacher_win
         probe_loss = 2 * b * teacher_win  # loss on a fixed batch before and after
         e2e_parts = {"step_seconds": step, "steps": cfg.e2e_steps, "teacher_seconds": teacher,
@@ -548,30 +525,17 @@ def verdict(device: str, mem: dict, disk: dict, free: dict) -> tuple[bool, list[
 def plan(source: str, cfg: QuantConfig, nsamples: int | None = None, seqlen: int = 512, device: str = "cpu",
          home: str | Path = ".", calib: str | Path | None = None, log=None) -> dict:
     """The whole plan as one JSON-able dict (see the module docstring for what is modelled)."""
-    from .evaluate import calibration_windows, tokenize_text
-    from .pipeline import _load, check_device, default_calibration_text, read_text
-    from .source import load_tokenizer, resolve
+    from .evaluate import calibration_windows
+    from .pipeline import check_device, check_request, checked_load
 
     t0 = time.perf_counter()
     if nsamples is None:  # a job's default, by one rule (vptq.config.resolve)
         nsamples = calib_windows(cfg.e2e_steps)
     dev = check_device(device)
-    if nsamples < 1:
-        raise ConfigError(f"--nsamples {nsamples}: use at least 1 calibration window")
-    if seqlen < 16:
-        raise ConfigError(f"--seqlen {seqlen}: use at least 16 tokens per calibration window")
-    src = resolve(source)
-    if src.kind == "vptq":
-        raise ConfigError(f"{source} is already VPTQ-quantized: plan the original model")
     say = log or (lambda _msg: None)
-    text = read_text(calib or default_calibration_text(), "calibration", "--calib")
+    src, ids = check_request(source, calib, nsamples, seqlen, verb="plan")
     say("loading the model (only block 0 and the embeddings where the format allows)")
-    tok = _load(load_tokenizer, src, "tokenizer")
-    ids = tokenize_text(tok, text)
-    if ids.numel() < seqlen + 1:
-        raise ConfigError(f"calibration text has {ids.numel()} tokens, windows of {seqlen} need at least "
-                          f"{seqlen + 1}: give a longer --calib text or a smaller --seqlen")
-    parts = _load(load_parts, src, "model")
+    parts = checked_load(load_parts, src, "model")
     shapes = shapes_of(parts.model, cfg)
     windows = calibration_windows(ids, min(PROBE_WINDOWS, nsamples), seqlen, cfg.seed)
     pr = probe(parts, shapes, cfg, windows, dev, say)

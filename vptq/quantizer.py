@@ -138,6 +138,13 @@ def to_vectors(cols: torch.Tensor, v: int) -> torch.Tensor:
     return cols.t().reshape(c * ((m + pad) // v), v)
 
 
+def refines_codebooks(cfg: QuantConfig, lay: LayerLayout) -> bool:
+    """Whether quantize_linear runs the closed-form codebook update on a layer of this layout (vptq.plan
+    sizes its memory by the same rule)."""
+    return bool(cfg.refine_iters) and lay.group_num * (cfg.num_centroids + cfg.num_res_centroids) \
+        <= MAX_REFINE_CENTROIDS
+
+
 def quantize_linear(
     weight: torch.Tensor, hessian: torch.Tensor, cfg: QuantConfig, name: str = ""
 ) -> tuple[VQWeights, LayerReport]:
@@ -304,7 +311,7 @@ def quantize_linear(
     def snapshot(qq, cd):
         return proxy_error(qq - w, h), qq, cd, list(books.main), list(books.res)
 
-    if cfg.refine_iters and gn * (k + kr) <= MAX_REFINE_CENTROIDS:
+    if refines_codebooks(cfg, lay):
         best = snapshot(q, codes)
         for it in range(cfg.refine_iters):
             ids, ids2 = code_ids(codes)

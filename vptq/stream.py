@@ -7,9 +7,9 @@ on the meta device, reads the shell's tensors from the shards, and leaves every 
 fresh CPU module, and `linear(i, name)` just one linear. Peak host memory is the shell + one
 block, not the model: what lets a model larger than the host's memory be quantized.
 
-Used by the service's tasks for Hugging Face folders in safetensors (GGUF files and .bin
-checkpoints are loaded whole). Values equal `from_pretrained(..., dtype=dtype)`'s: the same
-tensors cast to the same dtype.
+Used for Hugging Face folders in safetensors (GGUF files and .bin checkpoints are loaded whole)
+by the service's tasks and by `vptq plan` (vptq/plan.py: its probe reads block 0 only). Values
+equal `from_pretrained(..., dtype=dtype)`'s: the same tensors cast to the same dtype.
 """
 
 from __future__ import annotations
