@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from vptq_service.cli import db, generate, jobs, plan, settings
+from vptq_service.cli import db, generate, jobs, plan, serve, settings
 from vptq_service.cli import options as opt
 from vptq_service.cli.errors import EXIT_FAILURE, EXIT_USAGE, OneLineErrors, errors, fail
 from vptq_service.cli.output import emit, progress, stdout_to_stderr
@@ -135,6 +135,7 @@ jobs.register(app)  # submit, jobs, worker, server
 generate.register(app)  # generate, chat
 plan.register(app)  # plan
 settings.register(app)  # config show
+serve.register(app)  # serve (an OpenAI-compatible endpoint)
 
 
 def main() -> None:  # console-script entry point

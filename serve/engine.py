@@ -1,0 +1,290 @@
+"""The decoding engine behind `vptq serve`: one thread owns the model and decodes every running
+sequence as one batch (continuous batching).
+
+Each step: drop the sequences that finished or whose client went away, admit waiting ones (their
+prompts prefilled together, left-padded), then one forward pass of one token for every running
+sequence. The running sequences share one KV cache, left-padded to a common length with an attention
+mask (the layout of Hugging Face's batched generation, positions counted per sequence); a sequence
+joining is prefilled on its own cache and concatenated along the batch, one leaving is cut out of it.
+So a new request starts at the next step, never waiting for the batch to drain.
+
+Requests reach the engine through a bounded queue (`submit` raises QueueFull beyond `max_queue`
+waiting); events go back to each request's asyncio queue on its own event loop: ("text", str) as
+text becomes printable (held back while it could be the start of a stop string), then ("done",
+finish_reason) or ("error", message). A failure of a forward pass fails the sequences of that pass
+only; the engine keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+log = logging.getLogger("vptq.serve")
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the engine admits (HTTP 429)."""
+
+
+@dataclass
+class Sampling:
+    max_tokens: int
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request's generation; the engine thread alone mutates the decoding fields."""
+
+    prompt_ids: list[int]
+    sampling: Sampling
+    emit: Callable[[tuple], None]  # thread-safe: hands an event to the request's event loop
+    out_ids: list[int] = field(default_factory=list)
+    text: str = ""  # decoded output, stop string excluded
+    sent: int = 0  # characters of text already emitted
+    finish: str | None = None
+    cancelled: bool = False  # set by the request's side: client disconnected
+    created: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    generator: torch.Generator | None = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def _pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    if n == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = n
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+class Batch:
+    """The running sequences' shared KV cache (transformers DynamicCache layers) and mask (B, L)."""
+
+    def __init__(self):
+        self.seqs: list[Sequence] = []
+        self.cache = None
+        self.mask: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def add(self, seqs: list[Sequence], cache, mask: torch.Tensor) -> None:
+        if self.cache is None:
+            self.seqs, self.cache, self.mask = list(seqs), cache, mask
+            return
+        la, lb = self.mask.shape[1], mask.shape[1]
+        n = max(la, lb)
+        for a, b in zip(self.cache.layers, cache.layers, strict=True):
+            a.keys = torch.cat([_pad_left(a.keys, n - la, 2), _pad_left(b.keys, n - lb, 2)], 0)
+            a.values = torch.cat([_pad_left(a.values, n - la, 2), _pad_left(b.values, n - lb, 2)], 0)
+        self.mask = torch.cat([_pad_left(self.mask, n - la, 1), _pad_left(mask, n - lb, 1)], 0)
+        self.seqs += seqs
+
+    def keep(self, keep: list[int]) -> None:
+        """Keep only these rows; columns no row uses any more (left padding) are cut."""
+        if len(keep) == len(self.seqs):
+            return
+        if not keep:
+            self.seqs, self.cache, self.mask = [], None, None
+            return
+        idx = torch.tensor(keep, device=self.mask.device)
+        mask = self.mask[idx]
+        used = mask.any(0).nonzero()
+        start = int(used[0]) if used.numel() else 0
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[idx][:, :, start:]
+            layer.values = layer.values[idx][:, :, start:]
+        self.mask = mask[:, start:]
+        self.seqs = [self.seqs[i] for i in keep]
+
+
+def sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> int:
+    """Next token from one row of logits: greedy at temperature 0, else temperature + nucleus."""
+    if s.temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / s.temperature, -1)
+    if s.top_p < 1.0:
+        p, order = torch.sort(probs, descending=True)
+        drop = p.cumsum(-1) - p >= s.top_p  # keep the smallest prefix whose mass reaches top_p
+        p[drop] = 0
+        return int(order[torch.multinomial(p, 1, generator=gen)])
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+class Engine:
+    """The model, its tokenizer and the scheduler thread (start() / stop())."""
+
+    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_queue: int = 64):
+        self.model, self.tok = model, tokenizer
+        self.device = next(model.parameters()).device
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+        eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos), 0)
+        self.tok_lock = threading.Lock()  # a fast tokenizer is not safe to share between threads
+        self.waiting: deque[Sequence] = deque()
+        self.batch = Batch()
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.thread: threading.Thread | None = None
+        self.cancelled = 0  # sequences dropped because their client went away
+        self.on_decode: Callable[[int], None] | None = None  # metrics hook: rows of each decode pass
+
+    # ------------------------------------------------------------------ the request side
+    def encode(self, text: str) -> list[int]:
+        with self.tok_lock:
+            return self.tok(text, add_special_tokens=True).input_ids
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        from vptq.generate import chat_ids
+
+        with self.tok_lock:
+            return chat_ids(self.tok, messages)[0].tolist()
+
+    def submit(self, seq: Sequence) -> None:
+        with self.cond:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting (--max-queue {self.max_queue})")
+            if seq.sampling.temperature > 0:
+                seq.generator = torch.Generator(device="cpu")
+                seq.generator.manual_seed(seq.sampling.seed if seq.sampling.seed is not None
+                                          else int.from_bytes(os.urandom(8), "little") >> 1)
+            self.waiting.append(seq)
+            self.cond.notify()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self.batch)
+
+    # ------------------------------------------------------------------ the engine thread
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._loop, name="vptq-engine", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        if self.thread is not None:
+            self.thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.stopping and not self.waiting and not self.batch.seqs:
+                    self.cond.wait(timeout=1.0)
+                if self.stopping:
+                    break
+            try:
+                self.step()
+            except Exception as e:  # the pass failed: its sequences fail, the engine goes on
+                log.error("decode step failed: %s: %s", type(e).__name__, e)
+                for s in self.batch.seqs:
+                    self._finish(s, None, f"internal error while decoding: {type(e).__name__}")
+                self.batch = Batch()
+        for s in list(self.waiting) + self.batch.seqs:
+            self._finish(s, None, "the server is shutting down")
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.cancelled += sum(1 for s in self.batch.seqs if s.cancelled and not s.finish)
+        self.batch.keep([i for i, s in enumerate(self.batch.seqs) if not (s.cancelled or s.finish)])
+        new = []
+        with self.cond:
+            while self.waiting and len(self.batch) + len(new) < self.max_batch:
+                s = self.waiting.popleft()
+                if not s.cancelled:
+                    new.append(s)
+        if new:
+            try:
+                self._prefill(new)
+            except Exception as e:
+                log.error("prefill failed: %s: %s", type(e).__name__, e)
+                for s in new:
+                    self._finish(s, None, f"internal error in prefill: {type(e).__name__}")
+        if any(not (s.finish or s.cancelled) for s in self.batch.seqs):
+            self._decode()  # the new sequences too: the token their prefill sampled goes in
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        n = max(len(s.prompt_ids) for s in seqs)
+        ids = torch.full((len(seqs), n), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), n), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, n - len(s.prompt_ids):] = torch.tensor(s.prompt_ids)
+            mask[i, n - len(s.prompt_ids):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        pos = (mask.cumsum(1) - 1).clamp_min(0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1]
+        self.batch.add(seqs, out.cache, mask)
+        for i, s in enumerate(seqs):
+            self._append(s, sample(logits[i], s.sampling, s.generator))
+
+    def _decode(self) -> None:
+        b = self.batch
+        last = torch.tensor([[s.out_ids[-1] if s.out_ids else self.pad] for s in b.seqs], device=self.device)
+        pos = b.mask.sum(1, keepdim=True)
+        mask = torch.cat([b.mask, b.mask.new_ones((len(b), 1))], 1)
+        out = self.model(input_ids=last, attention_mask=mask, position_ids=pos, cache=b.cache,
+                         use_cache=True)
+        b.cache, b.mask = out.cache, mask
+        if self.on_decode:
+            self.on_decode(len(b))
+        logits = out.logits[:, -1]
+        for i, s in enumerate(b.seqs):
+            if not (s.finish or s.cancelled):
+                self._append(s, sample(logits[i], s.sampling, s.generator))
+
+    def _append(self, s: Sequence, tok: int) -> None:
+        if s.first_token_at is None:
+            s.first_token_at = time.perf_counter()
+        if tok in self.eos:
+            return self._finish(s, "stop")
+        s.out_ids.append(tok)
+        with self.tok_lock:
+            full = self.tok.decode(s.out_ids, skip_special_tokens=True)
+        hold = 0
+        for stop in s.sampling.stop:
+            at = full.find(stop)
+            if at >= 0:
+                s.text = full[:at]
+                return self._finish(s, "stop")
+            # a suffix of the text that may begin a stop string is held back
+            hold = max(hold, max((k for k in range(1, len(stop)) if full.endswith(stop[:k])), default=0))
+        s.text = full
+        end = len(full) - hold
+        if full.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next token
+            end = min(end, len(full) - 1)
+        if end > s.sent:
+            s.emit(("text", full[s.sent:end]))
+            s.sent = end
+        if len(s.out_ids) >= s.sampling.max_tokens:
+            self._finish(s, "length")
+
+    def _finish(self, s: Sequence, reason: str | None, error: str | None = None) -> None:
+        if s.finish:
+            return
+        s.finish = reason or "error"
+        if error is None and len(s.text) > s.sent:
+            s.emit(("text", s.text[s.sent:]))
+            s.sent = len(s.text)
+        s.emit(("error", error) if error else ("done", reason))

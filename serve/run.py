@@ -1,0 +1,51 @@
+"""Load a model folder, build the engine and the app, run uvicorn until Ctrl-C / SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def load_engine(path: str, device: str = "cpu", max_batch: int = 8, max_queue: int = 64):
+    """Engine over the model at path (a quantized or original folder, a .gguf, 'smollm2'). On CPU the
+    quantized linears run on the CPU kernels (kept compressed: vptq/kernels/cpu.py) when numba is
+    there; on CUDA they take the numba.cuda kernels as everywhere."""
+    from vptq.generate import load_for_generation
+    from vptq.kernels.cpu import available
+    from vptq.kernels.dispatch import use_cpu_kernels
+
+    from .engine import Engine
+
+    model, tok = load_for_generation(path, device)
+    if model.device.type == "cpu" and available():
+        use_cpu_kernels(model)
+    return Engine(model, tok, max_batch=max_batch, max_queue=max_queue)
+
+
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    if host in LOOPBACK or api_key:
+        return None
+    return (f"warning: serving on {host} without authentication: anyone who can reach this port can use the "
+            "model; pass --api-key KEY")
+
+
+def serve(path: str, model_id: str, *, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
+          api_key: str | None = None, max_batch: int = 8, max_queue: int = 64, max_tokens: int = 2048) -> None:
+    import uvicorn
+
+    from .api import create_app
+
+    warning = exposure_warning(host, api_key)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
+    engine = load_engine(path, device, max_batch, max_queue)
+    app = create_app(engine, model_id, api_key=api_key, max_tokens_limit=max_tokens)
+    engine.start()
+    try:
+        uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", access_log=True,
+                                      timeout_graceful_shutdown=5)).run()
+    finally:
+        engine.stop()

@@ -1,0 +1,246 @@
+"""`vptq serve` (issue 28): a real server process on 127.0.0.1 (a free port) over a tiny quantized
+Llama on CPU (its linears on the CPU kernels), driven by the official `openai` client (streaming and
+not, concurrent requests decoded as one batch) and by plain HTTP for the refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+
+from vptq_service.serve.run import exposure_warning  # noqa: E402
+
+from tests.test_generate import home, quantized_dir, run  # noqa: E402,F401 - the tiny folder, VPTQ_HOME, the CLI
+
+KEY = "test-key"
+MODEL = "tiny-q"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(quantized_dir, tmp_path_factory):  # noqa: F811
+    """`vptq serve DIR` in its own process; yields (base URL, log path); the log is checked at the end."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vptq_service.cli.main", "serve", str(quantized_dir), "--port", str(port),
+             "--api-key", KEY, "--served-name", MODEL, "--max-batch", "4", "--max-tokens", "4096"],
+            stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"server did not start: {log.read_text()[-2000:]}")
+        time.sleep(0.3)
+    yield url, log
+    proc.terminate()
+    proc.wait(timeout=30)
+    text = log.read_text()
+    assert "Traceback" not in text, text[-3000:]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    h = httpx.get(server[0] + "/health").json()
+    assert h["status"] == "ok" and h["model"] == MODEL
+
+
+def test_completion_streaming_equals_non_streaming(client):
+    r = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=0)
+    c = r.choices[0]
+    assert r.usage.prompt_tokens > 0 and r.usage.completion_tokens == 8 and c.finish_reason == "length"
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 8 and c.text
+    streamed = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=0,
+                                         stream=True)
+    assert "".join(ch.choices[0].text for ch in streamed) == c.text
+
+
+def test_chat_streaming_usage_and_seed(client):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
+    r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, temperature=0)
+    assert r.choices[0].message.role == "assistant" and r.usage.completion_tokens <= 6
+    chunks = list(client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == r.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    sampled = [client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=10, temperature=1.0,
+                                              top_p=0.9, seed=7).choices[0].message.content for _ in range(2)]
+    assert sampled[0] == sampled[1]  # same seed, same text
+
+
+def test_stop_string_ends_the_text_before_it(client):
+    full = client.completions.create(model=MODEL, prompt="Hello", max_tokens=12, temperature=0).choices[0].text
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    assert stop
+    r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=12, temperature=0, stop=[stop])
+    assert r.choices[0].text == full[: full.find(stop)] and r.choices[0].finish_reason == "stop"
+
+
+def test_concurrent_requests_decode_as_one_batch(server, client):
+    """Four requests at once: each gets the text it gets alone, and decode passes held several."""
+    prompts = ["The cat", "A long time ago in a galaxy", "1 2 3", "Paris is"]
+    alone = [client.completions.create(model=MODEL, prompt=p, max_tokens=24, temperature=0).choices[0].text
+             for p in prompts]
+
+    async def together():
+        aclient = openai.AsyncOpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        rs = await asyncio.gather(*[aclient.completions.create(model=MODEL, prompt=p, max_tokens=24, temperature=0)
+                                    for p in prompts])
+        await aclient.close()
+        return [r.choices[0].text for r in rs]
+
+    assert asyncio.run(together()) == alone
+    metrics = httpx.get(server[0] + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    one = float(next(line.split()[-1] for line in metrics.splitlines()
+                     if line.startswith('vptq_decode_batch_size_bucket{le="1.0"}')))
+    total = float(next(line.split()[-1] for line in metrics.splitlines()
+                       if line.startswith("vptq_decode_batch_size_count")))
+    assert total > one  # some decode passes ran several sequences
+    assert "vptq_requests_total" in metrics and "vptq_time_to_first_token_seconds_bucket" in metrics
+
+
+def test_client_disconnect_cancels_the_sequence(server):
+    url, _ = server
+    body = {"model": MODEL, "prompt": "Tell me a story", "max_tokens": 480, "temperature": 0, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=60) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())  # the first event, then the client goes away
+    deadline = time.monotonic() + 20
+    while httpx.get(url + "/health").json()["running"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    metrics = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    assert "vptq_cancelled_sequences 1.0" in metrics
+
+
+BAD = [
+    # (body or raw bytes, headers, status, error code or param that must be named)
+    (b'{"model": "tiny-q", "prompt": ', {}, 400, None),  # malformed JSON
+    ({"model": "gpt-4", "prompt": "hi"}, {}, 404, "model_not_found"),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, {}, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": 1000}, {}, 400, "context_length_exceeded"),
+    ({"model": MODEL, "prompt": "hi " * 600}, {}, 400, "context_length_exceeded"),
+    ({"model": MODEL, "prompt": "hi", "temperature": -1}, {}, 400, "temperature"),
+    ({"model": MODEL, "prompt": "hi", "n": 2}, {}, 400, "n"),
+    ({"model": MODEL, "prompt": 5}, {}, 400, "prompt"),
+    ({"model": MODEL, "messages": []}, {}, 400, "messages"),
+    ({"model": MODEL, "prompt": "hi"}, {"Authorization": "Bearer wrong"}, 401, "invalid_api_key"),
+]
+
+
+@pytest.mark.parametrize("body,headers,status,named", BAD)
+def test_bad_input_is_an_openai_error(server, body, headers, status, named):
+    url, _ = server
+    path = "/v1/chat/completions" if isinstance(body, dict) and "messages" in body else "/v1/completions"
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json", **headers}
+    r = httpx.post(url + path, content=body if isinstance(body, bytes) else None,
+                   json=None if isinstance(body, bytes) else body, headers=headers, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"] and "Traceback" not in r.text
+    if named:
+        assert named in (err["code"], err["param"]), err
+
+
+def test_unknown_route_and_missing_key(server):
+    url, _ = server
+    r = httpx.get(url + "/v1/nothing", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 404 and r.json()["error"]["message"]
+    assert httpx.get(url + "/v1/models").status_code == 401
+    assert httpx.get(url + "/health").status_code == 200  # health needs no key
+
+
+def test_queue_full_is_429():
+    """An engine whose thread is not running keeps every request waiting: past --max-queue, 429."""
+    from fastapi.testclient import TestClient
+    from vptq_service.serve.api import create_app
+    from vptq_service.serve.engine import Engine
+
+    class Tok:
+        eos_token_id, pad_token_id = 0, 0
+
+        def __call__(self, text, add_special_tokens=True):
+            return type("E", (), {"input_ids": [1, 2, 3]})()
+
+    class Model:
+        config = type("C", (), {"max_position_embeddings": 64})()
+        generation_config = type("G", (), {"eos_token_id": 0})()
+
+        def parameters(self):
+            import torch
+
+            yield torch.zeros(1)
+
+    engine = Engine(Model(), Tok(), max_batch=1, max_queue=1)
+    app = create_app(engine, "m")
+    body = {"model": "m", "prompt": "x", "max_tokens": 2}
+    with TestClient(app) as tc:
+        import threading
+
+        first = threading.Thread(target=lambda: tc.post("/v1/completions", json=body), daemon=True)
+        first.start()
+        deadline = time.monotonic() + 10
+        while engine.queue_depth < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        r = tc.post("/v1/completions", json=body)
+        assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
+        for s in list(engine.waiting):  # release the first request before the client closes
+            s.emit(("error", "stopped"))
+        first.join(timeout=30)
+
+
+def test_exposure_warning():
+    assert exposure_warning("127.0.0.1", None) is None
+    assert exposure_warning("0.0.0.0", "k") is None
+    w = exposure_warning("0.0.0.0", None)
+    assert w.startswith("warning:") and "--api-key" in w and "\n" not in w
+
+
+def test_serve_pulls_a_registry_name_verified(quantized_dir, home, monkeypatch):  # noqa: F811
+    """NAME[:VERSION] is pulled (sha256-verified) into VPTQ_HOME's cache, as `vptq generate` does, and
+    served under that name; bad options and unknown names are one-line errors."""
+    import vptq_service.serve.run as serve_run
+    from vptq_service.store.artifacts import open_artifact_store
+    from vptq_service.store.registry import Registry
+
+    calls = []
+    monkeypatch.setattr(serve_run, "serve", lambda path, model_id, **kw: calls.append((path, model_id, kw)))
+    Registry(open_artifact_store()).publish("tiny", "v1", quantized_dir)
+    code, out, err = run("serve", "tiny:v1", "--port", "9001")
+    assert code == 0, err
+    path, model_id, kw = calls[0]
+    assert path == str(home / "cache" / "artifacts" / "tiny" / "v1") and model_id == "tiny:v1"
+    assert kw["host"] == "127.0.0.1" and kw["port"] == 9001 and kw["api_key"] is None
+    for args, code_, needle in ((["serve", "bad name!"], 2, "does not exist"),
+                                (["serve", "tiny", "--port", "0"], 2, "--port 0"),
+                                (["serve", "tiny", "--max-batch", "0"], 2, "--max-batch 0"),
+                                (["serve", "nosuch:v9"], 1, "nosuch")):
+        code, out, err = run(*args)
+        assert code == code_ and needle in err and len(err.strip().splitlines()) == 1, (args, err)
