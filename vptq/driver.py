@@ -211,7 +211,8 @@ class BlockStep:
                  progress: Callable[[str], None] | None = None) -> list[LayerReport]:
         """Quantize the block's target linears (Hessians collected on x unless given)."""
         reports, self.fp_out = quantize_linears(self.block, self.x, self.pe, self.cfg, self.device, quantize_fn,
-                                                self.prefix, self.batch, progress, hessians)
+                                                prefix=self.prefix, batch=self.batch, progress=progress,
+                                                hessians=hessians)
         return reports
 
     def hessians(self) -> dict[str, torch.Tensor]:
