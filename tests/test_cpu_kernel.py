@@ -146,8 +146,7 @@ def test_loaded_model_gives_the_torch_paths_logits(tiny_quantized):
             close(model(inp).logits, ref(inp).logits)
         out, out_ref = model(ids, use_cache=True), ref(ids, use_cache=True)
         step = torch.tensor([[42]])
-        close(model(step, past_key_values=out.past_key_values).logits,
-              ref(step, past_key_values=out_ref.past_key_values).logits)
+        close(model(step, cache=out.cache).logits, ref(step, cache=out_ref.cache).logits)
     assert all(getattr(m, "_cpu_plan", None) is not None for m in model.modules() if isinstance(m, VQuantLinear))
 
 
@@ -155,7 +154,7 @@ def test_bad_layouts_are_refused():
     mod = random_layer(v=5, k=1024, o=0, g=1, n=76)
     p = PackedLayer.from_module(mod)
     with pytest.raises(ValueError, match="vector_len"):
-        cpu.kernel(17, False)
+        cpu.kernel(17, False, False)
     import dataclasses
 
     with pytest.raises(ValueError, match="indices: expected shape"):

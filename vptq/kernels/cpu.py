@@ -106,12 +106,16 @@ def outliers(xs, nb, oidx, ocb, v0, y):
 '''
 
 
-def _kernel_source(v: int, batched: bool) -> str:
-    """numba source of the main kernel for vector length v (loops over the v outputs unrolled)."""
+def _kernel_source(v: int, res: bool, batched: bool) -> str:
+    """numba source of the main kernel for vector length v, with or without a residual codebook.
+
+    The v outputs are unrolled into scalars; every index is unsigned so that numba emits no
+    negative-index wrap-around (a compare and a select per load otherwise)."""
     ts = range(v)
-    L = [_HEADER.format(kind=f"vector length {v}, {'batched' if batched else 'batch 1'}"), f"V = {v}", "", "",
+    kind = f"vector length {v}, {'residual, ' if res else ''}{'batched' if batched else 'batch 1'}"
+    L = [_HEADER.format(kind=kind), f"V = {v}", "", "",
          "@njit(parallel=True, fastmath=True, cache=True, nogil=True)",
-         "def kernel(xs, nb, c, bias, idx, words, cb, k, rcb, kr, has_res, gs, bits, main_bits, y):",
+         "def kernel(xs, nb, c, bias, idx, words, cb, k, rcb, kr, gs, bits, main_bits, y):",
          '    """y[b, r*V + t] = sum over coded columns of xs * (cb + rcb)[code, t] + c[b] + bias."""',
          "    m_out = y.shape[1]",
          "    rows = (m_out + V - 1) // V",
@@ -121,39 +125,41 @@ def _kernel_source(v: int, batched: bool) -> str:
          "    mmask = np.uint64((1 << main_bits) - 1)",
          "    ubits = np.uint64(bits)",
          "    umain = np.uint64(main_bits)",
-         "    has_bias = bias.shape[0] > 0",
-         "    for r in prange(rows):"]
+         "    unb = np.uint64(nb)",
+         "    ugs = np.uint64(gs)",
+         "    has_bias = bias.shape[0] > 0"]
+    L += [f"    U{t} = np.uint64({t})" for t in range(max(v, 2))]
+    L += [f"    UV = np.uint64({v})", "    for r in prange(rows):"]
     if batched:
         L.append("        acc = np.zeros(V * nb, np.float32)  # (V, B): the loop over b vectorises")
     else:
         L += [f"        a{t} = np.float32(0.0)" for t in ts]
     L += ["        for g in range(groups):",
-          "            wp = (g * rows + r) * words",
-          "            cbg = g * k * V",
-          "            rcbg = g * kr * V",
-          "            col = o + g * gs",
+          "            wp = np.uint64((g * rows + r) * words)",
+          "            cbg = np.uint64(g * k * V)",
+          "            rcbg = np.uint64(g * kr * V)",
+          "            xp = np.uint64(o + g * gs)" + (" * unb  # xs is (N, B)" if batched else ""),
           "            buf = np.uint64(0)",
           "            nbit = 0",
-          "            for cc in range(gs):",
+          "            for _ in range(ugs):",
           "                if nbit < bits:  # the packed stream, LSB first, 32-bit words",
           "                    buf |= np.uint64(np.uint32(idx[wp])) << np.uint64(nbit)",
-          "                    wp += 1",
+          "                    wp += U1",
           "                    nbit += 32",
           "                code = buf & cmask",
           "                buf >>= ubits",
           "                nbit -= bits",
-          "                q = cbg + np.int64(code & mmask) * V"]
-    L += [f"                w{t} = cb[q + {t}]" for t in ts]
-    L += ["                if has_res:",
-          "                    qr = rcbg + np.int64(code >> umain) * V"]
-    L += [f"                    w{t} += rcb[qr + {t}]" for t in ts]
+          "                q = cbg + (code & mmask) * UV"]
+    L += [f"                w{t} = cb[q + U{t}]" for t in ts]
+    if res:
+        L.append("                qr = rcbg + (code >> umain) * UV")
+        L += [f"                w{t} += rcb[qr + U{t}]" for t in ts]
     if batched:
-        L.append("                xo = (col + cc) * nb")
-        for t in ts:
-            L += ["                for b in range(nb):",
-                  f"                    acc[{t} * nb + b] += w{t} * xs[xo + b]"]
+        L += ["                for b in range(unb):", "                    xv = xs[xp + b]"]
+        L += [f"                    acc[U{t} * unb + b] += w{t} * xv" for t in ts]
+        L.append("                xp += unb")
     else:
-        L.append("                xv = xs[col + cc]")
+        L += ["                xv = xs[xp]", "                xp += U1"]
         L += [f"                a{t} += xv * w{t}" for t in ts]
     L.append("        m0 = r * V")
     for t in ts:
@@ -195,11 +201,12 @@ def common():
 
 
 @functools.cache
-def kernel(v: int, batched: bool):
-    """The main kernel of vector length v (batch 1 or batched)."""
+def kernel(v: int, res: bool, batched: bool):
+    """The main kernel of vector length v, with or without a residual codebook, batch 1 or batched."""
     if not 1 <= v <= MAX_V:
         raise ValueError(f"vector_len: {v} not supported on CPU (1..{MAX_V})")
-    return _load(_kernel_source(v, batched), f"v{v}_{'bn' if batched else 'b1'}").kernel
+    tag = f"v{v}{'r' if res else ''}_{'bn' if batched else 'b1'}"
+    return _load(_kernel_source(v, res, batched), tag).kernel
 
 
 def _load(src: str, tag: str):
@@ -290,8 +297,9 @@ class CpuPlan:
         xs = np.empty(p.in_features * rows, np.float32)
         c = np.empty(rows, np.float32)
         com.prologue(x.numpy(), self.src, self.scale, self.wbias, xs, c)
-        kernel(p.vector_len, rows > 1)(xs, rows, c, self.bias, self.idx, self.words, self.cb, p.num_centroids, self.rcb, self.kr,
-                   p.num_res_centroids > 0, p.group_size, p.code_bits, p.main_bits, ya)
+        kernel(p.vector_len, p.num_res_centroids > 0, rows > 1)(
+            xs, rows, c, self.bias, self.idx, self.words, self.cb, p.num_centroids, self.rcb, self.kr,
+            p.group_size, p.code_bits, p.main_bits, ya)
         if p.outlier_size:
             com.outliers(xs, rows, self.oidx, self.ocb, p.outlier_vector_len, ya)
         return y

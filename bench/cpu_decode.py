@@ -1,0 +1,165 @@
+"""CPU decode from compressed weights (vptq/kernels/cpu.py) against fp32 and bf16 dense, same run.
+
+    python bench/cpu_decode.py [--formats v5k1024,v5k1024r32,v4k1024r64] [--new 64] [--batches 1,8]
+                               [--out bench/results/cpu_decode.json]
+
+SmolLM2-135M (the bundled GGUF, dequantized to fp32). Each configuration runs in its own process (so
+that its resident memory is its own): `fp32` and `bf16` dense, and each VPTQ format with every
+decoder-block linear replaced by a VQuantLinear of random codes (bench/decode.py's quantize_blocks,
+no permutation: the layout the quantizer stores; speed and memory do not depend on the values) on
+the CPU kernels (dispatch.use_cpu_kernels: nothing dense kept). Embeddings, norms and lm_head stay
+dense fp32 (bf16 in `bf16`).
+
+Per configuration: the block linears' resident bytes (dense: their weights; VPTQ: packed tensors +
+the kernels' fp32 codebooks, kernels.cpu.resident_bytes), process RSS, first-token latency
+(prefill of the prompt + the first token, batch 1), and greedy decode tokens/s at each batch
+(a hand-written loop over transformers' DynamicCache, EOS ignored, --new steps timed after a
+warm-up). Threads: torch's and numba's, both `--threads` (default: all cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+os.environ.setdefault("VPTQ_BENCH_PERM", "0")  # bench/decode.py's layers: the stored layout, no permutation
+# bench/ itself off the path: bench/kernels.py would shadow Hugging Face's `kernels`, which transformers imports
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PROMPT = "The history of the transistor begins with"
+
+
+def build(config: str):
+    import torch
+
+    from bench.decode import parse_format, quantize_blocks
+    from vptq.kernels.dispatch import use_cpu_kernels
+    from vptq.source import load_model, resolve
+
+    model, tok = load_model(resolve("smollm2"))
+    model.eval()
+    if config == "bf16":
+        model.to(torch.bfloat16)
+    elif config != "fp32":
+        v, k, kr = parse_format(config)
+        quantize_blocks(model, v, k, "cpu", kr)
+        use_cpu_kernels(model)
+    return model, tok
+
+
+def linears_bytes(model) -> int:
+    from torch import nn
+
+    from vptq.kernels.cpu import resident_bytes
+    from vptq.layers import VQuantLinear
+
+    total = 0
+    for m in model.model.layers.modules():
+        if isinstance(m, VQuantLinear):
+            total += resident_bytes(m)
+        elif isinstance(m, nn.Linear):
+            total += sum(t.nbytes for t in (*m.parameters(), *m.buffers()))
+    return total
+
+
+def decode(model, ids, new: int):
+    """Seconds of `new` greedy one-token steps after the prefill of ids (B, T)."""
+    import torch
+
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+        cache, nxt = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
+        t0 = time.perf_counter()
+        for _ in range(new):
+            out = model(input_ids=nxt, cache=cache, use_cache=True)
+            cache, nxt = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
+        return time.perf_counter() - t0
+
+
+def first_token(model, ids, reps: int = 5) -> float:
+    import torch
+
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            model(input_ids=ids, use_cache=True).logits[:, -1].argmax(-1)
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def one(config: str, new: int, batches: list[int], threads: int) -> dict:
+    import psutil
+    import torch
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    model, tok = build(config)
+    build_s = time.perf_counter() - t0
+    if config not in ("fp32", "bf16"):
+        import numba
+
+        numba.set_num_threads(threads)
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    res = {"config": config, "build_seconds": round(build_s, 1), "prompt_tokens": ids.shape[1]}
+    t0 = time.perf_counter()
+    decode(model, ids, 2)  # warm-up: kernels loaded (or compiled), plans built
+    res["warmup_seconds"] = round(time.perf_counter() - t0, 2)
+    res["first_token_ms"] = round(1000 * first_token(model, ids), 2)
+    for b in batches:
+        idsb = ids.expand(b, -1).contiguous()
+        decode(model, idsb, 2)
+        dt = decode(model, idsb, new)
+        res[f"tokens_per_s_b{b}"] = round(b * new / dt, 2)
+        res[f"ms_per_step_b{b}"] = round(1000 * dt / new, 2)
+    res["block_linears_bytes"] = linears_bytes(model)
+    res["rss_MB"] = round(psutil.Process().memory_info().rss / 2**20, 1)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--formats", default="v5k1024,v5k1024r32,v4k1024r64")
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cpu_decode.json")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one configuration, print JSON
+    a = ap.parse_args()
+    batches = [int(b) for b in a.batches.split(",")]
+    if a.one:
+        print(json.dumps(one(a.one, a.new, batches, a.threads)))
+        return
+    rows = []
+    for config in ["fp32", "bf16", *a.formats.split(",")]:
+        cmd = [sys.executable, __file__, "--one", config, "--new", str(a.new), "--batches", a.batches,
+               "--threads", str(a.threads)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+    fp32 = rows[0]
+    for r in rows:
+        r["linears_vs_fp32"] = round(r["block_linears_bytes"] / fp32["block_linears_bytes"], 4)
+        for b in batches:
+            r[f"speedup_vs_fp32_b{b}"] = round(r[f"tokens_per_s_b{b}"] / fp32[f"tokens_per_s_b{b}"], 3)
+    from bench.decode import versions
+
+    load = os.getloadavg()
+    result = {"command": "python " + " ".join(sys.argv), "date": datetime.now(UTC).isoformat(timespec="seconds"),
+              "cpu_count": os.cpu_count(), "threads": a.threads, "loadavg_at_end": [round(x, 2) for x in load],
+              "versions": versions(), "model": "SmolLM2-135M (GGUF -> fp32); VPTQ rows: random codes, no perm",
+              "new_tokens": a.new, "rows": rows}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
