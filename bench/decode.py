@@ -47,7 +47,7 @@ PROMPT = "The history of the transistor begins with"
 def random_vq(lin: nn.Linear, v: int, k: int, *, device, gen: torch.Generator, kr: int = 0) -> VQuantLinear:
     """A VQuantLinear of lin's shape: v, k (2-bit at v8-k65536, v6-k4096), one group, perm + norm, random
     codes (on CUDA random packed words: with one group and no residual every bit pattern is a valid code).
-    VPTQ_BENCH_PERM=0 (bench/kernels.py): no permutation, the layout the quantizer stores for every preset.
+    VPTQ_BENCH_PERM=0 (bench/kernel_table.py): no permutation, the layout the quantizer stores for every preset.
     kr: a residual codebook of kr centroids (the 3- and 4-bit presets: v5-k1024-32, v4-k1024-64)."""
     n, m = lin.in_features, lin.out_features
     with torch.device(device):

@@ -5,9 +5,9 @@
 
 For each format, shape and variant (keyword arguments of `kernels.dequant.dequantize`: h2, maxreg,
 blocks, rb, threads, grid, ranges, contig): check the fp16 result against the fp32 oracle (relative error), then time it
-(CUDA-event median, inputs rotated past the L2, as bench/kernels.py) and print µs, GB/s over the
+(CUDA-event median, inputs rotated past the L2, as bench/kernel_table.py) and print µs, GB/s over the
 fp16 bytes written and % of the H100's 3.35 TB/s, with the launch configuration and registers.
-The full table of every kernel is bench/kernels.py; this is the quick loop for tuning.
+The full table of every kernel is bench/kernel_table.py; this is the quick loop for tuning.
 """
 
 import argparse
@@ -47,7 +47,7 @@ def registers(p, cfg, colmap) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--formats", default="v4k256,v6k4096,v5k1024,v8k65536")
-    ap.add_argument("--shapes", default="0,4,5", help="shape numbers of bench/kernels.py SHAPES")
+    ap.add_argument("--shapes", default="0,4,5", help="shape numbers of bench/kernel_table.py SHAPES")
     ap.add_argument("--variants", default="h2=0;h2=1", help="';'-separated dequantize keyword sets")
     args = ap.parse_args()
     names = list(SHAPES)

@@ -8,7 +8,7 @@ the fp32 oracle (relative error), then time the kernel (CUDA-event median of 100
 over enough layers to defeat the L2) against torch fp16 x @ W.T of the same shape in the same run.
 Also prints the event-timed floor of an empty numba kernel (launch + two event records), the
 compiled kernel's registers per thread, and the GB/s over the bytes read. The full table of every
-kernel is bench/kernels.py; this probe is the quick loop for tuning the row kernel.
+kernel is bench/kernel_table.py; this probe is the quick loop for tuning the row kernel.
 """
 
 import argparse

@@ -4,7 +4,7 @@
 # --noconftest and only vptq/ + kernels/ imported). Stages, in the order given (default: all):
 #   tests   the kernel tests on the GPU (row gemv, groups, dequantize): correctness first
 #   probe   the row gemv's knobs on every 7B/70B shape (bench/gemv_rows_probe.py --variants)
-#   table   the full kernel table of the batch-1 formats (bench/kernels.py)
+#   table   the full kernel table of the batch-1 formats (bench/kernel_table.py)
 #   decode  the Llama-2-7B-shaped decode step (bench/decode.py)
 #   floor   what an empty launch costs under each timing protocol (bench/launch_floor.py)
 #   dequant the row-staged dequantize's knobs and torch's write ceiling per shape (bench/dequant_probe.py;
@@ -49,7 +49,7 @@ for s in "${stages[@]}"; do
               var="PROBE_$f"
               $PY -u bench/gemv_rows_probe.py --formats "$f" --variants "${!var:-;ilv=1}" > "$OUT/probe_$f.log" 2>&1
             done ;;
-    table)  $PY -u bench/kernels.py --formats "$FORMATS" --no-assign --out "$OUT" > "$OUT/table.log" 2>&1 ;;
+    table)  $PY -u bench/kernel_table.py --formats "$FORMATS" --no-assign --out "$OUT" > "$OUT/table.log" 2>&1 ;;
     decode) $PY -u bench/decode.py --gpu --formats "$FORMATS" --out "$OUT" > "$OUT/decode.log" 2>&1 ;;
     floor)  $PY -u bench/launch_floor.py > "$OUT/floor.log" 2>&1 ;;
     dequant) $PY -u bench/dequant_probe.py --formats "$FORMATS" --shapes "${DQ_SHAPES:-0,1,2,3,4,5}" \

@@ -24,7 +24,8 @@ import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# bench/ holds kernels.py, which would shadow the `kernels` package transformers probes for
+# bench/ off the path: a module there must never shadow a package transformers probes for (bench/
+# held a kernels.py once, which shadowed Hugging Face's `kernels`)
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 

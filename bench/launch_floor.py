@@ -2,7 +2,7 @@
 
     python -u bench/launch_floor.py
 
-bench/kernels.py times each call between two CUDA events, the GPU stalled until every call is
+bench/kernel_table.py times each call between two CUDA events, the GPU stalled until every call is
 queued, so a timing holds the launch's device-side cost and the event records as well as the
 kernel. On 4096x4096 that floor is a third of the fused gemv's time, and the issue's 2.5x would
 leave it 2.8 µs of work. This prints the floor for kernels that do nothing, so that the small
@@ -13,7 +13,7 @@ shapes' figures can be read against it:
   (the path GemvPlan takes), and with 16 array arguments (a fused gemv passes about that many:
   parameter bytes);
 * numba with 96 KiB of dynamic shared memory and the largest carveout (the row kernel's launch);
-* each timed per call between events (bench/kernels.py's protocol), back to back with one event
+* each timed per call between events (bench/kernel_table.py's protocol), back to back with one event
   pair around 100 calls, and replayed from a captured CUDA graph (the decode loop's way).
 """
 

@@ -1,8 +1,8 @@
 """Kernel benchmark on one GPU: fused gemv, dequantize, nearest-centroid assignment.
 
-    python bench/kernels.py [--out DIR] [--quick] [--formats v8k65536,v6k4096,...] [--shapes 0,3]
-    python bench/kernels.py --check        odd shapes, every kernel path vs the torch oracles
-    python bench/kernels.py --sweep-smem   launch shapes of the shared-memory-codebook gemv
+    python bench/kernel_table.py [--out DIR] [--quick] [--formats v8k65536,v6k4096,...] [--shapes 0,3]
+    python bench/kernel_table.py --check        odd shapes, every kernel path vs the torch oracles
+    python bench/kernel_table.py --sweep-smem   launch shapes of the shared-memory-codebook gemv
 
 Timing: CUDA events around each call, median over >= 100 calls after warm-up. The GPU is first
 stalled with torch.cuda._sleep so that the host has queued all timed calls before the first one
@@ -540,7 +540,7 @@ def main() -> None:
         shapes = names[:1]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"command": ("" if PERM else "VPTQ_BENCH_PERM=0 ") + "python bench/kernels.py " + " ".join(sys.argv[1:]),
+    meta = {"command": ("" if PERM else "VPTQ_BENCH_PERM=0 ") + "python bench/kernel_table.py " + " ".join(sys.argv[1:]),
             "date": datetime.now(UTC).isoformat(timespec="seconds"), "versions": versions()}
     print(json.dumps(meta), flush=True)
     if args.sweep or args.graph_check or args.check or args.sweep_smem:
