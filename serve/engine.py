@@ -116,7 +116,7 @@ def sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> in
     """Next token from one row of logits: greedy at temperature 0, else temperature + nucleus."""
     if s.temperature <= 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / s.temperature, -1)
+    probs = torch.softmax(logits / s.temperature, -1)
     if s.top_p < 1.0:
         p, order = torch.sort(probs, descending=True)
         drop = p.cumsum(-1) - p >= s.top_p  # keep the smallest prefix whose mass reaches top_p
@@ -234,7 +234,7 @@ class Engine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(1) - 1).clamp_min(0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-        logits = out.logits[:, -1]
+        logits = out.logits[:, -1].float().cpu()  # sampling on the CPU: the per-request generators live there
         self.batch.add(seqs, out.cache, mask)
         for i, s in enumerate(seqs):
             self._append(s, sample(logits[i], s.sampling, s.generator))
@@ -249,7 +249,7 @@ class Engine:
         b.cache, b.mask = out.cache, mask
         if self.on_decode:
             self.on_decode(len(b))
-        logits = out.logits[:, -1]
+        logits = out.logits[:, -1].float().cpu()
         for i, s in enumerate(b.seqs):
             if not (s.finish or s.cancelled):
                 self._append(s, sample(logits[i], s.sampling, s.generator))

@@ -69,14 +69,14 @@ from numba import njit, prange
 _COMMON = '''
 
 @njit(cache=True, nogil=True)
-def prologue(x, src, scale, wbias, xs, c):
+def prologue(x, src, scale, wbias):
     """xs[p, b] = x[b, src[p]] * scale[src[p]] (stored order, (N, B)); c[b] = x[b] . wbias."""
     nb = x.shape[0]
     n = x.shape[1]
     perm = src.shape[0] > 0
     norm = scale.shape[0] > 0
-    for b in range(nb):
-        c[b] = np.float32(0.0)
+    xs = np.empty(n * nb, np.float32)
+    c = np.zeros(nb, np.float32)
     for p in range(n):
         j = src[p] if perm else p
         for b in range(nb):
@@ -85,6 +85,19 @@ def prologue(x, src, scale, wbias, xs, c):
                 c[b] += xv * wbias[j]
                 xv = xv * scale[j]
             xs[p * nb + b] = xv
+    return xs, c
+'''
+
+_RUN = '''
+
+@njit(cache=True, nogil=True)
+def run(x, src, scale, wbias, bias, idx, words, cb, k, rcb, kr, gs, bits, main_bits, oidx, ocb, v0, y):
+    """y = x W^T + bias: one call from Python (prologue, coded columns, outlier columns)."""
+    xs, c = prologue(x, src, scale, wbias)
+    nb = x.shape[0]
+    kernel(xs, nb, c, bias, idx, words, cb, k, rcb, kr, gs, bits, main_bits, y)
+    if oidx.shape[1] > 0:
+        outliers(xs, nb, oidx, ocb, v0, y)
 '''
 
 _OUTLIERS = '''
@@ -110,16 +123,17 @@ def _kernel_source(v: int, res: bool, batched: bool) -> str:
     """numba source of the main kernel for vector length v, with or without a residual codebook.
 
     The v outputs are unrolled into scalars; every index is unsigned so that numba emits no
-    negative-index wrap-around (a compare and a select per load otherwise)."""
+    negative-index wrap-around (a compare and a select per load otherwise); the codebooks are 2-D
+    (entry, v) so that a centroid's v values load from one base with constant offsets."""
     ts = range(v)
     kind = f"vector length {v}, {'residual, ' if res else ''}{'batched' if batched else 'batch 1'}"
-    L = [_HEADER.format(kind=kind), f"V = {v}", "", "",
+    L = [_HEADER.format(kind=kind), f"V = {v}", _COMMON, _OUTLIERS, _RUN, "",
          "@njit(parallel=True, fastmath=True, cache=True, nogil=True)",
          "def kernel(xs, nb, c, bias, idx, words, cb, k, rcb, kr, gs, bits, main_bits, y):",
          '    """y[b, r*V + t] = sum over coded columns of xs * (cb + rcb)[code, t] + c[b] + bias."""',
          "    m_out = y.shape[1]",
          "    rows = (m_out + V - 1) // V",
-         "    groups = cb.shape[0] // (k * V)",
+         "    groups = cb.shape[0] // k",
          "    o = xs.shape[0] // nb - groups * gs  # outlier columns come first in stored order",
          "    cmask = np.uint64((1 << bits) - 1)",
          "    mmask = np.uint64((1 << main_bits) - 1)",
@@ -129,15 +143,15 @@ def _kernel_source(v: int, res: bool, batched: bool) -> str:
          "    ugs = np.uint64(gs)",
          "    has_bias = bias.shape[0] > 0"]
     L += [f"    U{t} = np.uint64({t})" for t in range(max(v, 2))]
-    L += [f"    UV = np.uint64({v})", "    for r in prange(rows):"]
+    L.append("    for r in prange(rows):")
     if batched:
         L.append("        acc = np.zeros(V * nb, np.float32)  # (V, B): the loop over b vectorises")
     else:
         L += [f"        a{t} = np.float32(0.0)" for t in ts]
     L += ["        for g in range(groups):",
           "            wp = np.uint64((g * rows + r) * words)",
-          "            cbg = np.uint64(g * k * V)",
-          "            rcbg = np.uint64(g * kr * V)",
+          "            cbg = np.uint64(g * k)",
+          "            rcbg = np.uint64(g * kr)",
           "            xp = np.uint64(o + g * gs)" + (" * unb  # xs is (N, B)" if batched else ""),
           "            buf = np.uint64(0)",
           "            nbit = 0",
@@ -149,11 +163,11 @@ def _kernel_source(v: int, res: bool, batched: bool) -> str:
           "                code = buf & cmask",
           "                buf >>= ubits",
           "                nbit -= bits",
-          "                q = cbg + (code & mmask) * UV"]
-    L += [f"                w{t} = cb[q + U{t}]" for t in ts]
+          "                q = cbg + (code & mmask)"]
+    L += [f"                w{t} = cb[q, {t}]" for t in ts]
     if res:
-        L.append("                qr = rcbg + (code >> umain) * UV")
-        L += [f"                w{t} += rcb[qr + U{t}]" for t in ts]
+        L.append("                qr = rcbg + (code >> umain)")
+        L += [f"                w{t} += rcb[qr, {t}]" for t in ts]
     if batched:
         L += ["                for b in range(unb):", "                    xv = xs[xp + b]"]
         L += [f"                    acc[U{t} * unb + b] += w{t} * xv" for t in ts]
@@ -195,18 +209,14 @@ def _write_once(path: Path, src: str) -> None:
 
 
 @functools.cache
-def common():
-    """The generated module of the layout-independent steps (prologue, outliers)."""
-    return _load(_HEADER.format(kind="prologue and outlier columns") + _COMMON + _OUTLIERS, "common")
-
-
-@functools.cache
 def kernel(v: int, res: bool, batched: bool):
-    """The main kernel of vector length v, with or without a residual codebook, batch 1 or batched."""
+    """The kernel of vector length v, with or without a residual codebook, batch 1 or batched: one numba
+    function `run(x, src, scale, wbias, bias, idx, words, cb, k, rcb, kr, gs, bits, main_bits, oidx, ocb, v0, y)`
+    (the prologue, the coded columns in parallel over rows of vectors, the outlier columns)."""
     if not 1 <= v <= MAX_V:
         raise ValueError(f"vector_len: {v} not supported on CPU (1..{MAX_V})")
     tag = f"v{v}{'r' if res else ''}_{'bn' if batched else 'b1'}"
-    return _load(_kernel_source(v, res, batched), tag).kernel
+    return _load(_kernel_source(v, res, batched), tag).run
 
 
 def _load(src: str, tag: str):
@@ -226,15 +236,15 @@ def _load(src: str, tag: str):
 
 
 # ------------------------------------------------------------------ per-layer plan
-@dataclass(frozen=True)
+@dataclass
 class CpuPlan:
     """A layer prepared for the CPU kernels: numpy views of the packed codes, float32 codebooks."""
 
     p: PackedLayer
     idx: object  # np.ndarray int32 (G*R*words,): a view of p.indices
     words: int
-    cb: object  # np.ndarray float32 (G*k*v,)
-    rcb: object  # np.ndarray float32 (G*kr*v,) or (v,) zeros
+    cb: object  # np.ndarray float32 (G*k, v)
+    rcb: object  # np.ndarray float32 (G*kr, v), or (1, v) zeros
     kr: int
     oidx: object  # np.ndarray int16 (R0, O): a view of p.outlier_indices, or (1, 0)
     ocb: object  # np.ndarray float32 (k0*v0,)
@@ -255,6 +265,9 @@ class CpuPlan:
             raise ValueError(f"vector_len: {p.vector_len} not supported on CPU (1..{MAX_V})")
         v = p.vector_len
 
+        def rows_of(cb):  # (G, k*v) -> float32 (G*k, v)
+            return np.ascontiguousarray(cb.detach().to(torch.float32).reshape(-1, v).numpy())
+
         def f32(t):
             return np.ascontiguousarray(t.detach().to(torch.float32).reshape(-1).numpy())
 
@@ -264,8 +277,8 @@ class CpuPlan:
         if oidx is not None:
             oidx = (oidx.view(torch.int16) if oidx.dtype == torch.float16 else oidx)[0].contiguous().numpy()
         return cls(
-            p=p, idx=idx.reshape(-1).numpy(), words=idx.shape[-1], cb=f32(p.centroids),
-            rcb=f32(p.res_centroids) if p.num_res_centroids else np.zeros(v, np.float32),
+            p=p, idx=idx.reshape(-1).numpy(), words=idx.shape[-1], cb=rows_of(p.centroids),
+            rcb=rows_of(p.res_centroids) if p.num_res_centroids else np.zeros((1, v), np.float32),
             kr=p.num_res_centroids or 1,
             oidx=oidx if p.outlier_size else np.zeros((1, 0), np.int16),
             ocb=f32(p.outlier_centroids) if p.outlier_size else empty_f,
@@ -282,7 +295,6 @@ class CpuPlan:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, N) -> y (B, M) float32; B <= MAX_ROWS on the kernels, above: dequantize + matmul."""
-        import numpy as np
 
         p = self.p
         x = x.detach()
@@ -291,18 +303,17 @@ class CpuPlan:
         rows = x.shape[0]
         if rows > MAX_ROWS:
             return gemm_ref(x, p)
-        com = common()
         y = torch.empty(rows, p.out_features, dtype=torch.float32)
-        ya = y.numpy()
-        xs = np.empty(p.in_features * rows, np.float32)
-        c = np.empty(rows, np.float32)
-        com.prologue(x.numpy(), self.src, self.scale, self.wbias, xs, c)
-        kernel(p.vector_len, p.num_res_centroids > 0, rows > 1)(
-            xs, rows, c, self.bias, self.idx, self.words, self.cb, p.num_centroids, self.rcb, self.kr,
-            p.group_size, p.code_bits, p.main_bits, ya)
-        if p.outlier_size:
-            com.outliers(xs, rows, self.oidx, self.ocb, p.outlier_vector_len, ya)
+        kernel(p.vector_len, p.num_res_centroids > 0, rows > 1)(x.numpy(), *self.args, y.numpy())
         return y
+
+    @functools.cached_property
+    def args(self) -> tuple:
+        """The kernel's arguments between x and y (marshalled once: a call then costs ~5 us less)."""
+        p = self.p
+        return (self.src, self.scale, self.wbias, self.bias, self.idx, self.words, self.cb, p.num_centroids,
+                self.rcb, self.kr, p.group_size, p.code_bits, p.main_bits, self.oidx, self.ocb,
+                max(p.outlier_vector_len, 1))
 
 
 def forward(mod, x: torch.Tensor) -> torch.Tensor:
