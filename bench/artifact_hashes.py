@@ -49,9 +49,35 @@ def tiny_model(folder: Path) -> Path:
     return folder
 
 
+# Fields that differ between any two runs of the same code (a temporary path, a clock, the code's own
+# hash, timings): dropped before hashing the JSON files, so "normalized" compares the rest of them.
+VOLATILE = ("_name_or_path", "published_at", "code_version", "checkpoint_sha256", "seconds", "time", "created", "rss",
+            "source", "uri", "path")
+VOLATILE_FILES = ("config.json", "manifest.json", "vptq_report.json")
+
+
+def _strip(x):
+    if isinstance(x, dict):
+        return {k: _strip(v) for k, v in x.items()
+                if not any(w in k for w in VOLATILE) and k not in VOLATILE_FILES}
+    if isinstance(x, list):
+        return [_strip(v) for v in x if not (isinstance(v, dict) and v.get("path") in VOLATILE_FILES)]
+    return x
+
+
 def file_hashes(folder: Path) -> dict[str, str]:
     return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def normalized_hashes(folder: Path) -> dict[str, str]:
+    """Every file's sha256, the JSON files' after dropping their volatile fields."""
+    out = file_hashes(folder)
+    for name in VOLATILE_FILES:
+        if (folder / name).is_file():
+            data = _strip(json.loads((folder / name).read_text()))
+            out[name] = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+    return out
 
 
 def run(module: str, cwd: Path, source: str, args: list[str], work: Path) -> dict:
@@ -64,7 +90,8 @@ def run(module: str, cwd: Path, source: str, args: list[str], work: Path) -> dic
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-3000:]}")
     s = json.loads(r.stdout)
-    return {"command": cmd[2:], "seconds": round(time.time() - t0, 1), "bpw": s.get("bpw"), "files": file_hashes(out)}
+    return {"command": cmd[2:], "seconds": round(time.time() - t0, 1), "bpw": s.get("bpw"), "files": file_hashes(out),
+            "normalized": normalized_hashes(out)}
 
 
 def main() -> None:
@@ -73,11 +100,14 @@ def main() -> None:
     ap.add_argument("--cwd", type=Path, default=REPO)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--smollm2", action="store_true", help="also the bundled SmolLM2-135M (minutes on 2 cores)")
+    ap.add_argument("--only", default="", help="comma-separated entry names (default: all)")
     a = ap.parse_args()
     results = {}
     with tempfile.TemporaryDirectory() as td:
         model = tiny_model(Path(td) / "tiny-llama")
         for name, args in TINY + (SMOL if a.smollm2 else []):
+            if a.only and name not in a.only.split(","):
+                continue
             src = "smollm2" if name.startswith("smollm2") else str(model)
             with tempfile.TemporaryDirectory() as work:
                 results[name] = run(a.module, a.cwd, src, args, Path(work))
