@@ -66,6 +66,22 @@ def test_kernel_matches_oracle(preset, full, batch):
     close(cpu.CpuPlan.build(p)(x), cpu.gemm_ref(x, p))
 
 
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_batch1_modes_agree(preset):
+    """Batch 1 takes the histogram kernel on the presets' layouts; the direct one (large codebooks) gives
+    the same numbers; the rule picks direct where the codebook outweighs the columns (v8-k65536)."""
+    v, k, kr = PRESETS[preset]
+    p = PackedLayer.from_module(random_layer(n=581, v=v, k=k, kr=kr))  # outliers + 2 groups of 288 columns
+    plan = cpu.CpuPlan.build(p)
+    x = torch.randn(1, p.in_features, generator=torch.Generator().manual_seed(3))
+    assert plan.mode == "hist"
+    y_hist = plan(x)
+    plan.mode = "direct"
+    close(plan(x), y_hist)
+    close(y_hist, cpu.gemm_ref(x, p))
+    assert cpu.batch1_mode(8, 65536, 0, 4096) == "direct" and cpu.batch1_mode(5, 1024, 32, 576) == "hist"
+
+
 def test_layer_route_is_opt_in_and_matches_the_torch_path():
     """Not opted in: the torch path, bit for bit, and no plan. Opted in: the kernels (no dense weight
     cached), same numbers, any leading shape and float dtype; under autograd the torch path."""
@@ -154,7 +170,7 @@ def test_bad_layouts_are_refused():
     mod = random_layer(v=5, k=1024, o=0, g=1, n=76)
     p = PackedLayer.from_module(mod)
     with pytest.raises(ValueError, match="vector_len"):
-        cpu.kernel(17, False, False)
+        cpu.kernel(17, False, "hist")
     import dataclasses
 
     with pytest.raises(ValueError, match="indices: expected shape"):

@@ -2,10 +2,13 @@
 
 VPTQ vectors run along the output dimension: code (g, r, c) covers the v output rows r*v .. r*v+v-1
 of stored column O + g*group_size + c (O = outlier columns). So one pass over a row of packed codes
-yields v outputs: per code, read `code_bits` bits from the packed stream, gather the v centroid
-values (main + residual), and fused-multiply-add them with the one input value into v
-accumulators. The kernel is parallel over rows of vectors (`numba.prange`); inside a row every
-value stays in scalar registers (the source is generated per vector length, loops unrolled).
+yields v outputs. The kernels are parallel over rows of vectors (`numba.prange`) and read the codes
+as a bit stream (vptq-method.md 2.3). At batch 1 with the presets' small codebooks ("hist"), each
+code adds its input value into a histogram over the codebook (one add per code), and the row's v
+outputs are v vectorised dot products of the codebook's coordinates with it; with large codebooks
+("direct") and for 2..MAX_ROWS token rows ("batched") each code's centroid is multiplied into v
+accumulators (per token row, vectorised over the rows). The source is generated per vector length
+and residual codebook (loops over the v outputs unrolled into scalars).
 
 Algebra (as kernels/gemv.py): stored column p holds original column perm[p] and
 W[:, j] = Q[:, p] * scale[j] + wbias[j], so y[b] = Q xs[b] + (x[b] . wbias) + bias with
@@ -15,13 +18,12 @@ Resident memory is the packed layer: the plan keeps numpy views of the module's 
 int16 outlier codes (no copy) and float32 copies of the codebooks (numba has no float16 on CPU),
 the permutation and the scale/bias vectors: a few KiB per layer beside the codes. No dense weight.
 
-Batch 1 takes the scalar kernel; 2..MAX_ROWS token rows the batched one (accumulators laid out
-(v, B) so the inner loop over the batch vectorises); more rows (prefill) dequantize the layer for
-that call only and use torch's matmul (the dense weight is freed after the call).
+Above MAX_ROWS token rows (prefill) the layer is dequantized for that call only and multiplied by
+torch (the dense weight is freed after the call).
 
-Numba is imported on first use. The kernels' source is generated per (vector length, batched) and
-written once to a file under the user's cache folder, so numba's `cache=True` keeps the compiled
-code across processes (the first call of a fresh install compiles for a few seconds).
+Numba is imported on first use. The generated source is written once to a file under the user's
+cache folder (VPTQ_CPU_KERNEL_DIR overrides it), so numba's `cache=True` keeps the compiled code
+across processes (the first call of a fresh install compiles each variant for a few seconds).
 `gemm_ref` is the torch oracle (dequantize_ref, then F.linear).
 """
 
@@ -119,21 +121,26 @@ def outliers(xs, nb, oidx, ocb, v0, y):
 '''
 
 
-def _kernel_source(v: int, res: bool, batched: bool) -> str:
+def _kernel_source(v: int, res: bool, mode: str) -> str:
     """numba source of the main kernel for vector length v, with or without a residual codebook.
 
-    The v outputs are unrolled into scalars; every index is unsigned so that numba emits no
-    negative-index wrap-around (a compare and a select per load otherwise); the codebooks are 2-D
-    (entry, v) so that a centroid's v values load from one base with constant offsets."""
+    mode "hist" (batch 1, small codebooks): per row of vectors and group, a histogram h[code] += x
+    over the columns (one scatter-add per code), then y[r*v + t] = cbT[t] . h, a vectorised dot per
+    output (so per code one add instead of v multiply-adds). mode "direct" (batch 1, large codebooks:
+    k*v comparable to the columns) multiply-adds each code's centroid into v scalars; "batched" does
+    that for B token rows at once (accumulators (v, B): the loop over b vectorises).
+    Codebooks are transposed, (G*v, k): row g*v + t holds coordinate t of every entry. Every index
+    is unsigned so that numba emits no negative-index wrap-around (a compare and a select per load)."""
     ts = range(v)
-    kind = f"vector length {v}, {'residual, ' if res else ''}{'batched' if batched else 'batch 1'}"
+    batched = mode == "batched"
+    kind = f"vector length {v}, {'residual, ' if res else ''}{mode}"
     L = [_HEADER.format(kind=kind), f"V = {v}", _COMMON, _OUTLIERS, _RUN, "",
          "@njit(parallel=True, fastmath=True, cache=True, nogil=True)",
          "def kernel(xs, nb, c, bias, idx, words, cb, k, rcb, kr, gs, bits, main_bits, y):",
          '    """y[b, r*V + t] = sum over coded columns of xs * (cb + rcb)[code, t] + c[b] + bias."""',
          "    m_out = y.shape[1]",
          "    rows = (m_out + V - 1) // V",
-         "    groups = cb.shape[0] // k",
+         "    groups = cb.shape[0] // V",
          "    o = xs.shape[0] // nb - groups * gs  # outlier columns come first in stored order",
          "    cmask = np.uint64((1 << bits) - 1)",
          "    mmask = np.uint64((1 << main_bits) - 1)",
@@ -145,15 +152,20 @@ def _kernel_source(v: int, res: bool, batched: bool) -> str:
     L += [f"    U{t} = np.uint64({t})" for t in range(max(v, 2))]
     L.append("    for r in prange(rows):")
     if batched:
-        L.append("        acc = np.zeros(V * nb, np.float32)  # (V, B): the loop over b vectorises")
+        L.append("        acc = np.zeros(V * nb, np.float32)")
     else:
         L += [f"        a{t} = np.float32(0.0)" for t in ts]
+    if mode == "hist":
+        L.append("        h = np.empty(k, np.float32)")
+        if res:
+            L.append("        hr = np.empty(kr, np.float32)")
     L += ["        for g in range(groups):",
           "            wp = np.uint64((g * rows + r) * words)",
-          "            cbg = np.uint64(g * k)",
-          "            rcbg = np.uint64(g * kr)",
-          "            xp = np.uint64(o + g * gs)" + (" * unb  # xs is (N, B)" if batched else ""),
-          "            buf = np.uint64(0)",
+          "            rb = np.uint64(g * V)",
+          "            xp = np.uint64(o + g * gs)" + (" * unb  # xs is (N, B)" if batched else "")]
+    if mode == "hist":
+        L += ["            h[:] = 0"] + (["            hr[:] = 0"] if res else [])
+    L += ["            buf = np.uint64(0)",
           "            nbit = 0",
           "            for _ in range(ugs):",
           "                if nbit < bits:  # the packed stream, LSB first, 32-bit words",
@@ -162,19 +174,31 @@ def _kernel_source(v: int, res: bool, batched: bool) -> str:
           "                    nbit += 32",
           "                code = buf & cmask",
           "                buf >>= ubits",
-          "                nbit -= bits",
-          "                q = cbg + (code & mmask)"]
-    L += [f"                w{t} = cb[q, {t}]" for t in ts]
-    if res:
-        L.append("                qr = rcbg + (code >> umain)")
-        L += [f"                w{t} += rcb[qr, {t}]" for t in ts]
-    if batched:
-        L += ["                for b in range(unb):", "                    xv = xs[xp + b]"]
-        L += [f"                    acc[U{t} * unb + b] += w{t} * xv" for t in ts]
-        L.append("                xp += unb")
+          "                nbit -= bits"]
+    if mode == "hist":
+        L += ["                xv = xs[xp]", "                xp += U1", "                h[code & mmask] += xv"]
+        if res:
+            L.append("                hr[code >> umain] += xv")
+        L += [f"            c{t} = cb[rb + U{t}]" for t in ts]
+        L += ["            for i in range(k):", "                hv = h[i]"]
+        L += [f"                a{t} += c{t}[i] * hv" for t in ts]
+        if res:
+            L += [f"            c{t} = rcb[rb + U{t}]" for t in ts]
+            L += ["            for i in range(kr):", "                hv = hr[i]"]
+            L += [f"                a{t} += c{t}[i] * hv" for t in ts]
     else:
-        L += ["                xv = xs[xp]", "                xp += U1"]
-        L += [f"                a{t} += xv * w{t}" for t in ts]
+        L.append("                q = code & mmask")
+        L += [f"                w{t} = cb[rb + U{t}, q]" for t in ts]
+        if res:
+            L.append("                qr = code >> umain")
+            L += [f"                w{t} += rcb[rb + U{t}, qr]" for t in ts]
+        if batched:
+            L += ["                for b in range(unb):", "                    xv = xs[xp + b]"]
+            L += [f"                    acc[U{t} * unb + b] += w{t} * xv" for t in ts]
+            L.append("                xp += unb")
+        else:
+            L += ["                xv = xs[xp]", "                xp += U1"]
+            L += [f"                a{t} += xv * w{t}" for t in ts]
     L.append("        m0 = r * V")
     for t in ts:
         L.append(f"        if m0 + {t} < m_out:")
@@ -184,6 +208,12 @@ def _kernel_source(v: int, res: bool, batched: bool) -> str:
         else:
             L.append(f"            y[0, m0 + {t}] = a{t} + c[0] + (bias[m0 + {t}] if has_bias else np.float32(0.0))")
     return "\n".join(L) + "\n"
+
+
+def batch1_mode(v: int, k: int, kr: int, columns: int) -> str:
+    """"hist" where the histogram's dot products (k*v/8 vector FMAs, k/16 stores to clear it) cost
+    less than the v - 1 multiply-adds per code it saves, else "direct" (e.g. v8-k65536)."""
+    return "hist" if (k + kr) * (v / 8 + 1 / 16) < (v - 1) * columns else "direct"
 
 
 def _source_dir() -> Path:
@@ -209,14 +239,15 @@ def _write_once(path: Path, src: str) -> None:
 
 
 @functools.cache
-def kernel(v: int, res: bool, batched: bool):
-    """The kernel of vector length v, with or without a residual codebook, batch 1 or batched: one numba
-    function `run(x, src, scale, wbias, bias, idx, words, cb, k, rcb, kr, gs, bits, main_bits, oidx, ocb, v0, y)`
-    (the prologue, the coded columns in parallel over rows of vectors, the outlier columns)."""
+def kernel(v: int, res: bool, mode: str):
+    """The kernel of vector length v, with or without a residual codebook, in mode hist / direct / batched:
+    one numba function `run(x, src, scale, wbias, bias, idx, words, cb, k, rcb, kr, gs, bits, main_bits,
+    oidx, ocb, v0, y)` (the prologue, the coded columns in parallel over rows of vectors, the outliers)."""
     if not 1 <= v <= MAX_V:
         raise ValueError(f"vector_len: {v} not supported on CPU (1..{MAX_V})")
-    tag = f"v{v}{'r' if res else ''}_{'bn' if batched else 'b1'}"
-    return _load(_kernel_source(v, res, batched), tag).run
+    if mode not in ("hist", "direct", "batched"):
+        raise ValueError(f"mode: {mode!r} is not hist, direct or batched")
+    return _load(_kernel_source(v, res, mode), f"v{v}{'r' if res else ''}_{mode}").run
 
 
 def _load(src: str, tag: str):
@@ -243,8 +274,8 @@ class CpuPlan:
     p: PackedLayer
     idx: object  # np.ndarray int32 (G*R*words,): a view of p.indices
     words: int
-    cb: object  # np.ndarray float32 (G*k, v)
-    rcb: object  # np.ndarray float32 (G*kr, v), or (1, v) zeros
+    cb: object  # np.ndarray float32 (G*v, k): coordinate t of group g's entries in row g*v + t
+    rcb: object  # np.ndarray float32 (G*v, kr), or (G*v, 1) zeros
     kr: int
     oidx: object  # np.ndarray int16 (R0, O): a view of p.outlier_indices, or (1, 0)
     ocb: object  # np.ndarray float32 (k0*v0,)
@@ -265,8 +296,9 @@ class CpuPlan:
             raise ValueError(f"vector_len: {p.vector_len} not supported on CPU (1..{MAX_V})")
         v = p.vector_len
 
-        def rows_of(cb):  # (G, k*v) -> float32 (G*k, v)
-            return np.ascontiguousarray(cb.detach().to(torch.float32).reshape(-1, v).numpy())
+        def coords(cb):  # (G, k*v) -> float32 (G*v, k): row g*v + t = coordinate t of group g's entries
+            t = cb.detach().to(torch.float32).reshape(cb.shape[0], -1, v).transpose(1, 2)
+            return np.ascontiguousarray(t.reshape(-1, t.shape[-1]).numpy())
 
         def f32(t):
             return np.ascontiguousarray(t.detach().to(torch.float32).reshape(-1).numpy())
@@ -277,8 +309,8 @@ class CpuPlan:
         if oidx is not None:
             oidx = (oidx.view(torch.int16) if oidx.dtype == torch.float16 else oidx)[0].contiguous().numpy()
         return cls(
-            p=p, idx=idx.reshape(-1).numpy(), words=idx.shape[-1], cb=rows_of(p.centroids),
-            rcb=rows_of(p.res_centroids) if p.num_res_centroids else np.zeros((1, v), np.float32),
+            p=p, idx=idx.reshape(-1).numpy(), words=idx.shape[-1], cb=coords(p.centroids),
+            rcb=coords(p.res_centroids) if p.num_res_centroids else np.zeros((p.group_num * v, 1), np.float32),
             kr=p.num_res_centroids or 1,
             oidx=oidx if p.outlier_size else np.zeros((1, 0), np.int16),
             ocb=f32(p.outlier_centroids) if p.outlier_size else empty_f,
@@ -304,8 +336,14 @@ class CpuPlan:
         if rows > MAX_ROWS:
             return gemm_ref(x, p)
         y = torch.empty(rows, p.out_features, dtype=torch.float32)
-        kernel(p.vector_len, p.num_res_centroids > 0, rows > 1)(x.numpy(), *self.args, y.numpy())
+        kernel(p.vector_len, p.num_res_centroids > 0, "batched" if rows > 1 else self.mode)(
+            x.numpy(), *self.args, y.numpy())
         return y
+
+    @functools.cached_property
+    def mode(self) -> str:
+        p = self.p
+        return batch1_mode(p.vector_len, p.num_centroids, p.num_res_centroids, p.group_size)
 
     @functools.cached_property
     def args(self) -> tuple:
