@@ -60,11 +60,13 @@ def quiet_libraries() -> None:
 def hint(e: BaseException) -> str:
     """What to do about an error that comes from the environment rather than the request."""
     if isinstance(e, ImportError) and (e.name == "kernels" or "from 'kernels'" in str(e)):
-        # a top-level `kernels` other than Hugging Face's (an old vptq-service install had one) shadows
-        # the one transformers >= 5.25 imports
-        return (" -- another installed distribution provides a top-level `kernels` package (Hugging Face's"
-                " `kernels`), which clashes with vptq-service's: `pip uninstall kernels`, or install"
-                " vptq-service in its own environment")
+        # transformers >= 5.25 imports Hugging Face's `kernels` when it is installed; a different
+        # top-level `kernels` found first (an old vptq-service install had one, or a kernels.py in the
+        # folder a script runs from) breaks that import
+        return (" -- a top-level `kernels` that is not Hugging Face's shadows the one transformers imports"
+                " (an older vptq-service install, or a kernels.py beside the script): remove it, e.g."
+                " `pip uninstall kernels vptq-service` and reinstall both, or install vptq-service in its own"
+                " environment")
     return ""
 
 

@@ -200,3 +200,10 @@ def test_no_private_name_is_imported_across_modules():
             if any(part.startswith("_") for part in t.split(".")) and t.rpartition(".")[0] != m.rpartition(".")[0]:
                 bad.append(f"{m}: imports {t}, private to its package")
     assert bad == []
+
+
+def test_no_module_on_a_script_path_shadows_hugging_face_kernels():
+    """`python bench/X.py` puts bench/ first on sys.path (pytest puts the repository root): a
+    `kernels.py` or `kernels/` there would be imported by transformers instead of Hugging Face's."""
+    for folder in (REPO, REPO / "bench", REPO / "tests"):
+        assert not (folder / "kernels.py").exists() and not (folder / "kernels").is_dir(), folder
