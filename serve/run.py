@@ -21,7 +21,18 @@ def load_engine(path: str, device: str = "cpu", max_batch: int = 8, max_queue: i
     model, tok = load_for_generation(path, device)
     if model.device.type == "cpu" and available():
         use_cpu_kernels(model)
+    warm_up(model)
     return Engine(model, tok, max_batch=max_batch, max_queue=max_queue)
+
+
+def warm_up(model) -> None:
+    """One pass at 2 tokens and one at 1 before the port opens: the kernels are loaded (compiled on a
+    fresh install) and the layers' plans built, so the first request does not wait for them."""
+    import torch
+
+    with torch.no_grad():
+        for n in (2, 1):
+            model(input_ids=torch.zeros((1, n), dtype=torch.long, device=model.device))
 
 
 def exposure_warning(host: str, api_key: str | None) -> str | None:

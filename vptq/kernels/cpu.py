@@ -359,7 +359,11 @@ def forward(mod, x: torch.Tensor) -> torch.Tensor:
 
     The plan is cached on the module, keyed on the data_ptr and _version of every parameter and
     buffer (load_state_dict, .to() or in-place updates rebuild it)."""
-    key = tuple((t.data_ptr(), t._version) for t in (*mod.parameters(), *mod.buffers()))
+    # the layer's own tensors and its codebook embeddings' (what parameters()/buffers() yield, read
+    # without their recursion: this runs for every layer of every token)
+    ts = [*mod._parameters.values(), *mod._buffers.values(),
+          *(t for m in mod._modules.values() if m is not None for t in m._parameters.values())]
+    key = tuple((t.data_ptr(), t._version) for t in ts if t is not None)
     st = getattr(mod, "_cpu_plan", None)
     if st is None or st[0] != key:
         st = (key, CpuPlan.build(PackedLayer.from_module(mod)))
