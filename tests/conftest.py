@@ -6,7 +6,7 @@ import torch
 
 # Session fixtures are registered here, once: a module importing one would get its own instance
 # (pytest keys a fixture by where it is defined), e.g. a Prefect test server per test module.
-from tests.prefect_fixtures import prefect_harness  # noqa: F401
+from tests.prefect_fixtures import prefect_harness, tiny_flow_job  # noqa: F401
 from tests.store_fixtures import moto_server  # noqa: F401
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))

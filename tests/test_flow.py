@@ -118,7 +118,7 @@ def test_flow_end_to_end_then_pull_and_generate(home, tiny_llama_dir, text_file,
 
 
 def test_resume_after_a_failure_reuses_blocks_and_is_byte_identical(home, tiny_llama_dir, text_file,
-                                                                     monkeypatch, tmp_path):
+                                                                     monkeypatch, tmp_path, tiny_flow_job):
     import vptq.driver
 
     real = vptq.driver.quantize_linears
@@ -142,11 +142,11 @@ def test_resume_after_a_failure_reuses_blocks_and_is_byte_identical(home, tiny_l
     assert s["status"] == "succeeded" and s["blocks_total"] == 2 and s["blocks_reused"] == 1
     resumed = checkpoint_bytes(Path(s["workspace"]) / "checkpoint")
 
-    # an uninterrupted run of the same request elsewhere writes the very same bytes
-    monkeypatch.setenv("VPTQ_HOME", str(tmp_path / "other-home"))
-    code, fresh, err = submit(tiny_llama_dir, text_file)
-    assert code == 0 and fresh["blocks_reused"] == 0, err
-    assert checkpoint_bytes(Path(fresh["workspace"]) / "checkpoint") == resumed
+    # an uninterrupted run of the same request elsewhere (the session's, in a VPTQ_HOME of its own)
+    # writes the very same bytes
+    fresh = tiny_flow_job.summary
+    assert fresh["blocks_reused"] == 0 and fresh["workspace"] != s["workspace"]
+    assert tiny_flow_job.checkpoint == resumed
 
 
 def test_bad_input_fails_fast_with_one_line(home, tiny_llama_dir, text_file, tmp_path):
@@ -208,7 +208,8 @@ app(sys.argv[2:])
 """
 
 
-def test_sigkill_midway_then_resume_recomputes_no_finished_block(home, tiny_llama_dir, text_file, tmp_path):
+def test_sigkill_midway_then_resume_recomputes_no_finished_block(home, tiny_llama_dir, text_file, tmp_path,
+                                                                   tiny_flow_job):
     from prefect.settings import PREFECT_API_URL
 
     marker = tmp_path / "block-1-started"
@@ -234,10 +235,9 @@ def test_sigkill_midway_then_resume_recomputes_no_finished_block(home, tiny_llam
     assert s["status"] == "succeeded" and s["blocks_total"] == 2 and s["blocks_reused"] == 1
     assert s["artifact"] == "tiny:v1"
     killed_then_resumed = checkpoint_bytes(Path(s["workspace"]) / "checkpoint")
-    os.environ["VPTQ_HOME"] = str(tmp_path / "uninterrupted")  # restored by the home fixture's monkeypatch
-    code, fresh, err = submit(tiny_llama_dir, text_file)
-    assert code == 0 and fresh["blocks_reused"] == 0, err
-    assert checkpoint_bytes(Path(fresh["workspace"]) / "checkpoint") == killed_then_resumed
+    fresh = tiny_flow_job.summary  # an uninterrupted run of the same request (the session's, elsewhere)
+    assert fresh["blocks_reused"] == 0 and fresh["workspace"] != s["workspace"]
+    assert tiny_flow_job.checkpoint == killed_then_resumed
 
 
 def test_model_from_s3_published_to_s3(home, bucket, tiny_llama_dir, text_file, tmp_path):  # noqa: F811

@@ -101,14 +101,18 @@ def test_hessian_set_is_shared_and_matches_in_model_hessians(home, tiny_llama_di
 
 @pytest.mark.parametrize("mode", ["sequential", "original"])
 def test_dask_runner_gives_the_bytes_of_the_in_process_runner(home, tiny_llama_dir, text_file, tmp_path,  # noqa: F811
-                                                              monkeypatch, mode):
-    local = compress(tiny_llama_dir, text_file, tmp_path / "local", "--hessians", mode)
+                                                              monkeypatch, mode, tiny_flow_job):
+    if mode == "original":  # the preset's mode: the session's uninterrupted job is this request
+        local, local_dir = dict(tiny_flow_job.summary), tiny_flow_job.artifact
+    else:
+        local_dir = tmp_path / "local"
+        local = compress(tiny_llama_dir, text_file, local_dir, "--hessians", mode)
     assert local["runner"] == "local"
     monkeypatch.setenv("VPTQ_HOME", str(tmp_path / "home-dask"))  # nothing cached from the first run
     dask = compress(tiny_llama_dir, text_file, tmp_path / "dask", "--hessians", mode, "--runner", "dask",
                     "--workers", "2")
     assert dask["runner"] == "dask" and dask["blocks_reused"] == 0 and dask["blocks_total"] == 2
-    assert checkpoint_bytes(tmp_path / "local") == checkpoint_bytes(tmp_path / "dask")
+    assert checkpoint_bytes(local_dir) == checkpoint_bytes(tmp_path / "dask")
     assert (local["bpw"], local["layers"]) == (dask["bpw"], dask["layers"])
     per_linear = {f"quantize-{i}-{n}" for i in range(2) for n in LINEARS}
     assert per_linear <= task_names(dask["prefect_run_id"], per_linear)  # the linears ran as tasks of their own
@@ -118,12 +122,12 @@ def test_dask_runner_gives_the_bytes_of_the_in_process_runner(home, tiny_llama_d
 
 
 def test_ray_runner_gives_the_bytes_of_the_in_process_runner(home, tiny_llama_dir, text_file, tmp_path,  # noqa: F811
-                                                             monkeypatch):
-    compress(tiny_llama_dir, text_file, tmp_path / "local")
+                                                             monkeypatch, tiny_flow_job):
+    local_dir = tiny_flow_job.artifact  # the same request on the local runner (a session fixture)
     monkeypatch.setenv("VPTQ_HOME", str(tmp_path / "home-ray"))
     ray = compress(tiny_llama_dir, text_file, tmp_path / "ray", "--runner", "ray", "--workers", "2")
     assert ray["runner"] == "ray" and ray["blocks_reused"] == 0
-    assert checkpoint_bytes(tmp_path / "local") == checkpoint_bytes(tmp_path / "ray")
+    assert checkpoint_bytes(local_dir) == checkpoint_bytes(tmp_path / "ray")
     per_linear = {f"quantize-{i}-{n}" for i in range(2) for n in LINEARS}
     assert per_linear <= task_names(ray["prefect_run_id"], per_linear)
 
@@ -148,10 +152,10 @@ if os.environ.get("VPTQ_TEST_KILL_MARKER"):  # a dask worker: die once, in the m
 
 
 def test_dask_worker_killed_mid_block_is_retried_and_the_job_succeeds(home, tiny_llama_dir, text_file,  # noqa: F811
-                                                                      tmp_path, monkeypatch):
+                                                                      tmp_path, monkeypatch, tiny_flow_job):
     """A worker process SIGKILLed while it quantizes a linear of block 1: Dask's nanny restarts it,
     the scheduler reruns the task, the job succeeds with the bytes of an undisturbed run."""
-    compress(tiny_llama_dir, text_file, tmp_path / "local")
+    local_dir = tiny_flow_job.artifact  # the undisturbed run of the same request (a session fixture)
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(KILLER)  # imported by every new (spawned) worker process
@@ -162,7 +166,7 @@ def test_dask_worker_killed_mid_block_is_retried_and_the_job_succeeds(home, tiny
     s = compress(tiny_llama_dir, text_file, tmp_path / "dask", "--runner", "dask", "--workers", "2")
     assert marker.is_file() and int(marker.read_text()) != os.getpid()  # a worker did die
     assert s["status"] == "succeeded" and s["blocks_reused"] == 0
-    assert checkpoint_bytes(tmp_path / "local") == checkpoint_bytes(tmp_path / "dask")
+    assert checkpoint_bytes(local_dir) == checkpoint_bytes(tmp_path / "dask")
 
 
 def test_bad_runner_options_are_refused_before_a_job(home, tiny_llama_dir, text_file):  # noqa: F811
