@@ -7,35 +7,16 @@ import json
 import shutil
 
 import pytest
-import torch
-from torch import nn
 from typer.testing import CliRunner
 from vptq_service.cli.main import app
 
-from vptq.config import QuantConfig
 from vptq.generate import chat_ids, generate_text
-from vptq.io import load_quantized, save_quantized
-from vptq.layers import VQuantLinear
-from vptq.quantizer import quantize_linear
+from vptq.io import load_quantized
 
 
 def run(*args, input: str | None = None) -> tuple[int, str, str]:
     r = CliRunner().invoke(app, [str(a) for a in args], input=input)
     return r.exit_code, r.stdout, r.stderr
-
-
-@pytest.fixture(scope="module")
-def quantized_dir(tiny_llama_dir, smol_tokenizer, tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
-    cfg = QuantConfig(vector_len=4, num_centroids=64, kmeans_iters=3, refine_iters=0)
-    torch.manual_seed(0)
-    for name, lin in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]:
-        x = torch.randn(256, lin.in_features)
-        q, _ = quantize_linear(lin.weight.data, x.t() @ x / 256, cfg)
-        model.set_submodule(name, VQuantLinear.from_weights(q))
-    return save_quantized(model, tmp_path_factory.mktemp("gen") / "q", smol_tokenizer)
 
 
 @pytest.fixture()

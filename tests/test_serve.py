@@ -18,7 +18,7 @@ openai = pytest.importorskip("openai")
 
 from vptq_service.serve.run import exposure_warning  # noqa: E402
 
-from tests.test_generate import home, quantized_dir, run  # noqa: E402,F401 - the tiny folder, VPTQ_HOME, the CLI
+from tests.test_generate import home, run  # noqa: E402,F401 - VPTQ_HOME, the CLI (the tiny folder: conftest)
 
 KEY = "test-key"
 MODEL = "tiny-q"
