@@ -5,10 +5,10 @@
 
 SmolLM2-135M (the bundled GGUF, dequantized to fp32). Each configuration runs in its own process (so
 that its resident memory is its own): `fp32` and `bf16` dense, and each VPTQ format with every
-decoder-block linear replaced by a VQuantLinear of random codes (bench/decode.py's quantize_blocks,
-no permutation: the layout the quantizer stores; speed and memory do not depend on the values) on
-the CPU kernels (dispatch.use_cpu_kernels: nothing dense kept). Embeddings, norms and lm_head stay
-dense fp32 (bf16 in `bf16`).
+decoder-block linear replaced by a VQuantLinear of random codes in the layout the quantizer stores
+for the presets (one group, no outliers, permutation or norm; speed and memory do not depend on the
+values) on the CPU kernels (dispatch.use_cpu_kernels: nothing dense kept; q/k/v and gate/up one call
+each, vptq.layers.share_inputs). Embeddings, norms and lm_head stay dense fp32 (bf16 in `bf16`).
 
 Per configuration: the block linears' resident bytes (dense: their weights; VPTQ: packed tensors +
 the kernels' fp32 codebooks, kernels.cpu.resident_bytes), process RSS, first-token latency
@@ -28,7 +28,6 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-os.environ.setdefault("VPTQ_BENCH_PERM", "0")  # bench/decode.py's layers: the stored layout, no permutation
 # bench/ itself off the path: bench/kernels.py would shadow Hugging Face's `kernels`, which transformers imports
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -36,11 +35,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 PROMPT = "The history of the transistor begins with"
 
 
-def build(config: str):
+def random_layer(lin, v: int, k: int, kr: int, gen):
+    """A VQuantLinear of lin's shape as the presets store it (one group, no outliers, permutation or
+    norm) with random packed words (k and kr are powers of two: every bit pattern is a valid code)."""
     import torch
 
-    from bench.decode import parse_format, quantize_blocks
+    from vptq.layers import VQuantLinear
+
+    n, m = lin.in_features, lin.out_features
+    q = VQuantLinear(n, m, [-1, v], [-1, k], [-1, kr if kr else -1], 1, n, 0, bias=lin.bias is not None)
+    with torch.no_grad():
+        q.indices.copy_(torch.randint(-(2**31), 2**31 - 1, q.indices.shape, generator=gen, dtype=torch.int32))
+        q.centroids.weight.copy_(0.02 * torch.randn(q.centroids.weight.shape, generator=gen))
+        if kr:
+            q.res_centroids.weight.copy_(0.005 * torch.randn(q.res_centroids.weight.shape, generator=gen))
+        if lin.bias is not None:
+            q.bias.copy_(lin.bias)
+    return q
+
+
+def build(config: str):
+    """SmolLM2 in fp32 or bf16, or with every block linear a random VQuantLinear of format config
+    (v<len>k<centroids>[r<residual centroids>]) on the CPU kernels, q/k/v and gate/up sharing one call
+    (as vptq.io.load_quantized marks them)."""
+    import re
+
+    import torch
+    from torch import nn
+
     from vptq.kernels.dispatch import use_cpu_kernels
+    from vptq.layers import share_inputs
     from vptq.source import load_model, resolve
 
     model, tok = load_model(resolve("smollm2"))
@@ -48,8 +72,14 @@ def build(config: str):
     if config == "bf16":
         model.to(torch.bfloat16)
     elif config != "fp32":
-        v, k, kr = parse_format(config)
-        quantize_blocks(model, v, k, "cpu", kr)
+        mt = re.fullmatch(r"v(\d+)k(\d+)(?:r(\d+))?", config)
+        if not mt:
+            raise SystemExit(f"format {config!r}: use v<len>k<centroids>[r<residual centroids>], e.g. v5k1024r32")
+        v, k, kr = int(mt.group(1)), int(mt.group(2)), int(mt.group(3) or 0)
+        gen = torch.Generator().manual_seed(0)
+        for name, lin in [(n, m) for n, m in model.model.layers.named_modules() if isinstance(m, nn.Linear)]:
+            model.model.layers.set_submodule(name, random_layer(lin, v, k, kr, gen))
+        share_inputs(model)
         use_cpu_kernels(model)
     return model, tok
 
@@ -124,6 +154,12 @@ def one(config: str, new: int, batches: list[int], threads: int) -> dict:
     return res
 
 
+def versions() -> dict:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("torch", "numpy", "numba", "transformers", "fastapi", "uvicorn")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--formats", default="v5k1024,v5k1024r32,v4k1024r64")
@@ -149,12 +185,10 @@ def main() -> None:
         r["linears_vs_fp32"] = round(r["block_linears_bytes"] / fp32["block_linears_bytes"], 4)
         for b in batches:
             r[f"speedup_vs_fp32_b{b}"] = round(r[f"tokens_per_s_b{b}"] / fp32[f"tokens_per_s_b{b}"], 3)
-    from bench.decode import versions
-
     load = os.getloadavg()
     result = {"command": "python " + " ".join(sys.argv), "date": datetime.now(UTC).isoformat(timespec="seconds"),
               "cpu_count": os.cpu_count(), "threads": a.threads, "loadavg_at_end": [round(x, 2) for x in load],
-              "versions": versions(), "model": "SmolLM2-135M (GGUF -> fp32); VPTQ rows: random codes, no perm",
+              "versions": versions(), "model": "SmolLM2-135M (GGUF -> fp32); VPTQ rows: random codes, the presets' stored layout",
               "new_tokens": a.new, "rows": rows}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -143,7 +143,7 @@ def main() -> None:
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
-    from bench.decode import versions
+    from bench.cpu_decode import versions
 
     result = {"command": "python " + " ".join(sys.argv), "date": datetime.now(UTC).isoformat(timespec="seconds"),
               "cpu_count": os.cpu_count(), "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],

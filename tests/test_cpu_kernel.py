@@ -151,7 +151,9 @@ def tiny_quantized(tiny_llama_dir, smol_tokenizer, tmp_path_factory):
 
 def test_loaded_model_gives_the_torch_paths_logits(tiny_quantized):
     """A quantized folder, loaded: logits of a prompt (batched kernel), of one decode step on the KV
-    cache (batch-1 kernel) and of a long prompt (above MAX_ROWS: dequantized per call) match."""
+    cache (batch-1 kernel) and of a long prompt (above MAX_ROWS: dequantized per call) match. The
+    loader marks q/k/v and gate/up as sharing their input; these layers carry a per-channel norm, so
+    they cannot share one call and each keeps its own plan."""
     ref = load_quantized(tiny_quantized).eval()
     model = load_quantized(tiny_quantized).eval()
     assert use_cpu_kernels(model) == 14
@@ -163,7 +165,41 @@ def test_loaded_model_gives_the_torch_paths_logits(tiny_quantized):
         out, out_ref = model(ids, use_cache=True), ref(ids, use_cache=True)
         step = torch.tensor([[42]])
         close(model(step, cache=out.cache).logits, ref(step, cache=out_ref.cache).logits)
-    assert all(getattr(m, "_cpu_plan", None) is not None for m in model.modules() if isinstance(m, VQuantLinear))
+    vq = [m for m in model.modules() if isinstance(m, VQuantLinear)]
+    assert all(m._cpu_plan is not None for m in vq)
+    assert all(m._vq_shared.cpu_group._plan is None for m in vq if hasattr(m, "_vq_shared"))
+    stored = sum(t.nbytes for m in vq for t in m.state_dict().values())
+    assert sum(cpu.resident_bytes(m) for m in vq) == stored + sum(m._cpu_plan[1].nbytes for m in vq)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_layers_sharing_an_input_take_one_call(batch, monkeypatch):
+    """q/k/v-like layers of one layout (no perm, no norm) marked by share_input: the first call computes
+    all three in one kernel call, the others get their part; same numbers as each layer alone; another
+    x, or a changed weight, computes again."""
+    from vptq.kernels.dispatch import share_input
+
+    v, k, kr = PRESETS["3bit_v5k1024r32"]
+    mods = [random_layer(m=m, n=76, v=v, k=k, kr=kr, o=0, g=1, perm=False, norm=False, bias=m != 20, seed=m)
+            for m in (67, 20, 20)]
+    share_input(mods)
+    use_cpu_kernels(nn.ModuleList(mods))
+    calls = []
+    real_call = cpu.CpuPlan.__call__
+    monkeypatch.setattr(cpu.CpuPlan, "__call__", lambda self, x: calls.append(len(self.layers)) or real_call(self, x))
+    x = torch.randn(batch, 76, generator=torch.Generator().manual_seed(batch))
+    with torch.no_grad():
+        ys = [m(x) for m in mods]
+        assert calls == [3]
+        for m, y in zip(mods, ys, strict=True):
+            close(y, cpu.gemm_ref(x, PackedLayer.from_module(m)))
+        mods[1](x.clone())  # another x: a call of its own
+        mods[2].centroids.weight.mul_(2)
+        y2 = mods[2](x)  # weights changed: the group's plan is rebuilt
+    assert calls == [3, 3, 3]
+    close(y2, cpu.gemm_ref(x, PackedLayer.from_module(mods[2])))
+    grp = mods[0]._vq_shared.cpu_group
+    assert cpu.resident_bytes(mods[0]) == sum(t.nbytes for t in mods[0].state_dict().values()) + grp._plan.nbytes
 
 
 def test_bad_layouts_are_refused():

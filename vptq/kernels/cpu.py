@@ -35,7 +35,6 @@ import importlib.util
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -93,11 +92,12 @@ def prologue(x, src, scale, wbias):
 _RUN = '''
 
 @njit(cache=True, nogil=True)
-def run(x, src, scale, wbias, bias, idx, words, cb, k, rcb, kr, gs, bits, main_bits, oidx, ocb, v0, y):
+def run(x, src, scale, wbias, bias, idxs, words, cbs, k, rcbs, kr, gs, bits, main_bits, oidx, ocb, v0, y, starts,
+        moffs):
     """y = x W^T + bias: one call from Python (prologue, coded columns, outlier columns)."""
     xs, c = prologue(x, src, scale, wbias)
     nb = x.shape[0]
-    kernel(xs, nb, c, bias, idx, words, cb, k, rcb, kr, gs, bits, main_bits, y)
+    kernel(xs, nb, c, bias, idxs, words, cbs, k, rcbs, kr, gs, bits, main_bits, y, starts, moffs)
     if oidx.shape[1] > 0:
         outliers(xs, nb, oidx, ocb, v0, y)
 '''
@@ -136,11 +136,11 @@ def _kernel_source(v: int, res: bool, mode: str) -> str:
     kind = f"vector length {v}, {'residual, ' if res else ''}{mode}"
     L = [_HEADER.format(kind=kind), f"V = {v}", _COMMON, _OUTLIERS, _RUN, "",
          "@njit(parallel=True, fastmath=True, cache=True, nogil=True)",
-         "def kernel(xs, nb, c, bias, idx, words, cb, k, rcb, kr, gs, bits, main_bits, y):",
-         '    """y[b, r*V + t] = sum over coded columns of xs * (cb + rcb)[code, t] + c[b] + bias."""',
-         "    m_out = y.shape[1]",
-         "    rows = (m_out + V - 1) // V",
-         "    groups = cb.shape[0] // V",
+         "def kernel(xs, nb, c, bias, idxs, words, cbs, k, rcbs, kr, gs, bits, main_bits, y, starts, moffs):",
+         '    """y[b, mo + r*V + t] = sum over coded columns of xs * (cb + rcb)[code, t] + c[b] + bias for the',
+         "    rows of vectors of every member layer l (rows starts[l]..starts[l+1], outputs from mo = moffs[l])",
+         '    """',
+         "    groups = cbs[0].shape[0] // V",
          "    o = xs.shape[0] // nb - groups * gs  # outlier columns come first in stored order",
          "    cmask = np.uint64((1 << bits) - 1)",
          "    mmask = np.uint64((1 << main_bits) - 1)",
@@ -150,7 +150,17 @@ def _kernel_source(v: int, res: bool, mode: str) -> str:
          "    ugs = np.uint64(gs)",
          "    has_bias = bias.shape[0] > 0"]
     L += [f"    U{t} = np.uint64({t})" for t in range(max(v, 2))]
-    L.append("    for r in prange(rows):")
+    L += ["    for rr in prange(starts[starts.shape[0] - 1]):",
+          "        l = 0",
+          "        while rr >= starts[l + 1]:",
+          "            l += 1",
+          "        r = rr - starts[l]",
+          "        rows = starts[l + 1] - starts[l]",
+          "        mo = moffs[l]",
+          "        m_out = moffs[l + 1] - mo",
+          "        idx = idxs[l]",
+          "        cb = cbs[l]",
+          "        rcb = rcbs[l]"]
     if batched:
         L.append("        acc = np.zeros(V * nb, np.float32)")
     else:
@@ -204,9 +214,10 @@ def _kernel_source(v: int, res: bool, mode: str) -> str:
         L.append(f"        if m0 + {t} < m_out:")
         if batched:
             L += ["            for b in range(nb):",
-                  f"                y[b, m0 + {t}] = acc[{t} * nb + b] + c[b] + (bias[m0 + {t}] if has_bias else np.float32(0.0))"]
+                  f"                y[b, mo + m0 + {t}] = acc[{t} * nb + b] + c[b] + (bias[mo + m0 + {t}] if has_bias "
+                  "else np.float32(0.0))"]
         else:
-            L.append(f"            y[0, m0 + {t}] = a{t} + c[0] + (bias[m0 + {t}] if has_bias else np.float32(0.0))")
+            L.append(f"            y[0, mo + m0 + {t}] = a{t} + c[0] + (bias[mo + m0 + {t}] if has_bias else np.float32(0.0))")
     return "\n".join(L) + "\n"
 
 
@@ -267,91 +278,107 @@ def _load(src: str, tag: str):
 
 
 # ------------------------------------------------------------------ per-layer plan
-@dataclass
+def _coords(cb: torch.Tensor, v: int):
+    """(G, k*v) codebook -> float32 (G*v, k): row g*v + t holds coordinate t of group g's entries."""
+    import numpy as np
+
+    t = cb.detach().to(torch.float32).reshape(cb.shape[0], -1, v).transpose(1, 2)
+    return np.ascontiguousarray(t.reshape(-1, t.shape[-1]).numpy())
+
+
+def _f32(t: torch.Tensor | None):
+    import numpy as np
+
+    if t is None:
+        return np.zeros(0, np.float32)
+    return np.ascontiguousarray(t.detach().to(torch.float32).reshape(-1).numpy())
+
+
 class CpuPlan:
-    """A layer prepared for the CPU kernels: numpy views of the packed codes, float32 codebooks."""
+    """Layers prepared for the CPU kernels: numpy views of the packed codes, float32 codebooks.
 
-    p: PackedLayer
-    idx: object  # np.ndarray int32 (G*R*words,): a view of p.indices
-    words: int
-    cb: object  # np.ndarray float32 (G*v, k): coordinate t of group g's entries in row g*v + t
-    rcb: object  # np.ndarray float32 (G*v, kr), or (G*v, 1) zeros
-    kr: int
-    oidx: object  # np.ndarray int16 (R0, O): a view of p.outlier_indices, or (1, 0)
-    ocb: object  # np.ndarray float32 (k0*v0,)
-    src: object  # np.ndarray int64 (N,) stored column -> original column, or (0,)
-    scale: object  # np.ndarray float32 (N,) or (0,)
-    wbias: object
-    bias: object  # np.ndarray float32 (M,) or (0,)
+    One layer, or several of the same layout that read the same input (q/k/v, gate/up: `group`),
+    computed by one call into one output (B, sum of M) that `split` cuts per layer."""
 
-    @classmethod
-    def build(cls, p: PackedLayer, checked: bool = False) -> CpuPlan:
+    def __init__(self, layers: list[PackedLayer], checked: bool = False):
         import numpy as np
+        from numba.typed import List
 
-        if not checked:
-            check_layer(p)
-        if p.device.type != "cpu":
-            raise ValueError(f"indices: on {p.device}, the CPU kernels need CPU tensors")
+        p = self.p = layers[0]
+        self.layers = layers
+        for q in layers:
+            if not checked:
+                check_layer(q)
+            if q.device.type != "cpu":
+                raise ValueError(f"indices: on {q.device}, the CPU kernels need CPU tensors")
         if not 1 <= p.vector_len <= MAX_V:
             raise ValueError(f"vector_len: {p.vector_len} not supported on CPU (1..{MAX_V})")
         v = p.vector_len
-
-        def coords(cb):  # (G, k*v) -> float32 (G*v, k): row g*v + t = coordinate t of group g's entries
-            t = cb.detach().to(torch.float32).reshape(cb.shape[0], -1, v).transpose(1, 2)
-            return np.ascontiguousarray(t.reshape(-1, t.shape[-1]).numpy())
-
-        def f32(t):
-            return np.ascontiguousarray(t.detach().to(torch.float32).reshape(-1).numpy())
-
-        empty_f = np.zeros(0, np.float32)
-        idx = p.indices.contiguous()
-        oidx = p.outlier_indices
-        if oidx is not None:
+        self.idxs = List([q.indices.contiguous().reshape(-1).numpy() for q in layers])  # views: no copy
+        self.cbs = List([_coords(q.centroids, v) for q in layers])
+        self.rcbs = List([_coords(q.res_centroids, v) if q.num_res_centroids
+                          else np.zeros((q.group_num * v, 1), np.float32) for q in layers])
+        self.starts = np.cumsum([0] + [q.rows for q in layers]).astype(np.int64)
+        self.moffs = np.cumsum([0] + [q.out_features for q in layers]).astype(np.int64)
+        oidx = p.outlier_indices  # only single layers have outliers (`group` refuses them)
+        if p.outlier_size:
             oidx = (oidx.view(torch.int16) if oidx.dtype == torch.float16 else oidx)[0].contiguous().numpy()
-        return cls(
-            p=p, idx=idx.reshape(-1).numpy(), words=idx.shape[-1], cb=coords(p.centroids),
-            rcb=coords(p.res_centroids) if p.num_res_centroids else np.zeros((p.group_num * v, 1), np.float32),
-            kr=p.num_res_centroids or 1,
-            oidx=oidx if p.outlier_size else np.zeros((1, 0), np.int16),
-            ocb=f32(p.outlier_centroids) if p.outlier_size else empty_f,
-            src=perm64(p.perm).numpy() if p.perm is not None else np.zeros(0, np.int64),
-            scale=f32(p.weight_scale) if p.weight_scale is not None else empty_f,
-            wbias=f32(p.weight_bias) if p.weight_bias is not None else empty_f,
-            bias=f32(p.bias) if p.bias is not None else empty_f,
-        )
+        else:
+            oidx = np.zeros((1, 0), np.int16)
+        self.src = perm64(p.perm).numpy() if p.perm is not None else np.zeros(0, np.int64)
+        self.scale, self.wbias = _f32(p.weight_scale), _f32(p.weight_bias)
+        has_bias = any(q.bias is not None for q in layers)
+        self.bias = np.concatenate([_f32(q.bias) if q.bias is not None else np.zeros(q.out_features, np.float32)
+                                    for q in layers]) if has_bias else np.zeros(0, np.float32)
+        self.out_features = int(self.moffs[-1])
+        self.mode = batch1_mode(v, p.num_centroids, p.num_res_centroids, p.group_size)
+        self.args = (self.src, self.scale, self.wbias, self.bias, self.idxs, p.indices.shape[-1], self.cbs,
+                     p.num_centroids, self.rcbs, p.num_res_centroids or 1, p.group_size, p.code_bits, p.main_bits,
+                     oidx, _f32(p.outlier_centroids), max(p.outlier_vector_len, 1))
+
+    @classmethod
+    def build(cls, p: PackedLayer, checked: bool = False) -> CpuPlan:
+        return cls([p], checked)
+
+    @classmethod
+    def group(cls, layers: list[PackedLayer]) -> CpuPlan | None:
+        """One plan for layers that read the same x, or None where their layouts differ (each then
+        keeps its own): same shape of codes and codebooks, no outlier columns, permutation or norm."""
+        p = layers[0]
+        same = all((q.in_features, q.vector_len, q.num_centroids, q.num_res_centroids, q.group_num, q.group_size)
+                   == (p.in_features, p.vector_len, p.num_centroids, p.num_res_centroids, p.group_num, p.group_size)
+                   and not q.outlier_size and q.perm is None and q.weight_scale is None for q in layers)
+        return cls(layers) if same else None
 
     @property
     def nbytes(self) -> int:
-        """Bytes this plan holds beyond the module's own tensors (the views count nothing)."""
-        return sum(a.nbytes for a in (self.cb, self.rcb, self.ocb, self.src, self.scale, self.wbias, self.bias))
+        """Bytes this plan holds beyond the layers' own tensors (the code views count nothing)."""
+        arrays = [*self.cbs, *self.rcbs, self.src, self.scale, self.wbias, self.bias, self.args[-2]]
+        return sum(a.nbytes for a in arrays)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, N) -> y (B, M) float32; B <= MAX_ROWS on the kernels, above: dequantize + matmul."""
-
-        p = self.p
+        """x (B, N) -> y (B, sum of M) float32; B <= MAX_ROWS on the kernels, above: dequantize + matmul."""
         x = x.detach()
         if x.dtype != torch.float32 or not x.is_contiguous():
             x = x.to(torch.float32).contiguous()
         rows = x.shape[0]
         if rows > MAX_ROWS:
-            return gemm_ref(x, p)
-        y = torch.empty(rows, p.out_features, dtype=torch.float32)
-        kernel(p.vector_len, p.num_res_centroids > 0, "batched" if rows > 1 else self.mode)(
-            x.numpy(), *self.args, y.numpy())
+            return torch.cat([gemm_ref(x, q) for q in self.layers], 1)
+        y = torch.empty(rows, self.out_features, dtype=torch.float32)
+        kernel(self.p.vector_len, self.p.num_res_centroids > 0, "batched" if rows > 1 else self.mode)(
+            x.numpy(), *self.args, y.numpy(), self.starts, self.moffs)
         return y
 
-    @functools.cached_property
-    def mode(self) -> str:
-        p = self.p
-        return batch1_mode(p.vector_len, p.num_centroids, p.num_res_centroids, p.group_size)
+    def split(self, y: torch.Tensor) -> list[torch.Tensor]:
+        return list(y.split([q.out_features for q in self.layers], dim=-1))
 
-    @functools.cached_property
-    def args(self) -> tuple:
-        """The kernel's arguments between x and y (marshalled once: a call then costs ~5 us less)."""
-        p = self.p
-        return (self.src, self.scale, self.wbias, self.bias, self.idx, self.words, self.cb, p.num_centroids,
-                self.rcb, self.kr, p.group_size, p.code_bits, p.main_bits, self.oidx, self.ocb,
-                max(p.outlier_vector_len, 1))
+
+def _key(mod) -> tuple:
+    """(data_ptr, _version) of the layer's tensors and its codebook embeddings' (what parameters() and
+    buffers() yield, read without their recursion: this runs for every layer of every token)."""
+    ts = [*mod._parameters.values(), *mod._buffers.values(),
+          *(t for m in mod._modules.values() if m is not None for t in m._parameters.values())]
+    return tuple((t.data_ptr(), t._version) for t in ts if t is not None)
 
 
 def forward(mod, x: torch.Tensor) -> torch.Tensor:
@@ -359,11 +386,7 @@ def forward(mod, x: torch.Tensor) -> torch.Tensor:
 
     The plan is cached on the module, keyed on the data_ptr and _version of every parameter and
     buffer (load_state_dict, .to() or in-place updates rebuild it)."""
-    # the layer's own tensors and its codebook embeddings' (what parameters()/buffers() yield, read
-    # without their recursion: this runs for every layer of every token)
-    ts = [*mod._parameters.values(), *mod._buffers.values(),
-          *(t for m in mod._modules.values() if m is not None for t in m._parameters.values())]
-    key = tuple((t.data_ptr(), t._version) for t in ts if t is not None)
+    key = _key(mod)
     st = getattr(mod, "_cpu_plan", None)
     if st is None or st[0] != key:
         st = (key, CpuPlan.build(PackedLayer.from_module(mod)))
@@ -372,10 +395,56 @@ def forward(mod, x: torch.Tensor) -> torch.Tensor:
     return y.to(x.dtype).reshape(*x.shape[:-1], mod.out_features)
 
 
+class CpuGroup:
+    """Layers always called one after another on the same x (dispatch.SharedInput's members): the
+    first call computes every member's output in one kernel call and keeps the others' for their own
+    calls, handed out only for the same x object, unchanged, computed with the current plan."""
+
+    def __init__(self, mods: list):
+        self.mods = list(mods)
+        self._key = None
+        self._plan: CpuPlan | None = None
+        self._pending = None
+
+    def plan(self) -> CpuPlan | None:
+        key = tuple(_key(m) for m in self.mods)
+        if key != self._key:
+            self._key, self._pending = key, None
+            self._plan = CpuPlan.group([PackedLayer.from_module(m) for m in self.mods])
+        return self._plan
+
+    def forward(self, mod, x: torch.Tensor) -> torch.Tensor:
+        pend, self._pending = self._pending, None
+        plan = self.plan()
+        if pend is not None and pend[0] is x and pend[1] == x._version and pend[2] is plan and mod in pend[3]:
+            y = pend[3].pop(mod)
+            if pend[3]:
+                self._pending = pend
+            return y
+        if plan is None:
+            return forward(mod, x)
+        ys = plan.split(plan(x.reshape(-1, mod.in_features)))
+        outs = {m: y.to(x.dtype).reshape(*x.shape[:-1], m.out_features) for m, y in zip(self.mods, ys, strict=True)}
+        mine = outs.pop(mod)
+        self._pending = (x, x._version, plan, outs)
+        return mine
+
+
+def group_forward(shared, mod, x: torch.Tensor) -> torch.Tensor:
+    """mod's output through the CpuGroup of its SharedInput (created on first use)."""
+    grp = getattr(shared, "cpu_group", None)
+    if grp is None:
+        grp = shared.cpu_group = CpuGroup(shared.mods)
+    return grp.forward(mod, x)
+
+
 def resident_bytes(mod) -> int:
     """Bytes a layer holds on the CPU route: its parameters and buffers (the packed layer as stored)
-    plus its plan's float32 codebooks and vectors; a dense weight, if one were cached, counts too."""
+    plus its plan's float32 codebooks and vectors (a group's plan counted with its first member, so
+    that a sum over a model's layers is right); a dense weight, if one were cached, counts too."""
     n = sum(t.nbytes for t in (*mod.parameters(), *mod.buffers()))
     st = getattr(mod, "_cpu_plan", None)
     cache = getattr(mod, "_cache", None)
-    return n + (st[1].nbytes if st else 0) + (cache[1].nbytes if cache else 0)
+    grp = getattr(getattr(mod, "_vq_shared", None), "cpu_group", None)
+    shared = grp._plan.nbytes if grp is not None and grp._plan is not None and grp.mods[0] is mod else 0
+    return n + (st[1].nbytes if st else 0) + (cache[1].nbytes if cache else 0) + shared  # a group's plan: once

@@ -251,4 +251,9 @@ def vq_linear_forward_cpu(mod, x: torch.Tensor) -> torch.Tensor | None:
         return None
     from . import cpu
 
-    return cpu.forward(mod, x) if cpu.available() else None
+    if not cpu.available():
+        return None
+    shared = getattr(mod, "_vq_shared", None)  # siblings on the same x (share_input): one call for all
+    if shared is not None and all(getattr(m, "_cpu_kernel", False) for m in shared.mods):
+        return cpu.group_forward(shared, mod, x)
+    return cpu.forward(mod, x)
