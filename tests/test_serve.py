@@ -244,3 +244,19 @@ def test_serve_pulls_a_registry_name_verified(quantized_dir, home, monkeypatch):
                                 (["serve", "nosuch:v9"], 1, "nosuch")):
         code, out, err = run(*args)
         assert code == code_ and needle in err and len(err.strip().splitlines()) == 1, (args, err)
+
+
+def test_public_bind_without_key_warns_in_one_line(quantized_dir, monkeypatch):  # noqa: F811
+    """`--host 0.0.0.0` without --api-key: one warning line on stderr before anything is loaded."""
+    import vptq_service.serve.run as serve_run
+
+    def stop(*a, **k):
+        raise RuntimeError("stopped before loading")
+
+    monkeypatch.setattr(serve_run, "load_engine", stop)
+    code, out, err = run("serve", quantized_dir, "--host", "0.0.0.0")
+    lines = err.strip().splitlines()
+    assert code == 1 and lines[0].startswith("warning: serving on 0.0.0.0 without authentication")
+    assert lines[1].startswith("error: RuntimeError: stopped before loading") and len(lines) == 2
+    code, out, err = run("serve", quantized_dir, "--host", "0.0.0.0", "--api-key", "k")
+    assert "warning" not in err
