@@ -52,6 +52,7 @@ def gemm_ref(x: torch.Tensor, p: PackedLayer) -> torch.Tensor:
     return torch.nn.functional.linear(x.float(), w, None if p.bias is None else p.bias.float())
 
 
+@functools.cache
 def available() -> bool:
     """numba (CPU) importable: the kernels can run here."""
     try:
