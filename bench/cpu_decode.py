@@ -12,7 +12,8 @@ each, vptq.layers.share_inputs). Embeddings, norms and lm_head stay dense fp32 (
 
 Per configuration: the block linears' resident bytes (dense: their weights; VPTQ: packed tensors +
 the kernels' fp32 codebooks, kernels.cpu.resident_bytes), process RSS, first-token latency
-(prefill of the prompt + the first token, batch 1), and greedy decode tokens/s at each batch
+(prefill of the prompt + the first token, batch 1; the 7-token prompt and a --long-prompt one, which
+VPTQ runs above kernels.cpu.MAX_ROWS by dequantizing per call), and greedy decode tokens/s at each batch
 (a hand-written loop over transformers' DynamicCache, EOS ignored, --new steps timed after a
 warm-up). Threads: torch's and numba's, both `--threads` (default: all cores).
 """
@@ -125,7 +126,7 @@ def first_token(model, ids, reps: int = 5) -> float:
     return best
 
 
-def one(config: str, new: int, batches: list[int], threads: int) -> dict:
+def one(config: str, new: int, batches: list[int], threads: int, long_prompt: int) -> dict:
     import psutil
     import torch
 
@@ -143,6 +144,9 @@ def one(config: str, new: int, batches: list[int], threads: int) -> dict:
     decode(model, ids, 2)  # warm-up: kernels loaded (or compiled), plans built
     res["warmup_seconds"] = round(time.perf_counter() - t0, 2)
     res["first_token_ms"] = round(1000 * first_token(model, ids), 2)
+    long = tok(" ".join([PROMPT] * 64), return_tensors="pt").input_ids[:, :long_prompt]
+    first_token(model, long, 1)  # warm-up at this length
+    res[f"first_token_ms_{long.shape[1]}tok"] = round(1000 * first_token(model, long, 3), 2)
     for b in batches:
         idsb = ids.expand(b, -1).contiguous()
         decode(model, idsb, 2)
@@ -166,17 +170,18 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--long-prompt", type=int, default=128, help="tokens of the second first-token prompt")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cpu_decode.json")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one configuration, print JSON
     a = ap.parse_args()
     batches = [int(b) for b in a.batches.split(",")]
     if a.one:
-        print(json.dumps(one(a.one, a.new, batches, a.threads)))
+        print(json.dumps(one(a.one, a.new, batches, a.threads, a.long_prompt)))
         return
     rows = []
     for config in ["fp32", "bf16", *a.formats.split(",")]:
         cmd = [sys.executable, __file__, "--one", config, "--new", str(a.new), "--batches", a.batches,
-               "--threads", str(a.threads)]
+               "--threads", str(a.threads), "--long-prompt", str(a.long_prompt)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)

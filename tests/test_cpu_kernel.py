@@ -54,13 +54,15 @@ def close(y: torch.Tensor, yr: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("batch", [1, 8, cpu.MAX_ROWS + 3])
-@pytest.mark.parametrize("full", [True, False], ids=["outliers_perm_norm_bias", "as_stored"])
+@pytest.mark.parametrize("extras", ["outliers_perm_norm_bias", "perm_norm_bias", "as_stored"])
 @pytest.mark.parametrize("preset", list(PRESETS))
-def test_kernel_matches_oracle(preset, full, batch):
-    """Every preset's layout, with outliers + 2 groups + perm + scale/bias + bias, and as the quantizer
-    stores it (one group, none of those); batch 1 (scalar kernel), 8 (batched) and above MAX_ROWS."""
+def test_kernel_matches_oracle(preset, extras, batch):
+    """Every preset's layout, with outliers + 2 groups + perm + scale/bias + bias, without the outliers,
+    and as the quantizer stores it (one group, none of those); batch 1, 8 (batched) and above MAX_ROWS
+    (dequantized per call: the numba dequantize kernel, or the torch oracle where outliers are)."""
     v, k, kr = PRESETS[preset]
-    kw = {} if full else dict(o=0, g=1, perm=False, norm=False, bias=False, n=76)
+    kw = {"outliers_perm_norm_bias": {}, "perm_norm_bias": dict(o=0, n=76),
+          "as_stored": dict(o=0, g=1, perm=False, norm=False, bias=False, n=76)}[extras]
     p = PackedLayer.from_module(random_layer(v=v, k=k, kr=kr, **kw))
     x = torch.randn(batch, p.in_features, generator=torch.Generator().manual_seed(batch))
     close(cpu.CpuPlan.build(p)(x), cpu.gemm_ref(x, p))
@@ -172,7 +174,7 @@ def test_loaded_model_gives_the_torch_paths_logits(tiny_quantized):
     assert sum(cpu.resident_bytes(m) for m in vq) == stored + sum(m._cpu_plan[1].nbytes for m in vq)
 
 
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("batch", [1, 3, cpu.MAX_ROWS + 1])
 def test_layers_sharing_an_input_take_one_call(batch, monkeypatch):
     """q/k/v-like layers of one layout (no perm, no norm) marked by share_input: the first call computes
     all three in one kernel call, the others get their part; same numbers as each layer alone; another

@@ -18,8 +18,8 @@ Resident memory is the packed layer: the plan keeps numpy views of the module's 
 int16 outlier codes (no copy) and float32 copies of the codebooks (numba has no float16 on CPU),
 the permutation and the scale/bias vectors: a few KiB per layer beside the codes. No dense weight.
 
-Above MAX_ROWS token rows (prefill) the layer is dequantized for that call only and multiplied by
-torch (the dense weight is freed after the call).
+Above MAX_ROWS token rows (prefill) the layer is dequantized for that call only (a numba kernel of
+the same code walk) and multiplied by torch (the dense weight is freed after the call).
 
 Numba is imported on first use. The generated source is written once to a file under the user's
 cache folder (VPTQ_CPU_KERNEL_DIR overrides it), so numba's `cache=True` keeps the compiled code
@@ -222,6 +222,62 @@ def _kernel_source(v: int, res: bool, mode: str) -> str:
     return "\n".join(L) + "\n"
 
 
+def _dequant_source(v: int, res: bool) -> str:
+    """numba source writing the coded columns' dense weight in stored column order (prefill)."""
+    ts = range(v)
+    L = [_HEADER.format(kind=f"vector length {v}, {'residual, ' if res else ''}dequantize"), f"V = {v}", "", "",
+         "@njit(parallel=True, fastmath=True, cache=True, nogil=True)",
+         "def dequant(idxs, words, cbs, k, rcbs, kr, gs, bits, main_bits, w, starts, moffs):",
+         '    """w[mo + r*V + t, g*gs + c] = (cb + rcb)[code (g, r, c), t] for every member layer."""',
+         "    groups = cbs[0].shape[0] // V",
+         "    cmask = np.uint64((1 << bits) - 1)",
+         "    mmask = np.uint64((1 << main_bits) - 1)",
+         "    ubits = np.uint64(bits)",
+         "    umain = np.uint64(main_bits)",
+         "    ugs = np.uint64(gs)"]
+    L += [f"    U{t} = np.uint64({t})" for t in range(max(v, 2))]
+    L += ["    for rr in prange(starts[starts.shape[0] - 1]):",
+          "        l = 0",
+          "        while rr >= starts[l + 1]:",
+          "            l += 1",
+          "        r = rr - starts[l]",
+          "        rows = starts[l + 1] - starts[l]",
+          "        mo = moffs[l]",
+          "        m_out = moffs[l + 1] - mo",
+          "        idx = idxs[l]",
+          "        cb = cbs[l]",
+          "        rcb = rcbs[l]",
+          "        m0 = r * V",
+          "        for g in range(groups):",
+          "            wp = np.uint64((g * rows + r) * words)",
+          "            rb = np.uint64(g * V)",
+          "            col = np.uint64(g * gs)",
+          "            buf = np.uint64(0)",
+          "            nbit = 0",
+          "            for _ in range(ugs):",
+          "                if nbit < bits:",
+          "                    buf |= np.uint64(np.uint32(idx[wp])) << np.uint64(nbit)",
+          "                    wp += U1",
+          "                    nbit += 32",
+          "                code = buf & cmask",
+          "                buf >>= ubits",
+          "                nbit -= bits",
+          "                q = code & mmask"]
+    L += [f"                w{t} = cb[rb + U{t}, q]" for t in ts]
+    if res:
+        L.append("                qr = code >> umain")
+        L += [f"                w{t} += rcb[rb + U{t}, qr]" for t in ts]
+    for t in ts:
+        L += [f"                if m0 + {t} < m_out:", f"                    w[mo + m0 + {t}, col] = w{t}"]
+    L.append("                col += U1")
+    return "\n".join(L) + "\n"
+
+
+@functools.cache
+def dequant_kernel(v: int, res: bool):
+    return _load(_dequant_source(v, res), f"v{v}{'r' if res else ''}_dequant").dequant
+
+
 def batch1_mode(v: int, k: int, kr: int, columns: int) -> str:
     """"hist" where the histogram's dot products (k*v/8 vector FMAs, k/16 stores to clear it) cost
     less than the v - 1 multiply-adds per code it saves, else "direct" (e.g. v8-k65536)."""
@@ -364,10 +420,32 @@ class CpuPlan:
             x = x.to(torch.float32).contiguous()
         rows = x.shape[0]
         if rows > MAX_ROWS:
-            return torch.cat([gemm_ref(x, q) for q in self.layers], 1)
+            return self.dense(x)
         y = torch.empty(rows, self.out_features, dtype=torch.float32)
         kernel(self.p.vector_len, self.p.num_res_centroids > 0, "batched" if rows > 1 else self.mode)(
             x.numpy(), *self.args, y.numpy(), self.starts, self.moffs)
+        return y
+
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        """Many token rows (prefill): the dense weight of the coded columns for this call only (numba,
+        parallel), then torch's matmul; the algebra of the kernels (x permuted and scaled, x . wbias)."""
+        p = self.p
+        if p.outlier_size:
+            return gemm_ref(x, p)  # outlier columns: rare (no preset has them), the torch oracle
+        w = torch.empty(self.out_features, p.in_features, dtype=torch.float32)
+        dequant_kernel(p.vector_len, p.num_res_centroids > 0)(
+            self.idxs, p.indices.shape[-1], self.cbs, p.num_centroids, self.rcbs, p.num_res_centroids or 1,
+            p.group_size, p.code_bits, p.main_bits, w.numpy(), self.starts, self.moffs)
+        xs = x
+        if p.weight_scale is not None:
+            xs = x * p.weight_scale.float()
+        if p.perm is not None:
+            xs = xs[:, perm64(p.perm)]
+        y = xs @ w.t()
+        if p.weight_bias is not None:
+            y += x @ p.weight_bias.float()[:, None]
+        if self.bias.size:
+            y += torch.from_numpy(self.bias)
         return y
 
     def split(self, y: torch.Tensor) -> list[torch.Tensor]:
