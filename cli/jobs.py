@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any, Optional
 
@@ -21,6 +22,7 @@ import typer
 from vptq_service.cli import options as opt
 from vptq_service.cli.errors import EXIT_USAGE, errors, fail
 from vptq_service.cli.output import emit, stdout_to_stderr
+from vptq_service.flows.spec import JobSpec
 
 jobs_app = typer.Typer(name="jobs", help="Compression jobs: ls, show, logs, cancel, resume.", no_args_is_help=True,
                        add_completion=False, pretty_exceptions_enable=False)
@@ -86,26 +88,9 @@ def run_flow(job_id: int, verbose: bool = False) -> dict[str, Any]:
         return compress_flow(job_id)
 
 
+@opt.request_command
 def submit(
-    source: opt.Source,
-    name: opt.Name = None,
-    bits: opt.Bits = opt.DEFAULT.bits,
-    version: opt.Version = None,
-    config: opt.ConfigFile = None,
-    calib: opt.Calib = None,
-    nsamples: opt.Nsamples = None,
-    seqlen: opt.Seqlen = opt.DEFAULT.seqlen,
-    seed: opt.Seed = opt.DEFAULT.seed,
-    set_: opt.Set = [],  # noqa: B006 - typer reads the default, nothing mutates it
-    eval_text: opt.EvalText = None,
-    eval_windows: opt.EvalWindows = opt.DEFAULT.eval_windows,
-    eval_seqlen: opt.EvalSeqlen = opt.DEFAULT.eval_seqlen,
-    max_ppl_ratio: opt.MaxPplRatio = None,
-    device: opt.Device = opt.DEFAULT.device,
-    hessians: opt.Hessians = None,
-    runner: opt.Runner = opt.DEFAULT.runner,
-    workers: opt.Workers = None,
-    finetune_steps: opt.FinetuneSteps = None,
+    request: Callable[[], JobSpec],
     cron: Optional[str] = typer.Option(None, "--cron", help="Instead of one run: a scheduled deployment "
                                        "re-running this request on a cron schedule (e.g. '0 3 * * *')."),
     local: bool = typer.Option(False, "--local", help="Run in this process even when PREFECT_API_URL is set."),
@@ -114,9 +99,7 @@ def submit(
 ) -> None:
     """Submit a compression job: a Prefect flow run on a worker, or in this process."""
     with errors(debug):
-        spec = opt.request_spec(source, bits, name, version, config, set_, calib, nsamples, seqlen, seed, device,
-                                hessians, runner, workers, finetune_steps, eval_text, eval_windows, eval_seqlen,
-                                max_ppl_ratio)
+        spec = request()
         api = os.environ.get("PREFECT_API_URL")
         if cron is not None:
             if not api:

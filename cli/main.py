@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
@@ -22,6 +23,7 @@ from vptq_service.cli import db, generate, jobs, plan, serve, settings
 from vptq_service.cli import options as opt
 from vptq_service.cli.errors import EXIT_FAILURE, EXIT_USAGE, OneLineErrors, errors, fail
 from vptq_service.cli.output import emit, progress, stdout_to_stderr
+from vptq_service.flows.spec import JobSpec
 
 app = typer.Typer(
     name="vptq",
@@ -34,28 +36,11 @@ app = typer.Typer(
 
 
 @app.command()
+@opt.request_command
 def compress(
-    source: opt.Source,
-    bits: opt.Bits = opt.DEFAULT.bits,
+    request: Callable[[], JobSpec],
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the checkpoint to this folder "
                                        "(must not exist unless --overwrite)."),
-    name: opt.Name = None,
-    version: opt.Version = None,
-    config: opt.ConfigFile = None,
-    calib: opt.Calib = None,
-    nsamples: opt.Nsamples = None,
-    seqlen: opt.Seqlen = opt.DEFAULT.seqlen,
-    seed: opt.Seed = opt.DEFAULT.seed,
-    device: opt.Device = opt.DEFAULT.device,
-    hessians: opt.Hessians = None,
-    runner: opt.Runner = opt.DEFAULT.runner,
-    workers: opt.Workers = None,
-    finetune_steps: opt.FinetuneSteps = None,
-    set_: opt.Set = [],  # noqa: B006 - typer reads the default, nothing mutates it
-    eval_text: opt.EvalText = None,
-    eval_windows: opt.EvalWindows = opt.DEFAULT.eval_windows,
-    eval_seqlen: opt.EvalSeqlen = opt.DEFAULT.eval_seqlen,
-    max_ppl_ratio: opt.MaxPplRatio = None,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out checkpoint folder."),
     as_json: opt.Json = False,
     debug: opt.Debug = False,
@@ -72,9 +57,7 @@ def compress(
 
         if out is not None:
             check_out(out, overwrite)
-        spec = opt.request_spec(source, bits, name, version, config, set_, calib, nsamples, seqlen, seed, device,
-                                hessians, runner, workers, finetune_steps, eval_text, eval_windows, eval_seqlen,
-                                max_ppl_ratio)
+        spec = request()
         open_artifact_store().check()  # an unreachable store fails now, not after the quantization
         job = open_job(spec)
         with stdout_to_stderr(as_json), progress(True, "quantize") as cb:

@@ -1,7 +1,8 @@
 """The options of a compression request, declared once for `vptq compress`, `vptq submit` and
 `vptq plan` (each a typing.Annotated alias: one flag, one type, one help), and the one way they
 become a request: `overrides_from` (--config, --set, --finetune-steps -> QuantConfig overrides) and
-`request_spec` (-> flows.request.build_spec, which resolves the config by vptq.config.resolve).
+`request_command` (a command taking the request's options, declared once in `_request`, which turns
+them into flows.request.build_spec's JobSpec; it resolves the config by vptq.config.resolve).
 
 Defaults are JobSpec's (flows/spec.py), so a command line and a stored spec cannot disagree.
 It imports nothing of cli/.
@@ -9,7 +10,10 @@ It imports nothing of cli/.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from types import SimpleNamespace
@@ -72,17 +76,56 @@ def default_name(source: str, bits: int) -> str:
     return f"{stem[:100]}-{bits}bit"
 
 
-def request_spec(source: str, bits: int, name: str | None, version: str | None, config: Path | None,
-                 set_: list[str], calib: Path | None, nsamples: int | None, seqlen: int, seed: int, device: str,
-                 hessians: HessianMode | None, runner: str, workers: int | None, finetune_steps: int | None,
-                 eval_text: Path | None, eval_windows: int, eval_seqlen: int, max_ppl_ratio: float | None) -> JobSpec:
-    """The validated JobSpec of the request these options spell (ConfigError, SourceError if invalid)."""
+def _request(
+    source: Source,
+    bits: Bits = DEFAULT.bits,
+    name: Name = None,
+    version: Version = None,
+    config: ConfigFile = None,
+    set_: Set = [],  # noqa: B006 - typer reads the default, nothing mutates it
+    calib: Calib = None,
+    nsamples: Nsamples = None,
+    seqlen: Seqlen = DEFAULT.seqlen,
+    seed: Seed = DEFAULT.seed,
+    device: Device = DEFAULT.device,
+    hessians: Hessians = None,
+    runner: Runner = DEFAULT.runner,
+    workers: Workers = None,
+    finetune_steps: FinetuneSteps = None,
+    eval_text: EvalText = None,
+    eval_windows: EvalWindows = DEFAULT.eval_windows,
+    eval_seqlen: EvalSeqlen = DEFAULT.eval_seqlen,
+    max_ppl_ratio: MaxPplRatio = None,
+) -> JobSpec:
+    """The request's options, declared once: `request_command` gives them to `compress` and `submit`."""
     from vptq_service.flows.request import build_spec
 
     return build_spec(source, name or default_name(source, bits), bits, version, str(calib) if calib else None,
                       nsamples, seqlen, seed, hessians.value if hessians else None,
                       overrides_from(config, set_, finetune_steps), device, str(eval_text) if eval_text else None,
                       eval_windows, eval_seqlen, max_ppl_ratio, runner, workers)
+
+
+REQUEST = inspect.signature(_request, eval_str=True).parameters
+
+
+def request_command(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A command that takes the request's options (one declaration, `_request`) besides its own.
+
+    The command is written as `fn(request, *own options*)`; Typer sees the request's options first,
+    then fn's own, and fn gets `request`: a zero-argument function returning the validated JobSpec
+    (called inside the command's error handler, so bad input still gives one line)."""
+    own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "request"]
+
+    @functools.wraps(fn)
+    def command(**kwargs: Any) -> Any:
+        given = {n: kwargs.pop(n) for n in REQUEST}
+        return fn(request=lambda: _request(**given), **kwargs)
+
+    params = [*REQUEST.values(), *own]
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    return command
 
 
 def overrides_from(config: Path | None, items: list[str], finetune_steps: int | None = None) -> dict[str, Any]:
