@@ -13,7 +13,7 @@ pytest.importorskip("numba")
 
 from vptq.config import LayerLayout, QuantConfig  # noqa: E402
 from vptq.io import load_quantized, save_quantized  # noqa: E402
-from vptq.kernels import cpu  # noqa: E402
+from vptq.kernels import cpu, cpu_source  # noqa: E402
 from vptq.kernels.dispatch import use_cpu_kernels  # noqa: E402
 from vptq.kernels.layout import PackedLayer  # noqa: E402
 from vptq.layers import VQuantLinear  # noqa: E402
@@ -208,7 +208,7 @@ def test_bad_layouts_are_refused():
     mod = random_layer(v=5, k=1024, o=0, g=1, n=76)
     p = PackedLayer.from_module(mod)
     with pytest.raises(ValueError, match="vector_len"):
-        cpu.kernel(17, False, "hist")
+        cpu_source.kernel(17, False, "hist")
     import dataclasses
 
     with pytest.raises(ValueError, match="indices: expected shape"):
