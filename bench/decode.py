@@ -38,7 +38,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.kernels import PERM, gpu_tag  # noqa: E402
+from bench.kernel_table import PERM, gpu_tag  # noqa: E402
 from vptq.layers import VQuantLinear, share_inputs  # noqa: E402
 
 PROMPT = "The history of the transistor begins with"

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.kernels import FORMATS, SHAPES, copies_for, make_layer, peak, rel_err, time_device  # noqa: E402
+from bench.kernel_table import FORMATS, SHAPES, copies_for, make_layer, peak, rel_err, time_device  # noqa: E402
 from vptq.kernels.dequant import dequant2_config, dequant2_launch, dequantize, dequantize_ref  # noqa: E402
 from vptq.kernels.layout import column_map  # noqa: E402
 

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.kernels import FORMATS, copies_for, layer_bytes, make_layer, rel_err, time_device  # noqa: E402
+from bench.kernel_table import FORMATS, copies_for, layer_bytes, make_layer, rel_err, time_device  # noqa: E402
 from vptq.kernels import _numba as nb  # noqa: E402
 from vptq.kernels import gemv_rows  # noqa: E402
 from vptq.kernels.dequant import dequantize_ref  # noqa: E402

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.gemv_rows_probe import time_graph  # noqa: E402
-from bench.kernels import time_device  # noqa: E402
+from bench.kernel_table import time_device  # noqa: E402
 from vptq.kernels import _numba as nb  # noqa: E402
 from vptq.kernels._numba import arr_args, core_stream  # noqa: E402
 

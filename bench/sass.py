@@ -236,7 +236,7 @@ def main() -> None:
     a = ap.parse_args()
     cc = (int(a.cc[:-1]), int(a.cc[-1]))
     offline_device(a.sms, a.smem_kib * 1024, cc)
-    from bench.kernels import FORMATS, make_layer
+    from bench.kernel_table import FORMATS, make_layer
 
     cases = {"gemv": (gemv_case, parse_variants(a.variants)),
              "dequant": (dequant_case, [parse_variant(v) for v in a.dq_variants.split(";")])}

@@ -207,3 +207,23 @@ def test_no_module_on_a_script_path_shadows_hugging_face_kernels():
     `kernels.py` or `kernels/` there would be imported by transformers instead of Hugging Face's."""
     for folder in (REPO, REPO / "bench", REPO / "tests"):
         assert not (folder / "kernels.py").exists() and not (folder / "kernels").is_dir(), folder
+
+
+def test_every_module_of_ours_imports(tmp_path):
+    """A moved or renamed module leaves no dangling import: every module of vptq/ and the service
+    packages imports, and every bench script's `bench.X` imports name an existing file."""
+    import importlib
+    import pkgutil
+
+    import vptq
+    import vptq_service
+
+    for root in (vptq, vptq_service):
+        for m in pkgutil.walk_packages(root.__path__, root.__name__ + "."):
+            if m.name.startswith("vptq_service.store.migrations"):
+                continue  # Alembic loads these with its own context
+            importlib.import_module(m.name)
+    for p in sorted((REPO / "bench").glob("*.py")) + sorted((REPO / "tests").glob("*.py")):
+        for mod in _imports(p):
+            if mod.startswith("bench."):
+                assert (REPO / "bench" / (mod.split(".")[1] + ".py")).is_file(), f"{p.name}: {mod}"

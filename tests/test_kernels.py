@@ -729,7 +729,7 @@ def test_persistent_launch_fits_the_device(monkeypatch):
     assert c["replicas"] == 4 and c["shmem"] <= 99 * 1024 and c["gx"] * c["nsplit"] <= 46
     # the grid is what is resident at the register cap it is sized for: byte codes at 64 registers
     # (4 blocks of 256 threads per SM) against the default 128 (2)
-    from bench.kernels import make_layer
+    from bench.kernel_table import make_layer
 
     monkeypatch.setattr(nb, "smem_optin", lambda: 227 * 1024)
     monkeypatch.setattr(nb, "sm_count", lambda: 132)

@@ -206,7 +206,7 @@ def kernel_l2(v: int, batch: int, has_res: bool, has_out: bool, has_perm: bool, 
 def l2_tiling(rows: int, n: int, pw: int, threads: int, warp: int) -> tuple[int, int]:
     """(kc, rw): column chunk (split-K) and rows of vectors per warp.
 
-    From the H100 sweep of bench/kernels.py --sweep (2-bit v8-k65536, batch 1): chunks of 512
+    From the H100 sweep of bench/kernel_table.py (then bench/kernels.py) --sweep (2-bit v8-k65536, batch 1): chunks of 512
     columns and 2-4 rows per warp were within 3-7 % of the best configuration on every 7B and 70B
     shape; the time hardly depends on the tiling (the random centroid fetches from L2 dominate).
     """
