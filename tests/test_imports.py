@@ -215,8 +215,9 @@ def test_every_module_of_ours_imports(tmp_path):
     import importlib
     import pkgutil
 
-    import vptq
     import vptq_service
+
+    import vptq
 
     for root in (vptq, vptq_service):
         for m in pkgutil.walk_packages(root.__path__, root.__name__ + "."):
