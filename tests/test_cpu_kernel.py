@@ -11,40 +11,17 @@ from torch import nn
 
 pytest.importorskip("numba")
 
-from vptq.config import LayerLayout, QuantConfig  # noqa: E402
+from tests.vq_layers import random_layer  # noqa: E402
+from vptq.config import QuantConfig  # noqa: E402
 from vptq.io import load_quantized, save_quantized  # noqa: E402
 from vptq.kernels import cpu, cpu_source  # noqa: E402
 from vptq.kernels.dispatch import use_cpu_kernels  # noqa: E402
 from vptq.kernels.layout import PackedLayer  # noqa: E402
 from vptq.layers import VQuantLinear  # noqa: E402
-from vptq.quantizer import VQWeights, quantize_linear  # noqa: E402
+from vptq.quantizer import quantize_linear  # noqa: E402
 
 # the presets' layouts (vector length, centroids, residual centroids)
 PRESETS = {"2bit_v5k1024": (5, 1024, 0), "3bit_v5k1024r32": (5, 1024, 32), "4bit_v4k1024r64": (4, 1024, 64)}
-
-
-def random_layer(m=67, n=77, v=5, k=1024, kr=0, o=5, v0=2, k0=8, g=2, perm=True, norm=True, bias=True, seed=0):
-    """A random VQuantLinear in the stored format (M not a multiple of v; N = o + g * group_size)."""
-    gen = torch.Generator().manual_seed(seed)
-    gs = (n - o) // g
-    assert o + g * gs == n
-    r = -(-m // v)
-    q = VQWeights(layout=LayerLayout(m, n, o, g, gs), vector_len=v,
-                  centroids=torch.randn(g, k, v, generator=gen).half(),
-                  indices=torch.randint(0, k, (g, r, gs), generator=gen))
-    if kr:
-        q.res_centroids = (0.1 * torch.randn(g, kr, v, generator=gen)).half()
-        q.res_indices = torch.randint(0, kr, (g, r, gs), generator=gen)
-    if o:
-        q.outlier_vector_len = v0
-        q.outlier_centroids = torch.randn(1, k0, v0, generator=gen).half()
-        q.outlier_indices = torch.randint(0, k0, (1, -(-m // v0), o), generator=gen)
-    if perm:
-        q.perm = torch.randperm(n, generator=gen)
-    if norm:
-        q.weight_scale = (torch.rand(n, generator=gen) + 0.5).half()
-        q.weight_bias = (0.1 * torch.randn(n, generator=gen)).half()
-    return VQuantLinear.from_weights(q, torch.randn(m, generator=gen).half() if bias else None)
 
 
 def close(y: torch.Tensor, yr: torch.Tensor) -> None:

@@ -16,15 +16,13 @@ if not HAS_GPU:  # must be set before numba is imported; CPU code never routes t
 pytest.importorskip("numba")
 pytest.importorskip("numba.cuda")
 
-from vptq.config import LayerLayout  # noqa: E402
+from tests.vq_layers import random_layer  # noqa: E402
 from vptq.kernels import _numba as nb  # noqa: E402
 from vptq.kernels import dispatch  # noqa: E402
 from vptq.kernels.assign import assign, assign_ref  # noqa: E402
 from vptq.kernels.dequant import dequant2_config, dequantize, dequantize_ref  # noqa: E402
 from vptq.kernels.gemv import gemv, gemv_ref  # noqa: E402
 from vptq.kernels.layout import PackedLayer  # noqa: E402
-from vptq.layers import VQuantLinear  # noqa: E402
-from vptq.quantizer import VQWeights  # noqa: E402
 
 DEV = torch.device("cuda" if HAS_GPU else "cpu")
 
@@ -47,28 +45,9 @@ SMALL = {} if HAS_GPU else {"threads": 32}  # the simulator runs one Python thre
 
 
 def _layer(m=37, n=29, v=4, k=16, kr=4, o=5, v0=2, k0=8, g=2, perm=True, norm=True, bias=True, seed=0):
-    """A random VQuantLinear in the published stored format."""
-    gen = torch.Generator().manual_seed(seed)
-    gs = (n - o) // g
-    assert o + g * gs == n
-    r = -(-m // v)
-    q = VQWeights(layout=LayerLayout(m, n, o, g, gs), vector_len=v,
-                  centroids=torch.randn(g, k, v, generator=gen).half(),
-                  indices=torch.randint(0, k, (g, r, gs), generator=gen))
-    if kr:
-        q.res_centroids = (0.1 * torch.randn(g, kr, v, generator=gen)).half()
-        q.res_indices = torch.randint(0, kr, (g, r, gs), generator=gen)
-    if o:
-        q.outlier_vector_len = v0
-        q.outlier_centroids = torch.randn(1, k0, v0, generator=gen).half()
-        q.outlier_indices = torch.randint(0, k0, (1, -(-m // v0), o), generator=gen)
-    if perm:
-        q.perm = torch.randperm(n, generator=gen)
-    if norm:
-        q.weight_scale = (torch.rand(n, generator=gen) + 0.5).half()
-        q.weight_bias = (0.1 * torch.randn(n, generator=gen)).half()
-    b = torch.randn(m, generator=gen).half() if bias else None
-    return VQuantLinear.from_weights(q, b).to(DEV)
+    """A random VQuantLinear in the published stored format, on the test device."""
+    return random_layer(m=m, n=n, v=v, k=k, kr=kr, o=o, v0=v0, k0=k0, g=g, perm=perm, norm=norm, bias=bias,
+                        seed=seed).to(DEV)
 
 
 LAYERS = {
