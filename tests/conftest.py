@@ -62,19 +62,8 @@ def text_file(tmp_path_factory):
 def quantized_dir(tiny_llama_dir, smol_tokenizer, tmp_path_factory):
     """tiny_llama_dir with its 14 linears quantized (random Hessians), saved: the folder that
     test_generate and test_serve read (read only; a test that edits it works on a copy)."""
-    from torch import nn
-    from transformers import AutoModelForCausalLM
-
+    from tests.vq_layers import quantized_folder
     from vptq.config import QuantConfig
-    from vptq.io import save_quantized
-    from vptq.layers import VQuantLinear
-    from vptq.quantizer import quantize_linear
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     cfg = QuantConfig(vector_len=4, num_centroids=64, kmeans_iters=3, refine_iters=0)
-    torch.manual_seed(0)
-    for name, lin in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]:
-        x = torch.randn(256, lin.in_features)
-        q, _ = quantize_linear(lin.weight.data, x.t() @ x / 256, cfg)
-        model.set_submodule(name, VQuantLinear.from_weights(q))
-    return save_quantized(model, tmp_path_factory.mktemp("gen") / "q", smol_tokenizer)
+    return quantized_folder(tiny_llama_dir, cfg, smol_tokenizer, tmp_path_factory.mktemp("gen") / "q")

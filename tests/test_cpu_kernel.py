@@ -11,14 +11,13 @@ from torch import nn
 
 pytest.importorskip("numba")
 
-from tests.vq_layers import random_layer  # noqa: E402
+from tests.vq_layers import quantized_folder, random_layer  # noqa: E402
 from vptq.config import QuantConfig  # noqa: E402
-from vptq.io import load_quantized, save_quantized  # noqa: E402
+from vptq.io import load_quantized  # noqa: E402
 from vptq.kernels import cpu, cpu_source  # noqa: E402
 from vptq.kernels.dispatch import use_cpu_kernels  # noqa: E402
 from vptq.kernels.layout import PackedLayer  # noqa: E402
 from vptq.layers import VQuantLinear  # noqa: E402
-from vptq.quantizer import quantize_linear  # noqa: E402
 
 # the presets' layouts (vector length, centroids, residual centroids)
 PRESETS = {"2bit_v5k1024": (5, 1024, 0), "3bit_v5k1024r32": (5, 1024, 32), "4bit_v4k1024r64": (4, 1024, 64)}
@@ -116,16 +115,8 @@ def test_resident_memory_is_the_packed_layer():
 
 @pytest.fixture(scope="module")
 def tiny_quantized(tiny_llama_dir, smol_tokenizer, tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     cfg = QuantConfig(vector_len=4, num_centroids=64, num_res_centroids=16, kmeans_iters=3, refine_iters=0)
-    torch.manual_seed(0)
-    for name, lin in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]:
-        x = torch.randn(256, lin.in_features)
-        q, _ = quantize_linear(lin.weight.data, x.t() @ x / 256, cfg)
-        model.set_submodule(name, VQuantLinear.from_weights(q))
-    return save_quantized(model, tmp_path_factory.mktemp("cpu") / "q", smol_tokenizer)
+    return quantized_folder(tiny_llama_dir, cfg, smol_tokenizer, tmp_path_factory.mktemp("cpu") / "q")
 
 
 def test_loaded_model_gives_the_torch_paths_logits(tiny_quantized):

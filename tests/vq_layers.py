@@ -1,4 +1,5 @@
-"""Random VQuantLinear layers in the stored format, for the kernel tests (GPU, simulator and CPU).
+"""Random VQuantLinear layers in the stored format, for the kernel tests (GPU, simulator and CPU), and
+a tiny model folder with every linear quantized on random Hessians.
 
 Imports torch and vptq only: tests/test_kernels.py runs on the GPU machine with --noconftest.
 """
@@ -34,3 +35,20 @@ def random_layer(m=67, n=77, v=5, k=1024, kr=0, o=5, v0=2, k0=8, g=2, perm=True,
         q.weight_scale = (torch.rand(n, generator=gen) + 0.5).half()
         q.weight_bias = (0.1 * torch.randn(n, generator=gen)).half()
     return VQuantLinear.from_weights(q, torch.randn(m, generator=gen).half() if bias else None)
+
+
+def quantized_folder(model_dir, cfg, tokenizer, out):
+    """model_dir's linears (not the head) quantized with cfg on random Hessians (seed 0), saved to out."""
+    from torch import nn
+    from transformers import AutoModelForCausalLM
+
+    from vptq.io import save_quantized
+    from vptq.quantizer import quantize_linear
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    torch.manual_seed(0)
+    for name, lin in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]:
+        x = torch.randn(256, lin.in_features)
+        q, _ = quantize_linear(lin.weight.data, x.t() @ x / 256, cfg)
+        model.set_submodule(name, VQuantLinear.from_weights(q))
+    return save_quantized(model, out, tokenizer)
