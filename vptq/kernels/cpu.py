@@ -28,6 +28,7 @@ for the group where their layouts allow (CpuGroup). `gemm_ref` is the torch orac
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -46,11 +47,19 @@ def gemm_ref(x: torch.Tensor, p: PackedLayer) -> torch.Tensor:
 
 @functools.cache
 def available() -> bool:
-    """numba (CPU) importable: the kernels can run here."""
+    """numba (CPU) importable: the kernels can run here.
+
+    Also picks numba's own thread pool ("workqueue") unless NUMBA_THREADING_LAYER says otherwise:
+    its OpenMP layer shares torch's libgomp and, started after torch's OpenMP threads, ran SmolLM2's
+    decode step 5x slower (257 ms against 49 ms on one thread, bench/results/cpu_decode*.json).
+    The workqueue layer admits one parallel call at a time per process: the serving engine calls
+    the model from one thread."""
     try:
-        import numba  # noqa: F401
+        import numba
     except ImportError:
         return False
+    if "NUMBA_THREADING_LAYER" not in os.environ:
+        numba.config.THREADING_LAYER = "workqueue"  # read when the pool starts, at the first parallel call
     return True
 
 

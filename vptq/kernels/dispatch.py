@@ -232,6 +232,10 @@ def use_cpu_kernels(model: torch.nn.Module, on: bool = True) -> int:
     """Opt the VQuantLinear layers of model into the CPU kernels (kernels/cpu.py: y from the packed
     codes, no dense weight resident; their dense caches are dropped). Opt-in, so that quantization,
     evaluation and fine-tuning keep the torch path's bit-exact numbers. Returns the layers marked."""
+    if on:
+        from .cpu import available
+
+        available()  # numba's thread pool chosen before anyone starts it (kernels/cpu.py)
     n = 0
     for m in model.modules():
         if hasattr(m, "indices") and hasattr(m, "vector_lens"):  # duck-typed VQuantLinear
