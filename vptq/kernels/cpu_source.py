@@ -80,6 +80,27 @@ def outliers(xs, nb, oidx, ocb, v0, y):
 '''
 
 
+# the unsigned masks of a packed code (main + residual bits) that every kernel body starts with
+_CODE_MASKS = ("    cmask = np.uint64((1 << bits) - 1)", "    mmask = np.uint64((1 << main_bits) - 1)",
+               "    ubits = np.uint64(bits)", "    umain = np.uint64(main_bits)")
+
+
+def _member_row(v: int) -> list[str]:
+    """The parallel loop over rows of vectors of every member layer, and the member's own views."""
+    return ([f"    U{t} = np.uint64({t})" for t in range(max(v, 2))]
+            + ["    for rr in prange(starts[starts.shape[0] - 1]):",
+               "        l = 0",
+               "        while rr >= starts[l + 1]:",
+               "            l += 1",
+               "        r = rr - starts[l]",
+               "        rows = starts[l + 1] - starts[l]",
+               "        mo = moffs[l]",
+               "        m_out = moffs[l + 1] - mo",
+               "        idx = idxs[l]",
+               "        cb = cbs[l]",
+               "        rcb = rcbs[l]"])
+
+
 def _kernel_source(v: int, res: bool, mode: str) -> str:
     """numba source of the main kernel for vector length v, with or without a residual codebook.
 
@@ -101,25 +122,11 @@ def _kernel_source(v: int, res: bool, mode: str) -> str:
          '    """',
          "    groups = cbs[0].shape[0] // V",
          "    o = xs.shape[0] // nb - groups * gs  # outlier columns come first in stored order",
-         "    cmask = np.uint64((1 << bits) - 1)",
-         "    mmask = np.uint64((1 << main_bits) - 1)",
-         "    ubits = np.uint64(bits)",
-         "    umain = np.uint64(main_bits)",
+         *_CODE_MASKS,
          "    unb = np.uint64(nb)",
          "    ugs = np.uint64(gs)",
          "    has_bias = bias.shape[0] > 0"]
-    L += [f"    U{t} = np.uint64({t})" for t in range(max(v, 2))]
-    L += ["    for rr in prange(starts[starts.shape[0] - 1]):",
-          "        l = 0",
-          "        while rr >= starts[l + 1]:",
-          "            l += 1",
-          "        r = rr - starts[l]",
-          "        rows = starts[l + 1] - starts[l]",
-          "        mo = moffs[l]",
-          "        m_out = moffs[l + 1] - mo",
-          "        idx = idxs[l]",
-          "        cb = cbs[l]",
-          "        rcb = rcbs[l]"]
+    L += _member_row(v)
     if batched:
         L.append("        acc = np.zeros(V * nb, np.float32)")
     else:
@@ -188,24 +195,10 @@ def _dequant_source(v: int, res: bool) -> str:
          "def dequant(idxs, words, cbs, k, rcbs, kr, gs, bits, main_bits, w, starts, moffs):",
          '    """w[mo + r*V + t, g*gs + c] = (cb + rcb)[code (g, r, c), t] for every member layer."""',
          "    groups = cbs[0].shape[0] // V",
-         "    cmask = np.uint64((1 << bits) - 1)",
-         "    mmask = np.uint64((1 << main_bits) - 1)",
-         "    ubits = np.uint64(bits)",
-         "    umain = np.uint64(main_bits)",
+         *_CODE_MASKS,
          "    ugs = np.uint64(gs)"]
-    L += [f"    U{t} = np.uint64({t})" for t in range(max(v, 2))]
-    L += ["    for rr in prange(starts[starts.shape[0] - 1]):",
-          "        l = 0",
-          "        while rr >= starts[l + 1]:",
-          "            l += 1",
-          "        r = rr - starts[l]",
-          "        rows = starts[l + 1] - starts[l]",
-          "        mo = moffs[l]",
-          "        m_out = moffs[l + 1] - mo",
-          "        idx = idxs[l]",
-          "        cb = cbs[l]",
-          "        rcb = rcbs[l]",
-          "        m0 = r * V",
+    L += _member_row(v)
+    L += ["        m0 = r * V",
           "        for g in range(groups):",
           "            wp = np.uint64((g * rows + r) * words)",
           "            rb = np.uint64(g * V)",
