@@ -17,8 +17,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -94,7 +92,6 @@ def batch_sizes(url: str) -> dict:
 
 
 def main() -> None:
-    import httpx
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--source", help="a model folder to serve (default: random-code SmolLM2 in --format)")
@@ -107,25 +104,14 @@ def main() -> None:
     a = ap.parse_args()
     tmp = tempfile.TemporaryDirectory(prefix="vptq-serve-load-")
     src = Path(a.source) if a.source else random_model(a.format, Path(tmp.name) / "model")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    log = open(Path(tmp.name) / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "vptq_service.cli.main", "serve", str(src), "--port", str(port),
-                             "--served-name", "m", "--max-batch", str(a.max_batch), "--max-queue", "256"],
-                            stdout=log, stderr=subprocess.STDOUT)
+    from vptq_service.serve.launch import launch
+
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"server did not start: {(Path(tmp.name) / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+        proc, url = launch(src, "--served-name", "m", "--max-batch", str(a.max_batch), "--max-queue", "256",
+                           log=Path(tmp.name) / "server.log", timeout=300)
+    except RuntimeError as e:
+        raise SystemExit(str(e)) from None
+    try:
         asyncio.run(level(url, "m", 1, 1, 4))  # warm-up: kernels loaded, plans built
         rows = []
         for c in (int(x) for x in a.clients.split(",")):
@@ -142,7 +128,6 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-        log.close()
     from bench.cpu_decode import versions
 
     result = {"command": "python " + " ".join(sys.argv), "date": datetime.now(UTC).isoformat(timespec="seconds"),

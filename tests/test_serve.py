@@ -5,10 +5,6 @@ not, concurrent requests decoded as one batch) and by plain HTTP for the refusal
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
@@ -24,35 +20,17 @@ KEY = "test-key"
 MODEL = "tiny-q"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(quantized_dir, tmp_path_factory):  # noqa: F811
     """`vptq serve DIR` in its own process; yields (base URL, log path); the log is checked at the end."""
-    port = free_port()
+    from vptq_service.serve.launch import launch
+
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "vptq_service.cli.main", "serve", str(quantized_dir), "--port", str(port),
-             "--api-key", KEY, "--served-name", MODEL, "--max-batch", "4", "--max-tokens", "4096"],
-            stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"server did not start: {log.read_text()[-2000:]}")
-        time.sleep(0.3)
+    try:
+        proc, url = launch(quantized_dir, "--api-key", KEY, "--served-name", MODEL, "--max-batch", "4",
+                           "--max-tokens", "4096", log=log)
+    except RuntimeError as e:
+        pytest.fail(str(e))
     yield url, log
     proc.terminate()
     proc.wait(timeout=30)
