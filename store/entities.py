@@ -44,6 +44,8 @@ class JobRecord:
     started_at: datetime | None
     finished_at: datetime | None
     updated_at: datetime
+    heartbeat_at: datetime | None = None  # last sign of life of the process running it
+    runner: str | None = None  # which process runs it (host:pid)
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,9 @@ class ArtifactRecord:
     sha256: str
     job_id: int | None
     published_at: datetime
-    status: str = "published"  # or "rejected" (failed the job's evaluation gate)
+    status: str = "published"  # or "rejected" (failed the job's evaluation gate), "reserved" (publish in flight)
+    publisher: str | None = None  # while reserved: host:pid of the publisher
+    staging: str | None = None  # while reserved: the store prefix its files are uploaded under
 
     @property
     def ref(self) -> str:

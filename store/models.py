@@ -28,7 +28,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from vptq_service.store import entities
 
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "crashed", "cancelled")
-ARTIFACT_STATUSES = ("published", "rejected")  # rejected: failed its evaluation gate, never "latest"
+ARTIFACT_STATUSES = ("reserved", "published", "rejected")
+# reserved: a publish in flight holds name:version (the unique row wins before any upload);
+# rejected: failed its evaluation gate, never "latest"
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -134,13 +136,17 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    # liveness of the process running the job: a job is taken over only when its runner is gone
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    runner: Mapped[str | None] = mapped_column(String(128))
 
     def to_entity(self) -> entities.JobRecord:
         return entities.JobRecord(
             id=self.id, source_uri=self.source_uri, status=self.status, config=dict(self.config or {}),
             job_key=self.job_key, model_id=self.model_id, calibration_set_id=self.calibration_set_id, code_version=self.code_version,
             prefect_run_id=self.prefect_run_id, error=self.error, created_at=self.created_at,
-            started_at=self.started_at, finished_at=self.finished_at, updated_at=self.updated_at)
+            started_at=self.started_at, finished_at=self.finished_at, updated_at=self.updated_at,
+            heartbeat_at=self.heartbeat_at, runner=self.runner)
 
 
 class LayerResult(Base):
@@ -181,10 +187,13 @@ class Artifact(Base):
     sha256: Mapped[str] = mapped_column(String(64))  # of manifest.json, which hashes every file
     published_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     status: Mapped[str] = mapped_column(String(16), default="published", server_default="published")
+    # while reserved: who holds name:version (host:pid) and the store prefix its files are staged under
+    publisher: Mapped[str | None] = mapped_column(String(128))
+    staging: Mapped[str | None] = mapped_column(String(256))
 
     def to_entity(self) -> entities.ArtifactRecord:
         return entities.ArtifactRecord(self.id, self.name, self.version, self.uri, self.size, self.sha256,
-                                       self.job_id, self.published_at, self.status)
+                                       self.job_id, self.published_at, self.status, self.publisher, self.staging)
 
 
 class HessianSet(Base):

@@ -287,3 +287,38 @@ def test_migration_0004_indexes_and_backfills_job_keys(db_url):  # noqa: F811
     with engine.connect() as conn:
         assert "job_key" not in {c["name"] for c in inspect(conn).get_columns("jobs")}
     engine.dispose()
+
+
+def test_migration_0005_reservations_and_heartbeats(db_url):  # noqa: F811
+    """0005 allows `reserved` artifact rows (publisher, staging) and job heartbeats; the downgrade drops
+    in-flight reservations (nothing published) and the columns, keeping published rows."""
+    from alembic import command
+    from vptq_service.store.db import make_engine
+    from vptq_service.store.migrate import alembic_config, head_revision, upgrade
+
+    engine = make_engine(db_url)
+    upgrade(engine, "0004")
+    ins = ("INSERT INTO artifacts (name, version, uri, size, sha256, published_at, status) "
+           "VALUES (:n, :v, 'u', 0, '', CURRENT_TIMESTAMP, :s)")
+    with engine.begin() as conn:
+        conn.execute(text(ins), {"n": "a", "v": "v1", "s": "published"})
+    upgrade(engine, "0005")
+    with engine.begin() as conn:
+        conn.execute(text(ins.replace("status)", "status, publisher, staging)").replace(":s)", ":s, 'h:1', 'a/v2/x')")),
+                     {"n": "a", "v": "v2", "s": "reserved"})
+        conn.execute(text("INSERT INTO jobs (source_uri, status, config, created_at, updated_at, heartbeat_at, runner) "
+                          "VALUES ('m', 'running', '{}', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, 'h:1')"))
+        with pytest.raises(IntegrityError):  # still checked: no unknown status
+            with conn.begin_nested():
+                conn.execute(text(ins), {"n": "a", "v": "v3", "s": "bogus"})
+    assert head_revision() >= "0005"
+    cfg = alembic_config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0004")
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT version FROM artifacts")).scalars().all() == ["v1"]
+        assert not {"heartbeat_at", "runner"} & {c["name"] for c in inspect(conn).get_columns("jobs")}
+        assert not {"publisher", "staging"} & {c["name"] for c in inspect(conn).get_columns("artifacts")}
+    assert upgrade(engine) == head_revision()
+    engine.dispose()
