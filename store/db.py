@@ -15,7 +15,7 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
-from vptq_service.store.errors import StoreError, mask_url
+from vptq_service.store.errors import StoreError, is_secret_name, mask_text, mask_url
 
 log = logging.getLogger(__name__)
 
@@ -48,33 +48,52 @@ def db_url() -> str:
     return f"sqlite:///{vptq_home() / 'vptq.db'}"
 
 
+def shown_url(url: URL | str) -> str:
+    """A database URL as it may be printed, logged or stored: the one masking rule (store.errors)."""
+    return mask_text(url.render_as_string(hide_password=True) if isinstance(url, URL) else url)
+
+
 def parse_url(raw: str) -> URL:
-    """Validate a database URL; StoreError with a masked copy and an example when it is malformed."""
+    """Validate a database URL; StoreError with a masked copy and an example when it is malformed.
+
+    A `?password=` query parameter becomes the URL's password, so that every rendering of the URL
+    (SQLAlchemy's own included: `engine.url`, reprs, logs) hides it; other secret parameters
+    (`sslpassword`) are taken out by `secret_params`."""
     try:
         url = make_url(raw)
     except ArgumentError:
         raise StoreError(f"VPTQ_DB_URL {mask_url(raw)!r} is not a database URL: {_URL_HELP}") from None
     backend = url.get_backend_name()
     if backend not in ("sqlite", "postgresql"):
-        raise StoreError(f"VPTQ_DB_URL {url.render_as_string()!r}: unsupported database {backend!r}; {_URL_HELP}")
+        raise StoreError(f"VPTQ_DB_URL {shown_url(url)!r}: unsupported database {backend!r}; {_URL_HELP}")
     if url.drivername == "postgresql":
         # Only psycopg (3) is a dependency; plain postgresql:// would pick psycopg2.
         url = url.set(drivername="postgresql+psycopg")
+    if "password" in url.query:
+        given = url.query["password"]
+        url = url.difference_update_query(["password"]).set(password=given if isinstance(given, str) else given[-1])
     if backend == "postgresql" and not url.database:
-        raise StoreError(f"VPTQ_DB_URL {url.render_as_string()!r} names no database; {_URL_HELP}")
+        raise StoreError(f"VPTQ_DB_URL {shown_url(url)!r} names no database; {_URL_HELP}")
     return url
+
+
+def secret_params(url: URL) -> tuple[URL, dict[str, str]]:
+    """(url without secret-looking query parameters, those parameters): they go to the driver as
+    connect arguments, never into `engine.url`, which is printed and logged."""
+    hidden = {k: (v if isinstance(v, str) else v[-1]) for k, v in url.query.items() if is_secret_name(k)}
+    return (url.difference_update_query(list(hidden)) if hidden else url), hidden
 
 
 def make_engine(raw_url: str | None = None) -> Engine:
     """An Engine for raw_url (default: db_url()), checked to answer; errors are StoreError, masked."""
     raw = raw_url or db_url()
-    url = parse_url(raw)
-    shown = url.render_as_string()  # hides the password
+    url, hidden = secret_params(parse_url(raw))
+    shown = shown_url(url)
     try:
         if url.get_backend_name() == "sqlite":
             engine = _sqlite_engine(url)
         else:
-            engine = create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 5})
+            engine = create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 5, **hidden})
     except (NoSuchModuleError, ImportError):
         raise StoreError(f"VPTQ_DB_URL {shown!r}: no driver {url.drivername!r}; {_URL_HELP}") from None
     try:
@@ -84,7 +103,7 @@ def make_engine(raw_url: str | None = None) -> Engine:
         engine.dispose()
         cause = str(getattr(e, "orig", e)).splitlines()[0] if str(getattr(e, "orig", e)) else type(e).__name__
         raise StoreError(f"cannot reach database {shown}: {cause}; check VPTQ_DB_URL and that the server is running",
-                         url.password) from None
+                         url.password, *hidden.values()) from None
     log.debug("database %s", shown)
     return engine
 

@@ -13,8 +13,8 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine
-from vptq_service.store.db import make_engine
+from sqlalchemy import Engine, text
+from vptq_service.store.db import make_engine, shown_url
 from vptq_service.store.errors import StoreError
 
 log = logging.getLogger(__name__)
@@ -36,10 +36,21 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
+# pg_advisory_xact_lock key of the schema migration (any fixed 64-bit number: "vptq" + "migr")
+MIGRATION_LOCK = 0x7670_7471_6D69_6772
+
+
 def upgrade(engine: Engine, revision: str = "head") -> str | None:
-    """Apply migrations up to revision in one transaction; returns the revision now current."""
+    """Apply migrations up to revision in one transaction; returns the revision now current.
+
+    Two upgrades at once (two `vptq db upgrade`, or two workers starting) are serialized: on
+    PostgreSQL by an advisory lock held until the transaction ends, on SQLite by BEGIN IMMEDIATE
+    (store/db.py). The second one then reads the first one's revision and has nothing to do,
+    where it used to fail with an IntegrityError on alembic_version or a duplicate table."""
     cfg = alembic_config()
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK})
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
     now = current_revision(engine)
@@ -59,4 +70,4 @@ def open_database(url: str | None = None) -> Engine:
         return engine
     engine.dispose()
     state = "has no vptq schema" if current is None else f"is at revision {current}, code expects {head}"
-    raise StoreError(f"database {engine.url.render_as_string()} {state}; run `vptq db upgrade`")
+    raise StoreError(f"database {shown_url(engine.url)} {state}; run `vptq db upgrade`")
