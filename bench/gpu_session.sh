@@ -10,6 +10,11 @@
 #   dequant the row-staged dequantize's knobs and torch's write ceiling per shape (bench/dequant_probe.py;
 #           DQ_VARIANTS, DQ_SHAPES override; default: the kernel and, where it reads consecutive codes
 #           together (no permutation), the same without that: contig=0)
+#   block7b the Llama-2-7B-shaped block quantized with the default k-means iterations (bench/block7b.py)
+#   serve   `vptq serve --device cuda` under load (bench/serve_load.py, clients SERVE_CLIENTS, default
+#           1,8,32): fp16 weights and the 2-bit preset's layout (random codes), the model of shape
+#           SERVE_CONFIG (a config.json + tokenizer folder; default .gpu/smol, SmolLM2-135M's). Needs the
+#           server's packages as wheels in .whl (carry it) and the project installed: both done here.
 # Output under $OUT (default bench/results/gpu_session), one log per stage; the raw records the
 # scripts write go there too. Usage: bash bench/gpu_session.sh [stage ...]
 # .gpu/wheels/*.whl (make gpu-wheels; carry [".gpu"]) are installed first: with pytest-xdist the
@@ -55,7 +60,19 @@ for s in "${stages[@]}"; do
     dequant) $PY -u bench/dequant_probe.py --formats "$FORMATS" --shapes "${DQ_SHAPES:-0,1,2,3,4,5}" \
               --variants "${DQ_VARIANTS:-h2=1;h2=1,contig=0}" \
               > "$OUT/dequant.log" 2>&1 ;;
-    *) echo "unknown stage $s (tests, probe, table, decode, floor, dequant)"; exit 2 ;;
+    block7b) $PY -u bench/block7b.py --device cuda --kmeans-iters "${KMEANS_ITERS:-40}" --json \
+              > "$OUT/block7b.log" 2>&1 ;;
+    serve)  if [ -d .whl ]; then
+              $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl . \
+                --no-build-isolation > "$OUT/pip_serve.log" 2>&1 || echo "serve wheels: see $OUT/pip_serve.log"
+              export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+            fi
+            for f in $(echo "${SERVE_FORMATS:-fp16,v5k1024}" | tr , ' '); do
+              $PY -u bench/serve_load.py --config "${SERVE_CONFIG:-.gpu/smol}" --format "$f" --device cuda \
+                --clients "${SERVE_CLIENTS:-1,8,32}" --max-batch 32 --requests "${SERVE_REQUESTS:-4}" \
+                --max-tokens "${SERVE_TOKENS:-64}" --out "$OUT/serve_cuda_$f.json" > "$OUT/serve_$f.log" 2>&1
+            done ;;
+    *) echo "unknown stage $s (tests, probe, table, decode, floor, dequant, block7b, serve)"; exit 2 ;;
   esac
   echo "   rc=$? $(date -u +%H:%M:%S)"; tail -n 3 "$OUT"/*"$s"*.log 2>/dev/null | tail -n 8
 done

@@ -31,11 +31,37 @@ PROMPTS = ["The history of the transistor begins with", "Once upon a time", "The
            "My favourite book is"]
 
 
-def random_model(fmt: str, out: Path) -> Path:
-    from bench.cpu_decode import build
+def random_model(fmt: str, out: Path, config: str | None = None) -> Path:
+    """A model folder in fmt (fp16/bf16/fp32 or vNkK[rR] random codes): SmolLM2's weights, or with --config
+    random weights of that config folder's shape (config.json + tokenizer; throughput does not depend on the
+    values, and the GPU machine has no copy of the GGUF)."""
+    from bench.cpu_decode import build, random_layer
     from vptq.io import save_quantized
 
-    model, tok = build(fmt)
+    if config is None:
+        model, tok = build(fmt)
+    else:
+        import torch
+        from torch import nn
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(config)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config), dtype=torch.float16)
+        if fmt not in ("fp16", "bf16", "fp32"):
+            import re
+
+            v, k, kr = (int(x or 0) for x in re.fullmatch(r"v(\d+)k(\d+)(?:r(\d+))?", fmt).groups())
+            gen = torch.Generator().manual_seed(0)
+            blocks = model.model.layers
+            for name, lin in [(n, m) for n, m in blocks.named_modules() if isinstance(m, nn.Linear)]:
+                blocks.set_submodule(name, random_layer(lin, v, k, kr, gen))
+    if fmt in ("fp16", "bf16", "fp32"):
+        import torch
+
+        model.to({"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[fmt])
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        return out
     return Path(save_quantized(model, out, tok))
 
 
@@ -95,7 +121,9 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--source", help="a model folder to serve (default: random-code SmolLM2 in --format)")
-    ap.add_argument("--format", default="v5k1024")
+    ap.add_argument("--format", default="v5k1024", help="vNkK[rR] random codes, or fp16/bf16/fp32 dense")
+    ap.add_argument("--config", help="random weights of this config+tokenizer folder's shape (not SmolLM2's)")
+    ap.add_argument("--device", default="cpu", help="the server's --device")
     ap.add_argument("--clients", default="1,4,8")
     ap.add_argument("--requests", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=32)
@@ -103,11 +131,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serve_load.json")
     a = ap.parse_args()
     tmp = tempfile.TemporaryDirectory(prefix="vptq-serve-load-")
-    src = Path(a.source) if a.source else random_model(a.format, Path(tmp.name) / "model")
+    src = Path(a.source) if a.source else random_model(a.format, Path(tmp.name) / "model", a.config)
     from vptq_service.serve.launch import launch
 
     try:
         proc, url = launch(src, "--served-name", "m", "--max-batch", str(a.max_batch), "--max-queue", "256",
+                           "--device", a.device,
                            log=Path(tmp.name) / "server.log", timeout=300)
     except RuntimeError as e:
         raise SystemExit(str(e)) from None
@@ -132,8 +161,8 @@ def main() -> None:
 
     result = {"command": "python " + " ".join(sys.argv), "date": datetime.now(UTC).isoformat(timespec="seconds"),
               "cpu_count": os.cpu_count(), "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
-              "versions": versions(), "model": str(a.source) if a.source else
-              f"SmolLM2-135M, block linears {a.format} random codes (CPU kernels)",
+              "versions": versions(), "device": a.device, "model": str(a.source) if a.source else
+              f"{a.config or 'SmolLM2-135M'}, {a.format} (block linears: random codes when vNkK)",
               "max_tokens": a.max_tokens, "max_batch": a.max_batch, "levels": rows}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1) + "\n")
