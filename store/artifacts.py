@@ -3,16 +3,24 @@
 Keys are relative POSIX paths ("name/version/file"). `open_artifact_store()` reads
 `VPTQ_ARTIFACTS`: unset -> a folder in VPTQ_HOME; `s3://bucket/prefix` -> S3 (MinIO or any S3
 endpoint through the standard `AWS_ENDPOINT_URL`; credentials only from boto3's normal chain).
+
+`put_bytes_exclusive` is the registry's commit point: it creates a key only if it does not exist
+(local: a complete temp file hard-linked into place, which fails when the name is taken; S3: a
+conditional PUT with `If-None-Match: *`), so two publishers of one version cannot both commit even
+without a database. Local files and folders honour the umask (a store shared by a group works).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -25,6 +33,41 @@ _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 MiB = 1024 * 1024
 
 
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    size: int
+    modified: datetime  # aware UTC: how old an orphan is (gc's grace period)
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask is process-wide)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in path durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 class ArtifactStore(ABC):
     """A flat key -> bytes store with atomic writes of whole objects."""
 
@@ -35,6 +78,15 @@ class ArtifactStore(ABC):
 
     @abstractmethod
     def put_bytes(self, key: str, data: bytes) -> None: ...
+
+    @abstractmethod
+    def put_bytes_exclusive(self, key: str, data: bytes) -> bool:
+        """Create key with data only if it does not exist (atomically); False when it already did."""
+
+    @abstractmethod
+    def list_objects(self, prefix: str) -> list[StoredObject]:
+        """Every object under prefix with its size and modification time, including leftovers of
+        interrupted writes (gc removes those); sorted by key."""
 
     @abstractmethod
     def get_file(self, key: str, path: Path) -> None:
@@ -81,19 +133,30 @@ class LocalStore(ArtifactStore):
     def _path(self, key: str) -> Path:
         return self.root / _check_key(key)
 
-    def _write(self, key: str, writer) -> None:
-        dest = self._path(key)
+    def _temp_beside(self, dest: Path, writer) -> str:
+        """A complete, fsynced temp file in dest's folder, with the mode a plain create would get."""
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as f:
                 writer(f)
                 f.flush()
+                os.fchmod(f.fileno(), 0o666 & ~current_umask())  # mkstemp makes 0600
                 os.fsync(f.fileno())
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return tmp
+
+    def _write(self, key: str, writer) -> None:
+        dest = self._path(key)
+        tmp = self._temp_beside(dest, writer)
+        try:
             os.replace(tmp, dest)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        fsync_dir(dest.parent)
 
     def put_file(self, key: str, path: Path) -> None:
         def copy(f):
@@ -104,6 +167,47 @@ class LocalStore(ArtifactStore):
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self._write(key, lambda f: f.write(data))
+
+    def put_bytes_exclusive(self, key: str, data: bytes) -> bool:
+        # link() of a complete temp file: readers never see a partial object and the name is
+        # taken by exactly one writer (EEXIST for the others), also over NFSv3+.
+        dest = self._path(key)
+        tmp = self._temp_beside(dest, lambda f: f.write(data))
+        try:
+            try:
+                os.link(tmp, dest)
+            except FileExistsError:
+                return False
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                    raise
+                # no hard links here: an O_EXCL marker decides who commits, then the rename
+                try:
+                    os.close(os.open(f"{dest}.lock", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+                except FileExistsError:
+                    return False
+                if dest.exists():
+                    return False
+                os.replace(tmp, dest)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        fsync_dir(dest.parent)
+        return True
+
+    def list_objects(self, prefix: str) -> list[StoredObject]:
+        base = self.root / prefix if prefix else self.root
+        if not base.is_dir():
+            return []
+        out = []
+        for p in base.rglob("*"):
+            try:
+                st = p.lstat()
+            except FileNotFoundError:  # removed while listing
+                continue
+            if not p.is_dir() or p.is_symlink():
+                out.append(StoredObject(p.relative_to(self.root).as_posix(), st.st_size,
+                                        datetime.fromtimestamp(st.st_mtime, UTC)))
+        return sorted(out, key=lambda o: o.key)
 
     def get_file(self, key: str, path: Path) -> None:
         src = self._path(key)
@@ -120,17 +224,29 @@ class LocalStore(ArtifactStore):
         if not base.is_dir():
             return []
         return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*")
-                      if p.is_file() and not p.name.startswith(".tmp-"))
+                      if p.is_file() and not p.name.startswith(".tmp-") and not p.name.endswith(".lock"))
 
     def delete_key(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        self._prune(path.parent)
 
     def delete_prefix(self, prefix: str) -> int:
         base = self._path(prefix.rstrip("/"))
-        n = len(self.list_keys(prefix))
+        n = len(self.list_objects(prefix))
         if base.is_dir():
-            shutil.rmtree(base)
+            shutil.rmtree(base, ignore_errors=True)
+        self._prune(base.parent)
         return n
+
+    def _prune(self, folder: Path) -> None:
+        """Remove folders left empty up to the root (S3 has no folders: keep listings alike)."""
+        while folder != self.root and self.root in folder.parents:
+            try:
+                folder.rmdir()
+            except OSError:
+                return
+            folder = folder.parent
 
     def check(self) -> None:
         try:
@@ -209,6 +325,45 @@ class S3Store(ArtifactStore):
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self._call(f"upload {key}", self._client.put_object, Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def put_bytes_exclusive(self, key: str, data: bytes) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
+            return True
+        except ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                return False  # taken (or a concurrent conditional write is winning it)
+            if code not in ("NotImplemented", "501", "InvalidArgument", "InvalidRequest"):
+                raise self._fail(e, f"upload {key}") from None
+        except Exception as e:  # noqa: BLE001
+            from botocore.exceptions import BotoCoreError
+
+            if isinstance(e, BotoCoreError):
+                raise self._fail(e, f"upload {key}") from None
+            raise
+        # An endpoint without conditional writes: check, then write (the database reservation,
+        # taken before any upload, is what makes this exclusive there).
+        log.warning("S3 endpoint %s does not support conditional writes (If-None-Match); %s is committed "
+                    "with a check-then-write", self.endpoint, key)
+        if self.get_bytes(key) is not None:
+            return False
+        self.put_bytes(key, data)
+        return True
+
+    def list_objects(self, prefix: str) -> list[StoredObject]:
+        full = self._key(prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
+        if prefix.endswith("/") and not full.endswith("/"):
+            full += "/"
+        strip = len(f"{self.prefix}/") if self.prefix else 0
+        out: list[StoredObject] = []
+        pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full)
+        for page in self._call(f"list {prefix or '/'}", list, pages):
+            out.extend(StoredObject(o["Key"][strip:], int(o.get("Size", 0)), o["LastModified"].astimezone(UTC))
+                       for o in page.get("Contents", []))
+        return sorted(out, key=lambda o: o.key)
 
     def get_file(self, key: str, path: Path) -> None:
         from botocore.exceptions import ClientError

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, delete, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 from vptq_service.store import entities
@@ -227,16 +227,74 @@ class Repository:
             raise e
 
     def get_artifact(self, name: str, version: str) -> entities.ArtifactRecord | None:
+        """The row of name:version in any status (a `reserved` one is a publish in flight)."""
         with self.session() as s:
             row = s.scalar(select(Artifact).where(Artifact.name == name, Artifact.version == version))
             return row.to_entity() if row else None
 
-    def list_artifacts(self, name: str | None = None) -> list[entities.ArtifactRecord]:
+    def list_artifacts(self, name: str | None = None, include_reserved: bool = False) -> list[entities.ArtifactRecord]:
+        """Published and rejected rows (with include_reserved also the publishes in flight)."""
         with self.session() as s:
             q = select(Artifact).order_by(Artifact.name, Artifact.published_at.desc())
             if name is not None:
                 q = q.where(Artifact.name == name)
+            if not include_reserved:
+                q = q.where(Artifact.status != "reserved")
             return [r.to_entity() for r in s.scalars(q)]
+
+    def reserve_artifact(self, name: str, version: str, uri: str, *, publisher: str, staging: str,
+                         job_id: int | None = None) -> entities.ArtifactRecord | None:
+        """Insert name:version as `reserved` (before any upload); None when the row exists already.
+
+        The unique (name, version) constraint makes exactly one concurrent caller win: PostgreSQL
+        blocks the second insert until the first commits, SQLite serializes writers."""
+        with self.session() as s:
+            row = Artifact(name=name, version=version, uri=mask_url(uri), size=0, sha256="", job_id=job_id,
+                           status="reserved", publisher=publisher, staging=staging, published_at=utcnow())
+            s.add(row)
+            try:
+                s.flush()
+            except IntegrityError:
+                s.rollback()
+                return None
+            return row.to_entity()
+
+    def take_over_reservation(self, held: entities.ArtifactRecord, *, publisher: str, staging: str,
+                              job_id: int | None = None) -> entities.ArtifactRecord | None:
+        """Compare-and-swap a reservation whose publisher is gone to a new one; None if it changed meanwhile."""
+        with self.session() as s:
+            q = (update(Artifact).where(Artifact.id == held.id, Artifact.status == "reserved",
+                                        Artifact.publisher == held.publisher, Artifact.staging == held.staging)
+                 .values(publisher=publisher, staging=staging, published_at=utcnow(),
+                         job_id=job_id if job_id is not None else held.job_id))
+            if s.execute(q).rowcount != 1:
+                return None
+            row = s.get(Artifact, held.id)
+            return None if row is None else row.to_entity()
+
+    def finalize_artifact(self, artifact_id: int, *, size: int, sha256: str, status: str) -> entities.ArtifactRecord:
+        """The manifest is committed: the reserved row becomes published/rejected (idempotent)."""
+        if status not in ("published", "rejected"):
+            raise StoreError(f"unknown artifact status {status!r}; expected published or rejected")
+        with self.session() as s:
+            row = s.get(Artifact, artifact_id, with_for_update=True)
+            if row is None:
+                raise StoreError(f"artifact row {artifact_id} vanished before it was finalized; "
+                                 "run `vptq artifacts fsck --repair`")
+            if row.status == "reserved":
+                row.status, row.size, row.sha256 = status, size, sha256
+                row.publisher = row.staging = None
+                row.published_at = utcnow()
+                s.flush()
+            return row.to_entity()
+
+    def release_artifact(self, artifact_id: int, publisher: str | None = None) -> bool:
+        """Delete a reservation (a failed or dead publish); never a published row."""
+        with self.session() as s:
+            q = delete(Artifact).where(Artifact.id == artifact_id, Artifact.status == "reserved")
+            if publisher is not None:
+                q = q.where(Artifact.publisher == publisher)
+            return s.execute(q).rowcount == 1
 
     def delete_artifact(self, name: str, version: str) -> bool:
         """Remove the row (and its evaluations); False when there was none."""
