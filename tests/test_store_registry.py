@@ -250,3 +250,104 @@ def test_unreachable_endpoint_and_bad_ref_via_cli(s3_env, monkeypatch, tmp_path)
     bad = CliRunner().invoke(_cli(), ["pull", "no good:v1", str(tmp_path / "dest")])
     assert bad.exit_code == 2 and "bad artifact reference 'no good:v1'" in bad.stderr
     assert not (tmp_path / "dest").exists()
+
+
+def test_pull_never_reuses_a_found_staging_folder(registry, tmp_path):
+    """A `.DEST.partial` planted beside DEST (a symlink out of it, a stray file) is ignored: nothing is
+    written through the symlink, the stray file never reaches DEST, DEST holds exactly the manifest's files."""
+    src = make_folder(tmp_path / "src", {"a.bin": 100, "sub/b.bin": 50})
+    registry.publish("m", "v1", src)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    planted = tmp_path / "pulls" / ".dest.partial"
+    planted.mkdir(parents=True)
+    (planted / "sub").symlink_to(outside)
+    (planted / "stray.txt").write_text("not in the manifest")
+    r = registry.pull("m:v1", tmp_path / "pulls" / "dest")
+    assert _tree(r.dest) == {**_tree(src), MANIFEST: registry.store.get_bytes(f"m/v1/{MANIFEST}")}
+    assert list(outside.iterdir()) == [] and not (r.dest / "stray.txt").exists()
+    assert not any(p.is_symlink() for p in r.dest.rglob("*"))
+    assert sorted(p.name for p in r.dest.parent.iterdir()) == [".dest.partial", "dest"]  # ours is gone
+    link = tmp_path / "pulls" / "link"
+    link.symlink_to(outside)
+    with pytest.raises(StoreError, match="is a symbolic link"):
+        registry.pull("m:v1", link)
+
+
+def test_interrupted_pull_of_v1_then_pull_of_v2_carries_nothing_over(bucket, tmp_path):  # noqa: F811
+    registry = Registry(open_artifact_store())
+    registry.publish("m", "v1", make_folder(tmp_path / "v1", {"0-old.bin": 100, "a.bin": 100, "c.bin": 100}))
+    v2 = make_folder(tmp_path / "v2", {"a.bin": 100, "c.bin": 100}, seed=2)
+    registry.publish("m", "v2", v2)
+    dest = tmp_path / "pulls" / "dest"
+    code = ("import os, sys; from pathlib import Path; from vptq_service.store.artifacts import open_artifact_store; "
+            "from vptq_service.store.registry import Registry; "
+            "Registry(open_artifact_store()).pull('m:v1', Path(sys.argv[1]), progress=lambda d, t, f: d >= 2 and os._exit(17))")
+    proc = subprocess.run([sys.executable, "-c", code, str(dest)], cwd=REPO_ROOT, env=os.environ.copy(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 17, proc.stderr
+    assert not dest.exists()
+    r = registry.pull("m:v2", dest)
+    assert (r.version, r.downloaded, r.reused) == ("v2", 2, 0)
+    assert _tree(dest) == {**_tree(v2), MANIFEST: registry.store.get_bytes(f"m/v2/{MANIFEST}")}
+
+
+def test_unknown_manifest_format_locks_out_only_that_version(bucket, tmp_path):  # noqa: F811
+    """A newer client's manifest under m:v3 (the newest): `artifacts ls` lists the rest with one warning,
+    `pull m:v3` is refused with one line, `pull m` takes v2, publishing m (next vN) still works."""
+    registry = Registry(open_artifact_store())
+    for v, seed in (("v1", 1), ("v2", 2), ("v3", 3)):
+        registry.publish("m", v, make_folder(tmp_path / v, {"a.bin": 10}, seed=seed))
+    registry.publish("other", "v1", make_folder(tmp_path / "o", {"a.bin": 10}))
+    doc = json.loads(registry.store.get_bytes(f"m/v3/{MANIFEST}"))
+    doc["format"] = "vptq-artifact/99"
+    registry.store.put_bytes(f"m/v3/{MANIFEST}", json.dumps(doc).encode())
+
+    ls = CliRunner().invoke(_cli(), ["artifacts", "ls", "--json"])
+    assert ls.exit_code == 0, ls.output
+    assert [it["ref"] for it in json.loads(ls.stdout)["items"]] == ["m:v2", "m:v1", "other:v1"]
+    warn = ls.stderr.strip().splitlines()
+    assert len(warn) == 1 and warn[0].startswith("warning: skipped m:v3: ") and "vptq-artifact/99" in warn[0]
+    refused = CliRunner().invoke(_cli(), ["pull", "m:v3", str(tmp_path / "d3")])
+    assert refused.exit_code == 1 and refused.stderr.count("\n") == 1 and "upgrade vptq" in refused.stderr
+    latest = CliRunner().invoke(_cli(), ["pull", "m", str(tmp_path / "d"), "--json"])
+    assert latest.exit_code == 0 and json.loads(latest.stdout)["artifact"] == "m:v2", latest.output
+    assert registry.publish("m", None, tmp_path / "v1").version == "v4"  # compress --name m: the next vN
+    assert registry.store.get_bytes(f"m/v3/{MANIFEST}") == json.dumps(doc).encode()  # never touched
+
+
+def test_local_store_and_pulls_honour_the_umask(tmp_path):
+    """A group-shared store (umask 002): files 0664, folders 0775 in the store and in a pulled folder."""
+    old = os.umask(0o002)
+    try:
+        registry = Registry(open_artifact_store(str(tmp_path / "store")))
+        registry.publish("m", "v1", make_folder(tmp_path / "src", {"a.bin": 10, "sub/b.bin": 10}))
+        r = registry.pull("m:v1", tmp_path / "dest")
+    finally:
+        os.umask(old)
+    for root in (tmp_path / "store", r.dest):
+        for p in [root, *root.rglob("*")]:
+            assert (p.stat().st_mode & 0o777) == (0o775 if p.is_dir() else 0o664), p
+
+
+def test_gc_removes_old_orphans_only_and_delete_removes_a_row_without_files(registry, tmp_path):
+    """Orphans of a killed upload go after the grace period (not before); a row whose files are gone can
+    be deleted (it blocked republishing with "already exists")."""
+    from vptq_service.store.upkeep import gc
+
+    src = make_folder(tmp_path / "src", {"a.bin": 10})
+    registry.publish("m", "v1", src)
+    registry.store.put_bytes("m/v2/data-20260101T000000Z-0123456789ab/a.bin", b"orphan")  # a killed upload
+    assert gc(registry.store, registry.repo).removed == []  # younger than the default hour
+    result = CliRunner().invoke(_cli(), ["artifacts", "gc", "--grace", "0", "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["objects"] == 1, result.output
+    assert registry.store.list_keys("m/v2/") == [] and registry.pull("m:v1", tmp_path / "d").files == 1
+    bad = CliRunner().invoke(_cli(), ["artifacts", "gc", "--grace", "soon"])
+    assert bad.exit_code == 2 and "is not a duration" in bad.stderr
+
+    registry.store.delete_prefix("m/v1/")  # the files vanish behind the database's back
+    with pytest.raises(StoreError, match="manifest is missing .* fsck --repair"):
+        registry.publish("m", "v1", src)
+    registry.delete("m", "v1")
+    assert registry.repo.get_artifact("m", "v1") is None
+    registry.publish("m", "v1", src)
