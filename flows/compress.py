@@ -3,9 +3,11 @@
 Lineage rows are written at each step and the job row moves queued -> running -> succeeded |
 failed | crashed | cancelled (with the error text). Ctrl-C marks the job cancelled; so does
 `vptq jobs cancel`, which the flow notices before each block. With `max_ppl_ratio` the version is
-published `rejected` (kept, never the latest) when perplexity after > ratio x before. Finished blocks are Prefect-cached under
-hash(model sha, calibration hash, config, code version, index): running the same job again
-recomputes none of them and reports them in `blocks_reused`.
+published `rejected` (kept, never the latest) when perplexity after > ratio x before. Finished blocks
+live in the run's workspace folder, keyed by hash(model sha, calibration hash, config, code version),
+each with a descriptor the flow validates (sizes, sha256) before reusing it: running the same job
+again recomputes none of them and reports them in `blocks_reused`. No Prefect result is persisted or
+read back (`persist_result=False`, JSON if it ever were): nothing in the workspace is unpickled.
 """
 
 from __future__ import annotations
@@ -33,12 +35,13 @@ from vptq_service.tasks import (
     sample_calibration,
 )
 from vptq_service.tasks.blocks import (
-    block_done,
     block_hessians,
+    block_summary,
     finish_block,
     linear_names,
     needs_inputs,
     quantize_linear,
+    read_block,
     run_key,
 )
 from vptq_service.tasks.hessians import collect_hessian_set
@@ -142,14 +145,13 @@ def run_job(repo, job_id: int, spec: JobSpec, cfg: dict[str, Any]) -> dict[str, 
     hpath = hset["path"] if hset else None
 
     run = run_key(fetched["sha256"], calib["hash"], cfg)
-    storage = run_dir(run) / "results"
-    storage.mkdir(parents=True, exist_ok=True)
     n = info["blocks"]
     chained = needs_inputs(cfg, hpath)
-    # a block whose workspace files are gone is recomputed, and (when blocks feed each other) so is
-    # every block after it
-    first_missing = next((i for i in range(n) if not block_done(run, i, chained)), n)
-    todo = [(i >= first_missing) if chained else not block_done(run, i, False) for i in range(n)]
+    # a block is reused only when its descriptor validates (every file there, sha256 as recorded);
+    # one that does not is recomputed, and (when blocks feed each other) so is every block after it
+    found = [read_block(run, i, chained) for i in range(n)]
+    first_missing = next((i for i in range(n) if found[i] is None), n)
+    todo = [(i >= first_missing) if chained else found[i] is None for i in range(n)]
     _progress(0, n, "blocks")
     progress = create_progress_artifact(0.0, key=f"job-{job_id}-progress", description="blocks quantized (%)")
     args = (run, fetched["path"], fetched["sha256"], calib["path"], calib["hash"], cfg)
@@ -164,17 +166,16 @@ def run_job(repo, job_id: int, spec: JobSpec, cfg: dict[str, Any]) -> dict[str, 
         for i in range(n):
             if repo.get_job(job_id).status == "cancelled":
                 raise JobCancelled(f"job {job_id} was cancelled after {i} of {n} blocks")
-            if task_runner is None or not todo[i]:  # in-process, or a finished block (cached)
-                block_task = quantize_block.with_options(result_storage=storage, refresh_cache=todo[i])
-                state = block_task(*args, i, spec.device, hpath, return_state=True)
+            if not todo[i]:  # a finished block, verified above
+                meta = block_summary(found[i])
+            elif task_runner is None:  # in-process
+                meta = quantize_block(*args, i, spec.device, hpath)
             else:
                 futures = pending.pop(i, None) or _submit_linears(task_runner, spec, run, fetched["path"],
                                                                   calib["path"], cfg, i, hpath)
                 layers = [f.result() for f in futures]
-                state = finish_block.with_options(result_storage=storage, refresh_cache=True)(
-                    *args, i, spec.device, hpath, layers, return_state=True)
-            meta = state.result()
-            cached = state.name == "Cached"
+                meta = finish_block(*args, i, spec.device, hpath, layers)
+            cached = not todo[i]
             reused += cached
             metas.append(meta)
             for r in meta["layers"]:
@@ -233,7 +234,10 @@ def run_job(repo, job_id: int, spec: JobSpec, cfg: dict[str, Any]) -> dict[str, 
     return {"blocks_total": n, "blocks_reused": reused, "extra": extra}
 
 
-@flow(name="compress", flow_run_name="compress-job-{job_id}", log_prints=False)
+# persist_result=False: the flow's and its tasks' results stay in memory (nothing to read back, no
+# serializer in play); result_serializer="json" should anyone turn persistence on (never pickle)
+@flow(name="compress", flow_run_name="compress-job-{job_id}", log_prints=False, persist_result=False,
+      result_serializer="json")
 def compress(job_id: int) -> dict[str, Any]:
     """Run (or resume) compression job `job_id` as recorded in the lineage database."""
     from vptq_service.store.repository import Repository

@@ -126,7 +126,7 @@ def open_scheduled_job(spec: JobSpec, model_sha256: str, schedule: str | None = 
                                code_version=code_version(), job_key=key)
 
 
-@flow(name=FLOW, log_prints=False)
+@flow(name=FLOW, log_prints=False, persist_result=False, result_serializer="json")  # never pickle (flows/compress.py)
 def compress_scheduled(spec: dict[str, Any]) -> dict[str, Any]:
     """One scheduled run of a request: fetch the model, open the job of (request, model sha256), and
     run (or report) it with the `compress` flow as a subflow."""

@@ -2,9 +2,15 @@
 
 Block i reads `inputs_{i}.safetensors` (block 0: the embedded calibration windows), runs the
 driver's step on a copy of the original block, exactly as vptq.sequential.quantize_model does,
-and writes `block_{i}.safetensors` (its state), `block_{i}.json` (its VPTQ layer configs and
-metrics) and `inputs_{i+1}.safetensors`. The task result is cached (persisted) under
-hash(model sha, calibration hash, config, code version, i), so a rerun skips finished blocks.
+and writes `block_{i}.safetensors` (its state), `inputs_{i+1}.safetensors` and, last (the commit
+point), `block_{i}.json`: the block's descriptor (its VPTQ layer configs, metrics, and the size and
+sha256 of each file it wrote). The run folder is keyed by hash(model sha, calibration hash, config,
+code version), so a rerun reuses every block whose descriptor validates (`read_block`) and
+recomputes the others.
+
+No Prefect result is persisted or read back: a Prefect result record names its own serializer
+(cloudpickle by default) and the workspace may be shared (one VPTQ_HOME on NFS for several
+workers), so a planted record would run code. Only safetensors and JSON are read from here.
 """
 
 from __future__ import annotations
@@ -18,9 +24,12 @@ from typing import Any
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, ConfigDict, ValidationError
 from vptq_service.tasks.workspace import (
     code_version,
     digest,
+    file_matches,
+    file_record,
     fp_block,
     fp_full,
     fp_linear,
@@ -53,16 +62,73 @@ def needs_inputs(config: dict[str, Any], hessians: str | None) -> bool:
     return driver.needs_inputs(QuantConfig.from_dict(config), hessians is not None)
 
 
-def block_done(run: str, index: int, with_next: bool = True) -> bool:
-    """Every file block `index` writes is in the workspace."""
+BLOCK_FORMAT = "vptq-block/1"
+
+
+class FileRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    size: int
+    sha256: str
+
+
+class LayerRow(BaseModel):
+    """One quantized linear's report (tasks.blocks._report), as the flow records it."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    proxy_loss: float
+    bpw: float
+    bits: int
+    weights: int
+    seconds: float
+    warnings: list[str]
+
+
+class BlockDescriptor(BaseModel):
+    """`block_{i}.json`: what a finished block is, validated before a rerun reuses it."""
+
+    model_config = ConfigDict(extra="forbid")
+    format: str
+    key: str
+    index: int
+    config_for_layers: dict[str, dict[str, Any]]
+    layers: list[LayerRow]
+    seconds: float
+    bits: int
+    weights: int
+    files: dict[str, FileRecord]
+
+
+def block_key(run: str, index: int) -> str:
+    """What a block's files depend on: its run (model, calibration, config, code) and its index."""
+    return digest("block", run, index)
+
+
+def block_summary(desc: dict[str, Any]) -> dict[str, Any]:
+    """The metadata a block task returns (and the flow records) from its descriptor."""
+    return {k: desc[k] for k in ("index", "layers", "seconds", "bits", "weights")}
+
+
+def read_block(run: str, index: int, with_next: bool = True, verify: bool = True) -> dict[str, Any] | None:
+    """Block `index`'s descriptor when the block is finished: the JSON validates, is this block's
+    (format, key, index), and every file it names is there with its size and (verify) sha256;
+    with_next: the next block's inputs among them. Anything else -> None: the block is recomputed."""
     files = block_files(run, index)
-    return all(files[k].is_file() for k in (("state", "meta", "next") if with_next else ("state", "meta")))
-
-
-def block_cache_key(context: Any, parameters: dict[str, Any]) -> str:
-    """hash(model sha, calibration hash, config, code version, block index)."""
-    p = parameters
-    return "block-" + digest(p["model_sha"], p["calib_hash"], p["config"], code_version(), p["index"])
+    try:
+        raw = files["meta"].read_bytes()
+        desc = BlockDescriptor.model_validate_json(raw)
+    except (OSError, ValueError, ValidationError):
+        return None
+    if (desc.format, desc.key, desc.index) != (BLOCK_FORMAT, block_key(run, index), index):
+        return None
+    want = {"state": files["state"].name} | ({"next": files["next"].name} if with_next else {})
+    if any(k not in desc.files or desc.files[k].name != name for k, name in want.items()):
+        return None
+    folder = files["meta"].parent
+    if not all(file_matches(folder, r.model_dump(), verify) for r in desc.files.values()):
+        return None
+    return desc.model_dump()
 
 
 def _open_step(run: str, model_path: str, calib_path: str, cfg, index: int, device: str, hessians: str | None):
@@ -89,19 +155,26 @@ def _open_step(run: str, model_path: str, calib_path: str, cfg, index: int, devi
 
 def _close_step(run: str, step, layers: list[dict[str, Any]], t0: float) -> dict[str, Any]:
     """The rest of a quantized step (block fine-tuning if configured, the next block's inputs),
-    then its files: the next inputs, the block's state and meta."""
+    then its files: the next inputs, the block's state and, last, its descriptor."""
     from vptq.layers import VQuantLinear
 
     files = block_files(run, step.index)
+    files["meta"].unlink(missing_ok=True)  # the block is not finished until its new descriptor is written
     step.finetune()
     nxt = step.next_inputs()
+    written = {}
     if nxt is not None:
         save_tensors({"x": nxt.x} | ({"fp_x": nxt.fp_x} if nxt.fp_x is not None else {}), files["next"])
+        written["next"] = file_record(files["next"])
     save_tensors({step.prefix + k: v for k, v in step.block.state_dict().items()}, files["state"])
+    written["state"] = file_record(files["state"])
     qcfg = {step.prefix + n: m.layer_config() for n, m in step.block.named_modules() if isinstance(m, VQuantLinear)}
-    write_json({"index": step.index, "config_for_layers": qcfg, "layers": layers}, files["meta"])
-    return {"index": step.index, "layers": layers, "seconds": time.perf_counter() - t0,
-            "bits": sum(r["bits"] for r in layers), "weights": sum(r["weights"] for r in layers)}
+    desc = {"format": BLOCK_FORMAT, "key": block_key(run, step.index), "index": step.index,
+            "config_for_layers": qcfg, "layers": layers, "seconds": time.perf_counter() - t0,
+            "bits": sum(r["bits"] for r in layers), "weights": sum(r["weights"] for r in layers),
+            "files": written}
+    write_json(BlockDescriptor.model_validate(desc).model_dump(), files["meta"])
+    return block_summary(desc)
 
 
 def state_dtype(sd: dict[str, torch.Tensor]) -> torch.dtype:
@@ -114,7 +187,7 @@ def _report(r) -> dict[str, Any]:
             "weights": r.shape[0] * r.shape[1], "seconds": r.seconds, "warnings": r.warnings}
 
 
-@task(cache_key_fn=block_cache_key, persist_result=True, task_run_name="quantize-block-{index}")
+@task(cache_policy=NO_CACHE, task_run_name="quantize-block-{index}")
 def quantize_block(run: str, model_path: str, model_sha: str, calib_path: str, calib_hash: str,
                    config: dict[str, Any], index: int, device: str = "cpu",
                    hessians: str | None = None) -> dict[str, Any]:
@@ -184,12 +257,12 @@ def quantize_linear(run: str, model_path: str, hessians: str, config: dict[str, 
     return _report(rep)
 
 
-@task(cache_key_fn=block_cache_key, persist_result=True, task_run_name="finish-block-{index}")
+@task(cache_policy=NO_CACHE, task_run_name="finish-block-{index}")
 def finish_block(run: str, model_path: str, model_sha: str, calib_path: str, calib_hash: str,
                  config: dict[str, Any], index: int, device: str = "cpu", hessians: str | None = None,
                  layers: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Block `index` from its quantized linears (quantize_linear's files): as quantize_block ends.
-    Cached under the same key as quantize_block: either path's finished blocks serve the other."""
+    """Block `index` from its quantized linears (quantize_linear's files): as quantize_block ends,
+    with the same files: either path's finished blocks serve the other."""
     from safetensors import safe_open
 
     from vptq.config import QuantConfig
@@ -273,10 +346,12 @@ def assemble_model(run: str, model_path: str, calib_path: str, config: dict[str,
     model = copy.deepcopy(fp)  # a streamed model's blocks are meta: each is filled from its state below
     streamed = is_streamed(model_path)
     for i in range(blocks):
-        files = block_files(run, i)
-        sd = load_tensors(files["state"])
+        desc = read_block(run, i, with_next=False, verify=False)  # the flow verified the sha256s
+        if desc is None:
+            raise ValueError(f"block {i} of run {run} is missing or changed since it was quantized: run the job again")
+        sd = load_tensors(block_files(run, i)["state"])
         dtype = state_dtype(sd)
-        replace_linears(model, json.loads(files["meta"].read_text())["config_for_layers"], dtype=dtype)
+        replace_linears(model, desc["config_for_layers"], dtype=dtype)
         if streamed:
             model.model.layers[i].to_empty(device="cpu")
         _, unexpected = model.load_state_dict(sd, strict=False, assign=streamed)

@@ -33,10 +33,14 @@ def digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def sha256_file(path: Path) -> str:
+    """sha256 of a file's bytes, read in chunks."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def sha256_path(path: Path) -> str:
     """sha256 of a file, or of a folder's (relative path, file sha256) list; hidden files skipped."""
-    from vptq_service.store.registry import sha256_file
-
     if path.is_file():
         return sha256_file(path)
     files = sorted(p for p in path.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(path).parts))
@@ -65,26 +69,69 @@ def run_dir(run_key: str) -> Path:
     return d
 
 
+def _fsync_dir(d: Path) -> None:
+    """Make a rename in `d` durable (POSIX: the directory entry is data of the directory)."""
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
-    """safetensors written to a temporary sibling and renamed: a kill never leaves half a file."""
+    """safetensors written to a unique temporary sibling, fsynced and renamed: a kill or a power cut
+    never leaves half a file, and concurrent writers of one path never share a temporary file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
     return path
 
 
 def write_json(data: dict, path: Path) -> Path:
-    """JSON written atomically (temporary sibling + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    """JSON written atomically: a unique temporary sibling (concurrent writers never collide),
+    fsynced, renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data, indent=2, sort_keys=True, default=str))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
     return path
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """What a descriptor records of a file it vouches for: its name, size and sha256."""
+    return {"name": path.name, "size": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def file_matches(folder: Path, record: dict[str, Any], verify: bool = True) -> bool:
+    """The file a record names is in `folder`, a plain file (no symlink), of its size and (verify)
+    sha256. The name must be a bare file name: a record never points outside its folder."""
+    name = record.get("name")
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        return False
+    p = folder / name
+    try:
+        if p.is_symlink() or not p.is_file() or p.stat().st_size != record.get("size"):
+            return False
+    except OSError:
+        return False
+    return not verify or sha256_file(p) == record.get("sha256")
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
