@@ -182,8 +182,9 @@ class LocalStore(ArtifactStore):
                 if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
                     raise
                 # no hard links here: an O_EXCL marker decides who commits, then the rename
-                try:
-                    os.close(os.open(f"{dest}.lock", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+                try:  # a .tmp- name: never listed as an object of the artifact
+                    lock = dest.with_name(f".tmp-lock-{dest.name}")
+                    os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
                 except FileExistsError:
                     return False
                 if dest.exists():
@@ -224,7 +225,7 @@ class LocalStore(ArtifactStore):
         if not base.is_dir():
             return []
         return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*")
-                      if p.is_file() and not p.name.startswith(".tmp-") and not p.name.endswith(".lock"))
+                      if p.is_file() and not p.name.startswith(".tmp-"))
 
     def delete_key(self, key: str) -> None:
         path = self._path(key)

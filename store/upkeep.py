@@ -154,7 +154,7 @@ def fsck(store: ArtifactStore, repo, repair: bool = False, grace: timedelta = DE
         raise StoreError("fsck needs the lineage database (VPTQ_DB_URL)")
     findings: list[Finding] = []
     in_flight: list[str] = []
-    keys = store.list_keys("")
+    keys = [o.key for o in store.list_objects("")]  # every object: a file named .tmp-x is not "missing"
     present = set(keys)
     manifests = {(k.split("/")[0], k.split("/")[1]) for k in keys
                  if len(k.split("/")) == 3 and k.endswith(f"/{MANIFEST}")}

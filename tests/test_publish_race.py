@@ -255,3 +255,37 @@ def test_resume_after_crash_between_manifest_and_row_publishes_no_second_version
         assert [(a.version, a.status, a.job_id) for a in world.repo.list_artifacts(name, include_reserved=True)] == [
             ("v1", "published", job.id)]
         assert _tree(world.registry.pull(f"{name}:v1", tmp_path / f"d-{name}").dest) == _tree(src)
+
+
+@pytest.mark.parametrize("world", [("s3", "sqlite")], ids=["s3-sqlite"], indirect=True)
+def test_fsck_repairs_drift_between_store_and_database(world, tmp_path):
+    """A manifest without a row gets its row (with its job); a row whose manifest is gone and a version
+    with missing files are removed (and can be republished); a newer format is reported, never touched."""
+    from vptq_service.store.upkeep import fsck
+
+    src = make_folder(tmp_path / "src", {"a.bin": 1000, "b.bin": 10})
+    job = world.repo.create_job("tiny", {})
+    Registry(world.store).publish("d", "nodb", src, job_id=job.id)  # published without the database
+    world.full.publish("d", "gone", src)
+    world.store.delete_key(f"d/gone/{MANIFEST}")
+    holes = world.full.publish("d", "holes", src)
+    world.store.delete_key(holes.key_of(holes.files[0]))
+    world.full.publish("d", "ok", src)
+    future = json.dumps({"format": "vptq-artifact/99"}).encode()
+    world.store.put_bytes(f"d/future/{MANIFEST}", future)
+
+    report = fsck(world.store, world.repo)
+    assert {f.ref: f.kind for f in report.findings} == {
+        "d:nodb": "manifest-without-row", "d:gone": "row-without-files", "d:holes": "incomplete",
+        "d:future": "unreadable"}
+    assert not report.clean and world.repo.get_artifact("d", "gone") is not None  # reporting changes nothing
+    fixed = CliRunner().invoke(_cli(), ["artifacts", "fsck", "--repair"])
+    assert fixed.exit_code == 0, fixed.output
+    rows = {a.version: (a.status, a.job_id) for a in world.repo.list_artifacts("d", include_reserved=True)}
+    assert rows == {"nodb": ("published", job.id), "ok": ("published", None)}
+    assert {k.split("/")[1] for k in world.store.list_keys("d/")} == {"nodb", "ok", "future"}
+    assert world.store.get_bytes(f"d/future/{MANIFEST}") == future
+    assert [f.kind for f in fsck(world.store, world.repo).findings] == ["unreadable"]
+    for v in ("gone", "holes"):
+        world.full.publish("d", v, src)
+        assert _tree(world.full.pull(f"d:{v}", tmp_path / v).dest) == _tree(src)
