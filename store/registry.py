@@ -295,8 +295,12 @@ class Registry:
     def _finalize(self, row, manifest: Manifest, data: bytes) -> None:
         if self.repo is None or row is None:
             return
-        self.repo.finalize_artifact(row.id, size=manifest.size, sha256=hashlib.sha256(data).hexdigest(),
-                                    status=manifest.status)
+        try:
+            self.repo.finalize_artifact(row.id, size=manifest.size, sha256=hashlib.sha256(data).hexdigest(),
+                                        status=manifest.status)
+        except StoreError as e:  # the version is published (its manifest is the commit point)
+            raise StoreError(f"{manifest.name}:{manifest.version} is published in {self.store.uri} but its database "
+                             f"row could not be finalized ({e}); `vptq artifacts fsck --repair` records it") from None
 
     def _abandon(self, name: str, version: str, root: str, row) -> None:
         """Best effort after a failed publish: drop our staged files and our reservation."""
@@ -314,7 +318,7 @@ class Registry:
     def _gc_quietly(self, name: str) -> None:
         """The cheap check at publish: orphans of this name older than the grace period."""
         try:
-            gc(self.store, self.repo, name=name)
+            gc(self.store, self.repo, name=name, quick=True)
         except StoreError as e:
             log.warning("skipped the orphan check of %s: %s", name, e)
 

@@ -97,10 +97,27 @@ def _manifest(store: ArtifactStore, n: str, v: str) -> tuple[Manifest, bytes] | 
     return None if data is None else (Manifest.from_bytes(data, f"{n}:{v}"), data)
 
 
+def _unit(n: str, v: str, key: str) -> str:
+    """What is removed together: a whole staging prefix, or one loose key."""
+    parts = key.split("/")
+    return f"{n}/{v}/{parts[2]}/" if len(parts) > 3 and is_staging_root(parts[2]) else key
+
+
+def _plainly_complete(n: str, v: str, group: list[StoredObject]) -> bool:
+    """A committed version with nothing beside it: its manifest and one staging prefix (format 2), or
+    only its manifest's loose files (format 1) with no temp file; the quick check reads no manifest."""
+    units = {_unit(n, v, o.key) for o in group} - {f"{n}/{v}/{MANIFEST}"}
+    roots = {u for u in units if u.endswith("/")}
+    tmp = any(o.key.rsplit("/", 1)[-1].startswith(".tmp-") for o in group)
+    has_manifest = any(o.key == f"{n}/{v}/{MANIFEST}" for o in group)
+    return has_manifest and not tmp and (len(roots) == len(units) == 1 or not roots)
+
+
 def gc(store: ArtifactStore, repo=None, name: str | None = None, grace: timedelta = DEFAULT_GRACE,
-       dry_run: bool = False) -> GcReport:
+       dry_run: bool = False, quick: bool = False) -> GcReport:
     """Remove unreferenced objects older than grace (of one name, or the whole store); repo (a
-    Repository, optional) tells which staging prefixes belong to publishes in flight."""
+    Repository, optional) tells which staging prefixes belong to publishes in flight. quick (the
+    check at publish) skips versions that plainly hold nothing else, reading no manifest for them."""
     now = datetime.now(UTC)
     report = GcReport(dry_run=dry_run)
     reserved = {}
@@ -110,6 +127,8 @@ def gc(store: ArtifactStore, repo=None, name: str | None = None, grace: timedelt
     for (n, v), group in sorted(_by_version(store.list_objects(f"{name}/" if name else "")).items()):
         mkey = f"{n}/{v}/{MANIFEST}"
         referenced: set[str] = set()
+        if quick and _plainly_complete(n, v, group):
+            continue
         if any(o.key == mkey for o in group):
             try:
                 found = _manifest(store, n, v)
@@ -123,9 +142,7 @@ def gc(store: ArtifactStore, repo=None, name: str | None = None, grace: timedelt
         for o in group:
             if o.key in referenced:
                 continue
-            parts = o.key.split("/")
-            unit = f"{n}/{v}/{parts[2]}/" if len(parts) > 3 and is_staging_root(parts[2]) else o.key
-            units[unit].append(o)
+            units[_unit(n, v, o.key)].append(o)
         row = reserved.get((n, v))
         for unit, members in sorted(units.items()):
             held = row is not None and row.staging is not None and unit == f"{n}/{v}/{row.staging}/"

@@ -351,3 +351,26 @@ def test_gc_removes_old_orphans_only_and_delete_removes_a_row_without_files(regi
     registry.delete("m", "v1")
     assert registry.repo.get_artifact("m", "v1") is None
     registry.publish("m", "v1", src)
+
+
+def test_the_check_at_publish_removes_old_orphans_beside_a_published_version(registry, tmp_path):
+    """A loser's upload beside a committed version: kept while young, removed once older than the grace
+    period by the next publish of the name (local: its mtime set back two hours; S3: grace 0)."""
+    import time
+    from datetime import timedelta
+
+    from vptq_service.store.upkeep import gc
+
+    src = make_folder(tmp_path / "src", {"a.bin": 10})
+    registry.publish("m", "v1", src)
+    orphan = "m/v1/data-20260101T000000Z-0123456789ab/a.bin"
+    registry.store.put_bytes(orphan, b"a loser's upload")
+    assert gc(registry.store, registry.repo, quick=True).kept_recent == 1  # young: kept
+    if isinstance(registry.store, LocalStore):
+        old = time.time() - 2 * 3600
+        os.utime(registry.store.root / orphan, (old, old))
+        registry.publish("m", "v2", src)
+    else:
+        assert [o.objects for o in gc(registry.store, registry.repo, grace=timedelta(0), quick=True).removed] == [1]
+    assert registry.store.list_keys("m/v1/data-20260101T000000Z-0123456789ab/") == []
+    assert registry.pull("m:v1", tmp_path / "d").files == 1
