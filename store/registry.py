@@ -124,9 +124,8 @@ class Registry:
         for n, v in self.manifest_keys(name):
             try:
                 m = self.manifest(n, v)
-            except StoreError as e:
-                log.warning("skipped %s:%s: %s", n, v, e)
-                out.skipped.append(f"skipped {n}:{v}: {e}")
+            except StoreError as e:  # the message starts with NAME:VERSION
+                out.skipped.append(f"skipped {e}")
                 continue
             if m is not None:
                 out.manifests.append(m)
@@ -143,6 +142,8 @@ class Registry:
         if version is None:
             found = self.listing(name)
             versions = found.manifests
+            for line in found.skipped:  # the newest readable version is taken: say what was passed over
+                log.warning("%s", line)
             if not versions:
                 why = f" ({'; '.join(found.skipped)})" if found.skipped else ""
                 raise StoreUsageError(f"no published artifact named {name!r} in {self.store.uri}{why}")
