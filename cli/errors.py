@@ -9,6 +9,7 @@ callers: it imports nothing of cli/.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -57,6 +58,41 @@ def quiet_libraries() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
+# errno of an OSError -> (what it means for the user, exit code): a path the user gave that cannot
+# be used is bad input (2); a full disk, a file-size limit or an I/O error is a failure (1)
+_OS_ERRORS = {
+    errno.ENOTDIR: ("a part of the path is a file, not a folder", EXIT_USAGE),
+    errno.EISDIR: ("it is a folder, a file was expected", EXIT_USAGE),
+    errno.ENOENT: ("no such file or folder", EXIT_USAGE),
+    errno.EACCES: ("permission denied", EXIT_USAGE),
+    errno.EPERM: ("operation not permitted", EXIT_USAGE),
+    errno.EROFS: ("read-only file system", EXIT_USAGE),
+    errno.ENAMETOOLONG: ("file name too long", EXIT_USAGE),
+    errno.ELOOP: ("too many symbolic links", EXIT_USAGE),
+    errno.EXDEV: ("cannot move across file systems", EXIT_USAGE),
+    errno.ENOSPC: ("no space left on the device: free some space or point VPTQ_HOME/the destination elsewhere",
+                   EXIT_FAILURE),
+    errno.EDQUOT: ("disk quota exceeded: free some space or point VPTQ_HOME/the destination elsewhere", EXIT_FAILURE),
+    errno.EFBIG: ("file too large for this process or file system (a `ulimit -f` limit?)", EXIT_FAILURE),
+    errno.EIO: ("input/output error on the device", EXIT_FAILURE),
+    errno.EMFILE: ("too many open files (raise `ulimit -n`)", EXIT_FAILURE),
+    errno.ENOMEM: ("out of memory", EXIT_FAILURE),
+}
+
+
+def one_line(e: BaseException) -> str:
+    """The first line of an exception's message ("" when it has none)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def os_error(e: OSError) -> tuple[str, int]:
+    """One line and an exit code for an OSError (a path under a file or /proc, a full disk, ...)."""
+    what, code = _OS_ERRORS.get(e.errno, (e.strerror or type(e).__name__, EXIT_FAILURE))
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f)
+    return (f"{where}: {what}" if where else f"{what} ({type(e).__name__})"), code
+
+
 def hint(e: BaseException) -> str:
     """What to do about an error that comes from the environment rather than the request."""
     if isinstance(e, ImportError) and (e.name == "kernels" or "from 'kernels'" in str(e)):
@@ -74,7 +110,7 @@ def hint(e: BaseException) -> str:
 def errors(debug: bool):
     """Map exceptions to one-line messages and exit codes (2 usage, 1 failure, 130, 143)."""
     quiet_libraries()
-    from vptq_service.store.errors import StoreError, StoreUsageError
+    from vptq_service.store.errors import StoreError, StoreUsageError, mask_text
 
     from vptq.config import ConfigError
     from vptq.source import SourceError
@@ -102,11 +138,22 @@ def errors(debug: bool):
         if debug:
             raise
         fail(str(e), EXIT_USAGE if isinstance(e, StoreUsageError) else EXIT_FAILURE)
+    except MemoryError:
+        if debug:
+            raise
+        fail("out of memory: use smaller inputs (--nsamples, --seqlen, a shorter text) or a machine with more "
+             "memory (`vptq plan` estimates the need)", EXIT_FAILURE)
+    except OSError as e:
+        if debug:
+            raise
+        if e.errno is None:  # a library's own OSError("...") carries its message, not an errno
+            fail(mask_text(f"{type(e).__name__}: {one_line(e)}"), EXIT_FAILURE)
+        msg, code = os_error(e)  # a file-system failure outside the store: what and where, one line
+        fail(mask_text(msg), code)
     except Exception as e:  # noqa: BLE001 - the CLI boundary: one line, no traceback
         if debug:
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        fail(f"{type(e).__name__}: {first}{hint(e)} (run with --debug for the traceback)", EXIT_FAILURE)
+        fail(mask_text(f"{type(e).__name__}: {one_line(e)}{hint(e)} (run with --debug for the traceback)"), EXIT_FAILURE)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -24,6 +24,14 @@ from vptq_service.cli.errors import EXIT_USAGE, errors, fail
 from vptq_service.cli.output import emit, stdout_to_stderr
 from vptq_service.flows.spec import JobSpec
 
+# job ids are INTEGER columns: a bigger number is a typo (click's range check: exit 2, one line)
+MAX_JOB_ID = 2**31 - 1
+
+
+def job_id_arg(help: str):  # noqa: A002 - typer's keyword
+    return typer.Argument(..., help=help, min=1, max=MAX_JOB_ID)
+
+
 jobs_app = typer.Typer(name="jobs", help="Compression jobs: ls, show, logs, cancel, resume.", no_args_is_help=True,
                        add_completion=False, pretty_exceptions_enable=False)
 
@@ -144,8 +152,11 @@ def list_jobs(
 ) -> None:
     """Jobs, newest first."""
     with errors(debug):
+        from vptq_service.store.models import JOB_STATUSES
         from vptq_service.store.repository import Repository
 
+        if status is not None and status not in JOB_STATUSES:
+            fail(f"--status {status!r}: use one of {', '.join(JOB_STATUSES)}", EXIT_USAGE)
         with Repository.session_scope() as repo:
             rows = [_row(j) for j in repo.list_jobs(status, limit)]
         if as_json:
@@ -163,7 +174,7 @@ jobs_app.command("list", hidden=True)(list_jobs)  # the longer spelling, kept wo
 
 @jobs_app.command("show")
 def show(
-    job_id: int = typer.Argument(..., help="Job id (see `vptq jobs ls`)."),
+    job_id: int = job_id_arg("Job id (see `vptq jobs ls`)."),
     as_json: opt.Json = False,
     debug: opt.Debug = False,
 ) -> None:
@@ -187,7 +198,7 @@ def show(
 
 @jobs_app.command("cancel")
 def cancel(
-    job_id: int = typer.Argument(..., help="A queued, running or crashed job."),
+    job_id: int = job_id_arg("A queued, running or crashed job."),
     as_json: opt.Json = False,
     debug: opt.Debug = False,
 ) -> None:
@@ -225,7 +236,7 @@ def _cancel_flow_run(run_id: str) -> str | None:
 
 @jobs_app.command("logs")
 def logs(
-    job_id: int = typer.Argument(..., help="Job id (see `vptq jobs ls`)."),
+    job_id: int = job_id_arg("Job id (see `vptq jobs ls`)."),
     limit: int = typer.Option(1000, "--limit", help="At most this many lines, oldest first."),
     as_json: bool = typer.Option(False, "--json", help='Print {"items": [...]} on stdout.'),
     debug: opt.Debug = False,
@@ -270,7 +281,7 @@ def _read_logs(run_id: str, limit: int) -> list[dict[str, Any]]:
 
 @jobs_app.command("resume")
 def resume(
-    job_id: int = typer.Argument(..., help="A crashed, killed or failed job."),
+    job_id: int = job_id_arg("A crashed, killed or failed job."),
     as_json: opt.Json = False,
     debug: opt.Debug = False,
 ) -> None:
@@ -306,7 +317,7 @@ def worker(
               limit=limit)
 
 
-def server(port: int = typer.Option(4200, "--port", help="Port on 127.0.0.1.")) -> None:
+def server(port: int = typer.Option(4200, "--port", help="Port on 127.0.0.1.", min=1, max=65535)) -> None:
     """Start the Prefect server and UI on 127.0.0.1 (then export PREFECT_API_URL=http://127.0.0.1:PORT/api)."""
     import shutil
 

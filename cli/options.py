@@ -100,7 +100,8 @@ def _request(
     """The request's options, declared once: `request_command` gives them to `compress` and `submit`."""
     from vptq_service.flows.request import build_spec
 
-    return build_spec(source, name or default_name(source, bits), bits, version, str(calib) if calib else None,
+    # an empty --name is refused by build_spec, not replaced by the default
+    return build_spec(source, name if name is not None else default_name(source, bits), bits, version, str(calib) if calib else None,
                       nsamples, seqlen, seed, hessians.value if hessians else None,
                       overrides_from(config, set_, finetune_steps), device, str(eval_text) if eval_text else None,
                       eval_windows, eval_seqlen, max_ppl_ratio, runner, workers)

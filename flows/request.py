@@ -26,13 +26,12 @@ def build_spec(source: str, name: str, bits: int, version: str | None = None, ca
                runner: str = "local", workers: int | None = None) -> JobSpec:
     """The validated JobSpec of a request, its QuantConfig resolved (ConfigError/SourceError if not valid)."""
     from pydantic import ValidationError
-    from vptq_service.store.errors import StoreError
-    from vptq_service.store.registry import parse_ref
     from vptq_service.tasks.runner import check_runner
 
     from vptq.config import ConfigError
-    from vptq.pipeline import check_device, check_request, read_text
+    from vptq.pipeline import check_device, check_request, default_calibration_text, read_text
 
+    check_source_url(source)  # first: no later message may echo a secret
     check_runner(runner, workers)
     try:
         spec = JobSpec(source=source, name=name, version=version, bits=bits, calib=calib, nsamples=nsamples,
@@ -45,16 +44,17 @@ def build_spec(source: str, name: str, bits: int, version: str | None = None, ca
         if isinstance(cause, ConfigError):  # raised by the one rule (vptq.config.resolve): its own message
             raise cause from None
         raise ConfigError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
-    try:
-        parse_ref(f"{name}:{version}" if version else name)
-    except StoreError as e:
-        raise ConfigError(f"--name/--version: {e}") from None
+    check_name(name, version)
     if max_ppl_ratio is not None and not eval_windows:
         raise ConfigError("--max-ppl-ratio needs an evaluation: give --eval-windows 1 or more")
     spec.quant_config()  # resolved now, once: an invalid config is refused before a job exists
     check_device(device)
+    calib_path = spec.calib or str(default_calibration_text())
+    check_text_size(calib_path, "calibration", "--calib")
+    eval_text = None
     if spec.eval_text:
-        read_text(spec.eval_text, "evaluation text", "--eval-text")
+        check_text_size(spec.eval_text, "evaluation text", "--eval-text")
+        eval_text = read_text(spec.eval_text, "evaluation text", "--eval-text")
     remote = spec.source.startswith(("s3://", "hf://"))  # their model is checked by fetch_model
     if remote and spec.calib:
         read_text(spec.calib, "calibration", "--calib")
@@ -62,9 +62,104 @@ def build_spec(source: str, name: str, bits: int, version: str | None = None, ca
         repo_id = spec.source.removeprefix("hf://").strip("/").partition("@")[0]
         if repo_id.count("/") != 1 or not all(repo_id.split("/")):
             raise ConfigError(f"model source {source!r}: expected hf://ORG/NAME[@REVISION]")
-    if not remote:
-        check_request(spec.source, spec.calib, spec.nsamples, seqlen)
+    if remote:
+        # no tokenizer before the fetch: bound the tokens by the bytes (a token holds at least one
+        # byte; twice that, plus special tokens, leaves slack for byte-fallback tokenizers)
+        calib_bytes = Path(calib_path).stat().st_size
+        check_windows(spec, 2 * calib_bytes + 16, 2 * len(eval_text.encode()) + 16 if eval_text else None, exact=False)
+    else:
+        src, ids = check_request(spec.source, spec.calib, spec.nsamples, seqlen)
+        eval_tokens = None
+        if eval_text and spec.eval_windows:
+            from vptq.evaluate import tokenize_text
+            from vptq.pipeline import checked_load
+            from vptq.source import load_tokenizer
+
+            eval_tokens = tokenize_text(checked_load(load_tokenizer, src, "tokenizer"), eval_text).numel()
+        check_windows(spec, ids.numel(), eval_tokens, exact=True)
     return spec
+
+
+def check_name(name: str, version: str | None) -> None:
+    """--name NAME (no ':', not empty) and --version VERSION as the registry will take them: a bad one
+    used to pass here and fail at publish, after the whole quantization."""
+    from vptq_service.store.errors import StoreError
+    from vptq_service.store.registry import parse_ref
+
+    from vptq.config import ConfigError
+
+    if ":" in name:
+        n, _, v = name.partition(":")
+        raise ConfigError(f"--name {name!r}: a name cannot hold ':'; give the version apart: --name {n} --version {v}")
+    try:
+        if parse_ref(name) != (name, None):
+            raise StoreError("leading or trailing spaces")
+        if version is not None and parse_ref(f"{name}:{version}") != (name, version):
+            raise StoreError("leading or trailing spaces")
+    except StoreError as e:
+        raise ConfigError(f"--name {name!r} / --version {version!r}: {e}") from None
+
+
+# calibration and evaluation texts are read whole and tokenized at once (wikitext-2 is 1.2 MiB):
+# a bigger file is refused up front instead of failing with a MemoryError mid-job
+MAX_TEXT_BYTES = 256 * 2**20
+
+
+def check_text_size(path: str, what: str, option: str) -> None:
+    """Refuse a text file too big to read and tokenize whole (one line, before any job row)."""
+    from vptq.config import ConfigError
+
+    try:
+        size = Path(path).stat().st_size
+    except OSError:
+        return  # missing or unreadable: read_text says which
+    if size > MAX_TEXT_BYTES:
+        raise ConfigError(f"{what} file {path!r} is {size / 2**20:.0f} MiB, more than the {MAX_TEXT_BYTES >> 20} MiB "
+                          f"read whole: give {option} an excerpt (windows are drawn from the whole text)")
+
+
+def check_windows(spec: JobSpec, calib_tokens: int, eval_tokens: int | None, exact: bool) -> None:
+    """Enough text for the windows asked for: --nsamples distinct calibration windows of --seqlen
+    tokens and --eval-windows non-overlapping windows of --eval-seqlen, else one line now instead of
+    a failure after the quantization. `exact` False: the counts are upper bounds (no tokenizer yet)."""
+    from vptq.config import ConfigError
+
+    about = "" if exact else "at most "
+    starts = calib_tokens - spec.seqlen  # distinct window starts (vptq.evaluate.calibration_windows)
+    if spec.nsamples > max(starts, 0):
+        raise ConfigError(f"--nsamples {spec.nsamples}: the calibration text has {about}{calib_tokens} tokens, room "
+                          f"for {max(starts, 0)} distinct windows of {spec.seqlen}: give a longer --calib text, "
+                          "fewer --nsamples or a shorter --seqlen")
+    if spec.eval_windows:
+        tokens = calib_tokens if eval_tokens is None else eval_tokens
+        room = tokens // spec.eval_seqlen  # vptq.evaluate.perplexity
+        if spec.eval_windows > room:
+            text = "--eval-text" if spec.eval_text else "evaluation text (the calibration text)"
+            raise ConfigError(f"--eval-windows {spec.eval_windows}: the {text} has {about}{tokens} tokens, room for "
+                              f"{room} windows of {spec.eval_seqlen}: give fewer --eval-windows or a shorter "
+                              "--eval-seqlen")
+
+
+def check_source_url(source: str) -> None:
+    """Refuse credentials in a model source URL (s3://KEY:SECRET@bucket, https://user:token@host,
+    ?X-Amz-Signature=...): the source is stored with the job and shown by `vptq jobs`, so a secret
+    there would be kept for good. ConfigError (exit 2) naming the environment variables instead."""
+    from urllib.parse import urlsplit
+
+    from vptq_service.store.errors import mask_text
+
+    from vptq.config import ConfigError
+
+    if "://" not in source:
+        return
+    try:
+        userinfo = "@" in urlsplit(source).netloc
+    except ValueError:
+        userinfo = False
+    if userinfo or mask_text(source) != source:
+        raise ConfigError(f"model source {mask_text(source)!r} carries credentials: remove them from the URL and set "
+                          "them in the environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE for s3://, "
+                          "HF_TOKEN for hf://); a source URL is stored with the job")
 
 
 def job_config(spec: JobSpec, key: str, **extra: Any) -> dict[str, Any]:

@@ -7,6 +7,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
+# Bounds of a request, checked before a job row exists: the seed feeds torch.Generator (and a
+# BIGINT column), window counts and lengths become tensors and INTEGER columns; a number past
+# these is a typo, not a job (65536 windows of 512 tokens already hold 33 M calibration tokens).
+MAX_SEED = 2**63 - 1
+MAX_WINDOWS = 65536
+MAX_SEQLEN = 1 << 20
 
 class JobSpec(BaseModel):
     """What `vptq compress`/`vptq submit` ask for. Left-out defaults are filled by the one rule,
@@ -20,15 +26,15 @@ class JobSpec(BaseModel):
     version: str | None = None  # default: the next vN of name
     bits: int = 2  # a preset of vptq.config.PRESETS (checked by resolve)
     calib: str | None = None  # calibration text (default: wikitext-2 valid)
-    nsamples: int | None = None  # default: by the resolved e2e_steps (vptq.config.resolve)
-    seqlen: int = Field(512, ge=16)
-    seed: int = 0
+    nsamples: int | None = Field(None, le=MAX_WINDOWS)  # default: by the resolved e2e_steps (vptq.config.resolve)
+    seqlen: int = Field(512, ge=16, le=MAX_SEQLEN)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     hessians: Literal["sequential", "original"] | None = None  # default: the preset's
     overrides: dict[str, Any] = Field(default_factory=dict)  # QuantConfig fields over the preset
     device: str = "cpu"
     eval_text: str | None = None  # held-out text (default: the calibration text)
-    eval_windows: int = Field(4, ge=0)  # 0 = no evaluation
-    eval_seqlen: int = Field(512, ge=2)
+    eval_windows: int = Field(4, ge=0, le=MAX_WINDOWS)  # 0 = no evaluation
+    eval_seqlen: int = Field(512, ge=2, le=MAX_SEQLEN)
     max_ppl_ratio: float | None = Field(None, gt=0)  # gate: reject when after > ratio * before
     runner: Literal["local", "dask", "ray"] = "local"  # where a block's linears are quantized
     workers: int | None = Field(None, ge=1)  # runner worker processes (default: GPUs, else 2)

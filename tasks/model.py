@@ -24,6 +24,25 @@ def no_retry_on_bad_input(task, task_run, state) -> bool:
     return False
 
 
+def source_keys(uri: str, keys: list[str]) -> list[str]:
+    """The keys of an S3 model source that are files to fetch, every one checked before anything is
+    written: folder markers (`prefix/` or `prefix/sub/`, the zero-byte objects S3 and MinIO consoles
+    create for folders) are skipped; a key that would leave the destination folder (`..`, `.`,
+    an empty part, an absolute path, a backslash) refuses the whole source (SourceError)."""
+    from vptq.source import SourceError
+
+    files = []
+    for key in keys:
+        if key == "" or key.endswith("/"):
+            continue  # a folder marker, not a file
+        parts = key.split("/")
+        if key.startswith("/") or "\\" in key or any(p in ("", ".", "..") for p in parts):
+            raise SourceError(f"model source {uri!r} holds an unsafe key {key!r} (it would be written outside its "
+                              "folder): remove or rename that object")
+        files.append(key)
+    return files
+
+
 def _download_s3(uri: str) -> Path:
     """Copy every object under s3://bucket/prefix into VPTQ_HOME/work/models/<hash of uri>."""
     from vptq_service.store.artifacts import open_artifact_store
@@ -31,7 +50,7 @@ def _download_s3(uri: str) -> Path:
     from vptq.source import SourceError
 
     store = open_artifact_store(uri)
-    keys = store.list_keys("")
+    keys = source_keys(uri, store.list_keys(""))  # all checked before the first folder is created
     if not keys:
         raise SourceError(f"model source {uri!r} holds no objects: give the prefix of a model folder")
     dest = work_root() / "models" / digest(uri)[:16]

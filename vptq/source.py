@@ -54,9 +54,15 @@ def resolve(source: str) -> ModelSource:
     if not cfg.is_file():
         raise SourceError(f"{source!r} is not a model folder (no config.json): give a Hugging Face model folder, a .gguf file or 'smollm2'")
     try:
-        qc = json.loads(cfg.read_text()).get("quantization_config") or {}
+        data = json.loads(cfg.read_text())
     except json.JSONDecodeError as e:
         raise SourceError(f"{cfg} is not valid JSON ({e.msg}, line {e.lineno})") from e
+    if not isinstance(data, dict):  # e.g. `[]`: a model config is a JSON object
+        raise SourceError(f"{cfg} is not a model config: expected a JSON object, found {type(data).__name__}")
+    qc = data.get("quantization_config")
+    if qc is not None and not isinstance(qc, dict):
+        raise SourceError(f"{cfg}: quantization_config is not a JSON object")
+    qc = qc or {}
     return ModelSource("vptq" if qc.get("quant_method") == "vptq" else "hf", p.resolve())
 
 
