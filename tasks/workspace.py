@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from vptq_service.store.artifacts import current_umask
 
 import vptq
 
@@ -86,6 +87,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     os.close(fd)
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp made 0600: a group-shared VPTQ_HOME needs the umask
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -101,6 +103,7 @@ def write_json(data: dict, path: Path) -> Path:
     fsynced, renamed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~current_umask())  # as a plain open() would create it
     try:
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(data, indent=2, sort_keys=True, default=str))
