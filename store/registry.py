@@ -332,11 +332,14 @@ class Registry:
         dest = Path(dest).expanduser().absolute()
         try:
             return self._pull(m, ref, dest, progress)
-        except OSError as e:  # a path under a file, a read-only or full disk: one line
-            raise StoreError(f"cannot pull {ref} into {dest}: {e.strerror or e}"
-                             f"{f' ({e.filename})' if e.filename else ''}") from None
+        except OSError as e:  # a read-only or full disk, a folder that takes no files (/proc): one line
+            shown = f" ({e.filename})" if e.filename and ".partial-" not in str(e.filename) else ""
+            raise StoreError(f"cannot pull {ref} into {dest}: {e.strerror or e}{shown}") from None
 
     def _pull(self, m: Manifest, ref: str, dest: Path, progress: Progress | None) -> PullResult:
+        above = next((p for p in dest.parents if p.exists() or p.is_symlink()), None)
+        if above is not None and not above.is_dir():
+            raise StoreUsageError(f"cannot pull {ref} into {dest}: {above} is a file, not a folder")
         if dest.is_symlink():
             raise StoreUsageError(f"cannot pull {ref}: {dest} is a symbolic link; choose a new folder")
         if dest.exists():

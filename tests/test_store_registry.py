@@ -374,3 +374,13 @@ def test_the_check_at_publish_removes_old_orphans_beside_a_published_version(reg
         assert [o.objects for o in gc(registry.store, registry.repo, grace=timedelta(0), quick=True).removed] == [1]
     assert registry.store.list_keys("m/v1/data-20260101T000000Z-0123456789ab/") == []
     assert registry.pull("m:v1", tmp_path / "d").files == 1
+
+
+def test_pull_under_a_file_or_into_proc_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("VPTQ_ARTIFACTS", str(tmp_path / "store"))
+    Registry(open_artifact_store()).publish("m", "v1", make_folder(tmp_path / "src", {"a.bin": 10}))
+    (tmp_path / "file").write_text("x")
+    for dest, code, needle in ((tmp_path / "file" / "d", 2, "is a file, not a folder"), ("/proc/vptq-d", 1, "cannot pull")):
+        r = CliRunner().invoke(_cli(), ["pull", "m:v1", str(dest)])
+        assert r.exit_code == code and r.stderr.count("\n") == 1 and needle in r.stderr, r.output
+        assert "Traceback" not in r.output
