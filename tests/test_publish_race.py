@@ -166,8 +166,9 @@ def test_the_issue_repro_two_cli_publishes_one_wins_with_one_line(world, tmp_pat
     results = [(p.wait(120), p.stdout.read(), p.stderr.read()) for p in procs]
     assert sorted(rc for rc, _, _ in results) == [0, 2], results
     (_, won, _), (_, _, lost) = sorted(results, key=lambda r: r[0])
+    assert won.startswith("published race:v1: 1 files")
     assert len(lost.strip().splitlines()) == 1 and lost.startswith("error: artifact race:v1 "), lost
-    winner = a if "published race:v1" in won and results[0][0] == 0 else b
+    winner = a if results[0][0] == 0 else b
     pulled = CliRunner().invoke(_cli(), ["pull", "race:v1", str(tmp_path / "d"), "--json"])
     assert pulled.exit_code == 0 and json.loads(pulled.stdout)["verified"] is True, pulled.output
     assert _tree(tmp_path / "d") == _tree(winner)
