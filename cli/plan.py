@@ -42,6 +42,8 @@ def _human(p: dict) -> str:
     rows = [
         ("blocks / linears", f"{p['blocks']} / {p['linears']}", f"{p['weights']:,} weights quantized"),
         ("bpw all-in", f"{p['bpw']:.4f}", "exact: layer_bits of every target linear"),
+        ("bits per parameter", f"{p['bits_per_param']:.4f}", f"whole model: {p['float_params']:,} parameters stay "
+                                                            "floating point (embeddings, head, norms, biases, routers)"),
         ("output size", _size(p["output_bytes"]), f"quantized linears {_size(p['quantized_bytes'])}, "
                                                   "rest fp32 as loaded; + tokenizer/config files"),
         ("peak device memory", _size(p["peak_device_bytes"]),

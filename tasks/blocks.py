@@ -16,6 +16,7 @@ workers), so a planted record would run code. Only safetensors and JSON are read
 from __future__ import annotations
 
 import copy
+import os
 import json
 import time
 from pathlib import Path
@@ -118,8 +119,10 @@ def read_block(run: str, index: int, with_next: bool = True, verify: bool = True
     try:
         raw = files["meta"].read_bytes()
         desc = BlockDescriptor.model_validate_json(raw)
-    except (OSError, ValueError, ValidationError):
+    except (OSError, ValueError, ValidationError) as e:
+        open("/tmp/wk_dbg.log", "a").write(f"DBG {os.getpid()} read_block {run} {index} {e!r:.300}\n")
         return None
+    open("/tmp/wk_dbg.log", "a").write(f"DBG {os.getpid()} ok? {run} {index} {desc.key == block_key(run, index)} {[(v.name, file_matches(files['meta'].parent, v.model_dump(), verify)) for v in desc.files.values()]} {with_next}\n")
     if (desc.format, desc.key, desc.index) != (BLOCK_FORMAT, block_key(run, index), index):
         return None
     want = {"state": files["state"].name} | ({"next": files["next"].name} if with_next else {})
@@ -149,8 +152,8 @@ def _open_step(run: str, model_path: str, calib_path: str, cfg, index: int, devi
                 raise FileNotFoundError(f"{src} is missing: block {index - 1} must run first")
             t = load_tensors(src)
             inputs = driver.BlockInputs(t["x"], t.get("fp_x"))
-        pe = driver.position_embeddings(model, inputs.x, device)
-    return driver.BlockStep(block, index, cfg, device, inputs, pe)
+        pe = driver.block_kwargs(model, inputs.x.shape[1], device)[index]
+    return driver.BlockStep(block, index, cfg, device, inputs, pe, path=driver.layers_path(model))
 
 
 def _close_step(run: str, step, layers: list[dict[str, Any]], t0: float) -> dict[str, Any]:

@@ -105,21 +105,17 @@ def fetch_model(source: str) -> dict[str, Any]:
 def inspect_model(path: str, config: dict[str, Any]) -> dict[str, Any]:
     """Load the model and check that the configuration fits every target linear."""
     from vptq.config import ConfigError, LayerLayout, QuantConfig
-    from vptq.driver import decoder_layers, target_linears
+    from vptq.targets import check_model, float_tensors
 
     cfg = QuantConfig.from_dict(config)
     model, _ = load_fp_model(path)
     try:
-        layers = decoder_layers(model)
-    except ValueError as e:
-        raise ConfigError(f"{path}: {e}; only decoder-only models with model.layers are supported") from None
-    linears = [target_linears(b, cfg) for b in layers]
-    if not any(linears):
-        raise ConfigError(f"{path}: no linear layer named {', '.join(cfg.targets)} in its decoder blocks: "
-                          "nothing to quantize")
+        linears = check_model(model, cfg)  # no blocks, unsupported weights, a pattern matching nothing
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     for lins in linears:
         for lin in lins.values():
             LayerLayout.for_shape(cfg, lin.out_features, lin.in_features)
-    return {"blocks": len(layers), "architecture": type(model).__name__,
+    return {"blocks": len(linears), "architecture": type(model).__name__,
             "parameter_count": sum(p.numel() for p in model.parameters()),
-            "linears": sum(len(lins) for lins in linears)}
+            "linears": sum(len(lins) for lins in linears), "float": float_tensors(model, cfg)}

@@ -38,7 +38,7 @@ def ids():
 def step0(model, ids, cfg, inputs=True):
     block = copy.deepcopy(driver.decoder_layers(model)[0])
     first = BlockInputs.first(model, ids, cfg) if inputs else None
-    pe = driver.position_embeddings(model, first.x, "cpu") if inputs else None
+    pe = driver.block_kwargs(model, first.x.shape[1], "cpu")[0] if inputs else None
     return BlockStep(block, 0, cfg, "cpu", first, pe)
 
 

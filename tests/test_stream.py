@@ -61,8 +61,9 @@ def test_the_plan_probes_the_streamed_model_and_a_whole_load_alike(tiny_llama_di
         if f.suffix != ".safetensors":
             (binf / f.name).write_bytes(f.read_bytes())
     torch.save(ref.state_dict(), binf / "pytorch_model.bin")
-    x = torch.randn(1, 5, ref.config.hidden_size)
-    pos = torch.arange(5)[None]
+    from vptq import driver
+
+    ids = torch.randint(0, ref.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(0))
     for folder, streamed in ((tiny_llama_dir, True), (binf, False)):
         p = load_parts(resolve(str(folder)))
         assert p.full is not streamed and p.file_bytes > 0
@@ -71,7 +72,12 @@ def test_the_plan_probes_the_streamed_model_and_a_whole_load_alike(tiny_llama_di
         assert same_state(p.block0, ref.model.layers[0])
         assert same_state(p.embed, ref.model.embed_tokens) and same_state(p.norm, ref.model.norm)
         assert torch.equal(p.head.weight, ref.lm_head.weight)
-        assert all(torch.equal(a, b) for a, b in zip(p.rotary(x, pos), ref.model.rotary_emb(x, pos), strict=True))
+        # what the probe hands block 0: the inputs and kwargs the whole model's forward gives it
+        assert torch.equal(driver.embed(p.model, ids), driver.embed(ref, ids))
+        got, want = driver.block_kwargs(p.model, 5)[0], driver.block_kwargs(ref, 5)[0]
+        assert got.keys() == want.keys()
+        assert all(torch.equal(a, b) for a, b in zip(got["position_embeddings"], want["position_embeddings"],
+                                                     strict=True))
 
 
 def test_a_job_on_a_streamed_model_writes_the_bytes_of_a_whole_model_job(home, tiny_llama_dir, text_file,  # noqa: F811

@@ -8,7 +8,7 @@ against the bytes actually written by `vptq.io.save_quantized`.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 HessianMode = Literal["sequential", "original"]
@@ -50,10 +50,9 @@ class QuantConfig:
     e2e_reassign_every: int = 0
     hessians: HessianMode = "sequential"
     seed: int = 0
-    # names of linears inside a decoder block that are quantized (suffix match)
-    targets: tuple[str, ...] = field(
-        default=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    )
+    # globs over the paths of linears inside a decoder block (or their last component) that are
+    # quantized; "*" = every nn.Linear of the blocks but MoE routers (vptq/targets.py)
+    targets: tuple[str, ...] = ("*",)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -104,6 +103,8 @@ class QuantConfig:
             raise ConfigError(f"refine_iters={self.refine_iters}: must be >= 0")
         if self.kmeans_iters < 0 or self.block_size < 1 or self.damp <= 0:
             raise ConfigError("kmeans_iters >= 0, block_size >= 1 and damp > 0 are required")
+        if not self.targets or not all(isinstance(p, str) and p.strip() for p in self.targets):
+            raise ConfigError(f"targets={list(self.targets)!r}: give one or more globs, e.g. ['*'] or ['self_attn.*']")
 
     def with_(self, **kw) -> QuantConfig:
         return replace(self, **kw)

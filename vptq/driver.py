@@ -8,9 +8,12 @@ outputs when cfg.finetune_steps asks, and hands on the next block's inputs (`nex
 rule for which activations feed the next block). `vptq.sequential.quantize_model` runs the steps
 in memory; the Prefect tasks (vptq_service.tasks.blocks) run the same steps between workspace files.
 
-A new architecture plugs in here and only here: `decoder_layers` (where the blocks are), `embed`
-and `position_embeddings` (a block's first inputs and what it needs besides them) and `run_block`
-(how one block is called).
+Nothing here names an architecture: `decoder_layers` finds the blocks (model.layers, or the
+ModuleList of config.num_hidden_layers blocks), and `embed` / `block_kwargs` capture what the
+model's own forward hands block 0 (its hidden states) and every block (masks incl. sliding-window
+ones, rotary tables per layer type, position ids) by running that forward once with the blocks
+replaced by recorders (`_capture`). `run_block(block, x, kw)` calls a block with those kwargs; `pe`
+in the signatures below is one block's kwargs dict. Which linears are quantized: vptq.targets.
 """
 
 from __future__ import annotations
@@ -27,64 +30,117 @@ from .finetune import finetune_block
 from .hessian import collect_hessians
 from .layers import VQuantLinear
 from .quantizer import LayerReport, quantize_linear
+from .targets import block_prefix, decoder_layers, layers_path, target_linears  # noqa: F401 - the driver's API
 
 QuantizeFn = Callable[[str, nn.Linear, torch.Tensor, QuantConfig], tuple[nn.Module, LayerReport]]
 BATCH = 4  # calibration windows per block forward pass
 
 
-# -- the architecture: where the blocks are and how one is run ---------------------------------
+# -- the architecture: where the blocks are and what the model's own forward gives each ----------
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's decoder blocks, in order."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"{type(model).__name__}: expected a decoder-only model with model.layers")
-    return layers
-
-
-def block_prefix(index: int) -> str:
-    """The module-name prefix of block `index`'s submodules in the whole model."""
-    return f"model.layers.{index}."
+class _Stop(Exception):
+    """Raised by a capturing block to end the model's forward early (nothing after it is needed)."""
 
 
 @torch.no_grad()
-def embed(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Block 0's inputs: token ids (n, seqlen) embedded, float32, on the CPU."""
-    emb = model.model.embed_tokens
-    return emb(ids.to(emb.weight.device)).float().cpu()
+def _capture(model: nn.Module, ids: torch.Tensor, upto: int) -> list[tuple[torch.Tensor, dict]]:
+    """(hidden states in, keyword arguments) of blocks 0..upto as the model's own forward calls them.
+
+    Every block's forward is replaced, for this call only, by one that records its inputs and hands
+    them on unchanged: no block computes (a streamed model's blocks may be on the meta device), and
+    what the model computes around its blocks (scaled embeddings, rotary tables per layer type, causal
+    and sliding-window masks, position ids) is exactly what its forward gives each block."""
+    path = layers_path(model)
+    layers = model.get_submodule(path)
+    base = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
+    seen: list[tuple[torch.Tensor, dict]] = []
+
+    def record(*args, **kwargs):
+        x = args[0] if args else kwargs.pop("hidden_states")
+        if len(args) > 1:
+            raise ValueError(f"{type(model).__name__}: its blocks take positional arguments besides the hidden "
+                             "states; this architecture is not supported")
+        seen.append((x, kwargs))
+        if len(seen) > upto:
+            raise _Stop
+        return x
+
+    for layer in layers:
+        layer.forward = record  # an instance attribute wins over the class's forward
+    try:
+        emb = model.get_input_embeddings().weight
+        base(input_ids=ids.to(emb.device if not emb.is_meta else "cpu"), use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for layer in layers:
+            del layer.forward
+    if len(seen) != upto + 1:
+        raise ValueError(f"{type(model).__name__}: its forward called {len(seen)} of {len(layers)} decoder blocks")
+    return seen
 
 
-def position_embeddings(model: nn.Module, x: torch.Tensor, device: str | torch.device):
-    """What every block takes besides its hidden states (rotary cos/sin for x's length), on `device`."""
-    xs = x[:1].to(device)
-    pos = torch.arange(xs.shape[1], device=xs.device)[None]
-    return model.model.rotary_emb(xs, pos)
+def to_device(obj, device: str | torch.device):
+    """A block's keyword arguments (tensors in tuples, lists, dicts) on `device`; tensors shared
+    between blocks (one mask or rotary table for many) stay shared."""
+    memo: dict[int, torch.Tensor] = {}
+
+    def move(o):
+        if isinstance(o, torch.Tensor):
+            if id(o) not in memo:
+                memo[id(o)] = o.to(device)
+            return memo[id(o)]
+        if isinstance(o, tuple):
+            return tuple(move(v) for v in o)
+        if isinstance(o, list):
+            return [move(v) for v in o]
+        if isinstance(o, dict):
+            return {k: move(v) for k, v in o.items()}
+        return o
+
+    return move(obj)
 
 
-def run_block(block: nn.Module, x: torch.Tensor, pe) -> torch.Tensor:
-    """One decoder block on hidden states x (batch, seqlen, d) -> its output hidden states."""
-    out = block(x, position_embeddings=pe, attention_mask=None)
+@torch.no_grad()
+def embed(model: nn.Module, ids: torch.Tensor, batch: int = BATCH) -> torch.Tensor:
+    """Block 0's inputs: token ids (n, seqlen) through what the model does before its first block
+    (embedding, scaling as Gemma's sqrt(hidden)), float32, on the CPU."""
+    parts = [_capture(model, ids[s : s + batch], 0)[0][0].float().cpu() for s in range(0, ids.shape[0], batch)]
+    return torch.cat(parts)
+
+
+def block_kwargs(model: nn.Module, seqlen: int, device: str | torch.device = "cpu") -> list[dict]:
+    """What the model's forward gives each block besides its hidden states, for windows of `seqlen`
+    tokens (one dict per block, captured on a batch of one: masks and tables broadcast over a batch),
+    on `device`. The values depend on the window length only, never on its tokens (no padding)."""
+    seen = _capture(model, torch.zeros(1, seqlen, dtype=torch.long), len(decoder_layers(model)) - 1)
+    return to_device([kw for _, kw in seen], device)
+
+
+def run_block(block: nn.Module, x: torch.Tensor, kw: dict | None) -> torch.Tensor:
+    """One decoder block on hidden states x (batch, seqlen, d) -> its output hidden states.
+    kw: the block's keyword arguments from block_kwargs."""
+    out = block(x, **(kw or {}))
     return out[0] if isinstance(out, tuple) else out
+
+
+def block_dtype(block: nn.Module) -> torch.dtype:
+    """The dtype a block computes in: its floating-point weights' outside VQuantLinears (whose fp16
+    codebooks are not the block's dtype: a quantized block keeps computing in the original one)."""
+    skip = {id(p) for m in block.modules() if isinstance(m, VQuantLinear) for p in m.parameters()}
+    return next((p.dtype for p in block.parameters() if id(p) not in skip and p.is_floating_point()),
+                next(block.parameters()).dtype)
 
 
 @torch.no_grad()
 def forward_all(block: nn.Module, xs: torch.Tensor, pe, device, batch: int = BATCH) -> torch.Tensor:
     """Run a block over all windows, `batch` at a time on `device`; results back where xs lives."""
     out = torch.empty_like(xs)
-    dtype = next(block.parameters()).dtype
+    dtype = block_dtype(block)
     for s in range(0, xs.shape[0], batch):
         y = run_block(block, xs[s : s + batch].to(device, dtype), pe)
         out[s : s + batch] = y.to(out.device, out.dtype)
     return out
-
-
-def target_linears(block: nn.Module, cfg: QuantConfig) -> dict[str, nn.Linear]:
-    """The block's linears the config quantizes, in the order they are quantized."""
-    return {
-        n: m for n, m in block.named_modules()
-        if isinstance(m, nn.Linear) and n.split(".")[-1] in cfg.targets
-    }
 
 
 def all_linears(block: nn.Module) -> dict[str, nn.Linear]:
@@ -114,13 +170,13 @@ def original_hessians(model: nn.Module, calib: torch.Tensor, device: str | torch
     device = torch.device(device)
     layers = decoder_layers(model)
     x = embed(model, calib)
-    pe = position_embeddings(model, x, device)
+    kws = block_kwargs(model, x.shape[1], device)
     for i in range(len(layers) if blocks is None else min(blocks, len(layers))):
         if block is not None:
             b = block(i).to(device)
         else:
             b = layers[i] if device.type == "cpu" else copy.deepcopy(layers[i]).to(device)
-        hs, x = block_hessians(b, x, pe, device, batch)
+        hs, x = block_hessians(b, x, kws[i], device, batch)
         yield i, hs
 
 
@@ -197,10 +253,11 @@ class BlockStep:
     fp_x) is computed here, before anything in the block changes."""
 
     def __init__(self, block: nn.Module, index: int, cfg: QuantConfig, device: str | torch.device,
-                 inputs: BlockInputs | None = None, pe=None, batch: int = BATCH):
+                 inputs: BlockInputs | None = None, pe: dict | None = None, batch: int = BATCH,
+                 path: str = "model.layers"):
         self.block, self.index, self.cfg, self.batch = block, index, cfg, batch
         self.device = torch.device(device)
-        self.prefix = block_prefix(index)
+        self.prefix = block_prefix(index, path)
         self.x = inputs.x if inputs is not None else None
         fp_x = inputs.fp_x if inputs is not None else None
         self.pe = pe

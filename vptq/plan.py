@@ -62,6 +62,7 @@ class Shapes:
     block_params: list[int]
     linears: list[list[tuple[str, int, int]]]  # per block: (name, out_features, in_features)
     shared_inputs: list[list[str]] = field(default_factory=list)  # groups of block-0 names sharing one input
+    floating: dict = field(default_factory=dict)  # what stays floating point (vptq.targets.float_tensors)
 
     @property
     def target_weights(self) -> int:
@@ -74,15 +75,12 @@ class Shapes:
 
 def shapes_of(model: nn.Module, cfg: QuantConfig) -> Shapes:
     """Shapes of a (possibly meta-device) model; target linears as vptq.driver picks them."""
-    from .driver import decoder_layers, target_linears
+    from .driver import decoder_layers
+    from .targets import check_model, float_tensors
 
-    try:
-        layers = decoder_layers(model)
-    except ValueError as e:
-        raise ConfigError(f"{e}; only decoder-only models with model.layers are supported") from None
-    lins = [[(n, m.out_features, m.in_features) for n, m in target_linears(b, cfg).items()] for b in layers]
-    if not any(lins):
-        raise ConfigError(f"no linear layer named {', '.join(cfg.targets)} in the decoder blocks: nothing to quantize")
+    found = check_model(model, cfg)  # no blocks, unsupported weights, a pattern matching nothing: refused
+    layers = decoder_layers(model)
+    lins = [[(n, m.out_features, m.in_features) for n, m in blk.items()] for blk in found]
     for blk in lins:
         for _, o, i in blk:
             LayerLayout.for_shape(cfg, o, i)  # a config that does not fit a shape fails here, like the job
@@ -95,7 +93,7 @@ def shapes_of(model: nn.Module, cfg: QuantConfig) -> Shapes:
                   heads=int(getattr(c, "num_attention_heads", 1) or 1), vocab=vocab,
                   params=sum(p.numel() for p in model.parameters()),
                   block_params=[sum(p.numel() for p in b.parameters()) for b in layers], linears=lins,
-                  shared_inputs=_default_sharing(lins[0]))
+                  shared_inputs=_default_sharing(lins[0]), floating=float_tensors(model, cfg))
 
 
 def _default_sharing(block0: list[tuple[str, int, int]]) -> list[list[str]]:
@@ -114,10 +112,13 @@ def bits_estimate(shapes: Shapes, cfg: QuantConfig) -> dict:
     """Exact all-in bits of every target linear and the checkpoint's tensor bytes."""
     bits = sum(sum(layer_bits(cfg, o, i).values()) for blk in shapes.linears for _, o, i in blk)
     weights = shapes.target_weights
-    other = shapes.params - weights  # embeddings, head, norms: stored as loaded (fp32)
+    fl = shapes.floating or {"params": shapes.params - weights, "bits": 32 * (shapes.params - weights), "groups": {}}
+    other = math.ceil(fl["bits"] / 8)  # embeddings, head, norms, biases, routers: stored as loaded
     return {"bits": bits, "weights": weights, "bpw": bits / max(weights, 1),
-            "quantized_bytes": math.ceil(bits / 8), "other_bytes": 4 * other,
-            "output_bytes": math.ceil(bits / 8) + 4 * other}
+            "bits_per_param": (bits + fl["bits"]) / max(weights + fl["params"], 1),
+            "float_params": fl["params"], "float_tensors": fl["groups"],
+            "quantized_bytes": math.ceil(bits / 8), "other_bytes": other,
+            "output_bytes": math.ceil(bits / 8) + other}
 
 
 # ----------------------------------------------------------------------------- memory
@@ -222,7 +223,6 @@ class Parts:
     block0: nn.Module
     norm: nn.Module
     head: nn.Module
-    rotary: nn.Module
     full: bool  # the whole model was loaded (else: only embed, block 0, norm, head)
     load_seconds: float
     file_bytes: int
@@ -243,13 +243,13 @@ def _streamed(src) -> Parts | None:
     if s is None:
         return None
     inner = s.model.model
-    return Parts(s.model, inner.embed_tokens, s.block(0), inner.norm, s.model.get_output_embeddings(),
-                 inner.rotary_emb, False, time.perf_counter() - t0, _file_bytes(src))
+    return Parts(s.model, s.model.get_input_embeddings(), s.block(0), inner.norm, s.model.get_output_embeddings(),
+                 False, time.perf_counter() - t0, _file_bytes(src))
 
 
 def load_parts(src) -> Parts:
     """What the probe runs, streamed where the source allows (see _streamed), else the whole model."""
-    from .driver import decoder_layers
+    from .driver import decoder_layers, layers_path
 
     if src.kind == "hf":
         try:
@@ -265,9 +265,10 @@ def load_parts(src) -> Parts:
     try:
         layers = decoder_layers(model)
     except ValueError as e:
-        raise ConfigError(f"{src.uri}: {e}; only decoder-only models with model.layers are supported") from None
-    return Parts(model, model.model.embed_tokens, layers[0], model.model.norm, model.get_output_embeddings(),
-                 model.model.rotary_emb, True, time.perf_counter() - t0, _file_bytes(src))
+        raise ConfigError(f"{src.uri}: {e}") from None
+    base = model.get_submodule(layers_path(model).rsplit(".", 1)[0])
+    return Parts(model, model.get_input_embeddings(), layers[0], base.norm, model.get_output_embeddings(),
+                 True, time.perf_counter() - t0, _file_bytes(src))
 
 
 # ----------------------------------------------------------------------------- probe
@@ -310,7 +311,7 @@ def _input_groups(block: nn.Module, lins: dict[str, nn.Linear], x, pe) -> list[l
 def probe(parts: Parts, shapes: Shapes, cfg: QuantConfig, windows: torch.Tensor, dev: torch.device,
           log=None) -> dict:
     """Time block 0's Hessian forward, one or two real linears' VPTQ and one fine-tuning step."""
-    from .driver import forward_all, target_linears
+    from .driver import block_kwargs, embed, forward_all, target_linears
     from .hessian import collect_hessians
     from .quantizer import quantize_linear
 
@@ -318,10 +319,8 @@ def probe(parts: Parts, shapes: Shapes, cfg: QuantConfig, windows: torch.Tensor,
     say = log or (lambda _msg: None)
     nwin = windows.shape[0]
     block = copy.deepcopy(parts.block0).to(dev).eval()
-    with torch.no_grad():
-        x = parts.embed(windows).float()
-    pos = torch.arange(x.shape[1], device=dev)[None]
-    pe = parts.rotary.to(dev)(x[:1].to(dev), pos)
+    x = embed(parts.model, windows)  # as the model's forward hands block 0 its inputs (scaled, ...)
+    pe = block_kwargs(parts.model, x.shape[1], dev)[0]
     lins = target_linears(block, cfg)
     shapes.shared_inputs = _input_groups(block, lins, x[:1].to(dev), pe)
     say("timing block 0's forward passes")
@@ -361,7 +360,7 @@ def probe(parts: Parts, shapes: Shapes, cfg: QuantConfig, windows: torch.Tensor,
 
 def _e2e_probe(parts: Parts, block, lins, hs, qmods, cfg: QuantConfig, windows, pe, dev) -> dict:
     """One KL step of a one-block student (all its linears VQuantLinear) and of the head alone."""
-    from .driver import run_block
+    from .driver import embed, run_block
     from .finetune import trainable
     from .layers import VQuantLinear
     from .quantizer import quantize_linear
@@ -370,12 +369,12 @@ def _e2e_probe(parts: Parts, block, lins, hs, qmods, cfg: QuantConfig, windows, 
     for name, lin in lins.items():
         q = qmods.get(name) or quantize_linear(lin.weight, hs[name].to(dev), fast, name)[0]
         block.set_submodule(name, VQuantLinear.from_weights(q).to(dev).float())
-    embed, norm, head = parts.embed.to(dev), copy.deepcopy(parts.norm).to(dev), parts.head.to(dev)
+    norm, head = copy.deepcopy(parts.norm).to(dev), parts.head.to(dev)
     b = e2e_batch(cfg, windows.shape[0])
     ids = windows[:b].to(dev)
 
     def logits(with_block: bool):
-        hid = embed(ids).float()
+        hid = embed(parts.model, ids).to(dev)
         if with_block:
             hid = run_block(block, hid, pe)
         return head(norm(hid)).float()
@@ -383,7 +382,7 @@ def _e2e_probe(parts: Parts, block, lins, hs, qmods, cfg: QuantConfig, windows, 
     with torch.no_grad():
         teacher = torch.log_softmax(logits(False), -1)  # stands in for the cached teacher log-probs
         _, t_head_fwd = _timed(lambda: logits(False), dev)
-    for p in [*embed.parameters(), *head.parameters()]:
+    for p in [*parts.embed.parameters(), *head.parameters()]:
         p.requires_grad_(False)
     params = trainable(block) + list(norm.parameters())
     for p in params:
@@ -554,6 +553,8 @@ def plan(source: str, cfg: QuantConfig, nsamples: int | None = None, seqlen: int
         "source": src.uri, "device": dev.type, "nsamples": nsamples, "seqlen": seqlen,
         "config": cfg.to_dict(),
         "bpw": bits["bpw"], "bits": bits["bits"], "weights": bits["weights"],
+        "bits_per_param": bits["bits_per_param"], "float_params": bits["float_params"],
+        "float_tensors": bits["float_tensors"],
         "output_bytes": bits["output_bytes"], "quantized_bytes": bits["quantized_bytes"],
         "peak_device_bytes": mem["peak_device_bytes"], "peak_host_bytes": mem["peak_host_bytes"],
         "workspace_bytes": disk["workspace_bytes"], "disk_bytes": disk["disk_bytes"],

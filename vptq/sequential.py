@@ -21,9 +21,10 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
-from .driver import BATCH, BlockInputs, BlockStep, QuantizeFn, decoder_layers, position_embeddings, vptq_linear
+from .driver import BATCH, BlockInputs, BlockStep, QuantizeFn, block_kwargs, decoder_layers, layers_path, vptq_linear
 from .finetune import finetune_model
 from .quantizer import LayerReport
+from .targets import check_model, float_tensors
 
 Progress = Callable[[int, int, str], None]
 
@@ -46,6 +47,16 @@ class ModelReport:
     @property
     def bpw(self) -> float:
         return self.bits / max(self.weights, 1)
+
+    # what stays floating point (vptq.targets.float_tensors): the whole model's figure below
+    float_params: int = 0
+    float_bits: int = 0
+
+    @property
+    def bits_per_param(self) -> float:
+        """Bits per parameter of the whole model: quantized linears all-in plus every floating-point
+        tensor (embeddings, head, norms, biases, routers) as stored."""
+        return (self.bits + self.float_bits) / max(self.weights + self.float_params, 1)
 
     @property
     def warnings(self) -> list[str]:
@@ -73,15 +84,18 @@ def quantize_model(
     t0 = time.perf_counter()
     device = torch.device(device)
     model.eval()
+    check_model(model, cfg)  # an architecture that cannot be quantized whole is refused before any work
     layers = decoder_layers(model)
     n_blocks = len(layers) if blocks is None else min(blocks, len(layers))
-    report = ModelReport()
+    fl = float_tensors(model, cfg)
+    report = ModelReport(float_params=fl["params"], float_bits=fl["bits"])
     # the end-to-end stage needs the original as teacher: keep a copy (CPU) before quantizing
     teacher = copy.deepcopy(model).cpu() if cfg.e2e_steps else None
     inputs = BlockInputs.first(model, calib, cfg)
-    pe = position_embeddings(model, inputs.x, device)
+    kws = block_kwargs(model, inputs.x.shape[1], device)  # what the model's forward gives each block
+    path = layers_path(model)
     for i in range(n_blocks):
-        step = BlockStep(layers[i].to(device), i, cfg, device, inputs, pe, batch)
+        step = BlockStep(layers[i].to(device), i, cfg, device, inputs, kws[i], batch, path)
         report.layers.extend(step.quantize(
             quantize_fn, progress=(lambda name, i=i: progress(i, n_blocks, f"block {i} {name}")) if progress else None))
         ft = step.finetune()

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-BLOCK_PREFIX = "model.layers."
+BLOCK_PREFIX = "model.layers."  # where transformers' decoder-only models keep their blocks
 
 
 def weight_map(folder: Path) -> dict[str, str] | None:
@@ -89,6 +89,25 @@ class StreamedModel:
         return model
 
 
+def init_buffers(model: nn.Module) -> None:
+    """Non-persistent buffers of the shell still on the meta device (computed at init, never stored:
+    Gemma 3's embedding scale, per-layer-type rotary tables), computed as transformers' own
+    `_init_weights` does, on a throwaway copy of their module (whose loaded weights stay untouched)."""
+    init = getattr(model, "_init_weights", None)
+    if init is None:
+        return
+    for name, mod in model.named_modules():
+        if name.startswith(BLOCK_PREFIX.rstrip(".")):
+            continue
+        meta = [n for n, b in mod.named_buffers(recurse=False) if b is not None and b.is_meta]
+        if not meta:
+            continue
+        tmp = copy.deepcopy(mod).to_empty(device="cpu")
+        init(tmp)
+        for n in meta:
+            mod.register_buffer(n, getattr(tmp, n), persistent=False)
+
+
 def open_streamed(folder: str | Path, dtype: torch.dtype = torch.float32) -> StreamedModel | None:
     """The streamed view of an HF safetensors folder, or None when it cannot be streamed (no
     safetensors, an architecture without model.layers, shell tensors left unread)."""
@@ -112,6 +131,7 @@ def open_streamed(folder: str | Path, dtype: torch.dtype = torch.float32) -> Str
     inner = model.model
     if hasattr(inner, "rotary_emb"):  # non-persistent buffers: computed, not stored
         inner.rotary_emb = type(inner.rotary_emb)(config=config)
+    init_buffers(model)
     for n, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.is_meta and not n.startswith(BLOCK_PREFIX):
             return None  # something the shards do not hold: load the model whole instead

@@ -1,0 +1,140 @@
+"""Which weights of a decoder-only model are quantized: found, not listed.
+
+Every `nn.Linear` inside the decoder blocks is a candidate (attention and MLP projections of any
+name, fused ones such as Phi-3's `qkv_proj` / `gate_up_proj` included), except MoE routers and
+gates, which stay in floating point: a router's few rows pick the experts, and a small error there
+sends tokens to the wrong ones. `QuantConfig.targets` holds globs that narrow or widen the choice:
+
+* a pattern matches a linear's path inside its block (`self_attn.q_proj`, `mlp.experts.3.w1`)
+  or its last component (`q_proj`): `("*",)` (the default) is every candidate, `("self_attn.*",)`
+  attention only, `("*proj",)` every linear whose name ends in proj;
+* a router/gate is taken only when a pattern names it without wildcards (`mlp.shared_expert_gate`).
+
+A model is refused before any work (`check_model`, ConfigError: one line naming the architecture
+and the tensor) when its blocks hold matrix weights that are not `nn.Linear` (transformers 5
+stores MoE experts as one 3-D parameter per block; GPT-2 style Conv1D): quantizing the rest would
+leave a half-quantized model that reports a bpw over a fraction of its weights.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+
+from torch import nn
+
+from .config import ConfigError, QuantConfig
+
+# last path components of MoE routers and gates (they stay floating point): Mixtral's `gate` when it is
+# an nn.Linear (transformers 4.x), Qwen2-MoE's `shared_expert_gate`, a `router`
+ROUTER_NAMES = ("gate", "router", "shared_expert_gate", "*_router", "*_gate")
+
+
+def layers_path(model: nn.Module) -> str:
+    """The module path of the model's decoder blocks: `model.layers` where it is (every Llama-like
+    model of transformers), else the ModuleList with config.num_hidden_layers entries nearest the root."""
+    inner = getattr(model, "model", None)
+    if isinstance(getattr(inner, "layers", None), nn.ModuleList):
+        return "model.layers"
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    found = [name for name, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and n is not None and len(m) == n and name]
+    if not found:
+        raise ValueError(f"{type(model).__name__}: no decoder blocks (no model.layers, no ModuleList of "
+                         f"config.num_hidden_layers={n} blocks): not a decoder-only causal LM")
+    return min(found, key=lambda name: name.count("."))
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's decoder blocks, in order."""
+    return model.get_submodule(layers_path(model))
+
+
+def block_prefix(index: int, path: str = "model.layers") -> str:
+    """The module-name prefix of block `index`'s submodules in the whole model."""
+    return f"{path}.{index}."
+
+
+def is_router(name: str, module: nn.Module | None = None) -> bool:
+    """A MoE router or gate: by its last name component, or a module class named *Router*."""
+    leaf = name.rsplit(".", 1)[-1]
+    if any(fnmatch.fnmatchcase(leaf, p) for p in ROUTER_NAMES):
+        return True
+    return module is not None and "router" in type(module).__name__.lower()
+
+
+def _literal(pattern: str) -> bool:
+    return not any(c in pattern for c in "*?[")
+
+
+def selected(name: str, patterns: tuple[str, ...] | list[str], module: nn.Module | None = None) -> bool:
+    """Whether the linear at `name` (its path inside a block) is quantized under `patterns`."""
+    leaf = name.rsplit(".", 1)[-1]
+    if is_router(name, module):  # only when named outright
+        return any(_literal(p) and p in (name, leaf) for p in patterns)
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(leaf, p) for p in patterns)
+
+
+def target_linears(block: nn.Module, cfg: QuantConfig) -> dict[str, nn.Linear]:
+    """The block's linears the config quantizes, in the order they are quantized (module order)."""
+    return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear) and selected(n, cfg.targets, m)}
+
+
+def unsupported_weights(block: nn.Module) -> list[str]:
+    """Matrix weights (2-D and up) of a block that are not an nn.Linear's, a router's or a norm's:
+    what this quantizer cannot handle (3-D expert tensors, Conv1D); names inside the block."""
+    out = []
+    for mname, mod in block.named_modules():
+        if isinstance(mod, (nn.Linear, nn.Embedding)) or is_router(mname or "block", mod):
+            continue
+        for pname, p in mod.named_parameters(recurse=False):
+            if p.dim() >= 2:
+                out.append(f"{mname}.{pname}" if mname else pname)
+    return out
+
+
+def check_model(model: nn.Module, cfg: QuantConfig) -> list[dict[str, nn.Linear]]:
+    """Every block's target linears, or ConfigError (one line) before any work: no decoder blocks,
+    weights this quantizer cannot handle, a `targets` pattern that matches nothing."""
+    arch = type(model).__name__
+    try:
+        path = layers_path(model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    layers = decoder_layers(model)
+    bad = unsupported_weights(layers[0])
+    if bad:
+        more = f" (+{len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise ConfigError(f"{arch} is not supported: {path}.0.{bad[0]}{more} is a "
+                          f"{tuple(layers[0].get_parameter(bad[0]).shape)} weight outside nn.Linear "
+                          "(e.g. fused 3-D MoE experts); nothing was quantized")
+    lins = [target_linears(b, cfg) for b in layers]
+    if not any(lins):
+        raise ConfigError(f"{arch}: targets {', '.join(cfg.targets)} match no linear of its decoder blocks: "
+                          "nothing to quantize")
+    unused = [p for p in cfg.targets if not any(selected(n, (p,), m) for blk in lins for n, m in blk.items())]
+    if unused:
+        raise ConfigError(f"{arch}: targets pattern {unused[0]!r} matches no linear of its decoder blocks")
+    return lins
+
+
+def float_tensors(model: nn.Module, cfg: QuantConfig) -> dict:
+    """What stays floating point: {"tensors": {name: elements}, "groups": the same with block indices
+    as `*`, "params": elements, "bits": as stored (each tensor's dtype)}: embeddings, head, norms, biases, routers, linears `targets` leaves out.
+    Tied tensors count once."""
+    path = layers_path(model)
+    quantized = {f"{block_prefix(i, path)}{n}.weight"
+                 for i, b in enumerate(decoder_layers(model)) for n in target_linears(b, cfg)}
+    seen: set[int] = set()
+    tensors, bits = {}, 0
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if n in quantized or id(p) in seen:
+            continue
+        seen.add(id(p))
+        tensors[n] = p.numel()
+        bits += p.numel() * p.element_size() * 8
+    groups: dict[str, int] = {}  # block tensors under one name: model.layers.*.input_layernorm.weight
+    for n, k in tensors.items():
+        g = re.sub(rf"^{re.escape(path)}\.\d+\.", f"{path}.*.", n)
+        groups[g] = groups.get(g, 0) + k
+    return {"tensors": tensors, "groups": groups, "params": sum(tensors.values()), "bits": bits}
