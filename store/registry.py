@@ -363,9 +363,18 @@ class Registry:
             for d in [staging, *(p for p in staging.rglob("*") if p.is_dir())]:
                 os.chmod(d, mode)
                 fsync_dir(d)
-            if dest.exists():
-                dest.rmdir()  # empty: checked above
-            os.rename(staging, dest)
+            try:
+                if dest.exists():
+                    dest.rmdir()  # empty: checked above
+                os.rename(staging, dest)
+            except OSError:
+                # a concurrent pull into the same DEST finished first: fine if it holds this version
+                done = self._already_pulled(m, dest) if dest.is_dir() and not dest.is_symlink() else None
+                if done is None:
+                    raise StoreUsageError(f"cannot pull {ref}: {dest} appeared meanwhile and is not this "
+                                          "version; choose a new folder") from None
+                shutil.rmtree(staging, ignore_errors=True)
+                return done
             fsync_dir(dest.parent)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)

@@ -384,3 +384,23 @@ def test_pull_under_a_file_or_into_proc_is_one_line(tmp_path, monkeypatch):
         r = CliRunner().invoke(_cli(), ["pull", "m:v1", str(dest)])
         assert r.exit_code == code and r.stderr.count("\n") == 1 and needle in r.stderr, r.output
         assert "Traceback" not in r.output
+
+
+def test_concurrent_pulls_into_one_dest_all_succeed(tmp_path, monkeypatch):
+    """Four pulls of one version into one DEST at once: each succeeds (the later ones find it complete)."""
+    import threading
+
+    monkeypatch.setenv("VPTQ_ARTIFACTS", str(tmp_path / "store"))
+    registry = Registry(open_artifact_store())
+    src = make_folder(tmp_path / "src", {"a.bin": 300_000, "b.bin": 10})
+    registry.publish("m", "v1", src)
+    dest, results = tmp_path / "pulls" / "dest", []
+    threads = [threading.Thread(target=lambda: results.append(Registry(open_artifact_store()).pull("m:v1", dest)))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 4 and {r.files for r in results} == {2}
+    assert _tree(dest) == {**_tree(src), MANIFEST: registry.store.get_bytes(f"m/v1/{MANIFEST}")}
+    assert [p.name for p in dest.parent.iterdir()] == ["dest"]
