@@ -39,7 +39,7 @@ Grace = typer.Option("1h", "--grace", help="Leave objects younger than this alon
 
 @artifacts_app.command("ls")
 def list_(name: Optional[str] = typer.Argument(None, help="Only this artifact name."),
-          as_json: bool = typer.Option(False, "--json", help='Print {"items": [...], "skipped": [...]} on stdout.'),
+          as_json: bool = typer.Option(False, "--json", help='Print {"items": [...]} on stdout (and "skipped": unreadable versions).'),
           debug: opt.Debug = False) -> None:
     """Published versions in the artifact store (VPTQ_ARTIFACTS), newest first.
 
@@ -56,7 +56,7 @@ def list_(name: Optional[str] = typer.Argument(None, help="Only this artifact na
                   "files": len(m.files), "status": m.status, "job_id": m.lineage.get("job_id"),
                   "published_at": m.published_at.isoformat()} for m in found.manifests]
         if as_json:
-            emit({"items": items, "skipped": found.skipped}, True, "")
+            emit({"items": items, **({"skipped": found.skipped} if found.skipped else {})}, True, "")
         elif not items:
             typer.echo("no artifacts yet: `vptq compress smollm2 --bits 2` publishes one")
         for it in [] if as_json else items:
