@@ -16,7 +16,6 @@ workers), so a planted record would run code. Only safetensors and JSON are read
 from __future__ import annotations
 
 import copy
-import os
 import json
 import time
 from pathlib import Path
@@ -119,10 +118,8 @@ def read_block(run: str, index: int, with_next: bool = True, verify: bool = True
     try:
         raw = files["meta"].read_bytes()
         desc = BlockDescriptor.model_validate_json(raw)
-    except (OSError, ValueError, ValidationError) as e:
-        open("/tmp/wk_dbg.log", "a").write(f"DBG {os.getpid()} read_block {run} {index} {e!r:.300}\n")
+    except (OSError, ValueError, ValidationError):
         return None
-    open("/tmp/wk_dbg.log", "a").write(f"DBG {os.getpid()} ok? {run} {index} {desc.key == block_key(run, index)} {[(v.name, file_matches(files['meta'].parent, v.model_dump(), verify)) for v in desc.files.values()]} {with_next}\n")
     if (desc.format, desc.key, desc.index) != (BLOCK_FORMAT, block_key(run, index), index):
         return None
     want = {"state": files["state"].name} | ({"next": files["next"].name} if with_next else {})
