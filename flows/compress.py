@@ -8,6 +8,10 @@ live in the run's workspace folder, keyed by hash(model sha, calibration hash, c
 each with a descriptor the flow validates (sizes, sha256) before reusing it: running the same job
 again recomputes none of them and reports them in `blocks_reused`. No Prefect result is persisted or
 read back (`persist_result=False`, JSON if it ever were): nothing in the workspace is unpickled.
+
+One process runs a job at a time (flows/heartbeat.py): the row names its runner and a heartbeat; the
+same command run again meanwhile waits for the first and reports its result, and a job is taken over
+only when its runner is gone (heartbeat older than VPTQ_HEARTBEAT_TIMEOUT, or its process dead).
 """
 
 from __future__ import annotations
@@ -24,6 +28,15 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.runtime import flow_run
+from vptq_service.flows.heartbeat import (
+    Heartbeat,
+    JobLost,
+    heartbeat_seconds,
+    heartbeat_timeout,
+    new_runner_id,
+    runner_gone,
+    stale_before,
+)
 from vptq_service.flows.spec import JobSpec
 from vptq_service.tasks import (
     assemble_model,
@@ -76,14 +89,49 @@ def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def start_job(repo, job_id: int):
-    """Move the job to running from any state a job can be (re)started from."""
-    job = repo.get_job(job_id)
-    if job.status == "running":  # its worker died without a word (SIGKILL): resume it
-        repo.set_job_status(job_id, "crashed", error="worker stopped while the job was running")
-    elif job.status == "failed":
-        repo.set_job_status(job_id, "queued")
-    return repo.set_job_status(job_id, "running")
+class JobFailed(Exception):
+    """The job this command waited for failed in the process that ran it."""
+
+
+def claim_or_wait(repo, job_id: int, runner: str) -> dict[str, Any] | None:
+    """Make this process (`runner`) the job's runner: None once it is. While another live process
+    runs the job, wait for it (attach) and return the job's summary when it succeeds; JobFailed or
+    JobCancelled when it ends otherwise. A job whose runner is gone (heartbeat older than the
+    timeout, or its process on this host dead) is taken over."""
+    from datetime import UTC, datetime
+
+    log = get_run_logger()
+    waited = False
+    while True:
+        job, how = repo.claim_job(job_id, runner, stale_before(datetime.now(UTC)), gone=runner_gone,
+                                  restart_failed=not waited)
+        if how == "taken_over":
+            log.warning("job %d: its runner is gone (no heartbeat for %.0f s, or its process died): taking it over",
+                        job_id, heartbeat_timeout())
+        if how is not None:
+            return None
+        if job.status == "running":
+            if not waited:
+                log.info("job %d is running in %s: waiting for it to finish", job_id, job.runner)
+                _progress(0, 0, f"waiting for job {job_id}, running in {job.runner}")
+            waited = True
+            time.sleep(min(heartbeat_seconds(), 2.0))
+        elif job.status == "succeeded":
+            return job_summary(repo, job_id)
+        elif job.status == "cancelled":
+            raise JobCancelled(f"job {job_id} was cancelled" + (f": {job.error}" if job.error else ""))
+        else:
+            raise JobFailed(f"job {job_id} {job.status} in the process that ran it: {job.error or 'no error recorded'}")
+
+
+def end_job(repo, job_id: int, status: str, error: str, runner: str) -> None:
+    """Record how the job ended, unless another process took it over meanwhile (then it is theirs)."""
+    from vptq_service.store.repository import JobTakenOver
+
+    try:
+        repo.set_job_status(job_id, status, error=error, runner=runner)
+    except JobTakenOver:
+        pass
 
 
 def job_summary(repo, job_id: int, blocks_total: int | None = None, blocks_reused: int | None = None,
@@ -115,9 +163,11 @@ def _submit_linears(task_runner, spec: JobSpec, run: str, model_path: str, calib
                 for name in linear_names(model_path, cfg, index)]
 
 
-def run_job(repo, job_id: int, spec: JobSpec, cfg: dict[str, Any]) -> dict[str, Any]:
+def run_job(repo, job_id: int, spec: JobSpec, cfg: dict[str, Any], hb: Heartbeat | None = None) -> dict[str, Any]:
     """The job's steps, each a task, on the job's resolved QuantConfig `cfg` (as a dict, the form the
-    tasks take); lineage rows written as results come in."""
+    tasks take); lineage rows written as results come in. `hb.check()` before each block, before
+    assembling and before publishing: a runner that lost the job stops there (JobLost)."""
+    check = hb.check if hb is not None else (lambda: None)
     log = get_run_logger()
     t0 = time.perf_counter()
     _progress(0, 0, "fetching the model")
@@ -166,6 +216,7 @@ def run_job(repo, job_id: int, spec: JobSpec, cfg: dict[str, Any]) -> dict[str, 
         for i in range(n):
             if repo.get_job(job_id).status == "cancelled":
                 raise JobCancelled(f"job {job_id} was cancelled after {i} of {n} blocks")
+            check()
             if not todo[i]:  # a finished block, verified above
                 meta = block_summary(found[i])
             elif task_runner is None:  # in-process
@@ -186,6 +237,7 @@ def run_job(repo, job_id: int, spec: JobSpec, cfg: dict[str, Any]) -> dict[str, 
             _progress(i + 1, n, "reused" if cached else f"block {i}: {meta['seconds']:.1f} s")
             log.info("block %d/%d %s", i + 1, n, "reused" if cached else f"quantized in {meta['seconds']:.1f} s")
 
+    check()
     bits, weights = sum(m["bits"] for m in metas), sum(m["weights"] for m in metas)
     layers = [{k: v for k, v in r.items() if k != "seconds"} for m in metas for r in m["layers"]]
     report = {"source": spec.source, "model_sha256": fetched["sha256"], "calibration_hash": calib["hash"],
@@ -215,6 +267,7 @@ def run_job(repo, job_id: int, spec: JobSpec, cfg: dict[str, Any]) -> dict[str, 
                "code_version": code_version(), "config": cfg, "checkpoint_sha256": ckpt["sha256"]}
     if repo.get_job(job_id).status == "cancelled":
         raise JobCancelled(f"job {job_id} was cancelled before publishing")
+    check()
     _progress(n, n, "publishing")
     art = publish_artifact(ckpt["path"], spec.name, spec.version, job_id, lineage, status)
     if ppl:
@@ -252,24 +305,29 @@ def compress(job_id: int) -> dict[str, Any]:
         spec = JobSpec.model_validate(job.config["spec"])
         # the QuantConfig resolved when the request was built (flows/request.py), as the row stores it
         cfg = QuantConfig.from_dict(job.config["quant"]).to_dict()
-        start_job(repo, job_id)
-        if flow_run.id:
-            repo.update_job(job_id, prefect_run_id=str(flow_run.id))
-        try:
-            out = run_job(repo, job_id, spec, cfg)
-        except JobCancelled:
-            raise  # the row already says cancelled
-        except Exception as e:
-            repo.set_job_status(job_id, "failed", error=one_line(e))
-            raise
-        except KeyboardInterrupt:  # Ctrl-C: the user stopped it (its blocks stay cached for a new job)
-            repo.set_job_status(job_id, "cancelled", error="cancelled (interrupted by the user)")
-            raise
-        except BaseException as e:  # terminated: resumable
-            repo.set_job_status(job_id, "crashed", error=one_line(e))
-            raise
-        repo.update_job(job_id, config_updates={"result": out["extra"]})
-        repo.set_job_status(job_id, "succeeded")
+        me = new_runner_id()
+        attached = claim_or_wait(repo, job_id, me)
+        if attached is not None:  # another process ran it while this one waited: its result
+            return attached
+        with Heartbeat(repo, job_id, me) as hb:
+            if flow_run.id:
+                repo.update_job(job_id, prefect_run_id=str(flow_run.id))
+            try:
+                out = run_job(repo, job_id, spec, cfg, hb)
+            except (JobCancelled, JobLost):
+                raise  # the row already says cancelled / belongs to the process that took the job over
+            except Exception as e:
+                end_job(repo, job_id, "failed", one_line(e), me)
+                raise
+            except KeyboardInterrupt:  # Ctrl-C: the user stopped it (its blocks stay cached for a new job)
+                end_job(repo, job_id, "cancelled", "cancelled (interrupted by the user)", me)
+                raise
+            except BaseException as e:  # terminated: resumable
+                end_job(repo, job_id, "crashed", one_line(e), me)
+                raise
+            hb.check()
+            repo.update_job(job_id, config_updates={"result": out["extra"]})
+            repo.set_job_status(job_id, "succeeded", runner=me)
         return job_summary(repo, job_id, out["blocks_total"], out["blocks_reused"], out["extra"])
     finally:
         repo.close()

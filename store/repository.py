@@ -6,8 +6,9 @@ always), so a status change is atomic and no ORM object or session leaves store/
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Engine, delete, select, update
@@ -39,6 +40,10 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     "cancelled": frozenset(),
 }
 FINISHED = frozenset({"succeeded", "failed", "cancelled"})
+
+
+class JobTakenOver(StoreError):
+    """Another process took the job over (this one's heartbeat went stale): stop, write nothing."""
 
 
 class Repository:
@@ -151,11 +156,15 @@ class Repository:
                 q = q.where(Job.status == status)
             return [r.to_entity() for r in s.scalars(q)]
 
-    def set_job_status(self, job_id: int, status: str, error: str | None = None) -> entities.JobRecord:
-        """Move a job to status in one transaction (row locked on PostgreSQL); illegal moves refused."""
+    def set_job_status(self, job_id: int, status: str, error: str | None = None,
+                       runner: str | None = None) -> entities.JobRecord:
+        """Move a job to status in one transaction (row locked on PostgreSQL); illegal moves refused.
+        With `runner`: only while that process runs the job (JobTakenOver otherwise)."""
         _check_status(status)
         with self.session() as s:
             row = _job(s, job_id, lock=True)
+            if runner is not None and row.runner is not None and row.runner != runner:
+                raise JobTakenOver(f"job {job_id} was taken over by {row.runner}: this process stopped running it")
             if status not in TRANSITIONS[row.status]:
                 raise StoreError(f"job {job_id} is {row.status}: cannot become {status} "
                                  f"(allowed: {', '.join(sorted(TRANSITIONS[row.status])) or 'none'})")
@@ -169,6 +178,42 @@ class Repository:
             row.error = mask_text(error) if error else (None if status in ("running", "queued", "succeeded") else row.error)
             s.flush()
             return row.to_entity()
+
+    def claim_job(self, job_id: int, runner: str, stale_before: datetime,
+                  gone: Callable[[str], bool] | None = None, restart_failed: bool = True
+                  ) -> tuple[entities.JobRecord, str | None]:
+        """Make `runner` the one process running the job, in one transaction (row locked).
+
+        Returns (job, how): how = "started" (it was queued, crashed or, with restart_failed, failed),
+        "resumed" (runner already had it), "taken_over" (it was running but its runner is gone: its
+        heartbeat is older than stale_before, or gone(runner) says its process is dead), or None:
+        not claimed (running with a live runner, or finished): the caller waits or reports it."""
+        with self.session() as s:
+            row = _job(s, job_id, lock=True)
+            now, how = utcnow(), None
+            if row.status == "running":
+                if row.runner == runner:
+                    how = "resumed"
+                elif row.heartbeat_at is None or row.heartbeat_at < stale_before or \
+                        (row.runner is not None and gone is not None and gone(row.runner)):
+                    how = "taken_over"
+                    row.error = None
+            elif row.status in ("queued", "crashed") or (row.status == "failed" and restart_failed):
+                how = "started"
+                row.status, row.error, row.finished_at = "running", None, None
+                row.started_at = row.started_at or now
+            if how is not None:
+                row.runner, row.heartbeat_at = runner, now
+            s.flush()
+            return row.to_entity(), how
+
+    def beat_job(self, job_id: int, runner: str) -> bool:
+        """Heartbeat: the job's heartbeat_at = now while `runner` runs it. False when it does not
+        (another process took the job over, or it is no longer running): the runner must stop."""
+        with self.session() as s:
+            res = s.execute(update(Job).where(Job.id == job_id, Job.runner == runner, Job.status == "running")
+                            .values(heartbeat_at=utcnow()))
+            return res.rowcount == 1
 
     def update_job(self, job_id: int, *, model_id: int | None = None, calibration_set_id: int | None = None,
                    prefect_run_id: str | None = None, config_updates: dict[str, Any] | None = None

@@ -1,0 +1,197 @@
+"""The same job run twice at once (issue 26, item 7): one process runs it, a second command attaches
+(waits and reports the first's result); a job is taken over only when its runner is gone (its
+heartbeat is older than VPTQ_HEARTBEAT_TIMEOUT, or its process on this host is dead), and a runner
+that was taken over stops without touching the job row. Real processes; SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from tests.store_fixtures import db_url, repo  # noqa: F401 - fixtures
+from tests.test_flow import REPO, TINY, home  # noqa: F401 - fixtures
+
+# `vptq ...` whose block 1 waits for `<marker>.go` (after writing its pid to <marker>)
+GATED = """
+import os, sys, time
+from pathlib import Path
+import vptq.driver
+real = vptq.driver.quantize_linears
+def gated_block_1(block, x, pe, cfg, device, *a, prefix="", **kw):
+    if prefix == "model.layers.1.":
+        marker = Path(sys.argv[1])
+        marker.write_text(str(os.getpid()))
+        deadline = time.monotonic() + 300
+        while not Path(str(marker) + ".go").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return real(block, x, pe, cfg, device, *a, prefix=prefix, **kw)
+vptq.driver.quantize_linears = gated_block_1
+from vptq_service.cli.main import app
+app(sys.argv[2:])
+"""
+
+
+def claim_in_child(url: str, job_id: int, runner: str, barrier, out) -> None:
+    """Child-process body: claim the job at the same moment as the others; report how."""
+    from vptq_service.store.migrate import open_database
+    from vptq_service.store.models import utcnow
+    from vptq_service.store.repository import Repository
+
+    repo = Repository(open_database(url)) if url.startswith("sqlite") else Repository.open(url)  # noqa: F811
+    barrier.wait(timeout=60)
+    job, how = repo.claim_job(job_id, runner, stale_before=utcnow() - timedelta(seconds=60))
+    out.put((runner, how, job.runner))
+    repo.close()
+
+
+def test_one_claim_wins_and_a_stale_runner_is_taken_over(repo, db_url):  # noqa: F811
+    from vptq_service.store.models import utcnow
+    from vptq_service.store.repository import JobTakenOver
+
+    job = repo.create_job("src", {})
+    ctx = mp.get_context("spawn")
+    n = 4
+    barrier, out = ctx.Barrier(n), ctx.Queue()
+    procs = [ctx.Process(target=claim_in_child, args=(db_url, job.id, f"host:{i}:r{i}", barrier, out))
+             for i in range(n)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(90)
+    assert [p.exitcode for p in procs] == [0] * n
+    results = [out.get(timeout=5) for _ in range(n)]
+    winners = [r for r, how, _ in results if how == "started"]
+    assert len(winners) == 1 and all(how is None for r, how, _ in results if r != winners[0]), results
+    row = repo.get_job(job.id)
+    assert (row.status, row.runner) == ("running", winners[0]) and row.heartbeat_at is not None
+    assert repo.beat_job(job.id, winners[0]) and not repo.beat_job(job.id, "host:9:other")
+
+    # a live runner keeps it; one whose heartbeat is stale, or whose process is gone, loses it
+    fresh = utcnow() - timedelta(seconds=60)
+    assert repo.claim_job(job.id, "host:9:other", stale_before=fresh)[1] is None
+    assert repo.claim_job(job.id, "host:9:other", stale_before=fresh, gone=lambda r: r == winners[0])[1] == "taken_over"
+    assert repo.claim_job(job.id, "host:8:third", stale_before=utcnow() + timedelta(seconds=1))[1] == "taken_over"
+    assert not repo.beat_job(job.id, "host:9:other")  # the old runner learns it lost the job ...
+    with pytest.raises(JobTakenOver, match="taken over by host:8:third"):  # ... and cannot finish it
+        repo.set_job_status(job.id, "succeeded", runner="host:9:other")
+    assert repo.set_job_status(job.id, "succeeded", runner="host:8:third").status == "succeeded"
+    assert repo.claim_job(job.id, "host:9:other", stale_before=utcnow())[1] is None  # finished: reported
+
+
+def _env(home: Path, **extra: str) -> dict[str, str]:  # noqa: F811 - a path, not the fixture
+    from prefect.settings import PREFECT_API_URL
+
+    return dict(os.environ, VPTQ_HOME=str(home), PREFECT_API_URL=PREFECT_API_URL.value(), **extra)
+
+
+def _start(args: list[str], env: dict[str, str], gated: Path | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-c", GATED, str(gated)] if gated else [sys.executable, "-m", "vptq_service.cli.main"]
+    return subprocess.Popen(cmd + args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(cond, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def _flow_runs(job_id: int) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[f"compress-job-{job_id}"])))
+
+
+def _job(job_id: int = 1):
+    from vptq_service.store.repository import Repository
+
+    with Repository.session_scope() as r:
+        return r.get_job(job_id)
+
+
+def _stop(*procs: subprocess.Popen) -> None:
+    for p in procs:
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGCONT)
+            p.kill()
+        p.wait(timeout=30)
+
+
+def test_the_same_command_twice_attaches_to_the_running_job(home, tiny_llama_dir, text_file, tmp_path):  # noqa: F811
+    args = ["submit", str(tiny_llama_dir), "--name", "tiny", "--calib", str(text_file), *TINY]
+    env = _env(home, VPTQ_HEARTBEAT_SECONDS="0.5")
+    gate = tmp_path / "block-1"
+    first = _start(args, env, gated=gate)
+    second = None
+    try:
+        _wait_for(gate.exists, 240, "the first command's block 1")
+        second = _start(args, env)
+        # the second command's flow run started (it found the job running) ... and it waits
+        _wait_for(lambda: len(_flow_runs(1)) == 2 and all(r.state_name == "Running" for r in _flow_runs(1)), 120,
+                  "the second command's flow run")
+        time.sleep(3)
+        job = _job()
+        assert second.poll() is None, second.communicate()
+        assert job.status == "running" and job.runner.split(":")[1] == gate.read_text(), job
+        Path(str(gate) + ".go").touch()  # the first one finishes
+        out1, err1 = first.communicate(timeout=240)
+        out2, err2 = second.communicate(timeout=120)
+    finally:
+        _stop(first, *([second] if second else []))
+    assert first.returncode == 0, err1
+    assert second.returncode == 0, err2
+    s1, s2 = json.loads(out1), json.loads(out2)
+    assert s1["status"] == s2["status"] == "succeeded" and s1["job_id"] == s2["job_id"] == 1
+    assert s1["artifact"] == s2["artifact"] == "tiny:v1" and s1["blocks_reused"] == 0
+
+    from vptq_service.store.repository import Repository
+
+    with Repository.session_scope() as r:
+        assert [a.ref for a in r.list_artifacts()] == ["tiny:v1"]
+        assert len(r.layer_results(1)) == 14
+
+
+def test_a_frozen_runner_is_taken_over_after_its_heartbeat_timeout_and_then_stops(
+        home, tiny_llama_dir, text_file, tmp_path):  # noqa: F811
+    args = ["submit", str(tiny_llama_dir), "--name", "tiny", "--calib", str(text_file), *TINY]
+    env = _env(home, VPTQ_HEARTBEAT_SECONDS="0.5", VPTQ_HEARTBEAT_TIMEOUT="4")
+    gate = tmp_path / "block-1"
+    first = _start(args, env, gated=gate)
+    second = None
+    try:
+        _wait_for(gate.exists, 240, "the first command's block 1")
+        os.kill(first.pid, signal.SIGSTOP)  # alive (its pid exists) but silent: its heartbeat goes stale
+        second = _start(args, env)
+        out2, err2 = second.communicate(timeout=240)
+        assert second.returncode == 0, err2
+        s2 = json.loads(out2)
+        assert s2["status"] == "succeeded" and s2["blocks_reused"] == 1 and s2["artifact"] == "tiny:v1"
+        job = _job()
+        assert job.status == "succeeded" and job.runner.split(":")[1] == str(second.pid)
+
+        Path(str(gate) + ".go").touch()
+        os.kill(first.pid, signal.SIGCONT)  # the first one wakes up, finishes its block, learns it lost the job
+        out1, err1 = first.communicate(timeout=240)
+    finally:
+        _stop(first, *([second] if second else []))
+    assert first.returncode == 1 and "taken over" in err1 and len(err1.strip().splitlines()) == 1, err1
+    assert "Traceback" not in err1
+    job = _job()
+    assert job.status == "succeeded" and job.runner.split(":")[1] == str(second.pid) and job.error is None
+
+    from vptq_service.store.repository import Repository
+
+    with Repository.session_scope() as r:
+        assert [a.ref for a in r.list_artifacts()] == ["tiny:v1"]
