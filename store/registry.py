@@ -49,6 +49,7 @@ from vptq_service.store.manifest import (
     new_root,
     next_version,
     parse_ref,
+    publisher_alive,
     publisher_id,
     sha256_file,
     stale,
@@ -205,7 +206,7 @@ class Registry:
         ref, mkey = f"{name}:{version}", f"{name}/{version}/{MANIFEST}"
         root = new_root()
         try:
-            row = self._reserve(name, version, root, job_id)
+            row, previous = self._reserve(name, version, root, job_id)
         except _AlreadyMine as done:  # this job's publish finished before: publishing is idempotent per job
             return done.manifest
         committed = False
@@ -219,6 +220,8 @@ class Registry:
                 committed = True
                 self._finalize(row, m, existing)
                 return m
+            if previous is not None:  # took over a gone publisher's reservation (no manifest: never committed)
+                self._drop_dead_upload(name, version, previous)
             self._gc_quietly(name)
             entries = []
             for i, (path, key) in enumerate(zip(files, rel, strict=True)):
@@ -256,19 +259,20 @@ class Registry:
         return m if m.lineage.get("job_id") == job_id else None
 
     def _reserve(self, name: str, version: str, root: str, job_id: int | None):
-        """Hold name:version in the database before any upload; VersionTaken when someone else does.
+        """Hold name:version in the database before any upload: (our row, the reservation we took over
+        from a gone publisher or None); VersionTaken when someone else holds it.
 
         Without a database the manifest's exclusive create alone decides (after the upload)."""
         ref = f"{name}:{version}"
         if self.repo is None:
             if self.store.get_bytes(f"{name}/{version}/{MANIFEST}") is not None:
                 raise VersionTaken(f"artifact {ref} already exists; publish a new version (versions are immutable)")
-            return None
+            return None, None
         uri, me = self.store.uri_of(f"{name}/{version}"), publisher_id()
         for _ in range(3):
             row = self.repo.reserve_artifact(name, version, uri, publisher=me, staging=root, job_id=job_id)
             if row is not None:
-                return row
+                return row, None
             held = self.repo.get_artifact(name, version)
             if held is None:
                 continue  # released meanwhile: try again
@@ -277,7 +281,7 @@ class Registry:
                 taken = self.repo.take_over_reservation(held, publisher=me, staging=root, job_id=job_id)
                 if taken is not None:
                     log.warning("took over the reservation of %s from %s (gone)", ref, held.publisher)
-                    return taken
+                    return taken, held
                 continue
             if held.status == "reserved":
                 raise VersionTaken(f"artifact {ref} is being published by {held.publisher} since "
@@ -315,6 +319,15 @@ class Registry:
             except StoreError as e:
                 log.warning("could not release the reservation of %s:%s (%s); `vptq artifacts fsck --repair` "
                             "will", name, version, e)
+
+    def _drop_dead_upload(self, name: str, version: str, previous) -> None:
+        """The partial upload of a publisher whose reservation we took over, when it is known dead
+        (same host, pid gone); one on another host goes to gc after the grace period."""
+        if previous.staging and publisher_alive(previous.publisher) is False:
+            try:
+                self.store.delete_prefix(f"{name}/{version}/{previous.staging}/")
+            except StoreError as e:
+                log.warning("could not remove the dead upload of %s:%s (%s)", name, version, e)
 
     def _gc_quietly(self, name: str) -> None:
         """The cheap check at publish: orphans of this name older than the grace period."""

@@ -290,3 +290,19 @@ def test_fsck_repairs_drift_between_store_and_database(world, tmp_path):
     for v in ("gone", "holes"):
         world.full.publish("d", v, src)
         assert _tree(world.full.pull(f"d:{v}", tmp_path / v).dest) == _tree(src)
+
+
+@pytest.mark.parametrize("world", [("local", "sqlite")], ids=["local-sqlite"], indirect=True)
+def test_retry_after_a_killed_publish_takes_over_and_drops_its_upload(world, tmp_path):
+    """A publisher killed mid-upload holds race:v1 as reserved; the retry (no fsck first) takes the
+    reservation over from the dead process, removes its partial upload, and publishes."""
+    src = make_folder(tmp_path / "src", {"a.bin": 1000, "b.bin": 1000})
+    [(rc, _)] = _run_together([("db", "race:v1", str(src), None)], tmp_path,
+                              env={**os.environ, "VPTQ_TEST_CRASH_AT": "uploading"}, barrier=False)
+    assert rc == -9 and world.repo.get_artifact("race", "v1").status == "reserved"
+    dead = world.store.list_keys("race/v1/")
+    assert len(dead) == 1
+    m = world.full.publish("race", "v1", src)
+    assert sorted(world.store.list_keys("race/v1/")) == sorted([f"race/v1/{MANIFEST}", *(m.key_of(f) for f in m.files)])
+    assert dead[0] not in world.store.list_keys("race/v1/")
+    assert world.repo.get_artifact("race", "v1").status == "published"
