@@ -129,6 +129,8 @@ class Manifest:
             root = str(doc.get("root", "")) if fmt == FORMAT else ""
             if fmt == FORMAT and not _ROOT.match(root):
                 raise ValueError(f"bad root {root!r}")
+            if f"{doc['name']}:{doc['version']}" != ref:  # files are found by name/version: no borrowed manifest
+                raise ValueError(f"it names {doc['name']}:{doc['version']}")
             files = tuple(FileEntry(_safe_path(f["path"]), int(f["size"]), str(f["sha256"])) for f in doc["files"])
             if len({f.path for f in files}) != len(files):
                 raise ValueError("a file is listed twice")

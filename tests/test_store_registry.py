@@ -199,6 +199,9 @@ def test_hostile_manifest_cannot_escape_dest(bucket, tmp_path):  # noqa: F811
     with pytest.raises(StoreError, match="manifest.json is corrupted .*unsafe file path"):
         registry.pull("m:v1", tmp_path / "x" / "dest")
     assert not list(tmp_path.rglob("escaped.bin"))
+    registry.store.put_bytes(f"m/v2/{MANIFEST}", registry.store.get_bytes(f"m/v1/{MANIFEST}"))  # borrowed
+    with pytest.raises(StoreError, match="m:v2: manifest.json is corrupted .*it names m:v1"):
+        registry.pull("m:v2", tmp_path / "y")
 
 
 def test_s3_credentials_never_in_logs_or_errors(repo, bucket, tmp_path, caplog):  # noqa: F811
