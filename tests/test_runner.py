@@ -180,3 +180,48 @@ def test_bad_runner_options_are_refused_before_a_job(home, tiny_llama_dir, text_
     with Repository.session_scope() as repo:
         assert repo.list_jobs() == []
     assert os.environ.get("VPTQ_HOME")
+
+
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+def _listeners() -> set[tuple[int, str, str, int]]:
+    """(pid, process name, address, port) of every listening socket of this process and its children."""
+    import psutil
+
+    me = psutil.Process()
+    out = set()
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            out |= {(p.pid, p.name(), c.laddr.ip, c.laddr.port) for c in p.net_connections(kind="inet")
+                    if c.status == psutil.CONN_LISTEN}
+        except psutil.Error:  # exited meanwhile
+            pass
+    return out
+
+
+@pytest.mark.parametrize("runner", ["dask", "ray"])
+def test_local_cluster_listens_on_localhost_only(runner, monkeypatch):
+    """The local Dask / Ray cluster the runner starts (scheduler, workers, nannies; GCS, raylet,
+    agents, workers) accepts connections from this machine only: their wire format is pickle."""
+    pytest.importorskip("psutil")
+    pytest.importorskip(f"prefect_{runner}")
+    from vptq_service.tasks.runner import make_task_runner
+
+    for k in ("RAY_ADDRESS", "DASK_SCHEDULER_ADDRESS"):  # no cluster of the user's: a local one
+        monkeypatch.delenv(k, raising=False)
+    before = _listeners()
+    with make_task_runner(runner, 2, "cpu") as tr:
+        if runner == "dask":
+            assert tr.client  # prefect-dask starts its cluster on first use
+        deadline = time.monotonic() + 30
+        while True:  # agents and workers come up a moment after the runner's start returns
+            new = _listeners() - before
+            if len({pid for pid, *_ in new}) >= 3 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        time.sleep(2)
+        new = _listeners() - before
+    assert new, "the cluster listens nowhere?"
+    exposed = sorted((name, ip, port) for _, name, ip, port in new if ip not in LOOPBACK)
+    assert exposed == [], exposed
