@@ -225,3 +225,71 @@ def test_local_cluster_listens_on_localhost_only(runner, monkeypatch):
     assert new, "the cluster listens nowhere?"
     exposed = sorted((name, ip, port) for _, name, ip, port in new if ip not in LOOPBACK)
     assert exposed == [], exposed
+
+
+# one process building a Hessian set (block 0 saved, then held until `<marker>.go` exists, when
+# argv[4] == "hold"), printing the set's summary as JSON
+BUILD_SET = """
+import json, logging, sys, time
+from pathlib import Path
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+from vptq_service.tasks import hessians
+from vptq_service.tasks.calibration import sample_calibration
+model, text, marker, mode = sys.argv[1:5]
+real = hessians.save_block_hessians
+def held(hs, path, index):
+    p = real(hs, path, index)
+    if mode == "hold" and index == 0:
+        Path(marker).write_text(str(p))
+        while not Path(marker + ".go").exists():
+            time.sleep(0.05)
+    return p
+hessians.save_block_hessians = held
+calib = sample_calibration.fn(model, text, 2, 64, 0)
+print(json.dumps(hessians.collect_hessian_set.fn(model, "tiny-sha", calib["path"], calib["hash"], 2, 64)))
+"""
+
+
+def test_a_hessian_set_being_built_is_never_removed_by_another_job(tiny_llama_dir, text_file, tmp_path, monkeypatch):
+    """Two jobs need the same Hessian set at once: the second waits for the first's build (a lock)
+    and reuses it; it never deletes the files the first is writing (each builds in a private folder,
+    renamed into place when complete)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, VPTQ_HOME=str(tmp_path / "home"), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    marker = tmp_path / "held"
+    cmd = [sys.executable, "-c", BUILD_SET, str(tiny_llama_dir), str(text_file), str(marker)]
+    first = subprocess.Popen([*cmd, "hold"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    second = None
+    try:
+        deadline = time.monotonic() + 180
+        while not marker.exists():
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.1)
+        in_progress = Path(marker.read_text())
+        written, inode = in_progress.read_bytes(), in_progress.stat().st_ino
+        second = subprocess.Popen([*cmd, "go"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        lines = []
+        while second.poll() is None and not any("waiting" in ln for ln in lines):  # it waits for the first
+            lines.append(second.stderr.readline())
+        assert in_progress.is_file() and in_progress.stat().st_ino == inode and in_progress.read_bytes() == written, \
+            "the set being built was removed"
+        assert second.poll() is None, "the second job did not wait for the first's build"
+        (tmp_path / "held.go").touch()
+        out1, err1 = first.communicate(timeout=120)
+        out2, err2 = second.communicate(timeout=120)
+    finally:
+        for p in (first, second):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+    assert first.returncode == 0 and second.returncode == 0, (err1, err2)
+    a, b = json.loads(out1), json.loads(out2)
+    assert (a["reused"], b["reused"]) == (False, True) and a["key"] == b["key"] and a["path"] == b["path"]
+
+    from vptq_service.tasks.hessians import hessian_dir, read_manifest
+
+    monkeypatch.setenv("VPTQ_HOME", str(tmp_path / "home"))
+    assert read_manifest(a["key"]) is not None  # complete, and nothing left behind beside it
+    assert sorted(p.name for p in hessian_dir(a["key"]).parent.iterdir() if p.is_dir()) == [a["key"]]
