@@ -131,19 +131,17 @@ def create_app(engine: Engine, model_id: str, *, api_key: str | None = None, max
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        authorize(request)
-        check_model(req.model)
-        ids = engine.encode(req.text())
-        return await run(request, req, ids, sampling(req, len(ids), default_completion_tokens), chat=False)
+        return await run(request, req, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
+        return await run(request, req, chat=True)
+
+    async def run(request: Request, req, chat: bool):
         authorize(request)
         check_model(req.model)
-        ids = engine.chat_ids(req.conversation())
-        return await run(request, req, ids, sampling(req, len(ids), None), chat=True)
-
-    async def run(request: Request, req, ids: list[int], s: Sampling, chat: bool):
+        ids = engine.chat_ids(req.conversation()) if chat else engine.encode(req.text())
+        s = sampling(req, len(ids), None if chat else default_completion_tokens)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         seq = Sequence(ids, s, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
