@@ -23,7 +23,12 @@ config_app = typer.Typer(name="config", help="Effective settings (environment an
 SHOWN = ("VPTQ_HOME", "VPTQ_DB_URL", "VPTQ_ARTIFACTS", "PREFECT_API_URL", "PREFECT_HOME", "AWS_ENDPOINT_URL",
          "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "HF_ENDPOINT", "HF_TOKEN",
          "HF_HUB_OFFLINE", "CUDA_VISIBLE_DEVICES", "NUMBA_ENABLE_CUDASIM",
-         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")
+         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
+         # job liveness (flows/heartbeat.py) and the user's own Dask/Ray cluster (tasks/runner.py)
+         "VPTQ_HEARTBEAT_SECONDS", "VPTQ_HEARTBEAT_TIMEOUT", "DASK_SCHEDULER_ADDRESS", "RAY_ADDRESS",
+         # Prefect's result defaults: shown, but our flows persist nothing and never pickle (flows/compress.py)
+         "PREFECT_RESULTS_DEFAULT_SERIALIZER", "PREFECT_RESULTS_PERSIST_BY_DEFAULT",
+         "PREFECT_TASKS_DEFAULT_PERSIST_RESULT")
 SECRETS = ("AWS_SECRET_ACCESS_KEY", "HF_TOKEN", "AWS_SESSION_TOKEN")
 
 
