@@ -62,6 +62,9 @@ EvalWindows = Annotated[int, typer.Option("--eval-windows", help="Perplexity win
 EvalSeqlen = Annotated[int, typer.Option("--eval-seqlen", help="Tokens per perplexity window.")]
 MaxPplRatio = Annotated[Optional[float], typer.Option(
     "--max-ppl-ratio", help="Publish the version as rejected when perplexity after > R x before.")]
+Targets = Annotated[Optional[list[str]], typer.Option(
+    "--targets", help="Glob over the paths of linears inside a decoder block to quantize (repeatable), e.g. "
+    "'self_attn.*' or 'mlp.down_proj' (default: every nn.Linear of the blocks but MoE routers).")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 
@@ -96,6 +99,7 @@ def _request(
     eval_windows: EvalWindows = DEFAULT.eval_windows,
     eval_seqlen: EvalSeqlen = DEFAULT.eval_seqlen,
     max_ppl_ratio: MaxPplRatio = None,
+    targets: Targets = None,
 ) -> JobSpec:
     """The request's options, declared once: `request_command` gives them to `compress` and `submit`."""
     from vptq_service.flows.request import build_spec
@@ -103,7 +107,7 @@ def _request(
     # an empty --name is refused by build_spec, not replaced by the default
     return build_spec(source, name if name is not None else default_name(source, bits), bits, version, str(calib) if calib else None,
                       nsamples, seqlen, seed, hessians.value if hessians else None,
-                      overrides_from(config, set_, finetune_steps), device, str(eval_text) if eval_text else None,
+                      overrides_from(config, set_, finetune_steps, targets), device, str(eval_text) if eval_text else None,
                       eval_windows, eval_seqlen, max_ppl_ratio, runner, workers)
 
 
@@ -129,9 +133,10 @@ def request_command(fn: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-def overrides_from(config: Path | None, items: list[str], finetune_steps: int | None = None) -> dict[str, Any]:
+def overrides_from(config: Path | None, items: list[str], finetune_steps: int | None = None,
+                   targets: list[str] | None = None) -> dict[str, Any]:
     """QuantConfig overrides: the --config file's fields, --set FIELD=VALUE over them, then
-    --finetune-steps (the end-to-end stage's e2e_steps)."""
+    --finetune-steps (the end-to-end stage's e2e_steps) and --targets (globs, vptq/targets.py)."""
     from vptq.config import ConfigError
 
     over = _config_file(config) if config is not None else {}
@@ -140,6 +145,8 @@ def overrides_from(config: Path | None, items: list[str], finetune_steps: int | 
         if finetune_steps < 0:
             raise ConfigError(f"--finetune-steps {finetune_steps}: use 0 (off) or a positive number of steps")
         over["e2e_steps"] = finetune_steps
+    if targets:
+        over["targets"] = list(targets)
     return over
 
 

@@ -90,6 +90,7 @@ def plan_cmd(
     seqlen: opt.Seqlen = opt.DEFAULT.seqlen,
     device: opt.Device = opt.DEFAULT.device,
     finetune_steps: opt.FinetuneSteps = None,
+    targets: opt.Targets = None,
     as_json: opt.Json = False,
     debug: opt.Debug = False,
 ) -> None:
@@ -105,7 +106,8 @@ def plan_cmd(
         from vptq.pipeline import check_device
         from vptq.plan import plan
 
-        cfg, nsamples = resolve(bits, opt.overrides_from(config, set_, finetune_steps), nsamples=nsamples)
+        cfg, nsamples = resolve(bits, opt.overrides_from(config, set_, finetune_steps, targets),
+                               nsamples=nsamples)
         check_device(device)
         if source.startswith(("s3://", "hf://")):
             fail(f"{source}: plan reads local sources only; `vptq pull` or download it first, then plan the "

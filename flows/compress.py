@@ -243,6 +243,9 @@ def run_job(repo, job_id: int, spec: JobSpec, cfg: dict[str, Any], hb: Heartbeat
     report = {"source": spec.source, "model_sha256": fetched["sha256"], "calibration_hash": calib["hash"],
               "nsamples": spec.nsamples, "seqlen": spec.seqlen, "config": cfg, "code_version": code_version(),
               "bpw": round(bits / max(weights, 1), 4), "layers": len(layers), "layer_reports": layers}
+    fl = info["float"]  # what stays floating point (vptq.targets.float_tensors): the whole-model figure
+    report |= {"bits_per_param": round((bits + fl["bits"]) / max(weights + fl["params"], 1), 4),
+               "float_params": fl["params"], "float_tensors": fl["groups"]}
     _progress(n, n, "assembling" + (f" + {cfg['e2e_steps']} fine-tuning steps" if cfg.get("e2e_steps") else ""))
     ckpt = assemble_model(run, fetched["path"], calib["path"], cfg, n, report, spec.device)
 
@@ -273,7 +276,8 @@ def run_job(repo, job_id: int, spec: JobSpec, cfg: dict[str, Any], hb: Heartbeat
     if ppl:
         repo.record_evaluation(text, spec.eval_windows, spec.eval_seqlen, ppl["perplexity_after"],
                                artifact_id=art["artifact_id"])
-    extra = {"bpw": report["bpw"], "layers": report["layers"], "seconds": round(time.perf_counter() - t0, 2),
+    extra = {"bpw": report["bpw"], "bits_per_param": report["bits_per_param"], "float_params": report["float_params"],
+             "float_tensors": report["float_tensors"], "layers": report["layers"], "seconds": round(time.perf_counter() - t0, 2),
              "workspace": str(run_dir(run)), "artifact_status": art["status"], "runner": spec.runner,
              "peak_host_rss_mb": peak_host_rss_mb()} | ppl
     if hset:

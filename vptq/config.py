@@ -55,6 +55,10 @@ class QuantConfig:
     targets: tuple[str, ...] = ("*",)
 
     def __post_init__(self) -> None:
+        if isinstance(self.targets, str):  # one glob
+            object.__setattr__(self, "targets", (self.targets,))
+        elif not isinstance(self.targets, tuple):  # a list from JSON or --targets
+            object.__setattr__(self, "targets", tuple(self.targets))
         self.validate()
 
     @property

@@ -107,6 +107,8 @@ class CompressResult:
         return {
             "out": str(self.out),
             "bpw": round(self.report.bpw, 4),
+            "bits_per_param": round(self.report.bits_per_param, 4),  # whole model, fp tensors included
+            "float_params": self.report.float_params,
             "seconds": round(self.seconds, 2),
             "layers": len(self.report.layers),
             "bits": self.report.bits,

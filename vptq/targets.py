@@ -109,12 +109,10 @@ def check_model(model: nn.Module, cfg: QuantConfig) -> list[dict[str, nn.Linear]
                           f"{tuple(layers[0].get_parameter(bad[0]).shape)} weight outside nn.Linear "
                           "(e.g. fused 3-D MoE experts); nothing was quantized")
     lins = [target_linears(b, cfg) for b in layers]
-    if not any(lins):
-        raise ConfigError(f"{arch}: targets {', '.join(cfg.targets)} match no linear of its decoder blocks: "
-                          "nothing to quantize")
     unused = [p for p in cfg.targets if not any(selected(n, (p,), m) for blk in lins for n, m in blk.items())]
     if unused:
-        raise ConfigError(f"{arch}: targets pattern {unused[0]!r} matches no linear of its decoder blocks")
+        raise ConfigError(f"{arch}: targets pattern {unused[0]!r} matches no linear of its decoder blocks"
+                          + ("" if any(lins) else ": nothing to quantize"))
     return lins
 
 

@@ -1,0 +1,272 @@
+"""The architecture matrix (issue 24): every common decoder-only family of transformers, as tiny random
+models built from transformers' own config classes (2 blocks, hidden 64, SmolLM2's tokenizer).
+
+For each supported family: quantize in process (vptq.pipeline.compress: the generic block driver, targets
+found not listed), save, load with vptq.from_pretrained and with transformers after
+vptq.patch_transformers(); the loaded model's logits equal the in-memory quantized model's; every
+nn.Linear of the blocks (fused Phi-3 projections included) is quantized; generation runs; the streamed
+view of the folder (vptq/stream.py) equals a whole-model load, inputs and block kwargs included. Two
+families also go through the CLI (`vptq compress DIR --bits 2 --json`). MoE families whose experts
+are 3-D parameters are refused before any work, one line naming them, exit 2, nothing at --out.
+
+Budget: the whole file must stay under ~90 s on 2 cores (tiny k-means, 2 windows x 32 tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+from vptq import driver
+from vptq.config import ConfigError, QuantConfig
+from vptq.layers import VQuantLinear
+from vptq.targets import is_router
+
+CFG = QuantConfig(vector_len=4, num_centroids=16, kmeans_iters=2, refine_iters=0, block_size=64)
+SEQLEN, WINDOWS = 32, 2
+# family -> (config class, its own fields): what makes each family itself
+SUPPORTED = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {"sliding_window": 16}),
+    "qwen2": ("Qwen2Config", {}),  # q/k/v biases
+    "qwen3": ("Qwen3Config", {"head_dim": 16}),  # q/k norms
+    "gemma2": ("Gemma2Config", {"head_dim": 16, "sliding_window": 16}),  # scaled embeddings, soft-capping
+    "gemma3": ("Gemma3TextConfig", {"head_dim": 16, "sliding_window": 16,  # + per-layer-type rotary
+                                    "layer_types": ["sliding_attention", "full_attention"]}),
+    "phi3": ("Phi3Config", {}),  # fused qkv_proj / gate_up_proj
+    "olmo2": ("Olmo2Config", {}),
+    "granite": ("GraniteConfig", {"embedding_multiplier": 2.0}),
+    "starcoder2": ("Starcoder2Config", {}),  # non-gated MLP with biases (c_fc / c_proj)
+}
+MOE = {"num_local_experts": 4, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+       "shared_expert_intermediate_size": 64}
+REFUSED = {
+    "mixtral": ("MixtralConfig", MOE),
+    "qwen2_moe": ("Qwen2MoeConfig", MOE),
+    "qwen3_moe": ("Qwen3MoeConfig", MOE),
+}
+SECONDS: dict[str, float] = {}
+
+
+def build(family: str, tokenizer, folder):
+    """A 2-block random model of `family`, saved to `folder` with the tokenizer; the model."""
+    cls, own = (SUPPORTED | REFUSED)[family]
+    torch.manual_seed(0)
+    config = getattr(transformers, cls)(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, **own)
+    arch = cls.replace("TextConfig", "Config").replace("Config", "ForCausalLM")
+    model = getattr(transformers, arch)(config).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory, text_file):
+    p = tmp_path_factory.mktemp("arch-text") / "calib.txt"
+    p.write_text(text_file.read_text()[:20_000])
+    return p
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_seconds():
+    t0 = time.perf_counter()
+    yield
+    print(f"\narchitecture matrix: {time.perf_counter() - t0:.1f} s "
+          + ", ".join(f"{k} {v:.1f}" for k, v in SECONDS.items()))
+
+
+def block_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """Every linear (quantized or not) inside the decoder blocks, routers excepted, by full name."""
+    path = driver.layers_path(model)
+    return {n: m for n, m in model.named_modules()
+            if n.startswith(path + ".") and isinstance(m, (nn.Linear, VQuantLinear)) and not is_router(n, m)}
+
+
+def same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    return a == b
+
+
+@pytest.mark.parametrize("family", list(SUPPORTED))
+def test_family_quantizes_whole_saves_loads_and_generates(family, smol_tokenizer, calib, tmp_path):
+    import vptq
+    from vptq.generate import generate_text
+    from vptq.pipeline import compress
+    from vptq.stream import open_streamed
+
+    t0 = time.perf_counter()
+    src = tmp_path / family
+    fp = build(family, smol_tokenizer, src)
+    ids = torch.randint(0, len(smol_tokenizer), (2, 24), generator=torch.Generator().manual_seed(1))
+
+    # the streamed view (blocks on disk) hands the blocks what the whole model's forward does
+    s = open_streamed(src)
+    assert s is not None
+    assert torch.equal(driver.embed(s.model, ids), driver.embed(fp, ids))
+    assert same(driver.block_kwargs(s.model, 24), driver.block_kwargs(fp, 24))
+    assert same(s.block(1).state_dict(), driver.decoder_layers(fp)[1].state_dict())
+    # the captured inputs chain through the blocks to the model's own last hidden states
+    with torch.no_grad():
+        h, kws = driver.embed(fp, ids), driver.block_kwargs(fp, 24)
+        for i, b in enumerate(driver.decoder_layers(fp)):
+            h = driver.run_block(b, h, kws[i])
+        want = fp(ids, output_hidden_states=True).hidden_states[-1]
+        assert torch.allclose(fp.model.norm(h), want, atol=1e-5)
+
+    out = tmp_path / "q"
+    res, model, _ = compress(str(src), CFG, out, calib=calib, nsamples=WINDOWS, seqlen=SEQLEN)
+    lins = block_linears(model)
+    assert lins and all(isinstance(m, VQuantLinear) for m in lins.values()), \
+        [n for n, m in lins.items() if not isinstance(m, VQuantLinear)]  # nothing silently left in fp
+    rep = res.report
+    assert len(rep.layers) == len(lins) and rep.weights == sum(m.in_features * m.out_features for m in lins.values())
+    assert 0 < rep.bpw < 16 and rep.bpw < rep.bits_per_param < 32  # the embeddings stay fp32
+    summary = res.summary()
+    assert summary["bits_per_param"] == round(rep.bits_per_param, 4) and summary["float_params"] > 0
+
+    loaded = vptq.from_pretrained(out)
+    with torch.no_grad():
+        want = model(ids).logits
+        assert torch.equal(loaded(ids).logits, want)
+    vptq.patch_transformers(allow_cpu=True)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, want)
+    g = generate_text(loaded, smol_tokenizer, "The quick brown fox", max_new_tokens=4)
+    assert g.tokens == 4 or g.tokens > 0
+    SECONDS[family] = time.perf_counter() - t0
+
+
+@pytest.mark.parametrize("family", list(REFUSED))
+def test_moe_with_3d_experts_is_refused_before_any_work(family, smol_tokenizer, calib, tmp_path):
+    from vptq.pipeline import compress
+
+    src = tmp_path / family
+    build(family, smol_tokenizer, src)
+    out = tmp_path / "q"
+    with pytest.raises(ConfigError, match=r"ForCausalLM is not supported: model\.layers\.0\.mlp\.experts\."):
+        compress(str(src), CFG, out, calib=calib, nsamples=WINDOWS, seqlen=SEQLEN)
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- the command line
+
+PLAN_TINY = ["--nsamples", str(WINDOWS), "--seqlen", str(SEQLEN), "--finetune-steps", "0",
+             "--set", "vector_len=4", "--set", "num_centroids=16", "--set", "kmeans_iters=2", "--set", "refine_iters=0"]
+CLI_TINY = [*PLAN_TINY, "--eval-windows", "0"]
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch, prefect_harness):  # noqa: F811
+    """A fresh VPTQ_HOME (SQLite lineage DB, local artifact store, workspaces) for one command."""
+    import os
+
+    for k in ("VPTQ_DB_URL", "VPTQ_ARTIFACTS", "PREFECT_API_URL"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("VPTQ_HOME", str(tmp_path / "home"))
+    saved = dict(os.environ)
+    yield tmp_path / "home"
+    os.environ.clear()  # the commands set TQDM_DISABLE & co. for their process
+    os.environ.update(saved)
+
+
+def cli(*args) -> tuple[int, str, str]:
+    from typer.testing import CliRunner
+    from vptq_service.cli.main import app
+
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    return r.exit_code, r.stdout, r.stderr
+
+
+def jobs_left(home) -> list[str]:
+    if not (home / "vptq.db").exists():
+        return []
+    from vptq_service.store.repository import Repository
+
+    with Repository.session_scope() as repo:
+        return [j.status for j in repo.list_jobs()]
+
+
+@pytest.mark.parametrize("family", ["phi3", "gemma3"])
+def test_compress_command_quantizes_every_linear_and_says_what_stays_fp(family, smol_tokenizer, calib, home,
+                                                                          tmp_path):
+    import vptq
+
+    t0 = time.perf_counter()
+    src, out = tmp_path / family, tmp_path / "q"
+    fp = build(family, smol_tokenizer, src)
+    code, stdout, err = cli("compress", src, "--bits", "2", "--json", "--out", out, "--calib", calib, *CLI_TINY)
+    assert code == 0, err
+    s = json.loads(stdout)
+    names = list(block_linears(fp))
+    assert s["layers"] == len(names) and s["bits_per_param"] > s["bpw"] > 0
+    floating = s["float_tensors"]
+    assert s["float_params"] == sum(floating.values())
+    assert not any(k.endswith("proj.weight") for k in floating), floating  # fused qkv_proj/gate_up_proj too
+    assert "model.embed_tokens.weight" in floating and "model.layers.*.input_layernorm.weight" in floating
+    loaded = vptq.from_pretrained(out)
+    assert sorted(n for n, m in loaded.named_modules() if isinstance(m, VQuantLinear)) == sorted(names)
+    vptq.patch_transformers(allow_cpu=True)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, len(smol_tokenizer), (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, loaded(ids).logits)
+    code, stdout, err = cli("generate", out, "Once upon a time", "--max-new-tokens", "3", "--json")
+    assert code == 0 and json.loads(stdout)["tokens"] > 0, err
+    SECONDS[f"cli-{family}"] = time.perf_counter() - t0
+
+
+def test_targets_narrow_and_a_pattern_matching_nothing_is_refused(smol_tokenizer, calib, home, tmp_path):
+    src, out = tmp_path / "qwen2", tmp_path / "q"
+    build("qwen2", smol_tokenizer, src)
+    code, _, err = cli("compress", src, "--bits", "2", "--out", out, "--calib", calib, "--targets", "nothing.*",
+                       *CLI_TINY)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "'nothing.*' matches no linear" in lines[0], err
+    assert not out.exists() and "running" not in jobs_left(home)
+    code, stdout, err = cli("plan", src, "--bits", "2", "--json", "--calib", calib, "--targets", "self_attn.*",
+                            "--targets", "mlp.down_proj", *PLAN_TINY)
+    assert code == 0, err
+    p = json.loads(stdout)
+    assert p["linears"] == 2 * 5  # q, k, v, o, down of each block
+    assert {"model.layers.*.mlp.gate_proj.weight", "model.layers.*.mlp.up_proj.weight",
+            "model.layers.*.self_attn.q_proj.bias"} <= set(p["float_tensors"])
+    assert p["float_params"] == sum(p["float_tensors"].values()) and p["bits_per_param"] > p["bpw"]
+
+
+def test_an_unsupported_architecture_is_refused_by_the_command(smol_tokenizer, calib, home, tmp_path):
+    src, out = tmp_path / "mixtral", tmp_path / "q"
+    build("mixtral", smol_tokenizer, src)
+    code, stdout, err = cli("compress", src, "--bits", "2", "--json", "--out", out, "--calib", calib, *CLI_TINY)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "MixtralForCausalLM is not supported" in lines[0], err
+    assert "Traceback" not in err and stdout == "" and not out.exists()
+    assert "running" not in jobs_left(home)
+
+
+def test_a_model_without_decoder_blocks_is_refused(tmp_path):
+    from vptq.sequential import quantize_model
+
+    class NoBlocks(nn.Module):
+        config = transformers.PretrainedConfig(num_hidden_layers=2)
+
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+
+    with pytest.raises(ConfigError, match="NoBlocks: no decoder blocks"):
+        quantize_model(NoBlocks(), torch.zeros(1, 8, dtype=torch.long), CFG)
