@@ -142,7 +142,7 @@ def main() -> None:
             if p.dim() == 2:
                 p.normal_(0, 0.02)
     x = torch.randn(a.windows, a.seqlen, a.hidden, dtype=dtype)
-    pe = LlamaRotaryEmbedding(conf).to(dev)(x[:1].to(dev), torch.arange(a.seqlen, device=dev)[None])
+    pe = {"position_embeddings": LlamaRotaryEmbedding(conf).to(dev)(x[:1].to(dev), torch.arange(a.seqlen, device=dev)[None])}  # block kwargs
     lins = target_linears(block, cfg)
     if dev.type == "cuda":
         torch.cuda.synchronize()
