@@ -55,31 +55,65 @@ def random_layer(lin, v: int, k: int, kr: int, gen):
     return q
 
 
-def build(config: str):
-    """SmolLM2 in fp32 or bf16, or with every block linear a random VQuantLinear of format config
-    (v<len>k<centroids>[r<residual centroids>]) on the CPU kernels, q/k/v and gate/up sharing one call
-    (as vptq.io.load_quantized marks them)."""
+# Shapes by name: random weights (speed and memory do not depend on the values), SmolLM2's tokenizer
+# for the prompt. Qwen2.5-0.5B's config.json values (24 blocks, hidden 896, tied embeddings).
+SHAPES = {"qwen2.5-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                               num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                               max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=True,
+                               rms_norm_eps=1e-6)}
+
+
+def base_model(shape: str | None = None):
+    """(fp32 model, tokenizer): SmolLM2-135M's real weights (None), a named shape of SHAPES, or a folder
+    holding a config.json (+ tokenizer), both with random weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from vptq.source import load_model, resolve
+
+    if shape is None:
+        model, tok = load_model(resolve("smollm2"))
+        return model.eval(), tok
+    torch.manual_seed(0)
+    if shape in SHAPES:
+        kw = dict(SHAPES[shape])
+        cfg, tok = AutoConfig.for_model(kw.pop("model_type"), **kw), load_model(resolve("smollm2"))[1]
+    else:
+        cfg, tok = AutoConfig.from_pretrained(shape), AutoTokenizer.from_pretrained(shape)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval(), tok
+
+
+def apply_format(model, config: str):
+    """model in fp32/bf16/fp16, or with every decoder-block linear a random VQuantLinear of format
+    config (v<len>k<centroids>[r<residual centroids>]) of the presets' stored layout."""
     import re
 
     import torch
     from torch import nn
 
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if config in dtypes:
+        return model.to(dtypes[config])
+    mt = re.fullmatch(r"v(\d+)k(\d+)(?:r(\d+))?", config)
+    if not mt:
+        raise SystemExit(f"format {config!r}: use fp32/bf16/fp16 or v<len>k<centroids>[r<residual>], e.g. v5k1024r32")
+    v, k, kr = int(mt.group(1)), int(mt.group(2)), int(mt.group(3) or 0)
+    gen = torch.Generator().manual_seed(0)
+    blocks = model.model.layers
+    for name, lin in [(n, m) for n, m in blocks.named_modules() if isinstance(m, nn.Linear)]:
+        blocks.set_submodule(name, random_layer(lin, v, k, kr, gen))
+    return model
+
+
+def build(config: str, shape: str | None = None):
+    """base_model(shape) in format config; VPTQ formats on the CPU kernels (nothing dense kept), q/k/v and
+    gate/up sharing one call (as vptq.io.load_quantized marks them)."""
     from vptq.kernels.dispatch import use_cpu_kernels
     from vptq.layers import share_inputs
-    from vptq.source import load_model, resolve
 
-    model, tok = load_model(resolve("smollm2"))
-    model.eval()
-    if config == "bf16":
-        model.to(torch.bfloat16)
-    elif config != "fp32":
-        mt = re.fullmatch(r"v(\d+)k(\d+)(?:r(\d+))?", config)
-        if not mt:
-            raise SystemExit(f"format {config!r}: use v<len>k<centroids>[r<residual centroids>], e.g. v5k1024r32")
-        v, k, kr = int(mt.group(1)), int(mt.group(2)), int(mt.group(3) or 0)
-        gen = torch.Generator().manual_seed(0)
-        for name, lin in [(n, m) for n, m in model.model.layers.named_modules() if isinstance(m, nn.Linear)]:
-            model.model.layers.set_submodule(name, random_layer(lin, v, k, kr, gen))
+    model, tok = base_model(shape)
+    model = apply_format(model, config)
+    if config not in ("fp32", "bf16", "fp16"):
         share_inputs(model)
         use_cpu_kernels(model)
     return model, tok
@@ -126,13 +160,13 @@ def first_token(model, ids, reps: int = 5) -> float:
     return best
 
 
-def one(config: str, new: int, batches: list[int], threads: int, long_prompt: int) -> dict:
+def one(config: str, new: int, batches: list[int], threads: int, long_prompt: int, shape: str | None = None) -> dict:
     import psutil
     import torch
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    model, tok = build(config)
+    model, tok = build(config, shape)
     build_s = time.perf_counter() - t0
     if config not in ("fp32", "bf16"):
         import numba
@@ -172,16 +206,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--long-prompt", type=int, default=128, help="tokens of the second first-token prompt")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cpu_decode.json")
+    ap.add_argument("--shape", help=f"random weights of a named shape ({', '.join(SHAPES)}) or a config folder "
+                    "instead of SmolLM2-135M's weights")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one configuration, print JSON
     a = ap.parse_args()
     batches = [int(b) for b in a.batches.split(",")]
     if a.one:
-        print(json.dumps(one(a.one, a.new, batches, a.threads, a.long_prompt)))
+        print(json.dumps(one(a.one, a.new, batches, a.threads, a.long_prompt, a.shape)))
         return
     rows = []
     for config in ["fp32", "bf16", *a.formats.split(",")]:
         cmd = [sys.executable, __file__, "--one", config, "--new", str(a.new), "--batches", a.batches,
-               "--threads", str(a.threads), "--long-prompt", str(a.long_prompt)]
+               "--threads", str(a.threads), "--long-prompt", str(a.long_prompt), *(["--shape", a.shape] if a.shape else [])]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
@@ -193,7 +229,8 @@ def main() -> None:
     load = os.getloadavg()
     result = {"command": "python " + " ".join(sys.argv), "date": datetime.now(UTC).isoformat(timespec="seconds"),
               "cpu_count": os.cpu_count(), "threads": a.threads, "loadavg_at_end": [round(x, 2) for x in load],
-              "versions": versions(), "model": "SmolLM2-135M (GGUF -> fp32); VPTQ rows: random codes, the presets' stored layout",
+              "versions": versions(), "model": (f"{a.shape}: random weights" if a.shape else "SmolLM2-135M (GGUF -> fp32)")
+              + "; VPTQ rows: random codes, the presets' stored layout",
               "new_tokens": a.new, "rows": rows}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -32,33 +32,15 @@ PROMPTS = ["The history of the transistor begins with", "Once upon a time", "The
 
 
 def random_model(fmt: str, out: Path, config: str | None = None) -> Path:
-    """A model folder in fmt (fp16/bf16/fp32 or vNkK[rR] random codes): SmolLM2's weights, or with --config
-    random weights of that config folder's shape (config.json + tokenizer; throughput does not depend on the
-    values, and the GPU machine has no copy of the GGUF)."""
-    from bench.cpu_decode import build, random_layer
+    """A model folder in fmt (fp16/bf16/fp32 dense or vNkK[rR] random codes) of SmolLM2's weights, or with
+    --config random weights of that config folder's shape (throughput does not depend on the values, and
+    the GPU machine has no copy of the GGUF): bench/cpu_decode.py's models, written to out."""
+    from bench.cpu_decode import apply_format, base_model
     from vptq.io import save_quantized
 
-    if config is None:
-        model, tok = build(fmt)
-    else:
-        import torch
-        from torch import nn
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(config)
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config), dtype=torch.float16)
-        if fmt not in ("fp16", "bf16", "fp32"):
-            import re
-
-            v, k, kr = (int(x or 0) for x in re.fullmatch(r"v(\d+)k(\d+)(?:r(\d+))?", fmt).groups())
-            gen = torch.Generator().manual_seed(0)
-            blocks = model.model.layers
-            for name, lin in [(n, m) for n, m in blocks.named_modules() if isinstance(m, nn.Linear)]:
-                blocks.set_submodule(name, random_layer(lin, v, k, kr, gen))
+    model, tok = base_model(config)
+    model = apply_format(model, fmt)
     if fmt in ("fp16", "bf16", "fp32"):
-        import torch
-
-        model.to({"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[fmt])
         model.save_pretrained(out)
         tok.save_pretrained(out)
         return out
