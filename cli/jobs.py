@@ -16,6 +16,7 @@ import os
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Optional
 
 import typer
@@ -88,11 +89,44 @@ def _console_logs(verbose: bool = False):
             h.setLevel(level if verbose else logging.CRITICAL + 1)  # the temporary server's exit line too
 
 
+def prefect_ready() -> None:
+    """Start Prefect's ephemeral API for this process, the first time in a PREFECT_HOME under a lock.
+
+    Every process without PREFECT_API_URL starts its own temporary Prefect server on the SQLite
+    database in PREFECT_HOME, and each server migrates that database when it starts. Two first-time
+    commands at once raced there (`index ... already exists` and ~190 lines of tracebacks, though
+    both jobs ran). So the first start in a PREFECT_HOME holds an exclusive lock file until the
+    server answers (its migrations and block registration are done then) and leaves a marker, per
+    Prefect version (a newer one brings migrations); later starts skip the lock."""
+    import fcntl
+
+    import prefect
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return  # a server of its own (`vptq server`, the test harness): nothing to set up here
+    server = SubprocessASGIServer()
+    home = Path(PREFECT_HOME.value()).expanduser()
+    marker = home / f".vptq-ready-{prefect.__version__}"
+    if server.running or marker.exists():
+        return
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / ".vptq-setup.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        try:
+            server.start()
+            marker.touch()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def run_flow(job_id: int, verbose: bool = False) -> dict[str, Any]:
     """Run (or resume) the job's flow in this process; its summary dict (a failed job raises)."""
     from vptq_service.flows.compress import compress as compress_flow
 
     with _console_logs(verbose):
+        prefect_ready()
         return compress_flow(job_id)
 
 

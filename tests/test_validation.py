@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -187,29 +186,34 @@ def test_concurrent_db_upgrades_on_postgresql(db_url, tmp_path):  # noqa: F811
     assert r.returncode == 0 and "up to date" in r.stdout, r.stdout + r.stderr
 
 
-def test_two_first_time_commands_on_a_fresh_prefect_home(tiny_llama_dir, calib, tmp_path):
-    """Two jobs start at once on a PREFECT_HOME that does not exist yet: both succeed, and neither
-    prints Prefect's database-migration errors (the first-time set-up is serialized)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "VPTQ_DB_URL", "VPTQ_ARTIFACTS")}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect"), VPTQ_HOME=str(tmp_path / "home"))
-    results: list[subprocess.CompletedProcess] = []
+FIRST_START = "from vptq_service.cli.jobs import prefect_ready; prefect_ready(); print('ready')"
 
-    def one(seed: int) -> None:
-        results.append(subprocess.run(
-            [sys.executable, "-m", "vptq_service.cli.main", "submit", tiny_llama_dir, "--calib", calib, *FAST,
-             "--name", f"t{seed}", "--seed", str(seed), "--set", "num_centroids=16", "--set", "kmeans_iters=1",
-             "--set", "refine_iters=0", "--finetune-steps", "0", "--eval-windows", "0", "--json"],
-            cwd=REPO, capture_output=True, text=True, timeout=600, env=env))
 
-    threads = [threading.Thread(target=one, args=(s,)) for s in (1, 2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for r in results:
-        assert r.returncode == 0, r.stderr[-3000:]
-        assert "Traceback" not in r.stderr and "sqlite3.OperationalError" not in r.stderr, r.stderr[-3000:]
-        assert json.loads(r.stdout)["status"] == "succeeded"
+def test_first_time_prefect_setup_is_serialized(tmp_path):
+    """Every command without PREFECT_API_URL starts a temporary Prefect server, which migrates the SQLite
+    database in PREFECT_HOME; two first-time starts at once raced there (`sqlite3.OperationalError: index
+    ... already exists` and ~190 lines of tracebacks). The first start now holds a lock file until its
+    server answers: starts wait while the lock is held, then two at once on a fresh PREFECT_HOME print
+    no error and leave the marker that later starts skip the lock by."""
+    import fcntl
+
+    home = tmp_path / "prefect"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="240")
+    with open(home / ".vptq-setup.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as a first start that has not finished would
+        procs = [subprocess.Popen([sys.executable, "-c", FIRST_START], cwd=REPO, env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+        with pytest.raises(subprocess.TimeoutExpired):
+            procs[0].wait(timeout=6)
+        assert procs[1].poll() is None and not list(home.glob(".vptq-ready-*"))
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0 and "ready" in out, err[-3000:]
+        assert "OperationalError" not in err and "Traceback" not in err, err[-3000:]
+    assert list(home.glob(".vptq-ready-*")), "the first start leaves its marker"
 
 
 # ----------------------------------------------------------------------------- item 11: S3 sources
