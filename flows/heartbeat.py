@@ -48,19 +48,29 @@ def heartbeat_timeout() -> float:
     return max(_seconds("VPTQ_HEARTBEAT_TIMEOUT", HEARTBEAT_TIMEOUT), 3 * heartbeat_seconds())
 
 
+def _pid_namespace() -> str:
+    """This process's PID namespace (containers sharing a hostname, e.g. --network host, have their
+    own): a pid is only meaningful within it."""
+    try:
+        return f"{os.stat('/proc/self/ns/pid').st_ino:x}"
+    except OSError:
+        return "0"
+
+
 def new_runner_id() -> str:
-    """`host:pid:uuid`: this process, and this call of it (two calls in one process are two runners)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+    """`host:pid:ns.uuid`: this process (its PID namespace), and this call of it (two calls in one
+    process are two runners)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_pid_namespace()}.{uuid.uuid4().hex[:12]}"
 
 
 def runner_gone(runner: str) -> bool:
-    """True when `runner` is a process of this host that no longer exists (or is a zombie). A runner
-    of another host, or one that cannot be parsed, is never called gone: its heartbeat decides."""
+    """True when `runner` is a process of this host (and PID namespace) that no longer exists, or
+    is a zombie. A runner elsewhere, or one that cannot be parsed, is never called gone: its
+    heartbeat decides."""
     import psutil
 
-    host, _, rest = runner.partition(":")
-    pid = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid.isdigit():
+    host, pid, tail = (runner.split(":", 2) + ["", ""])[:3]
+    if host != socket.gethostname() or not pid.isdigit() or tail.partition(".")[0] != _pid_namespace():
         return False
     if int(pid) == os.getpid():
         return False  # this very process: alive (a runner id is per call, the caller knows its own)

@@ -129,6 +129,27 @@ def _stop(*procs: subprocess.Popen) -> None:
         p.wait(timeout=30)
 
 
+def _freeze(pid: int, db: Path) -> None:
+    """SIGSTOP the process outside a database transaction: one frozen inside its heartbeat's
+    transaction would hold SQLite's write lock, which stops every SQLite user (not what this tests)."""
+    import sqlite3
+
+    for _ in range(100):
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            con = sqlite3.connect(db, timeout=0.2, isolation_level=None)
+            try:
+                con.execute("BEGIN IMMEDIATE")
+                con.execute("ROLLBACK")
+                return
+            finally:
+                con.close()
+        except sqlite3.OperationalError:  # locked: let it finish its transaction
+            os.kill(pid, signal.SIGCONT)
+            time.sleep(0.05)
+    raise AssertionError("could not stop the runner outside a transaction")
+
+
 def test_the_same_command_twice_attaches_to_the_running_job(home, tiny_llama_dir, text_file, tmp_path):  # noqa: F811
     args = ["submit", str(tiny_llama_dir), "--name", "tiny", "--calib", str(text_file), *TINY]
     env = _env(home, VPTQ_HEARTBEAT_SECONDS="0.5")
@@ -172,7 +193,7 @@ def test_a_frozen_runner_is_taken_over_after_its_heartbeat_timeout_and_then_stop
     second = None
     try:
         _wait_for(gate.exists, 240, "the first command's block 1")
-        os.kill(first.pid, signal.SIGSTOP)  # alive (its pid exists) but silent: its heartbeat goes stale
+        _freeze(first.pid, home / "vptq.db")  # alive (its pid exists) but silent: its heartbeat goes stale
         second = _start(args, env)
         out2, err2 = second.communicate(timeout=240)
         assert second.returncode == 0, err2
