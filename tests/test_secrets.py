@@ -54,10 +54,28 @@ def test_one_masking_rule_for_urls(raw, shown):
     assert mask_text("64 windows=4 tokens=2048") == "64 windows=4 tokens=2048"  # not a secret
 
 
+def run(*args) -> tuple[int, str, str]:
+    from vptq_service.cli.main import app
+
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    return r.exit_code, r.stdout, r.stderr
+
+
 def vptq(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     """The real command in a real process."""
     return subprocess.run([sys.executable, "-m", "vptq_service.cli.main", *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """No settings of the caller's; the variables the CLI sets for its process dropped after."""
+    for k in ("VPTQ_DB_URL", "VPTQ_ARTIFACTS", "PREFECT_API_URL"):
+        monkeypatch.delenv(k, raising=False)
+    saved = dict(os.environ)
+    yield monkeypatch
+    for k in set(os.environ) - set(saved):
+        os.environ.pop(k, None)
 
 
 def planted(url: str, password: str | None = None, query: str | None = None) -> str:
@@ -76,21 +94,22 @@ def leaked(text: str) -> list[str]:
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 @pytest.mark.parametrize("where", ["userinfo", "query"])
-def test_database_password_never_printed(db_url, where, tmp_path):  # noqa: F811
+def test_database_password_never_printed(db_url, where, tmp_path, clean_env):  # noqa: F811
     url = planted(db_url, password=PASSWORD) if where == "userinfo" else planted(db_url, query=QUERY_SECRET)
-    env = {"VPTQ_HOME": str(tmp_path / "home"), "VPTQ_DB_URL": url, "AWS_SECRET_ACCESS_KEY": S3_SECRET}
+    clean_env.setenv("VPTQ_HOME", str(tmp_path / "home"))
+    clean_env.setenv("VPTQ_DB_URL", url)
+    clean_env.setenv("AWS_SECRET_ACCESS_KEY", S3_SECRET)
     outputs = []
     for args in (["db", "upgrade"], ["db", "current"], ["config", "show"], ["config", "show", "--json"],
                  ["jobs", "ls", "--json"]):
-        r = vptq(*args, env=env)
-        assert r.returncode == 0, (args, r.stderr)
-        outputs.append(r.stdout + r.stderr)
-    assert "revision 0" in outputs[1] and "up to date" in outputs[1]
-    shown = json.loads(vptq("config", "show", "--json", env=env).stdout)["database"]
+        code, out, err = run(*args)
+        assert code == 0, (args, err)
+        outputs.append(out + err)
+    assert "up to date" in outputs[1]
+    shown = json.loads(outputs[3])["database"]
     assert "***" in shown and "127.0.0.1:5432/test" in shown
-    # the connection error of the same URL on a port nobody listens on
-    bad = url.replace("127.0.0.1:5432", "127.0.0.1:1")
-    r = vptq("jobs", "ls", env={**env, "VPTQ_DB_URL": bad})
+    # the connection error of the same URL on a port nobody listens on, in a real process
+    r = vptq("jobs", "ls", env={"VPTQ_DB_URL": url.replace("127.0.0.1:5432", "127.0.0.1:1")})
     assert r.returncode == 1 and "cannot reach database" in r.stderr and "Traceback" not in r.stderr
     outputs.append(r.stdout + r.stderr)
     assert leaked("\n".join(outputs)) == []
@@ -101,57 +120,47 @@ def test_database_password_never_printed(db_url, where, tmp_path):  # noqa: F811
     f"s3://AKIAEXAMPLE:{S3_SECRET}@bucket",
     f"hf://user:{S3_SECRET}@org/name",
     f"https://user:{S3_SECRET}@example.com/models/tiny",
+    f"s3://bucket/models/tiny?X-Amz-Signature={S3_SECRET}",
 ])
-def test_credentials_in_a_source_url_are_refused_before_a_job(source, tmp_path, prefect_harness):  # noqa: F811
-    env = {"VPTQ_HOME": str(tmp_path / "home")}
+def test_credentials_in_a_source_url_are_refused_before_a_job(source, tmp_path, clean_env):
+    clean_env.setenv("VPTQ_HOME", str(tmp_path / "home"))
     for cmd in ("compress", "submit"):
-        r = vptq(cmd, source, "--name", "x", env=env)
-        assert r.returncode == 2, r.stderr
-        lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and "AWS_" in lines[0], r.stderr
-        assert S3_SECRET not in r.stdout + r.stderr
-    r = vptq("jobs", "ls", "--json", env=env)
-    assert json.loads(r.stdout) == {"items": []}
+        code, out, err = run(cmd, source, "--name", "x")
+        assert code == 2, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "AWS_" in lines[0], err
+        assert S3_SECRET not in out + err
+    code, out, err = run("jobs", "ls", "--json")
+    assert json.loads(out) == {"items": []}
 
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_a_job_with_planted_secrets_leaves_none_behind(db_url, bucket, tiny_llama_dir, text_file, tmp_path,  # noqa: F811
-                                                       monkeypatch, caplog, prefect_harness):
+                                                       clean_env, caplog, prefect_harness):
     """A whole job on PostgreSQL (password with odd characters) and S3 (the secret key in AWS_*): the
     database rows, the job's --json, its Prefect log lines and the process's log records hold no secret."""
     from sqlalchemy import create_engine, inspect, text
-    from vptq_service.cli.main import app
 
-    for k in ("PREFECT_API_URL",):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("VPTQ_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("VPTQ_DB_URL", planted(db_url, password=PASSWORD))
+    clean_env.setenv("VPTQ_HOME", str(tmp_path / "home"))
+    clean_env.setenv("VPTQ_DB_URL", planted(db_url, password=PASSWORD))
     caplog.set_level(logging.DEBUG)
-    saved = dict(os.environ)
     client = s3_client()
     for f in tiny_llama_dir.iterdir():
         client.upload_file(str(f), bucket, f"sources/tiny/{f.name}")
-
-    def run(*args) -> tuple[int, str, str]:
-        r = CliRunner().invoke(app, [str(a) for a in args])
-        return r.exit_code, r.stdout, r.stderr
-
-    try:
-        outputs = [vptq("db", "upgrade", env=dict(os.environ)).stderr]
-        code, out, err = run("submit", f"s3://{bucket}/sources/tiny", "--name", "tiny", "--calib", text_file,
-                             "--local", *TINY)
-        assert code == 0, err
-        job_id = json.loads(out)["job_id"]
+    code, out, err = run("db", "upgrade")
+    assert code == 0, err
+    outputs = [out, err]
+    code, out, err = run("submit", f"s3://{bucket}/sources/tiny", "--name", "tiny", "--calib", text_file,
+                         "--local", *TINY)
+    assert code == 0, err
+    job_id = json.loads(out)["job_id"]
+    outputs += [out, err]
+    for args in (["jobs", "show", job_id, "--json"], ["jobs", "logs", job_id, "--json"], ["jobs", "ls", "--json"],
+                 ["artifacts", "ls", "--json"], ["config", "show", "--json"]):
+        code, out, err = run(*args)
+        assert code == 0, (args, err)
+        assert args[1] != "logs" or json.loads(out)["items"], "the job's log lines were read"
         outputs += [out, err]
-        for args in (["jobs", "show", job_id, "--json"], ["jobs", "logs", job_id, "--json"], ["jobs", "ls", "--json"],
-                     ["artifacts", "ls", "--json"], ["config", "show", "--json"]):
-            code, out, err = run(*args)
-            assert code == 0, (args, err)
-            assert args[1] != "logs" or json.loads(out)["items"], "the job's log lines were read"
-            outputs += [out, err]
-    finally:
-        for k in set(os.environ) - set(saved):  # the CLI sets TQDM_DISABLE & co. for its process
-            os.environ.pop(k, None)
     engine = create_engine(db_url)
     try:
         with engine.connect() as conn:
