@@ -214,9 +214,10 @@ def linear_names(model_path: str, config: dict[str, Any], index: int) -> list[st
     """The target linears of block `index`, in the order quantize_block visits them."""
     from vptq.config import QuantConfig
     from vptq.driver import decoder_layers, target_linears
+    from vptq.targets import unfused
 
-    model, _ = load_fp_model(model_path)
-    return list(target_linears(decoder_layers(model)[index], QuantConfig.from_dict(config)))
+    model, _ = load_fp_model(model_path)  # MoE experts counted as the linears they are quantized as
+    return list(target_linears(unfused(decoder_layers(model)[index]), QuantConfig.from_dict(config)))
 
 
 def linear_file(run: str, index: int, name: str) -> Path:
@@ -247,9 +248,14 @@ def quantize_linear(run: str, model_path: str, hessians: str, config: dict[str, 
 
     from vptq.config import QuantConfig
     from vptq.driver import block_prefix, vptq_linear
+    from vptq.experts import expert_key
+    from vptq.targets import unfused
 
     cfg, dev = QuantConfig.from_dict(config), worker_device(device)
-    lin = fp_linear(model_path, index, name).to(dev)
+    if expert_key(name):  # an MoE expert's linear exists once its block's experts are unfused (vptq.experts)
+        lin = unfused(fp_block(model_path, index)).get_submodule(name).to(dev)
+    else:
+        lin = fp_linear(model_path, index, name).to(dev)
     h = load_block_hessians(hessians, index)[name]
     mod, rep = vptq_linear(block_prefix(index) + name, lin, h.to(dev), cfg)
     save_tensors(mod.state_dict(), linear_file(run, index, name),

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
+from .experts import collect_expert_hessians, expert_key, unfuse_experts, with_pooled_fallback
 from .finetune import finetune_block
 from .hessian import collect_hessians
 from .layers import VQuantLinear
@@ -150,12 +151,28 @@ def all_linears(block: nn.Module) -> dict[str, nn.Linear]:
 
 # -- Hessians ------------------------------------------------------------------------------------
 
+class Hessians(dict):
+    """{linear name: H}, and `warnings` {name: why its H is not its own} (MoE experts that saw too few
+    calibration tokens get the pooled H of their projection: vptq.experts)."""
+
+    warnings: dict[str, str]
+
+
 def block_hessians(block: nn.Module, x: torch.Tensor, pe, device, batch: int = BATCH,
-                   lins: dict[str, nn.Linear] | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """H = E[x x^T] of the block's linears (all of them by default) on inputs x, and the block's outputs."""
-    with collect_hessians(all_linears(block) if lins is None else lins) as hs:
+                   lins: dict[str, nn.Linear] | None = None) -> tuple[Hessians, torch.Tensor]:
+    """H = E[x x^T] of the block's linears (all of them by default) on inputs x, and the block's outputs.
+    An MoE expert's H is over the tokens routed to it (see vptq.experts for the few-token fallback)."""
+    lins = all_linears(block) if lins is None else lins
+    experts = {n: m for n, m in lins.items() if expert_key(n) is not None}
+    plain = {n: m for n, m in lins.items() if n not in experts}
+    with collect_hessians(plain) as hs, collect_expert_hessians(experts) as (ehs, counts):
         out = forward_all(block, x, pe, device, batch)
-    return hs, out
+    res = Hessians(hs)
+    res.warnings = {}
+    if experts:
+        pooled, res.warnings = with_pooled_fallback(ehs, counts, list(experts))
+        res.update(pooled)
+    return res, out
 
 
 def original_hessians(model: nn.Module, calib: torch.Tensor, device: str | torch.device = "cpu",
@@ -176,6 +193,7 @@ def original_hessians(model: nn.Module, calib: torch.Tensor, device: str | torch
             b = block(i).to(device)
         else:
             b = layers[i] if device.type == "cpu" else copy.deepcopy(layers[i]).to(device)
+        unfuse_experts(b)  # the same values, one linear per expert: their Hessians are over routed tokens
         hs, x = block_hessians(b, x, kws[i], device, batch)
         yield i, hs
 
@@ -212,6 +230,8 @@ def quantize_linears(
         if progress:
             progress(name)
         new, rep = quantize_fn(prefix + name, lin, hessians[name].to(device), cfg)
+        if name in getattr(hessians, "warnings", {}):
+            rep.warnings.append(hessians.warnings[name])
         reports.append(rep)
         block.set_submodule(name, new)
     return reports, fp_out
@@ -255,6 +275,7 @@ class BlockStep:
     def __init__(self, block: nn.Module, index: int, cfg: QuantConfig, device: str | torch.device,
                  inputs: BlockInputs | None = None, pe: dict | None = None, batch: int = BATCH,
                  path: str = "model.layers"):
+        unfuse_experts(block)  # MoE experts as one linear each (same values): vptq.experts
         self.block, self.index, self.cfg, self.batch = block, index, cfg, batch
         self.device = torch.device(device)
         self.prefix = block_prefix(index, path)

@@ -110,7 +110,8 @@ def init_buffers(model: nn.Module) -> None:
 
 def open_streamed(folder: str | Path, dtype: torch.dtype = torch.float32) -> StreamedModel | None:
     """The streamed view of an HF safetensors folder, or None when it cannot be streamed (no
-    safetensors, an architecture without model.layers, shell tensors left unread)."""
+    safetensors, an architecture without model.layers, block tensors stored under other names than the
+    module's (checkpoint conversion), shell tensors left unread)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(folder)
@@ -122,6 +123,11 @@ def open_streamed(folder: str | Path, dtype: torch.dtype = torch.float32) -> Str
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, nn.ModuleList):
+        return None
+    stored = {n[len(BLOCK_PREFIX) + 2:] for n in wmap if n.startswith(f"{BLOCK_PREFIX}0.")}
+    if stored != set(layers[0].state_dict()):
+        # keys that transformers converts on load (Mixtral's experts.N.w1/w2/w3 -> fused 3-D experts):
+        # only a whole-model load (from_pretrained, which converts them) reads this checkpoint
         return None
     s = StreamedModel(folder, model, wmap, dtype)
     shell = s._read([n for n in wmap if not n.startswith(BLOCK_PREFIX)])

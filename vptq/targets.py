@@ -10,20 +10,23 @@ sends tokens to the wrong ones. `QuantConfig.targets` holds globs that narrow or
   attention only, `("*proj",)` every linear whose name ends in proj;
 * a router/gate is taken only when a pattern names it without wildcards (`mlp.shared_expert_gate`).
 
-A model is refused before any work (`check_model`, ConfigError: one line naming the architecture
-and the tensor) when its blocks hold matrix weights that are not `nn.Linear` (transformers 5
-stores MoE experts as one 3-D parameter per block; GPT-2 style Conv1D): quantizing the rest would
+MoE experts that transformers 5 stores as 3-D parameters are seen as one `nn.Linear` per expert
+(vptq/experts.py: `mlp.experts.gate_up_proj.3`). A model is refused before any work (`check_model`,
+ConfigError: one line naming the architecture and the tensor) when its blocks hold other matrix
+weights outside `nn.Linear` (GPT-2 style Conv1D, experts with biases): quantizing the rest would
 leave a half-quantized model that reports a bpw over a fraction of its weights.
 """
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import re
 
 from torch import nn
 
 from .config import ConfigError, QuantConfig
+from .experts import is_fused_experts, unfuse_experts
 
 # last path components of MoE routers and gates (they stay floating point): Mixtral's `gate` when it is
 # an nn.Linear (transformers 4.x), Qwen2-MoE's `shared_expert_gate`, a `router`
@@ -53,6 +56,16 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 def block_prefix(index: int, path: str = "model.layers") -> str:
     """The module-name prefix of block `index`'s submodules in the whole model."""
     return f"{path}.{index}."
+
+
+def unfused(block: nn.Module) -> nn.Module:
+    """The block with MoE experts as one nn.Linear each (vptq.experts): itself when it has none, else a
+    copy (the model is left as it is)."""
+    if not any(is_fused_experts(m) for m in block.modules()):
+        return block
+    block = copy.deepcopy(block)
+    unfuse_experts(block)
+    return block
 
 
 def is_router(name: str, module: nn.Module | None = None) -> bool:
@@ -101,7 +114,7 @@ def check_model(model: nn.Module, cfg: QuantConfig) -> list[dict[str, nn.Linear]
         path = layers_path(model)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    layers = decoder_layers(model)
+    layers = [unfused(b) for b in decoder_layers(model)]
     bad = unsupported_weights(layers[0])
     if bad:
         more = f" (+{len(bad) - 1} more)" if len(bad) > 1 else ""
@@ -121,12 +134,15 @@ def float_tensors(model: nn.Module, cfg: QuantConfig) -> dict:
     as `*`, "params": elements, "bits": as stored (each tensor's dtype)}: embeddings, head, norms, biases, routers, linears `targets` leaves out.
     Tied tensors count once."""
     path = layers_path(model)
-    quantized = {f"{block_prefix(i, path)}{n}.weight"
-                 for i, b in enumerate(decoder_layers(model)) for n in target_linears(b, cfg)}
+    params = [(n, p) for n, p in model.named_parameters(remove_duplicate=False) if not n.startswith(path + ".")]
+    for i, b in enumerate(decoder_layers(model)):
+        b = unfused(b)  # MoE experts as the linears they are quantized as
+        quantized = {f"{n}.weight" for n in target_linears(b, cfg)}
+        params += [(block_prefix(i, path) + n, p) for n, p in b.named_parameters() if n not in quantized]
     seen: set[int] = set()
     tensors, bits = {}, 0
-    for n, p in model.named_parameters(remove_duplicate=False):
-        if n in quantized or id(p) in seen:
+    for n, p in params:
+        if id(p) in seen:
             continue
         seen.add(id(p))
         tensors[n] = p.numel()
