@@ -26,6 +26,7 @@ from torch import nn
 
 from vptq import driver
 from vptq.config import ConfigError, QuantConfig
+from vptq.experts import unfuse_experts
 from vptq.layers import VQuantLinear
 from vptq.targets import is_router
 
@@ -216,7 +217,7 @@ def jobs_left(home) -> list[str]:
         return [j.status for j in repo.list_jobs()]
 
 
-@pytest.mark.parametrize("family", ["phi3", "gemma3"])
+@pytest.mark.parametrize("family", ["gemma3", "qwen3_moe"])
 def test_compress_command_quantizes_every_linear_and_says_what_stays_fp(family, smol_tokenizer, calib, home,
                                                                           tmp_path):
     import vptq
@@ -227,6 +228,7 @@ def test_compress_command_quantizes_every_linear_and_says_what_stays_fp(family, 
     code, stdout, err = cli("compress", src, "--bits", "2", "--json", "--out", out, "--calib", calib, *CLI_TINY)
     assert code == 0, err
     s = json.loads(stdout)
+    unfuse_experts(fp)  # MoE experts: one linear each, as they are quantized
     names = list(block_linears(fp))
     assert s["layers"] == len(names) and s["bits_per_param"] > s["bpw"] > 0
     floating = s["float_tensors"]
