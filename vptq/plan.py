@@ -312,6 +312,7 @@ def probe(parts: Parts, shapes: Shapes, cfg: QuantConfig, windows: torch.Tensor,
           log=None) -> dict:
     """Time block 0's Hessian forward, one or two real linears' VPTQ and one fine-tuning step."""
     from .driver import block_kwargs, embed, forward_all, target_linears
+    from .experts import unfuse_experts
     from .hessian import collect_hessians
     from .quantizer import quantize_linear
 
@@ -319,6 +320,7 @@ def probe(parts: Parts, shapes: Shapes, cfg: QuantConfig, windows: torch.Tensor,
     say = log or (lambda _msg: None)
     nwin = windows.shape[0]
     block = copy.deepcopy(parts.block0).to(dev).eval()
+    unfuse_experts(block)  # MoE experts as the linears the job quantizes (vptq.experts)
     x = embed(parts.model, windows)  # as the model's forward hands block 0 its inputs (scaled, ...)
     pe = block_kwargs(parts.model, x.shape[1], dev)[0]
     lins = target_linears(block, cfg)
