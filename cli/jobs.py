@@ -180,7 +180,7 @@ def _row(j) -> dict[str, Any]:
 @jobs_app.command("ls")
 def list_jobs(
     status: Optional[str] = typer.Option(None, "--status", help="Only jobs in this status."),
-    limit: int = typer.Option(50, "--limit", help="At most this many, newest first."),
+    limit: int = typer.Option(50, "--limit", help="At most this many, newest first.", min=0, max=MAX_JOB_ID),
     as_json: bool = typer.Option(False, "--json", help='Print {"items": [...]} on stdout.'),
     debug: opt.Debug = False,
 ) -> None:
@@ -271,7 +271,7 @@ def _cancel_flow_run(run_id: str) -> str | None:
 @jobs_app.command("logs")
 def logs(
     job_id: int = job_id_arg("Job id (see `vptq jobs ls`)."),
-    limit: int = typer.Option(1000, "--limit", help="At most this many lines, oldest first."),
+    limit: int = typer.Option(1000, "--limit", help="At most this many lines, oldest first.", min=0, max=MAX_JOB_ID),
     as_json: bool = typer.Option(False, "--json", help='Print {"items": [...]} on stdout.'),
     debug: opt.Debug = False,
 ) -> None:

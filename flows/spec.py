@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 MAX_SEED = 2**63 - 1
 MAX_WINDOWS = 65536
 MAX_SEQLEN = 1 << 20
+MAX_WORKERS = 1024
 
 class JobSpec(BaseModel):
     """What `vptq compress`/`vptq submit` ask for. Left-out defaults are filled by the one rule,
@@ -37,7 +38,7 @@ class JobSpec(BaseModel):
     eval_seqlen: int = Field(512, ge=2, le=MAX_SEQLEN)
     max_ppl_ratio: float | None = Field(None, gt=0)  # gate: reject when after > ratio * before
     runner: Literal["local", "dask", "ray"] = "local"  # where a block's linears are quantized
-    workers: int | None = Field(None, ge=1)  # runner worker processes (default: GPUs, else 2)
+    workers: int | None = Field(None, ge=1, le=MAX_WORKERS)  # runner worker processes (default: GPUs, else 2)
 
     _config: Any = PrivateAttr(default=None)  # the resolved QuantConfig, once computed
 

@@ -83,6 +83,7 @@ def calib(tmp_path_factory, text_file) -> Path:
     (["--nsamples", "1000000000000"], ["--nsamples"]),
     (["--nsamples", "20000", "--seqlen", "64"], ["--nsamples 20000", "--calib"]),
     (["--seqlen", "99999999999"], ["--seqlen"]),
+    (["--workers", "99999999999999999999"], ["--workers"]),
 ])
 def test_bad_request_is_refused_before_a_job_row(home, tiny_llama_dir, calib, args, needles):
     for cmd in ("compress", "submit"):
@@ -123,6 +124,7 @@ def test_jobs_commands_bad_arguments_exit_2(home):
     one_line(*run("jobs", "show", "99999999999999999999")[::2], 2, "2147483647")
     one_line(*run("jobs", "show", "12345")[::2], 2, "12345")  # in range, not there
     one_line(*run("jobs", "ls", "--status", "bogus")[::2], 2, "--status 'bogus'", "succeeded")
+    one_line(*run("jobs", "ls", "--limit", "99999999999999999999")[::2], 2, "--limit")
     for cmd in ("cancel", "logs", "resume"):
         one_line(*run("jobs", cmd, "-5")[::2], 2)
     code, out, err = run("jobs", "ls", "--status", "failed", "--json")
