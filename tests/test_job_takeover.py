@@ -7,7 +7,6 @@ that was taken over stops without touching the job row. Real processes; SQLite a
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import signal
 import subprocess
@@ -41,35 +40,39 @@ app(sys.argv[2:])
 """
 
 
-def claim_in_child(url: str, job_id: int, runner: str, barrier, out) -> None:
-    """Child-process body: claim the job at the same moment as the others; report how."""
-    from vptq_service.store.migrate import open_database
-    from vptq_service.store.models import utcnow
-    from vptq_service.store.repository import Repository
+# one process claiming job argv[2] as runner argv[3] the moment `argv[4]` exists (once connected it
+# says so with `<argv[4]>.<runner>`); prints how
+CLAIM = """
+import json, os, sys, time
+from datetime import timedelta
+from vptq_service.store.migrate import open_database
+from vptq_service.store.models import utcnow
+from vptq_service.store.repository import Repository
+url, job_id, runner, go = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+repo = Repository(open_database(url))
+repo.get_job(job_id)  # connected
+open(go + "." + runner.replace(":", "_"), "w").close()  # ready
+while not os.path.exists(go):
+    time.sleep(0.01)
+job, how = repo.claim_job(job_id, runner, stale_before=utcnow() - timedelta(seconds=60))
+print(json.dumps([runner, how, job.runner]))
+"""
 
-    repo = Repository(open_database(url)) if url.startswith("sqlite") else Repository.open(url)  # noqa: F811
-    barrier.wait(timeout=60)
-    job, how = repo.claim_job(job_id, runner, stale_before=utcnow() - timedelta(seconds=60))
-    out.put((runner, how, job.runner))
-    repo.close()
 
-
-def test_one_claim_wins_and_a_stale_runner_is_taken_over(repo, db_url):  # noqa: F811
+def test_one_claim_wins_and_a_stale_runner_is_taken_over(repo, db_url, tmp_path):  # noqa: F811
     from vptq_service.store.models import utcnow
     from vptq_service.store.repository import JobTakenOver
 
     job = repo.create_job("src", {})
-    ctx = mp.get_context("spawn")
-    n = 4
-    barrier, out = ctx.Barrier(n), ctx.Queue()
-    procs = [ctx.Process(target=claim_in_child, args=(db_url, job.id, f"host:{i}:r{i}", barrier, out))
-             for i in range(n)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(90)
-    assert [p.exitcode for p in procs] == [0] * n
-    results = [out.get(timeout=5) for _ in range(n)]
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", CLAIM, db_url, str(job.id), f"host:{i}:r{i}", str(go)],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(4)]
+    _wait_for(lambda: len(list(tmp_path.glob("go.*"))) == 4 or any(p.poll() is not None for p in procs), 90,
+              "the claimers to be ready")
+    go.touch()  # all four claim at once
+    outs = [p.communicate(timeout=90) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [e for _, e in outs]
+    results = [json.loads(o) for o, _ in outs]
     winners = [r for r, how, _ in results if how == "started"]
     assert len(winners) == 1 and all(how is None for r, how, _ in results if r != winners[0]), results
     row = repo.get_job(job.id)
@@ -106,12 +109,14 @@ def _wait_for(cond, seconds: float, what: str) -> None:
         time.sleep(0.1)
 
 
-def _flow_runs(job_id: int) -> list:
+def _running_flow_runs(job_id: int, since) -> int:
+    """Flow runs of job `job_id` created since `since` (other tests' job 1 share the Prefect server) now running."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 
     with get_client(sync_client=True) as client:
-        return client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[f"compress-job-{job_id}"])))
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[f"compress-job-{job_id}"])))
+    return sum(r.created >= since and r.state_name == "Running" for r in runs)
 
 
 def _job(job_id: int = 1):
@@ -152,15 +157,18 @@ def _freeze(pid: int, db: Path) -> None:
 
 def test_the_same_command_twice_attaches_to_the_running_job(home, tiny_llama_dir, text_file, tmp_path):  # noqa: F811
     args = ["submit", str(tiny_llama_dir), "--name", "tiny", "--calib", str(text_file), *TINY]
+    from datetime import UTC, datetime
+
     env = _env(home, VPTQ_HEARTBEAT_SECONDS="0.5")
     gate = tmp_path / "block-1"
+    since = datetime.now(UTC)
     first = _start(args, env, gated=gate)
     second = None
     try:
         _wait_for(gate.exists, 240, "the first command's block 1")
         second = _start(args, env)
         # the second command's flow run started (it found the job running) ... and it waits
-        _wait_for(lambda: len(_flow_runs(1)) == 2 and all(r.state_name == "Running" for r in _flow_runs(1)), 120,
+        _wait_for(lambda: second.poll() is not None or _running_flow_runs(1, since) == 2, 120,
                   "the second command's flow run")
         time.sleep(3)
         job = _job()
