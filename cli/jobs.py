@@ -215,13 +215,16 @@ def show(
     """One job: status, blocks done of total, error, layers, artifact."""
     with errors(debug):
         from vptq_service.flows.compress import job_summary
+        from vptq_service.store.errors import mask_text
         from vptq_service.store.repository import Repository
 
         with Repository.session_scope() as repo:
             s = job_summary(repo, job_id)
             s["layers"] = [{"layer": r.layer_name, "proxy_loss": r.proxy_loss, "bpw": r.bits_per_weight,
                             "seconds": r.seconds} for r in repo.layer_results(job_id)]
-            s["spec"] = repo.get_job(job_id).config.get("spec")
+            s["spec"] = dict(repo.get_job(job_id).config.get("spec") or {}) or None
+            if s["spec"] and s["spec"].get("source"):  # a row written before sources were checked for secrets
+                s["spec"]["source"] = mask_text(s["spec"]["source"])
             s["blocks_reused"] = None  # known only to the run that reported it
         head = (f"job {s['job_id']} {s['status']}: {s['blocks_done']}/{s['blocks_total']} blocks"
                 + (f", artifact {s['artifact']}" if s.get("artifact") else "")

@@ -153,13 +153,17 @@ def check_source_url(source: str) -> None:
     if "://" not in source:
         return
     try:
-        userinfo = "@" in urlsplit(source).netloc
+        parts = urlsplit(source)
     except ValueError:
-        userinfo = False
-    if userinfo or mask_text(source) != source:
+        raise ConfigError(f"model source {mask_text(source)!r} is not a URL: expected s3://BUCKET/PREFIX or "
+                          "hf://ORG/NAME[@REVISION]") from None
+    if "@" in parts.netloc or mask_text(source) != source:
         raise ConfigError(f"model source {mask_text(source)!r} carries credentials: remove them from the URL and set "
                           "them in the environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE for s3://, "
                           "HF_TOKEN for hf://); a source URL is stored with the job")
+    if parts.scheme == "s3" and (parts.query or parts.fragment):
+        raise ConfigError(f"model source {source!r}: no ?query or #fragment in an s3:// source; expected "
+                          "s3://BUCKET/PREFIX")
 
 
 def job_config(spec: JobSpec, key: str, **extra: Any) -> dict[str, Any]:

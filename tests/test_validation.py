@@ -99,6 +99,7 @@ def test_bad_request_on_an_s3_source_is_refused_before_a_job_row(home, tmp_path)
     one_line(*run("submit", src, "--calib", calib, *FAST, "--eval-windows", "200")[::2], 2, "--eval-windows 200")
     one_line(*run("submit", src, "--calib", calib, "--nsamples", "20000", "--seqlen", "64")[::2], 2, "--nsamples")
     one_line(*run("submit", src, "--name", "a:b", "--calib", calib, *FAST)[::2], 2, "--name")
+    one_line(*run("submit", f"{src}?versionId=3", "--calib", calib, *FAST)[::2], 2, "?query")
     no_jobs()
 
 
