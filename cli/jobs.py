@@ -305,6 +305,7 @@ def _read_logs(run_id: str, limit: int) -> list[dict[str, Any]]:
     from prefect.client.schemas.sorting import LogSort
 
     rows: list = []
+    prefect_ready()  # this process's temporary server, set up once per PREFECT_HOME
     with get_client(sync_client=True) as client:
         while len(rows) < limit:  # the API serves at most 200 lines a request
             page = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[UUID(run_id)])),
