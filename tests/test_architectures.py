@@ -292,3 +292,14 @@ def test_a_model_without_decoder_blocks_is_refused(tmp_path):
 
     with pytest.raises(ConfigError, match="NoBlocks: no decoder blocks"):
         quantize_model(NoBlocks(), torch.zeros(1, 8, dtype=torch.long), CFG)
+
+
+def test_target_globs_and_routers():
+    """--targets globs match a linear's path inside its block or its last name; routers only when named."""
+    from vptq.targets import selected
+
+    assert selected("self_attn.q_proj", ("*",)) and selected("self_attn.q_proj", ("q_proj",))
+    assert selected("self_attn.qkv_proj", ("*",)) and selected("mlp.gate_up_proj", ("*proj",))
+    assert not selected("mlp.gate_proj", ("self_attn.*",)) and selected("mlp.experts.down_proj.3", ("mlp.experts.*",))
+    for router in ("mlp.gate", "mlp.shared_expert_gate", "mlp.router"):
+        assert not selected(router, ("*",)) and not selected(router, ("mlp.*",)) and selected(router, (router,))

@@ -66,6 +66,8 @@ def _capture(model: nn.Module, ids: torch.Tensor, upto: int) -> list[tuple[torch
             raise _Stop
         return x
 
+    training = model.training
+    model.eval()  # no embedding dropout in what the blocks are given
     for layer in layers:
         layer.forward = record  # an instance attribute wins over the class's forward
     try:
@@ -76,6 +78,7 @@ def _capture(model: nn.Module, ids: torch.Tensor, upto: int) -> list[tuple[torch
     finally:
         for layer in layers:
             del layer.forward
+        model.train(training)
     if len(seen) != upto + 1:
         raise ValueError(f"{type(model).__name__}: its forward called {len(seen)} of {len(layers)} decoder blocks")
     return seen

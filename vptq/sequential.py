@@ -87,7 +87,7 @@ def quantize_model(
     check_model(model, cfg)  # an architecture that cannot be quantized whole is refused before any work
     layers = decoder_layers(model)
     n_blocks = len(layers) if blocks is None else min(blocks, len(layers))
-    fl = float_tensors(model, cfg)
+    fl = float_tensors(model, cfg, n_blocks)
     report = ModelReport(float_params=fl["params"], float_bits=fl["bits"])
     # the end-to-end stage needs the original as teacher: keep a copy (CPU) before quantizing
     teacher = copy.deepcopy(model).cpu() if cfg.e2e_steps else None

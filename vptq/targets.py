@@ -129,15 +129,15 @@ def check_model(model: nn.Module, cfg: QuantConfig) -> list[dict[str, nn.Linear]
     return lins
 
 
-def float_tensors(model: nn.Module, cfg: QuantConfig) -> dict:
+def float_tensors(model: nn.Module, cfg: QuantConfig, blocks: int | None = None) -> dict:
     """What stays floating point: {"tensors": {name: elements}, "groups": the same with block indices
     as `*`, "params": elements, "bits": as stored (each tensor's dtype)}: embeddings, head, norms, biases, routers, linears `targets` leaves out.
-    Tied tensors count once."""
+    Tied tensors count once; blocks from index `blocks` on (a partial run) stay floating point whole."""
     path = layers_path(model)
     params = [(n, p) for n, p in model.named_parameters(remove_duplicate=False) if not n.startswith(path + ".")]
     for i, b in enumerate(decoder_layers(model)):
         b = unfused(b)  # MoE experts as the linears they are quantized as
-        quantized = {f"{n}.weight" for n in target_linears(b, cfg)}
+        quantized = {f"{n}.weight" for n in target_linears(b, cfg)} if blocks is None or i < blocks else set()
         params += [(block_prefix(i, path) + n, p) for n, p in b.named_parameters() if n not in quantized]
     seen: set[int] = set()
     tensors, bits = {}, 0
