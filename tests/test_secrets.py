@@ -121,7 +121,8 @@ def test_database_password_never_printed(db_url, where, tmp_path, clean_env):  #
     f"hf://user:{S3_SECRET}@org/name",
     f"https://user:{S3_SECRET}@example.com/models/tiny",
     f"s3://bucket/models/tiny?X-Amz-Signature={S3_SECRET}",
-])
+], ids=["s3-userinfo-prefix", "s3-userinfo", "hf-userinfo", "https-userinfo", "s3-signed-query"])  # stable ids: the
+# secret is random per process, and pytest-xdist's workers must collect the same test names
 def test_credentials_in_a_source_url_are_refused_before_a_job(source, tmp_path, clean_env):
     clean_env.setenv("VPTQ_HOME", str(tmp_path / "home"))
     for cmd in ("compress", "submit"):
