@@ -113,7 +113,7 @@ def errors(debug: bool):
     from vptq_service.store.errors import StoreError, StoreUsageError, mask_text
 
     from vptq.config import ConfigError
-    from vptq.source import SourceError
+    from vptq.errors import SourceError  # not vptq.source: that imports torch (2 s) in every command
 
     previous = None
     try:
