@@ -21,13 +21,11 @@ def upgrade(revision: str = typer.Option("head", "--revision", help="Target Alem
     """Apply the schema migrations to the database of VPTQ_DB_URL (default: SQLite in VPTQ_HOME)."""
     with errors(debug):
         from vptq_service.store.db import make_engine
-        from vptq_service.store.migrate import current_revision
-        from vptq_service.store.migrate import upgrade as run_upgrade
+        from vptq_service.store.migrate import upgrade_from
 
         engine = make_engine()
         try:
-            before = current_revision(engine)
-            after = run_upgrade(engine, revision)
+            before, after = upgrade_from(engine, revision)
         finally:
             engine.dispose()
         shown = engine.url.render_as_string()

@@ -41,7 +41,13 @@ MIGRATION_LOCK = 0x7670_7471_6D69_6772
 
 
 def upgrade(engine: Engine, revision: str = "head") -> str | None:
-    """Apply migrations up to revision in one transaction; returns the revision now current.
+    """Apply migrations up to revision in one transaction; returns the revision now current."""
+    return upgrade_from(engine, revision)[1]
+
+
+def upgrade_from(engine: Engine, revision: str = "head") -> tuple[str | None, str | None]:
+    """(revision before, revision after) of an upgrade to revision in one transaction; "before" is read
+    under the lock, so the second of two concurrent upgrades reports the first one's result as its start.
 
     Two upgrades at once (two `vptq db upgrade`, or two workers starting) are serialized: on
     PostgreSQL by an advisory lock held until the transaction ends, on SQLite by BEGIN IMMEDIATE
@@ -51,11 +57,12 @@ def upgrade(engine: Engine, revision: str = "head") -> str | None:
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK})
+        before = MigrationContext.configure(conn).get_current_revision()
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
     now = current_revision(engine)
     log.info("database schema at revision %s", now)
-    return now
+    return before, now
 
 
 def open_database(url: str | None = None) -> Engine:

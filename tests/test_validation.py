@@ -184,6 +184,10 @@ def test_concurrent_db_upgrades_on_postgresql(db_url, tmp_path):  # noqa: F811
     results = [(p.wait(timeout=300), p.stdout.read(), p.stderr.read()) for p in procs]
     for code, _, err in results:
         assert code == 0 and "Traceback" not in err, err
+    # exactly one migrated; the others waited and say the schema was already there (read under the lock)
+    outs = sorted(out.strip().split(": ", 1)[-1] for _, out, _ in results)
+    assert [o.startswith("empty -> ") for o in outs].count(True) == 1, outs
+    assert sum(o.startswith("already at ") for o in outs) == 2, outs
     r = vptq("db", "current", env=env)
     assert r.returncode == 0 and "up to date" in r.stdout, r.stdout + r.stderr
 
