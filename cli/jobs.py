@@ -335,7 +335,7 @@ def resume(
 
 
 def worker(
-    limit: int = typer.Option(1, "--limit", help="Flow runs at once."),
+    limit: int = typer.Option(1, "--limit", help="Flow runs at once.", min=1, max=1024),
     debug: opt.Debug = False,
 ) -> None:
     """Serve the `compress` and `compress-scheduled` deployments: run the jobs `vptq submit` queues

@@ -128,6 +128,8 @@ def test_jobs_commands_bad_arguments_exit_2(home):
     one_line(*run("jobs", "ls", "--limit", "99999999999999999999")[::2], 2, "--limit")
     for cmd in ("cancel", "logs", "resume"):
         one_line(*run("jobs", cmd, "-5")[::2], 2)
+    for bad in ("0", "99999999999"):  # worker --limit: flow runs at once, 1..1024
+        one_line(*run("worker", "--limit", bad)[::2], 2, "--limit")
     code, out, err = run("jobs", "ls", "--status", "failed", "--json")
     assert code == 0 and json.loads(out) == {"items": []}
 
