@@ -226,7 +226,12 @@ def show(
             if s["spec"] and s["spec"].get("source"):  # a row written before sources were checked for secrets
                 s["spec"]["source"] = mask_text(s["spec"]["source"])
             s["blocks_reused"] = None  # known only to the run that reported it
+            job = repo.get_job(job_id)  # who runs it and when it last said so (a job is taken over when stale)
+            s["runner"] = job.runner
+            s["heartbeat_at"] = job.heartbeat_at.isoformat() if job.heartbeat_at else None
         head = (f"job {s['job_id']} {s['status']}: {s['blocks_done']}/{s['blocks_total']} blocks"
+                + (f", runner {s['runner']} (heartbeat {s['heartbeat_at']})"
+                   if s["status"] == "running" and s["runner"] else "")
                 + (f", artifact {s['artifact']}" if s.get("artifact") else "")
                 + (f", error: {s['error']}" if s.get("error") else ""))
         emit(s, as_json, head + "".join(f"\n  {r['layer']}: proxy loss {r['proxy_loss']:.4g}, "

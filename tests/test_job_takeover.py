@@ -219,6 +219,10 @@ def test_a_frozen_runner_is_taken_over_after_its_heartbeat_timeout_and_then_stop
     assert "Traceback" not in err1
     job = _job()
     assert job.status == "succeeded" and job.runner.split(":")[1] == str(second.pid) and job.error is None
+    r = subprocess.run([sys.executable, "-m", "vptq_service.cli.main", "jobs", "show", "1", "--json"], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=120)
+    shown = json.loads(r.stdout)  # who ran it and its last heartbeat, as the operator sees them
+    assert shown["runner"] == job.runner and shown["heartbeat_at"], r.stdout + r.stderr
 
     from vptq_service.store.repository import Repository
 
