@@ -29,8 +29,12 @@ demo: $(STAMP)
 		--eval-text $(DEMO_EVAL) --eval-windows 4 --out out/demo-2bit --overwrite
 	@echo "next: $(BIN)/vptq generate smollm2-demo 'The capital of France is'   (see README: tour)"
 
+# two pytest-xdist workers (TEST_WORKERS=0: one process): many tests wait on subprocesses, servers and
+# heartbeats rather than on a core, so two workers on CI's 2 cores finish the suite sooner
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/quality.py

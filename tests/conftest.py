@@ -9,7 +9,9 @@ import torch
 from tests.prefect_fixtures import prefect_harness, tiny_flow_job  # noqa: F401
 from tests.store_fixtures import moto_server  # noqa: F401
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# one torch thread per pytest-xdist worker (`make test` runs two on CI's two cores: two threads each would
+# oversubscribe them), two in a single process
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "wikitext-2"
