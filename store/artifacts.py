@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from vptq_service.store.durable import current_umask, fsync_dir
 from vptq_service.store.errors import StoreError, mask_url
 
 log = logging.getLogger(__name__)
@@ -38,34 +39,6 @@ class StoredObject:
     key: str
     size: int
     modified: datetime  # aware UTC: how old an orphan is (gc's grace period)
-
-
-def current_umask() -> int:
-    """The process umask, read without changing it where /proc allows (os.umask is process-wide)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new entry in path durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class ArtifactStore(ABC):

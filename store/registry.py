@@ -37,7 +37,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from vptq_service.store.artifacts import ArtifactStore, current_umask, fsync_dir
+from vptq_service.store.artifacts import ArtifactStore
+from vptq_service.store.durable import current_umask, fsync_dir, fsync_file
 from vptq_service.store.errors import StoreError, StoreUsageError
 from vptq_service.store.manifest import (
     MANIFEST,
@@ -73,14 +74,6 @@ class PullResult:
 class Listing:
     manifests: list[Manifest] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # one line per unreadable version
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Registry:
@@ -370,7 +363,7 @@ class Registry:
                 if progress:
                     progress(i + 1, len(m.files), f.path)
             (staging / MANIFEST).write_bytes(m.to_bytes())
-            _fsync_file(staging / MANIFEST)
+            fsync_file(staging / MANIFEST)
             self._check_staging(ref, m, staging)
             mode = 0o777 & ~current_umask()  # mkdtemp made 0700: dest gets what a mkdir would
             for d in [staging, *(p for p in staging.rglob("*") if p.is_dir())]:
@@ -414,7 +407,7 @@ class Registry:
             raise StoreError(f"{ref} is corrupted: {f.path} has sha256 {digest[:12]}... ({size} bytes), the manifest "
                              f"says {f.sha256[:12]}... ({f.size} bytes); nothing was written to {dest}; "
                              "republish this version")
-        _fsync_file(target)
+        fsync_file(target)
 
     def _check_staging(self, ref: str, m: Manifest, staging: Path) -> None:
         """Exactly the manifest's files, all regular: no symlink, no stray file reaches dest."""

@@ -6,13 +6,12 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from vptq_service.store.artifacts import current_umask
+from vptq_service.store.durable import replace_durably
 
 import vptq
 
@@ -70,51 +69,17 @@ def run_dir(run_key: str) -> Path:
     return d
 
 
-def _fsync_dir(d: Path) -> None:
-    """Make a rename in `d` durable (POSIX: the directory entry is data of the directory)."""
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
-    """safetensors written to a unique temporary sibling, fsynced and renamed: a kill or a power cut
-    never leaves half a file, and concurrent writers of one path never share a temporary file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp made 0600: a group-shared VPTQ_HOME needs the umask
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
+    """safetensors written durably (store/durable.py): a kill or a power cut never leaves half a file,
+    and concurrent writers of one path never share a temporary file."""
+    cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return replace_durably(path, lambda tmp: save_file(cpu, tmp, metadata=metadata))
 
 
 def write_json(data: dict, path: Path) -> Path:
-    """JSON written atomically: a unique temporary sibling (concurrent writers never collide),
-    fsynced, renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, 0o666 & ~current_umask())  # as a plain open() would create it
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(data, indent=2, sort_keys=True, default=str))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
+    """JSON written durably (store/durable.py)."""
+    text = json.dumps(data, indent=2, sort_keys=True, default=str)
+    return replace_durably(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def file_record(path: Path) -> dict[str, Any]:
