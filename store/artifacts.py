@@ -372,15 +372,7 @@ class S3Store(ArtifactStore):
             raise
 
     def list_keys(self, prefix: str) -> list[str]:
-        full = self._key(prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
-        if prefix.endswith("/") and not full.endswith("/"):
-            full += "/"
-        strip = len(f"{self.prefix}/") if self.prefix else 0
-        keys: list[str] = []
-        pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full)
-        for page in self._call(f"list {prefix or '/'}", list, pages):
-            keys.extend(o["Key"][strip:] for o in page.get("Contents", []))
-        return sorted(keys)
+        return [o.key for o in self.list_objects(prefix)]  # one S3 listing: the keys of list_objects
 
     def delete_key(self, key: str) -> None:
         self._call(f"delete {key}", self._client.delete_object, Bucket=self.bucket, Key=self._key(key))

@@ -9,20 +9,14 @@ the same code path as MinIO.
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 
 import pytest
+from vptq_service.serve.launch import free_port
 
 PG_URL = os.environ.get("VPTQ_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 # A recognizable secret: tests assert it never shows up in logs, errors or rows.
 S3_SECRET = "s3cr3t-" + uuid.uuid4().hex
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pg_admin():

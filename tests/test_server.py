@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import torch
+from vptq_service.serve.launch import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--nsamples", "2", "--seqlen", "64", "--eval-windows", "1", "--eval-seqlen", "64",
@@ -25,12 +25,6 @@ TINY = ["--nsamples", "2", "--seqlen", "64", "--eval-windows", "1", "--eval-seql
 
 
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")  # flow-run state types that end a run
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get_json(url: str, timeout: float = 5.0):
