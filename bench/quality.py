@@ -4,6 +4,8 @@ both Hessian modes, and the 2-bit ablation (each VPTQ part off in turn).
     python bench/quality.py                      # every run, on the CPU (hours on 2 cores)
     python bench/quality.py --device cuda --only vptq2,vptq2-no-norm
     python bench/quality.py --report             # results JSONL -> bench/RESULTS.md + docs/quality.png
+    python bench/quality.py --model PATH.gguf --tag qwen2.5-0.5b --results bench/results/real_models.jsonl \
+        --only fp,rtn4,gptq3,preset2-oneshot --plan   # another model (bench/real_models.sh drives this)
 
 Each finished run is appended to bench/results/quality.jsonl at once (a crash loses nothing);
 --report rebuilds the table from every recorded run.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import sys
 import time
 from datetime import UTC, datetime
@@ -59,6 +62,11 @@ RUNS: dict[str, dict] = {
     "vptq4": dict(method="vptq", bits=4),
     "vptq3": dict(method="vptq", bits=3),
     "vptq2": dict(method="vptq", bits=2),
+    # today's presets (vptq/config.py) without the fine-tuning stage: what a CPU user gets in one shot,
+    # with a one-shot job's default calibration (calib_windows(0) windows)
+    "preset2-oneshot": dict(method="vptq", bits=2, base="current", nsamples="job", cfg=dict(e2e_steps=0)),
+    "preset3-oneshot": dict(method="vptq", bits=3, base="current", nsamples="job", cfg=dict(e2e_steps=0)),
+    "preset4-oneshot": dict(method="vptq", bits=4, base="current", nsamples="job", cfg=dict(e2e_steps=0)),
     "vptq2-original-hessians": dict(method="vptq", bits=2, cfg=dict(hessians="original")),
     # one-shot ablation at 2 bits (no end-to-end stage, which would hide the parts' effects):
     # the full one-shot method, then each part off in turn
@@ -137,6 +145,11 @@ def machine(device: str) -> str:
     return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
+def peak_host_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def run_one(name: str, spec: dict, args) -> dict:
     from vptq.baselines import gptq_linear, rtn_linear
     from vptq.driver import vptq_linear
@@ -145,12 +158,21 @@ def run_one(name: str, spec: dict, args) -> dict:
 
     method = spec["method"]
     nsamples = spec.get("nsamples", args.nsamples)
+    if nsamples == "job":
+        nsamples = calib_windows(run_config(spec).e2e_steps)
     t0 = time.perf_counter()
-    rec = {"name": name, "method": method, "bits": spec.get("bits"), "device": args.device,
+    rec = {"name": name, "model": args.tag, "source": args.model, "method": method, "bits": spec.get("bits"),
+           "device": args.device,
            "machine": machine(args.device), "date": datetime.now(UTC).isoformat(timespec="seconds"),
            **versions(), "nsamples": nsamples, "seqlen": args.seqlen}
+    if args.plan and method == "vptq":  # vptq plan's prediction, made before the run, recorded beside it
+        from vptq.plan import plan
+        p = plan(args.model, run_config(spec), nsamples, args.seqlen, args.device, calib=args.calib)
+        rec["plan"] = {k: p[k] for k in ("bpw", "bits_per_param", "peak_host_bytes", "peak_device_bytes",
+                                         "seconds_total", "notes")}
+        t0 = time.perf_counter()
     if method == "fp":
-        model, tok = load_model(resolve("smollm2"))
+        model, tok = load_model(resolve(args.model))
         rec.update(bpw=32.0, quant_seconds=0.0)
     else:
         cfg = run_config(spec)
@@ -163,14 +185,16 @@ def run_one(name: str, spec: dict, args) -> dict:
             if "done" in msg or (msg.startswith("fine-tune") and (done % 50 == 0 or done == total)):
                 print(f"{name}: {time.perf_counter() - t0:.0f}s {msg}", file=sys.stderr, flush=True)
 
-        res, model, tok = compress("smollm2", cfg, None, args.calib, nsamples, args.seqlen, args.device,
+        res, model, tok = compress(args.model, cfg, None, args.calib, nsamples, args.seqlen, args.device,
                                    progress=progress, quantize_fn=fn)
         rec.update(bpw=res.report.bpw, quant_seconds=res.report.seconds, config=cfg.to_dict(),
                    mean_proxy_loss=sum(r.proxy_loss for r in res.report.layers) / len(res.report.layers),
-                   warnings=len(res.report.warnings), group=spec.get("group"), e2e=res.report.e2e)
-    ppl = evaluate("smollm2", args.test, 10, 2048, args.device, model=model, tokenizer=tok)
+                   warnings=len(res.report.warnings), group=spec.get("group"), e2e=res.report.e2e,
+                   bits_per_param=res.report.bits_per_param, float_params=res.report.float_params)
+    rec["quant_peak_host_bytes"] = peak_host_bytes()  # load + calibration + quantization (before the eval)
+    ppl = evaluate(args.model, args.test, 10, 2048, args.device, model=model, tokenizer=tok)
     rec.update(perplexity=ppl.perplexity, windows=ppl.windows, eval_seqlen=ppl.seqlen,
-               total_seconds=time.perf_counter() - t0)
+               total_seconds=time.perf_counter() - t0, peak_host_bytes=peak_host_bytes())
     return rec
 
 
@@ -230,9 +254,40 @@ def report(results: Path) -> None:
     fig.savefig(ROOT / "docs" / "quality.png", dpi=120)
 
 
+def report_models(results: Path) -> None:
+    """The real-model table (one row per model and run, the latest record wins) into bench/RESULTS.md."""
+    recs: dict[tuple[str, str], dict] = {}
+    for line in results.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            recs[(r["model"], r["name"])] = r
+    gib = 1 << 30
+    rows = ["| model | run | bpw all-in | bits/param (whole model) | quantize s | peak host GiB | "
+            "plan: s / GiB | wikitext-2 test ppl | date | machine |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (model, name), r in sorted(recs.items(), key=lambda kv: (kv[0][0], list(RUNS).index(kv[0][1])
+                                                                    if kv[0][1] in RUNS else 999)):
+        pl = r.get("plan")
+        plan_cell = f"{pl['seconds_total']:.0f} / {pl['peak_host_bytes'] / gib:.1f}" if pl else "-"
+        bpp = r.get("bits_per_param")
+        rows.append(f"| {model} | {name} | {r['bpw']:.3f} | {f'{bpp:.3f}' if bpp else '-'} | "
+                    f"{r['quant_seconds']:.0f} | {r.get('quant_peak_host_bytes', r['peak_host_bytes']) / gib:.1f} | "
+                    f"{plan_cell} | {r['perplexity']:.2f} | {r['date'][:10]} | {r['machine']} |")
+    table = "\n".join(rows)
+    doc = ROOT / "bench" / "RESULTS.md"
+    begin, end = "<!-- real-models:begin -->", "<!-- real-models:end -->"
+    if doc.exists() and begin in doc.read_text():
+        text = doc.read_text()
+        head, rest = text.split(begin, 1)
+        doc.write_text(head + begin + "\n" + table + "\n" + end + rest.split(end, 1)[1])
+    print(table)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", default="smollm2", help="model source (default: the baselines.md SmolLM2)")
+    ap.add_argument("--tag", default="smollm2-135m", help="the model's name in the records")
+    ap.add_argument("--plan", action="store_true", help="record vptq plan's prediction beside each VPTQ run")
     ap.add_argument("--only", default="", help="comma-separated run names (default: all)")
     ap.add_argument("--skip-done", action="store_true", help="skip runs already in the JSONL")
     ap.add_argument("--nsamples", type=int, default=64)
@@ -247,7 +302,7 @@ def main() -> None:
     check_preset_runs()
     results = Path(args.results)
     if args.report:
-        report(results)
+        report(results) if results == RESULTS else report_models(results)
         return
     for c in args.custom:
         name, bits, kv = (c.split(":", 2) + [""])[:3]
@@ -264,7 +319,8 @@ def main() -> None:
         sys.exit(f"unknown run(s) {unknown}; choose from {list(RUNS)}")
     done = set()
     if args.skip_done and results.exists():
-        done = {json.loads(x)["name"] for x in results.read_text().splitlines() if x.strip()}
+        recs = [json.loads(x) for x in results.read_text().splitlines() if x.strip()]
+        done = {r["name"] for r in recs if r.get("model", "smollm2-135m") == args.tag}
     results.parent.mkdir(parents=True, exist_ok=True)
     for name in names:
         if name in done:
@@ -275,7 +331,7 @@ def main() -> None:
             f.write(json.dumps(rec) + "\n")
         print(f"{name}: bpw {rec['bpw']:.3f} ppl {rec['perplexity']:.2f} quant {rec['quant_seconds']:.0f}s",
               flush=True)
-    report(results)
+    report(results) if results == RESULTS else report_models(results)
 
 
 if __name__ == "__main__":

@@ -77,7 +77,24 @@ def build_spec(source: str, name: str, bits: int, version: str | None = None, ca
 
             eval_tokens = tokenize_text(checked_load(load_tokenizer, src, "tokenizer"), eval_text).numel()
         check_windows(spec, ids.numel(), eval_tokens, exact=True)
+        check_architecture(src, spec)
     return spec
+
+
+def check_architecture(src, spec: JobSpec) -> None:
+    """A local model whose architecture cannot be quantized whole (no decoder blocks, block weights
+    outside nn.Linear, a --targets pattern matching nothing, a layout that does not fit) is refused
+    from its config, on the meta device, before a job row exists (remote ones: by the flow's
+    inspect_model after the fetch). Only model folders: their config.json reads in milliseconds, while
+    a GGUF file's config is parsed from the whole file (13-30 s), so a GGUF source (an architecture
+    transformers can read from GGUF) is checked by inspect_model too; an already-quantized folder is
+    refused by fetch_model, with its own message."""
+    from vptq.pipeline import checked_load
+    from vptq.source import load_skeleton
+    from vptq.targets import check_layouts
+
+    if src.kind == "hf":
+        check_layouts(checked_load(load_skeleton, src, "model config"), spec.quant_config())
 
 
 def check_name(name: str, version: str | None) -> None:

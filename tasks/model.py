@@ -104,18 +104,15 @@ def fetch_model(source: str) -> dict[str, Any]:
 @task(cache_policy=NO_CACHE)
 def inspect_model(path: str, config: dict[str, Any]) -> dict[str, Any]:
     """Load the model and check that the configuration fits every target linear."""
-    from vptq.config import ConfigError, LayerLayout, QuantConfig
-    from vptq.targets import check_model, float_tensors
+    from vptq.config import ConfigError, QuantConfig
+    from vptq.targets import check_layouts, float_tensors
 
     cfg = QuantConfig.from_dict(config)
     model, _ = load_fp_model(path)
-    try:
-        linears = check_model(model, cfg)  # no blocks, unsupported weights, a pattern matching nothing
+    try:  # no blocks, unsupported weights, a pattern matching nothing, a layout that does not fit
+        linears = check_layouts(model, cfg)  # (a local source was checked from its config before the job row)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
-    for lins in linears:
-        for lin in lins.values():
-            LayerLayout.for_shape(cfg, lin.out_features, lin.in_features)
     return {"blocks": len(linears), "architecture": type(model).__name__,
             "parameter_count": sum(p.numel() for p in model.parameters()),
             "linears": sum(len(lins) for lins in linears), "float": float_tensors(model, cfg)}

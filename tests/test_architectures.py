@@ -257,7 +257,7 @@ def test_targets_narrow_and_a_pattern_matching_nothing_is_refused(smol_tokenizer
                        *CLI_TINY)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "'nothing.*' matches no linear" in lines[0], err
-    assert not out.exists() and "running" not in jobs_left(home)
+    assert not out.exists() and jobs_left(home) == []  # refused before a job row exists
     code, stdout, err = cli("plan", src, "--bits", "2", "--json", "--calib", calib, "--targets", "self_attn.*",
                             "--targets", "mlp.down_proj", *PLAN_TINY)
     assert code == 0, err
@@ -280,7 +280,11 @@ def test_an_unsupported_architecture_is_refused_by_the_command(smol_tokenizer, c
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "GPT2LMHeadModel is not supported: transformer.h.0." in lines[0], err
     assert "Traceback" not in err and stdout == "" and not out.exists()
-    assert "running" not in jobs_left(home)
+    # refused before any work: from the model's config (no weights loaded), before a job row exists
+    code, stdout, err = cli("submit", src, "--bits", "2", "--name", "g", "--calib", calib, *CLI_TINY)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "GPT2LMHeadModel is not supported" in lines[0], err
+    assert jobs_left(home) == []
 
 
 def test_a_model_without_decoder_blocks_is_refused(tmp_path):

@@ -109,6 +109,18 @@ def load_tokenizer(src: ModelSource):
         return AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
 
 
+def load_skeleton(src: ModelSource) -> torch.nn.Module:
+    """The source's model on the meta device, built from its config alone (no weights read): what the
+    architecture checks (vptq.targets.check_layouts) need before a job row exists or a model loads."""
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    transformers.logging.set_verbosity_error()
+    config = AutoConfig.from_pretrained(src.path, gguf_file=src.gguf_file)  # errors: vptq.pipeline.checked_load
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
 def load_model(src: ModelSource, dtype: torch.dtype = torch.float32):
     """(model, tokenizer). GGUF weights are dequantized to `dtype` (baselines.md's "FP")."""
     import transformers

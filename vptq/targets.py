@@ -25,7 +25,7 @@ import re
 
 from torch import nn
 
-from .config import ConfigError, QuantConfig
+from .config import ConfigError, LayerLayout, QuantConfig
 from .experts import is_fused_experts, unfuse_experts
 
 # last path components of MoE routers and gates (they stay floating point): Mixtral's `gate` when it is
@@ -127,6 +127,16 @@ def check_model(model: nn.Module, cfg: QuantConfig) -> list[dict[str, nn.Linear]
         raise ConfigError(f"{arch}: targets pattern {unused[0]!r} matches no linear of its decoder blocks"
                           + ("" if any(lins) else ": nothing to quantize"))
     return lins
+
+
+def check_layouts(model: nn.Module, cfg: QuantConfig) -> list[dict[str, nn.Linear]]:
+    """check_model, then the configuration's layout for every target linear's shape (ConfigError if
+    one does not fit): the whole check a job makes before any work, on a real or a meta-device model."""
+    linears = check_model(model, cfg)
+    for lins in linears:
+        for lin in lins.values():
+            LayerLayout.for_shape(cfg, lin.out_features, lin.in_features)
+    return linears
 
 
 def float_tensors(model: nn.Module, cfg: QuantConfig, blocks: int | None = None) -> dict:
