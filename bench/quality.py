@@ -185,8 +185,9 @@ def run_one(name: str, spec: dict, args) -> dict:
             if "done" in msg or (msg.startswith("fine-tune") and (done % 50 == 0 or done == total)):
                 print(f"{name}: {time.perf_counter() - t0:.0f}s {msg}", file=sys.stderr, flush=True)
 
-        res, model, tok = compress(args.model, cfg, None, args.calib, nsamples, args.seqlen, args.device,
-                                   progress=progress, quantize_fn=fn)
+        out = Path(args.save) / f"{args.tag}-{name}" if args.save and method == "vptq" else None
+        res, model, tok = compress(args.model, cfg, out, args.calib, nsamples, args.seqlen, args.device,
+                                   overwrite=True, progress=progress, quantize_fn=fn)
         rec.update(bpw=res.report.bpw, quant_seconds=res.report.seconds, config=cfg.to_dict(),
                    mean_proxy_loss=sum(r.proxy_loss for r in res.report.layers) / len(res.report.layers),
                    warnings=len(res.report.warnings), group=spec.get("group"), e2e=res.report.e2e,
@@ -288,6 +289,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2", help="model source (default: the baselines.md SmolLM2)")
     ap.add_argument("--tag", default="smollm2-135m", help="the model's name in the records")
     ap.add_argument("--plan", action="store_true", help="record vptq plan's prediction beside each VPTQ run")
+    ap.add_argument("--save", default="", help="keep each VPTQ run's quantized folder under DIR/TAG-RUN")
     ap.add_argument("--only", default="", help="comma-separated run names (default: all)")
     ap.add_argument("--skip-done", action="store_true", help="skip runs already in the JSONL")
     ap.add_argument("--nsamples", type=int, default=64)

@@ -107,3 +107,17 @@ def test_inconsistent_quantized_folder_names_the_layer(quantized_dir, tmp_path, 
     (bad / "config.json").write_text(json.dumps(cfg))
     code, out, err = run("generate", bad, "x")
     assert code == 2 and "layer model.layers.0.mlp.up_proj" in err and "Traceback" not in err
+
+
+def test_a_gguf_tokenizer_carries_the_files_chat_template(quantized_dir):
+    """An instruct model from a GGUF file (Qwen2.5-Instruct, SmolLM2-Instruct) chats with the file's own
+    `tokenizer.chat_template` (transformers 5 reads it; vptq.generate's ChatML is only the fallback for a
+    tokenizer without one), and a quantized folder saves it with its tokenizer."""
+    from gguf import GGUFReader
+
+    from vptq.source import load_tokenizer, resolve
+
+    src = resolve("smollm2")
+    want = GGUFReader(src.uri).fields["tokenizer.chat_template"].contents()
+    assert want and load_tokenizer(src).chat_template == want
+    assert load_tokenizer(resolve(str(quantized_dir))).chat_template == want  # saved beside the codes
