@@ -69,3 +69,18 @@ def quantized_dir(tiny_llama_dir, smol_tokenizer, tmp_path_factory):
 
     cfg = QuantConfig(vector_len=4, num_centroids=64, kmeans_iters=3, refine_iters=0)
     return quantized_folder(tiny_llama_dir, cfg, smol_tokenizer, tmp_path_factory.mktemp("gen") / "q")
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch, request):
+    """A fresh VPTQ_HOME (SQLite lineage DB, local artifact store, workspaces) for one test, on the
+    session's Prefect server; what a command sets in the environment for its process (TQDM_DISABLE
+    & co.) is undone afterwards."""
+    request.getfixturevalue("prefect_harness")
+    for k in ("VPTQ_DB_URL", "VPTQ_ARTIFACTS", "PREFECT_API_URL"):
+        monkeypatch.delenv(k, raising=False)
+    saved = dict(os.environ)
+    monkeypatch.setenv("VPTQ_HOME", str(tmp_path / "home"))
+    yield tmp_path / "home"
+    os.environ.clear()
+    os.environ.update(saved)

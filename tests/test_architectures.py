@@ -189,20 +189,6 @@ PLAN_TINY = ["--nsamples", str(WINDOWS), "--seqlen", str(SEQLEN), "--finetune-st
 CLI_TINY = [*PLAN_TINY, "--eval-windows", "0"]
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch, prefect_harness):  # noqa: F811
-    """A fresh VPTQ_HOME (SQLite lineage DB, local artifact store, workspaces) for one command."""
-    import os
-
-    for k in ("VPTQ_DB_URL", "VPTQ_ARTIFACTS", "PREFECT_API_URL"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("VPTQ_HOME", str(tmp_path / "home"))
-    saved = dict(os.environ)
-    yield tmp_path / "home"
-    os.environ.clear()  # the commands set TQDM_DISABLE & co. for their process
-    os.environ.update(saved)
-
-
 def cli(*args) -> tuple[int, str, str]:
     from typer.testing import CliRunner
     from vptq_service.cli.main import app

@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["--nsamples", "2", "--seqlen", "64", "--set", "num_centroids=16", "--set", "kmeans_iters=3",
         "--finetune-steps", "2", "--eval-windows", "1", "--eval-seqlen", "64"]
 EVAL_TINY = ["--windows", "1", "--seqlen", "64"]
+pytestmark = pytest.mark.usefixtures("home")  # every test: a fresh VPTQ_HOME (tests/conftest.py)
 
 
 def run(*args: str) -> tuple[int, str, str]:
@@ -57,15 +58,6 @@ def assert_one_line_error(code: int, out: str, err: str, expected_code: int, *ne
 def siblings(out: Path) -> list[str]:
     """Temporary or backup folders save_quantized may have left next to --out."""
     return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
-
-
-@pytest.fixture(autouse=True)
-def home(tmp_path, monkeypatch, prefect_harness):  # noqa: F811
-    """A fresh VPTQ_HOME (SQLite lineage DB, local artifact store, workspaces) per test."""
-    for k in ("VPTQ_DB_URL", "VPTQ_ARTIFACTS", "PREFECT_API_URL"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("VPTQ_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
 
 
 def jobs_in(home: Path) -> list:

@@ -25,18 +25,6 @@ TINY = ["--nsamples", "2", "--seqlen", "64", "--eval-windows", "1", "--eval-seql
         "--set", "refine_iters=0", "--set", "e2e_steps=0", "--local", "--json"]
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch, prefect_harness):  # noqa: F811
-    """A fresh VPTQ_HOME (SQLite lineage DB, local artifact store, workspaces) per test."""
-    for k in ("VPTQ_DB_URL", "VPTQ_ARTIFACTS", "PREFECT_API_URL"):
-        monkeypatch.delenv(k, raising=False)
-    saved = dict(os.environ)
-    monkeypatch.setenv("VPTQ_HOME", str(tmp_path / "home"))
-    yield tmp_path / "home"
-    for k in set(os.environ) - set(saved):  # the CLI sets TQDM_DISABLE & co. for its process
-        os.environ.pop(k, None)
-
-
 def run(*args) -> tuple[int, str, str]:
     from vptq_service.cli.main import app
 
