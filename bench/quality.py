@@ -119,9 +119,9 @@ RUNS: dict[str, dict] = {
 }
 
 
-def run_config(spec: dict) -> QuantConfig:
+def run_config(spec: dict, seed: int = 0) -> QuantConfig:
     base = preset(spec["bits"]) if spec.get("base") == "current" else V1[spec["bits"]]
-    return base.with_(**spec.get("cfg", {}))
+    return base.with_(**spec.get("cfg", {}), **({"seed": seed} if seed else {}))
 
 
 def check_preset_runs() -> None:
@@ -159,15 +159,16 @@ def run_one(name: str, spec: dict, args) -> dict:
     method = spec["method"]
     nsamples = spec.get("nsamples", args.nsamples)
     if nsamples == "job":
-        nsamples = calib_windows(run_config(spec).e2e_steps)
+        nsamples = calib_windows(run_config(spec, args.seed).e2e_steps)
     t0 = time.perf_counter()
-    rec = {"name": name, "model": args.tag, "source": args.model, "method": method, "bits": spec.get("bits"),
+    rec = {"name": name, "model": args.tag, "seed": args.seed,
+           "calib_text": "wikitext-2 valid, calibration part (vptq/splits.py)" if args.split else args.calib, "source": args.model, "method": method, "bits": spec.get("bits"),
            "device": args.device,
            "machine": machine(args.device), "date": datetime.now(UTC).isoformat(timespec="seconds"),
            **versions(), "nsamples": nsamples, "seqlen": args.seqlen}
     if args.plan and method == "vptq":  # vptq plan's prediction, made before the run, recorded beside it
         from vptq.plan import plan
-        p = plan(args.model, run_config(spec), nsamples, args.seqlen, args.device, calib=args.calib)
+        p = plan(args.model, run_config(spec, args.seed), nsamples, args.seqlen, args.device, calib=args.calib)
         rec["plan"] = {k: p[k] for k in ("bpw", "bits_per_param", "peak_host_bytes", "peak_device_bytes",
                                          "seconds_total", "notes")}
         t0 = time.perf_counter()
@@ -175,7 +176,7 @@ def run_one(name: str, spec: dict, args) -> dict:
         model, tok = load_model(resolve(args.model))
         rec.update(bpw=32.0, quant_seconds=0.0)
     else:
-        cfg = run_config(spec)
+        cfg = run_config(spec, args.seed)
         if method != "vptq":  # scalar baselines: one-shot, as llm-compressor's GPTQ in baselines.md
             cfg = cfg.with_(e2e_steps=0)
         fn = {"vptq": vptq_linear, "rtn": lambda: rtn_linear(spec["bits"], spec["group"]),
@@ -193,6 +194,9 @@ def run_one(name: str, spec: dict, args) -> dict:
                    warnings=len(res.report.warnings), group=spec.get("group"), e2e=res.report.e2e,
                    bits_per_param=res.report.bits_per_param, float_params=res.report.float_params)
     rec["quant_peak_host_bytes"] = peak_host_bytes()  # load + calibration + quantization (before the eval)
+    if args.split:  # selection perplexity: the part of valid no calibration window came from
+        rec["select_perplexity"] = evaluate(args.model, args.select, 10, 2048, args.device, model=model,
+                                            tokenizer=tok).perplexity
     ppl = evaluate(args.model, args.test, 10, 2048, args.device, model=model, tokenizer=tok)
     rec.update(perplexity=ppl.perplexity, windows=ppl.windows, eval_seqlen=ppl.seqlen,
                total_seconds=time.perf_counter() - t0, peak_host_bytes=peak_host_bytes())
@@ -289,6 +293,10 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2", help="model source (default: the baselines.md SmolLM2)")
     ap.add_argument("--tag", default="smollm2-135m", help="the model's name in the records")
     ap.add_argument("--plan", action="store_true", help="record vptq plan's prediction beside each VPTQ run")
+    ap.add_argument("--seed", type=int, default=0, help="the calibration sample's and k-means' seed")
+    ap.add_argument("--split", action="store_true",
+                    help="calibrate on valid's calibration part and record the selection part's perplexity "
+                         "(vptq/splits.py; the quality issue's selection protocol)")
     ap.add_argument("--save", default="", help="keep each VPTQ run's quantized folder under DIR/TAG-RUN")
     ap.add_argument("--only", default="", help="comma-separated run names (default: all)")
     ap.add_argument("--skip-done", action="store_true", help="skip runs already in the JSONL")
@@ -302,6 +310,12 @@ def main() -> None:
                     help="extra VPTQ run NAME:BITS:field=value,field=value (exploration)")
     args = ap.parse_args()
     check_preset_runs()
+    if args.split:  # the two parts of valid as files, for the commands' text arguments
+        import tempfile
+
+        from vptq.splits import write_parts
+
+        args.calib, args.select = map(str, write_parts(args.calib, tempfile.mkdtemp(prefix="vptq-split-")))
     results = Path(args.results)
     if args.report:
         report(results) if results == RESULTS else report_models(results)
@@ -322,7 +336,8 @@ def main() -> None:
     done = set()
     if args.skip_done and results.exists():
         recs = [json.loads(x) for x in results.read_text().splitlines() if x.strip()]
-        done = {r["name"] for r in recs if r.get("model", "smollm2-135m") == args.tag}
+        done = {r["name"] for r in recs if r.get("model", "smollm2-135m") == args.tag
+                and r.get("seed", 0) == args.seed and ("select_perplexity" in r) == args.split}
     results.parent.mkdir(parents=True, exist_ok=True)
     for name in names:
         if name in done:
