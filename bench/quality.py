@@ -31,6 +31,7 @@ from vptq.config import QuantConfig, calib_windows, preset  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "quality.jsonl"
 SHARED = ROOT.parent / "shared" / "data" / "wikitext-2"
+OOD = sorted((ROOT / "bench" / "data" / "ood").glob("*.txt"))  # docs/ood-corpora.md
 
 # The presets as they were when the runs below up to the "second generation" were recorded
 # (first generation: per-channel norm, sequential Hessians, 200 end-to-end steps at lr 1e-4,
@@ -197,6 +198,9 @@ def run_one(name: str, spec: dict, args) -> dict:
     if args.split:  # selection perplexity: the part of valid no calibration window came from
         rec["select_perplexity"] = evaluate(args.model, args.select, 10, 2048, args.device, model=model,
                                             tokenizer=tok).perplexity
+    if args.ood:  # out-of-domain reporting columns (docs/ood-corpora.md): never calibration, never selection
+        rec["ood_perplexity"] = {f.stem: evaluate(args.model, f, 10, 2048, args.device, model=model,
+                                                  tokenizer=tok).perplexity for f in OOD}
     ppl = evaluate(args.model, args.test, 10, 2048, args.device, model=model, tokenizer=tok)
     rec.update(perplexity=ppl.perplexity, windows=ppl.windows, eval_seqlen=ppl.seqlen,
                total_seconds=time.perf_counter() - t0, peak_host_bytes=peak_host_bytes())
@@ -297,6 +301,7 @@ def main() -> None:
     ap.add_argument("--split", action="store_true",
                     help="calibrate on valid's calibration part and record the selection part's perplexity "
                          "(vptq/splits.py; the quality issue's selection protocol)")
+    ap.add_argument("--ood", action="store_true", help="also score the out-of-domain corpora (docs/ood-corpora.md)")
     ap.add_argument("--save", default="", help="keep each VPTQ run's quantized folder under DIR/TAG-RUN")
     ap.add_argument("--only", default="", help="comma-separated run names (default: all)")
     ap.add_argument("--skip-done", action="store_true", help="skip runs already in the JSONL")

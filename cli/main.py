@@ -90,7 +90,8 @@ def compress(
 def eval_(
     source: str = typer.Argument(..., help="Original model (folder, .gguf, 'smollm2'), a quantized folder, "
                                  "or a registry artifact NAME[:VERSION]."),
-    text: Path = typer.Option(..., "--text", help="Evaluation text (e.g. wikitext-2 test.txt)."),
+    text: list[Path] = typer.Option(..., "--text", help="Evaluation text (e.g. wikitext-2 test.txt); repeat it "
+                                    "to score several texts with one model load."),
     windows: int = typer.Option(10, "--windows", help="Number of non-overlapping windows."),
     seqlen: int = typer.Option(2048, "--seqlen", help="Tokens per window."),
     device: opt.Device = opt.DEFAULT.device,
@@ -101,16 +102,22 @@ def eval_(
     with errors(debug):
         from vptq_service.cli.refs import local_model
 
-        from vptq.pipeline import check_device, evaluate
+        from vptq.pipeline import check_device, evaluate_texts
 
         check_device(device)
         source = local_model(source)
         t0 = time.perf_counter()
         with stdout_to_stderr(as_json), progress(True, "evaluate") as cb:
-            r = evaluate(source, text, windows, seqlen, device, (lambda d, t: cb(d, t, "")) if cb else None)
+            rs = evaluate_texts(source, text, windows, seqlen, device, (lambda d, t: cb(d, t, "")) if cb else None)
+        r = rs[0]  # the first text's figures stay the top-level keys (one --text: the whole answer)
         data = {"perplexity": r.perplexity, "windows": r.windows, "seqlen": r.seqlen, "tokens": r.tokens,
                 "seconds": round(time.perf_counter() - t0, 2)}
-        emit(data, as_json, f"perplexity {r.perplexity:.3f} over {r.windows} x {r.seqlen} tokens")
+        human = f"perplexity {r.perplexity:.3f} over {r.windows} x {r.seqlen} tokens"
+        if len(rs) > 1:
+            data["texts"] = [{"text": str(t), "perplexity": x.perplexity, "tokens": x.tokens} for t, x in zip(text, rs, strict=True)]
+            human = "\n".join(f"{t}: perplexity {x.perplexity:.3f} over {x.windows} x {x.seqlen} tokens"
+                              for t, x in zip(text, rs, strict=True))
+        emit(data, as_json, human)
 
 
 db.register(app)  # db, artifacts, pull

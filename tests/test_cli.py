@@ -371,6 +371,29 @@ def test_eval_human_output_on_original_model(tiny_llama_dir, calib):
     assert out.startswith("perplexity ") and "1 x 64" in out
 
 
+def test_eval_scores_several_texts_with_one_load(tiny_llama_dir, calib, tmp_path, monkeypatch):
+    """`--text A --text B`: the first text's figures stay the top-level keys, `texts` has each; the model
+    loads once; a short text is refused (exit 2, naming it) before the model loads."""
+    import vptq.source
+
+    other = tmp_path / "other.txt"
+    other.write_text("def f(x):\n    return x + 1\n" * 200)
+    loads = []
+    real = vptq.source.load_model
+    monkeypatch.setattr(vptq.pipeline, "load_model", lambda *a, **k: loads.append(1) or real(*a, **k))
+    code, out, err = run("eval", tiny_llama_dir, "--text", calib, "--text", other, *EVAL_TINY, "--json")
+    assert code == 0, err
+    e = json.loads(out)
+    one = json.loads(run("eval", tiny_llama_dir, "--text", calib, *EVAL_TINY, "--json")[1])
+    assert e["perplexity"] == one["perplexity"] and "texts" not in one
+    assert [t["text"] for t in e["texts"]] == [str(calib), str(other)] and e["texts"][0]["perplexity"] == e["perplexity"]
+    assert e["texts"][1]["perplexity"] != e["perplexity"] and loads == [1, 1]
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    code, out, err = run("eval", tiny_llama_dir, "--text", calib, "--text", short, *EVAL_TINY)
+    assert code == 2 and f"evaluation text {short} has" in err and loads == [1, 1], err
+
+
 def test_progress_bar_only_on_a_terminal(checkpoint, calib):
     assert progress(True, "x").__enter__() is None  # pytest's stderr is not a terminal
     master, slave = pty.openpty()

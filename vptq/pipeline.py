@@ -7,7 +7,7 @@ produces every published figure.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -166,25 +166,36 @@ def evaluate(
     progress: Callable[[int, int], None] | None = None, model=None, tokenizer=None,
 ) -> PerplexityResult:
     """Perplexity of an original or quantized model on the baselines.md protocol."""
+    return evaluate_texts(source, [text], windows, seqlen, device, progress, model, tokenizer)[0]
+
+
+def evaluate_texts(
+    source: str, texts: Sequence[str | Path], windows: int = 10, seqlen: int = 2048, device: str = "cpu",
+    progress: Callable[[int, int], None] | None = None, model=None, tokenizer=None,
+) -> list[PerplexityResult]:
+    """evaluate() on each text, the model loaded once: every text is read and tokenized (and a short
+    one refused) before the model loads."""
     dev = check_device(device)
     if windows < 1:
         raise ConfigError(f"--windows {windows}: use at least 1 window")
     if seqlen < 2:
         raise ConfigError(f"--seqlen {seqlen}: use at least 2 tokens per window")
-    body = read_text(text, "evaluation text", "--text")
+    bodies = [read_text(t, "evaluation text", "--text") for t in texts]
     src = None
     if model is None:
         src = resolve(source)
         tokenizer = checked_load(load_tokenizer, src, "tokenizer")
-    ids = tokenize_text(tokenizer, body)
-    if ids.numel() < windows * seqlen:  # checked before loading the model
-        raise ConfigError(
-            f"evaluation text has {ids.numel()} tokens, {windows} windows of {seqlen} need "
-            f"{windows * seqlen}: use fewer --windows, a shorter --seqlen or a longer --text")
+    all_ids = [tokenize_text(tokenizer, b) for b in bodies]
+    for t, ids in zip(texts, all_ids, strict=True):
+        if ids.numel() < windows * seqlen:  # checked before loading the model
+            named = f" {t}" if len(texts) > 1 else ""
+            raise ConfigError(
+                f"evaluation text{named} has {ids.numel()} tokens, {windows} windows of {seqlen} need "
+                f"{windows * seqlen}: use fewer --windows, a shorter --seqlen or a longer --text")
     if src is not None:
         model, _ = checked_load(load_model, src, "model")
     model.to(dev)
     try:
-        return perplexity(model, ids, windows, seqlen, dev, progress)
+        return [perplexity(model, ids, windows, seqlen, dev, progress) for ids in all_ids]
     except ValueError as e:
         raise ConfigError(str(e)) from e
