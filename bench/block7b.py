@@ -57,7 +57,10 @@ def main() -> None:
                 p.normal_(0, 0.02)
     # random activations: the calibration windows live on the CPU, moved batch by batch
     x = torch.randn(a.windows, a.seqlen, a.hidden, dtype=torch.float16)
-    pe = LlamaRotaryEmbedding(conf).to(dev)(x[:1].to(dev), torch.arange(a.seqlen, device=dev)[None])
+    # the block's keyword arguments as the driver passes them (vptq.driver.run_block): the rotary tables;
+    # no mask (sdpa's causal path, as the model hands a Llama block without padding)
+    pe = {"position_embeddings": LlamaRotaryEmbedding(conf).to(dev)(x[:1].to(dev),
+                                                                    torch.arange(a.seqlen, device=dev)[None])}
     cfg = QuantConfig(vector_len=8, num_centroids=65536, kmeans_iters=a.kmeans_iters,
                       kmeans_max_samples=a.kmeans_samples)
     times: dict[str, float] = {}
