@@ -162,22 +162,18 @@ def test_bad_input_fails_fast_with_one_line(home, tiny_llama_dir, text_file, tmp
     code, out, _ = run("jobs", "ls", "--json")
     assert json.loads(out) == {"items": []}
 
-    # a configuration that does not fit the layer shapes
+    # a configuration that does not fit the layer shapes: refused from the folder's config, before a job row
     code, out, err = submit(tiny_llama_dir, text_file, "--set", "group_num=1000")
     assert code == 2 and "group_num=1000" in err
-
     code, out, _ = run("jobs", "ls", "--json")
-    jobs = json.loads(out)["items"]
-    assert [j["status"] for j in jobs] == ["failed"]  # found by the flow's inspect step, before any block
-    assert "group_num=1000" in jobs[0]["error"]
-    from vptq_service.store.repository import Repository
+    assert json.loads(out) == {"items": []}
+    # a source checked only once fetched (GGUF, s3://, hf://) meets the same check in the flow's inspect step
+    from vptq_service.tasks.model import inspect_model
 
-    repo = Repository.open()
-    assert all(repo.layer_results(j["job_id"]) == [] for j in jobs)
-    repo.close()
-    code, out, _ = run("jobs", "show", jobs[0]["job_id"], "--json")
-    s = json.loads(out)
-    assert "group_num=1000" in s["error"] and (s["status"], s["blocks_done"]) == ("failed", 0)
+    from vptq.config import ConfigError, resolve
+
+    with pytest.raises(ConfigError, match="group_num=1000"):
+        inspect_model.fn(str(tiny_llama_dir), resolve(2, {"group_num": 1000})[0].to_dict())
 
 
 KILLABLE = """

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.store_fixtures import db_url, repo  # noqa: F401 - fixtures
-from tests.test_flow import REPO, TINY, home  # noqa: F401 - fixtures
+from tests.test_flow import REPO, TINY
 
 # `vptq ...` whose block 1 waits for `<marker>.go` (after writing its pid to <marker>)
 GATED = """

@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.test_flow import REPO, TINY, checkpoint_bytes, home  # noqa: F401 - fixtures
+from tests.test_flow import REPO, TINY, checkpoint_bytes
 
 PACKAGES = ("vptq", "store", "tasks", "flows", "cli", "serve")
 

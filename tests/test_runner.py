@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_flow import TINY, checkpoint_bytes, home, run  # noqa: F401 - fixtures
+from tests.test_flow import TINY, checkpoint_bytes, run
 
 
 def compress(model: Path, calib: Path, out: Path, *extra) -> dict:

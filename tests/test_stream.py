@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from tests.test_flow import TINY, checkpoint_bytes, home, run  # noqa: F401 - fixtures
+from tests.test_flow import TINY, checkpoint_bytes, run
 from vptq.stream import open_streamed
 
 
