@@ -19,6 +19,7 @@ import re
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -94,6 +95,15 @@ def _check_key(key: str) -> str:
     if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts[:-1]) or parts[-1] in (".", ".."):
         raise StoreError(f"invalid artifact key {key!r}")
     return key
+
+
+def _entries(base: Path) -> Iterator[Path]:
+    """Every entry under base that is not a folder (symlinks included, never followed). A folder that
+    another process removes while this walks (a publisher dropping its staging prefix, a gc) is skipped:
+    os.walk ignores it, where pathlib's rglob raised FileNotFoundError."""
+    for top, dirs, files in os.walk(base):
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(top, d))]:
+            yield Path(top, name)
 
 
 class LocalStore(ArtifactStore):
@@ -173,7 +183,7 @@ class LocalStore(ArtifactStore):
         if not base.is_dir():
             return []
         out = []
-        for p in base.rglob("*"):
+        for p in _entries(base):
             try:
                 st = p.lstat()
             except FileNotFoundError:  # removed while listing
@@ -197,7 +207,7 @@ class LocalStore(ArtifactStore):
         base = self.root / prefix if prefix else self.root
         if not base.is_dir():
             return []
-        return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*")
+        return sorted(p.relative_to(self.root).as_posix() for p in _entries(base)
                       if p.is_file() and not p.name.startswith(".tmp-"))
 
     def delete_key(self, key: str) -> None:

@@ -408,3 +408,34 @@ def test_concurrent_pulls_into_one_dest_all_succeed(tmp_path, monkeypatch):
     assert len(results) == 4 and {r.files for r in results} == {2}
     assert _tree(dest) == {**_tree(src), MANIFEST: registry.store.get_bytes(f"m/v1/{MANIFEST}")}
     assert [p.name for p in dest.parent.iterdir()] == ["dest"]
+
+
+def test_local_listing_survives_folders_removed_while_it_walks(tmp_path):
+    """A publish's gc lists the store while another publisher removes its staging folder: the listing
+    skips what vanished (it raised FileNotFoundError from pathlib's rglob, failing a losing publisher
+    with exit 1 instead of its one-line race error; seen in test_publish_race under load)."""
+    import shutil
+    import threading
+
+    store = LocalStore(tmp_path / "store")
+    store.put_bytes("keep/a.bin", b"a")
+    stop = threading.Event()
+
+    def churn():
+        i = 0
+        while not stop.is_set():
+            d = tmp_path / "store" / "race" / f"data-{i % 4}" / "x" / "y"
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "f").write_bytes(b"f")
+            shutil.rmtree(tmp_path / "store" / "race" / f"data-{i % 4}", ignore_errors=True)
+            i += 1
+
+    t = threading.Thread(target=churn)
+    t.start()
+    try:
+        for _ in range(300):
+            assert "keep/a.bin" in [o.key for o in store.list_objects("")]
+            assert "keep/a.bin" in store.list_keys("")
+    finally:
+        stop.set()
+        t.join()
