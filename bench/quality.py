@@ -207,6 +207,16 @@ def run_one(name: str, spec: dict, args) -> dict:
     return rec
 
 
+def refresh_table(marker: str, table: str) -> None:
+    """The table between bench/RESULTS.md's `<!-- MARKER:begin/end -->` comments (the prose stays by hand)."""
+    doc = ROOT / "bench" / "RESULTS.md"
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    if doc.exists() and begin in doc.read_text():
+        head, rest = doc.read_text().split(begin, 1)
+        doc.write_text(head + begin + "\n" + table + "\n" + end + rest.split(end, 1)[1])
+    print(table)
+
+
 def report(results: Path) -> None:
     """Rebuild bench/results/quality_table.md and docs/quality.png from the JSONL."""
     recs: dict[str, dict] = {}
@@ -227,14 +237,7 @@ def report(results: Path) -> None:
             rows.append(f"| {name} | not run | | | | | | |")
     table = "\n".join(rows)
     (ROOT / "bench" / "results" / "quality_table.md").write_text(table + "\n")
-    # refresh the table inside bench/RESULTS.md between its markers (the prose stays by hand)
-    doc = ROOT / "bench" / "RESULTS.md"
-    begin, end = "<!-- quality-table:begin -->", "<!-- quality-table:end -->"
-    if doc.exists() and begin in doc.read_text():
-        text = doc.read_text()
-        head, rest = text.split(begin, 1)
-        doc.write_text(head + begin + "\n" + table + "\n" + end + rest.split(end, 1)[1])
-    print(table)
+    refresh_table("quality-table", table)
     try:
         import matplotlib
 
@@ -281,14 +284,7 @@ def report_models(results: Path) -> None:
         rows.append(f"| {model} | {name} | {r['bpw']:.3f} | {f'{bpp:.3f}' if bpp else '-'} | "
                     f"{r['quant_seconds']:.0f} | {r.get('quant_peak_host_bytes', r['peak_host_bytes']) / gib:.1f} | "
                     f"{plan_cell} | {r['perplexity']:.2f} | {r['date'][:10]} | {r['machine']} |")
-    table = "\n".join(rows)
-    doc = ROOT / "bench" / "RESULTS.md"
-    begin, end = "<!-- real-models:begin -->", "<!-- real-models:end -->"
-    if doc.exists() and begin in doc.read_text():
-        text = doc.read_text()
-        head, rest = text.split(begin, 1)
-        doc.write_text(head + begin + "\n" + table + "\n" + end + rest.split(end, 1)[1])
-    print(table)
+    refresh_table("real-models", "\n".join(rows))
 
 
 def main() -> None:
