@@ -188,9 +188,8 @@ class LocalStore(ArtifactStore):
                 st = p.lstat()
             except FileNotFoundError:  # removed while listing
                 continue
-            if not p.is_dir() or p.is_symlink():
-                out.append(StoredObject(p.relative_to(self.root).as_posix(), st.st_size,
-                                        datetime.fromtimestamp(st.st_mtime, UTC)))
+            out.append(StoredObject(p.relative_to(self.root).as_posix(), st.st_size,
+                                    datetime.fromtimestamp(st.st_mtime, UTC)))
         return sorted(out, key=lambda o: o.key)
 
     def get_file(self, key: str, path: Path) -> None:

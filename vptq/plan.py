@@ -76,14 +76,11 @@ class Shapes:
 def shapes_of(model: nn.Module, cfg: QuantConfig) -> Shapes:
     """Shapes of a (possibly meta-device) model; target linears as vptq.driver picks them."""
     from .driver import decoder_layers
-    from .targets import check_model, float_tensors
+    from .targets import check_layouts, float_tensors
 
-    found = check_model(model, cfg)  # no blocks, unsupported weights, a pattern matching nothing: refused
+    found = check_layouts(model, cfg)  # refused here as the job refuses it (blocks, weights, targets, layouts)
     layers = decoder_layers(model)
     lins = [[(n, m.out_features, m.in_features) for n, m in blk.items()] for blk in found]
-    for blk in lins:
-        for _, o, i in blk:
-            LayerLayout.for_shape(cfg, o, i)  # a config that does not fit a shape fails here, like the job
     c = model.config
     hidden = int(getattr(c, "hidden_size", 0) or lins[0][0][2])
     inter = int(getattr(c, "intermediate_size", 0) or max(i for b in lins for _, _, i in b))
