@@ -154,22 +154,23 @@ def peak_host_bytes() -> int:
 def run_one(name: str, spec: dict, args) -> dict:
     from vptq.baselines import gptq_linear, rtn_linear
     from vptq.driver import vptq_linear
-    from vptq.pipeline import compress, evaluate
+    from vptq.pipeline import compress, evaluate_texts
     from vptq.source import load_model, resolve
 
     method = spec["method"]
+    cfg = run_config(spec, args.seed) if method != "fp" else None
     nsamples = spec.get("nsamples", args.nsamples)
     if nsamples == "job":
-        nsamples = calib_windows(run_config(spec, args.seed).e2e_steps)
+        nsamples = calib_windows(cfg.e2e_steps)
     t0 = time.perf_counter()
-    rec = {"name": name, "model": args.tag, "seed": args.seed,
-           "calib_text": "wikitext-2 valid, calibration part (vptq/splits.py)" if args.split else args.calib, "source": args.model, "method": method, "bits": spec.get("bits"),
-           "device": args.device,
+    calib_text = "wikitext-2 valid, calibration part (vptq/splits.py)" if args.split else args.calib
+    rec = {"name": name, "model": args.tag, "seed": args.seed, "calib_text": calib_text, "source": args.model,
+           "method": method, "bits": spec.get("bits"), "device": args.device,
            "machine": machine(args.device), "date": datetime.now(UTC).isoformat(timespec="seconds"),
            **versions(), "nsamples": nsamples, "seqlen": args.seqlen}
     if args.plan and method == "vptq":  # vptq plan's prediction, made before the run, recorded beside it
         from vptq.plan import plan
-        p = plan(args.model, run_config(spec, args.seed), nsamples, args.seqlen, args.device, calib=args.calib)
+        p = plan(args.model, cfg, nsamples, args.seqlen, args.device, calib=args.calib)
         rec["plan"] = {k: p[k] for k in ("bpw", "bits_per_param", "peak_host_bytes", "peak_device_bytes",
                                          "seconds_total", "notes")}
         t0 = time.perf_counter()
@@ -177,7 +178,6 @@ def run_one(name: str, spec: dict, args) -> dict:
         model, tok = load_model(resolve(args.model))
         rec.update(bpw=32.0, quant_seconds=0.0)
     else:
-        cfg = run_config(spec, args.seed)
         if method != "vptq":  # scalar baselines: one-shot, as llm-compressor's GPTQ in baselines.md
             cfg = cfg.with_(e2e_steps=0)
         fn = {"vptq": vptq_linear, "rtn": lambda: rtn_linear(spec["bits"], spec["group"]),
@@ -195,13 +195,15 @@ def run_one(name: str, spec: dict, args) -> dict:
                    warnings=len(res.report.warnings), group=spec.get("group"), e2e=res.report.e2e,
                    bits_per_param=res.report.bits_per_param, float_params=res.report.float_params)
     rec["quant_peak_host_bytes"] = peak_host_bytes()  # load + calibration + quantization (before the eval)
-    if args.split:  # selection perplexity: the part of valid no calibration window came from
-        rec["select_perplexity"] = evaluate(args.model, args.select, 10, 2048, args.device, model=model,
-                                            tokenizer=tok).perplexity
-    if args.ood:  # out-of-domain reporting columns (docs/ood-corpora.md): never calibration, never selection
-        rec["ood_perplexity"] = {f.stem: evaluate(args.model, f, 10, 2048, args.device, model=model,
-                                                  tokenizer=tok).perplexity for f in OOD}
-    ppl = evaluate(args.model, args.test, 10, 2048, args.device, model=model, tokenizer=tok)
+    # test text, then the selection part of valid (no calibration window came from it) and the out-of-domain
+    # reporting columns (docs/ood-corpora.md: never calibration, never selection), each 10 x 2048
+    ood = OOD if args.ood else []
+    texts = [args.test, *([args.select] if args.split else []), *ood]
+    ppl, *rest = evaluate_texts(args.model, texts, 10, 2048, args.device, model=model, tokenizer=tok)
+    if args.split:
+        rec["select_perplexity"] = rest.pop(0).perplexity
+    if ood:
+        rec["ood_perplexity"] = {f.stem: r.perplexity for f, r in zip(ood, rest, strict=True)}
     rec.update(perplexity=ppl.perplexity, windows=ppl.windows, eval_seqlen=ppl.seqlen,
                total_seconds=time.perf_counter() - t0, peak_host_bytes=peak_host_bytes())
     return rec
