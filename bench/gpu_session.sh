@@ -14,7 +14,7 @@
 #   serve   `vptq serve --device cuda` under load (bench/serve_load.py, clients SERVE_CLIENTS, default
 #           1,8,32): fp16 weights and the 2-bit preset's layout (random codes), the model of shape
 #           SERVE_CONFIG (a config.json + tokenizer folder; default .gpu/smol, SmolLM2-135M's). Needs the
-#           server's packages as wheels in .whl (carry it) and the project installed: both done here.
+#           server's packages as wheels in .whl (carry it): installed here, the service's packages linked.
 # Output under $OUT (default bench/results/gpu_session), one log per stage; the raw records the
 # scripts write go there too. Usage: bash bench/gpu_session.sh [stage ...]
 # .gpu/wheels/*.whl (make gpu-wheels; carry [".gpu"]) are installed first: with pytest-xdist the
@@ -63,9 +63,13 @@ for s in "${stages[@]}"; do
     block7b) $PY -u bench/block7b.py --device cuda --kmeans-iters "${KMEANS_ITERS:-40}" --json \
               > "$OUT/block7b.log" 2>&1 ;;
     serve)  if [ -d .whl ]; then
-              $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl . \
-                --no-build-isolation > "$OUT/pip_serve.log" 2>&1 || echo "serve wheels: see $OUT/pip_serve.log"
-              export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+              $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+                > "$OUT/pip_serve.log" 2>&1 || echo "serve wheels: see $OUT/pip_serve.log"
+              # the service's packages as the installed layout names them (vptq_service.cli = cli/, ...,
+              # a namespace package: pyproject.toml), linked to this checkout instead of built
+              mkdir -p /tmp/site/vptq_service
+              for d in cli store tasks flows serve; do ln -sfn "$PWD/$d" "/tmp/site/vptq_service/$d"; done
+              export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
             fi
             for f in $(echo "${SERVE_FORMATS:-fp16,v5k1024}" | tr , ' '); do
               $PY -u bench/serve_load.py --config "${SERVE_CONFIG:-.gpu/smol}" --format "$f" --device cuda \

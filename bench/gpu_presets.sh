@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The fine-tuned presets on the quality issue's protocol, three seeds each, on one GPU machine of the device
+# tool (its image has no `gguf` package and a call carries at most 64 MiB: SmolLM2's 98 MB GGUF travels
+# in slices .gpu/p1..p3 over consecutive calls while the machine stays warm, and the gguf wheel in .whl).
+#
+#   bash bench/gpu_presets.sh start [BITS...]   join + check the GGUF, launch every (preset, seed) run in its
+#                                                own session (setsid: it outlives this call), return at once
+#   bash bench/gpu_presets.sh wait SECONDS      wait for the runs (at most SECONDS), then copy the records and
+#                                                logs to $OUT
+#
+# Each run: `python bench/quality.py --device cuda --split --ood --seed S --only <the preset's run>`, i.e.
+# calibration from wikitext-2 valid's calibration part, selection perplexity from its selection part, test
+# and the out-of-domain corpora reported, one process per run, 1 CPU thread each (9 runs share 16 cores).
+set -u
+RUNS=runs/presets
+OUT=${OUT:-$RUNS/out}
+mkdir -p "$RUNS" "$OUT"
+PY=${PY:-python3}
+case ${1:-} in
+  start)
+    shift
+    cat .gpu/p1/* .gpu/p2/* .gpu/p3/* > runs/smollm2.gguf
+    echo "$(cat .gpu/smol.sha256)  runs/smollm2.gguf" | sha256sum -c || exit 1
+    $PY -m pip install -q --no-index --no-deps --no-compile --target runs/site .whl/gguf-*.whl || exit 1
+    for bits in ${*:-2 3 4}; do
+      name=$($PY -c "import sys; sys.argv=['q']; sys.path.insert(0, 'bench'); import quality; print(quality.PRESET_RUNS[$bits])")
+      for seed in 0 1 2; do
+        PYTHONPATH=runs/site OMP_NUM_THREADS=1 setsid nohup $PY -u bench/quality.py --device cuda \
+          --model runs/smollm2.gguf --calib vptq/data/wikitext2-valid.txt --test .gpu/test.txt --split --ood \
+          --seed "$seed" --only "$name" --results "$RUNS/presets.jsonl" > "$RUNS/$name-seed$seed.log" 2>&1 < /dev/null &
+      done
+    done
+    sleep 5; ls "$RUNS"; nvidia-smi --query-gpu=memory.used --format=csv ;;
+  wait)
+    deadline=$(( $(date +%s) + ${2:-500} ))
+    while pgrep -f bench/quality.py > /dev/null && [ "$(date +%s)" -lt "$deadline" ]; do sleep 10; done
+    cp "$RUNS"/presets.jsonl "$OUT"/ 2>/dev/null
+    tail -n 2 "$RUNS"/*.log > "$OUT/presets_logs.txt" 2>&1
+    cat "$OUT/presets_logs.txt"; pgrep -fa bench/quality.py | cut -c1-200 ;;
+  *) echo "usage: bash bench/gpu_presets.sh start [BITS...] | wait SECONDS"; exit 2 ;;
+esac
