@@ -33,9 +33,9 @@ case ${1:-} in
     sleep 5; ls "$RUNS"; nvidia-smi --query-gpu=memory.used --format=csv ;;
   wait)
     deadline=$(( $(date +%s) + ${2:-500} ))
-    while pgrep -f bench/quality.py > /dev/null && [ "$(date +%s)" -lt "$deadline" ]; do sleep 10; done
+    while pgrep -f 'bench/[q]uality[.]py' > /dev/null && [ "$(date +%s)" -lt "$deadline" ]; do sleep 10; done
     cp "$RUNS"/presets.jsonl "$OUT"/ 2>/dev/null
     tail -n 2 "$RUNS"/*.log > "$OUT/presets_logs.txt" 2>&1
-    cat "$OUT/presets_logs.txt"; pgrep -fa bench/quality.py | cut -c1-200 ;;
+    cat "$OUT/presets_logs.txt"; pgrep -fa 'bench/[q]uality[.]py' | cut -c1-200 ;;
   *) echo "usage: bash bench/gpu_presets.sh start [BITS...] | wait SECONDS"; exit 2 ;;
 esac

@@ -82,6 +82,17 @@ def _tokenizer_files(src: ModelSource) -> tuple:
     return tuple((f.name, st.st_size, st.st_mtime_ns) for f in files for st in [f.stat()])
 
 
+def cached(src: ModelSource) -> ModelSource:
+    """src, or the Hugging Face folder it is cached as (vptq.gguf_cache: opt-in) when it is a GGUF file
+    with a complete cache entry: the same weights, config and tokenizer, without parsing the file."""
+    if src.gguf_file is None:
+        return src
+    from .gguf_cache import lookup
+
+    folder = lookup(src.path / src.gguf_file)
+    return ModelSource("hf", folder) if folder is not None else src
+
+
 def load_tokenizer(src: ModelSource):
     """The source's tokenizer. A job needs it several times (request check, calibration, evaluation
     before and after) and building one is slow (SmolLM2's from its GGUF file: 6-8 s on one core;
@@ -90,6 +101,7 @@ def load_tokenizer(src: ModelSource):
     for 49k tokens; a caller may add tokens or change padding without affecting the next one)."""
     from transformers import AutoTokenizer
 
+    src = cached(src)
     key = (str(src.path.resolve()), src.gguf_file, _tokenizer_files(src))
     with _TOKENIZERS_LOCK:
         kept = _TOKENIZERS.get(key)
@@ -116,6 +128,7 @@ def load_skeleton(src: ModelSource) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     transformers.logging.set_verbosity_error()
+    src = cached(src)
     config = AutoConfig.from_pretrained(src.path, gguf_file=src.gguf_file)  # errors: vptq.pipeline.checked_load
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
@@ -133,9 +146,15 @@ def load_model(src: ModelSource, dtype: torch.dtype = torch.float32):
         return load_quantized(src.path), load_tokenizer(src)
     from transformers import AutoModelForCausalLM
 
+    hit = cached(src)
     try:
-        model = AutoModelForCausalLM.from_pretrained(src.path, gguf_file=src.gguf_file, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(hit.path, gguf_file=hit.gguf_file, dtype=dtype)
     except (OSError, ValueError, KeyError) as e:
         raise SourceError(f"cannot load model from {src.uri}: {str(e).splitlines()[0]}") from e
     model.eval()
-    return model, load_tokenizer(src)
+    tok = load_tokenizer(src)
+    if hit is src and src.gguf_file is not None and dtype == torch.float32:
+        from .gguf_cache import store
+
+        store(src.path / src.gguf_file, model, tok)  # only when VPTQ_GGUF_CACHE is set
+    return model, tok

@@ -1,0 +1,61 @@
+"""VPTQ_GGUF_CACHE: a GGUF source loaded once is cached as a Hugging Face folder that loads the same
+weights, config and tokenizer (chat template included) without parsing the file; off by default; a
+replaced file gets a new entry; a cache that cannot be written never fails a load."""
+
+import os
+import time
+
+import pytest
+import torch
+
+from vptq import gguf_cache
+from vptq.source import ModelSource, cached, load_model, load_skeleton, load_tokenizer, resolve
+
+
+def test_a_cached_gguf_loads_the_same_model_and_tokenizer(tmp_path, monkeypatch):
+    monkeypatch.setenv(gguf_cache.ENV, str(tmp_path / "cache"))
+    src = resolve("smollm2")
+    assert cached(src) is src  # nothing cached yet
+    direct, tok = load_model(src)  # from the file; written to the cache as it goes
+    hit = cached(src)
+    assert hit.kind == "hf" and hit.gguf_file is None and hit.path.parent == tmp_path / "cache"
+    t = time.perf_counter()
+    again, tok2 = load_model(src)
+    assert time.perf_counter() - t < 10  # no parse of the file (19 s on one core)
+    a, b = direct.state_dict(), again.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ids = torch.tensor([[1, 2, 3, 40, 500]])
+    with torch.no_grad():
+        assert torch.equal(direct(ids).logits, again(ids).logits)
+    text = "The history of the transistor begins in 1947 at Bell Labs. def f(x): return x ** 2\n"
+    assert tok(text)["input_ids"] == tok2(text)["input_ids"]
+    assert tok.chat_template and tok2.chat_template == tok.chat_template
+    assert (tok2.eos_token, tok2.bos_token, tok2.pad_token) == (tok.eos_token, tok.bos_token, tok.pad_token)
+    assert load_tokenizer(src).chat_template == tok.chat_template
+    assert type(load_skeleton(src)) is type(direct)
+    # another dtype is cast from the cached fp32 values, as from the file's dequantized ones
+    half, _ = load_model(src, dtype=torch.bfloat16)
+    assert torch.equal(half.state_dict()["lm_head.weight"], a["lm_head.weight"].bfloat16())
+
+
+def test_off_by_default_and_a_replaced_file_is_a_new_entry(tmp_path, monkeypatch):
+    monkeypatch.delenv(gguf_cache.ENV, raising=False)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(60))
+    assert gguf_cache.lookup(gguf) is None and gguf_cache.store(gguf, None, None) is None
+    monkeypatch.setenv(gguf_cache.ENV, str(tmp_path / "cache"))
+    first = gguf_cache._entry(gguf)
+    os.utime(gguf, ns=(1, 1))
+    assert gguf_cache._entry(gguf) != first
+
+
+def test_an_unwritable_cache_warns_and_the_load_goes_on(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv(gguf_cache.ENV, str(blocker / "cache"))
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(60))
+    with pytest.warns(UserWarning, match="could not cache m.gguf"):
+        assert gguf_cache.store(gguf, None, None) is None  # fails at its folder
+    assert cached(ModelSource("gguf", tmp_path, "m.gguf")).gguf_file == "m.gguf"
