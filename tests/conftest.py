@@ -14,7 +14,7 @@ from tests.store_fixtures import moto_server  # noqa: F401
 # oversubscribe them), two in a single process
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
-# SmolLM2's GGUF is parsed once per machine, not in each test that loads it (19 s a load on one core;
+# SmolLM2's GGUF is parsed once per machine, not in each test that loads it (seconds a load on one core;
 # vptq/gguf_cache.py; tests/test_gguf_cache.py checks the cached folder loads the same model). Shared by the
 # xdist workers and the commands the tests start (they inherit the environment).
 os.environ.setdefault("VPTQ_GGUF_CACHE", os.path.join(tempfile.gettempdir(), f"vptq-tests-gguf-cache-{os.getuid()}"))

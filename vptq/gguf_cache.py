@@ -1,9 +1,9 @@
 """An opt-in disk cache of GGUF sources as Hugging Face folders: `VPTQ_GGUF_CACHE=DIR`.
 
 transformers reads a GGUF file's metadata three times (config, tokenizer, weights) in pure Python;
-SmolLM2's 49k-token vocabulary makes each read 6 s on one core, 19 s a load with the dequantization.
+SmolLM2's 49k-token vocabulary makes that most of a load's time (seconds per read on one core).
 The cached folder (the dequantized weights as fp32 safetensors, so exactly the values a load from
-the file gives; config; the tokenizer with the file's chat template) loads in about a second. It is
+the file gives; config; the tokenizer with the file's chat template) is read with no parse. It is
 opt-in because it costs 4 bytes a parameter of disk (540 MB for SmolLM2-135M). An entry is keyed by
 the file's resolved path, size and modification time (a replaced file gets a new entry) and is
 written to a temporary folder renamed into place, so a crash or a second process writing the same
