@@ -220,9 +220,8 @@ def run_one(name: str, spec: dict, args) -> dict:
     return rec
 
 
-def refresh_table(marker: str, table: str) -> None:
-    """The table between bench/RESULTS.md's `<!-- MARKER:begin/end -->` comments (the prose stays by hand)."""
-    doc = ROOT / "bench" / "RESULTS.md"
+def refresh_table(marker: str, table: str, doc: Path = ROOT / "bench" / "RESULTS.md") -> None:
+    """The table between doc's `<!-- MARKER:begin/end -->` comments (the prose stays by hand)."""
     begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
     if doc.exists() and begin in doc.read_text():
         head, rest = doc.read_text().split(begin, 1)
@@ -317,6 +316,20 @@ def report_selection(results: Path) -> None:
                     f"| {span([r['select_perplexity'] for r in rs])} | {span([r['perplexity'] for r in rs])} | "
                     + " | ".join(cells) + f" | {target} | {rs[0]['machine'].split(' (')[0]} |")
     refresh_table("selection", "\n".join(rows))
+    # README's quality table: the presets (and what they are compared with), from the same records
+    labels = {"fp": "FP (GGUF dequantized)", "gptq3": "GPTQ 3-bit, group 64 (ours, one-shot)",
+              "preset2-oneshot": "2-bit preset one-shot (`make demo`, CPU)",
+              **{run: f"{bits}-bit preset (fine-tuned)" for bits, run in PRESET_RUNS.items()}}
+    short = ["| model | bpw all-in | seeds | selection ppl (valid) | test ppl | "
+             + " | ".join(f"{c} (x FP)" for c in corpora) + " |", "|---|---|---|---|---|" + "---|" * len(corpora)]
+    for name in [n for n in labels if n in runs]:
+        rs = list(runs[name].values())
+        ratios = [ood_ratios(r) for r in rs]
+        cells = [span([x[c] for x in ratios]) if name != "fp" and all(c in x for x in ratios) else
+                 (f"{rs[0]['ood_perplexity'][c]:.2f} (ppl)" if name == "fp" else "-") for c in corpora]
+        short.append(f"| {labels[name]} | {rs[0]['bpw']:.3f} | {len(rs)} | {span([r['select_perplexity'] for r in rs])} "
+                     f"| {span([r['perplexity'] for r in rs])} | " + " | ".join(cells) + " |")
+    refresh_table("quality", "\n".join(short), ROOT / "README.md")
 
 
 def report_models(results: Path) -> None:
