@@ -296,6 +296,10 @@ def report_selection(results: Path) -> None:
         if line.strip():
             r = json.loads(line)
             runs.setdefault(r["name"], {})[r.get("seed", 0)] = r  # the latest record of a (run, seed) wins
+    unmeasured = [run for run in PRESET_RUNS.values() if not any("select_perplexity" in r for r in runs.get(run, {}).values())]
+    if unmeasured:  # a preset is reported only from the selection protocol (valid's two parts), never test alone
+        sys.exit(f"{results}: no selection-protocol record (--split) of preset run(s) {unmeasured}: run them with "
+                 "--split before reporting them as the presets")
     fp = next(iter(runs.get("fp", {}).values()), None)
     corpora = sorted({c for seeds in runs.values() for r in seeds.values() for c in r.get("ood_perplexity", {})})
 
