@@ -331,7 +331,7 @@ def report_selection(results: Path) -> None:
     refresh_table("selection", "\n".join(rows))
     # README's quality table: the presets (and what they are compared with), from the same records
     labels = {"fp": "FP (GGUF dequantized)", "gptq3": "GPTQ 3-bit, group 64 (ours, one-shot)",
-              "preset2-oneshot": "2-bit preset one-shot (`make demo`, CPU)",
+              "preset2-oneshot": "2-bit preset, one-shot (no fine-tuning: the CPU path)",
               **{run: f"{bits}-bit preset (fine-tuned)" for bits, run in PRESET_RUNS.items()}}
     short = ["| model | bpw all-in | seeds | selection ppl (valid) | test ppl | "
              + " | ".join(f"{c} (x FP)" for c in corpora) + " |", "|---|---|---|---|---|" + "---|" * len(corpora)]
