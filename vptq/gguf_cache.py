@@ -5,7 +5,8 @@ SmolLM2's 49k-token vocabulary makes that most of a load's time (seconds per rea
 The cached folder (the dequantized weights as fp32 safetensors, so exactly the values a load from
 the file gives; config; the tokenizer with the file's chat template) is read with no parse. It is
 opt-in because it costs 4 bytes a parameter of disk (540 MB for SmolLM2-135M). An entry is keyed by
-the file's resolved path, size and modification time (a replaced file gets a new entry) and is
+the file's resolved path, size and modification time (a replaced file gets a new entry) and the
+transformers version (whose conversion it holds) and is
 written to a temporary folder renamed into place, so a crash or a second process writing the same
 entry never leaves a half-written one. A cache that cannot be written is skipped with a warning: it
 never fails a load.
@@ -29,8 +30,11 @@ def _entry(gguf: Path) -> Path | None:
     root = os.environ.get(ENV, "").strip()
     if not root:
         return None
+    import transformers  # its GGUF conversion (name maps, dequantization) is what an entry froze
+
     st = gguf.stat()
-    key = hashlib.sha256(f"{_FORMAT}|{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
+    key = f"{_FORMAT}|{transformers.__version__}|{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    key = hashlib.sha256(key.encode()).hexdigest()[:32]
     return Path(root).expanduser() / f"{gguf.stem}-{key}"
 
 
