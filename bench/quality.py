@@ -232,8 +232,9 @@ def run_one(name: str, spec: dict, args) -> dict:
 def refresh_table(marker: str, table: str, doc: Path = ROOT / "bench" / "RESULTS.md") -> None:
     """The table between doc's `<!-- MARKER:begin/end -->` comments (the prose stays by hand)."""
     begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
-    if doc.exists() and begin in doc.read_text():
-        head, rest = doc.read_text().split(begin, 1)
+    text = doc.read_text() if doc.exists() else ""
+    if begin in text:
+        head, rest = text.split(begin, 1)
         doc.write_text(head + begin + "\n" + table + "\n" + end + rest.split(end, 1)[1])
     print(table)
 
@@ -310,24 +311,26 @@ def report_selection(results: Path) -> None:
         ood = r.get("ood_perplexity") or {}
         return {c: ood[c] / fp["ood_perplexity"][c] for c in corpora if c in ood} if fp else {}
 
+    def summary(name: str) -> tuple[list[dict], list[dict[str, float]], str]:
+        """(the run's records, their OOD ratios, its selection | test | ratio cells)."""
+        rs = list(runs[name].values())
+        ratios = [ood_ratios(r) for r in rs]
+        cells = [span([x[c] for x in ratios]) if all(c in x for x in ratios) else "-" for c in corpora]
+        return rs, ratios, (f"{span([r['select_perplexity'] for r in rs])} | {span([r['perplexity'] for r in rs])} | "
+                            + " | ".join(cells))
+
     gptq3 = [ood_ratios(r) for r in runs.get("gptq3", {}).values()]
     rows = ["| run | bits | bpw all-in | seeds | selection ppl (valid) | test ppl | "
             + " | ".join(f"{c}: ratio to FP" for c in corpora) + " | OOD <= GPTQ 3-bit (worst seed) | device |",
             "|---|---|---|---|---|---|" + "---|" * len(corpora) + "---|---|"]
     order = ["fp", "gptq3", *PRESET_RUNS.values()]
     for name in sorted(runs, key=lambda n: (order.index(n) if n in order else len(order), n)):
-        seeds = runs[name]
-        rs = list(seeds.values())
-        ratios = [ood_ratios(r) for r in rs]
-        cells = [span([x[c] for x in ratios]) if all(c in x for x in ratios) else "-" for c in corpora]
+        rs, ratios, cells = summary(name)
+        target = "-"
         if gptq3 and name not in ("fp", "gptq3") and all(len(x) == len(corpora) for x in ratios):
-            met = all(x[c] <= g[c] for x in ratios for g in gptq3 for c in corpora)
-            target = "yes" if met else "no"
-        else:
-            target = "-"
-        rows.append(f"| {name} | {rs[0].get('bits') or '-'} | {rs[0]['bpw']:.3f} | {','.join(map(str, sorted(seeds)))} "
-                    f"| {span([r['select_perplexity'] for r in rs])} | {span([r['perplexity'] for r in rs])} | "
-                    + " | ".join(cells) + f" | {target} | {rs[0]['machine'].split(' (')[0]} |")
+            target = "yes" if all(x[c] <= g[c] for x in ratios for g in gptq3 for c in corpora) else "no"
+        rows.append(f"| {name} | {rs[0].get('bits') or '-'} | {rs[0]['bpw']:.3f} | {','.join(map(str, sorted(runs[name])))} "
+                    f"| {cells} | {target} | {rs[0]['machine'].split(' (')[0]} |")
     refresh_table("selection", "\n".join(rows))
     # README's quality table: the presets (and what they are compared with), from the same records
     labels = {"fp": "FP (GGUF dequantized)", "gptq3": "GPTQ 3-bit, group 64 (ours, one-shot)",
@@ -336,12 +339,11 @@ def report_selection(results: Path) -> None:
     short = ["| model | bpw all-in | seeds | selection ppl (valid) | test ppl | "
              + " | ".join(f"{c} (x FP)" for c in corpora) + " |", "|---|---|---|---|---|" + "---|" * len(corpora)]
     for name in [n for n in labels if n in runs]:
-        rs = list(runs[name].values())
-        ratios = [ood_ratios(r) for r in rs]
-        cells = [span([x[c] for x in ratios]) if name != "fp" and all(c in x for x in ratios) else
-                 (f"{rs[0]['ood_perplexity'][c]:.2f} (ppl)" if name == "fp" else "-") for c in corpora]
-        short.append(f"| {labels[name]} | {rs[0]['bpw']:.3f} | {len(rs)} | {span([r['select_perplexity'] for r in rs])} "
-                     f"| {span([r['perplexity'] for r in rs])} | " + " | ".join(cells) + " |")
+        rs, _, cells = summary(name)
+        if name == "fp":  # its ratios are 1: its own perplexities instead
+            cells = cells.rsplit(" | ", len(corpora))[0] + "".join(
+                f" | {rs[0]['ood_perplexity'][c]:.2f} (ppl)" for c in corpora)
+        short.append(f"| {labels[name]} | {rs[0]['bpw']:.3f} | {len(rs)} | {cells} |")
     refresh_table("quality", "\n".join(short), ROOT / "README.md")
 
 

@@ -26,7 +26,8 @@ def test_a_cached_gguf_loads_the_same_model_and_tokenizer(tmp_path, monkeypatch)
     with monkeypatch.context() as m:
         m.setattr(gguf.GGUFReader, "__init__", no_parse)
         again, tok2 = load_model(src)
-        load_tokenizer(src), load_skeleton(src)
+        assert load_tokenizer(src).chat_template == tok.chat_template
+        assert type(load_skeleton(src)) is type(direct)
     a, b = direct.state_dict(), again.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ids = torch.tensor([[1, 2, 3, 40, 500]])
@@ -36,8 +37,6 @@ def test_a_cached_gguf_loads_the_same_model_and_tokenizer(tmp_path, monkeypatch)
     assert tok(text)["input_ids"] == tok2(text)["input_ids"]
     assert tok.chat_template and tok2.chat_template == tok.chat_template
     assert (tok2.eos_token, tok2.bos_token, tok2.pad_token) == (tok.eos_token, tok.bos_token, tok.pad_token)
-    assert load_tokenizer(src).chat_template == tok.chat_template
-    assert type(load_skeleton(src)) is type(direct)
     # another dtype is cast from the cached fp32 values, as from the file's dequantized ones
     half, _ = load_model(src, dtype=torch.bfloat16)
     assert torch.equal(half.state_dict()["lm_head.weight"], a["lm_head.weight"].bfloat16())
