@@ -44,6 +44,20 @@ def test_kernel_matches_oracle(preset, extras, batch):
     close(cpu.CpuPlan.build(p)(x), cpu.gemm_ref(x, p))
 
 
+@pytest.mark.parametrize("k,kr", [(64, 0), (4096, 2), (1024, 128)])
+def test_histogram_kernel_reads_codes_of_other_widths(k, kr):
+    """The histogram kernel reads the codes in whole blocks of lcm(bits, 32) bits, then one by one for the
+    columns left over: beside the presets' 10-, 15- and 16-bit codes, 6-, 13- and 17-bit ones (blocks of
+    16 and 32 codes, codes crossing words), 36 columns a group (whole blocks and a remainder, or a
+    remainder only). The other modes read every code one by one (the tests above)."""
+    p = PackedLayer.from_module(random_layer(v=5, k=k, kr=kr, n=77))
+    assert p.code_bits == (k * max(kr, 1)).bit_length() - 1
+    plan = cpu.CpuPlan.build(p)
+    x = torch.randn(1, p.in_features, generator=torch.Generator().manual_seed(1))
+    plan.mode = "hist"  # what the rule picks for these codebooks on wider layers
+    close(plan(x), cpu.gemm_ref(x, p))
+
+
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_batch1_modes_agree(preset):
     """Batch 1 takes the histogram kernel on the presets' layouts; the direct one (large codebooks) gives
@@ -176,7 +190,7 @@ def test_bad_layouts_are_refused():
     mod = random_layer(v=5, k=1024, o=0, g=1, n=76)
     p = PackedLayer.from_module(mod)
     with pytest.raises(ValueError, match="vector_len"):
-        cpu_source.kernel(17, False, "hist")
+        cpu_source.kernel(17, False, "hist", 10)
     import dataclasses
 
     with pytest.raises(ValueError, match="indices: expected shape"):

@@ -157,7 +157,7 @@ class CpuPlan:
         if rows > MAX_ROWS:
             return self.dense(x)
         y = torch.empty(rows, self.out_features, dtype=torch.float32)
-        kernel(self.p.vector_len, self.p.num_res_centroids > 0, "batched" if rows > 1 else self.mode)(
+        kernel(self.p.vector_len, self.p.num_res_centroids > 0, "batched" if rows > 1 else self.mode, self.p.code_bits)(
             x.numpy(), *self.args, y.numpy(), self.starts, self.moffs)
         return y
 

@@ -101,20 +101,60 @@ def _member_row(v: int) -> list[str]:
                "        rcb = rcbs[l]"])
 
 
-def _kernel_source(v: int, res: bool, mode: str) -> str:
-    """numba source of the main kernel for vector length v, with or without a residual codebook.
+def _unrolled(bits: int) -> tuple[int, int, list[tuple[int, int, int]]]:
+    """(codes, words, per code (word, shift, spill)) of one block of the packed stream that starts and
+    ends on a 32-bit word boundary (codes * bits = words * 32): code i is word >> shift, or'ed with
+    the next word << spill where it crosses into it (spill = 0: it does not)."""
+    from math import gcd
+
+    codes = 32 // gcd(bits, 32)
+    out = []
+    for i in range(codes):
+        w, sh = divmod(i * bits, 32)
+        out.append((w, sh, 32 - sh if sh + bits > 32 else 0))
+    return codes, codes * bits // 32, out
+
+
+def _code_step(mode: str, res: bool, ts, ind: str) -> list[str]:
+    """What one code (in `code`) adds, at indent ind: the histogram add, or its centroid times x."""
+    batched = mode == "batched"
+    if mode == "hist":
+        L = [f"{ind}xv = xs[xp]", f"{ind}xp += U1", f"{ind}h[code & mmask] += xv"]
+        return L + ([f"{ind}hr[code >> umain] += xv"] if res else [])
+    L = [f"{ind}q = code & mmask"] + [f"{ind}w{t} = cb[rb + U{t}, q]" for t in ts]
+    if res:
+        L.append(f"{ind}qr = code >> umain")
+        L += [f"{ind}w{t} += rcb[rb + U{t}, qr]" for t in ts]
+    if batched:
+        L += [f"{ind}for b in range(unb):", f"{ind}    xv = xs[xp + b]"]
+        L += [f"{ind}    acc[U{t} * unb + b] += w{t} * xv" for t in ts]
+        return L + [f"{ind}xp += unb"]
+    return L + [f"{ind}xv = xs[xp]", f"{ind}xp += U1"] + [f"{ind}a{t} += xv * w{t}" for t in ts]
+
+
+def _kernel_source(v: int, res: bool, mode: str, bits: int) -> str:
+    """numba source of the main kernel for vector length v, with or without a residual codebook, for
+    codes of `bits` bits (main + residual).
 
     mode "hist" (batch 1, small codebooks): per row of vectors and group, a histogram h[code] += x
     over the columns (one scatter-add per code), then y[r*v + t] = cbT[t] . h, a vectorised dot per
     output (so per code one add instead of v multiply-adds). mode "direct" (batch 1, large codebooks:
     k*v comparable to the columns) multiply-adds each code's centroid into v scalars; "batched" does
     that for B token rows at once (accumulators (v, B): the loop over b vectorises).
+    In hist mode the codes are read in blocks of lcm(bits, 32) bits (16 codes of 10 bits from 5 words,
+    32 of 15 from 15): each code's word and shifts are constants, so decoding one costs a shift, an or
+    and a mask instead of the bit buffer's compare, load and variable shifts; the columns left over
+    after the last whole block (and every column in the other modes) take the bit buffer.
     Codebooks are transposed, (G*v, k): row g*v + t holds coordinate t of every entry. Every index
     is unsigned so that numba emits no negative-index wrap-around (a compare and a select per load)."""
     ts = range(v)
     batched = mode == "batched"
-    kind = f"vector length {v}, {'residual, ' if res else ''}{mode}"
-    L = [_HEADER.format(kind=kind), f"V = {v}", _COMMON, _OUTLIERS, _RUN, "",
+    # blocks only where decoding is most of a code's work (hist); elsewhere v (x B) multiply-adds
+    # outweigh it and a block's unrolled body would only lengthen the compile
+    ucodes, uwords, plan = _unrolled(bits) if mode == "hist" else (1 << 30, 1, [])
+    shifts = sorted({x for _, sh, sp in plan for x in (sh, sp)} | {0})
+    kind = f"vector length {v}, {'residual, ' if res else ''}{mode}, {bits}-bit codes"
+    L = [_HEADER.format(kind=kind), f"V = {v}", f"BITS = {bits}", _COMMON, _OUTLIERS, _RUN, "",
          "@njit(parallel=True, fastmath=True, cache=True, nogil=True)",
          "def kernel(xs, nb, c, bias, idxs, words, cbs, k, rcbs, kr, gs, bits, main_bits, y, starts, moffs):",
          '    """y[b, mo + r*V + t] = sum over coded columns of xs * (cb + rcb)[code, t] + c[b] + bias for the',
@@ -122,9 +162,16 @@ def _kernel_source(v: int, res: bool, mode: str) -> str:
          '    """',
          "    groups = cbs[0].shape[0] // V",
          "    o = xs.shape[0] // nb - groups * gs  # outlier columns come first in stored order",
-         *_CODE_MASKS,
+         f"    cmask = np.uint64({(1 << bits) - 1})  # bits == BITS: constants fold into the decode",
+         "    mmask = np.uint64((1 << main_bits) - 1)",
+         f"    ubits = np.uint64({bits})",
+         "    umain = np.uint64(main_bits)",
          "    unb = np.uint64(nb)",
          "    ugs = np.uint64(gs)",
+         f"    blocks = ugs // np.uint64({ucodes})  # whole blocks of {ucodes} codes in {uwords} words",
+         f"    tail = ugs - blocks * np.uint64({ucodes})",
+         *[f"    S{x} = np.uint64({x})" for x in shifts],
+         f"    UW = np.uint64({uwords})",
          "    has_bias = bias.shape[0] > 0"]
     L += _member_row(v)
     if batched:
@@ -141,9 +188,16 @@ def _kernel_source(v: int, res: bool, mode: str) -> str:
           "            xp = np.uint64(o + g * gs)" + (" * unb  # xs is (N, B)" if batched else "")]
     if mode == "hist":
         L += ["            h[:] = 0"] + (["            hr[:] = 0"] if res else [])
+    L += ["            for _ in range(blocks):"]
+    L += [f"                d{j} = np.uint64(np.uint32(idx[wp + np.uint64({j})]))" for j in range(uwords)]
+    L.append("                wp += UW")
+    for w, sh, sp in plan:
+        word = f"(d{w} >> S{sh})" if sh else f"d{w}"
+        L.append(f"                code = ({word} | (d{w + 1} << S{sp})) & cmask" if sp else f"                code = {word} & cmask")
+        L += _code_step(mode, res, ts, "                ")
     L += ["            buf = np.uint64(0)",
           "            nbit = 0",
-          "            for _ in range(ugs):",
+          "            for _ in range(tail):",
           "                if nbit < bits:  # the packed stream, LSB first, 32-bit words",
           "                    buf |= np.uint64(np.uint32(idx[wp])) << np.uint64(nbit)",
           "                    wp += U1",
@@ -151,10 +205,8 @@ def _kernel_source(v: int, res: bool, mode: str) -> str:
           "                code = buf & cmask",
           "                buf >>= ubits",
           "                nbit -= bits"]
+    L += _code_step(mode, res, ts, "                ")
     if mode == "hist":
-        L += ["                xv = xs[xp]", "                xp += U1", "                h[code & mmask] += xv"]
-        if res:
-            L.append("                hr[code >> umain] += xv")
         L += [f"            c{t} = cb[rb + U{t}]" for t in ts]
         L += ["            for i in range(k):", "                hv = h[i]"]
         L += [f"                a{t} += c{t}[i] * hv" for t in ts]
@@ -162,19 +214,6 @@ def _kernel_source(v: int, res: bool, mode: str) -> str:
             L += [f"            c{t} = rcb[rb + U{t}]" for t in ts]
             L += ["            for i in range(kr):", "                hv = hr[i]"]
             L += [f"                a{t} += c{t}[i] * hv" for t in ts]
-    else:
-        L.append("                q = code & mmask")
-        L += [f"                w{t} = cb[rb + U{t}, q]" for t in ts]
-        if res:
-            L.append("                qr = code >> umain")
-            L += [f"                w{t} += rcb[rb + U{t}, qr]" for t in ts]
-        if batched:
-            L += ["                for b in range(unb):", "                    xv = xs[xp + b]"]
-            L += [f"                    acc[U{t} * unb + b] += w{t} * xv" for t in ts]
-            L.append("                xp += unb")
-        else:
-            L += ["                xv = xs[xp]", "                xp += U1"]
-            L += [f"                a{t} += xv * w{t}" for t in ts]
     L.append("        m0 = r * V")
     for t in ts:
         L.append(f"        if m0 + {t} < m_out:")
@@ -252,15 +291,18 @@ def _write_once(path: Path, src: str) -> None:
 
 
 @functools.cache
-def kernel(v: int, res: bool, mode: str):
-    """The kernel of vector length v, with or without a residual codebook, in mode hist / direct / batched:
+def kernel(v: int, res: bool, mode: str, bits: int):
+    """The kernel of vector length v, with or without a residual codebook, in mode hist / direct / batched,
+    for codes of `bits` bits (1..32):
     one numba function `run(x, src, scale, wbias, bias, idx, words, cb, k, rcb, kr, gs, bits, main_bits,
     oidx, ocb, v0, y)` (the prologue, the coded columns in parallel over rows of vectors, the outliers)."""
     if not 1 <= v <= MAX_V:
         raise ValueError(f"vector_len: {v} not supported on CPU (1..{MAX_V})")
     if mode not in ("hist", "direct", "batched"):
         raise ValueError(f"mode: {mode!r} is not hist, direct or batched")
-    return _load(_kernel_source(v, res, mode), f"v{v}{'r' if res else ''}_{mode}").run
+    if not 1 <= bits <= 32:
+        raise ValueError(f"code bits: {bits} not supported on CPU (1..32)")
+    return _load(_kernel_source(v, res, mode, bits), f"v{v}{'r' if res else ''}_{mode}_b{bits}").run
 
 
 def _load(src: str, tag: str):
