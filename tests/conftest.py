@@ -2,8 +2,19 @@ import os
 import tempfile
 from pathlib import Path
 
-import pytest
-import torch
+# Under pytest-xdist the processes the tests start (`vptq ...` commands, Prefect and Dask workers) get one
+# OpenMP thread and one numba thread too, and so does numba here: with the other worker holding the second
+# core, every parallel region of a two-thread process waited for its second thread to be scheduled (a tiny
+# `vptq compress` took 32 s instead of 15 s beside a busy core). Set before torch and numba are imported.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+# a `vptq worker` the tests start looks for flow runs every second, not Prefect's default 10 s (each test
+# that queues a run waited up to that long for the worker to notice it)
+os.environ.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Session fixtures are registered here, once: a module importing one would get its own instance
 # (pytest keys a fixture by where it is defined), e.g. a Prefect test server per test module.

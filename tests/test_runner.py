@@ -99,26 +99,28 @@ def test_hessian_set_is_shared_and_matches_in_model_hessians(home, tiny_llama_di
     assert all(torch.equal(ours[k], ref[k]) for k in ours), [k for k in ours if not torch.equal(ours[k], ref[k])]
 
 
-@pytest.mark.parametrize("mode", ["sequential", "original"])
 def test_dask_runner_gives_the_bytes_of_the_in_process_runner(home, tiny_llama_dir, text_file, tmp_path,  # noqa: F811
-                                                              monkeypatch, mode, tiny_flow_job):
-    if mode == "original":  # the preset's mode: the session's uninterrupted job is this request
-        local, local_dir = dict(tiny_flow_job.summary), tiny_flow_job.artifact
-    else:
-        local_dir = tmp_path / "local"
-        local = compress(tiny_llama_dir, text_file, local_dir, "--hessians", mode)
+                                                              monkeypatch):
+    """Hessians "sequential" (each block's from the quantized blocks before it); the preset's mode
+    ("original") on Dask is the killed-worker test's job below, held to the same checks."""
+    local = compress(tiny_llama_dir, text_file, tmp_path / "local", "--hessians", "sequential")
     assert local["runner"] == "local"
     monkeypatch.setenv("VPTQ_HOME", str(tmp_path / "home-dask"))  # nothing cached from the first run
-    dask = compress(tiny_llama_dir, text_file, tmp_path / "dask", "--hessians", mode, "--runner", "dask",
+    dask = compress(tiny_llama_dir, text_file, tmp_path / "dask", "--hessians", "sequential", "--runner", "dask",
                     "--workers", "2")
-    assert dask["runner"] == "dask" and dask["blocks_reused"] == 0 and dask["blocks_total"] == 2
-    assert checkpoint_bytes(local_dir) == checkpoint_bytes(tmp_path / "dask")
-    assert (local["bpw"], local["layers"]) == (dask["bpw"], dask["layers"])
+    same_as_local(local, tmp_path / "local", dask, tmp_path / "dask")
+    # the same request on the other runner is the same job, all blocks reused
+    again = compress(tiny_llama_dir, text_file, tmp_path / "again", "--hessians", "sequential")
+    assert again["job_id"] == dask["job_id"] and again["blocks_reused"] == 2
+
+
+def same_as_local(local: dict, local_dir: Path, got: dict, got_dir: Path, runner: str = "dask") -> None:
+    """A job run from scratch on `runner`: the in-process runner's bytes, bpw and layers, each linear a task."""
+    assert got["runner"] == runner and got["blocks_reused"] == 0 and got["blocks_total"] == 2
+    assert checkpoint_bytes(local_dir) == checkpoint_bytes(got_dir)
+    assert (local["bpw"], local["layers"]) == (got["bpw"], got["layers"])
     per_linear = {f"quantize-{i}-{n}" for i in range(2) for n in LINEARS}
-    assert per_linear <= task_names(dask["prefect_run_id"], per_linear)  # the linears ran as tasks of their own
-    if mode == "sequential":  # the same request on the other runner is the same job, all blocks reused
-        again = compress(tiny_llama_dir, text_file, tmp_path / "again", "--hessians", mode)
-        assert again["job_id"] == dask["job_id"] and again["blocks_reused"] == 2
+    assert per_linear <= task_names(got["prefect_run_id"], per_linear)  # the linears ran as tasks of their own
 
 
 def test_ray_runner_gives_the_bytes_of_the_in_process_runner(home, tiny_llama_dir, text_file, tmp_path,  # noqa: F811
@@ -126,10 +128,7 @@ def test_ray_runner_gives_the_bytes_of_the_in_process_runner(home, tiny_llama_di
     local_dir = tiny_flow_job.artifact  # the same request on the local runner (a session fixture)
     monkeypatch.setenv("VPTQ_HOME", str(tmp_path / "home-ray"))
     ray = compress(tiny_llama_dir, text_file, tmp_path / "ray", "--runner", "ray", "--workers", "2")
-    assert ray["runner"] == "ray" and ray["blocks_reused"] == 0
-    assert checkpoint_bytes(local_dir) == checkpoint_bytes(tmp_path / "ray")
-    per_linear = {f"quantize-{i}-{n}" for i in range(2) for n in LINEARS}
-    assert per_linear <= task_names(ray["prefect_run_id"], per_linear)
+    same_as_local(dict(tiny_flow_job.summary), local_dir, ray, tmp_path / "ray", runner="ray")
 
 
 KILLER = """
@@ -153,9 +152,10 @@ if os.environ.get("VPTQ_TEST_KILL_MARKER"):  # a dask worker: die once, in the m
 
 def test_dask_worker_killed_mid_block_is_retried_and_the_job_succeeds(home, tiny_llama_dir, text_file,  # noqa: F811
                                                                       tmp_path, monkeypatch, tiny_flow_job):
-    """A worker process SIGKILLed while it quantizes a linear of block 1: Dask's nanny restarts it,
-    the scheduler reruns the task, the job succeeds with the bytes of an undisturbed run."""
-    local_dir = tiny_flow_job.artifact  # the undisturbed run of the same request (a session fixture)
+    """The preset's Hessian mode on Dask, with a worker process SIGKILLed while it quantizes a linear of
+    block 1: Dask's nanny restarts it, the scheduler reruns the task, the job succeeds with the bytes,
+    bpw and layers of the undisturbed in-process run, each linear a task of its own."""
+    local, local_dir = dict(tiny_flow_job.summary), tiny_flow_job.artifact  # the undisturbed run (a session fixture)
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(KILLER)  # imported by every new (spawned) worker process
@@ -165,8 +165,8 @@ def test_dask_worker_killed_mid_block_is_retried_and_the_job_succeeds(home, tiny
     monkeypatch.setenv("VPTQ_HOME", str(tmp_path / "home-dask"))
     s = compress(tiny_llama_dir, text_file, tmp_path / "dask", "--runner", "dask", "--workers", "2")
     assert marker.is_file() and int(marker.read_text()) != os.getpid()  # a worker did die
-    assert s["status"] == "succeeded" and s["blocks_reused"] == 0
-    assert checkpoint_bytes(local_dir) == checkpoint_bytes(tmp_path / "dask")
+    assert s["status"] == "succeeded" and local["runner"] == "local"
+    same_as_local(local, local_dir, s, tmp_path / "dask")
 
 
 def test_bad_runner_options_are_refused_before_a_job(home, tiny_llama_dir, text_file):  # noqa: F811

@@ -94,7 +94,8 @@ def test_server_worker_submit_pull_load(tiny_llama_dir, text_file, tmp_path):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("PREFECT_", "VPTQ_")) and k not in ("TQDM_DISABLE",)}
     env |= {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "VPTQ_HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1"}
+            "VPTQ_HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1",
+            "PREFECT_RUNNER_POLL_FREQUENCY": "1"}  # the worker notices a queued run within a second
     client_env = env | {"PREFECT_API_URL": api}
     logs = {"server": tmp_path / "server.log", "worker": tmp_path / "worker.log"}
     procs: dict[str, subprocess.Popen] = {}
