@@ -60,14 +60,17 @@ def test_histogram_kernel_reads_codes_of_other_widths(k, kr):
 
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_batch1_modes_agree(preset):
-    """Batch 1 takes the histogram kernel on the presets' layouts; the direct one (large codebooks) gives
-    the same numbers; the rule picks direct where the codebook outweighs the columns (v8-k65536)."""
+    """Batch 1 takes the histogram kernel on the presets' layouts (and so do up to ROWS_APART token rows,
+    one pass each); the direct one (large codebooks) gives the same numbers; the rule picks direct where the codebook outweighs the columns (v8-k65536)."""
     v, k, kr = PRESETS[preset]
     p = PackedLayer.from_module(random_layer(n=581, v=v, k=k, kr=kr))  # outliers + 2 groups of 288 columns
     plan = cpu.CpuPlan.build(p)
     x = torch.randn(1, p.in_features, generator=torch.Generator().manual_seed(3))
     assert plan.mode == "hist"
     y_hist = plan(x)
+    xs = torch.randn(cpu.ROWS_APART + 1, p.in_features, generator=torch.Generator().manual_seed(4))
+    for rows in (2, cpu.ROWS_APART, cpu.ROWS_APART + 1):  # a histogram pass per row, then the batched mode
+        close(plan(xs[:rows]), cpu.gemm_ref(xs[:rows], p))
     plan.mode = "direct"
     close(plan(x), y_hist)
     close(y_hist, cpu.gemm_ref(x, p))

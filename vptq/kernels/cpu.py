@@ -6,9 +6,10 @@ yields v outputs. The kernels are parallel over rows of vectors (`numba.prange`)
 as a bit stream (vptq-method.md 2.3). At batch 1 with the presets' small codebooks ("hist"), each
 code adds its input value into a histogram over the codebook (one add per code), and the row's v
 outputs are v vectorised dot products of the codebook's coordinates with it; with large codebooks
-("direct") and for 2..MAX_ROWS token rows ("batched") each code's centroid is multiplied into v
-accumulators (per token row, vectorised over the rows). The numba source is generated per vector
-length, residual codebook and mode (kernels/cpu_source.py).
+("direct") and for ROWS_APART+1..MAX_ROWS token rows ("batched") each code's centroid is multiplied into
+v accumulators (per token row, vectorised over the rows); 2..ROWS_APART rows take one histogram pass
+each. The numba source is generated per vector length, residual codebook, mode and code width
+(kernels/cpu_source.py).
 
 Algebra (as kernels/gemv.py): stored column p holds original column perm[p] and
 W[:, j] = Q[:, p] * scale[j] + wbias[j], so y[b] = Q xs[b] + (x[b] . wbias) + bias with
@@ -37,6 +38,10 @@ from .dequant import dequantize_ref
 from .layout import PackedLayer, check_layer, perm64
 
 MAX_ROWS = 32  # token rows up to which the kernels run; above, dequantize for the call + matmul
+# Up to this many token rows the histogram kernel runs once per row: the batched mode's loop over token rows
+# costs about as much at 2 rows as at 8 (3.9 against 3.7 ns a code on SmolLM2's q/k/v group, one thread),
+# where one histogram pass costs ~1 ns (bench/results/cpu_kernel_probe_20261205_night.txt)
+ROWS_APART = 3
 
 
 def gemm_ref(x: torch.Tensor, p: PackedLayer) -> torch.Tensor:
@@ -157,7 +162,13 @@ class CpuPlan:
         if rows > MAX_ROWS:
             return self.dense(x)
         y = torch.empty(rows, self.out_features, dtype=torch.float32)
-        kernel(self.p.vector_len, self.p.num_res_centroids > 0, "batched" if rows > 1 else self.mode, self.p.code_bits)(
+        res, bits = self.p.num_res_centroids > 0, self.p.code_bits
+        if rows <= ROWS_APART and self.mode == "hist":  # a histogram per token row, each its own call
+            run = kernel(self.p.vector_len, res, "hist", bits)
+            for b in range(rows):
+                run(x[b:b + 1].numpy(), *self.args, y[b:b + 1].numpy(), self.starts, self.moffs)
+            return y
+        kernel(self.p.vector_len, res, "batched" if rows > 1 else self.mode, bits)(
             x.numpy(), *self.args, y.numpy(), self.starts, self.moffs)
         return y
 
