@@ -39,8 +39,8 @@ from .layout import PackedLayer, check_layer, perm64
 
 MAX_ROWS = 32  # token rows up to which the kernels run; above, dequantize for the call + matmul
 # Up to this many token rows the histogram kernel runs once per row: the batched mode's loop over token rows
-# costs about as much at 2 rows as at 8 (3.9 against 3.7 ns a code on SmolLM2's q/k/v group, one thread),
-# where one histogram pass costs ~1 ns (bench/results/cpu_kernel_probe_20261205_night.txt)
+# (vectorised 8 rows wide) costs about as much at 2 rows as at 8, ~4 ns a code on SmolLM2's q/k/v group on one
+# thread, where a histogram pass costs ~1 ns (bench/results/cpu_kernel_batch_probe_20261205_night.txt)
 ROWS_APART = 3
 
 
