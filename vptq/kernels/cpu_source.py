@@ -85,20 +85,21 @@ _CODE_MASKS = ("    cmask = np.uint64((1 << bits) - 1)", "    mmask = np.uint64(
                "    ubits = np.uint64(bits)", "    umain = np.uint64(main_bits)")
 
 
-def _member_row(v: int) -> list[str]:
-    """The parallel loop over rows of vectors of every member layer, and the member's own views."""
+def _member_loop(v: int) -> list[str]:
+    """The members one after another, each one's rows of vectors in parallel (`r` of `rows`, outputs from
+    `mo`, `m_out` of them). The member's arrays are taken from the typed lists outside the parallel loop:
+    taken inside it, their data pointers were reloaded after every store (which might alias the lists'
+    memory) and the batched loop did not vectorise (2.5x slower at 8 rows). The row's work follows at
+    one indent less than it runs at (shifted by the caller)."""
     return ([f"    U{t} = np.uint64({t})" for t in range(max(v, 2))]
-            + ["    for rr in prange(starts[starts.shape[0] - 1]):",
-               "        l = 0",
-               "        while rr >= starts[l + 1]:",
-               "            l += 1",
-               "        r = rr - starts[l]",
+            + ["    for l in range(starts.shape[0] - 1):",
+               "        idx = idxs[l]",
+               "        cb = cbs[l]",
+               "        rcb = rcbs[l]",
                "        rows = starts[l + 1] - starts[l]",
                "        mo = moffs[l]",
                "        m_out = moffs[l + 1] - mo",
-               "        idx = idxs[l]",
-               "        cb = cbs[l]",
-               "        rcb = rcbs[l]"])
+               "        for r in prange(rows):"])
 
 
 def _unrolled(bits: int) -> tuple[int, int, list[tuple[int, int, int]]]:
@@ -173,19 +174,7 @@ def _kernel_source(v: int, res: bool, mode: str, bits: int) -> str:
          *[f"    S{x} = np.uint64({x})" for x in shifts],
          f"    UW = np.uint64({uwords})",
          "    has_bias = bias.shape[0] > 0"]
-    L += [f"    U{t} = np.uint64({t})" for t in range(max(v, 2))]
-    # members one after another, each one's rows in parallel: the member's arrays are taken from the typed
-    # lists outside the parallel loop (taken inside it, their data pointers were reloaded after every store,
-    # which might alias the lists' memory, and the batched loop did not vectorise: 2.5x slower at batch 8)
-    L += ["    for l in range(starts.shape[0] - 1):",
-          "        idx = idxs[l]",
-          "        cb = cbs[l]",
-          "        rcb = rcbs[l]",
-          "        rows = starts[l + 1] - starts[l]",
-          "        mo = moffs[l]",
-          "        m_out = moffs[l + 1] - mo",
-          "        for r in prange(rows):"]
-    head, L = L, []  # the row's work below, written at one indent less than it runs at
+    head, L = L + _member_loop(v), []
     if batched:  # accumulators (V, B); the rows' offsets are the row's own values (as U{t} * unb in the
         # index, read from the parallel loop's arguments, they kept the loop over b from vectorising: 2.7x slower)
         L.append("        acc = np.zeros(V * nb, np.float32)")
@@ -250,7 +239,7 @@ def _dequant_source(v: int, res: bool) -> str:
          "    groups = cbs[0].shape[0] // V",
          *_CODE_MASKS,
          "    ugs = np.uint64(gs)"]
-    L += _member_row(v)
+    head, L = L + _member_loop(v), []
     L += ["        m0 = r * V",
           "        for g in range(groups):",
           "            wp = np.uint64((g * rows + r) * words)",
@@ -274,7 +263,7 @@ def _dequant_source(v: int, res: bool) -> str:
     for t in ts:
         L += [f"                if m0 + {t} < m_out:", f"                    w[mo + m0 + {t}, col] = w{t}"]
     L.append("                col += U1")
-    return "\n".join(L) + "\n"
+    return "\n".join(head + ["    " + line for line in L]) + "\n"
 
 
 @functools.cache
