@@ -85,12 +85,31 @@ _CODE_MASKS = ("    cmask = np.uint64((1 << bits) - 1)", "    mmask = np.uint64(
                "    ubits = np.uint64(bits)", "    umain = np.uint64(main_bits)")
 
 
+def _member_row(v: int) -> list[str]:
+    """One parallel loop over the rows of vectors of every member layer, each row taking its member's
+    views from the typed lists (`r` of `rows`, outputs from `mo`, `m_out` of them). The row's work follows
+    at the loop body's indent."""
+    return ([f"    U{t} = np.uint64({t})" for t in range(max(v, 2))]
+            + ["    for rr in prange(starts[starts.shape[0] - 1]):",
+               "        l = 0",
+               "        while rr >= starts[l + 1]:",
+               "            l += 1",
+               "        r = rr - starts[l]",
+               "        rows = starts[l + 1] - starts[l]",
+               "        mo = moffs[l]",
+               "        m_out = moffs[l + 1] - mo",
+               "        idx = idxs[l]",
+               "        cb = cbs[l]",
+               "        rcb = rcbs[l]"])
+
+
 def _member_loop(v: int) -> list[str]:
-    """The members one after another, each one's rows of vectors in parallel (`r` of `rows`, outputs from
-    `mo`, `m_out` of them). The member's arrays are taken from the typed lists outside the parallel loop:
-    taken inside it, their data pointers were reloaded after every store (which might alias the lists'
-    memory) and the batched loop did not vectorise (2.5x slower at 8 rows). The row's work follows at
-    one indent less than it runs at (shifted by the caller)."""
+    """The members one after another, each one's rows of vectors in parallel, the member's arrays taken from
+    the typed lists outside the parallel loop: taken inside it (_member_row), their data pointers were
+    reloaded after every store (which might alias the lists' memory) and the batched loop over token rows
+    did not vectorise (2.8x slower at 8 rows). It costs a parallel launch per member, which doubled the
+    histogram kernel's time on a q/k/v group at batch 1 on two threads: the batched mode alone takes it.
+    The row's work follows at one indent less than it runs at (the caller shifts it)."""
     return ([f"    U{t} = np.uint64({t})" for t in range(max(v, 2))]
             + ["    for l in range(starts.shape[0] - 1):",
                "        idx = idxs[l]",
@@ -174,7 +193,7 @@ def _kernel_source(v: int, res: bool, mode: str, bits: int) -> str:
          *[f"    S{x} = np.uint64({x})" for x in shifts],
          f"    UW = np.uint64({uwords})",
          "    has_bias = bias.shape[0] > 0"]
-    head, L = L + _member_loop(v), []
+    head, L = (L + _member_loop(v), []) if batched else (L + _member_row(v), [])
     if batched:  # accumulators (V, B); the rows' offsets are the row's own values (as U{t} * unb in the
         # index, read from the parallel loop's arguments, they kept the loop over b from vectorising: 2.7x slower)
         L.append("        acc = np.zeros(V * nb, np.float32)")
@@ -226,7 +245,7 @@ def _kernel_source(v: int, res: bool, mode: str, bits: int) -> str:
                   "else np.float32(0.0))"]
         else:
             L.append(f"            y[0, mo + m0 + {t}] = a{t} + c[0] + (bias[mo + m0 + {t}] if has_bias else np.float32(0.0))")
-    return "\n".join(head + ["    " + line for line in L]) + "\n"
+    return "\n".join(head + [("    " if batched else "") + line for line in L]) + "\n"
 
 
 def _dequant_source(v: int, res: bool) -> str:
@@ -239,7 +258,7 @@ def _dequant_source(v: int, res: bool) -> str:
          "    groups = cbs[0].shape[0] // V",
          *_CODE_MASKS,
          "    ugs = np.uint64(gs)"]
-    head, L = L + _member_loop(v), []
+    L += _member_row(v)
     L += ["        m0 = r * V",
           "        for g in range(groups):",
           "            wp = np.uint64((g * rows + r) * words)",
@@ -263,7 +282,7 @@ def _dequant_source(v: int, res: bool) -> str:
     for t in ts:
         L += [f"                if m0 + {t} < m_out:", f"                    w[mo + m0 + {t}, col] = w{t}"]
     L.append("                col += U1")
-    return "\n".join(head + ["    " + line for line in L]) + "\n"
+    return "\n".join(L) + "\n"
 
 
 @functools.cache
