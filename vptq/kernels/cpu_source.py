@@ -171,8 +171,12 @@ def _kernel_source(v: int, res: bool, mode: str, bits: int) -> str:
     batched = mode == "batched"
     # blocks only where decoding is most of a code's work (hist); elsewhere v (x B) multiply-adds
     # outweigh it and a block's unrolled body would only lengthen the compile
-    ucodes, uwords, plan = _unrolled(bits) if mode == "hist" else (1 << 30, 1, [])
+    ucodes, uwords, plan = _unrolled(bits) if mode == "hist" else (0, 0, [])
     shifts = sorted({x for _, sh, sp in plan for x in (sh, sp)} | {0})
+    blocks = ([f"    blocks = ugs // np.uint64({ucodes})  # whole blocks of {ucodes} codes in {uwords} words",
+               f"    tail = ugs - blocks * np.uint64({ucodes})",
+               *[f"    S{x} = np.uint64({x})" for x in shifts],
+               f"    UW = np.uint64({uwords})"] if plan else ["    tail = ugs"])
     kind = f"vector length {v}, {'residual, ' if res else ''}{mode}, {bits}-bit codes"
     L = [_HEADER.format(kind=kind), f"V = {v}", f"BITS = {bits}", _COMMON, _OUTLIERS, _RUN, "",
          "@njit(parallel=True, fastmath=True, cache=True, nogil=True)",
@@ -188,10 +192,7 @@ def _kernel_source(v: int, res: bool, mode: str, bits: int) -> str:
          "    umain = np.uint64(main_bits)",
          "    unb = np.uint64(nb)",
          "    ugs = np.uint64(gs)",
-         f"    blocks = ugs // np.uint64({ucodes})  # whole blocks of {ucodes} codes in {uwords} words",
-         f"    tail = ugs - blocks * np.uint64({ucodes})",
-         *[f"    S{x} = np.uint64({x})" for x in shifts],
-         f"    UW = np.uint64({uwords})",
+         *blocks,
          "    has_bias = bias.shape[0] > 0"]
     head, L = (L + _member_loop(v), []) if batched else (L + _member_row(v), [])
     if batched:  # accumulators (V, B); the rows' offsets are the row's own values (as U{t} * unb in the
@@ -210,9 +211,10 @@ def _kernel_source(v: int, res: bool, mode: str, bits: int) -> str:
           "            xp = np.uint64(o + g * gs)" + (" * unb  # xs is (N, B)" if batched else "")]
     if mode == "hist":
         L += ["            h[:] = 0"] + (["            hr[:] = 0"] if res else [])
-    L += ["            for _ in range(blocks):"]
-    L += [f"                d{j} = np.uint64(np.uint32(idx[wp + np.uint64({j})]))" for j in range(uwords)]
-    L.append("                wp += UW")
+    if plan:
+        L += ["            for _ in range(blocks):"]
+        L += [f"                d{j} = np.uint64(np.uint32(idx[wp + np.uint64({j})]))" for j in range(uwords)]
+        L.append("                wp += UW")
     for w, sh, sp in plan:
         word = f"(d{w} >> S{sh})" if sh else f"d{w}"
         L.append(f"                code = ({word} | (d{w + 1} << S{sp})) & cmask" if sp else f"                code = {word} & cmask")
