@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The fine-tuned presets on the quality issue's protocol, three seeds each, on one GPU machine of the device
 # tool (its image has no `gguf` package and a call carries at most 64 MiB: the GGUF travels in slices
-# .gpu/p1..pN over consecutive calls while the machine stays warm, and the gguf wheel in .whl; bench/gpu_slices.sh
-# cuts them). TAG (default smollm2-135m) names the model in the records.
+# .gpu/MODEL/p1..pN over consecutive calls while the machine stays warm, and the gguf wheel in .whl;
+# bench/gpu_slices.sh cuts them). MODEL (default smollm2) names the slices' folder, TAG (default smollm2-135m)
+# the model in the records, SEEDS (default "0 1 2") the seeds; several models may run at once.
 #
 #   bash bench/gpu_presets.sh start [BITS...]   join + check the GGUF, launch every (preset, seed) run in its
 #                                                own session (setsid: it outlives this call), return at once
@@ -13,6 +14,7 @@
 # calibration from wikitext-2 valid's calibration part, selection perplexity from its selection part, test
 # and the out-of-domain corpora reported, one process per run, 1 CPU thread each (9 runs share 16 cores).
 set -u
+MODEL=${MODEL:-smollm2}
 RUNS=runs/presets
 OUT=${OUT:-$RUNS/out}
 mkdir -p "$RUNS" "$OUT"
@@ -20,16 +22,17 @@ PY=${PY:-python3}
 case ${1:-} in
   start)
     shift
-    n=$(ls -d .gpu/p[0-9]* | wc -l)
-    for i in $(seq 1 "$n"); do cat .gpu/p"$i"/*; done > runs/model.gguf
-    echo "$(cat .gpu/model.sha256)  runs/model.gguf" | sha256sum -c || exit 1
-    $PY -m pip install -q --no-index --no-deps --no-compile --target runs/site .whl/gguf-*.whl || exit 1
+    n=$(ls -d .gpu/"$MODEL"/p[0-9]* | wc -l)
+    for i in $(seq 1 "$n"); do cat .gpu/"$MODEL"/p"$i"/*; done > "runs/$MODEL.gguf"
+    echo "$(cat .gpu/"$MODEL"/sha256)  runs/$MODEL.gguf" | sha256sum -c || exit 1
+    [ -d runs/site/gguf ] || $PY -m pip install -q --no-index --no-deps --no-compile --target runs/site .whl/gguf-*.whl \
+      || exit 1
     for bits in ${*:-2 3 4}; do
       name=$($PY -c "import sys; sys.argv=['q']; sys.path.insert(0, 'bench'); import quality; print(quality.PRESET_RUNS[$bits])")
-      for seed in 0 1 2; do
+      for seed in ${SEEDS:-0 1 2}; do
         PYTHONPATH=runs/site OMP_NUM_THREADS=1 setsid nohup $PY -u bench/quality.py --device cuda \
-          --model runs/model.gguf --tag "${TAG:-smollm2-135m}" --calib vptq/data/wikitext2-valid.txt --test .gpu/test.txt --split --ood \
-          --seed "$seed" --only "$name" --results "$RUNS/presets.jsonl" > "$RUNS/$name-seed$seed.log" 2>&1 < /dev/null &
+          --model "runs/$MODEL.gguf" --tag "${TAG:-smollm2-135m}" --calib vptq/data/wikitext2-valid.txt --test .gpu/test.txt --split --ood \
+          --seed "$seed" --only "$name" --results "$RUNS/presets.jsonl" > "$RUNS/$MODEL-$name-seed$seed.log" 2>&1 < /dev/null &
       done
     done
     sleep 5; ls "$RUNS"; nvidia-smi --query-gpu=memory.used --format=csv ;;
