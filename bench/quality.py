@@ -81,8 +81,8 @@ RUNS: dict[str, dict] = {
                           cfg=dict(e2e_steps=0, outlier_percent=1.0)),
     # bits where they matter: k_proj and v_proj (6 % of a block's weights, the ones GQA shares across heads)
     # get the 3-bit preset's residual codebook (k32), the rest stays at 2 bits: ~2.24 bpw all-in
-    "os2-kv3": dict(method="vptq", bits=2, base="current", nsamples="job", cfg=dict(e2e_steps=0),
-                    upgrade=(("k_proj", "v_proj"), dict(num_res_centroids=32))),
+    "os2-kv3": dict(method="vptq", bits=2, base="current", nsamples="job", cfg=dict(
+        e2e_steps=0, layers={"k_proj": {"num_res_centroids": 32}, "v_proj": {"num_res_centroids": 32}})),
     "vptq2-original-hessians": dict(method="vptq", bits=2, cfg=dict(hessians="original")),
     # one-shot ablation at 2 bits (no end-to-end stage, which would hide the parts' effects):
     # the full one-shot method, then each part off in turn
@@ -198,11 +198,6 @@ def run_one(name: str, spec: dict, args) -> dict:
         fn = {"vptq": vptq_linear, "rtn": lambda: rtn_linear(spec["bits"], spec["group"]),
               "gptq": lambda: gptq_linear(spec["bits"], spec["group"])}[method]
         fn = fn if method == "vptq" else fn()
-        if "upgrade" in spec:  # per-layer shapes (the checkpoint's config_for_layers carries each layer's)
-            suffixes, over = spec["upgrade"]
-
-            def fn(name, lin, h, cfg, base=fn):
-                return base(name, lin, h, cfg.with_(**over) if name.endswith(suffixes) else cfg)
         def progress(done, total, msg, t0=t0):  # milestones on stderr (a killed run shows how far it got)
             if "done" in msg or (msg.startswith("fine-tune") and (done % 50 == 0 or done == total)):
                 print(f"{name}: {time.perf_counter() - t0:.0f}s {msg}", file=sys.stderr, flush=True)

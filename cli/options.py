@@ -65,6 +65,10 @@ MaxPplRatio = Annotated[Optional[float], typer.Option(
 Targets = Annotated[Optional[list[str]], typer.Option(
     "--targets", help="Glob over the paths of linears inside a decoder block to quantize (repeatable), e.g. "
     "'self_attn.*' or 'mlp.down_proj' (default: every nn.Linear of the blocks but MoE routers).")]
+Layers = Annotated[Optional[list[str]], typer.Option(
+    "--layer", help="Per-layer settings GLOB:FIELD=VALUE[,FIELD=VALUE] (repeatable, a later one wins), the glob "
+    "over a linear's path inside a block or '<block>.<path>', e.g. '*.k_proj:num_res_centroids=32' or "
+    "'0.*:num_centroids=2048'; fields: codebook shapes, refine_iters, kmeans_iters, damp.")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 
@@ -100,6 +104,7 @@ def _request(
     eval_seqlen: EvalSeqlen = DEFAULT.eval_seqlen,
     max_ppl_ratio: MaxPplRatio = None,
     targets: Targets = None,
+    layer: Layers = None,
 ) -> JobSpec:
     """The request's options, declared once: `request_command` gives them to `compress` and `submit`."""
     from vptq_service.flows.request import build_spec
@@ -107,7 +112,7 @@ def _request(
     # an empty --name is refused by build_spec, not replaced by the default
     return build_spec(source, name if name is not None else default_name(source, bits), bits, version, str(calib) if calib else None,
                       nsamples, seqlen, seed, hessians.value if hessians else None,
-                      overrides_from(config, set_, finetune_steps, targets), device, str(eval_text) if eval_text else None,
+                      overrides_from(config, set_, finetune_steps, targets, layer), device, str(eval_text) if eval_text else None,
                       eval_windows, eval_seqlen, max_ppl_ratio, runner, workers)
 
 
@@ -134,9 +139,10 @@ def request_command(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def overrides_from(config: Path | None, items: list[str], finetune_steps: int | None = None,
-                   targets: list[str] | None = None) -> dict[str, Any]:
+                   targets: list[str] | None = None, layers: list[str] | None = None) -> dict[str, Any]:
     """QuantConfig overrides: the --config file's fields, --set FIELD=VALUE over them, then
-    --finetune-steps (the end-to-end stage's e2e_steps) and --targets (globs, vptq/targets.py)."""
+    --finetune-steps (the end-to-end stage's e2e_steps), --targets (globs, vptq/targets.py) and the
+    --layer rules (after the file's `layers`, so they win where both match)."""
     from vptq.config import ConfigError
 
     over = _config_file(config) if config is not None else {}
@@ -147,15 +153,39 @@ def overrides_from(config: Path | None, items: list[str], finetune_steps: int | 
         over["e2e_steps"] = finetune_steps
     if targets:
         over["targets"] = list(targets)
+    if layers:
+        over["layers"] = [*_rules(over.get("layers", {})), *(_layer_rule(item) for item in layers)]
     return over
+
+
+def _rules(layers: dict | list) -> list:
+    return list(layers.items()) if isinstance(layers, dict) else list(layers)
+
+
+def _layer_rule(item: str) -> tuple[str, dict[str, Any]]:
+    """One --layer GLOB:FIELD=VALUE[,FIELD=VALUE] as (glob, fields), values typed like --set's."""
+    from vptq.config import LAYER_FIELDS, ConfigError
+
+    glob, sep, assigns = item.rpartition(":")
+    if not sep or not glob.strip() or not assigns.strip():
+        raise ConfigError(f"--layer {item!r}: expected GLOB:FIELD=VALUE[,FIELD=VALUE], e.g. "
+                          f"'*.k_proj:num_res_centroids=32'")
+    fields = {}
+    for a in assigns.split(","):
+        if a.partition("=")[0].strip() not in LAYER_FIELDS:
+            raise ConfigError(f"--layer {item!r}: {a.partition('=')[0]!r} cannot be set per layer; use one of "
+                              f"{list(LAYER_FIELDS)}")
+        fields.update(_overrides([a.strip()], flag="--layer"))
+    return glob, fields
 
 
 def _settable() -> set[str]:
     """QuantConfig fields a --config file or --set may give: not the request's own (seed, Hessian
-    mode: their own options) nor `targets` (not a scalar)."""
+    mode: their own options) nor `targets` and `layers` (not scalars: --targets, --layer, and a
+    --config file's `layers` table)."""
     from vptq.config import REQUEST_FIELDS, QuantConfig
 
-    return set(QuantConfig.__dataclass_fields__) - set(REQUEST_FIELDS) - {"targets"}
+    return set(QuantConfig.__dataclass_fields__) - set(REQUEST_FIELDS) - {"targets", "layers"}
 
 
 def _config_file(path: Path) -> dict[str, Any]:
@@ -174,12 +204,16 @@ def _config_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"--config {path}: not valid {kind} ({' '.join(str(e).split())})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of QuantConfig fields")
-    fields = _settable()
+    fields = _settable() | {"layers"}  # {glob: {field: value}}, checked by QuantConfig
     unknown = sorted(set(data) - fields)
     if unknown:
         raise ConfigError(f"--config {path}: unknown key(s) {unknown}; valid keys: {sorted(fields)}")
     default = QuantConfig()
     for key, val in data.items():
+        if key == "layers":
+            if not isinstance(val, dict):
+                raise ConfigError(f"--config {path}: layers must be a table of {{glob: {{field: value}}}}")
+            continue
         typ = type(getattr(default, key))
         ok = isinstance(val, typ) and not (typ is int and isinstance(val, bool))
         if typ is float and isinstance(val, int) and not isinstance(val, bool):
@@ -189,7 +223,7 @@ def _config_file(path: Path) -> dict[str, Any]:
     return dict(data)
 
 
-def _overrides(items: list[str]) -> dict[str, Any]:
+def _overrides(items: list[str], flag: str = "--set") -> dict[str, Any]:
     from vptq.config import ConfigError, QuantConfig
 
     fields = _settable()
@@ -197,7 +231,7 @@ def _overrides(items: list[str]) -> dict[str, Any]:
     for item in items:
         key, sep, val = item.partition("=")
         if not sep or key not in fields:
-            raise ConfigError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
+            raise ConfigError(f"{flag} {item!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
         typ = type(getattr(QuantConfig(), key))
         try:
             if typ is bool:
@@ -207,5 +241,5 @@ def _overrides(items: list[str]) -> dict[str, Any]:
             else:
                 out[key] = typ(val)
         except ValueError:
-            raise ConfigError(f"--set {item!r}: {val!r} is not a valid {typ.__name__}") from None
+            raise ConfigError(f"{flag} {item!r}: {val!r} is not a valid {typ.__name__}") from None
     return out

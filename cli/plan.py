@@ -91,6 +91,7 @@ def plan_cmd(
     device: opt.Device = opt.DEFAULT.device,
     finetune_steps: opt.FinetuneSteps = None,
     targets: opt.Targets = None,
+    layer: opt.Layers = None,
     as_json: opt.Json = False,
     debug: opt.Debug = False,
 ) -> None:
@@ -106,7 +107,7 @@ def plan_cmd(
         from vptq.pipeline import check_device
         from vptq.plan import plan
 
-        cfg, nsamples = resolve(bits, opt.overrides_from(config, set_, finetune_steps, targets),
+        cfg, nsamples = resolve(bits, opt.overrides_from(config, set_, finetune_steps, targets, layer),
                                nsamples=nsamples)
         check_device(device)
         if source.startswith(("s3://", "hf://")):

@@ -24,6 +24,7 @@ import torch
 import transformers
 from torch import nn
 
+import vptq
 from vptq import driver
 from vptq.config import ConfigError, QuantConfig
 from vptq.experts import unfuse_experts
@@ -252,6 +253,54 @@ def test_targets_narrow_and_a_pattern_matching_nothing_is_refused(smol_tokenizer
     assert {"model.layers.*.mlp.gate_proj.weight", "model.layers.*.mlp.up_proj.weight",
             "model.layers.*.self_attn.q_proj.bias"} <= set(p["float_tensors"])
     assert p["float_params"] == sum(p["float_tensors"].values()) and p["bits_per_param"] > p["bpw"]
+
+
+def test_per_layer_rules_give_layers_their_own_codebooks(smol_tokenizer, calib, home, tmp_path):
+    """--layer: the matching linears get their own shapes (a later rule winning), the checkpoint's
+    config_for_layers says so and loads, plan's exact bits are the job's; a bad rule is one line, exit 2."""
+    src, out = tmp_path / "qwen2", tmp_path / "q"
+    build("qwen2", smol_tokenizer, src)
+    rules = ["--layer", "*.k_proj:num_res_centroids=4", "--layer", "1.*_proj:num_centroids=32",
+             "--layer", "1.mlp.down_proj:num_centroids=8,vector_len=2"]
+    code, stdout, err = cli("compress", src, "--bits", "2", "--json", "--out", out, "--calib", calib, *rules,
+                            *CLI_TINY)
+    assert code == 0, err
+    job = json.loads(stdout)
+    layers = json.loads((out / "config.json").read_text())["quantization_config"]["config_for_layers"]
+    shape = {n: (e["vector_lens"][1], e["num_centroids"][1], e["num_res_centroids"][1]) for n, e in layers.items()}
+    assert shape["model.layers.0.self_attn.k_proj"] == (4, 16, 4)
+    assert shape["model.layers.0.self_attn.q_proj"] == shape["model.layers.0.mlp.down_proj"] == (4, 16, -1)
+    assert shape["model.layers.1.self_attn.k_proj"] == (4, 32, 4)  # both rules, the later one's k
+    assert shape["model.layers.1.self_attn.q_proj"] == (4, 32, -1)
+    assert shape["model.layers.1.mlp.down_proj"] == (2, 8, -1)
+    loaded = vptq.from_pretrained(out)
+    ids = torch.randint(0, len(smol_tokenizer), (1, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.isfinite(loaded(ids).logits).all()
+    code, stdout, err = cli("plan", src, "--bits", "2", "--json", "--calib", calib, *rules, *PLAN_TINY)
+    assert code == 0, err
+    assert json.loads(stdout)["bpw"] == pytest.approx(job["bpw"], abs=1e-4)  # the same exact bit count
+    for bad, says in [("*.k_proj:e2e_steps=3", "'e2e_steps' cannot be set per layer"),
+                      ("*.k_proj:num_res_centroids=3", "num_res_centroids=3"),
+                      ("*.k_proj", "expected GLOB:FIELD=VALUE")]:
+        code, _, err = cli("compress", src, "--bits", "2", "--out", tmp_path / "bad", "--calib", calib,
+                           "--layer", bad, *CLI_TINY)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and says in lines[0], err
+        assert not (tmp_path / "bad").exists()
+
+
+def test_layer_rules_match_paths_and_blocks_and_round_trip():
+    cfg = CFG.with_(layers={"*.k_proj": {"num_res_centroids": 4}, "0.*": {"num_centroids": 8},
+                            "0.self_attn.k_proj": {"num_res_centroids": 8}})
+    assert cfg.for_layer("self_attn.k_proj", 1).num_res_centroids == 4
+    assert cfg.for_layer("self_attn.k_proj", None).num_res_centroids == 4  # no block index: path rules only
+    k0 = cfg.for_layer("self_attn.k_proj", 0)
+    assert (k0.num_centroids, k0.num_res_centroids, k0.layers) == (8, 8, ())
+    assert cfg.for_layer("mlp.up_proj", 1) == CFG  # no rule matches: the job's own config
+    assert QuantConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ConfigError, match="cannot be set per layer"):
+        CFG.with_(layers={"*": {"seed": 1}})
 
 
 def test_an_unsupported_architecture_is_refused_by_the_command(smol_tokenizer, calib, home, tmp_path):

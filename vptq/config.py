@@ -7,11 +7,16 @@ against the bytes actually written by `vptq.io.save_quantized`.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 HessianMode = Literal["sequential", "original"]
+# the fields one linear may set for itself (QuantConfig.layers): its codebook shapes and its own
+# optimisation knobs; everything else (norm, fine-tuning, Hessian mode, seed) is the whole job's
+LAYER_FIELDS = ("vector_len", "num_centroids", "num_res_centroids", "outlier_percent", "outlier_vector_len",
+                "outlier_centroids", "group_num", "refine_iters", "kmeans_iters", "damp")
 
 
 class ConfigError(ValueError):
@@ -53,12 +58,18 @@ class QuantConfig:
     # globs over the paths of linears inside a decoder block (or their last component) that are
     # quantized; "*" = every nn.Linear of the blocks but MoE routers (vptq/targets.py)
     targets: tuple[str, ...] = ("*",)
+    # per-layer settings over the fields above: (glob, ((field, value), ...)) in order, a later match
+    # winning; the glob is matched like `targets` (the path inside a block, or its last component) and
+    # also against "<block index>.<path>" (e.g. "0.*" = every linear of block 0); LAYER_FIELDS only.
+    # Given as {glob: {field: value}} in JSON and --config files, `--layer GLOB:FIELD=VALUE` on the CLI.
+    layers: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):  # one glob
             object.__setattr__(self, "targets", (self.targets,))
         elif not isinstance(self.targets, tuple):  # a list from JSON or --targets
             object.__setattr__(self, "targets", tuple(self.targets))
+        object.__setattr__(self, "layers", _layer_rules(self.layers))
         self.validate()
 
     @property
@@ -109,6 +120,24 @@ class QuantConfig:
             raise ConfigError("kmeans_iters >= 0, block_size >= 1 and damp > 0 are required")
         if not self.targets or not all(isinstance(p, str) and p.strip() for p in self.targets):
             raise ConfigError(f"targets={list(self.targets)!r}: give one or more globs, e.g. ['*'] or ['self_attn.*']")
+        for glob, fields in self.layers:
+            try:
+                replace(self, layers=(), **dict(fields))
+            except ConfigError as e:
+                raise ConfigError(f"layers[{glob!r}]: {e}") from None
+
+    def for_layer(self, name: str, block: int | None = None) -> QuantConfig:
+        """The config of the linear at `name` (its path inside a block) of block `block`: the
+        `layers` rules that match it applied in order, and no rules left (a layer's own config)."""
+        if not self.layers:
+            return self
+        leaf = name.rsplit(".", 1)[-1]
+        paths = [name, leaf] + ([f"{block}.{name}"] if block is not None else [])
+        own: dict[str, Any] = {}
+        for glob, fields in self.layers:
+            if any(fnmatch.fnmatchcase(p, glob) for p in paths):
+                own.update(fields)
+        return replace(self, layers=(), **own)
 
     def with_(self, **kw) -> QuantConfig:
         return replace(self, **kw)
@@ -116,6 +145,7 @@ class QuantConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["targets"] = list(self.targets)
+        d["layers"] = {glob: dict(fields) for glob, fields in self.layers}
         return d
 
     @classmethod
@@ -127,6 +157,27 @@ class QuantConfig:
         if "targets" in d:
             d["targets"] = tuple(d["targets"])
         return cls(**d)
+
+
+def _layer_rules(rules) -> tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]:
+    """QuantConfig.layers from {glob: {field: value}} (JSON) or (glob, fields) pairs; ConfigError names
+    what is wrong. Hashable (the config is frozen and hashed)."""
+    if isinstance(rules, dict):
+        rules = list(rules.items())
+    out = []
+    for rule in rules:
+        if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
+            raise ConfigError(f"layers: {rule!r} is not a (glob, fields) pair; give {{glob: {{field: value}}}}")
+        glob, fields = rule
+        fields = dict(fields) if isinstance(fields, (dict, tuple, list)) else fields
+        if not isinstance(glob, str) or not glob.strip() or not isinstance(fields, dict) or not fields:
+            raise ConfigError(f"layers: {glob!r}: give a glob and at least one field, e.g. "
+                              f"{{'self_attn.k_proj': {{'num_res_centroids': 32}}}}")
+        bad = sorted(set(fields) - set(LAYER_FIELDS))
+        if bad:
+            raise ConfigError(f"layers[{glob!r}]: {bad} cannot be set per layer; use one of {list(LAYER_FIELDS)}")
+        out.append((glob, tuple(fields.items())))
+    return tuple(out)
 
 
 # Presets chosen for small models (hidden 576): codebooks must stay small because each

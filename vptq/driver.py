@@ -214,12 +214,14 @@ def quantize_linears(
     block: nn.Module, x: torch.Tensor | None, pe, cfg: QuantConfig, device: torch.device,
     quantize_fn: QuantizeFn = vptq_linear, prefix: str = "", batch: int = BATCH,
     progress: Callable[[str], None] | None = None, hessians: dict[str, torch.Tensor] | None = None,
+    index: int | None = None,
 ) -> tuple[list[LayerReport], torch.Tensor | None]:
     """Collect Hessians of the block's target linears on inputs x (unless given), quantize them in place.
 
     Returns the layer reports and the block's outputs on x *before* quantization (the
     original-model activations that hessians="original" propagates); None when the Hessians were
-    given (a shared Hessian set: nothing ran).
+    given (a shared Hessian set: nothing ran). Each linear gets its own config (cfg.for_layer: the
+    per-layer rules, matched with the block's `index`).
     """
     lins = target_linears(block, cfg)
     fp_out = None
@@ -232,7 +234,7 @@ def quantize_linears(
     for name, lin in lins.items():
         if progress:
             progress(name)
-        new, rep = quantize_fn(prefix + name, lin, hessians[name].to(device), cfg)
+        new, rep = quantize_fn(prefix + name, lin, hessians[name].to(device), cfg.for_layer(name, index))
         if name in getattr(hessians, "warnings", {}):
             rep.warnings.append(hessians.warnings[name])
         reports.append(rep)
@@ -293,7 +295,7 @@ class BlockStep:
         """Quantize the block's target linears (Hessians collected on x unless given)."""
         reports, self.fp_out = quantize_linears(self.block, self.x, self.pe, self.cfg, self.device, quantize_fn,
                                                 prefix=self.prefix, batch=self.batch, progress=progress,
-                                                hessians=hessians)
+                                                hessians=hessians, index=self.index)
         return reports
 
     def hessians(self) -> dict[str, torch.Tensor]:

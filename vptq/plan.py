@@ -107,7 +107,8 @@ def _default_sharing(block0: list[tuple[str, int, int]]) -> list[list[str]]:
 
 def bits_estimate(shapes: Shapes, cfg: QuantConfig) -> dict:
     """Exact all-in bits of every target linear and the checkpoint's tensor bytes."""
-    bits = sum(sum(layer_bits(cfg, o, i).values()) for blk in shapes.linears for _, o, i in blk)
+    bits = sum(sum(layer_bits(cfg.for_layer(name, b), o, i).values())
+               for b, blk in enumerate(shapes.linears) for name, o, i in blk)
     weights = shapes.target_weights
     fl = shapes.floating or {"params": shapes.params - weights, "bits": 32 * (shapes.params - weights), "groups": {}}
     other = math.ceil(fl["bits"] / 8)  # embeddings, head, norms, biases, routers: stored as loaded
@@ -149,7 +150,8 @@ def memory_estimate(shapes: Shapes, cfg: QuantConfig, nsamples: int, seqlen: int
     hess32 = sum(4 * i * i for _, _, i in shapes.linears[0])
     hessian_bytes = hess64 + hess32
     fwd = BATCH * seqlen * (6 * h + 3 * inter) * f32 + BATCH * heads * seqlen * seqlen * f32
-    quant = max(_quantizer_bytes(cfg, o, i) for blk in shapes.linears for _, o, i in blk)
+    quant = max(_quantizer_bytes(cfg.for_layer(name, b), o, i)
+                for b, blk in enumerate(shapes.linears) for name, o, i in blk)
     block_phase = {"block_weights": blk_params * f32, "hessians": hessian_bytes,
                    "forward_activations": fwd, "quantizer": quant}
     block_device = blk_params * f32 + max(hess64 + fwd + hess32, hess32 + quant)
@@ -198,7 +200,7 @@ def disk_estimate(shapes: Shapes, cfg: QuantConfig, nsamples: int, seqlen: int) 
     inputs = act * (2 if cfg.finetune_steps else 1)  # inputs_{i+1}: x (+ fp_x)
     states = 0
     for i, blk in enumerate(shapes.linears):
-        qbits = sum(sum(layer_bits(cfg, o, n).values()) for _, o, n in blk)
+        qbits = sum(sum(layer_bits(cfg.for_layer(name, i), o, n).values()) for name, o, n in blk)
         other = shapes.block_params[i] - sum(o * n for _, o, n in blk)
         states += math.ceil(qbits / 8) + 4 * other + 8192  # + the block's json
     calib = nsamples * seqlen * 8
@@ -342,7 +344,8 @@ def probe(parts: Parts, shapes: Shapes, cfg: QuantConfig, windows: torch.Tensor,
         say(f"quantizing block 0's {name} ({lins[name].out_features} x {lins[name].in_features})")
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-        (q, rep), secs = _timed(lambda name=name: quantize_linear(lins[name].weight, hs[name].to(dev), cfg, name), dev)
+        (q, rep), secs = _timed(lambda name=name: quantize_linear(lins[name].weight, hs[name].to(dev),
+                                                                  cfg.for_layer(name, 0), name), dev)
         probed.append({"name": name, "shape": [lins[name].out_features, lins[name].in_features],
                        "weights": lins[name].weight.numel(), "seconds": round(secs, 3),
                        "proxy_loss": rep.proxy_loss, "bpw": rep.bpw,
@@ -366,7 +369,7 @@ def _e2e_probe(parts: Parts, block, lins, hs, qmods, cfg: QuantConfig, windows, 
 
     fast = cfg.with_(kmeans_iters=2, refine_iters=0, error_feedback=False)  # same layout, cheap codes
     for name, lin in lins.items():
-        q = qmods.get(name) or quantize_linear(lin.weight, hs[name].to(dev), fast, name)[0]
+        q = qmods.get(name) or quantize_linear(lin.weight, hs[name].to(dev), fast.for_layer(name, 0), name)[0]
         block.set_submodule(name, VQuantLinear.from_weights(q).to(dev).float())
     norm, head = copy.deepcopy(parts.norm).to(dev), parts.head.to(dev)
     b = e2e_batch(cfg, windows.shape[0])

@@ -133,9 +133,9 @@ def check_layouts(model: nn.Module, cfg: QuantConfig) -> list[dict[str, nn.Linea
     """check_model, then the configuration's layout for every target linear's shape (ConfigError if
     one does not fit): the whole check a job makes before any work, on a real or a meta-device model."""
     linears = check_model(model, cfg)
-    for lins in linears:
-        for lin in lins.values():
-            LayerLayout.for_shape(cfg, lin.out_features, lin.in_features)
+    for i, lins in enumerate(linears):
+        for name, lin in lins.items():
+            LayerLayout.for_shape(cfg.for_layer(name, i), lin.out_features, lin.in_features)
     return linears
 
 
