@@ -35,6 +35,10 @@ RESULTS = ROOT / "bench" / "results" / "quality.jsonl"
 SELECTION = ROOT / "bench" / "results" / "selection.jsonl"
 SHARED = ROOT.parent / "shared" / "data" / "wikitext-2"
 OOD = sorted((ROOT / "bench" / "data" / "ood").glob("*.txt"))  # docs/ood-corpora.md
+# the selection parts of the calibration mix's code and technical-prose domains (docs/calibration-mix.md),
+# scored beside valid's selection part by every --split run; MIX = the mix's calibration file (--mix)
+SELECT_DOMAINS = sorted((ROOT / "bench" / "data" / "select").glob("*.txt"))
+MIX = ROOT / "vptq" / "data" / "calib-mix.txt"
 
 # The presets as they were when the runs below up to the "second generation" were recorded
 # (first generation: per-channel norm, sequential Hessians, 200 end-to-end steps at lr 1e-4,
@@ -83,6 +87,11 @@ RUNS: dict[str, dict] = {
     # get the 3-bit preset's residual codebook (k32), the rest stays at 2 bits: ~2.24 bpw all-in
     "os2-kv3": dict(method="vptq", bits=2, base="current", nsamples="job", cfg=dict(
         e2e_steps=0, layers={"k_proj": {"num_res_centroids": 32}, "v_proj": {"num_res_centroids": 32}})),
+    # and the first block whole (where the residual stream's outlier features start) at the 3-bit preset's
+    # residual k32: 2.269 bpw all-in on SmolLM2 (first and last blocks would be 2.301, over the target's 2.3)
+    "os2-kv3-first3": dict(method="vptq", bits=2, base="current", nsamples="job", cfg=dict(
+        e2e_steps=0, layers={"k_proj": {"num_res_centroids": 32}, "v_proj": {"num_res_centroids": 32},
+                             "0.*": {"num_res_centroids": 32}})),
     "vptq2-original-hessians": dict(method="vptq", bits=2, cfg=dict(hessians="original")),
     # one-shot ablation at 2 bits (no end-to-end stage, which would hide the parts' effects):
     # the full one-shot method, then each part off in turn
@@ -178,7 +187,8 @@ def run_one(name: str, spec: dict, args) -> dict:
     if nsamples == "job":
         nsamples = calib_windows(cfg.e2e_steps)
     t0 = time.perf_counter()
-    calib_text = "wikitext-2 valid, calibration part (vptq/splits.py)" if args.split else args.calib
+    calib_text = ("calibration mix (docs/calibration-mix.md)" if args.mix else
+                  "wikitext-2 valid, calibration part (vptq/splits.py)" if args.split else args.calib)
     rec = {"name": name, "model": args.tag, "seed": args.seed, "calib_text": calib_text, "source": args.model,
            "method": method, "bits": spec.get("bits"), "device": args.device,
            "machine": machine(args.device), "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -213,10 +223,12 @@ def run_one(name: str, spec: dict, args) -> dict:
     # test text, then the selection part of valid (no calibration window came from it) and the out-of-domain
     # reporting columns (docs/ood-corpora.md: never calibration, never selection), each 10 x 2048
     ood = OOD if args.ood else []
-    texts = [args.test, *([args.select] if args.split else []), *ood]
+    domains = SELECT_DOMAINS if args.split else []
+    texts = [args.test, *([args.select] if args.split else []), *domains, *ood]
     ppl, *rest = evaluate_texts(args.model, texts, 10, 2048, args.device, model=model, tokenizer=tok)
     if args.split:
         rec["select_perplexity"] = rest.pop(0).perplexity
+        rec["select_domains"] = {f.stem: rest.pop(0).perplexity for f in domains}
     if ood:
         rec["ood_perplexity"] = {f.stem: r.perplexity for f, r in zip(ood, rest, strict=True)}
     rec.update(perplexity=ppl.perplexity, windows=ppl.windows, eval_seqlen=ppl.seqlen,
@@ -385,14 +397,20 @@ def main() -> None:
     ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--custom", action="append", default=[],
                     help="extra VPTQ run NAME:BITS:field=value,field=value (exploration)")
+    ap.add_argument("--mix", action="store_true",
+                    help="calibrate on the calibration mix (docs/calibration-mix.md; implies --split for the "
+                         "selection parts); the records' names get a +mix suffix")
     args = ap.parse_args()
     check_preset_runs()
+    args.split = args.split or args.mix
     if args.split:  # the two parts of valid as files, for the commands' text arguments
         import tempfile
 
         from vptq.splits import write_parts
 
         args.calib, args.select = map(str, write_parts(args.calib, tempfile.mkdtemp(prefix="vptq-split-")))
+        if args.mix:  # the mix holds valid's calibration part and the other domains' calibration parts
+            args.calib = str(MIX)
     results = Path(args.results)
     if args.report:
         report_for(results)
@@ -417,10 +435,12 @@ def main() -> None:
                 and r.get("seed", 0) == args.seed and ("select_perplexity" in r) == args.split}
     results.parent.mkdir(parents=True, exist_ok=True)
     for name in names:
-        if name in done:
+        if name + ("+mix" if args.mix else "") in done:
             continue
         print(f"{name}: running", file=sys.stderr, flush=True)
         rec = run_one(name, RUNS[name], args)
+        if args.mix:
+            rec["name"] = name + "+mix"
         with results.open("a") as f:
             f.write(json.dumps(rec) + "\n")
         print(f"{name}: bpw {rec['bpw']:.3f} ppl {rec['perplexity']:.2f} quant {rec['quant_seconds']:.0f}s",
