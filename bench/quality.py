@@ -310,6 +310,7 @@ def report_selection(results: Path) -> None:
                  "--split before reporting them as the presets")
     fp = next(iter(runs.get("fp", {}).values()), None)
     corpora = sorted({c for seeds in runs.values() for r in seeds.values() for c in r.get("ood_perplexity", {})})
+    domains = sorted({d for seeds in runs.values() for r in seeds.values() for d in r.get("select_domains", {})})
 
     def span(xs: list[float]) -> str:
         return f"{sum(xs) / len(xs):.2f} [{min(xs):.2f}, {max(xs):.2f}]" if len(xs) > 1 else f"{xs[0]:.2f}"
@@ -326,10 +327,18 @@ def report_selection(results: Path) -> None:
         return rs, ratios, (f"{span([r['select_perplexity'] for r in rs])} | {span([r['perplexity'] for r in rs])} | "
                             + " | ".join(cells))
 
+    def domain_cells(rs: list[dict]) -> str:  # the mix's other domains' selection parts (seeds that scored them)
+        out = []
+        for d in domains:
+            xs = [r["select_domains"][d] for r in rs if d in r.get("select_domains", {})]
+            out.append(f"{span(xs)} ({len(xs)})" if xs else "-")
+        return "".join(f" | {c}" for c in out)
+
     gptq3 = [ood_ratios(r) for r in runs.get("gptq3", {}).values()]
     rows = ["| run | bits | bpw all-in | seeds | selection ppl (valid) | test ppl | "
-            + " | ".join(f"{c}: ratio to FP" for c in corpora) + " | OOD <= GPTQ 3-bit (worst seed) | device |",
-            "|---|---|---|---|---|---|" + "---|" * len(corpora) + "---|---|"]
+            + " | ".join(f"{c}: ratio to FP" for c in corpora) + " | OOD <= GPTQ 3-bit (worst seed) | device"
+            + "".join(f" | selection ppl, {d} (seeds)" for d in domains) + " |",
+            "|---|---|---|---|---|---|" + "---|" * len(corpora) + "---|---|" + "---|" * len(domains)]
     order = ["fp", "gptq3", *PRESET_RUNS.values()]
     for name in sorted(runs, key=lambda n: (order.index(n) if n in order else len(order), n)):
         rs, ratios, cells = summary(name)
@@ -337,7 +346,7 @@ def report_selection(results: Path) -> None:
         if gptq3 and name not in ("fp", "gptq3") and all(len(x) == len(corpora) for x in ratios):
             target = "yes" if all(x[c] <= g[c] for x in ratios for g in gptq3 for c in corpora) else "no"
         rows.append(f"| {name} | {rs[0].get('bits') or '-'} | {rs[0]['bpw']:.3f} | {','.join(map(str, sorted(runs[name])))} "
-                    f"| {cells} | {target} | {rs[0]['machine'].split(' (')[0]} |")
+                    f"| {cells} | {target} | {rs[0]['machine'].split(' (')[0]}{domain_cells(rs)} |")
     refresh_table("selection", "\n".join(rows))
     # README's quality table: the presets (and what they are compared with), from the same records
     labels = {"fp": "FP (GGUF dequantized)", "gptq3": "GPTQ 3-bit, group 64 (ours, one-shot)",
