@@ -127,3 +127,17 @@ def test_cholesky_total_failure_degrades_with_warning():
     q, rep = quantize_linear(w, h, QuantConfig(vector_len=4, num_centroids=4, kmeans_iters=5, enable_norm=False))
     assert any("disabled" in m for m in rep.warnings)
     assert torch.isfinite(dequantize(q)).all()
+
+
+@pytest.mark.parametrize("tiny", [0.0, 1e-9, 3e-6])
+def test_scalar_baselines_stay_finite_on_all_zero_and_tiny_groups(tiny):
+    """A group whose range is below fp16's smallest normal (all zeros, as some real checkpoints hold) must
+    not get a zero fp16 scale: Qwen2.5-0.5B's RTN 4-bit scored NaN perplexity through one."""
+    torch.manual_seed(0)
+    w = torch.randn(8, 64)
+    w[:, :32] = tiny * torch.randn(8, 32).sign()  # the first group of 32: (near) zero
+    h = torch.eye(64) + 0.1
+    for q in (rtn_weight(w, 4, 32), gptq_weight(w, h, 4, 32)):
+        assert torch.isfinite(q).all()
+        assert (q[:, :32] - w[:, :32]).abs().max() <= max(tiny, 1e-4)
+        assert (q[:, 32:] - w[:, 32:]).abs().max() < 0.5

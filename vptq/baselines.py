@@ -23,7 +23,9 @@ def _grid(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     hi = w.max(1, keepdim=True).values.clamp(min=0)
     scale = ((hi - lo) / (2**bits - 1)).clamp_min(1e-8)
     zero = torch.round(-lo / scale)
-    return scale.half().float(), zero
+    # stored as fp16: at least its smallest normal, or a (near) all-zero group's scale rounds to 0 and its
+    # weights to 0/0 = NaN (such groups exist in real checkpoints: Qwen2.5-0.5B's RTN 4-bit scored NaN)
+    return scale.half().float().clamp_min(torch.finfo(torch.float16).tiny), zero
 
 
 def _round(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
