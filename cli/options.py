@@ -40,7 +40,8 @@ Version = Annotated[Optional[str], typer.Option("--version", help="Registry vers
 ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="TOML or JSON file of QuantConfig fields "
                                                                      "(see `vptq config show`); --set wins over it.")]
 Set = Annotated[list[str], typer.Option("--set", help="Override a QuantConfig field, e.g. --set e2e_steps=0.")]
-Calib = Annotated[Optional[Path], typer.Option("--calib", help="Calibration text (default: wikitext-2 valid).")]
+Calib = Annotated[Optional[Path], typer.Option("--calib", help="Calibration text (default: the calibration mix of "
+                                                                 "docs/calibration-mix.md).")]
 Nsamples = Annotated[Optional[int], typer.Option("--nsamples", help="Calibration windows, drawn from the text with "
                                                                     "--seed (default: 256 with fine-tuning, 64 without).")]
 Seqlen = Annotated[int, typer.Option("--seqlen", help="Tokens per calibration window.")]

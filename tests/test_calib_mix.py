@@ -44,3 +44,9 @@ def test_committed_bytes_are_the_listed_ones():
     assert set(rows) == {"vptq/data/calib-mix.txt", *(str(p.relative_to(REPO)) for p in SELECT)}
     for rel, sha in rows.items():
         assert hashlib.sha256((REPO / rel).read_text(encoding="utf-8").encode()).hexdigest() == sha, rel
+
+
+def test_a_job_without_calib_calibrates_on_the_mix():
+    from vptq.pipeline import default_calibration_text
+
+    assert default_calibration_text() == MIX
