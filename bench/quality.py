@@ -334,16 +334,19 @@ def report_selection(results: Path) -> None:
             out.append(f"{span(xs)} ({len(xs)})" if xs else "-")
         return "".join(f" | {c}" for c in out)
 
-    gptq3 = [ood_ratios(r) for r in runs.get("gptq3", {}).values()]
+    def gptq3_of(name: str) -> list[dict[str, float]]:  # the reference with the same calibration (the rule)
+        return [ood_ratios(r) for r in runs.get("gptq3+mix" if name.endswith("+mix") else "gptq3", {}).values()]
+
     rows = ["| run | bits | bpw all-in | seeds | selection ppl (valid) | test ppl | "
-            + " | ".join(f"{c}: ratio to FP" for c in corpora) + " | OOD <= GPTQ 3-bit (worst seed) | device"
+            + " | ".join(f"{c}: ratio to FP" for c in corpora) + " | OOD <= GPTQ 3-bit, same calibration (worst seed) | device"
             + "".join(f" | selection ppl, {d} (seeds)" for d in domains) + " |",
             "|---|---|---|---|---|---|" + "---|" * len(corpora) + "---|---|" + "---|" * len(domains)]
     order = ["fp", "gptq3", *PRESET_RUNS.values()]
     for name in sorted(runs, key=lambda n: (order.index(n) if n in order else len(order), n)):
         rs, ratios, cells = summary(name)
         target = "-"
-        if gptq3 and name not in ("fp", "gptq3") and all(len(x) == len(corpora) for x in ratios):
+        gptq3 = gptq3_of(name)
+        if gptq3 and name not in ("fp", "gptq3", "gptq3+mix") and all(len(x) == len(corpora) for x in ratios):
             target = "yes" if all(x[c] <= g[c] for x in ratios for g in gptq3 for c in corpora) else "no"
         rows.append(f"| {name} | {rs[0].get('bits') or '-'} | {rs[0]['bpw']:.3f} | {','.join(map(str, sorted(runs[name])))} "
                     f"| {cells} | {target} | {rs[0]['machine'].split(' (')[0]}{domain_cells(rs)} |")
