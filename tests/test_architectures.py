@@ -282,7 +282,8 @@ def test_per_layer_rules_give_layers_their_own_codebooks(smol_tokenizer, calib, 
     assert json.loads(stdout)["bpw"] == pytest.approx(job["bpw"], abs=1e-4)  # the same exact bit count
     for bad, says in [("*.k_proj:e2e_steps=3", "'e2e_steps' cannot be set per layer"),
                       ("*.k_proj:num_res_centroids=3", "num_res_centroids=3"),
-                      ("*.k_proj", "expected GLOB:FIELD=VALUE")]:
+                      ("*.k_proj", "expected GLOB:FIELD=VALUE"),
+                      ("2.*:num_centroids=8", "layer rule '2.*' matches no quantized linear")]:
         code, _, err = cli("compress", src, "--bits", "2", "--out", tmp_path / "bad", "--calib", calib,
                            "--layer", bad, *CLI_TINY)
         lines = err.strip().splitlines()

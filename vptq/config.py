@@ -131,11 +131,9 @@ class QuantConfig:
         `layers` rules that match it applied in order, and no rules left (a layer's own config)."""
         if not self.layers:
             return self
-        leaf = name.rsplit(".", 1)[-1]
-        paths = [name, leaf] + ([f"{block}.{name}"] if block is not None else [])
         own: dict[str, Any] = {}
         for glob, fields in self.layers:
-            if any(fnmatch.fnmatchcase(p, glob) for p in paths):
+            if layer_rule_matches(glob, name, block):
                 own.update(fields)
         return replace(self, layers=(), **own)
 
@@ -157,6 +155,13 @@ class QuantConfig:
         if "targets" in d:
             d["targets"] = tuple(d["targets"])
         return cls(**d)
+
+
+def layer_rule_matches(glob: str, name: str, block: int | None = None) -> bool:
+    """Whether a `layers` rule's glob names the linear at `name` (its path inside a block) of block
+    `block`: the path, its last component, or "<block>.<path>"."""
+    paths = [name, name.rsplit(".", 1)[-1]] + ([f"{block}.{name}"] if block is not None else [])
+    return any(fnmatch.fnmatchcase(p, glob) for p in paths)
 
 
 def _layer_rules(rules) -> tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]:

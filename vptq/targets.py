@@ -25,7 +25,7 @@ import re
 
 from torch import nn
 
-from .config import ConfigError, LayerLayout, QuantConfig
+from .config import ConfigError, LayerLayout, QuantConfig, layer_rule_matches
 from .experts import is_fused_experts, unfuse_experts
 
 # last path components of MoE routers and gates (they stay floating point): Mixtral's `gate` when it is
@@ -136,6 +136,10 @@ def check_layouts(model: nn.Module, cfg: QuantConfig) -> list[dict[str, nn.Linea
     for i, lins in enumerate(linears):
         for name, lin in lins.items():
             LayerLayout.for_shape(cfg.for_layer(name, i), lin.out_features, lin.in_features)
+    for glob, _ in cfg.layers:  # a rule that matches nothing is a typo, as a targets pattern is
+        if not any(layer_rule_matches(glob, n, i) for i, lins in enumerate(linears) for n in lins):
+            raise ConfigError(f"{type(model).__name__}: layer rule {glob!r} matches no quantized linear of its "
+                              f"decoder blocks")
     return linears
 
 
