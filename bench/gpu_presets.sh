@@ -3,7 +3,8 @@
 # tool (its image has no `gguf` package and a call carries at most 64 MiB: the GGUF travels in slices
 # .gpu/MODEL/p1..pN over consecutive calls while the machine stays warm, and the gguf wheel in .whl;
 # bench/gpu_slices.sh cuts them). MODEL (default smollm2) names the slices' folder, TAG (default smollm2-135m)
-# the model in the records, SEEDS (default "0 1 2") the seeds; several models may run at once.
+# the model in the records, SEEDS (default "0 1 2") the seeds, MIX=1 calibrates on the calibration mix
+# (quality.py --mix, docs/calibration-mix.md); several models may run at once.
 #
 #   bash bench/gpu_presets.sh start [BITS...]   join + check the GGUF, launch every (preset, seed) run in its
 #                                                own session (setsid: it outlives this call), return at once
@@ -32,7 +33,7 @@ case ${1:-} in
       for seed in ${SEEDS:-0 1 2}; do
         PYTHONPATH=runs/site OMP_NUM_THREADS=1 setsid nohup $PY -u bench/quality.py --device cuda \
           --model "runs/$MODEL.gguf" --tag "${TAG:-smollm2-135m}" --calib vptq/data/wikitext2-valid.txt --test .gpu/test.txt --split --ood \
-          --seed "$seed" --only "$name" --results "$RUNS/presets.jsonl" > "$RUNS/$MODEL-$name-seed$seed.log" 2>&1 < /dev/null &
+          --seed "$seed" --only "$name" ${MIX:+--mix} --results "$RUNS/presets.jsonl" > "$RUNS/$MODEL-$name${MIX:++mix}-seed$seed.log" 2>&1 < /dev/null &
       done
     done
     sleep 5; ls "$RUNS"; nvidia-smi --query-gpu=memory.used --format=csv ;;
