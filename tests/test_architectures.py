@@ -302,6 +302,10 @@ def test_layer_rules_match_paths_and_blocks_and_round_trip():
     assert QuantConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     with pytest.raises(ConfigError, match="cannot be set per layer"):
         CFG.with_(layers={"*": {"seed": 1}})
+    for bad in ({"*": {"num_centroids": "big"}}, {"*": [1, 2, 3]}, {"*": {"num_centroids": True}}, ["*"]):
+        with pytest.raises(ConfigError, match="layers"):  # a --config file's mistakes: one line, no traceback
+            CFG.with_(layers=bad)
+    assert CFG.with_(layers={"*": {"damp": 1}}).for_layer("mlp.up_proj").damp == 1.0  # an int where a float is due
 
 
 def test_an_unsupported_architecture_is_refused_by_the_command(smol_tokenizer, calib, home, tmp_path):

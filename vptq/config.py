@@ -174,13 +174,22 @@ def _layer_rules(rules) -> tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]:
         if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
             raise ConfigError(f"layers: {rule!r} is not a (glob, fields) pair; give {{glob: {{field: value}}}}")
         glob, fields = rule
-        fields = dict(fields) if isinstance(fields, (dict, tuple, list)) else fields
+        try:
+            fields = dict(fields) if isinstance(fields, (dict, tuple, list)) else fields
+        except (TypeError, ValueError):  # a list that is not (field, value) pairs
+            fields = None
         if not isinstance(glob, str) or not glob.strip() or not isinstance(fields, dict) or not fields:
             raise ConfigError(f"layers: {glob!r}: give a glob and at least one field, e.g. "
                               f"{{'self_attn.k_proj': {{'num_res_centroids': 32}}}}")
         bad = sorted(set(fields) - set(LAYER_FIELDS))
         if bad:
             raise ConfigError(f"layers[{glob!r}]: {bad} cannot be set per layer; use one of {list(LAYER_FIELDS)}")
+        for key, val in fields.items():  # JSON/TOML values: the field's type (an int where a float is due)
+            typ = type(QuantConfig.__dataclass_fields__[key].default)
+            if typ is float and isinstance(val, int) and not isinstance(val, bool):
+                fields[key] = float(val)
+            elif not isinstance(val, typ) or isinstance(val, bool):
+                raise ConfigError(f"layers[{glob!r}]: {key}={val!r} is not a {typ.__name__}")
         out.append((glob, tuple(fields.items())))
     return tuple(out)
 
