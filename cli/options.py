@@ -193,7 +193,7 @@ def _config_file(path: Path) -> dict[str, Any]:
     """A flat TOML or JSON mapping of QuantConfig fields; unknown keys and wrong types refused."""
     import tomllib
 
-    from vptq.config import ConfigError, QuantConfig
+    from vptq.config import ConfigError, field_value
 
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file")
@@ -209,18 +209,15 @@ def _config_file(path: Path) -> dict[str, Any]:
     unknown = sorted(set(data) - fields)
     if unknown:
         raise ConfigError(f"--config {path}: unknown key(s) {unknown}; valid keys: {sorted(fields)}")
-    default = QuantConfig()
     for key, val in data.items():
         if key == "layers":
             if not isinstance(val, dict):
                 raise ConfigError(f"--config {path}: layers must be a table of {{glob: {{field: value}}}}")
             continue
-        typ = type(getattr(default, key))
-        ok = isinstance(val, typ) and not (typ is int and isinstance(val, bool))
-        if typ is float and isinstance(val, int) and not isinstance(val, bool):
-            data[key], ok = float(val), True
-        if not ok:
-            raise ConfigError(f"--config {path}: {key} = {val!r} is not a {typ.__name__}")
+        try:
+            data[key] = field_value(key, val)
+        except ConfigError as e:
+            raise ConfigError(f"--config {path}: {e}") from None
     return dict(data)
 
 

@@ -157,6 +157,18 @@ class QuantConfig:
         return cls(**d)
 
 
+def field_value(key: str, val: Any) -> Any:
+    """A JSON/TOML value of QuantConfig field `key` as that field's type (an int where a float is due is
+    taken; a bool is no int); ConfigError "KEY = VALUE is not a TYPE" otherwise. The one type rule of
+    --config files and of `layers` rules."""
+    typ = type(QuantConfig.__dataclass_fields__[key].default)
+    if typ is float and isinstance(val, int) and not isinstance(val, bool):
+        return float(val)
+    if not isinstance(val, typ) or (typ is int and isinstance(val, bool)):
+        raise ConfigError(f"{key} = {val!r} is not a {typ.__name__}")
+    return val
+
+
 def layer_rule_matches(glob: str, name: str, block: int | None = None) -> bool:
     """Whether a `layers` rule's glob names the linear at `name` (its path inside a block) of block
     `block`: the path, its last component, or "<block>.<path>"."""
@@ -184,12 +196,10 @@ def _layer_rules(rules) -> tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]:
         bad = sorted(set(fields) - set(LAYER_FIELDS))
         if bad:
             raise ConfigError(f"layers[{glob!r}]: {bad} cannot be set per layer; use one of {list(LAYER_FIELDS)}")
-        for key, val in fields.items():  # JSON/TOML values: the field's type (an int where a float is due)
-            typ = type(QuantConfig.__dataclass_fields__[key].default)
-            if typ is float and isinstance(val, int) and not isinstance(val, bool):
-                fields[key] = float(val)
-            elif not isinstance(val, typ) or isinstance(val, bool):
-                raise ConfigError(f"layers[{glob!r}]: {key}={val!r} is not a {typ.__name__}")
+        try:
+            fields = {key: field_value(key, val) for key, val in fields.items()}
+        except ConfigError as e:
+            raise ConfigError(f"layers[{glob!r}]: {e}") from None
         out.append((glob, tuple(fields.items())))
     return tuple(out)
 
