@@ -21,7 +21,6 @@ project's .venv; the versions it read are in the README it writes).
 
 from __future__ import annotations
 
-import email
 import hashlib
 import importlib.metadata as md
 import sys
@@ -66,8 +65,7 @@ def code(packages: list[str], limit: int) -> str:
 def docs(packages: list[str], limit: int) -> str:
     chunks = []
     for pkg in packages:
-        meta = email.message_from_string(Path(md.distribution(pkg)._path / "METADATA").read_text(encoding="utf-8"))
-        body = (meta.get_payload() or "").strip()
+        body = (md.metadata(pkg).get_payload() or "").strip()  # the description after the headers
         chunks += [p.strip() + "\n\n" for p in body.split("\n\n") if p.strip()]
     return _take(chunks, limit)
 
