@@ -4,7 +4,8 @@
 # .gpu/MODEL/p1..pN over consecutive calls while the machine stays warm, and the gguf wheel in .whl;
 # bench/gpu_slices.sh cuts them). MODEL (default smollm2) names the slices' folder, TAG (default smollm2-135m)
 # the model in the records, SEEDS (default "0 1 2") the seeds, MIX=1 calibrates on the calibration mix
-# (quality.py --mix, docs/calibration-mix.md); several models may run at once.
+# (quality.py --mix, docs/calibration-mix.md); several models may run at once. .whl (carried once) holds gguf and
+# transformers >= 5.24 with its dependencies: bench/gpu_slices.sh downloads them.
 #
 #   bash bench/gpu_presets.sh start [BITS...]   join + check the GGUF, launch every (preset, seed) run in its
 #                                                own session (setsid: it outlives this call), return at once
@@ -26,8 +27,12 @@ case ${1:-} in
     n=$(ls -d .gpu/"$MODEL"/p[0-9]* | wc -l)
     for i in $(seq 1 "$n"); do cat .gpu/"$MODEL"/p"$i"/*; done > "runs/$MODEL.gguf"
     echo "$(cat .gpu/"$MODEL"/sha256)  runs/$MODEL.gguf" | sha256sum -c || exit 1
-    [ -d runs/site/gguf ] || $PY -m pip install -q --no-index --no-deps --no-compile --target runs/site .whl/gguf-*.whl \
+    # .whl: gguf and the transformers this project requires (pyproject: >=5.24); the image's 5.17 read
+    # Gemma-3's GGUF into a different model (FP perplexity 196 against 46 on CPU with 5.25: RESULTS.md)
+    [ -d runs/site/transformers ] || $PY -m pip install -q --no-index --no-deps --no-compile --target runs/site .whl/*.whl \
       || exit 1
+    PYTHONPATH=runs/site $PY -c "import transformers as t, sys; v = tuple(map(int, t.__version__.split('.')[:2]));
+print('transformers', t.__version__); sys.exit(v < (5, 24))" || { echo "transformers < 5.24: carry .whl"; exit 1; }
     for bits in ${*:-2 3 4}; do
       name=$($PY -c "import sys; sys.argv=['q']; sys.path.insert(0, 'bench'); import quality; print(quality.PRESET_RUNS[$bits])")
       for seed in ${SEEDS:-0 1 2}; do

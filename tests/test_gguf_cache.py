@@ -63,3 +63,16 @@ def test_an_unwritable_cache_warns_and_the_load_goes_on(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="could not cache m.gguf"):
         assert gguf_cache.store(gguf, None, None) is None  # fails at its folder
     assert cached(ModelSource("gguf", tmp_path, "m.gguf")).gguf_file == "m.gguf"
+
+
+def test_a_gguf_model_is_a_plain_float_model(tmp_path):
+    """transformers marks a model loaded from a GGUF "quantized" (its gguf quantizer) although the weights are
+    dequantized floats: `.half()` then refused (`vptq serve --device cuda` on a GGUF failed on an H200) and
+    every folder saved from it carried a gguf quantization_config, reloaded "quantized" again."""
+    for source in ("first load", "cache hit"):  # the session's VPTQ_GGUF_CACHE: the second load is a hit
+        model, _ = load_model(resolve("smollm2"))
+        assert not getattr(model, "is_quantized", False), source
+        assert getattr(model.config, "quantization_config", None) is None, source
+        assert model.half().dtype == torch.float16, source
+    model.save_pretrained(tmp_path / "saved")
+    assert "quantization_config" not in (tmp_path / "saved" / "config.json").read_text()

@@ -134,6 +134,15 @@ def load_skeleton(src: ModelSource) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
+def plain_float(model) -> None:
+    """Drop the gguf quantizer transformers attaches to a model loaded from a GGUF (or from a folder saved from
+    one): its weights are already dequantized floats, but the mark made `.half()` refuse (serving on CUDA)
+    and every folder saved from the model carried it on."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and str(getattr(quantizer.quantization_config.quant_method, "value", "")) == "gguf":
+        quantizer.remove_quantization_config(model)
+
+
 def load_model(src: ModelSource, dtype: torch.dtype = torch.float32):
     """(model, tokenizer). GGUF weights are dequantized to `dtype` (baselines.md's "FP")."""
     import transformers
@@ -151,6 +160,7 @@ def load_model(src: ModelSource, dtype: torch.dtype = torch.float32):
         model = AutoModelForCausalLM.from_pretrained(hit.path, gguf_file=hit.gguf_file, dtype=dtype)
     except (OSError, ValueError, KeyError) as e:
         raise SourceError(f"cannot load model from {src.uri}: {str(e).splitlines()[0]}") from e
+    plain_float(model)
     model.eval()
     tok = load_tokenizer(src)
     if hit is src and src.gguf_file is not None and dtype == torch.float32:
