@@ -13,8 +13,7 @@
 #   block7b the Llama-2-7B-shaped block quantized with the default k-means iterations (bench/block7b.py)
 #   serve   `vptq serve --device cuda` under load (bench/serve_load.py, clients SERVE_CLIENTS, default
 #           1,8,32): fp16 weights and the 2-bit preset's layout (random codes), the model of shape
-#           SERVE_CONFIG (a config.json + tokenizer folder; default .gpu/smol, SmolLM2-135M's). Needs the
-#           server's packages as wheels in .whl (carry it): installed here, the service's packages linked.
+#           SERVE_CONFIG (a config.json + tokenizer folder; default .gpu/smol, SmolLM2-135M's). Needs .whl.
 # Output under $OUT (default bench/results/gpu_session), one log per stage; the raw records the
 # scripts write go there too. Usage: bash bench/gpu_session.sh [stage ...]
 # .gpu/wheels/*.whl (make gpu-wheels; carry [".gpu"]) are installed first: with pytest-xdist the
@@ -36,6 +35,17 @@ PROBE_v4k256=${PROBE_v4k256:-;ilv=1;ilv=1,rw=128}
 PROBE_v5k1024=${PROBE_v5k1024:-;ilv=1;ilv=1,rw=128}
 if ls .gpu/wheels/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps .gpu/wheels/*.whl > "$OUT/pip.log" 2>&1 || echo "wheels: see $OUT/pip.log"
+fi
+# .whl (bench/gpu_wheels.sh; carry it): the server's packages and the transformers this project requires (>= 5.24:
+# the image's 5.17 is refused by vptq.source), installed here for every stage
+if [ -d .whl ]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    > "$OUT/pip_whl.log" 2>&1 || echo "wheels: see $OUT/pip_whl.log"
+  # the service's packages as the installed layout names them (vptq_service.cli = cli/, ...,
+  # a namespace package: pyproject.toml), linked to this checkout instead of built
+  mkdir -p /tmp/site/vptq_service
+  for d in cli store tasks flows serve; do ln -sfn "$PWD/$d" "/tmp/site/vptq_service/$d"; done
+  export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(tests probe table decode)
@@ -62,16 +72,7 @@ for s in "${stages[@]}"; do
               > "$OUT/dequant.log" 2>&1 ;;
     block7b) $PY -u bench/block7b.py --device cuda --kmeans-iters "${KMEANS_ITERS:-40}" --json \
               > "$OUT/block7b.log" 2>&1 ;;
-    serve)  if [ -d .whl ]; then
-              $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
-                > "$OUT/pip_serve.log" 2>&1 || echo "serve wheels: see $OUT/pip_serve.log"
-              # the service's packages as the installed layout names them (vptq_service.cli = cli/, ...,
-              # a namespace package: pyproject.toml), linked to this checkout instead of built
-              mkdir -p /tmp/site/vptq_service
-              for d in cli store tasks flows serve; do ln -sfn "$PWD/$d" "/tmp/site/vptq_service/$d"; done
-              export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
-            fi
-            for f in $(echo "${SERVE_FORMATS:-fp16,v5k1024}" | tr , ' '); do
+    serve)  for f in $(echo "${SERVE_FORMATS:-fp16,v5k1024}" | tr , ' '); do
               $PY -u bench/serve_load.py --config "${SERVE_CONFIG:-.gpu/smol}" --format "$f" --device cuda \
                 --clients "${SERVE_CLIENTS:-1,8,32}" --max-batch 32 --requests "${SERVE_REQUESTS:-4}" \
                 --max-tokens "${SERVE_TOKENS:-64}" --out "$OUT/serve_cuda_$f.json" > "$OUT/serve_$f.log" 2>&1

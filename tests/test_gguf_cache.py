@@ -76,3 +76,25 @@ def test_a_gguf_model_is_a_plain_float_model(tmp_path):
         assert model.half().dtype == torch.float16, source
     model.save_pretrained(tmp_path / "saved")
     assert "quantization_config" not in (tmp_path / "saved" / "config.json").read_text()
+
+
+def test_an_unsupported_transformers_is_refused_in_one_line(monkeypatch):
+    """transformers 5.17 (the GPU image's) built a different Gemma-3 tokenizer from its GGUF (perplexity 196
+    against 46) and lacks the `cache` output the server uses: loading under it must stop with what to install,
+    not score garbage or fail mid-request. The floor is pyproject's, kept in one place."""
+    import tomllib
+
+    import transformers
+
+    from vptq import source
+    from vptq.errors import DependencyError
+
+    pyproject = tomllib.loads((source.Path(__file__).parents[1] / "pyproject.toml").read_text())
+    pin = next(d for d in pyproject["project"]["dependencies"] if d.startswith("transformers"))
+    assert pin == f"transformers>={'.'.join(map(str, source.TRANSFORMERS_MIN))},<6"
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    for load in (source.load_model, source.load_tokenizer, source.load_skeleton):
+        with pytest.raises(DependencyError, match=r"transformers 5\.17\.0 .*needs transformers>=5\.24,<6"):
+            load(resolve("smollm2"))
+    monkeypatch.setattr(transformers, "__version__", "5.24.0.dev0")
+    source.check_transformers()  # a newer pre-release is fine

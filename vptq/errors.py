@@ -5,3 +5,8 @@ through vptq.io)."""
 
 class SourceError(ValueError):
     """The model source cannot be used; the message says what and how to fix it."""
+
+
+class DependencyError(RuntimeError):
+    """An installed library's version is outside what this project supports (a broken environment, not a
+    bad request); the message says what to install."""
