@@ -28,13 +28,24 @@ def load_engine(path: str, device: str = "cpu", max_batch: int = 8, max_queue: i
     return Engine(model, tok, max_batch=max_batch, max_queue=max_queue)
 
 
+def warm_up_rows(device_type: str) -> tuple[int, ...]:
+    """Token counts of the warm-up passes. The CUDA gemv kernels are compiled per row count up to
+    FUSED_MAX_ROWS and more rows take the dequantize kernel, so every count is run once (a new prompt
+    length cost its first request ~8 s on an H100 otherwise); the CPU kernels take any count."""
+    if device_type != "cuda":
+        return (2, 1)
+    from vptq.kernels.dispatch import FUSED_MAX_ROWS
+
+    return tuple(range(FUSED_MAX_ROWS + 1, 0, -1))
+
+
 def warm_up(model) -> None:
-    """One pass at 2 tokens and one at 1 before the port opens: the kernels are loaded (compiled on a
-    fresh install) and the layers' plans built, so the first request does not wait for them."""
+    """Passes before the port opens (warm_up_rows): the kernels are loaded (compiled on a fresh
+    install) and the layers' plans built, so no request waits for them."""
     import torch
 
     with torch.no_grad():
-        for n in (2, 1):
+        for n in warm_up_rows(model.device.type):
             model(input_ids=torch.zeros((1, n), dtype=torch.long, device=model.device))
 
 
