@@ -42,11 +42,18 @@ def warm_up_rows(device_type: str) -> tuple[int, ...]:
 def warm_up(model) -> None:
     """Passes before the port opens (warm_up_rows): the kernels are loaded (compiled on a fresh
     install) and the layers' plans built, so no request waits for them."""
+    import time
+
     import torch
 
+    rows = warm_up_rows(model.device.type)
+    log = logging.getLogger("vptq.serve")
+    log.info("warming up: %d passes on %s (a fresh install compiles the kernels first)", len(rows), model.device)
+    t0 = time.perf_counter()
     with torch.no_grad():
-        for n in warm_up_rows(model.device.type):
+        for n in rows:
             model(input_ids=torch.zeros((1, n), dtype=torch.long, device=model.device))
+    log.info("warm-up done in %.1f s", time.perf_counter() - t0)
 
 
 def exposure_warning(host: str, api_key: str | None) -> str | None:
