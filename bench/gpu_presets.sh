@@ -31,8 +31,8 @@ case ${1:-} in
     # Gemma-3's GGUF into a different model (FP perplexity 196 against 46 on CPU with 5.25: RESULTS.md)
     [ -d runs/site/transformers ] || $PY -m pip install -q --no-index --no-deps --no-compile --target runs/site .whl/*.whl \
       || exit 1
-    PYTHONPATH=runs/site $PY -c "import transformers as t, sys; v = tuple(map(int, t.__version__.split('.')[:2]));
-print('transformers', t.__version__); sys.exit(v < (5, 24))" || { echo "transformers < 5.24: carry .whl"; exit 1; }
+    # the floor is vptq.source's (one rule): refused here before any run starts
+    PYTHONPATH=runs/site $PY -c "from vptq.source import check_transformers; check_transformers()" || exit 1
     for bits in ${*:-2 3 4}; do
       name=$($PY -c "import sys; sys.argv=['q']; sys.path.insert(0, 'bench'); import quality; print(quality.PRESET_RUNS[$bits])")
       for seed in ${SEEDS:-0 1 2}; do

@@ -3,6 +3,7 @@ weights, config and tokenizer (chat template included) without parsing the file;
 replaced file gets a new entry; a cache that cannot be written never fails a load."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,7 +90,7 @@ def test_an_unsupported_transformers_is_refused_in_one_line(monkeypatch):
     from vptq import source
     from vptq.errors import DependencyError
 
-    pyproject = tomllib.loads((source.Path(__file__).parents[1] / "pyproject.toml").read_text())
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     pin = next(d for d in pyproject["project"]["dependencies"] if d.startswith("transformers"))
     assert pin == f"transformers>={'.'.join(map(str, source.TRANSFORMERS_MIN))},<6"
     monkeypatch.setattr(transformers, "__version__", "5.17.0")
