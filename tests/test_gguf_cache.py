@@ -99,3 +99,26 @@ def test_an_unsupported_transformers_is_refused_in_one_line(monkeypatch):
             load(resolve("smollm2"))
     monkeypatch.setattr(transformers, "__version__", "5.24.0.dev0")
     source.check_transformers()  # a newer pre-release is fine
+
+
+def test_loading_a_model_never_fetches_hub_kernels(monkeypatch, tmp_path):
+    """Defect found on the GPU (2026-12-06, bench/results/gpu_20261206b_h100/gemma_failed_hub_kernels): with the
+    `kernels` package installed (transformers pulls it in), transformers 5.25 on CUDA fetched Gemma-3's rotary
+    kernel from the hub and, offline, every run died at its trust check. A run must not download code; a user
+    who wants hub kernels says so with USE_HUB_KERNELS=YES, which is kept."""
+    from transformers.integrations import hub_kernels
+
+    from vptq import source
+    from vptq.io import CheckpointError, load_quantized
+
+    for load in (source.load_tokenizer, source.load_skeleton):
+        monkeypatch.delenv("USE_HUB_KERNELS", raising=False)
+        load(resolve("smollm2"))
+        assert not hub_kernels._kernels_enabled()
+    monkeypatch.delenv("USE_HUB_KERNELS", raising=False)
+    with pytest.raises(CheckpointError):  # vptq.from_pretrained's path sets it before reading anything
+        load_quantized(tmp_path)
+    assert not hub_kernels._kernels_enabled()
+    monkeypatch.setenv("USE_HUB_KERNELS", "YES")
+    source.load_skeleton(resolve("smollm2"))
+    assert hub_kernels._kernels_enabled()

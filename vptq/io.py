@@ -27,6 +27,7 @@ from .config import ConfigError
 from .errors import SourceError
 from .experts import expert_key, unfuse_experts
 from .layers import VQuantLinear, share_inputs
+from .transformers_env import prepare_transformers
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -380,6 +381,7 @@ def load_quantized(folder: str | Path, device: str | torch.device = "cpu") -> nn
     """
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
+    prepare_transformers()
     folder = Path(folder)
     raw, qc = read_quantization_config(folder)
     headers = tensor_headers(folder)

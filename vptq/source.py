@@ -10,28 +10,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import DependencyError, SourceError
+from .errors import SourceError
+from .transformers_env import TRANSFORMERS_MIN, check_transformers, prepare_transformers  # noqa: F401 - re-exported
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# pyproject's floor (tests/test_gguf_cache.py keeps the two equal): 5.17 built a different Gemma-3 tokenizer from
-# its GGUF (bench/results/gpu_20261206_h200/gemma_tokenizer_5.17_vs_5.25.txt) and lacks the `cache` output
-# serve/engine.py reads; an environment that has an older one anyway (a GPU image, a manual downgrade) is refused
-TRANSFORMERS_MIN = (5, 24)
-
-
-def check_transformers() -> None:
-    import re
-
-    import transformers
-
-    version = transformers.__version__
-    if tuple(int(x) for x in re.findall(r"\d+", version)[:2]) < TRANSFORMERS_MIN:
-        floor = ".".join(map(str, TRANSFORMERS_MIN))
-        raise DependencyError(f"transformers {version} is installed; vptq-service needs transformers>={floor},<6 "
-                              f"(older ones read some GGUF tokenizers differently): pip install "
-                              f"'transformers>={floor},<6'")
-
-
 @dataclass(frozen=True)
 class ModelSource:
     kind: str  # "hf" | "gguf" | "vptq"
@@ -118,7 +100,7 @@ def load_tokenizer(src: ModelSource):
     for 49k tokens; a caller may add tokens or change padding without affecting the next one)."""
     from transformers import AutoTokenizer
 
-    check_transformers()
+    prepare_transformers()
     src = cached(src)
     key = (str(src.path.resolve()), src.gguf_file, _tokenizer_files(src))
     with _TOKENIZERS_LOCK:
@@ -146,7 +128,7 @@ def load_skeleton(src: ModelSource) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     transformers.logging.set_verbosity_error()
-    check_transformers()
+    prepare_transformers()
     src = cached(src)
     config = AutoConfig.from_pretrained(src.path, gguf_file=src.gguf_file)  # errors: vptq.pipeline.checked_load
     with torch.device("meta"):
@@ -168,7 +150,7 @@ def load_model(src: ModelSource, dtype: torch.dtype = torch.float32):
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    check_transformers()
+    prepare_transformers()
     if src.kind == "vptq":
         from .io import load_quantized
 
