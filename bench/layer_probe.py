@@ -137,6 +137,12 @@ def main() -> None:
             with torch.no_grad():
                 lin.weight.copy_(dequantize(q).to(w0.dtype))
             loss, bpw = rep.proxy_loss, rep.bpw
+            dw = dequantize(q) - w0
+            e = torch.diag(h) * (dw * dw).sum(0)  # each input channel's diagonal share of the error
+            top = max(1, int(0.01 * e.numel()))
+            share = float(e[torch.topk(torch.diag(h), top).indices].sum() / e.sum())
+            print(f"{spec}: top 1 % of input channels (by H[j,j]) hold {share:.3f} of the diagonal error",
+                  flush=True)
         ppl = perplexity(model, select_ids, args.windows, 2048).perplexity
         with torch.no_grad():
             lin.weight.copy_(w0)

@@ -36,6 +36,10 @@ class QuantConfig:
     outlier_vector_len: int = 4
     outlier_centroids: int = 256
     group_num: int = 1  # G: column groups, one codebook each
+    # a layer whose proxy loss (its share of output energy lost) exceeds this is quantized again with
+    # rescue_outlier_percent outlier columns, the lower loss kept and reported (0 = off; vptq.driver.vptq_linear)
+    rescue_loss: float = 0.0
+    rescue_outlier_percent: float = 1.0
     enable_norm: bool = True  # per-input-channel min/max normalization
     enable_perm: bool = True  # act-order: most sensitive input channels first
     weighted_kmeans: bool = True  # k-means weighted by H[j,j]; False = plain k-means
@@ -96,6 +100,9 @@ class QuantConfig:
             )
         if not 0.0 <= self.outlier_percent < 50.0:
             raise ConfigError(f"outlier_percent={self.outlier_percent}: use 0 <= x < 50")
+        if not 0.0 <= self.rescue_loss or not 0.0 < self.rescue_outlier_percent < 50.0:
+            raise ConfigError(f"rescue_loss={self.rescue_loss}, rescue_outlier_percent={self.rescue_outlier_percent}: "
+                              f"use rescue_loss >= 0 (0 = off) and 0 < rescue_outlier_percent < 50")
         if self.group_num < 1:
             raise ConfigError(f"group_num={self.group_num}: must be >= 1")
         if self.hessians not in ("sequential", "original"):
@@ -216,7 +223,10 @@ def _layer_rules(rules) -> tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]:
 # - 400 end-to-end KL steps over 256 calibration windows (calib_windows): with 64 windows the
 #   stage re-reads the same 32K tokens; 4 bit 19.52 (64) -> 19.09 (256). lr 5e-4 at 3/4 bits
 #   (sweep of {1e-4, 3e-4, 5e-4, 1e-3}); 2 bits keeps 1e-4 (5e-4 not measured there).
-_FT = dict(enable_norm=False, hessians="original", e2e_steps=400, e2e_lr=1e-4, e2e_batch=1)
+# - rescue_loss 0.1: a layer losing more than 10 % of its output energy is quantized again with 1 % outlier
+#   columns. On SmolLM2 no layer comes near (2-bit one-shot: median 0.026, max 0.060); Qwen2.5-0.5B's block-3
+#   down_proj lost 0.24 and took the model to 2864; with outlier columns 0.0014 (bench/results/layer_probe_*).
+_FT = dict(enable_norm=False, hessians="original", e2e_steps=400, e2e_lr=1e-4, e2e_batch=1, rescue_loss=0.1)
 _FT_HI = dict(_FT, e2e_lr=5e-4)
 PRESETS: dict[int, QuantConfig] = {
     # bpw all-in on SmolLM2 as measured with a stored permutation; 0.022 less since the quantizer folds

@@ -30,7 +30,8 @@ from .experts import collect_expert_hessians, expert_key, unfuse_experts, with_p
 from .finetune import finetune_block
 from .hessian import collect_hessians
 from .layers import VQuantLinear
-from .quantizer import LayerReport, quantize_linear
+from .quantizer import LayerReport
+from .rescue import quantize_with_rescue
 from .targets import block_prefix, decoder_layers, layers_path, target_linears  # noqa: F401 - the driver's API
 
 QuantizeFn = Callable[[str, nn.Linear, torch.Tensor, QuantConfig], tuple[nn.Module, LayerReport]]
@@ -205,7 +206,7 @@ def original_hessians(model: nn.Module, calib: torch.Tensor, device: str | torch
 
 def vptq_linear(name: str, lin: nn.Linear, h: torch.Tensor, cfg: QuantConfig):
     """Default per-linear quantizer: VPTQ -> VQuantLinear (on the linear's device)."""
-    q, rep = quantize_linear(lin.weight, h, cfg, name)
+    q, rep = quantize_with_rescue(lin.weight, h, cfg, name)
     mod = VQuantLinear.from_weights(q, lin.bias.detach() if lin.bias is not None else None)
     return mod.to(lin.weight.device), rep
 

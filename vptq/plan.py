@@ -551,6 +551,10 @@ def plan(source: str, cfg: QuantConfig, nsamples: int | None = None, seqlen: int
     if free["load_average"] is not None and free["load_average"] > 0.5 * (free["cpu_cores"] or 1):
         notes.append(f"the machine was busy during the probe (load {free['load_average']} on {free['cpu_cores']} "
                      "cores): the times are those of an equally busy machine")
+    if cfg.rescue_loss and not cfg.outlier_percent:
+        notes.append(f"bpw counts no outlier columns: a layer that loses more than rescue_loss={cfg.rescue_loss:g} of "
+                     f"its output energy is quantized again with {cfg.rescue_outlier_percent:g} % of them (a little "
+                     "more bpw and twice the time for that layer)")
     return {
         "source": src.uri, "device": dev.type, "nsamples": nsamples, "seqlen": seqlen,
         "config": cfg.to_dict(),
