@@ -24,11 +24,15 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from quality import field_overrides  # noqa: E402
 
 from vptq.config import preset  # noqa: E402
 from vptq.evaluate import calibration_windows, perplexity, tokenize_text  # noqa: E402
 from vptq.hessian import HessianAccumulator  # noqa: E402
 from vptq.quantizer import dequantize, quantize_linear  # noqa: E402
+from vptq.rescue import top_channel_share  # noqa: E402
 from vptq.source import load_model, resolve  # noqa: E402
 from vptq.splits import split_valid  # noqa: E402
 
@@ -82,11 +86,7 @@ def diag_stats(model, windows: torch.Tensor) -> list[dict]:
 def variant(spec: str, bits: int):
     name, _, kv = spec.partition(":")
     cfg = preset(bits).with_(e2e_steps=0)
-    over = {}
-    for item in filter(None, kv.split(",")):
-        k, v = item.split("=")
-        cur = getattr(cfg, k)
-        over[k] = (v.lower() in ("1", "true")) if isinstance(cur, bool) else type(cur)(v)
+    over = field_overrides(cfg, kv)
     return name, (cfg.with_(**over) if over else cfg), over
 
 
@@ -137,10 +137,7 @@ def main() -> None:
             with torch.no_grad():
                 lin.weight.copy_(dequantize(q).to(w0.dtype))
             loss, bpw = rep.proxy_loss, rep.bpw
-            dw = dequantize(q) - w0
-            e = torch.diag(h) * (dw * dw).sum(0)  # each input channel's diagonal share of the error
-            top = max(1, int(0.01 * e.numel()))
-            share = float(e[torch.topk(torch.diag(h), top).indices].sum() / e.sum())
+            share = top_channel_share(w0, q, h, max(1, int(0.01 * w0.shape[1])))
             print(f"{spec}: top 1 % of input channels (by H[j,j]) hold {share:.3f} of the diagonal error",
                   flush=True)
         ppl = perplexity(model, select_ids, args.windows, 2048).perplexity

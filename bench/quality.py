@@ -53,6 +53,7 @@ V1: dict[int, QuantConfig] = {
 # second generation = today's presets (vptq/config.py): no norm, Hessians of the original model,
 # 400 end-to-end steps, 256 calibration windows; 4 bit grows to v4-k1024 + residual k64
 _V2 = dict(enable_norm=False, hessians="original", e2e_steps=400)
+_PRESET = dict(_V2, rescue_loss=0.1)  # the presets' runs below
 # the run that measured each current preset (the plot and the target table use these)
 PRESET_RUNS = {2: "q2-orig-nonorm-s400-n256", 3: "q3-orig-nonorm-s400-n256", 4: "q4-k1024r64-orig-nonorm-s400-n256"}
 # name -> (method, bits, QuantConfig overrides of the V1 base or baseline options; nsamples:
@@ -140,12 +141,22 @@ RUNS: dict[str, dict] = {
     # the presets; rescue_loss=0.1 since 2026-12-06 (vptq/rescue.py). No SmolLM2 layer comes near it (2-bit
     # one-shot: max proxy loss 0.060, bench/results/smollm2_preset2_oneshot_layer_losses_20261206.json), so the
     # SmolLM2 records made before it stand for these runs; records of other models carry their config
-    "q2-orig-nonorm-s400-n256": dict(method="vptq", bits=2, nsamples=256, cfg=dict(_V2, rescue_loss=0.1)),
-    "q3-orig-nonorm-s400-n256": dict(method="vptq", bits=3, nsamples=256, cfg=dict(_V2, e2e_lr=5e-4,
-                                                                                   rescue_loss=0.1)),
+    "q2-orig-nonorm-s400-n256": dict(method="vptq", bits=2, nsamples=256, cfg=dict(_PRESET)),
+    "q3-orig-nonorm-s400-n256": dict(method="vptq", bits=3, nsamples=256, cfg=dict(_PRESET, e2e_lr=5e-4)),
     "q4-k1024r64-orig-nonorm-s400-n256": dict(method="vptq", bits=4, nsamples=256, cfg=dict(
-        _V2, e2e_lr=5e-4, num_centroids=1024, num_res_centroids=64, rescue_loss=0.1)),
+        _PRESET, e2e_lr=5e-4, num_centroids=1024, num_res_centroids=64)),
 }
+
+
+def field_overrides(cfg: QuantConfig, kv: str) -> dict:
+    """FIELD=VALUE[,FIELD=VALUE] as {field: value}, each value typed like cfg's field (the exploration runs'
+    syntax: --custom here, --variant in bench/layer_probe.py)."""
+    over = {}
+    for item in filter(None, kv.split(",")):
+        k, v = item.split("=")
+        cur = getattr(cfg, k)
+        over[k] = (v.lower() in ("1", "true")) if isinstance(cur, bool) else type(cur)(v)
+    return over
 
 
 def run_config(spec: dict, seed: int = 0) -> QuantConfig:
@@ -433,11 +444,7 @@ def main() -> None:
         return
     for c in args.custom:
         name, bits, kv = (c.split(":", 2) + [""])[:3]
-        over = {}
-        for item in filter(None, kv.split(",")):
-            k, v = item.split("=")
-            cur = getattr(preset(int(bits)), k)
-            over[k] = (v.lower() in ("1", "true")) if isinstance(cur, bool) else type(cur)(v)
+        over = field_overrides(preset(int(bits)), kv)
         RUNS[name] = dict(method="vptq", bits=int(bits), cfg=over, base="current")
     names = [n for n in args.only.split(",") if n] or [n for n in RUNS if ":" not in n]
     names += [c.split(":")[0] for c in args.custom if c.split(":")[0] not in names]

@@ -112,7 +112,6 @@ def test_quantize_model_is_the_driver_steps_in_a_row(model, ids):
     assert all(torch.equal(a[k], b[k]) for k in a) and len(report.finetune) == 2
 
 
-
 def test_a_layer_whose_proxy_loss_stands_out_is_quantized_again_with_outlier_columns():
     """Qwen2.5-0.5B's block-3 down_proj lost 0.24 of its output energy at 2 bits (the median layer 0.02) and the
     whole model collapsed (test perplexity 2864): a few input channels with massive activations, whose vectors

@@ -36,8 +36,9 @@ class QuantConfig:
     outlier_vector_len: int = 4
     outlier_centroids: int = 256
     group_num: int = 1  # G: column groups, one codebook each
-    # a layer whose proxy loss (its share of output energy lost) exceeds this is quantized again with
-    # rescue_outlier_percent outlier columns, the lower loss kept and reported (0 = off; vptq.driver.vptq_linear)
+    # a layer whose proxy loss (its share of output energy lost) exceeds this, with most of the error on its
+    # highest-H[j,j] input channels, is quantized again with rescue_outlier_percent outlier columns, the lower
+    # loss kept and reported (0 = off; vptq/rescue.py)
     rescue_loss: float = 0.0
     rescue_outlier_percent: float = 1.0
     enable_norm: bool = True  # per-input-channel min/max normalization

@@ -553,8 +553,8 @@ def plan(source: str, cfg: QuantConfig, nsamples: int | None = None, seqlen: int
                      "cores): the times are those of an equally busy machine")
     if cfg.rescue_loss and not cfg.outlier_percent:
         notes.append(f"bpw counts no outlier columns: a layer that loses more than rescue_loss={cfg.rescue_loss:g} of "
-                     f"its output energy is quantized again with {cfg.rescue_outlier_percent:g} % of them (a little "
-                     "more bpw and twice the time for that layer)")
+                     f"its output energy, mostly on a few input channels, is quantized again with "
+                     f"{cfg.rescue_outlier_percent:g} % of them (a little more bpw and twice the time for that layer)")
     return {
         "source": src.uri, "device": dev.type, "nsamples": nsamples, "seqlen": seqlen,
         "config": cfg.to_dict(),
