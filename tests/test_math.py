@@ -5,7 +5,7 @@ import torch
 
 from vptq.baselines import gptq_weight, rtn_weight
 from vptq.config import QuantConfig
-from vptq.kmeans import nearest, weighted_kmeans
+from vptq.kmeans import nearest, weighted_kmeans, weighted_subsample
 from vptq.quantizer import LayerReport, dequantize, inverse_hessian_factor, proxy_error, quantize_linear
 
 from .conftest import correlated_problem
@@ -22,6 +22,32 @@ def test_weighted_kmeans_beats_unweighted_on_weighted_error():
     cw = weighted_kmeans(x, 16, w, iters=50, seed=0)
     cu = weighted_kmeans(x, 16, None, iters=50, seed=0)
     assert _weighted_err(x, w, cw) < 0.8 * _weighted_err(x, w, cu)
+
+
+def test_kmeans_subsample_keeps_the_heavy_vectors():
+    # Qwen2.5's massive-activation channels (bench/RESULTS.md): a few vectors carry most of the weighted error;
+    # a uniform 131k sample of millions dropped most of them and the layer's codebook could not serve them
+    g = torch.Generator().manual_seed(4)
+    light = torch.randn(60000, 2, generator=g)
+    heavy = 8.0 + 4.0 * torch.randn(60, 2, generator=g)  # far from the bulk, scattered
+    x = torch.cat([light, heavy])
+    w = torch.cat([torch.ones(60000), torch.full((60,), 2000.0)])
+    full = _weighted_err(x, w, weighted_kmeans(x, 64, w, iters=30, seed=0))
+    sampled = [_weighted_err(x, w, weighted_kmeans(x, 64, w, iters=30, seed=s, max_samples=3000)) for s in range(3)]
+    # a uniform 5 % sample keeps ~3 of the 60 and lands at 30-80x the full fit; this one at 0.9-1.5x
+    assert max(sampled) < 2.0 * full
+
+
+def test_weighted_subsample_size_weights_and_heavy_vectors():
+    g = torch.Generator().manual_seed(5)
+    w = torch.exp(3.0 * torch.randn(200000, generator=g))  # heavy-tailed, as H[j,j] of massive channels
+    pick, ws = weighted_subsample(w, 10000, torch.Generator().manual_seed(0))
+    assert abs(pick.numel() - 10000) < 500  # Poisson sampling: about m
+    assert abs(float(ws.sum() / w.sum()) - 1) < 0.05  # Horvitz-Thompson: the total weight is kept
+    heavy = (w > w.sum() / 10000 * 2).nonzero().squeeze(1)  # far above the capping level: always kept
+    assert heavy.numel() > 100 and torch.isin(heavy, pick).all()
+    zero, wz = weighted_subsample(torch.zeros(50000), 1000, torch.Generator().manual_seed(0))
+    assert 800 < zero.numel() < 1200 and not wz.any()  # a dead layer: uniform, no weight invented
 
 
 def test_kmeans_is_deterministic_and_uses_every_code():

@@ -47,7 +47,7 @@ class QuantConfig:
     error_feedback: bool = True  # channel-independent 2nd-order optimization (column loop)
     refine_iters: int = 2  # rounds of (closed-form codebook update, column loop); 0 = off
     kmeans_iters: int = 40
-    kmeans_max_samples: int = 131072  # vectors used to fit a codebook (weighted subsample)
+    kmeans_max_samples: int = 131072  # about this many vectors fit a codebook (vptq.kmeans.weighted_subsample)
     block_size: int = 128  # lazy-batch width of the column loop
     damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
     finetune_steps: int = 0  # per-block recovery of codebooks + norms (0 = off)

@@ -127,14 +127,17 @@ def _quantizer_bytes(cfg: QuantConfig, m: int, n: int) -> int:
     dense = 9 * mn * 4  # w0, w, q_km, wl, q, resid, err block, vectors, unperm/denorm copies
     hess = 7 * n * n * 4  # h clone, h_eval, scaled/permuted h, eye, Cholesky factor, inverse, U
     k = max(cfg.num_centroids, cfg.outlier_centroids)
-    vectors = min(math.ceil(mn / cfg.vector_len), cfg.kmeans_max_samples)
+    every = math.ceil(mn / cfg.vector_len)
+    vectors = min(every, cfg.kmeans_max_samples)
     tile = min(tile_rows(k), vectors) * k * 4  # nearest(): distance tile
+    # vptq.kmeans.weighted_subsample: fp64 scores, sorted copy, sort indices, cumsum, draws, probabilities
+    sample = 6 * every * 8 if every > cfg.kmeans_max_samples else 0
     lay = LayerLayout.for_shape(cfg, m, n)
     t = lay.group_num * (cfg.num_centroids + cfg.num_res_centroids)
     refine = 0
     if refines_codebooks(cfg, lay):
         refine = 3 * t * t * 8 + t * n * 8 + 2 * mn * 8 + n * n * 8  # Gram, P^T H, W H (fp64)
-    return dense + hess + tile + refine
+    return dense + hess + tile + refine + sample
 
 
 def memory_estimate(shapes: Shapes, cfg: QuantConfig, nsamples: int, seqlen: int, device: str) -> dict:

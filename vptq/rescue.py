@@ -2,9 +2,11 @@
 
 One layer can break a whole model: Qwen2.5-0.5B's block-3 down_proj lost 0.24 of its output energy at 2 bits
 (the median layer 0.02) and the model's test perplexity went from 23.7 to 2864. A few of its input channels carry
-massive activations; k-means fits the codebook on a uniform sample of the vectors, which leaves out most of those
+massive activations; k-means fitted the codebook on a uniform sample of the vectors, which left out most of those
 channels' vectors, and their errors are then multiplied by the largest H[j,j] of the layer (without the sample:
 0.023; with 1 % of the channels on their own codebook: 0.0014; bench/results/layer_probe_qwen05b_b3down_*.json).
+The sample now keeps the heavy vectors (vptq.kmeans.weighted_subsample: 0.020 there); this stays for a layer whose
+codebook still cannot serve its massive channels and the rest at once (too few codes for both).
 
 The second quantization runs only where it can help: the proxy loss is above rescue_loss *and* the channels that
 would become outlier columns hold most of the error (on H's diagonal), which a uniformly bad layer (a small
