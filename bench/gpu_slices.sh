@@ -3,8 +3,9 @@
 # most SLICE_MB MiB, default 55: a device call carries at most 64 MiB with the working tree, ~6.2 MiB) and
 # .gpu/NAME/sha256 (the file's sha256), plus .gpu/test.txt (wikitext-2 test) and the wheels in .whl (bench/gpu_wheels.sh).
 #   bash bench/gpu_slices.sh smollm2|gemma3-270m|qwen2.5-0.5b|PATH.gguf [NAME]    (NAME defaults to the first)
-# Then one device call per slice, each carrying its own (carry [".gpu/NAME/pK"]; one of them also ".gpu/test.txt",
-# ".gpu/NAME/sha256", ".whl"), back to back so the machine stays warm (30 s idle gives it back), the last one
+# Then one device call per slice, each carrying its own (carry [".gpu/NAME/pK"]), and one call for ".whl" (~32 MiB:
+# it fits beside a slice only under ~25 MiB), ".gpu/test.txt" and ".gpu/NAME/sha256", back to back so the machine
+# stays warm (30 s idle gives it back), the last one
 # `MODEL=NAME TAG=... bash bench/gpu_presets.sh start [BITS...]`.
 set -eu
 cd "$(dirname "$0")/.."
