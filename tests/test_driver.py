@@ -115,7 +115,8 @@ def test_quantize_model_is_the_driver_steps_in_a_row(model, ids):
 def test_a_layer_whose_proxy_loss_stands_out_is_quantized_again_with_outlier_columns():
     """Qwen2.5-0.5B's block-3 down_proj lost 0.24 of its output energy at 2 bits (the median layer 0.02) and the
     whole model collapsed (test perplexity 2864): a few input channels with massive activations, whose vectors
-    the codebook's k-means sample mostly left out (the sample keeps them now: test_math). With 1 % of its input channels on their own codebook it lost
+    the codebook's uniform k-means sample mostly left out (kmeans_sample="weighted" keeps them: test_math).
+    With 1 % of its input channels on their own codebook it lost
     0.0014 (bench/results/layer_probe_qwen05b_b3down_20261206.json). Here the same on a small layer: a layer
     above `rescue_loss` whose error sits on its highest-H[j,j] channels is quantized again that way, the lower
     proxy loss kept and reported; a layer below the threshold, or uniformly bad, is untouched."""
@@ -127,8 +128,8 @@ def test_a_layer_whose_proxy_loss_stands_out_is_quantized_again_with_outlier_col
         lin.weight.copy_(torch.randn(64, 1024, generator=g) * 0.02)
         lin.weight[:, :8] = torch.randn(64, 8, generator=g) * 0.5
     h = x.T @ x / x.shape[0]
-    # 16 codes: too few to serve both the massive channels and the rest (with 64 the weighted sample of
-    # vptq.kmeans already serves them: 0.048, below the threshold)
+    # 16 codes: too few to serve both the massive channels and the rest, whichever k-means sample (with 64 the
+    # weighted sample, kmeans_sample="weighted", already serves them: 0.048, below the threshold)
     cfg = QuantConfig(vector_len=4, num_centroids=16, enable_norm=False, kmeans_iters=10, kmeans_max_samples=2048)
     plain, plain_rep = driver.vptq_linear("mlp.down_proj", lin, h, cfg)
     assert plain_rep.proxy_loss > 0.1 and not plain.has_outliers and not plain_rep.warnings
@@ -147,3 +148,5 @@ def test_a_layer_whose_proxy_loss_stands_out_is_quantized_again_with_outlier_col
     assert spread_rep.proxy_loss > 0.1 and not spread.has_outliers and not spread_rep.warnings
     with pytest.raises(ValueError, match="rescue_loss"):
         QuantConfig(rescue_loss=-1.0)
+    with pytest.raises(ValueError, match="kmeans_sample='heavy': use 'uniform' or 'weighted'"):
+        QuantConfig(kmeans_sample="heavy")

@@ -13,10 +13,11 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 HessianMode = Literal["sequential", "original"]
+KmeansSample = Literal["uniform", "weighted"]
 # the fields one linear may set for itself (QuantConfig.layers): its codebook shapes and its own
 # optimisation knobs; everything else (norm, fine-tuning, Hessian mode, seed) is the whole job's
 LAYER_FIELDS = ("vector_len", "num_centroids", "num_res_centroids", "outlier_percent", "outlier_vector_len",
-                "outlier_centroids", "group_num", "refine_iters", "kmeans_iters", "damp")
+                "outlier_centroids", "group_num", "refine_iters", "kmeans_iters", "kmeans_sample", "damp")
 
 
 class ConfigError(ValueError):
@@ -47,7 +48,13 @@ class QuantConfig:
     error_feedback: bool = True  # channel-independent 2nd-order optimization (column loop)
     refine_iters: int = 2  # rounds of (closed-form codebook update, column loop); 0 = off
     kmeans_iters: int = 40
-    kmeans_max_samples: int = 131072  # about this many vectors fit a codebook (vptq.kmeans.weighted_subsample)
+    kmeans_max_samples: int = 131072  # about this many vectors fit a codebook
+    # how a layer with more vectors than that picks them: "weighted" (half by H[j,j], the heaviest always;
+    # vptq.kmeans.weighted_subsample) or "uniform". Weighted since 2026-12-06: a uniform sample left out the few
+    # massive-activation channels of Qwen2.5's down_proj (2-bit one-shot 315.84 -> 95.24 on test); chosen on
+    # SmolLM2's selection text by a rule written before its seeds 1-2 finished (mean 62.21 vs 61.54, within
+    # 2 %; worst seed 62.78 vs 66.44): bench/RESULTS.md, "The k-means sample keeps the heavy vectors"
+    kmeans_sample: KmeansSample = "weighted"
     block_size: int = 128  # lazy-batch width of the column loop
     damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
     finetune_steps: int = 0  # per-block recovery of codebooks + norms (0 = off)
@@ -106,6 +113,8 @@ class QuantConfig:
                               f"use rescue_loss >= 0 (0 = off) and 0 < rescue_outlier_percent < 50")
         if self.group_num < 1:
             raise ConfigError(f"group_num={self.group_num}: must be >= 1")
+        if self.kmeans_sample not in ("uniform", "weighted"):
+            raise ConfigError(f"kmeans_sample={self.kmeans_sample!r}: use 'uniform' or 'weighted'")
         if self.hessians not in ("sequential", "original"):
             raise ConfigError(f"hessians={self.hessians!r}: use 'sequential' or 'original'")
         for name in ("finetune_steps", "e2e_steps", "e2e_batch", "e2e_reassign_every"):

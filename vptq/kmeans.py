@@ -72,14 +72,20 @@ def weighted_kmeans(
     seed: int = 0,
     max_samples: int | None = None,
     tol: float = 1e-5,
+    sample: str = "uniform",
 ) -> torch.Tensor:
-    """Fit k centroids to x (n, v) with per-vector weights (n,). Returns (k, v) float32."""
+    """Fit k centroids to x (n, v) with per-vector weights (n,). Returns (k, v) float32. Above max_samples
+    vectors it fits on a sample: `sample` "uniform", or "weighted" (weighted_subsample)."""
     x = x.float()
     n, v = x.shape
     w = torch.ones(n, device=x.device) if weights is None else weights.float().clamp_min(0)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     if max_samples is not None and n > max_samples:
-        pick, w = weighted_subsample(w, max_samples, gen)
+        if sample == "weighted":
+            pick, w = weighted_subsample(w, max_samples, gen)
+        else:
+            pick = torch.randperm(n, generator=gen)[:max_samples].to(x.device)
+            w = w[pick]
         x = x[pick]
         n = x.shape[0]
     if n <= k:  # fewer vectors than codes: every vector is a centroid, pad with copies

@@ -131,7 +131,7 @@ def _quantizer_bytes(cfg: QuantConfig, m: int, n: int) -> int:
     vectors = min(every, cfg.kmeans_max_samples)
     tile = min(tile_rows(k), vectors) * k * 4  # nearest(): distance tile
     # vptq.kmeans.weighted_subsample: fp64 scores, sorted copy, sort indices, cumsum, draws, probabilities
-    sample = 6 * every * 8 if every > cfg.kmeans_max_samples else 0
+    sample = 6 * every * 8 if every > cfg.kmeans_max_samples and cfg.kmeans_sample == "weighted" else 0
     lay = LayerLayout.for_shape(cfg, m, n)
     t = lay.group_num * (cfg.num_centroids + cfg.num_res_centroids)
     refine = 0

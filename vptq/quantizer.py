@@ -187,7 +187,7 @@ def quantize_linear(
         x = to_vectors(cols, vl)
         rows = x.shape[0] // cols.shape[1]
         wt = col_w.repeat_interleave(rows) if cfg.weighted_kmeans else None
-        c = weighted_kmeans(x, k, wt, cfg.kmeans_iters, seed, cfg.kmeans_max_samples)
+        c = weighted_kmeans(x, k, wt, cfg.kmeans_iters, seed, cfg.kmeans_max_samples, sample=cfg.kmeans_sample)
         return c.half().float()  # stored as fp16: optimise against the stored values
 
     # --- codebook initialisation: Hessian-weighted k-means per codebook
