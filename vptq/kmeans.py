@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .config import KmeansSample
+
 _TILE = 1 << 27  # floats per distance tile (512 MiB): a full 2M x 65536 matrix would be 0.5 TB
 
 
@@ -72,10 +74,11 @@ def weighted_kmeans(
     seed: int = 0,
     max_samples: int | None = None,
     tol: float = 1e-5,
-    sample: str = "uniform",
+    sample: KmeansSample = "weighted",
 ) -> torch.Tensor:
     """Fit k centroids to x (n, v) with per-vector weights (n,). Returns (k, v) float32. Above max_samples
-    vectors it fits on a sample: `sample` "uniform", or "weighted" (weighted_subsample)."""
+    vectors it fits on a sample: `sample` "weighted" (weighted_subsample; QuantConfig.kmeans_sample's default
+    too) or "uniform"."""
     x = x.float()
     n, v = x.shape
     w = torch.ones(n, device=x.device) if weights is None else weights.float().clamp_min(0)
