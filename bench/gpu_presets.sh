@@ -7,8 +7,10 @@
 # (quality.py --mix, docs/calibration-mix.md); several models may run at once. .whl (carried once) holds gguf and
 # transformers >= 5.24 with its dependencies: bench/gpu_slices.sh downloads them.
 #
-#   bash bench/gpu_presets.sh start [BITS...]   join + check the GGUF, launch every (preset, seed) run in its
-#                                                own session (setsid: it outlives this call), return at once
+#   bash bench/gpu_presets.sh start [BITS|RUN...]  join + check the GGUF (once), launch every (preset, seed) run in
+#                                                its own session (setsid: it outlives this call), return at once; a
+#                                                number names the fine-tuned preset of those bits, a word any run
+#                                                of bench/quality.py (e.g. preset3-oneshot)
 #   bash bench/gpu_presets.sh wait SECONDS      wait for the runs (at most SECONDS), then copy the records and
 #                                                logs to $OUT
 #
@@ -24,17 +26,23 @@ PY=${PY:-python3}
 case ${1:-} in
   start)
     shift
-    n=$(ls -d .gpu/"$MODEL"/p[0-9]* | wc -l)
-    for i in $(seq 1 "$n"); do cat .gpu/"$MODEL"/p"$i"/*; done > "runs/$MODEL.gguf"
-    echo "$(cat .gpu/"$MODEL"/sha256)  runs/$MODEL.gguf" | sha256sum -c || exit 1
+    if [ ! -f "runs/$MODEL.gguf" ]; then
+      n=$(ls -d .gpu/"$MODEL"/p[0-9]* | wc -l)
+      for i in $(seq 1 "$n"); do cat .gpu/"$MODEL"/p"$i"/*; done > "runs/$MODEL.gguf.partial"
+      echo "$(cat .gpu/"$MODEL"/sha256)  runs/$MODEL.gguf.partial" | sha256sum -c || exit 1
+      mv "runs/$MODEL.gguf.partial" "runs/$MODEL.gguf"
+    fi
     # .whl: gguf and the transformers this project requires (pyproject: >=5.24); the image's 5.17 read
     # Gemma-3's GGUF into a different model (FP perplexity 196 against 46 on CPU with 5.25: RESULTS.md)
     [ -d runs/site/transformers ] || $PY -m pip install -q --no-index --no-deps --no-compile --target runs/site .whl/*.whl \
       || exit 1
     # the floor is vptq.source's (one rule): refused here before any run starts
     PYTHONPATH=runs/site $PY -c "from vptq.source import check_transformers; check_transformers()" || exit 1
-    for bits in ${*:-2 3 4}; do
-      name=$($PY -c "import sys; sys.argv=['q']; sys.path.insert(0, 'bench'); import quality; print(quality.PRESET_RUNS[$bits])")
+    for arg in ${*:-2 3 4}; do
+      case $arg in
+        [0-9]) name=$($PY -c "import sys; sys.argv=['q']; sys.path.insert(0, 'bench'); import quality; print(quality.PRESET_RUNS[$arg])") ;;
+        *) name=$arg ;;
+      esac
       for seed in ${SEEDS:-0 1 2}; do
         PYTHONPATH=runs/site OMP_NUM_THREADS=1 setsid nohup $PY -u bench/quality.py --device cuda \
           --model "runs/$MODEL.gguf" --tag "${TAG:-smollm2-135m}" --calib vptq/data/wikitext2-valid.txt --test .gpu/test.txt --split --ood \
