@@ -1,0 +1,153 @@
+"""Which layers hold a one-shot run's perplexity: every target linear of a model quantized once, exactly as a
+one-shot run with hessians="original" quantizes it (each layer from the FP model's Hessian, so layers are
+independent of one another), then the selection perplexity with chosen *subsets* of them swapped in.
+
+    python bench/layer_bisect.py MODEL --bits 4 --seed 1 --out runs/bisect-q4s1 [--set FIELD=V,...]
+        [--group attn=*.self_attn.* --group mlp=*.mlp.* ...] [--blocks] [--windows 2]
+
+Step 1 (resumable: the dequantized weights and proxy losses land in --out as they are made) quantizes every
+layer; step 2 scores FP, all layers, every --group (fnmatch globs over `BLOCK.PATH`, e.g. `3.mlp.down_proj`),
+and with --blocks each block alone. Calibration: --nsamples windows of --seqlen tokens from wikitext-2 valid's
+calibration part, drawn with --seed as bench/quality.py --split does (vptq.pipeline.compress); perplexity on
+valid's selection part (--windows x 2048 tokens). The JSON record (--out/bisect.json) keeps every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from quality import field_overrides  # noqa: E402
+
+from vptq.config import preset  # noqa: E402
+from vptq.driver import original_hessians  # noqa: E402
+from vptq.evaluate import calibration_windows, perplexity, tokenize_text  # noqa: E402
+from vptq.quantizer import dequantize  # noqa: E402
+from vptq.rescue import quantize_with_rescue  # noqa: E402
+from vptq.source import load_model, resolve  # noqa: E402
+from vptq.splits import split_valid  # noqa: E402
+from vptq.targets import target_linears  # noqa: E402
+
+VALID = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+
+
+def quantize_all(model, windows, cfg, out: Path) -> dict[str, dict]:
+    """Every target linear's dequantized weight (out/BLOCK.safetensors) and report (out/losses.json)."""
+    losses_file = out / "losses.json"
+    losses = json.loads(losses_file.read_text()) if losses_file.exists() else {}
+    done_blocks = {int(p.stem) for p in out.glob("*.safetensors")}
+    n_blocks = len(model.model.layers)
+    if done_blocks >= set(range(n_blocks)):
+        return losses
+    t0 = time.perf_counter()
+    for i, hs in original_hessians(model, windows):
+        if i in done_blocks:
+            continue
+        block = model.model.layers[i]
+        weights = {}
+        for name, lin in target_linears(block, cfg).items():
+            q, rep = quantize_with_rescue(lin.weight.detach(), hs[name], cfg.for_layer(name, i), f"{i}.{name}")
+            weights[name] = dequantize(q).to(lin.weight.dtype).contiguous()
+            losses[f"{i}.{name}"] = dict(proxy_loss=rep.proxy_loss, bpw=rep.bpw, warnings=rep.warnings)
+        save_file(weights, str(out / f"{i}.safetensors"))
+        losses_file.write_text(json.dumps(losses, indent=1) + "\n")
+        worst = max((k for k in losses if k.startswith(f"{i}.")), key=lambda k: losses[k]["proxy_loss"])
+        print(f"block {i} quantized ({time.perf_counter() - t0:.0f}s), worst {worst} "
+              f"{losses[worst]['proxy_loss']:.4f}", flush=True)
+    return losses
+
+
+class Swapper:
+    """Swaps chosen layers' quantized weights into the model and back."""
+
+    def __init__(self, model, out: Path):
+        self.model = model
+        self.q = {}
+        for p in sorted(out.glob("*.safetensors"), key=lambda p: int(p.stem)):
+            for name, w in load_file(str(p)).items():
+                self.q[f"{p.stem}.{name}"] = w
+        self.fp = {k: self.lin(k).weight.detach().clone() for k in self.q}
+
+    def lin(self, key: str):
+        block, _, path = key.partition(".")
+        return self.model.model.layers[int(block)].get_submodule(path)
+
+    def score(self, keys: list[str], ids, windows: int) -> float:
+        with torch.no_grad():
+            for k in keys:
+                self.lin(k).weight.copy_(self.q[k])
+            try:
+                return perplexity(self.model, ids, windows, 2048).perplexity
+            finally:
+                for k in keys:
+                    self.lin(k).weight.copy_(self.fp[k])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model")
+    ap.add_argument("--bits", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", default="", help="FIELD=VALUE[,FIELD=VALUE] over the preset's one-shot config")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--nsamples", type=int, default=64)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--windows", type=int, default=2, help="selection windows of 2048 tokens")
+    ap.add_argument("--group", action="append", default=[], help="NAME=GLOB[|GLOB...] over BLOCK.PATH")
+    ap.add_argument("--blocks", action="store_true", help="also score each block alone")
+    ap.add_argument("--quantize-only", action="store_true")
+    args = ap.parse_args()
+    cfg = preset(args.bits).with_(e2e_steps=0)
+    cfg = cfg.with_(**field_overrides(cfg, args.set), **({"seed": args.seed} if args.seed else {}))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tok = load_model(resolve(args.model))
+    model.eval()
+    calib_text, select_text = split_valid(VALID.read_text(encoding="utf-8"))
+    windows = calibration_windows(tokenize_text(tok, calib_text), args.nsamples, args.seqlen, cfg.seed)
+    losses = quantize_all(model, windows, cfg, out)
+    if args.quantize_only:
+        return
+    swap = Swapper(model, out)
+    ids = tokenize_text(tok, select_text)
+    keys = list(swap.q)
+    groups = [("fp", []), ("all", keys)]
+    for g in args.group:
+        name, _, globs = g.partition("=")
+        groups.append((name, [k for k in keys if any(fnmatch.fnmatchcase(k, p) for p in globs.split("|"))]))
+    if args.blocks:
+        groups += [(f"block{i}", [k for k in keys if k.split(".")[0] == str(i)])
+                   for i in sorted({int(k.split(".")[0]) for k in keys})]
+    rec_file = out / "bisect.json"
+    rec = json.loads(rec_file.read_text()) if rec_file.exists() else dict(rows=[])
+    seen = {r["group"] for r in rec["rows"]}
+    rec.update(command=" ".join(sys.argv), model=args.model, bits=args.bits, seed=args.seed, config=cfg.to_dict(),
+               nsamples=args.nsamples, seqlen=args.seqlen, windows=args.windows,
+               text="wikitext-2 valid, selection part (vptq/splits.py)", losses=losses)
+    for name, ks in groups:
+        if name in seen:
+            continue
+        t0 = time.perf_counter()
+        ppl = swap.score(ks, ids, args.windows)
+        mean_loss = sum(losses[k]["proxy_loss"] for k in ks) / len(ks) if ks else 0.0
+        row = dict(group=name, layers=len(ks), select_ppl=ppl, mean_proxy_loss=mean_loss,
+                   date=datetime.now(UTC).isoformat(timespec="seconds"), seconds=time.perf_counter() - t0)
+        rec["rows"].append(row)
+        rec_file.write_text(json.dumps(rec, indent=1) + "\n")
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
