@@ -7,7 +7,9 @@ independent of one another), then the selection perplexity with chosen *subsets*
 
 Step 1 (resumable: the dequantized weights and proxy losses land in --out as they are made) quantizes every
 layer; step 2 scores FP, all layers, every --group (fnmatch globs over `BLOCK.PATH`, e.g. `3.mlp.down_proj`),
-and with --blocks each block alone. Calibration: --nsamples windows of --seqlen tokens from wikitext-2 valid's
+and with --blocks each block alone. --requantize LAYER --under GLOB quantizes LAYER again from the Hessian of its
+inputs with the --under layers quantized (what hessians="sequential" would see) and scores the --under layers
+with LAYER's first and its second quantization. Calibration: --nsamples windows of --seqlen tokens from wikitext-2 valid's
 calibration part, drawn with --seed as bench/quality.py --split does (vptq.pipeline.compress); perplexity on
 valid's selection part (--windows x 2048 tokens). The JSON record (--out/bisect.json) keeps every row.
 """
@@ -84,6 +86,19 @@ class Swapper:
         block, _, path = key.partition(".")
         return self.model.model.layers[int(block)].get_submodule(path)
 
+    def hessian(self, key: str, under: list[str], windows) -> torch.Tensor:
+        """LAYER's H on the calibration windows with the `under` layers quantized."""
+        from layer_probe import layer_hessian
+
+        with torch.no_grad():
+            for k in under:
+                self.lin(k).weight.copy_(self.q[k])
+            try:
+                return layer_hessian(self.model, self.lin(key), windows)
+            finally:
+                for k in under:
+                    self.lin(k).weight.copy_(self.fp[k])
+
     def score(self, keys: list[str], ids, windows: int) -> float:
         with torch.no_grad():
             for k in keys:
@@ -108,6 +123,8 @@ def main() -> None:
     ap.add_argument("--group", action="append", default=[], help="NAME=GLOB[|GLOB...] over BLOCK.PATH")
     ap.add_argument("--blocks", action="store_true", help="also score each block alone")
     ap.add_argument("--quantize-only", action="store_true")
+    ap.add_argument("--requantize", default="", help="BLOCK.PATH of a layer to quantize again under --under")
+    ap.add_argument("--under", default="", help="GLOB[|GLOB...]: the layers quantized when --requantize's H is taken")
     args = ap.parse_args()
     cfg = preset(args.bits).with_(e2e_steps=0)
     cfg = cfg.with_(**field_overrides(cfg, args.set), **({"seed": args.seed} if args.seed else {}))
@@ -130,20 +147,44 @@ def main() -> None:
     if args.blocks:
         groups += [(f"block{i}", [k for k in keys if k.split(".")[0] == str(i)])
                    for i in sorted({int(k.split(".")[0]) for k in keys})]
+    if args.requantize:
+        under = [k for k in keys if any(fnmatch.fnmatchcase(k, p) for p in args.under.split("|"))]
+        under = [k for k in under if k != args.requantize]
+        h = swap.hessian(args.requantize, under, windows)
+        block, _, path = args.requantize.partition(".")
+        q, rep = quantize_with_rescue(swap.fp[args.requantize], h, cfg.for_layer(path, int(block)), args.requantize)
+        first = swap.q[args.requantize]
+        groups.append((f"{args.under}+{args.requantize}", under + [args.requantize]))
+        requant = dict(layer=args.requantize, under=under, proxy_loss=losses[args.requantize]["proxy_loss"],
+                       proxy_loss_again=rep.proxy_loss)
+        print(json.dumps(requant), flush=True)
     rec_file = out / "bisect.json"
     rec = json.loads(rec_file.read_text()) if rec_file.exists() else dict(rows=[])
     seen = {r["group"] for r in rec["rows"]}
-    rec.update(command=" ".join(sys.argv), model=args.model, bits=args.bits, seed=args.seed, config=cfg.to_dict(),
+    rec.setdefault("commands", []).append(" ".join(sys.argv))
+    rec.update(model=args.model, bits=args.bits, seed=args.seed, config=cfg.to_dict(),
                nsamples=args.nsamples, seqlen=args.seqlen, windows=args.windows,
                text="wikitext-2 valid, selection part (vptq/splits.py)", losses=losses)
+    if args.requantize:  # the same layers with the second quantization of the layer
+        again = dequantize(q).to(first.dtype).contiguous()
+        groups.append((f"{args.under}+{args.requantize}(again)", under + [args.requantize]))
     for name, ks in groups:
         if name in seen:
             continue
         t0 = time.perf_counter()
+        if name.endswith("(again)"):
+            swap.q[args.requantize] = again
+            row_extra = dict(requantized=requant)
+        else:
+            row_extra = {}
         ppl = swap.score(ks, ids, args.windows)
-        mean_loss = sum(losses[k]["proxy_loss"] for k in ks) / len(ks) if ks else 0.0
+        loss = {k: losses[k]["proxy_loss"] for k in ks}
+        if name.endswith("(again)"):
+            loss[args.requantize] = requant["proxy_loss_again"]
+        mean_loss = sum(loss.values()) / len(loss) if loss else 0.0
         row = dict(group=name, layers=len(ks), select_ppl=ppl, mean_proxy_loss=mean_loss,
-                   date=datetime.now(UTC).isoformat(timespec="seconds"), seconds=time.perf_counter() - t0)
+                   date=datetime.now(UTC).isoformat(timespec="seconds"), seconds=time.perf_counter() - t0,
+                   **row_extra)
         rec["rows"].append(row)
         rec_file.write_text(json.dumps(rec, indent=1) + "\n")
         print(json.dumps(row), flush=True)

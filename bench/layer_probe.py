@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from quality import field_overrides  # noqa: E402
 
-from vptq.config import preset  # noqa: E402
+from vptq.config import LayerLayout, preset  # noqa: E402
 from vptq.evaluate import calibration_windows, perplexity, tokenize_text  # noqa: E402
 from vptq.hessian import HessianAccumulator  # noqa: E402
 from vptq.quantizer import dequantize, quantize_linear  # noqa: E402
@@ -137,8 +137,10 @@ def main() -> None:
             with torch.no_grad():
                 lin.weight.copy_(dequantize(q).to(w0.dtype))
             loss, bpw = rep.proxy_loss, rep.bpw
-            share = top_channel_share(w0, q, h, max(1, int(0.01 * w0.shape[1])))
-            print(f"{spec}: top 1 % of input channels (by H[j,j]) hold {share:.3f} of the diagonal error",
+            # the channels the rescue would give their own codebook (vptq.rescue's rule, one place)
+            cols = LayerLayout.for_shape(cfg.with_(outlier_percent=cfg.rescue_outlier_percent), *w0.shape).outlier_size
+            share = top_channel_share(w0, q, h, cols)
+            print(f"{spec}: top {cols} input channels (by H[j,j]) hold {share:.3f} of the diagonal error",
                   flush=True)
         ppl = perplexity(model, select_ids, args.windows, 2048).perplexity
         with torch.no_grad():
