@@ -17,6 +17,7 @@ valid's selection part (--windows x 2048 tokens). The JSON record (--out/bisect.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import json
 import sys
@@ -40,7 +41,7 @@ from vptq.quantizer import dequantize  # noqa: E402
 from vptq.rescue import quantize_with_rescue  # noqa: E402
 from vptq.source import load_model, resolve  # noqa: E402
 from vptq.splits import split_valid  # noqa: E402
-from vptq.targets import target_linears  # noqa: E402
+from vptq.targets import decoder_layers, target_linears  # noqa: E402
 
 VALID = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 
@@ -50,16 +51,16 @@ def quantize_all(model, windows, cfg, out: Path) -> dict[str, dict]:
     losses_file = out / "losses.json"
     losses = json.loads(losses_file.read_text()) if losses_file.exists() else {}
     done_blocks = {int(p.stem) for p in out.glob("*.safetensors")}
-    n_blocks = len(model.model.layers)
+    layers = decoder_layers(model)
+    n_blocks = len(layers)
     if done_blocks >= set(range(n_blocks)):
         return losses
     t0 = time.perf_counter()
     for i, hs in original_hessians(model, windows):
         if i in done_blocks:
             continue
-        block = model.model.layers[i]
         weights = {}
-        for name, lin in target_linears(block, cfg).items():
+        for name, lin in target_linears(layers[i], cfg).items():
             q, rep = quantize_with_rescue(lin.weight.detach(), hs[name], cfg.for_layer(name, i), f"{i}.{name}")
             weights[name] = dequantize(q).to(lin.weight.dtype).contiguous()
             losses[f"{i}.{name}"] = dict(proxy_loss=rep.proxy_loss, bpw=rep.bpw, warnings=rep.warnings)
@@ -71,10 +72,16 @@ def quantize_all(model, windows, cfg, out: Path) -> dict[str, dict]:
     return losses
 
 
+def matching(keys: list[str], globs: str) -> list[str]:
+    """The keys (BLOCK.PATH) that one of the |-separated fnmatch globs matches."""
+    return [k for k in keys if any(fnmatch.fnmatchcase(k, p) for p in globs.split("|"))]
+
+
 class Swapper:
     """Swaps chosen layers' quantized weights into the model and back."""
 
     def __init__(self, model, out: Path):
+        self.layers = decoder_layers(model)
         self.model = model
         self.q = {}
         for p in sorted(out.glob("*.safetensors"), key=lambda p: int(p.stem)):
@@ -84,30 +91,30 @@ class Swapper:
 
     def lin(self, key: str):
         block, _, path = key.partition(".")
-        return self.model.model.layers[int(block)].get_submodule(path)
+        return self.layers[int(block)].get_submodule(path)
+
+    @contextlib.contextmanager
+    def swapped(self, weights: dict[str, torch.Tensor]):
+        """The model with these layers' weights in place of the FP ones, restored on the way out."""
+        with torch.no_grad():
+            for k, w in weights.items():
+                self.lin(k).weight.copy_(w)
+            try:
+                yield self.model
+            finally:
+                for k in weights:
+                    self.lin(k).weight.copy_(self.fp[k])
 
     def hessian(self, key: str, under: list[str], windows) -> torch.Tensor:
         """LAYER's H on the calibration windows with the `under` layers quantized."""
         from layer_probe import layer_hessian
 
-        with torch.no_grad():
-            for k in under:
-                self.lin(k).weight.copy_(self.q[k])
-            try:
-                return layer_hessian(self.model, self.lin(key), windows)
-            finally:
-                for k in under:
-                    self.lin(k).weight.copy_(self.fp[k])
+        with self.swapped({k: self.q[k] for k in under}) as model:
+            return layer_hessian(model, self.lin(key), windows)
 
-    def score(self, keys: list[str], ids, windows: int) -> float:
-        with torch.no_grad():
-            for k in keys:
-                self.lin(k).weight.copy_(self.q[k])
-            try:
-                return perplexity(self.model, ids, windows, 2048).perplexity
-            finally:
-                for k in keys:
-                    self.lin(k).weight.copy_(self.fp[k])
+    def score(self, weights: dict[str, torch.Tensor], ids, windows: int) -> float:
+        with self.swapped(weights) as model:
+            return perplexity(model, ids, windows, 2048).perplexity
 
 
 def main() -> None:
@@ -140,24 +147,32 @@ def main() -> None:
     swap = Swapper(model, out)
     ids = tokenize_text(tok, select_text)
     keys = list(swap.q)
-    groups = [("fp", []), ("all", keys)]
+
+    def quantized(ks: list[str]) -> dict[str, tuple[torch.Tensor, float]]:
+        return {k: (swap.q[k], losses[k]["proxy_loss"]) for k in ks}
+
+    # (name, {layer: (its quantized weight, its proxy loss)}, fields added to the row)
+    groups = [("fp", {}, {}), ("all", quantized(keys), {})]
     for g in args.group:
         name, _, globs = g.partition("=")
-        groups.append((name, [k for k in keys if any(fnmatch.fnmatchcase(k, p) for p in globs.split("|"))]))
+        groups.append((name, quantized(matching(keys, globs)), {}))
     if args.blocks:
-        groups += [(f"block{i}", [k for k in keys if k.split(".")[0] == str(i)])
+        groups += [(f"block{i}", quantized([k for k in keys if k.split(".")[0] == str(i)]), {})
                    for i in sorted({int(k.split(".")[0]) for k in keys})]
     if args.requantize:
-        under = [k for k in keys if any(fnmatch.fnmatchcase(k, p) for p in args.under.split("|"))]
-        under = [k for k in under if k != args.requantize]
-        h = swap.hessian(args.requantize, under, windows)
-        block, _, path = args.requantize.partition(".")
-        q, rep = quantize_with_rescue(swap.fp[args.requantize], h, cfg.for_layer(path, int(block)), args.requantize)
-        first = swap.q[args.requantize]
-        groups.append((f"{args.under}+{args.requantize}", under + [args.requantize]))
-        requant = dict(layer=args.requantize, under=under, proxy_loss=losses[args.requantize]["proxy_loss"],
+        layer = args.requantize
+        under = [k for k in matching(keys, args.under) if k != layer]
+        h = swap.hessian(layer, under, windows)
+        block, _, path = layer.partition(".")
+        q, rep = quantize_with_rescue(swap.fp[layer], h, cfg.for_layer(path, int(block)), layer)
+        requant = dict(layer=layer, under=under, proxy_loss=losses[layer]["proxy_loss"],
                        proxy_loss_again=rep.proxy_loss)
         print(json.dumps(requant), flush=True)
+        again = dequantize(q).to(swap.fp[layer].dtype).contiguous()
+        groups.append((f"{args.under}+{layer}", quantized(under + [layer]), {}))
+        # the same layers with the second quantization of the layer
+        groups.append((f"{args.under}+{layer}(again)", quantized(under) | {layer: (again, rep.proxy_loss)},
+                       dict(requantized=requant)))
     rec_file = out / "bisect.json"
     rec = json.loads(rec_file.read_text()) if rec_file.exists() else dict(rows=[])
     seen = {r["group"] for r in rec["rows"]}
@@ -165,26 +180,15 @@ def main() -> None:
     rec.update(model=args.model, bits=args.bits, seed=args.seed, config=cfg.to_dict(),
                nsamples=args.nsamples, seqlen=args.seqlen, windows=args.windows,
                text="wikitext-2 valid, selection part (vptq/splits.py)", losses=losses)
-    if args.requantize:  # the same layers with the second quantization of the layer
-        again = dequantize(q).to(first.dtype).contiguous()
-        groups.append((f"{args.under}+{args.requantize}(again)", under + [args.requantize]))
-    for name, ks in groups:
+    for name, group, extra in groups:
         if name in seen:
             continue
         t0 = time.perf_counter()
-        if name.endswith("(again)"):
-            swap.q[args.requantize] = again
-            row_extra = dict(requantized=requant)
-        else:
-            row_extra = {}
-        ppl = swap.score(ks, ids, args.windows)
-        loss = {k: losses[k]["proxy_loss"] for k in ks}
-        if name.endswith("(again)"):
-            loss[args.requantize] = requant["proxy_loss_again"]
-        mean_loss = sum(loss.values()) / len(loss) if loss else 0.0
-        row = dict(group=name, layers=len(ks), select_ppl=ppl, mean_proxy_loss=mean_loss,
+        ppl = swap.score({k: w for k, (w, _) in group.items()}, ids, args.windows)
+        mean_loss = sum(loss for _, loss in group.values()) / len(group) if group else 0.0
+        row = dict(group=name, layers=len(group), select_ppl=ppl, mean_proxy_loss=mean_loss,
                    date=datetime.now(UTC).isoformat(timespec="seconds"), seconds=time.perf_counter() - t0,
-                   **row_extra)
+                   **extra)
         rec["rows"].append(row)
         rec_file.write_text(json.dumps(rec, indent=1) + "\n")
         print(json.dumps(row), flush=True)
