@@ -10,7 +10,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 HessianMode = Literal["sequential", "original"]
 KmeansSample = Literal["uniform", "weighted"]
@@ -113,10 +113,10 @@ class QuantConfig:
                               f"use rescue_loss >= 0 (0 = off) and 0 < rescue_outlier_percent < 50")
         if self.group_num < 1:
             raise ConfigError(f"group_num={self.group_num}: must be >= 1")
-        if self.kmeans_sample not in ("uniform", "weighted"):
-            raise ConfigError(f"kmeans_sample={self.kmeans_sample!r}: use 'uniform' or 'weighted'")
-        if self.hessians not in ("sequential", "original"):
-            raise ConfigError(f"hessians={self.hessians!r}: use 'sequential' or 'original'")
+        for name, kind in (("kmeans_sample", KmeansSample), ("hessians", HessianMode)):
+            allowed = get_args(kind)  # the Literal is the one list of the values
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: use {' or '.join(map(repr, allowed))}")
         for name in ("finetune_steps", "e2e_steps", "e2e_batch", "e2e_reassign_every"):
             if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r}: must be an integer")
