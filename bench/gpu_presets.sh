@@ -10,7 +10,8 @@
 #   bash bench/gpu_presets.sh start [BITS|RUN...]  join + check the GGUF (once), launch every (preset, seed) run in
 #                                                its own session (setsid: it outlives this call), return at once; a
 #                                                number names the fine-tuned preset of those bits, a word any run
-#                                                of bench/quality.py (e.g. preset3-oneshot)
+#                                                of bench/quality.py (e.g. preset3-oneshot), NAME:BITS:k=v,...
+#                                                a --custom run of it
 #   bash bench/gpu_presets.sh wait SECONDS      wait for the runs (at most SECONDS), then copy the records and
 #                                                logs to $OUT
 #
@@ -41,12 +42,14 @@ case ${1:-} in
     for arg in ${*:-2 3 4}; do
       case $arg in
         [0-9]) name=$($PY -c "import sys; sys.argv=['q']; sys.path.insert(0, 'bench'); import quality; print(quality.PRESET_RUNS[$arg])") ;;
+        *:*) name=${arg%%:*} ;;  # NAME:BITS:field=value,...: a --custom run of bench/quality.py
         *) name=$arg ;;
       esac
+      custom=(); case $arg in *:*) custom=(--custom "$arg") ;; esac
       for seed in ${SEEDS:-0 1 2}; do
         PYTHONPATH=runs/site OMP_NUM_THREADS=1 setsid nohup $PY -u bench/quality.py --device cuda \
           --model "runs/$MODEL.gguf" --tag "${TAG:-smollm2-135m}" --calib vptq/data/wikitext2-valid.txt --test .gpu/test.txt --split --ood \
-          --seed "$seed" --only "$name" ${MIX:+--mix} --results "$RUNS/presets.jsonl" > "$RUNS/$MODEL-$name${MIX:++mix}-seed$seed.log" 2>&1 < /dev/null &
+          --seed "$seed" --only "$name" "${custom[@]}" ${MIX:+--mix} --results "$RUNS/presets.jsonl" > "$RUNS/$MODEL-$name${MIX:++mix}-seed$seed.log" 2>&1 < /dev/null &
       done
     done
     sleep 5; ls "$RUNS"; nvidia-smi --query-gpu=memory.used --format=csv ;;

@@ -17,15 +17,14 @@ from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Optional, get_args
 
 import typer
+from vptq_service.flows.spec import HessianMode as HessianModes
 from vptq_service.flows.spec import JobSpec
 
-
-class HessianMode(StrEnum):
-    sequential = "sequential"
-    original = "original"
+# the choices of --hessians: JobSpec's (vptq.config.HessianMode), as the Enum that typer takes
+HessianMode = StrEnum("HessianMode", {v.replace("-", "_"): v for v in get_args(HessianModes)})
 
 
 # the request's defaults, as JobSpec declares them (the commands' signatures read them from here)
@@ -49,7 +48,8 @@ Seed = Annotated[int, typer.Option("--seed", help="Seed for windows and codebook
 Device = Annotated[str, typer.Option("--device", help="Compute device: cpu, cuda or cuda:N.")]
 Hessians = Annotated[Optional[HessianMode], typer.Option(
     "--hessians", help="original (the presets'): from the FP model, one shared pass reused by later jobs on the "
-    "same model and data; sequential: from the quantized prefix.")]
+    "same model and data; sequential: from the quantized prefix; true-sequential: also a block's later linears "
+    "from its quantized earlier ones (o_proj after q/k/v, down_proj after gate/up; --runner local).")]
 Runner = Annotated[str, typer.Option("--runner", help="Where a block's linears are quantized: local (this "
                                                       "process), dask or ray (worker processes, one GPU each).")]
 Workers = Annotated[Optional[int], typer.Option("--workers", help="Worker processes of --runner dask|ray "

@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
+from vptq.config import ConfigError, HessianMode  # the one list of the modes (a cheap import: no torch)
+
 # Bounds of a request, checked before a job row exists: the seed feeds torch.Generator (and a
 # BIGINT column), window counts and lengths become tensors and INTEGER columns; a number past
 # these is a typo, not a job (65536 windows of 512 tokens already hold 33 M calibration tokens).
@@ -30,7 +32,7 @@ class JobSpec(BaseModel):
     nsamples: int | None = Field(None, le=MAX_WINDOWS)  # default: by the resolved e2e_steps (vptq.config.resolve)
     seqlen: int = Field(512, ge=16, le=MAX_SEQLEN)
     seed: int = Field(0, ge=0, le=MAX_SEED)
-    hessians: Literal["sequential", "original"] | None = None  # default: the preset's
+    hessians: HessianMode | None = None  # default: the preset's
     overrides: dict[str, Any] = Field(default_factory=dict)  # QuantConfig fields over the preset
     device: str = "cpu"
     eval_text: str | None = None  # held-out text (default: the calibration text)
@@ -47,6 +49,11 @@ class JobSpec(BaseModel):
         """Fill what the request left out (a stored spec has nothing left out: nothing is resolved)."""
         if self.hessians is None or self.nsamples is None:
             self._resolve()
+        if self.hessians == "true-sequential" and self.runner != "local":
+            # a block's linears are quantized group after group there, each group's Hessians on the
+            # groups before it: nothing for workers to take in parallel
+            raise ConfigError(f"--hessians true-sequential quantizes a block's linears one group after another: "
+                              f"use runner 'local' (--runner local, not {self.runner!r}) or --hessians sequential")
         return self
 
     def _resolve(self):

@@ -150,3 +150,75 @@ def test_a_layer_whose_proxy_loss_stands_out_is_quantized_again_with_outlier_col
         QuantConfig(rescue_loss=-1.0)
     with pytest.raises(ValueError, match="kmeans_sample='heavy': use 'uniform' or 'weighted'"):
         QuantConfig(kmeans_sample="heavy")
+
+
+def test_call_groups_follow_the_forward_q_k_v_then_o_then_gate_up_then_down(model, ids):
+    from vptq.callorder import call_groups
+
+    step = step0(model, ids, TINY)
+    lins = driver.target_linears(step.block, TINY)
+    groups = call_groups(lambda: driver.run_block(step.block, step.x[:1], step.pe), lins)
+    assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                      ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
+def test_call_groups_put_every_expert_in_one_group():
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    from vptq.callorder import call_groups
+
+    torch.manual_seed(0)
+    m = Qwen2MoeForCausalLM(Qwen2MoeConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=4, num_experts_per_tok=1, moe_intermediate_size=32,
+        shared_expert_intermediate_size=32)).eval()
+    cfg = TINY.with_(hessians="true-sequential")
+    first = BlockInputs.first(m, torch.randint(0, 256, (1, 8)), cfg)
+    step = BlockStep(copy.deepcopy(driver.decoder_layers(m)[0]), 0, cfg, "cpu", first,
+                     driver.block_kwargs(m, 8, "cpu")[0])
+    lins = driver.target_linears(step.block, cfg)
+    groups = call_groups(lambda: driver.run_block(step.block, step.x, step.pe), lins)
+    experts = [n for n in lins if ".experts." in n]
+    assert sorted(n for g in groups for n in g) == sorted(lins)  # each linear once, none left out
+    assert len(experts) == 4 * 3 or len(experts) == 4 * 2  # gate/up fused or not, per expert
+    assert experts in groups  # all of them in one group, in the block's own order
+    assert groups[0] == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+
+
+def test_true_sequential_fits_down_proj_to_the_quantized_gate_and_up(model, ids):
+    """Each group's Hessian is taken with the groups before it quantized; block-level sequential
+    Hessians all come from the unchanged block."""
+    seen: dict[str, dict[str, torch.Tensor]] = {}
+
+    def recording(mode):
+        def fn(name, lin, h, cfg):
+            seen.setdefault(mode, {})[name.rsplit(".", 2)[-2] + "." + name.rsplit(".", 1)[-1]] = h.clone()
+            return driver.vptq_linear(name, lin, h, cfg)
+        return fn
+
+    steps = {}
+    for mode in ("sequential", "true-sequential"):
+        steps[mode] = step0(model, ids, TINY.with_(hessians=mode))
+        reports = steps[mode].quantize(quantize_fn=recording(mode))
+        assert len(reports) == 7
+    seq, true = seen["sequential"], seen["true-sequential"]
+    for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):  # the first group: the same input
+        assert torch.equal(seq[name], true[name])
+    block = steps["true-sequential"].block  # down_proj's input is the same with down_proj quantized or not
+    hs, _ = driver.block_hessians(block, steps["true-sequential"].x, steps["true-sequential"].pe, "cpu",
+                                  lins={"mlp.down_proj": block.mlp.down_proj, "self_attn.o_proj": block.self_attn.o_proj})
+    for name in ("mlp.down_proj", "self_attn.o_proj"):
+        assert torch.allclose(true[name], hs[name], rtol=1e-5, atol=1e-7)
+        assert not torch.allclose(seq[name], hs[name], rtol=1e-3, atol=1e-6)
+    # the next block's inputs are the quantized block's outputs, as with block-level sequential Hessians
+    nxt = steps["true-sequential"].next_inputs()
+    assert torch.equal(nxt.x, driver.forward_all(block, steps["true-sequential"].x, steps["true-sequential"].pe, "cpu"))
+
+
+def test_true_sequential_is_refused_on_a_worker_runner():
+    from pydantic import ValidationError
+    from vptq_service.flows.spec import JobSpec
+
+    with pytest.raises(ValidationError, match="runner 'local'"):
+        JobSpec(source="smollm2", name="x", hessians="true-sequential", runner="dask")
+    assert JobSpec(source="smollm2", name="x", hessians="true-sequential").hessians == "true-sequential"

@@ -12,7 +12,9 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal, get_args
 
-HessianMode = Literal["sequential", "original"]
+# sequential: each block's Hessians on the quantized blocks before it; true-sequential: also each group of a
+# block's linears on the quantized groups before it (vptq.callorder); original: all from the FP model
+HessianMode = Literal["sequential", "true-sequential", "original"]
 KmeansSample = Literal["uniform", "weighted"]
 # the fields one linear may set for itself (QuantConfig.layers): its codebook shapes and its own
 # optimisation knobs; everything else (norm, fine-tuning, Hessian mode, seed) is the whole job's

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .callorder import call_groups
 from .config import QuantConfig
 from .experts import collect_expert_hessians, expert_key, unfuse_experts, with_pooled_fallback
 from .finetune import finetune_block
@@ -225,9 +226,30 @@ def quantize_linears(
     per-layer rules, matched with the block's `index`).
     """
     lins = target_linears(block, cfg)
+    if hessians is None and cfg.hessians == "true-sequential":
+        return _quantize_in_call_order(block, x, pe, cfg, device, quantize_fn, prefix, batch, progress, index, lins)
     fp_out = None
     if hessians is None:
         hessians, fp_out = block_hessians(block, x, pe, device, batch, lins)
+    return _quantize_with(block, lins, hessians, cfg, device, quantize_fn, prefix, progress, index), fp_out
+
+
+def _quantize_in_call_order(block, x, pe, cfg, device, quantize_fn, prefix, batch, progress, index, lins):
+    """hessians="true-sequential": the block's linears group by group in the order its forward calls
+    them (vptq.callorder), each group's Hessians taken with the groups before it quantized."""
+    first = x[:1].to(device, block_dtype(block))
+    groups = call_groups(lambda: run_block(block, first, pe), lins)
+    reports, fp_out = [], None
+    for group in groups:
+        hs, out = block_hessians(block, x, pe, device, batch, {n: lins[n] for n in group})
+        fp_out = out if fp_out is None else fp_out  # the first pass runs the block before any change
+        reports += _quantize_with(block, {n: lins[n] for n in group}, hs, cfg, device, quantize_fn, prefix,
+                                  progress, index)
+    return reports, fp_out
+
+
+def _quantize_with(block, lins, hessians, cfg, device, quantize_fn, prefix, progress, index) -> list[LayerReport]:
+    """Quantize `lins` of the block in place from the given Hessians (one per linear)."""
     missing = sorted(set(lins) - set(hessians))
     if missing:
         raise ValueError(f"{prefix or 'block'}: no Hessian given for {missing}")
@@ -240,7 +262,7 @@ def quantize_linears(
             rep.warnings.append(hessians.warnings[name])
         reports.append(rep)
         block.set_submodule(name, new)
-    return reports, fp_out
+    return reports
 
 
 def needs_inputs(cfg: QuantConfig, shared_hessians: bool) -> bool:
@@ -252,7 +274,7 @@ def needs_inputs(cfg: QuantConfig, shared_hessians: bool) -> bool:
 def quantized_chain(cfg: QuantConfig) -> bool:
     """Whether the next block's inputs are the *quantized* block's outputs (sequential Hessians,
     or a fine-tuned block) rather than the original block's (hessians="original")."""
-    return cfg.hessians == "sequential" or bool(cfg.finetune_steps)
+    return cfg.hessians != "original" or bool(cfg.finetune_steps)
 
 
 @dataclass
