@@ -90,6 +90,7 @@ def plan_cmd(
     seqlen: opt.Seqlen = opt.DEFAULT.seqlen,
     device: opt.Device = opt.DEFAULT.device,
     finetune_steps: opt.FinetuneSteps = None,
+    hessians: opt.Hessians = None,
     targets: opt.Targets = None,
     layer: opt.Layers = None,
     as_json: opt.Json = False,
@@ -108,7 +109,7 @@ def plan_cmd(
         from vptq.plan import plan
 
         cfg, nsamples = resolve(bits, opt.overrides_from(config, set_, finetune_steps, targets, layer),
-                               nsamples=nsamples)
+                               nsamples=nsamples, hessians=hessians.value if hessians else None)
         check_device(device)
         if source.startswith(("s3://", "hf://")):
             fail(f"{source}: plan reads local sources only; `vptq pull` or download it first, then plan the "

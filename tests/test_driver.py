@@ -153,11 +153,11 @@ def test_a_layer_whose_proxy_loss_stands_out_is_quantized_again_with_outlier_col
 
 
 def test_call_groups_follow_the_forward_q_k_v_then_o_then_gate_up_then_down(model, ids):
-    from vptq.callorder import call_groups
+    from vptq.callorder import call_groups, trace_calls
 
     step = step0(model, ids, TINY)
     lins = driver.target_linears(step.block, TINY)
-    groups = call_groups(lambda: driver.run_block(step.block, step.x[:1], step.pe), lins)
+    groups = call_groups(trace_calls(lambda: driver.run_block(step.block, step.x[:1], step.pe), lins), lins)
     assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
                       ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
 
@@ -165,7 +165,7 @@ def test_call_groups_follow_the_forward_q_k_v_then_o_then_gate_up_then_down(mode
 def test_call_groups_put_every_expert_in_one_group():
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
-    from vptq.callorder import call_groups
+    from vptq.callorder import call_groups, trace_calls
 
     torch.manual_seed(0)
     m = Qwen2MoeForCausalLM(Qwen2MoeConfig(
@@ -177,7 +177,7 @@ def test_call_groups_put_every_expert_in_one_group():
     step = BlockStep(copy.deepcopy(driver.decoder_layers(m)[0]), 0, cfg, "cpu", first,
                      driver.block_kwargs(m, 8, "cpu")[0])
     lins = driver.target_linears(step.block, cfg)
-    groups = call_groups(lambda: driver.run_block(step.block, step.x, step.pe), lins)
+    groups = call_groups(trace_calls(lambda: driver.run_block(step.block, step.x, step.pe), lins), lins)
     experts = [n for n in lins if ".experts." in n]
     assert sorted(n for g in groups for n in g) == sorted(lins)  # each linear once, none left out
     assert len(experts) == 4 * 3 or len(experts) == 4 * 2  # gate/up fused or not, per expert

@@ -47,6 +47,20 @@ def test_plan_json_matches_actual_compress(tiny_llama_dir, text_file, home, tmp_
     assert p["probe"]["linears"] and p["probe"]["linears"][0]["seconds"] > 0
     assert p["probe"]["model_loaded"] != "whole"  # safetensors folder: only block 0 + embeddings read
     assert "e2e" not in p["probe"] and p["time"]["seconds_e2e"] == 0
+    assert p["probe"]["hessian_passes"] == 1
+
+
+def test_plan_counts_a_hessian_pass_per_group_with_true_sequential(tiny_llama_dir, text_file, home):
+    """q/k/v, o, gate/up, down: four passes of each block (vptq.callorder), in the time estimate too."""
+    args = [str(tiny_llama_dir), "--bits", "2", *CHEAP, "--finetune-steps", "0", "--nsamples", "4", "--seqlen", "64",
+            "--calib", str(text_file), "--json"]
+    r = _plan([*args, "--hessians", "true-sequential"])
+    assert r.exit_code == 0, r.output
+    p = json.loads(r.stdout)
+    pr = p["probe"]
+    assert pr["hessian_passes"] == 4
+    per_window = pr["hessian_forward_seconds"] / pr["windows"]
+    assert p["time"]["seconds_hessians"] == pytest.approx(4 * 4 * per_window * 2, rel=0.05)  # 4 windows, 2 blocks
 
 
 def test_plan_human_with_finetune_probe(tiny_llama_dir, text_file, home):

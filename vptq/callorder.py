@@ -23,18 +23,24 @@ from .experts import expert_key
 
 
 @torch.no_grad()
-def call_groups(run: Callable[[], object], lins: dict[str, nn.Linear]) -> list[list[str]]:
-    """The names of `lins` in groups, in the order `run()` (one forward of their block) calls them.
-
-    Consecutive calls on the same tensor object share a group (q/k/v, gate/up); every expert linear
-    is in the group of the first one called; linears the forward never called go in the last group."""
+def trace_calls(run: Callable[[], object], lins: dict[str, nn.Linear]) -> list[tuple[str, torch.Tensor]]:
+    """(name, input tensor) of every call of `lins` while `run()` (one forward of their block) runs, in
+    order. The inputs are held, so no tensor id is reused while the trace is read."""
     calls: list[tuple[str, torch.Tensor]] = []
-    handles = [m.register_forward_hook(lambda _m, args, _o, n=n: calls.append((n, args[0]))) for n, m in lins.items()]
+    handles = [m.register_forward_pre_hook(lambda _m, args, n=n: calls.append((n, args[0]))) for n, m in lins.items()]
     try:
         run()
     finally:
         for h in handles:
             h.remove()
+    return calls
+
+
+def call_groups(calls: list[tuple[str, torch.Tensor]], lins: dict[str, nn.Linear]) -> list[list[str]]:
+    """The names of `lins` in groups, in the order of the traced `calls` (trace_calls).
+
+    Consecutive calls on the same tensor object share a group (q/k/v, gate/up); every expert linear
+    is in the group of the first one called; linears the forward never called go in the last group."""
     groups: list[list[str]] = []
     placed: set[str] = set()
     experts = [n for n in lins if expert_key(n) is not None]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .callorder import call_groups
+from .callorder import call_groups, trace_calls
 from .config import QuantConfig
 from .experts import collect_expert_hessians, expert_key, unfuse_experts, with_pooled_fallback
 from .finetune import finetune_block
@@ -220,7 +220,9 @@ def quantize_linears(
 ) -> tuple[list[LayerReport], torch.Tensor | None]:
     """Collect Hessians of the block's target linears on inputs x (unless given), quantize them in place.
 
-    Returns the layer reports and the block's outputs on x *before* quantization (the
+    hessians="true-sequential" quantizes them group by group instead, each group's Hessians collected
+    with the groups before it quantized (vptq.callorder). Returns the layer reports and the block's
+    outputs on x *before* quantization (the
     original-model activations that hessians="original" propagates); None when the Hessians were
     given (a shared Hessian set: nothing ran). Each linear gets its own config (cfg.for_layer: the
     per-layer rules, matched with the block's `index`).
@@ -238,7 +240,7 @@ def _quantize_in_call_order(block, x, pe, cfg, device, quantize_fn, prefix, batc
     """hessians="true-sequential": the block's linears group by group in the order its forward calls
     them (vptq.callorder), each group's Hessians taken with the groups before it quantized."""
     first = x[:1].to(device, block_dtype(block))
-    groups = call_groups(lambda: run_block(block, first, pe), lins)
+    groups = call_groups(trace_calls(lambda: run_block(block, first, pe), lins), lins)
     reports, fp_out = [], None
     for group in groups:
         hs, out = block_hessians(block, x, pe, device, batch, {n: lins[n] for n in group})

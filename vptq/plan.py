@@ -288,18 +288,12 @@ def _timed(fn, dev):
     return out, time.perf_counter() - t0
 
 
-def _input_groups(block: nn.Module, lins: dict[str, nn.Linear], x, pe) -> list[list[str]]:
-    """Which linears see the same input tensor (they share one Hessian accumulator)."""
-    from .driver import run_block
-
-    seen: dict[str, torch.Tensor] = {}  # the inputs themselves, kept alive so that no id is reused
-    hooks = [m.register_forward_pre_hook(lambda _m, a, n=n: seen.setdefault(n, a[0])) for n, m in lins.items()]
-    try:
-        with torch.no_grad():
-            run_block(block, x, pe)
-    finally:
-        for hd in hooks:
-            hd.remove()
+def _input_groups(calls: list[tuple[str, torch.Tensor]], lins: dict[str, nn.Linear]) -> list[list[str]]:
+    """Which linears see the same input tensor (they share one Hessian accumulator), from a traced
+    forward (vptq.callorder.trace_calls)."""
+    seen: dict[str, torch.Tensor] = {}
+    for n, x in calls:
+        seen.setdefault(n, x)
     groups: list[list[str]] = []
     for n in lins:
         g = next((g for g in groups if n in seen and seen.get(g[0]) is seen[n]), None)
@@ -313,7 +307,8 @@ def _input_groups(block: nn.Module, lins: dict[str, nn.Linear], x, pe) -> list[l
 def probe(parts: Parts, shapes: Shapes, cfg: QuantConfig, windows: torch.Tensor, dev: torch.device,
           log=None) -> dict:
     """Time block 0's Hessian forward, one or two real linears' VPTQ and one fine-tuning step."""
-    from .driver import block_kwargs, embed, forward_all, target_linears
+    from .callorder import call_groups, trace_calls
+    from .driver import block_kwargs, embed, forward_all, run_block, target_linears
     from .experts import unfuse_experts
     from .hessian import collect_hessians
     from .quantizer import quantize_linear
@@ -326,7 +321,10 @@ def probe(parts: Parts, shapes: Shapes, cfg: QuantConfig, windows: torch.Tensor,
     x = embed(parts.model, windows)  # as the model's forward hands block 0 its inputs (scaled, ...)
     pe = block_kwargs(parts.model, x.shape[1], dev)[0]
     lins = target_linears(block, cfg)
-    shapes.shared_inputs = _input_groups(block, lins, x[:1].to(dev), pe)
+    calls = trace_calls(lambda: run_block(block, x[:1].to(dev), pe), lins)
+    shapes.shared_inputs = _input_groups(calls, lins)
+    # true-sequential Hessians: one block pass per group of linears (vptq.callorder), else one
+    passes = len(call_groups(calls, lins)) if cfg.hessians == "true-sequential" else 1
     say("timing block 0's forward passes")
     _, t_fwd = _timed(lambda: forward_all(block, x, pe, dev, BATCH), dev)
     _, t_fwd2 = _timed(lambda: forward_all(block, x, pe, dev, BATCH), dev)
@@ -355,7 +353,7 @@ def probe(parts: Parts, shapes: Shapes, cfg: QuantConfig, windows: torch.Tensor,
                        "device_peak_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None})
         qmods[name] = q
     out = {"windows": nwin, "seqlen": int(windows.shape[1]), "forward_seconds": t_fwd,
-           "hessian_forward_seconds": t_hess, "linears": probed}
+           "hessian_forward_seconds": t_hess, "hessian_passes": passes, "linears": probed}
     if cfg.e2e_steps:
         say("timing one end-to-end fine-tuning step")
         out["e2e"] = _e2e_probe(parts, block, lins, hs, qmods, cfg, windows, pe, dev)
@@ -442,7 +440,7 @@ def time_estimate(shapes: Shapes, cfg: QuantConfig, nsamples: int, seqlen: int, 
     for i, blk in enumerate(shapes.linears):
         scale = shapes.block_params[i] / b0_params
         quant = sum(lin_time(o, n) for _, o, n in blk)
-        hess = nsamples * per_win_hess * scale
+        hess = nsamples * per_win_hess * scale * pr.get("hessian_passes", 1)
         fwd = nsamples * per_win_fwd * scale
         nxt = fwd if quantized_chain(cfg) else 0.0  # else the next inputs are the Hessian pass's outputs
         ft = 0.0

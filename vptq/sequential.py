@@ -5,8 +5,10 @@ the model and the calibration activations stay on the CPU, so a model larger tha
 device's memory can be quantized.
 
 hessians="sequential": block l is calibrated on the outputs of the already-quantized blocks
-before it (GPTQ-style). hessians="original": every Hessian comes from the unquantized model
-(the authors' setting), so every linear is independent of the others.
+before it (GPTQ-style). hessians="true-sequential": also, inside a block, each group of linears
+(q/k/v; o; gate/up; down) on the block with the groups before it quantized (vptq.callorder).
+hessians="original": every Hessian comes from the unquantized model (the authors' setting), so
+every linear is independent of the others.
 """
 
 from __future__ import annotations
