@@ -33,6 +33,7 @@ RESULTS = ROOT / "bench" / "results" / "quality.jsonl"
 # runs on the quality issue's protocol (--split --ood: calibration and selection from wikitext-2 valid's two
 # parts, test and out-of-domain text reported), several seeds a run: report_selection's table
 SELECTION = ROOT / "bench" / "results" / "selection.jsonl"
+REAL_MODELS = ROOT / "bench" / "results" / "real_models.jsonl"  # the real-model table's records
 SHARED = ROOT.parent / "shared" / "data" / "wikitext-2"
 OOD = sorted((ROOT / "bench" / "data" / "ood").glob("*.txt"))  # docs/ood-corpora.md
 # the selection parts of the calibration mix's code and technical-prose domains (docs/calibration-mix.md),
@@ -399,7 +400,10 @@ def report_models(results: Path) -> None:
         rows.append(f"| {model} | {name} | {r['bpw']:.3f} | {f'{bpp:.3f}' if bpp else '-'} | "
                     f"{r['quant_seconds']:.0f} | {r.get('quant_peak_host_bytes', r['peak_host_bytes']) / gib:.1f} | "
                     f"{plan_cell} | {r['perplexity']:.2f} | {r['date'][:10]} | {r['machine']} |")
-    refresh_table("real-models", "\n".join(rows))
+    if results.resolve() == REAL_MODELS.resolve():
+        refresh_table("real-models", "\n".join(rows))
+    else:  # an exploration's own file: its table is printed, RESULTS.md's stays the real models'
+        print("\n".join(rows))
 
 
 def main() -> None:
@@ -472,7 +476,8 @@ def main() -> None:
 
 
 def report_for(results: Path) -> None:
-    """The table a results file feeds: quality.jsonl, selection.jsonl, else the real-model table."""
+    """The table a results file feeds: quality.jsonl, selection.jsonl, real_models.jsonl; any other file's
+    rows are printed as the real-model table is, and no document changes."""
     {RESULTS: report, SELECTION: report_selection}.get(results.resolve(), report_models)(results)
 
 
