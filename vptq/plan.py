@@ -440,7 +440,7 @@ def time_estimate(shapes: Shapes, cfg: QuantConfig, nsamples: int, seqlen: int, 
     for i, blk in enumerate(shapes.linears):
         scale = shapes.block_params[i] / b0_params
         quant = sum(lin_time(o, n) for _, o, n in blk)
-        hess = nsamples * per_win_hess * scale * pr.get("hessian_passes", 1)
+        hess = nsamples * per_win_hess * scale * pr["hessian_passes"]
         fwd = nsamples * per_win_fwd * scale
         nxt = fwd if quantized_chain(cfg) else 0.0  # else the next inputs are the Hessian pass's outputs
         ft = 0.0
