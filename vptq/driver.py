@@ -242,11 +242,11 @@ def _quantize_in_call_order(block, x, pe, cfg, device, quantize_fn, prefix, batc
     first = x[:1].to(device, block_dtype(block))
     groups = call_groups(trace_calls(lambda: run_block(block, first, pe), lins), lins)
     reports, fp_out = [], None
-    for group in groups:
-        hs, out = block_hessians(block, x, pe, device, batch, {n: lins[n] for n in group})
+    for names in groups:
+        group = {n: lins[n] for n in names}
+        hs, out = block_hessians(block, x, pe, device, batch, group)
         fp_out = out if fp_out is None else fp_out  # the first pass runs the block before any change
-        reports += _quantize_with(block, {n: lins[n] for n in group}, hs, cfg, device, quantize_fn, prefix,
-                                  progress, index)
+        reports += _quantize_with(block, group, hs, cfg, device, quantize_fn, prefix, progress, index)
     return reports, fp_out
 
 
