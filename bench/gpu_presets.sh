@@ -40,12 +40,12 @@ case ${1:-} in
     # the floor is vptq.source's (one rule): refused here before any run starts
     PYTHONPATH=runs/site $PY -c "from vptq.source import check_transformers; check_transformers()" || exit 1
     for arg in ${*:-2 3 4}; do
+      custom=()
       case $arg in
         [0-9]) name=$($PY -c "import sys; sys.argv=['q']; sys.path.insert(0, 'bench'); import quality; print(quality.PRESET_RUNS[$arg])") ;;
-        *:*) name=${arg%%:*} ;;  # NAME:BITS:field=value,...: a --custom run of bench/quality.py
+        *:*) name=${arg%%:*}; custom=(--custom "$arg") ;;  # NAME:BITS:field=value,...: a --custom run of quality.py
         *) name=$arg ;;
       esac
-      custom=(); case $arg in *:*) custom=(--custom "$arg") ;; esac
       for seed in ${SEEDS:-0 1 2}; do
         PYTHONPATH=runs/site OMP_NUM_THREADS=1 setsid nohup $PY -u bench/quality.py --device cuda \
           --model "runs/$MODEL.gguf" --tag "${TAG:-smollm2-135m}" --calib vptq/data/wikitext2-valid.txt --test .gpu/test.txt --split --ood \
