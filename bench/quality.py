@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from vptq.config import QuantConfig, calib_windows, preset  # noqa: E402
+from vptq.config import REQUEST_FIELDS, QuantConfig, calib_windows, preset  # noqa: E402
+from vptq.config import resolve as resolve_request  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "quality.jsonl"
 # runs on the quality issue's protocol (--split --ood: calibration and selection from wikitext-2 valid's two
@@ -161,8 +162,11 @@ def field_overrides(cfg: QuantConfig, kv: str) -> dict:
 
 
 def run_config(spec: dict, seed: int = 0) -> QuantConfig:
-    base = preset(spec["bits"]) if spec.get("base") == "current" else V1[spec["bits"]]
-    return base.with_(**spec.get("cfg", {}), **({"seed": seed} if seed else {}))
+    if spec.get("base") == "current":  # what a job of these bits and overrides runs (vptq.config.resolve)
+        over = dict(spec.get("cfg", {}))
+        own = {k: over.pop(k) for k in REQUEST_FIELDS if k in over} | ({"seed": seed} if seed else {})
+        return resolve_request(spec["bits"], over, **own)[0]
+    return V1[spec["bits"]].with_(**spec.get("cfg", {}), **({"seed": seed} if seed else {}))
 
 
 def check_preset_runs() -> None:

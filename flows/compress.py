@@ -48,9 +48,9 @@ from vptq_service.tasks import (
     sample_calibration,
 )
 from vptq_service.tasks.blocks import (
-    block_hessians,
     block_summary,
     finish_block,
+    group_hessians,
     linear_names,
     needs_inputs,
     quantize_linear,
@@ -152,15 +152,32 @@ def _block_table(meta: dict[str, Any], cached: bool) -> list[dict[str, Any]]:
              "seconds": round(r["seconds"], 3), "reused": cached} for r in meta["layers"]]
 
 
-def _submit_linears(task_runner, spec: JobSpec, run: str, model_path: str, calib_path: str,
-                    cfg: dict[str, Any], index: int, hpath: str | None) -> list:
-    """Block `index`'s linears as tasks on the runner's workers (its Hessians first, when not shared)."""
-    hdir = hpath or block_hessians(run, model_path, calib_path, cfg, index, spec.device)
+def _submit_linears(task_runner, spec: JobSpec, run: str, model_path: str, cfg: dict[str, Any], index: int,
+                    hdir: str, names: list[str]) -> list:
+    """Linears `names` of block `index` as tasks on the runner's workers, from the Hessians in `hdir`."""
     with submit_options(spec.runner, spec.device):
         return [task_runner.submit(quantize_linear, {"run": run, "model_path": model_path, "hessians": hdir,
                                                      "config": cfg, "index": index, "name": name,
                                                      "device": spec.device})
-                for name in linear_names(model_path, cfg, index)]
+                for name in names]
+
+
+def _quantize_on_workers(task_runner, spec: JobSpec, run: str, model_path: str, calib_path: str,
+                         cfg: dict[str, Any], index: int, hpath: str | None) -> list[dict[str, Any]]:
+    """Block `index`'s linears on the runner's workers: every one at once from a shared Hessian set
+    (`hpath`), else group after group (one group unless hessians="true-sequential"), each group's
+    Hessians taken here with the groups before it quantized."""
+    if hpath:
+        futures = _submit_linears(task_runner, spec, run, model_path, cfg, index, hpath,
+                                  linear_names(model_path, cfg, index))
+        return [f.result() for f in futures]
+    layers, group, groups = [], 0, 1
+    while group < groups:
+        h = group_hessians(run, model_path, calib_path, cfg, index, group, spec.device)
+        futures = _submit_linears(task_runner, spec, run, model_path, cfg, index, h["path"], h["names"])
+        layers += [f.result() for f in futures]
+        group, groups = group + 1, h["groups"]
+    return layers
 
 
 def run_job(repo, job_id: int, spec: JobSpec, cfg: dict[str, Any], hb: Heartbeat | None = None) -> dict[str, Any]:
@@ -212,7 +229,8 @@ def run_job(repo, job_id: int, spec: JobSpec, cfg: dict[str, Any], hb: Heartbeat
         if task_runner is not None and not chained:  # independent blocks: every linear queued at once
             for i in range(n):
                 if todo[i]:
-                    pending[i] = _submit_linears(task_runner, spec, run, fetched["path"], calib["path"], cfg, i, hpath)
+                    pending[i] = _submit_linears(task_runner, spec, run, fetched["path"], cfg, i, hpath,
+                                                 linear_names(fetched["path"], cfg, i))
         for i in range(n):
             if repo.get_job(job_id).status == "cancelled":
                 raise JobCancelled(f"job {job_id} was cancelled after {i} of {n} blocks")
@@ -222,9 +240,11 @@ def run_job(repo, job_id: int, spec: JobSpec, cfg: dict[str, Any], hb: Heartbeat
             elif task_runner is None:  # in-process
                 meta = quantize_block(*args, i, spec.device, hpath)
             else:
-                futures = pending.pop(i, None) or _submit_linears(task_runner, spec, run, fetched["path"],
-                                                                  calib["path"], cfg, i, hpath)
-                layers = [f.result() for f in futures]
+                if i in pending:  # independent blocks: queued above
+                    layers = [f.result() for f in pending.pop(i)]
+                else:
+                    layers = _quantize_on_workers(task_runner, spec, run, fetched["path"], calib["path"], cfg, i,
+                                                  hpath)
                 meta = finish_block(*args, i, spec.device, hpath, layers)
             cached = not todo[i]
             reused += cached
@@ -279,7 +299,7 @@ def run_job(repo, job_id: int, spec: JobSpec, cfg: dict[str, Any], hb: Heartbeat
     extra = {"bpw": report["bpw"], "bits_per_param": report["bits_per_param"], "float_params": report["float_params"],
              "float_tensors": report["float_tensors"], "layers": report["layers"], "seconds": round(time.perf_counter() - t0, 2),
              "workspace": str(run_dir(run)), "artifact_status": art["status"], "runner": spec.runner,
-             "peak_host_rss_mb": peak_host_rss_mb()} | ppl
+             "hessians": cfg["hessians"], "peak_host_rss_mb": peak_host_rss_mb()} | ppl
     if hset:
         extra |= {"hessian_set": hset["key"], "hessians_reused": hset["reused"]}
     md = [f"# job {job_id}: {art['ref']}", "", f"- source: `{spec.source}`",

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
-from vptq.config import ConfigError, HessianMode  # the one list of the modes (a cheap import: no torch)
+from vptq.config import HessianMode  # the one list of the modes (a cheap import: no torch)
 
 # Bounds of a request, checked before a job row exists: the seed feeds torch.Generator (and a
 # BIGINT column), window counts and lengths become tensors and INTEGER columns; a number past
@@ -49,11 +49,6 @@ class JobSpec(BaseModel):
         """Fill what the request left out (a stored spec has nothing left out: nothing is resolved)."""
         if self.hessians is None or self.nsamples is None:
             self._resolve()
-        if self.hessians == "true-sequential" and self.runner != "local":
-            # a block's linears are quantized group after group there, each group's Hessians on the
-            # groups before it: nothing for workers to take in parallel
-            raise ConfigError(f"--hessians true-sequential quantizes a block's linears one group after another: "
-                              f"use runner 'local' (--runner local, not {self.runner!r}) or --hessians sequential")
         return self
 
     def _resolve(self):

@@ -206,8 +206,10 @@ def quantize_block(run: str, model_path: str, model_sha: str, calib_path: str, c
 
 
 # -- the same block, spread over a task runner's workers (`--runner dask|ray`) ---------------------
-# block_hessians (in the flow's process) -> quantize_linear per linear (workers, any order) ->
-# finish_block (in the flow's process): the same driver calls as quantize_block, so the same bytes.
+# for each group of its linears (vptq.driver.linear_groups: one, or true-sequential's call groups):
+# group_hessians (in the flow's process) -> quantize_linear per linear of the group (workers, any
+# order); then finish_block (in the flow's process): the same driver calls as quantize_block, so the
+# same bytes. A shared Hessian set (hessians="original") skips group_hessians: every linear at once.
 
 
 def linear_names(model_path: str, config: dict[str, Any], index: int) -> list[str]:
@@ -224,19 +226,23 @@ def linear_file(run: str, index: int, name: str) -> Path:
     return run_dir(run) / "linears" / f"block_{index:03d}.{name}.safetensors"
 
 
-@task(cache_policy=NO_CACHE, task_run_name="block-hessians-{index}")
-def block_hessians(run: str, model_path: str, calib_path: str, config: dict[str, Any], index: int,
-                   device: str = "cpu") -> str:
-    """Hessians of block `index`'s target linears on its inputs, to the workspace; returns the folder
-    (laid out as a Hessian set) that quantize_linear reads."""
+@task(cache_policy=NO_CACHE, task_run_name="group-hessians-{index}-{group}")
+def group_hessians(run: str, model_path: str, calib_path: str, config: dict[str, Any], index: int, group: int,
+                   device: str = "cpu") -> dict[str, Any]:
+    """hessians="true-sequential" on workers: the Hessians of group `group` of block `index`'s linears
+    (vptq.driver.linear_groups) on its inputs, with the groups before it quantized (quantize_linear's
+    files swapped in: the in-process path's block at that point), to the workspace.
+    Returns {"path": the folder quantize_linear reads, "names": the group's linears, "groups": how many}."""
     from vptq_service.tasks.hessians import save_block_hessians
 
     from vptq.config import QuantConfig
 
     step = _open_step(run, model_path, calib_path, QuantConfig.from_dict(config), index, device, None)
-    d = run_dir(run) / "hessians"
-    save_block_hessians(step.hessians(), d, index)
-    return str(d)
+    groups = step.linear_groups()
+    _swap_in(run, step, [n for names in groups[:group] for n in names])
+    d = run_dir(run) / "hessians" / f"group_{group}"
+    save_block_hessians(step.hessians(groups[group]), d, index)
+    return {"path": str(d), "names": groups[group], "groups": len(groups)}
 
 
 @task(cache_policy=NO_CACHE, task_run_name="quantize-{index}-{name}")
@@ -269,27 +275,32 @@ def finish_block(run: str, model_path: str, model_sha: str, calib_path: str, cal
                  layers: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Block `index` from its quantized linears (quantize_linear's files): as quantize_block ends,
     with the same files: either path's finished blocks serve the other."""
-    from safetensors import safe_open
-
     from vptq.config import QuantConfig
-    from vptq.driver import target_linears
-    from vptq.io import replace_linears
 
     t0 = time.perf_counter()
     cfg = QuantConfig.from_dict(config)
     step = _open_step(run, model_path, calib_path, cfg, index, device, hessians)
     step.keep_original_outputs()  # before the quantized linears replace the original ones
-    names = list(target_linears(step.block, cfg))
+    names = [n for group in step.linear_groups() for n in group]  # in the order the in-process path reports
+    _swap_in(run, step, names)
+    by_name = {r["name"]: r for r in layers or []}
+    return _close_step(run, step, [by_name[step.prefix + n] for n in names], t0)
+
+
+def _swap_in(run: str, step, names: list[str]) -> None:
+    """Replace the step's linears `names` by the VQuantLinears quantize_linear wrote for them."""
+    from safetensors import safe_open
+
+    from vptq.io import replace_linears
+
     for name in names:
-        f = linear_file(run, index, name)
+        f = linear_file(run, step.index, name)
         with safe_open(str(f), "pt") as sf:
             entry = json.loads(sf.metadata()["layer_config"])
         sd = load_tensors(f)
         mod = replace_linears(step.block, {name: entry}, dtype=state_dtype(sd))[name]
         mod.load_state_dict(sd)
         mod.to(step.device)
-    by_name = {r["name"]: r for r in layers or []}
-    return _close_step(run, step, [by_name[step.prefix + n] for n in names], t0)
 
 
 FINETUNE_CHECKPOINT_EVERY = 10  # end-to-end fine-tuning steps between two checkpoints

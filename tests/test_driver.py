@@ -215,10 +215,19 @@ def test_true_sequential_fits_down_proj_to_the_quantized_gate_and_up(model, ids)
     assert torch.equal(nxt.x, driver.forward_all(block, steps["true-sequential"].x, steps["true-sequential"].pe, "cpu"))
 
 
-def test_true_sequential_is_refused_on_a_worker_runner():
-    from pydantic import ValidationError
+def test_a_one_shot_request_defaults_to_sequential_hessians():
+    """One rule (vptq.config.resolve): a request without a Hessian mode gets the preset's ("original",
+    the shared stage) when it fine-tunes end to end and "sequential" when it is one-shot; a mode the
+    request names wins either way, on any runner."""
     from vptq_service.flows.spec import JobSpec
 
-    with pytest.raises(ValidationError, match="runner 'local'"):
-        JobSpec(source="smollm2", name="x", hessians="true-sequential", runner="dask")
-    assert JobSpec(source="smollm2", name="x", hessians="true-sequential").hessians == "true-sequential"
+    from vptq.config import resolve
+
+    assert resolve(2)[0].hessians == "original"
+    assert resolve(2, {"e2e_steps": 0})[0].hessians == "sequential"
+    assert resolve(3, {"e2e_steps": 0}, hessians="true-sequential")[0].hessians == "true-sequential"
+    assert resolve(4, {"e2e_steps": 0}, hessians="original")[0].hessians == "original"
+    assert JobSpec(source="smollm2", name="x", overrides={"e2e_steps": 0}).hessians == "sequential"
+    assert JobSpec(source="smollm2", name="x").hessians == "original"
+    spec = JobSpec(source="smollm2", name="x", hessians="true-sequential", runner="dask")
+    assert (spec.hessians, spec.runner) == ("true-sequential", "dask")

@@ -22,7 +22,7 @@ from tests.store_fixtures import bucket, s3_client, s3_env  # noqa: F401 - S3 on
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--nsamples", "2", "--seqlen", "64", "--eval-windows", "1", "--eval-seqlen", "64",
         "--set", "vector_len=4", "--set", "num_centroids=16", "--set", "kmeans_iters=3",
-        "--set", "refine_iters=0", "--set", "e2e_steps=0", "--local", "--json"]
+        "--set", "refine_iters=0", "--set", "e2e_steps=0", "--hessians", "original", "--local", "--json"]
 
 
 def run(*args) -> tuple[int, str, str]:

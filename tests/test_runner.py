@@ -101,16 +101,19 @@ def test_hessian_set_is_shared_and_matches_in_model_hessians(home, tiny_llama_di
 
 def test_dask_runner_gives_the_bytes_of_the_in_process_runner(home, tiny_llama_dir, text_file, tmp_path,  # noqa: F811
                                                               monkeypatch):
-    """Hessians "sequential" (each block's from the quantized blocks before it); the preset's mode
-    ("original") on Dask is the killed-worker test's job below, held to the same checks."""
-    local = compress(tiny_llama_dir, text_file, tmp_path / "local", "--hessians", "sequential")
+    """Hessians "true-sequential" (each group of a block's linears on the quantized groups before
+    it: group after group on the workers, the path a one-shot job's "sequential" takes with one
+    group); the shared set's mode ("original",
+    every block's linears queued at once: test_flow.TINY's) on Dask is the killed-worker test's job
+    below, on Ray the next test's, held to the same checks."""
+    local = compress(tiny_llama_dir, text_file, tmp_path / "local", "--hessians", "true-sequential")
     assert local["runner"] == "local"
     monkeypatch.setenv("VPTQ_HOME", str(tmp_path / "home-dask"))  # nothing cached from the first run
-    dask = compress(tiny_llama_dir, text_file, tmp_path / "dask", "--hessians", "sequential", "--runner", "dask",
+    dask = compress(tiny_llama_dir, text_file, tmp_path / "dask", "--hessians", "true-sequential", "--runner", "dask",
                     "--workers", "2")
     same_as_local(local, tmp_path / "local", dask, tmp_path / "dask")
     # the same request on the other runner is the same job, all blocks reused
-    again = compress(tiny_llama_dir, text_file, tmp_path / "again", "--hessians", "sequential")
+    again = compress(tiny_llama_dir, text_file, tmp_path / "again", "--hessians", "true-sequential")
     assert again["job_id"] == dask["job_id"] and again["blocks_reused"] == 2
 
 
@@ -120,6 +123,8 @@ def same_as_local(local: dict, local_dir: Path, got: dict, got_dir: Path, runner
     assert checkpoint_bytes(local_dir) == checkpoint_bytes(got_dir)
     assert (local["bpw"], local["layers"]) == (got["bpw"], got["layers"])
     per_linear = {f"quantize-{i}-{n}" for i in range(2) for n in LINEARS}
+    if got["hessians"] == "true-sequential":  # q/k/v, o, gate/up, down: each group's Hessians a task
+        per_linear |= {f"group-hessians-{i}-{g}" for i in range(2) for g in range(4)}
     assert per_linear <= task_names(got["prefect_run_id"], per_linear)  # the linears ran as tasks of their own
 
 
@@ -152,7 +157,7 @@ if os.environ.get("VPTQ_TEST_KILL_MARKER"):  # a dask worker: die once, in the m
 
 def test_dask_worker_killed_mid_block_is_retried_and_the_job_succeeds(home, tiny_llama_dir, text_file,  # noqa: F811
                                                                       tmp_path, monkeypatch, tiny_flow_job):
-    """The preset's Hessian mode on Dask, with a worker process SIGKILLed while it quantizes a linear of
+    """The shared Hessian set's mode (test_flow.TINY) on Dask, with a worker process SIGKILLed while it quantizes a linear of
     block 1: Dask's nanny restarts it, the scheduler reruns the task, the job succeeds with the bytes,
     bpw and layers of the undisturbed in-process run, each linear a task of its own."""
     local, local_dir = dict(tiny_flow_job.summary), tiny_flow_job.artifact  # the undisturbed run (a session fixture)

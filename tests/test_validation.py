@@ -84,7 +84,6 @@ def calib(tmp_path_factory, text_file) -> Path:
     (["--nsamples", "20000", "--seqlen", "64"], ["--nsamples 20000", "--calib"]),
     (["--seqlen", "99999999999"], ["--seqlen"]),
     (["--workers", "99999999999999999999"], ["--workers"]),
-    (["--hessians", "true-sequential", "--runner", "dask"], ["true-sequential", "runner 'local'"]),
 ])
 def test_bad_request_is_refused_before_a_job_row(home, tiny_llama_dir, calib, args, needles):
     for cmd in ("compress", "submit"):

@@ -261,6 +261,19 @@ def calib_windows(e2e_steps: int) -> int:
     return FINETUNE_WINDOWS if e2e_steps > 0 else ONESHOT_WINDOWS
 
 
+# A one-shot job's Hessians when the request does not say: each block's on the quantized blocks before it.
+# Chosen on validation text (bench/RESULTS.md, "Within-block ... Hessians"): over seeds 0-2, SmolLM2 2-bit
+# one-shot selection ppl 62.21 original -> 58.86 (true-sequential 58.43, within the seeds' spread), Qwen2.5-0.5B
+# 4-bit one-shot worst seed 116.10 -> 40.00 (true-sequential 41.37, worse on every seed, and dearer).
+# The fine-tuned presets keep the shared "original" stage (their end-to-end stage measured it best).
+ONESHOT_HESSIANS: HessianMode = "sequential"
+
+
+def default_hessians(cfg: QuantConfig) -> HessianMode:
+    """The Hessian mode of a request that names none: the preset's, or ONESHOT_HESSIANS without fine-tuning."""
+    return cfg.hessians if cfg.e2e_steps > 0 else ONESHOT_HESSIANS
+
+
 def preset(bits: int) -> QuantConfig:
     if bits not in PRESETS:
         *rest, last = sorted(PRESETS)
@@ -273,14 +286,16 @@ def resolve(bits: int, overrides: dict | None = None, *, seed: int | None = None
     """The one rule for what a request leaves out: (its QuantConfig, its calibration windows).
 
     The config is the preset of `bits` with the overrides over it, then the request's seed and Hessian
-    mode when given (else the preset's); the windows default by the resolved config's e2e_steps
-    (calib_windows). ConfigError names the field and the fix."""
+    mode when given (else default_hessians: the preset's, or a one-shot job's); the windows default by
+    the resolved config's e2e_steps (calib_windows). ConfigError names the field and the fix."""
     fields = set(QuantConfig.__dataclass_fields__) - set(REQUEST_FIELDS)
     unknown = set(overrides or {}) - fields
     if unknown:
         raise ConfigError(f"unknown QuantConfig field(s) {sorted(unknown)}: use one of {sorted(fields)}")
     own = {k: v for k, v in (("seed", seed), ("hessians", hessians)) if v is not None}
     cfg = preset(bits).with_(**(overrides or {}), **own)
+    if hessians is None:
+        cfg = cfg.with_(hessians=default_hessians(cfg))
     if nsamples is None:
         nsamples = calib_windows(cfg.e2e_steps)
     if nsamples < 1:

@@ -236,13 +236,22 @@ def quantize_linears(
     return _quantize_with(block, lins, hessians, cfg, device, quantize_fn, prefix, progress, index), fp_out
 
 
+def linear_groups(block: nn.Module, x: torch.Tensor | None, pe, cfg: QuantConfig, device) -> list[list[str]]:
+    """The block's target linears in the groups they are quantized in, in order: with
+    hessians="true-sequential" the order its forward calls them (vptq.callorder: traced on x's first
+    window), else one group."""
+    lins = target_linears(block, cfg)
+    if cfg.hessians != "true-sequential":
+        return [list(lins)]
+    first = x[:1].to(device, block_dtype(block))
+    return call_groups(trace_calls(lambda: run_block(block, first, pe), lins), lins)
+
+
 def _quantize_in_call_order(block, x, pe, cfg, device, quantize_fn, prefix, batch, progress, index, lins):
     """hessians="true-sequential": the block's linears group by group in the order its forward calls
     them (vptq.callorder), each group's Hessians taken with the groups before it quantized."""
-    first = x[:1].to(device, block_dtype(block))
-    groups = call_groups(trace_calls(lambda: run_block(block, first, pe), lins), lins)
     reports, fp_out = [], None
-    for names in groups:
+    for names in linear_groups(block, x, pe, cfg, device):
         group = {n: lins[n] for n in names}
         hs, out = block_hessians(block, x, pe, device, batch, group)
         fp_out = out if fp_out is None else fp_out  # the first pass runs the block before any change
@@ -323,10 +332,16 @@ class BlockStep:
                                                 hessians=hessians, index=self.index)
         return reports
 
-    def hessians(self) -> dict[str, torch.Tensor]:
-        """The Hessians of the block's target linears on x, as quantize collects them (for linears
-        quantized elsewhere); the block is left as it is."""
+    def linear_groups(self) -> list[list[str]]:
+        """The target linears in the groups quantize takes them, in order (see linear_groups)."""
+        return linear_groups(self.block, self.x, self.pe, self.cfg, self.device)
+
+    def hessians(self, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """The Hessians of the block's target linears (those of `names` when given) on x, as quantize
+        collects them (for linears quantized elsewhere); the block is left as it is."""
         lins = target_linears(self.block, self.cfg)
+        if names is not None:
+            lins = {n: lins[n] for n in names}
         hs, _ = block_hessians(self.block, self.x, self.pe, self.device, self.batch, lins)
         return hs
 
