@@ -47,9 +47,10 @@ Seqlen = Annotated[int, typer.Option("--seqlen", help="Tokens per calibration wi
 Seed = Annotated[int, typer.Option("--seed", help="Seed for windows and codebooks.")]
 Device = Annotated[str, typer.Option("--device", help="Compute device: cpu, cuda or cuda:N.")]
 Hessians = Annotated[Optional[HessianMode], typer.Option(
-    "--hessians", help="original (the presets'): from the FP model, one shared pass reused by later jobs on the "
-    "same model and data; sequential: from the quantized prefix; true-sequential: also a block's later linears "
-    "from its quantized earlier ones (o_proj after q/k/v, down_proj after gate/up; --runner local).")]
+    "--hessians", help="original (the fine-tuned presets'): from the FP model, one shared pass reused by later "
+    "jobs on the same model and data; sequential (a one-shot job's default): from the quantized prefix; "
+    "true-sequential: also a block's later linears from its quantized earlier ones (o_proj after q/k/v, "
+    "down_proj after gate/up).")]
 Runner = Annotated[str, typer.Option("--runner", help="Where a block's linears are quantized: local (this "
                                                       "process), dask or ray (worker processes, one GPU each).")]
 Workers = Annotated[Optional[int], typer.Option("--workers", help="Worker processes of --runner dask|ray "
