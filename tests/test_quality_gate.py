@@ -49,12 +49,12 @@ def gate_inputs():
 def gate_model(fp, calib_ids, bits: int, seed: int = 0):
     """(copy of fp with its first GATE_BLOCKS blocks quantized at preset(bits) one-shot, its report),
     calibrated on windows drawn with `seed`."""
-    from vptq.config import preset
+    from vptq.config import resolve
     from vptq.evaluate import calibration_windows
     from vptq.sequential import quantize_model
 
     model = copy.deepcopy(fp)
-    cfg = preset(bits).with_(e2e_steps=0, seed=seed, **GATE_ITERS)
+    cfg, _ = resolve(bits, dict(e2e_steps=0, **GATE_ITERS), seed=seed)  # as a one-shot job resolves it
     rep = quantize_model(model, calibration_windows(calib_ids, CALIB_WINDOWS, CALIB_SEQLEN, seed), cfg,
                          blocks=GATE_BLOCKS)
     return model, rep
