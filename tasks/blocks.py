@@ -229,9 +229,9 @@ def linear_file(run: str, index: int, name: str) -> Path:
 @task(cache_policy=NO_CACHE, task_run_name="group-hessians-{index}-{group}")
 def group_hessians(run: str, model_path: str, calib_path: str, config: dict[str, Any], index: int, group: int,
                    device: str = "cpu") -> dict[str, Any]:
-    """hessians="true-sequential" on workers: the Hessians of group `group` of block `index`'s linears
-    (vptq.driver.linear_groups) on its inputs, with the groups before it quantized (quantize_linear's
-    files swapped in: the in-process path's block at that point), to the workspace.
+    """The Hessians of group `group` of block `index`'s linears (vptq.driver.linear_groups: all of them
+    in one group unless hessians="true-sequential") on its inputs, with the groups before it quantized
+    (quantize_linear's files swapped in: the in-process path's block at that point), to the workspace.
     Returns {"path": the folder quantize_linear reads, "names": the group's linears, "groups": how many}."""
     from vptq_service.tasks.hessians import save_block_hessians
 
