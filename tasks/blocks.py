@@ -274,17 +274,21 @@ def finish_block(run: str, model_path: str, model_sha: str, calib_path: str, cal
                  config: dict[str, Any], index: int, device: str = "cpu", hessians: str | None = None,
                  layers: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Block `index` from its quantized linears (quantize_linear's files): as quantize_block ends,
-    with the same files: either path's finished blocks serve the other."""
+    with the same files: either path's finished blocks serve the other. `layers`: the linears' reports
+    in the order the flow quantized them (group after group: the in-process path's order)."""
     from vptq.config import QuantConfig
+    from vptq.driver import target_linears
 
     t0 = time.perf_counter()
     cfg = QuantConfig.from_dict(config)
     step = _open_step(run, model_path, calib_path, cfg, index, device, hessians)
     step.keep_original_outputs()  # before the quantized linears replace the original ones
-    names = [n for group in step.linear_groups() for n in group]  # in the order the in-process path reports
+    names = list(target_linears(step.block, cfg))
+    layers = layers or []
+    if sorted(r["name"] for r in layers) != sorted(step.prefix + n for n in names):
+        raise ValueError(f"block {index}: the reports given do not match its target linears")
     _swap_in(run, step, names)
-    by_name = {r["name"]: r for r in layers or []}
-    return _close_step(run, step, [by_name[step.prefix + n] for n in names], t0)
+    return _close_step(run, step, layers, t0)
 
 
 def _swap_in(run: str, step, names: list[str]) -> None:

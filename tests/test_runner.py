@@ -24,6 +24,7 @@ from tests.test_flow import TINY, checkpoint_bytes, run
 
 
 def compress(model: Path, calib: Path, out: Path, *extra) -> dict:
+    # `extra` comes after TINY: an option given in both (--hessians) takes extra's value, the last one given
     code, stdout, err = run("submit", model, "--name", "tiny", "--calib", calib, *TINY, *extra)
     assert code == 0, err
     s = json.loads(stdout)
@@ -103,9 +104,8 @@ def test_dask_runner_gives_the_bytes_of_the_in_process_runner(home, tiny_llama_d
                                                               monkeypatch):
     """Hessians "true-sequential" (each group of a block's linears on the quantized groups before
     it: group after group on the workers, the path a one-shot job's "sequential" takes with one
-    group); the shared set's mode ("original",
-    every block's linears queued at once: test_flow.TINY's) on Dask is the killed-worker test's job
-    below, on Ray the next test's, held to the same checks."""
+    group); the shared set's mode ("original", every block's linears queued at once: test_flow.TINY's)
+    on Dask is the killed-worker test's job below, on Ray the next test's, held to the same checks."""
     local = compress(tiny_llama_dir, text_file, tmp_path / "local", "--hessians", "true-sequential")
     assert local["runner"] == "local"
     monkeypatch.setenv("VPTQ_HOME", str(tmp_path / "home-dask"))  # nothing cached from the first run

@@ -236,11 +236,11 @@ def quantize_linears(
     return _quantize_with(block, lins, hessians, cfg, device, quantize_fn, prefix, progress, index), fp_out
 
 
-def linear_groups(block: nn.Module, x: torch.Tensor | None, pe, cfg: QuantConfig, device) -> list[list[str]]:
-    """The block's target linears in the groups they are quantized in, in order: with
+def linear_groups(block: nn.Module, x: torch.Tensor | None, pe, cfg: QuantConfig, device,
+                  lins: dict[str, nn.Linear]) -> list[list[str]]:
+    """The block's target linears `lins` in the groups they are quantized in, in order: with
     hessians="true-sequential" the order its forward calls them (vptq.callorder: traced on x's first
     window), else one group."""
-    lins = target_linears(block, cfg)
     if cfg.hessians != "true-sequential":
         return [list(lins)]
     first = x[:1].to(device, block_dtype(block))
@@ -251,7 +251,7 @@ def _quantize_in_call_order(block, x, pe, cfg, device, quantize_fn, prefix, batc
     """hessians="true-sequential": the block's linears group by group in the order its forward calls
     them (vptq.callorder), each group's Hessians taken with the groups before it quantized."""
     reports, fp_out = [], None
-    for names in linear_groups(block, x, pe, cfg, device):
+    for names in linear_groups(block, x, pe, cfg, device, lins):
         group = {n: lins[n] for n in names}
         hs, out = block_hessians(block, x, pe, device, batch, group)
         fp_out = out if fp_out is None else fp_out  # the first pass runs the block before any change
@@ -334,7 +334,7 @@ class BlockStep:
 
     def linear_groups(self) -> list[list[str]]:
         """The target linears in the groups quantize takes them, in order (see linear_groups)."""
-        return linear_groups(self.block, self.x, self.pe, self.cfg, self.device)
+        return linear_groups(self.block, self.x, self.pe, self.cfg, self.device, target_linears(self.block, self.cfg))
 
     def hessians(self, names: list[str] | None = None) -> dict[str, torch.Tensor]:
         """The Hessians of the block's target linears (those of `names` when given) on x, as quantize
