@@ -3,7 +3,10 @@ one-shot run with hessians="original" quantizes it (each layer from the FP model
 independent of one another), then the selection perplexity with chosen *subsets* of them swapped in.
 
     python bench/layer_bisect.py MODEL --bits 4 --seed 1 --out runs/bisect-q4s1 [--set FIELD=V,...]
-        [--group attn=*.self_attn.* --group mlp=*.mlp.* ...] [--blocks] [--windows 2]
+        [--group attn=*.self_attn.* --group mlp=*.mlp.* ...] [--blocks] [--windows 2] [--gptq-group 64]
+
+--gptq-group G quantizes every layer with GPTQ at --bits and groups of G instead, on the same Hessians, so a VPTQ
+record and a GPTQ one compare layer by layer (their proxy losses) and as a whole.
 
 Step 1 (resumable: the dequantized weights and proxy losses land in --out as they are made) quantizes every
 layer; step 2 scores FP, all layers, every --group (fnmatch globs over `BLOCK.PATH`, e.g. `3.mlp.down_proj`),
@@ -34,6 +37,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from quality import field_overrides  # noqa: E402
 
+from vptq.baselines import gptq_linear  # noqa: E402
 from vptq.config import preset  # noqa: E402
 from vptq.driver import original_hessians  # noqa: E402
 from vptq.evaluate import calibration_windows, perplexity, tokenize_text  # noqa: E402
@@ -46,8 +50,10 @@ from vptq.targets import decoder_layers, target_linears  # noqa: E402
 VALID = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 
 
-def quantize_all(model, windows, cfg, out: Path) -> dict[str, dict]:
-    """Every target linear's dequantized weight (out/BLOCK.safetensors) and report (out/losses.json)."""
+def quantize_all(model, windows, cfg, out: Path, gptq: tuple[int, int] | None = None) -> dict[str, dict]:
+    """Every target linear's dequantized weight (out/BLOCK.safetensors) and report (out/losses.json); with
+    gptq = (bits, group) the layers are GPTQ's instead of VPTQ's, on the same Hessians,
+    so their proxy losses compare layer by layer."""
     losses_file = out / "losses.json"
     losses = json.loads(losses_file.read_text()) if losses_file.exists() else {}
     done_blocks = {int(p.stem) for p in out.glob("*.safetensors")}
@@ -61,8 +67,12 @@ def quantize_all(model, windows, cfg, out: Path) -> dict[str, dict]:
             continue
         weights = {}
         for name, lin in target_linears(layers[i], cfg).items():
-            q, rep = quantize_with_rescue(lin.weight.detach(), hs[name], cfg.for_layer(name, i), f"{i}.{name}")
-            weights[name] = dequantize(q).to(lin.weight.dtype).contiguous()
+            if gptq:
+                new, rep = gptq_linear(*gptq)(f"{i}.{name}", lin, hs[name], cfg)
+                weights[name] = new.weight.detach().contiguous()
+            else:
+                q, rep = quantize_with_rescue(lin.weight.detach(), hs[name], cfg.for_layer(name, i), f"{i}.{name}")
+                weights[name] = dequantize(q).to(lin.weight.dtype).contiguous()
             losses[f"{i}.{name}"] = dict(proxy_loss=rep.proxy_loss, bpw=rep.bpw, warnings=rep.warnings)
         save_file(weights, str(out / f"{i}.safetensors"))
         losses_file.write_text(json.dumps(losses, indent=1) + "\n")
@@ -129,6 +139,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=2, help="selection windows of 2048 tokens")
     ap.add_argument("--group", action="append", default=[], help="NAME=GLOB[|GLOB...] over BLOCK.PATH")
     ap.add_argument("--blocks", action="store_true", help="also score each block alone")
+    ap.add_argument("--gptq-group", type=int, default=0,
+                    help="quantize with GPTQ at --bits and this group size instead (the same Hessians)")
     ap.add_argument("--quantize-only", action="store_true")
     ap.add_argument("--requantize", default="", help="BLOCK.PATH of a layer to quantize again under --under")
     ap.add_argument("--under", default="", help="GLOB[|GLOB...]: the layers quantized when --requantize's H is taken")
@@ -141,7 +153,7 @@ def main() -> None:
     model.eval()
     calib_text, select_text = split_valid(VALID.read_text(encoding="utf-8"))
     windows = calibration_windows(tokenize_text(tok, calib_text), args.nsamples, args.seqlen, cfg.seed)
-    losses = quantize_all(model, windows, cfg, out)
+    losses = quantize_all(model, windows, cfg, out, (args.bits, args.gptq_group) if args.gptq_group else None)
     if args.quantize_only:
         return
     swap = Swapper(model, out)
@@ -177,7 +189,7 @@ def main() -> None:
     rec = json.loads(rec_file.read_text()) if rec_file.exists() else dict(rows=[])
     seen = {r["group"] for r in rec["rows"]}
     rec.setdefault("commands", []).append(" ".join(sys.argv))
-    rec.update(model=args.model, bits=args.bits, seed=args.seed, config=cfg.to_dict(),
+    rec.update(model=args.model, bits=args.bits, method=f"gptq g{args.gptq_group}" if args.gptq_group else "vptq", seed=args.seed, config=cfg.to_dict(),
                nsamples=args.nsamples, seqlen=args.seqlen, windows=args.windows,
                text="wikitext-2 valid, selection part (vptq/splits.py)", losses=losses)
     for name, group, extra in groups:

@@ -237,7 +237,8 @@ def run_one(name: str, spec: dict, args) -> dict:
                                    overwrite=True, progress=progress, quantize_fn=fn)
         rec.update(bpw=res.report.bpw, quant_seconds=res.report.seconds, config=cfg.to_dict(),
                    mean_proxy_loss=sum(r.proxy_loss for r in res.report.layers) / len(res.report.layers),
-                   warnings=len(res.report.warnings), group=spec.get("group"), e2e=res.report.e2e,
+                   warnings=len(res.report.warnings), warning_notes=res.report.warnings,  # which layers, and why
+                   group=spec.get("group"), e2e=res.report.e2e,
                    bits_per_param=res.report.bits_per_param, float_params=res.report.float_params)
     rec["quant_peak_host_bytes"] = peak_host_bytes()  # load + calibration + quantization (before the eval)
     # test text, then the selection part of valid (no calibration window came from it) and the out-of-domain
