@@ -238,6 +238,7 @@ def _layer_rules(rules) -> tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]:
 # - rescue_loss 0.1: a layer losing more than 10 % of its output energy is quantized again with 1 % outlier
 #   columns. On SmolLM2 no layer comes near (2-bit one-shot: median 0.026, max 0.060); Qwen2.5-0.5B's block-3
 #   down_proj lost 0.24 and took the model to 2864; with outlier columns 0.0014 (bench/results/layer_probe_*).
+#   A one-shot job looks from 0.005 on (ONESHOT_DEFAULTS below).
 _FT = dict(enable_norm=False, hessians="original", e2e_steps=400, e2e_lr=1e-4, e2e_batch=1, rescue_loss=0.1)
 _FT_HI = dict(_FT, e2e_lr=5e-4)
 PRESETS: dict[int, QuantConfig] = {
@@ -261,17 +262,24 @@ def calib_windows(e2e_steps: int) -> int:
     return FINETUNE_WINDOWS if e2e_steps > 0 else ONESHOT_WINDOWS
 
 
-# A one-shot job's Hessians when the request does not say: each block's on the quantized blocks before it.
-# Chosen on validation text (bench/RESULTS.md, "Within-block ... Hessians"): over seeds 0-2, SmolLM2 2-bit
-# one-shot selection ppl 62.21 original -> 58.86 (true-sequential 58.43, within the seeds' spread), Qwen2.5-0.5B
-# 4-bit one-shot worst seed 116.10 -> 40.00 (true-sequential 41.37, worse on every seed, and dearer).
-# The fine-tuned presets keep the shared "original" stage (their end-to-end stage measured it best).
-ONESHOT_HESSIANS: HessianMode = "sequential"
+# What a one-shot job (no end-to-end fine-tuning) runs where its request does not say; the fine-tuned presets keep
+# their own values (their end-to-end stage was measured with them). Each chosen on validation text for one-shot runs
+# (bench/RESULTS.md):
+# - hessians "sequential": each block's Hessians on the quantized blocks before it ("Within-block ... Hessians"):
+#   over seeds 0-2, SmolLM2 2-bit one-shot selection ppl 62.21 original -> 58.86 (true-sequential 58.43, within the
+#   seeds' spread), Qwen2.5-0.5B 4-bit one-shot worst seed 116.10 -> 40.00 (true-sequential 41.37, and dearer).
+# - rescue_loss 0.005: the second look of vptq/rescue.py at any layer losing more than 0.5 % whose error sits on
+#   its heaviest channels, not only above 10 % (a 2-bit figure; at 4 bits Qwen's block-3 down_proj lost 2-4 %, 370x
+#   GPTQ's, and never reached it): Qwen2.5-0.5B 4-bit one-shot selection 37.84 [35.75, 40.00] -> 36.00 [35.98,
+#   36.02] ("Qwen2.5-0.5B one-shot at the sequential default, and a lower rescue threshold").
+ONESHOT_DEFAULTS: dict[str, Any] = {"hessians": "sequential", "rescue_loss": 0.005}
 
 
-def default_hessians(cfg: QuantConfig) -> HessianMode:
-    """The Hessian mode of a request that names none: the preset's, or ONESHOT_HESSIANS without fine-tuning."""
-    return cfg.hessians if cfg.e2e_steps > 0 else ONESHOT_HESSIANS
+def oneshot_defaults(cfg: QuantConfig, given: set[str]) -> QuantConfig:
+    """cfg with ONESHOT_DEFAULTS in the fields the request did not give, when it is one-shot (e2e_steps 0)."""
+    if cfg.e2e_steps > 0:
+        return cfg
+    return cfg.with_(**{k: v for k, v in ONESHOT_DEFAULTS.items() if k not in given})
 
 
 def preset(bits: int) -> QuantConfig:
@@ -286,16 +294,14 @@ def resolve(bits: int, overrides: dict | None = None, *, seed: int | None = None
     """The one rule for what a request leaves out: (its QuantConfig, its calibration windows).
 
     The config is the preset of `bits` with the overrides over it, then the request's seed and Hessian
-    mode when given (else default_hessians: the preset's, or a one-shot job's); the windows default by
-    the resolved config's e2e_steps (calib_windows). ConfigError names the field and the fix."""
+    mode when given; a one-shot request gets ONESHOT_DEFAULTS where it gave nothing (oneshot_defaults); the
+    windows default by the resolved config's e2e_steps (calib_windows). ConfigError names the field and the fix."""
     fields = set(QuantConfig.__dataclass_fields__) - set(REQUEST_FIELDS)
     unknown = set(overrides or {}) - fields
     if unknown:
         raise ConfigError(f"unknown QuantConfig field(s) {sorted(unknown)}: use one of {sorted(fields)}")
     own = {k: v for k, v in (("seed", seed), ("hessians", hessians)) if v is not None}
-    cfg = preset(bits).with_(**(overrides or {}), **own)
-    if hessians is None:
-        cfg = cfg.with_(hessians=default_hessians(cfg))
+    cfg = oneshot_defaults(preset(bits).with_(**(overrides or {}), **own), set(overrides or {}) | set(own))
     if nsamples is None:
         nsamples = calib_windows(cfg.e2e_steps)
     if nsamples < 1:
