@@ -189,7 +189,8 @@ def main() -> None:
     rec = json.loads(rec_file.read_text()) if rec_file.exists() else dict(rows=[])
     seen = {r["group"] for r in rec["rows"]}
     rec.setdefault("commands", []).append(" ".join(sys.argv))
-    rec.update(model=args.model, bits=args.bits, method=f"gptq g{args.gptq_group}" if args.gptq_group else "vptq", seed=args.seed, config=cfg.to_dict(),
+    method = f"gptq g{args.gptq_group}" if args.gptq_group else "vptq"
+    rec.update(model=args.model, bits=args.bits, method=method, seed=args.seed, config=cfg.to_dict(),
                nsamples=args.nsamples, seqlen=args.seqlen, windows=args.windows,
                text="wikitext-2 valid, selection part (vptq/splits.py)", losses=losses)
     for name, group, extra in groups:

@@ -247,7 +247,6 @@ def test_a_one_shot_request_defaults_to_sequential_hessians():
     request names wins either way, on any runner."""
     from vptq_service.flows.spec import JobSpec
 
-
     assert resolve(2)[0].hessians == "original"
     assert resolve(2, {"e2e_steps": 0})[0].hessians == "sequential"
     assert resolve(3, {"e2e_steps": 0}, hessians="true-sequential")[0].hessians == "true-sequential"
