@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -34,6 +35,23 @@ def get_json(url: str, timeout: float = 5.0):
             return json.loads(r.read()) if r.status == 200 else None
     except (OSError, ValueError):
         return None
+
+
+def post_json(url: str, body: dict, tries: int = 5) -> dict:
+    """POST body, the answer's JSON. A 503 is retried after a pause, as Prefect's own client does: the
+    server answers it while its database is busy (seen on a slow 2-core VM right after a schedule was
+    created, with the worker writing a run); any other error, or a fifth 503, is raised."""
+    for attempt in range(tries):
+        req = urllib.request.Request(url, method="POST", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            if e.code != 503 or attempt == tries - 1:
+                raise
+            time.sleep(2 ** attempt)
+    raise AssertionError("unreachable")
 
 
 def ended(api: str, flow_run_id: str) -> dict | None:
@@ -147,11 +165,7 @@ def test_server_worker_submit_pull_load(tiny_llama_dir, text_file, tmp_path):
         dep = get_json(f"{api}/deployments/name/{sched['deployment']}")
         (schedule,) = [x for x in dep["schedules"] if x["slug"] == sched["schedule"]]
         assert schedule["schedule"]["cron"] == "0 3 * * *"
-        req = urllib.request.Request(f"{api}/deployments/{dep['id']}/create_flow_run", method="POST",
-                                     data=json.dumps({"parameters": schedule["parameters"]}).encode(),
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=30) as r:
-            fired = json.loads(r.read())
+        fired = post_json(f"{api}/deployments/{dep['id']}/create_flow_run", {"parameters": schedule["parameters"]})
         done = wait_for("the scheduled run", lambda: ended(api, fired["id"]), procs, timeout=300, every=1.0)
         assert done["state_type"] == "COMPLETED", tail(logs["worker"])
         code, out, err = vptq(client_env, "jobs", "show", 2, "--json")
