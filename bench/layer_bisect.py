@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from quality import field_overrides  # noqa: E402
 
 from vptq.baselines import gptq_linear  # noqa: E402
-from vptq.config import preset  # noqa: E402
+from vptq.config import resolve as job_config  # noqa: E402
 from vptq.driver import original_hessians  # noqa: E402
 from vptq.evaluate import calibration_windows, perplexity, tokenize_text  # noqa: E402
 from vptq.quantizer import dequantize  # noqa: E402
@@ -145,7 +145,7 @@ def main() -> None:
     ap.add_argument("--requantize", default="", help="BLOCK.PATH of a layer to quantize again under --under")
     ap.add_argument("--under", default="", help="GLOB[|GLOB...]: the layers quantized when --requantize's H is taken")
     args = ap.parse_args()
-    cfg = preset(args.bits).with_(e2e_steps=0)
+    cfg = job_config(args.bits, {"e2e_steps": 0}, hessians="original")[0]  # as a one-shot job resolves it
     cfg = cfg.with_(**field_overrides(cfg, args.set), **({"seed": args.seed} if args.seed else {}))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

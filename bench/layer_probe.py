@@ -7,8 +7,8 @@ the median), the statistic vptq.config's outlier rule reads.
   python bench/layer_probe.py MODEL --layer 3.mlp.down_proj --bits 2 \
       --variant base: --variant out1:outlier_percent=1 [--windows 2] [--json OUT]
 
-A variant is NAME:FIELD=VALUE[,FIELD=VALUE] over the preset's one-shot config (e2e_steps=0); `fp` is the
-float model. Calibration: --nsamples windows of --seqlen tokens from the calibration part of valid (seed 0).
+A variant is NAME:FIELD=VALUE[,FIELD=VALUE] over the preset's config as a one-shot job resolves it
+(vptq.config.resolve: e2e_steps=0, its one-shot defaults); `fp` is the float model. Calibration: --nsamples windows of --seqlen tokens from the calibration part of valid (seed 0).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from quality import field_overrides  # noqa: E402
 
-from vptq.config import LayerLayout, preset  # noqa: E402
+from vptq.config import LayerLayout  # noqa: E402
+from vptq.config import resolve as job_config  # noqa: E402
 from vptq.evaluate import calibration_windows, perplexity, tokenize_text  # noqa: E402
 from vptq.hessian import HessianAccumulator  # noqa: E402
 from vptq.quantizer import dequantize, quantize_linear  # noqa: E402
@@ -85,7 +86,7 @@ def diag_stats(model, windows: torch.Tensor) -> list[dict]:
 
 def variant(spec: str, bits: int):
     name, _, kv = spec.partition(":")
-    cfg = preset(bits).with_(e2e_steps=0)
+    cfg = job_config(bits, {"e2e_steps": 0}, hessians="original")[0]  # as a one-shot job resolves it
     over = field_overrides(cfg, kv)
     return name, (cfg.with_(**over) if over else cfg), over
 

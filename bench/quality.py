@@ -96,9 +96,9 @@ RUNS: dict[str, dict] = {
         e2e_steps=0, layers={"k_proj": {"num_res_centroids": 32}, "v_proj": {"num_res_centroids": 32},
                              "0.*": {"num_res_centroids": 32}})),
     # bits by sensitivity (bench/layer_bisect.py on SmolLM2, 2 bits, seed 0, each layer type alone on the selection
-    # text: log-perplexity cost per share of the block's weights k 2.0, v 1.65, q 1.54, up 0.92, down 0.76, gate 0.56,
+    # text: log-perplexity cost per share of the block's weights k 2.00, v 1.65, q 1.55, up 0.92, down 0.76, gate 0.56,
     # o 0.53): more bits where a bit buys most (q, k, v at v4, 2.5 bpw; up at k2048, 2.2), fewer where it buys least
-    # (o, gate at k512, 1.8); ~+0.06 bpw all-in (bench/RESULTS.md, "Bits by sensitivity")
+    # (o, gate at k512, 1.8); 2.218 bpw all-in on SmolLM2 against 2.173 (bench/RESULTS.md, "Bits by sensitivity")
     "os2-alloc": dict(method="vptq", bits=2, base="current", nsamples="job", cfg=dict(
         e2e_steps=0, layers={"q_proj": {"vector_len": 4}, "k_proj": {"vector_len": 4}, "v_proj": {"vector_len": 4},
                              "up_proj": {"num_centroids": 2048}, "o_proj": {"num_centroids": 512},
