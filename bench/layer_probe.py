@@ -8,7 +8,8 @@ the median), the statistic vptq.config's outlier rule reads.
       --variant base: --variant out1:outlier_percent=1 [--windows 2] [--json OUT]
 
 A variant is NAME:FIELD=VALUE[,FIELD=VALUE] over the preset's config as a one-shot job resolves it
-(vptq.config.resolve: e2e_steps=0, its one-shot defaults); `fp` is the float model. Calibration: --nsamples windows of --seqlen tokens from the calibration part of valid (seed 0).
+(vptq.config.resolve: e2e_steps=0, its one-shot defaults); `fp` is the float model. Calibration: --nsamples
+windows of --seqlen tokens from the calibration part of valid (seed 0).
 """
 
 from __future__ import annotations
