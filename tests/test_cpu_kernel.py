@@ -198,3 +198,31 @@ def test_bad_layouts_are_refused():
 
     with pytest.raises(ValueError, match="indices: expected shape"):
         cpu.CpuPlan.build(dataclasses.replace(p, indices=p.indices[:, :-1]))
+
+
+def test_thread_pool_keeps_torchs_thread_count():
+    """The kernels' pool starts on an OpenMP layer where one loads (the workqueue pool woke its threads
+    for every call: 3x the kernel's time on a small layer), and starting it, which resets the OpenMP
+    thread count shared with torch, leaves torch's own count as the user set it. In a fresh process:
+    the pool starts once per process."""
+    import os
+    import subprocess
+    import sys
+
+    if "NUMBA_THREADING_LAYER" in os.environ:
+        pytest.skip("NUMBA_THREADING_LAYER set: the user chose the layer")
+    code = ("import torch; torch.set_num_threads(1)\n"
+            "from tests.vq_layers import random_layer\n"
+            "from vptq.kernels import cpu\n"
+            "from vptq.kernels.layout import PackedLayer\n"
+            "import numba\n"
+            "assert cpu.available()\n"
+            "p = PackedLayer.from_module(random_layer(v=5, k=64, kr=0))\n"
+            "cpu.CpuPlan.build(p)(torch.randn(1, p.in_features))\n"
+            "print(torch.get_num_threads(), numba.threading_layer())\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    threads, layer = out.stdout.split()
+    assert threads == "1"
+    assert layer != "workqueue"

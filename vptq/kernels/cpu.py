@@ -54,17 +54,26 @@ def gemm_ref(x: torch.Tensor, p: PackedLayer) -> torch.Tensor:
 def available() -> bool:
     """numba (CPU) importable: the kernels can run here.
 
-    Also picks numba's own thread pool ("workqueue") unless NUMBA_THREADING_LAYER says otherwise:
-    its OpenMP layer shares torch's libgomp and, started after torch's OpenMP threads, ran SmolLM2's
-    decode step 5x slower (257 ms against 49 ms on one thread, bench/results/cpu_decode*.json).
-    The workqueue layer admits one parallel call at a time per process: the serving engine calls
-    the model from one thread."""
+    Also starts numba's thread pool, on its OpenMP layer where that loads (else tbb, else its own
+    "workqueue" pool) unless NUMBA_THREADING_LAYER says otherwise. The workqueue pool wakes its threads
+    for every parallel call: ~200 us a layer call where the kernel takes ~65 (SmolLM2's o_proj), and
+    SmolLM2's decode step took 55-63 ms against 43-44 on the OpenMP layer (two threads; one thread:
+    87 against 53; bench/results/cpu_threading_layer_20261207.txt). Its OpenMP layer shares torch's
+    libgomp (one soname), and starting the pool resets the OpenMP thread count to numba's: torch's
+    own count is put back after. (An older reading, 257 against 49 ms on one thread on the OpenMP
+    layer, was not reproduced on 2026-12-07 in any thread combination.) GNU OpenMP is not fork-safe:
+    numba refuses a parallel call in a child forked after the pool started, so a process that forks
+    workers should not use the kernels before it forks (nothing in this project does)."""
     try:
         import numba
     except ImportError:
         return False
     if "NUMBA_THREADING_LAYER" not in os.environ:
-        numba.config.THREADING_LAYER = "workqueue"  # read when the pool starts, at the first parallel call
+        numba.config.THREADING_LAYER = "default"  # the first layer of the priority list that loads
+        numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
+    threads = torch.get_num_threads()
+    numba.get_num_threads()  # starts the pool now, not inside a request
+    torch.set_num_threads(threads)
     return True
 
 
