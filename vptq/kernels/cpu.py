@@ -58,7 +58,7 @@ def available() -> bool:
     "workqueue" pool) unless NUMBA_THREADING_LAYER says otherwise. The workqueue pool wakes its threads
     for every parallel call: ~200 us a layer call where the kernel takes ~65 (SmolLM2's o_proj), and
     SmolLM2's decode step took 55-63 ms against 43-44 on the OpenMP layer (two threads; one thread:
-    87 against 53; bench/results/cpu_threading_layer_20261207.txt). Its OpenMP layer shares torch's
+    87 against 53; bench/results/cpu_decode_smollm2_{workqueue,omp}_20261207.json: 0.57x -> 1.01x fp32). Its OpenMP layer shares torch's
     libgomp (one soname), and starting the pool resets the OpenMP thread count to numba's: torch's
     own count is put back after. (An older reading, 257 against 49 ms on one thread on the OpenMP
     layer, was not reproduced on 2026-12-07 in any thread combination.) GNU OpenMP is not fork-safe:
