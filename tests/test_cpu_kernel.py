@@ -29,7 +29,7 @@ def close(y: torch.Tensor, yr: torch.Tensor) -> None:
     assert err <= 1e-5 * max(1.0, yr.abs().max().item()) * yr.shape[-1] ** 0.5, err
 
 
-@pytest.mark.parametrize("batch", [1, 8, cpu.MAX_ROWS + 3])
+@pytest.mark.parametrize("batch", [1, 3, cpu.ROWS_APART, 8, cpu.MAX_ROWS + 3])
 @pytest.mark.parametrize("extras", ["outliers_perm_norm_bias", "perm_norm_bias", "as_stored"])
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_kernel_matches_oracle(preset, extras, batch):
@@ -56,12 +56,14 @@ def test_histogram_kernel_reads_codes_of_other_widths(k, kr):
     x = torch.randn(1, p.in_features, generator=torch.Generator().manual_seed(1))
     plan.mode = "hist"  # what the rule picks for these codebooks on wider layers
     close(plan(x), cpu.gemm_ref(x, p))
+    x3 = torch.randn(3, p.in_features, generator=torch.Generator().manual_seed(2))  # three histograms, one call
+    close(plan(x3), cpu.gemm_ref(x3, p))
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_batch1_modes_agree(preset):
     """Batch 1 takes the histogram kernel on the presets' layouts (and so do up to ROWS_APART token rows,
-    one pass each); the direct one (large codebooks) gives the same numbers; the rule picks direct where the codebook outweighs the columns (v8-k65536)."""
+    one histogram per row in one call); the direct one (large codebooks) gives the same numbers; the rule picks direct where the codebook outweighs the columns (v8-k65536)."""
     v, k, kr = PRESETS[preset]
     p = PackedLayer.from_module(random_layer(n=581, v=v, k=k, kr=kr))  # outliers + 2 groups of 288 columns
     plan = cpu.CpuPlan.build(p)
@@ -69,7 +71,7 @@ def test_batch1_modes_agree(preset):
     assert plan.mode == "hist"
     y_hist = plan(x)
     xs = torch.randn(cpu.ROWS_APART + 1, p.in_features, generator=torch.Generator().manual_seed(4))
-    for rows in (2, cpu.ROWS_APART, cpu.ROWS_APART + 1):  # a histogram pass per row, then the batched mode
+    for rows in (2, cpu.ROWS_APART, cpu.ROWS_APART + 1):  # histograms per row, then the batched mode
         close(plan(xs[:rows]), cpu.gemm_ref(xs[:rows], p))
     plan.mode = "direct"
     close(plan(x), y_hist)

@@ -7,8 +7,8 @@ as a bit stream (vptq-method.md 2.3). At batch 1 with the presets' small codeboo
 code adds its input value into a histogram over the codebook (one add per code), and the row's v
 outputs are v vectorised dot products of the codebook's coordinates with it; with large codebooks
 ("direct") and for ROWS_APART+1..MAX_ROWS token rows ("batched") each code's centroid is multiplied into
-v accumulators (per token row, vectorised over the rows); 2..ROWS_APART rows take one histogram pass
-each. The numba source is generated per vector length, residual codebook, mode and code width
+v accumulators (per token row, vectorised over the rows); 2..ROWS_APART rows take one histogram per
+row in one call. The numba source is generated per vector length, residual codebook, mode and code width
 (kernels/cpu_source.py).
 
 Algebra (as kernels/gemv.py): stored column p holds original column perm[p] and
@@ -38,10 +38,11 @@ from .dequant import dequantize_ref
 from .layout import PackedLayer, check_layer, perm64
 
 MAX_ROWS = 32  # token rows up to which the kernels run; above, dequantize for the call + matmul
-# Up to this many token rows the histogram kernel runs once per row: the batched mode's loop over token rows
-# (vectorised 8 rows wide) costs about as much at 2 rows as at 8, ~4 ns a code on SmolLM2's q/k/v group on one
-# thread, where a histogram pass costs ~1 ns (bench/results/cpu_kernel_batch_probe_20261205_night.txt)
-ROWS_APART = 3
+# Up to this many token rows the histogram kernel serves them (one histogram per row, each code decoded once, one
+# call): the batched mode's loop over token rows vectorises 8 rows wide and costs about as much at 2-7 rows as at 8.
+# SmolLM2 block 0's four calls at the 2-bit layout, two threads: 2 rows 738 µs (batched 1,416), 7 rows 2,745
+# (3,557), 8 rows 3,289 (batched 1,453) (bench/results/cpu_kernel_rows_probe_20261207.txt)
+ROWS_APART = 7
 
 
 def gemm_ref(x: torch.Tensor, p: PackedLayer) -> torch.Tensor:
@@ -172,10 +173,9 @@ class CpuPlan:
             return self.dense(x)
         y = torch.empty(rows, self.out_features, dtype=torch.float32)
         res, bits = self.p.num_res_centroids > 0, self.p.code_bits
-        if rows <= ROWS_APART and self.mode == "hist":  # a histogram per token row, each its own call
-            run = kernel(self.p.vector_len, res, "hist", bits)
-            for b in range(rows):
-                run(x[b:b + 1].numpy(), *self.args, y[b:b + 1].numpy(), self.starts, self.moffs)
+        if rows <= ROWS_APART and self.mode == "hist":  # a histogram per token row, one call for all
+            kernel(self.p.vector_len, res, "hist", bits, rows)(x.numpy(), *self.args, y.numpy(), self.starts,
+                                                                self.moffs)
             return y
         kernel(self.p.vector_len, res, "batched" if rows > 1 else self.mode, bits)(
             x.numpy(), *self.args, y.numpy(), self.starts, self.moffs)

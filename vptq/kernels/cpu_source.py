@@ -103,7 +103,7 @@ def _member_row(v: int) -> list[str]:
                "        rcb = rcbs[l]"])
 
 
-def _member_chunks(v: int, mode: str) -> list[str]:
+def _member_chunks(v: int, mode: str, rows: int = 1) -> list[str]:
     """Batch 1: the rows of vectors of every member layer cut into a few contiguous chunks per thread,
     one parallel iteration each, the histogram allocated once per chunk and a member's views taken
     from the typed lists where the chunk enters it. A parallel iteration per row (_member_row) allocated
@@ -116,7 +116,8 @@ def _member_chunks(v: int, mode: str) -> list[str]:
                "    for ch in prange(nch):",
                "        r_lo = ch * total // nch",
                "        r_hi = (ch + 1) * total // nch",
-               *(["        h = np.empty(k, np.float32)", "        hr = np.empty(kr, np.float32)"] if mode == "hist" else []),
+               *([f"        h = np.empty(k * {rows}, np.float32)", f"        hr = np.empty(kr * {rows}, np.float32)"]
+                 if mode == "hist" else []),
                "        l = -1",
                "        nxt = 0",
                "        for rr in range(r_lo, r_hi):",
@@ -166,12 +167,19 @@ def _unrolled(bits: int) -> tuple[int, int, list[tuple[int, int, int]]]:
     return codes, codes * bits // 32, out
 
 
-def _code_step(mode: str, res: bool, ts, ind: str) -> list[str]:
-    """What one code (in `code`) adds, at indent ind: the histogram add, or its centroid times x."""
+def _code_step(mode: str, res: bool, ts, ind: str, rows: int = 1) -> list[str]:
+    """What one code (in `code`) adds, at indent ind: the histogram adds (one histogram per token row,
+    `rows` of them, row b's at b*k), or its centroid times x."""
     batched = mode == "batched"
     if mode == "hist":
-        L = [f"{ind}xv = xs[xp]", f"{ind}xp += U1", f"{ind}h[code & mmask] += xv"]
-        return L + ([f"{ind}hr[code >> umain] += xv"] if res else [])
+        if rows == 1:
+            L = [f"{ind}xv = xs[xp]", f"{ind}xp += U1", f"{ind}h[code & mmask] += xv"]
+            return L + ([f"{ind}hr[code >> umain] += xv"] if res else [])
+        L = [f"{ind}q = code & mmask"] + ([f"{ind}qr = code >> umain"] if res else [])
+        for b in range(rows):
+            L += [f"{ind}xv = xs[xp + U{b}]", f"{ind}h[q{f' + K{b}' if b else ''}] += xv"]
+            L += [f"{ind}hr[qr{f' + KR{b}' if b else ''}] += xv"] if res else []
+        return L + [f"{ind}xp += UR"]
     L = [f"{ind}q = code & mmask"] + [f"{ind}w{t} = cb[rb + U{t}, q]" for t in ts]
     if res:
         L.append(f"{ind}qr = code >> umain")
@@ -183,7 +191,12 @@ def _code_step(mode: str, res: bool, ts, ind: str) -> list[str]:
     return L + [f"{ind}xv = xs[xp]", f"{ind}xp += U1"] + [f"{ind}a{t} += xv * w{t}" for t in ts]
 
 
-def _kernel_source(v: int, res: bool, mode: str, bits: int) -> str:
+def _b(b: int, rows: int) -> str:
+    """The suffix of token row b's scalars (none with one row: the names of the one-row kernel)."""
+    return f"_{b}" if rows > 1 else ""
+
+
+def _kernel_source(v: int, res: bool, mode: str, bits: int, rows: int = 1) -> str:
     """numba source of the main kernel for vector length v, with or without a residual codebook, for
     codes of `bits` bits (main + residual).
 
@@ -197,8 +210,12 @@ def _kernel_source(v: int, res: bool, mode: str, bits: int) -> str:
     and a mask instead of the bit buffer's compare, load and variable shifts; the columns left over
     after the last whole block (and every column in the other modes) take the bit buffer.
     Codebooks are transposed, (G*v, k): row g*v + t holds coordinate t of every entry. Every index
-    is unsigned so that numba emits no negative-index wrap-around (a compare and a select per load)."""
+    is unsigned so that numba emits no negative-index wrap-around (a compare and a select per load).
+    hist mode serves `rows` token rows (up to ROWS_APART of kernels/cpu.py) in one call: each code is
+    decoded once and added into one histogram per row; the dot products read each codebook entry once
+    for all rows."""
     ts = range(v)
+    R = rows
     batched = mode == "batched"
     # blocks only where decoding is most of a code's work (hist); elsewhere v (x B) multiply-adds
     # outweigh it and a block's unrolled body would only lengthen the compile
@@ -208,7 +225,7 @@ def _kernel_source(v: int, res: bool, mode: str, bits: int) -> str:
                f"    tail = ugs - blocks * np.uint64({ucodes})",
                *[f"    S{x} = np.uint64({x})" for x in shifts],
                f"    UW = np.uint64({uwords})"] if plan else ["    tail = ugs"])
-    kind = f"vector length {v}, {'residual, ' if res else ''}{mode}, {bits}-bit codes"
+    kind = f"vector length {v}, {'residual, ' if res else ''}{mode}{f' x{R} rows' if R > 1 else ''}, {bits}-bit codes"
     L = [_HEADER.format(kind=kind), f"V = {v}", f"BITS = {bits}", _COMMON, _OUTLIERS, _RUN, "",
          "@njit(parallel=True, fastmath=True, cache=True, nogil=True)",
          "def kernel(xs, nb, c, bias, idxs, words, cbs, k, rcbs, kr, gs, bits, main_bits, y, starts, moffs):",
@@ -224,18 +241,21 @@ def _kernel_source(v: int, res: bool, mode: str, bits: int) -> str:
          "    unb = np.uint64(nb)",
          "    ugs = np.uint64(gs)",
          *blocks,
+         *([f"    U{b} = np.uint64({b})" for b in range(max(v, 2), R)] + [f"    UR = np.uint64({R})"]
+           + [f"    K{b} = np.uint64({b} * k)" for b in range(1, R)]
+           + [f"    KR{b} = np.uint64({b} * kr)" for b in range(1, R)] if R > 1 else []),
          "    has_bias = bias.shape[0] > 0"]
-    head, L = (L + _member_loop(v), []) if batched else (L + _member_chunks(v, mode), [])
+    head, L = (L + _member_loop(v), []) if batched else (L + _member_chunks(v, mode, R), [])
     if batched:  # accumulators (V, B); the rows' offsets are the row's own values (as U{t} * unb in the
         # index, read from the parallel loop's arguments, they kept the loop over b from vectorising: 2.7x slower)
         L.append("        acc = np.zeros(V * nb, np.float32)")
         L += [f"        o{t} = np.uint64({t}) * unb" for t in ts]
     else:
-        L += [f"        a{t} = np.float32(0.0)" for t in ts]
+        L += [f"        a{t}{_b(b, R)} = np.float32(0.0)" for b in range(R) for t in ts]
     L += ["        for g in range(groups):",
           "            wp = np.uint64((g * rows + r) * words)",
           "            rb = np.uint64(g * V)",
-          "            xp = np.uint64(o + g * gs)" + (" * unb  # xs is (N, B)" if batched else "")]
+          "            xp = np.uint64(o + g * gs)" + (" * unb  # xs is (N, B)" if batched or R > 1 else "")]
     if mode == "hist":
         L += ["            h[:] = 0"] + (["            hr[:] = 0"] if res else [])
     if plan:
@@ -245,7 +265,7 @@ def _kernel_source(v: int, res: bool, mode: str, bits: int) -> str:
     for w, sh, sp in plan:
         word = f"(d{w} >> S{sh})" if sh else f"d{w}"
         L.append(f"                code = ({word} | (d{w + 1} << S{sp})) & cmask" if sp else f"                code = {word} & cmask")
-        L += _code_step(mode, res, ts, "                ")
+        L += _code_step(mode, res, ts, "                ", R)
     L += ["            buf = np.uint64(0)",
           "            nbit = 0",
           "            for _ in range(tail):",
@@ -256,15 +276,13 @@ def _kernel_source(v: int, res: bool, mode: str, bits: int) -> str:
           "                code = buf & cmask",
           "                buf >>= ubits",
           "                nbit -= BITS"]
-    L += _code_step(mode, res, ts, "                ")
+    L += _code_step(mode, res, ts, "                ", R)
     if mode == "hist":
-        L += [f"            c{t} = cb[rb + U{t}]" for t in ts]
-        L += ["            for i in range(k):", "                hv = h[i]"]
-        L += [f"                a{t} += c{t}[i] * hv" for t in ts]
-        if res:
-            L += [f"            c{t} = rcb[rb + U{t}]" for t in ts]
-            L += ["            for i in range(kr):", "                hv = hr[i]"]
-            L += [f"                a{t} += c{t}[i] * hv" for t in ts]
+        for cbn, hn, kn, kb in (("cb", "h", "k", "K"), ("rcb", "hr", "kr", "KR"))[:2 if res else 1]:
+            L += [f"            c{t} = {cbn}[rb + U{t}]" for t in ts]
+            L += [f"            for i in range({kn}):"]
+            L += [f"                hv{_b(b, R)} = {hn}[i{f' + {kb}{b}' if b else ''}]" for b in range(R)]
+            L += [f"                a{t}{_b(b, R)} += c{t}[i] * hv{_b(b, R)}" for b in range(R) for t in ts]
     L.append("        m0 = r * V")
     for t in ts:
         L.append(f"        if m0 + {t} < m_out:")
@@ -273,7 +291,8 @@ def _kernel_source(v: int, res: bool, mode: str, bits: int) -> str:
                   f"                y[b, mo + m0 + {t}] = acc[{t} * nb + b] + c[b] + (bias[mo + m0 + {t}] if has_bias "
                   "else np.float32(0.0))"]
         else:
-            L.append(f"            y[0, mo + m0 + {t}] = a{t} + c[0] + (bias[mo + m0 + {t}] if has_bias else np.float32(0.0))")
+            L += [f"            y[{b}, mo + m0 + {t}] = a{t}{_b(b, R)} + c[{b}] + (bias[mo + m0 + {t}] if has_bias "
+                  "else np.float32(0.0))" for b in range(R)]
     return "\n".join(head + ["    " + line for line in L]) + "\n"  # batched: at 3 indents, else 4
 
 
@@ -342,7 +361,7 @@ def _write_once(path: Path, src: str) -> None:
 
 
 @functools.cache
-def kernel(v: int, res: bool, mode: str, bits: int):
+def kernel(v: int, res: bool, mode: str, bits: int, rows: int = 1):
     """The kernel of vector length v, with or without a residual codebook, in mode hist / direct / batched,
     for codes of `bits` bits (1..32):
     one numba function `run(x, src, scale, wbias, bias, idx, words, cb, k, rcb, kr, gs, bits, main_bits,
@@ -353,7 +372,10 @@ def kernel(v: int, res: bool, mode: str, bits: int):
         raise ValueError(f"mode: {mode!r} is not hist, direct or batched")
     if not 1 <= bits <= 32:
         raise ValueError(f"code bits: {bits} not supported on CPU (1..32)")
-    return _load(_kernel_source(v, res, mode, bits), f"v{v}{'r' if res else ''}_{mode}_b{bits}").run
+    if rows != 1 and (mode != "hist" or not 1 <= rows <= MAX_V):
+        raise ValueError(f"rows: {rows} token rows in one call only in hist mode (1..{MAX_V})")
+    return _load(_kernel_source(v, res, mode, bits, rows),
+                 f"v{v}{'r' if res else ''}_{mode}{rows if rows > 1 else ''}_b{bits}").run
 
 
 def _load(src: str, tag: str):
