@@ -29,13 +29,14 @@ def close(y: torch.Tensor, yr: torch.Tensor) -> None:
     assert err <= 1e-5 * max(1.0, yr.abs().max().item()) * yr.shape[-1] ** 0.5, err
 
 
-@pytest.mark.parametrize("batch", [1, 3, cpu.ROWS_APART, 8, cpu.MAX_ROWS + 3])
+@pytest.mark.parametrize("batch", [1, cpu.ROWS_APART, cpu.ROWS_APART + 2, 8, cpu.MAX_ROWS + 3])
 @pytest.mark.parametrize("extras", ["outliers_perm_norm_bias", "perm_norm_bias", "as_stored"])
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_kernel_matches_oracle(preset, extras, batch):
     """Every preset's layout, with outliers + 2 groups + perm + scale/bias + bias, without the outliers,
-    and as the quantizer stores it (one group, none of those); batch 1, 8 (batched) and above MAX_ROWS
-    (dequantized per call: the numba dequantize kernel, or the torch oracle where outliers are)."""
+    and as the quantizer stores it (one group, none of those); batch 1, ROWS_APART (a histogram per row),
+    ROWS_APART + 2 (batched, padded with zero rows), 8 (batched) and above MAX_ROWS (dequantized per call:
+    the numba dequantize kernel, or the torch oracle where outliers are)."""
     v, k, kr = PRESETS[preset]
     kw = {"outliers_perm_norm_bias": {}, "perm_norm_bias": dict(o=0, n=76),
           "as_stored": dict(o=0, g=1, perm=False, norm=False, bias=False, n=76)}[extras]

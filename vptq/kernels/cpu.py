@@ -6,10 +6,10 @@ yields v outputs. The kernels are parallel over rows of vectors (`numba.prange`)
 as a bit stream (vptq-method.md 2.3). At batch 1 with the presets' small codebooks ("hist"), each
 code adds its input value into a histogram over the codebook (one add per code), and the row's v
 outputs are v vectorised dot products of the codebook's coordinates with it; with large codebooks
-("direct") and for ROWS_APART+1..MAX_ROWS token rows ("batched") each code's centroid is multiplied into
-v accumulators (per token row, vectorised over the rows); 2..ROWS_APART rows take one histogram per
-row in one call. The numba source is generated per vector length, residual codebook, mode and code width
-(kernels/cpu_source.py).
+("direct") and for ROWS_APART+1..MAX_ROWS token rows ("batched", padded to a multiple of BATCH_ALIGN rows)
+each code's centroid is multiplied into v accumulators (per token row, vectorised over the rows);
+2..ROWS_APART rows take one histogram per row in one call. The numba source is generated per vector
+length, residual codebook, mode, code width and (histograms) token rows (kernels/cpu_source.py).
 
 Algebra (as kernels/gemv.py): stored column p holds original column perm[p] and
 W[:, j] = Q[:, p] * scale[j] + wbias[j], so y[b] = Q xs[b] + (x[b] . wbias) + bias with
@@ -39,10 +39,13 @@ from .layout import PackedLayer, check_layer, perm64
 
 MAX_ROWS = 32  # token rows up to which the kernels run; above, dequantize for the call + matmul
 # Up to this many token rows the histogram kernel serves them (one histogram per row, each code decoded once, one
-# call): the batched mode's loop over token rows vectorises 8 rows wide and costs about as much at 2-7 rows as at 8.
-# SmolLM2 block 0's four calls at the 2-bit layout, two threads: 2 rows 738 µs (batched 1,416), 7 rows 2,745
-# (3,557), 8 rows 3,289 (batched 1,453) (bench/results/cpu_kernel_rows_probe_20261207.txt)
-ROWS_APART = 7
+# call); more take the batched mode, padded with zero rows to a multiple of BATCH_ALIGN: its loop over token rows
+# vectorises 8 rows wide and ran the remainder scalar, so 2-7 rows cost 1.3-2.3x what 8 rows cost. SmolLM2 block
+# 0's four calls, two threads, µs (bench/results/cpu_kernel_rows_probe_20261207.txt; 3 / 4 / 8 rows, histograms
+# against batched at 8): 2-bit 980 / 1,297 against 1,453; 3-bit 1,776 / 1,876 against 1,782; 4-bit 1,796 / 2,409
+# against 2,081
+ROWS_APART = 3
+BATCH_ALIGN = 8
 
 
 def gemm_ref(x: torch.Tensor, p: PackedLayer) -> torch.Tensor:
@@ -63,8 +66,10 @@ def available() -> bool:
     libgomp (one soname), and starting the pool resets the OpenMP thread count to numba's: torch's
     own count is put back after. (An older reading, 257 against 49 ms on one thread on the OpenMP
     layer, was not reproduced on 2026-12-07 in any thread combination.) GNU OpenMP is not fork-safe:
-    numba refuses a parallel call in a child forked after the pool started, so a process that forks
-    workers should not use the kernels before it forks (nothing in this project does)."""
+    numba's OpenMP pool ends a child forked after the pool started at its first parallel call
+    ("Terminating: fork() called from a process already using GNU OpenMP"), so a process that forks
+    workers should start them before it uses the kernels (fork + exec, as subprocess does, is safe;
+    nothing in this project forks after using them)."""
     try:
         import numba
     except ImportError:
@@ -177,9 +182,14 @@ class CpuPlan:
             kernel(self.p.vector_len, res, "hist", bits, rows)(x.numpy(), *self.args, y.numpy(), self.starts,
                                                                 self.moffs)
             return y
-        kernel(self.p.vector_len, res, "batched" if rows > 1 else self.mode, bits)(
-            x.numpy(), *self.args, y.numpy(), self.starts, self.moffs)
-        return y
+        if rows == 1:
+            kernel(self.p.vector_len, res, self.mode, bits)(x.numpy(), *self.args, y.numpy(), self.starts, self.moffs)
+            return y
+        pad = -rows % BATCH_ALIGN  # zero rows up to the vector width: the batched loop has no scalar remainder
+        xp = torch.cat([x, x.new_zeros(pad, x.shape[1])]) if pad else x
+        yp = torch.empty(rows + pad, self.out_features, dtype=torch.float32) if pad else y
+        kernel(self.p.vector_len, res, "batched", bits)(xp.numpy(), *self.args, yp.numpy(), self.starts, self.moffs)
+        return yp[:rows] if pad else y
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         """Many token rows (prefill): the dense weight of the coded columns for this call only (numba,
