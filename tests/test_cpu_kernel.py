@@ -63,7 +63,7 @@ def test_histogram_kernel_reads_codes_of_other_widths(k, kr):
 
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_batch1_modes_agree(preset):
-    """Batch 1 takes the histogram kernel on the presets' layouts (and so do up to ROWS_APART token rows,
+    """Batch 1 takes the histogram kernel on the presets' layouts (and so do up to rows_apart() token rows,
     one histogram per row in one call); the direct one (large codebooks) gives the same numbers; the rule picks direct where the codebook outweighs the columns (v8-k65536)."""
     v, k, kr = PRESETS[preset]
     p = PackedLayer.from_module(random_layer(n=581, v=v, k=k, kr=kr))  # outliers + 2 groups of 288 columns

@@ -8,7 +8,7 @@ code adds its input value into a histogram over the codebook (one add per code),
 outputs are v vectorised dot products of the codebook's coordinates with it; with large codebooks
 ("direct") and for ROWS_APART+1..MAX_ROWS token rows ("batched", padded to a multiple of BATCH_ALIGN rows)
 each code's centroid is multiplied into v accumulators (per token row, vectorised over the rows);
-2..ROWS_APART rows take one histogram per row in one call. The numba source is generated per vector
+2..rows_apart() rows take one histogram per row in one call. The numba source is generated per vector
 length, residual codebook, mode, code width and (histograms) token rows (kernels/cpu_source.py).
 
 Algebra (as kernels/gemv.py): stored column p holds original column perm[p] and
@@ -43,9 +43,15 @@ MAX_ROWS = 32  # token rows up to which the kernels run; above, dequantize for t
 # vectorises 8 rows wide and ran the remainder scalar, so 2-7 rows cost 1.3-2.3x what 8 rows cost. SmolLM2 block
 # 0's four calls, two threads, µs (bench/results/cpu_kernel_rows_probe_20261207.txt; 3 / 4 / 8 rows, histograms
 # against batched at 8): 2-bit 980 / 1,297 against 1,453; 3-bit 1,776 / 1,876 against 1,782; 4-bit 1,796 / 2,409
-# against 2,081
+# against 2,081; 4 rows of the 2-bit layout 1,477 against 1,647 (a run of the _padded_ probe), so layouts without
+# a residual codebook (one histogram a row, not two) keep histograms one row further
 ROWS_APART = 3
 BATCH_ALIGN = 8
+
+
+def rows_apart(residual: bool) -> int:
+    """Token rows up to which the histogram kernel serves them (ROWS_APART, one more without a residual)."""
+    return ROWS_APART if residual else ROWS_APART + 1
 
 
 def gemm_ref(x: torch.Tensor, p: PackedLayer) -> torch.Tensor:
@@ -178,7 +184,7 @@ class CpuPlan:
             return self.dense(x)
         y = torch.empty(rows, self.out_features, dtype=torch.float32)
         res, bits = self.p.num_res_centroids > 0, self.p.code_bits
-        if rows <= ROWS_APART and self.mode == "hist":  # a histogram per token row, one call for all
+        if rows <= rows_apart(res) and self.mode == "hist":  # a histogram per token row, one call for all
             kernel(self.p.vector_len, res, "hist", bits, rows)(x.numpy(), *self.args, y.numpy(), self.starts,
                                                                 self.moffs)
             return y
