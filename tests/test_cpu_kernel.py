@@ -71,8 +71,9 @@ def test_batch1_modes_agree(preset):
     x = torch.randn(1, p.in_features, generator=torch.Generator().manual_seed(3))
     assert plan.mode == "hist"
     y_hist = plan(x)
-    xs = torch.randn(cpu.ROWS_APART + 1, p.in_features, generator=torch.Generator().manual_seed(4))
-    for rows in (2, cpu.ROWS_APART, cpu.ROWS_APART + 1):  # histograms per row, then the batched mode
+    last = cpu.rows_apart(kr > 0)  # this layout's last row count on histograms
+    xs = torch.randn(last + 1, p.in_features, generator=torch.Generator().manual_seed(4))
+    for rows in (2, last, last + 1):  # histograms per row, then the batched mode (padded)
         close(plan(xs[:rows]), cpu.gemm_ref(xs[:rows], p))
     plan.mode = "direct"
     close(plan(x), y_hist)

@@ -182,20 +182,19 @@ class CpuPlan:
         rows = x.shape[0]
         if rows > MAX_ROWS:
             return self.dense(x)
-        y = torch.empty(rows, self.out_features, dtype=torch.float32)
         res, bits = self.p.num_res_centroids > 0, self.p.code_bits
         if rows <= rows_apart(res) and self.mode == "hist":  # a histogram per token row, one call for all
-            kernel(self.p.vector_len, res, "hist", bits, rows)(x.numpy(), *self.args, y.numpy(), self.starts,
-                                                                self.moffs)
-            return y
-        if rows == 1:
-            kernel(self.p.vector_len, res, self.mode, bits)(x.numpy(), *self.args, y.numpy(), self.starts, self.moffs)
-            return y
-        pad = -rows % BATCH_ALIGN  # zero rows up to the vector width: the batched loop has no scalar remainder
-        xp = torch.cat([x, x.new_zeros(pad, x.shape[1])]) if pad else x
-        yp = torch.empty(rows + pad, self.out_features, dtype=torch.float32) if pad else y
-        kernel(self.p.vector_len, res, "batched", bits)(xp.numpy(), *self.args, yp.numpy(), self.starts, self.moffs)
-        return yp[:rows] if pad else y
+            run = kernel(self.p.vector_len, res, "hist", bits, rows)
+        elif rows == 1:
+            run = kernel(self.p.vector_len, res, self.mode, bits)
+        else:  # zero rows up to the vector width: the batched loop has no scalar remainder
+            run = kernel(self.p.vector_len, res, "batched", bits)
+            pad = -rows % BATCH_ALIGN
+            if pad:
+                x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
+        y = torch.empty(x.shape[0], self.out_features, dtype=torch.float32)
+        run(x.numpy(), *self.args, y.numpy(), self.starts, self.moffs)
+        return y[:rows]
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         """Many token rows (prefill): the dense weight of the coded columns for this call only (numba,

@@ -104,9 +104,10 @@ def _member_row(v: int) -> list[str]:
 
 
 def _member_chunks(v: int, mode: str, rows: int = 1) -> list[str]:
-    """Batch 1: the rows of vectors of every member layer cut into a few contiguous chunks per thread,
-    one parallel iteration each, the histogram allocated once per chunk and a member's views taken
-    from the typed lists where the chunk enters it. A parallel iteration per row (_member_row) allocated
+    """The unbatched modes (hist for 1..rows_apart() token rows, direct at 1): the rows of vectors of
+    every member layer cut into a few contiguous chunks per thread, one parallel iteration each, the
+    histograms allocated once per chunk and a member's views taken from the typed lists where the chunk
+    enters it. A parallel iteration per row (_member_row) allocated
     the histogram and read the typed lists per row: on two threads a layer call cost ~2x the same
     loops run serially per thread. The row's work follows at one indent more than _member_row's."""
     return ([f"    U{t} = np.uint64({t})" for t in range(max(v, 2))]
@@ -211,7 +212,7 @@ def _kernel_source(v: int, res: bool, mode: str, bits: int, rows: int = 1) -> st
     after the last whole block (and every column in the other modes) take the bit buffer.
     Codebooks are transposed, (G*v, k): row g*v + t holds coordinate t of every entry. Every index
     is unsigned so that numba emits no negative-index wrap-around (a compare and a select per load).
-    hist mode serves `rows` token rows (up to ROWS_APART of kernels/cpu.py) in one call: each code is
+    hist mode serves `rows` token rows (up to rows_apart() of kernels/cpu.py) in one call: each code is
     decoded once and added into one histogram per row; the dot products read each codebook entry once
     for all rows."""
     ts = range(v)
