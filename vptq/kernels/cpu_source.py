@@ -85,32 +85,38 @@ _CODE_MASKS = ("    cmask = np.uint64((1 << bits) - 1)", "    mmask = np.uint64(
                "    ubits = np.uint64(bits)", "    umain = np.uint64(main_bits)")
 
 
+def _consts(v: int) -> list[str]:
+    """U0..U{v-1} (at least U0, U1): the unsigned constants the row's work indexes with."""
+    return [f"    U{t} = np.uint64({t})" for t in range(max(v, 2))]
+
+
+def _member_of(rr: str, ind: str) -> list[str]:
+    """l = the member layer that row of vectors `rr` (counted over every member) belongs to."""
+    return [f"{ind}l = 0", f"{ind}while {rr} >= starts[l + 1]:", f"{ind}    l += 1"]
+
+
+def _member_views(ind: str) -> list[str]:
+    """Member l's row count, output offset and count, and its arrays from the typed lists."""
+    return [f"{ind}{line}" for line in ("rows = starts[l + 1] - starts[l]", "mo = moffs[l]", "m_out = moffs[l + 1] - mo",
+                                        "idx = idxs[l]", "cb = cbs[l]", "rcb = rcbs[l]")]
+
+
 def _member_row(v: int) -> list[str]:
     """One parallel loop over the rows of vectors of every member layer, each row taking its member's
     views from the typed lists (`r` of `rows`, outputs from `mo`, `m_out` of them). The row's work follows
     at the loop body's indent."""
-    return ([f"    U{t} = np.uint64({t})" for t in range(max(v, 2))]
-            + ["    for rr in prange(starts[starts.shape[0] - 1]):",
-               "        l = 0",
-               "        while rr >= starts[l + 1]:",
-               "            l += 1",
-               "        r = rr - starts[l]",
-               "        rows = starts[l + 1] - starts[l]",
-               "        mo = moffs[l]",
-               "        m_out = moffs[l + 1] - mo",
-               "        idx = idxs[l]",
-               "        cb = cbs[l]",
-               "        rcb = rcbs[l]"])
+    return (_consts(v) + ["    for rr in prange(starts[starts.shape[0] - 1]):"] + _member_of("rr", "        ")
+            + ["        r = rr - starts[l]"] + _member_views("        "))
 
 
 def _member_chunks(v: int, mode: str, rows: int = 1) -> list[str]:
     """The unbatched modes (hist for 1..rows_apart() token rows, direct at 1): the rows of vectors of
     every member layer cut into a few contiguous chunks per thread, one parallel iteration each, the
     histograms allocated once per chunk and a member's views taken from the typed lists where the chunk
-    enters it. A parallel iteration per row (_member_row) allocated
-    the histogram and read the typed lists per row: on two threads a layer call cost ~2x the same
-    loops run serially per thread. The row's work follows at one indent more than _member_row's."""
-    return ([f"    U{t} = np.uint64({t})" for t in range(max(v, 2))]
+    enters it. A parallel iteration per row (_member_row) allocated the histogram and read the typed
+    lists per row: on two threads a layer call cost ~2x the same loops run serially per thread. The
+    row's work follows at one indent more than _member_row's."""
+    return (_consts(v)
             + ["    total = starts[starts.shape[0] - 1]",
                "    nch = min(total, max(8, total // 16))  # chunks of >= 16 rows, at least 8 of them (get_num_threads",
                "    # inside the kernel would keep numba from caching it)",
@@ -122,18 +128,9 @@ def _member_chunks(v: int, mode: str, rows: int = 1) -> list[str]:
                "        l = -1",
                "        nxt = 0",
                "        for rr in range(r_lo, r_hi):",
-               "            if rr >= nxt:  # the chunk enters member l",
-               "                l = 0",
-               "                while rr >= starts[l + 1]:",
-               "                    l += 1",
-               "                nxt = starts[l + 1]",
-               "                rows = starts[l + 1] - starts[l]",
-               "                mo = moffs[l]",
-               "                m_out = moffs[l + 1] - mo",
-               "                idx = idxs[l]",
-               "                cb = cbs[l]",
-               "                rcb = rcbs[l]",
-               "            r = rr - starts[l]"])
+               "            if rr >= nxt:  # the chunk enters member l"]
+            + _member_of("rr", "                ") + ["                nxt = starts[l + 1]"]
+            + _member_views("                ") + ["            r = rr - starts[l]"])
 
 
 def _member_loop(v: int) -> list[str]:
@@ -143,15 +140,8 @@ def _member_loop(v: int) -> list[str]:
     did not vectorise (2.8x slower at 8 rows). It costs a parallel launch per member, which doubled the
     histogram kernel's time on a q/k/v group at batch 1 on two threads: the batched mode alone takes it.
     The row's work follows at one indent less than it runs at (the caller shifts it)."""
-    return ([f"    U{t} = np.uint64({t})" for t in range(max(v, 2))]
-            + ["    for l in range(starts.shape[0] - 1):",
-               "        idx = idxs[l]",
-               "        cb = cbs[l]",
-               "        rcb = rcbs[l]",
-               "        rows = starts[l + 1] - starts[l]",
-               "        mo = moffs[l]",
-               "        m_out = moffs[l + 1] - mo",
-               "        for r in prange(rows):"])
+    return (_consts(v) + ["    for l in range(starts.shape[0] - 1):"] + _member_views("        ")
+            + ["        for r in prange(rows):"])
 
 
 def _unrolled(bits: int) -> tuple[int, int, list[tuple[int, int, int]]]:
