@@ -387,6 +387,37 @@ def test_layer_forward_routes_to_kernels():
             _close(y, yr, 3e-3)
 
 
+@pytest.mark.parametrize("name", ["v5_k1024", "v4_plain"])
+def test_layer_above_eight_rows_routes(name, monkeypatch):
+    """Above the gemv's 8 rows both routes give the torch path's numbers: the fused gemv on chunks of 8
+    rows (up to VPTQ_CHUNKED_ROWS) and the layer's prepared dequantize + F.linear, each called twice (on
+    a GPU the second call of the prepared dequantize launches its pre-marshalled record); a value that
+    is not a row count is refused by name."""
+    mod = _layer(**ROWS_LAYERS[name])
+    p = PackedLayer.from_module(mod)
+    w = dequantize_ref(p, torch.float32)
+    b = None if mod.bias is None else mod.bias.float()
+    with torch.no_grad():
+        for chunked in ("32", "0"):
+            monkeypatch.setenv("VPTQ_CHUNKED_ROWS", chunked)
+            mod._kernel_state = None  # read when the layer's plans are built
+            for rows in (11,):  # a full chunk and a partial one
+                x = torch.randn(2, rows, mod.in_features, generator=torch.Generator().manual_seed(rows))
+                x = x.half().to(DEV)
+                for _ in range(2):
+                    y = dispatch.vq_linear_forward(mod, x, force=True)
+                    assert y is not None and y.shape == (2, rows, mod.out_features)
+                    _close(y, torch.nn.functional.linear(x.float(), w, b), 3e-3)
+        dq = mod._kernel_state[4]
+        for dt in (torch.float16, torch.float32):
+            for _ in range(2):
+                _close(dq(dt), w, 2e-3 if dt == torch.float16 else 1e-5)
+        monkeypatch.setenv("VPTQ_CHUNKED_ROWS", "many")
+        mod._kernel_state = None
+        with pytest.raises(ValueError, match="VPTQ_CHUNKED_ROWS"):
+            dispatch.vq_linear_forward(mod, x, force=True)
+
+
 def test_interleaved_codes_switch(monkeypatch):
     """VPTQ_INTERLEAVE_CODES=1: the layer's batch-1 plan reads its interleaved copy of the codes and
     gives the same numbers; 0 (the default) keeps the stored codes; anything else is refused by name."""

@@ -781,26 +781,54 @@ def core_stream(ptr: int):
     return driver._to_core_stream(_external_stream(ptr))
 
 
+def _driver_launch(disp, grid, threads: int, shmem: int) -> tuple:
+    """(numba's driver launch, launch config, CUfunction) of a dispatcher compiled for one signature."""
+    from numba.cuda._compat import CUDA_CORE_GE_1_0
+    from numba.cuda.dispatcher import LaunchConfig, launch
+
+    (kern,) = disp.overloads.values()
+    grid3, block3 = (*grid, 1), (threads, 1, 1)
+    if CUDA_CORE_GE_1_0:
+        cfg = LaunchConfig(grid=grid3, block=block3, shmem_size=shmem, is_cooperative=False)
+    else:
+        cfg = LaunchConfig(grid=grid3, block=block3, shmem_size=shmem, cooperative_launch=False)
+    return launch, cfg, kern._codelibrary.get_cufunc().kernel
+
+
 def prepare_fast(disp, grid, threads: int, shmem: int, static_t: list, scalars_i: list):
     """Marshal a launch's constant arguments once (None when numba's internals moved: the caller
     keeps the slower dispatcher path). The call then passes x, y and these to `launch_fast`."""
     try:
-        from numba.cuda._compat import CUDA_CORE_GE_1_0
-        from numba.cuda.dispatcher import LaunchConfig, launch
-
-        (kern,) = disp.overloads.values()
+        launch, cfg, kern = _driver_launch(disp, grid, threads, shmem)
         static = []
         for t in static_t:
             static += arr_args(t)
-        scalars = [ctypes.c_int64(s) for s in scalars_i]
-        grid3, block3 = (*grid, 1), (threads, 1, 1)
-        if CUDA_CORE_GE_1_0:
-            cfg = LaunchConfig(grid=grid3, block=block3, shmem_size=shmem, is_cooperative=False)
-        else:
-            cfg = LaunchConfig(grid=grid3, block=block3, shmem_size=shmem, cooperative_launch=False)
-        return (launch, cfg, kern._codelibrary.get_cufunc().kernel, static, scalars)
+        return (launch, cfg, kern, static, [ctypes.c_int64(s) for s in scalars_i])
     except Exception:  # numba internals moved: keep the (slower) dispatcher path
         return None
+
+
+def prepare_tail(disp, grid, threads: int, shmem: int, head: list, tail: list):
+    """Marshal every argument but the last few tensors (`launch_tail` passes those): head = tensors
+    and ints before them, tail = ints after them. None when numba's internals moved. The caller
+    keeps head's tensors alive (only their pointers are kept here)."""
+    try:
+        launch, cfg, kern = _driver_launch(disp, grid, threads, shmem)
+        flat = []
+        for a in head:
+            flat += arr_args(a) if isinstance(a, torch.Tensor) else [ctypes.c_int64(a)]
+        return (launch, cfg, kern, flat, [ctypes.c_int64(s) for s in tail])
+    except Exception:  # numba internals moved: keep the (slower) dispatcher path
+        return None
+
+
+def launch_tail(rec: tuple, *tensors: torch.Tensor) -> None:
+    """Launch a `prepare_tail` record on torch's current stream with these last tensor arguments."""
+    launch, cfg, kern, head, tail = rec
+    flat = []
+    for t in tensors:
+        flat += arr_args(t)
+    launch(core_stream(torch.cuda.current_stream(tensors[0].device).cuda_stream), cfg, kern, *head, *flat, *tail)
 
 
 def launch_fast(fast: tuple, x: torch.Tensor, y: torch.Tensor) -> None:

@@ -175,6 +175,44 @@ def dequantize(p: PackedLayer, dtype: torch.dtype = torch.float16, *, colmap: to
     return out
 
 
+class DequantPlan:
+    """Per-layer prepared dequantize for repeated calls (VQuantLinear above the gemv's row count):
+    the launch configuration found once per dtype, the constant arguments marshalled once, so a
+    call costs an allocation and one driver launch instead of the config search and numba's
+    dispatcher on ~20 arguments. `p` is already checked; `colmap` is column_map(p)."""
+
+    def __init__(self, p: PackedLayer, colmap: torch.Tensor):
+        self.p, self.colmap = p, colmap
+        self.sim = nb.simulator_enabled()
+        self._cfg: dict = {}
+        self._fast: dict = {}
+        self._keep: dict = {}  # the marshalled arguments' tensors, alive as long as the record
+
+    def __call__(self, dtype: torch.dtype) -> torch.Tensor:
+        p = self.p
+        fast = self._fast.get(dtype)
+        if fast is not None:
+            rec, placeholder = fast
+            out = torch.empty(p.out_features, p.in_features, dtype=dtype, device=p.device)
+            nb.launch_tail(rec, out, out.view(torch.int64) if placeholder is None else placeholder)
+            return out
+        if dtype not in self._cfg:
+            self._cfg[dtype] = dequant2_config(p, dtype)
+        cfg = self._cfg[dtype]
+        if cfg is None:
+            return dequantize(p, dtype, colmap=self.colmap, checked=True, path="columns")
+        kern, args, out = dequant2_launch(p, dtype, self.colmap, cfg)
+        nb.launch(kern, cfg["grid"], cfg["threads"], nb.stream_for(p.indices), *args, shmem=cfg["shmem"])
+        # out and its int64 view are the last tensors (args[-5], args[-4]; the view is a placeholder
+        # without 16-byte stores)
+        if not self.sim:
+            self._keep[dtype] = args[:-5]
+            rec = nb.prepare_tail(kern, (cfg["grid"], 1), cfg["threads"], cfg["shmem"], args[:-5], args[-3:])
+            if rec is not None:
+                self._fast[dtype] = (rec, None if cfg["vec"] else args[-4])
+        return out
+
+
 # ------------------------------------------------------------- dequantize, row-staged kernel
 DQ_THREADS = 256
 NS_STAGE = 8  # packed words staged per thread and step (loads in flight together)

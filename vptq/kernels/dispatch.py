@@ -23,6 +23,11 @@ from .gemv import MAX_BATCH, gemv_ref
 from .layout import PackedLayer, check_layer, column_map
 
 FUSED_MAX_ROWS = MAX_BATCH  # token rows up to which VQuantLinear uses the fused gemv
+# VPTQ_CHUNKED_ROWS: token rows up to which VQuantLinear runs the fused gemv on chunks of FUSED_MAX_ROWS
+# rows (each chunk reads the packed codes again); above, the dequantize kernel writes the dense weight
+# for F.linear
+CHUNKED_ENV = "VPTQ_CHUNKED_ROWS"
+CHUNKED_MAX_ROWS = 0
 
 
 def _assign_on_kernel(x: torch.Tensor, centroids: torch.Tensor) -> bool:
@@ -95,6 +100,17 @@ def interleave_codes_wanted() -> bool:
     return val == "1"
 
 
+def chunked_rows_wanted() -> int:
+    """Token rows up to which a layer runs the gemv on chunks of 8 rows (VPTQ_CHUNKED_ROWS, default
+    CHUNKED_MAX_ROWS). Read when a layer's plans are built."""
+    val = os.environ.get(CHUNKED_ENV, "").strip()
+    if not val:
+        return CHUNKED_MAX_ROWS
+    if not val.isdigit():
+        raise ValueError(f"{CHUNKED_ENV}: {val!r} is not a whole number of token rows")
+    return int(val)
+
+
 def _layer_state(mod):
     """(PackedLayer, column map, GemvPlan) of a VQuantLinear, validated once and cached on the module.
 
@@ -105,14 +121,16 @@ def _layer_state(mod):
     key = tuple((t.data_ptr(), t._version) for t in (*mod.parameters(), *mod.buffers()))
     st = getattr(mod, "_kernel_state", None)
     if st is None or st[0] != key:
+        from .dequant import DequantPlan
         from .gemv import GemvPlan
 
         p = PackedLayer.from_module(mod)
         check_layer(p, kernel=True, check_values=True)
         plan = GemvPlan(p, checked=True, ilv=interleave_codes_wanted()) if _kernel_layer_dtypes(p) else None
-        st = (key, p, column_map(p), plan)
+        colmap = column_map(p)
+        st = (key, p, colmap, plan, DequantPlan(p, colmap), chunked_rows_wanted())
         mod._kernel_state = st
-    return st[1], st[2], st[3]
+    return st[1], st[3], st[4], st[5]
 
 
 def vq_linear_forward(mod, x: torch.Tensor, *, force: bool = False) -> torch.Tensor | None:
@@ -120,8 +138,9 @@ def vq_linear_forward(mod, x: torch.Tensor, *, force: bool = False) -> torch.Ten
 
     None when: autograd needs the graph, x is not CUDA, the dtype or codebook is not fp16/fp32,
     or numba is unavailable. <= 8 token rows: fused gemv (one launch, no host sync: capturable
-    in a CUDA graph); more: dequantize kernel + F.linear (the dense weight is not cached: that
-    would cost the fp16 model's memory). `force` lets tests drive the kernels with CPU tensors
+    in a CUDA graph); up to chunked_rows_wanted(): the gemv on chunks of 8 rows; more: the layer's
+    prepared dequantize (DequantPlan) + F.linear (the dense weight is not cached: that would
+    cost the fp16 model's memory). `force` lets tests drive the kernels with CPU tensors
     under the simulator.
     """
     if torch.is_grad_enabled() and (x.requires_grad or any(q.requires_grad for q in mod.parameters())):
@@ -136,7 +155,7 @@ def vq_linear_forward(mod, x: torch.Tensor, *, force: bool = False) -> torch.Ten
         return None
     if force and not nb.available():
         return None
-    p, colmap, plan = _layer_state(mod)
+    p, plan, dq, chunked = _layer_state(mod)
     if plan is None:
         return None
     x2 = x.reshape(-1, mod.in_features)
@@ -146,13 +165,14 @@ def vq_linear_forward(mod, x: torch.Tensor, *, force: bool = False) -> torch.Ten
         y = shared.forward(mod, x, x2, plan)
         if y is not None:
             return y.reshape(*x.shape[:-1], mod.out_features)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
     if 0 < rows <= FUSED_MAX_ROWS:
-        y = plan(x2 if x2.is_contiguous() else x2.contiguous())
+        y = plan(x2)
+    elif rows <= chunked:
+        y = torch.cat([plan(x2[i:i + FUSED_MAX_ROWS]) for i in range(0, rows, FUSED_MAX_ROWS)])
     else:
-        from .dequant import dequantize as dequantize_kernel
-
-        w = dequantize_kernel(p, x.dtype, colmap=colmap, checked=True)
-        y = torch.nn.functional.linear(x2, w, None if p.bias is None else p.bias.to(x.dtype))
+        y = torch.nn.functional.linear(x2, dq(x.dtype), None if p.bias is None else p.bias.to(x.dtype))
     return y.reshape(*x.shape[:-1], mod.out_features)
 
 
@@ -181,7 +201,7 @@ class SharedInput:
 
     def group_plan(self):
         """The RowsGroupPlan of the members' current plans, or None where it does not apply."""
-        plans = [_layer_state(m)[2] for m in self.mods]
+        plans = [_layer_state(m)[1] for m in self.mods]
         key = tuple(id(pl) for pl in plans)
         if key != self._plan_key:
             self._plan_key, self._plan = key, None
