@@ -34,6 +34,8 @@ def student(work: Path, cheap: bool):
 
     out = work / ("smol2-cheap" if cheap else "smol2")
     if not out.is_dir():
+        # the fine-tuned preset's block quantization, its fine-tuning left out (not a one-shot job's
+        # config: that is vptq.config.resolve's, with ONESHOT_DEFAULTS); the steps below fine-tune it
         cfg = preset(2).with_(e2e_steps=0)
         if cheap:
             cfg = cfg.with_(kmeans_iters=10, refine_iters=0)

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from quality import field_overrides, machine, versions  # noqa: E402
 
-from vptq.config import preset  # noqa: E402
+from vptq.config import resolve as job_config  # noqa: E402
 from vptq.evaluate import calibration_windows, perplexity, tokenize_text  # noqa: E402
 from vptq.sequential import quantize_model  # noqa: E402
 from vptq.source import load_model, resolve  # noqa: E402
@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--windows", type=int, default=2, help="selection windows of 2048 tokens")
     args = ap.parse_args()
-    base = preset(args.bits).with_(e2e_steps=0)
+    base = job_config(args.bits, {"e2e_steps": 0})[0]  # as a one-shot job resolves it
     base = base.with_(**field_overrides(base, args.set), **({"seed": args.seed} if args.seed else {}))
     model, tok = load_model(resolve(args.model))
     model.eval()
