@@ -412,6 +412,8 @@ def test_layer_above_eight_rows_routes(name, monkeypatch):
         for dt in (torch.float16, torch.float32):
             for _ in range(2):
                 _close(dq(dt), w, 2e-3 if dt == torch.float16 else 1e-5)
+        if HAS_GPU:  # the pre-marshalled launch wrote the dispatcher's bytes, so it was kept
+            assert set(dq._fast) == {torch.float16, torch.float32}
         monkeypatch.setenv("VPTQ_CHUNKED_ROWS", "many")
         mod._kernel_state = None
         with pytest.raises(ValueError, match="VPTQ_CHUNKED_ROWS"):

@@ -192,10 +192,7 @@ class DequantPlan:
         p = self.p
         fast = self._fast.get(dtype)
         if fast is not None:
-            rec, placeholder = fast
-            out = torch.empty(p.out_features, p.in_features, dtype=dtype, device=p.device)
-            nb.launch_tail(rec, out, out.view(torch.int64) if placeholder is None else placeholder)
-            return out
+            return self._launch_fast(dtype, *fast)
         if dtype not in self._cfg:
             self._cfg[dtype] = dequant2_config(p, dtype)
         cfg = self._cfg[dtype]
@@ -208,8 +205,15 @@ class DequantPlan:
         if not self.sim:
             self._keep[dtype] = args[:-5]
             rec = nb.prepare_tail(kern, (cfg["grid"], 1), cfg["threads"], cfg["shmem"], args[:-5], args[-3:])
-            if rec is not None:
+            # kept only if its first launch writes the dispatcher's bytes (one device sync a layer and dtype)
+            if rec is not None and torch.equal(self._launch_fast(dtype, rec, None if cfg["vec"] else args[-4]), out):
                 self._fast[dtype] = (rec, None if cfg["vec"] else args[-4])
+        return out
+
+    def _launch_fast(self, dtype: torch.dtype, rec: tuple, placeholder: torch.Tensor | None) -> torch.Tensor:
+        p = self.p
+        out = torch.empty(p.out_features, p.in_features, dtype=dtype, device=p.device)
+        nb.launch_tail(rec, out, out.view(torch.int64) if placeholder is None else placeholder)
         return out
 
 
