@@ -391,8 +391,9 @@ def test_layer_forward_routes_to_kernels():
 def test_layer_above_eight_rows_routes(name, monkeypatch):
     """Above the gemv's 8 rows both routes give the torch path's numbers: the fused gemv on chunks of 8
     rows (up to VPTQ_CHUNKED_ROWS) and the layer's prepared dequantize + F.linear, each called twice (on
-    a GPU the second call of the prepared dequantize launches its pre-marshalled record); a value that
-    is not a row count is refused by name."""
+    a GPU the second call of the prepared dequantize launches its pre-marshalled record); the launch
+    configuration is searched once per dtype (searching it at every call cost milliseconds of host
+    time a layer on an H100); a value that is not a row count is refused by name."""
     mod = _layer(**ROWS_LAYERS[name])
     p = PackedLayer.from_module(mod)
     w = dequantize_ref(p, torch.float32)
@@ -409,9 +410,15 @@ def test_layer_above_eight_rows_routes(name, monkeypatch):
                     assert y is not None and y.shape == (2, rows, mod.out_features)
                     _close(y, torch.nn.functional.linear(x.float(), w, b), 3e-3)
         dq = mod._kernel_state[4]
+        from vptq.kernels import dequant
+
+        searched = []
+        real_config = dequant.dequant2_config
+        monkeypatch.setattr(dequant, "dequant2_config", lambda *a, **k: searched.append(1) or real_config(*a, **k))
         for dt in (torch.float16, torch.float32):
             for _ in range(2):
                 _close(dq(dt), w, 2e-3 if dt == torch.float16 else 1e-5)
+        assert len(searched) == 1  # fp32's configuration, once (fp16's was found by the layer calls above)
         if HAS_GPU:  # the pre-marshalled launch wrote the dispatcher's bytes, so it was kept
             assert set(dq._fast) == {torch.float16, torch.float32}
         monkeypatch.setenv("VPTQ_CHUNKED_ROWS", "many")
