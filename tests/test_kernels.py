@@ -421,6 +421,8 @@ def test_layer_above_eight_rows_routes(name, monkeypatch):
         assert len(searched) == 1  # fp32's configuration, once (fp16's was found by the layer calls above)
         if HAS_GPU:  # the pre-marshalled launch wrote the dispatcher's bytes, so it was kept
             assert set(dq._fast) == {torch.float16, torch.float32}
+        x0 = torch.zeros(2, 0, mod.in_features, dtype=torch.float16, device=DEV)  # no token rows: an empty output
+        assert dispatch.vq_linear_forward(mod, x0, force=True).shape == (2, 0, mod.out_features)
         monkeypatch.setenv("VPTQ_CHUNKED_ROWS", "many")
         mod._kernel_state = None
         with pytest.raises(ValueError, match="VPTQ_CHUNKED_ROWS"):

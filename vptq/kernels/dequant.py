@@ -200,9 +200,9 @@ class DequantPlan:
             return dequantize(p, dtype, colmap=self.colmap, checked=True, path="columns")
         kern, args, out = dequant2_launch(p, dtype, self.colmap, cfg)
         nb.launch(kern, cfg["grid"], cfg["threads"], nb.stream_for(p.indices), *args, shmem=cfg["shmem"])
-        # out and its int64 view are the last tensors (args[-5], args[-4]; the view is a placeholder
-        # without 16-byte stores)
-        # (not while a CUDA graph is being captured: the check below waits for the device)
+        # the pre-marshalled launch: out and its int64 view are the last tensors (args[-5], args[-4]; the
+        # view is a placeholder without 16-byte stores); not prepared while a CUDA graph is being
+        # captured (the byte check below waits for the device)
         if not self.sim and not torch.cuda.is_current_stream_capturing():
             self._keep[dtype] = args[:-5]
             rec = nb.prepare_tail(kern, (cfg["grid"], 1), cfg["threads"], cfg["shmem"], args[:-5], args[-3:])

@@ -112,7 +112,8 @@ def chunked_rows_wanted() -> int:
 
 
 def _layer_state(mod):
-    """(PackedLayer, column map, GemvPlan) of a VQuantLinear, validated once and cached on the module.
+    """(PackedLayer, GemvPlan, DequantPlan, chunked_rows_wanted()) of a VQuantLinear, validated once
+    and cached on the module.
 
     Keyed on the data_ptr and _version of every parameter and buffer, so load_state_dict, .to()
     or in-place training steps rebuild it; the plan holds the folded perm/scale/bias tensors,
@@ -169,7 +170,7 @@ def vq_linear_forward(mod, x: torch.Tensor, *, force: bool = False) -> torch.Ten
         x2 = x2.contiguous()
     if 0 < rows <= FUSED_MAX_ROWS:
         y = plan(x2)
-    elif rows <= chunked:
+    elif FUSED_MAX_ROWS < rows <= chunked:
         y = torch.cat([plan(x2[i:i + FUSED_MAX_ROWS]) for i in range(0, rows, FUSED_MAX_ROWS)])
     else:
         y = torch.nn.functional.linear(x2, dq(x.dtype), None if p.bias is None else p.bias.to(x.dtype))
