@@ -90,7 +90,7 @@ def kernel_paths(model: nn.Module) -> dict:
     for m in model.modules():
         if isinstance(m, VQuantLinear):
             st = getattr(m, "_kernel_state", None)
-            key = "torch (no kernel state)" if st is None else (st[3].path if st[3] is not None else "dequant only")
+            key = "torch (no kernel state)" if st is None else (st[2].path if st[2] is not None else "dequant only")
             paths[key] = paths.get(key, 0) + 1
     return paths
 

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.decode import parse_format, random_vq  # noqa: E402
 from bench.kernel_table import time_device  # noqa: E402
 from vptq.kernels import dispatch  # noqa: E402
-from vptq.kernels.dequant import dequantize  # noqa: E402
+from vptq.kernels.dequant import dequantize, dequantize_ref  # noqa: E402
 from vptq.kernels.layout import PackedLayer  # noqa: E402
 
 SHAPES = {  # (out, in)
@@ -76,8 +76,6 @@ def main() -> None:
             m, n = SHAPES[name]
             lin = nn.Linear(n, m, bias=False)
             mod = random_vq(lin, v, k, device=dev, gen=gen, kr=kr)
-            from vptq.kernels.dequant import dequantize_ref
-
             mod._probe_dense = dequantize_ref(PackedLayer.from_module(mod), torch.float32).half()
             for rows in (int(r) for r in args.rows.split(",")):
                 x = torch.randn(rows, n, device=dev, generator=gen).half()

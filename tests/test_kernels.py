@@ -409,7 +409,7 @@ def test_layer_above_eight_rows_routes(name, monkeypatch):
                     y = dispatch.vq_linear_forward(mod, x, force=True)
                     assert y is not None and y.shape == (2, rows, mod.out_features)
                     _close(y, torch.nn.functional.linear(x.float(), w, b), 3e-3)
-        dq = mod._kernel_state[4]
+        dq = mod._kernel_state[3]
         from vptq.kernels import dequant
 
         searched = []
@@ -441,7 +441,7 @@ def test_interleaved_codes_switch(monkeypatch):
             monkeypatch.setenv("VPTQ_INTERLEAVE_CODES", val)
             mod._kernel_state = None  # the plan is built (and the switch read) once per layer state
             y = dispatch.vq_linear_forward(mod, x, force=True)
-            plan = mod._kernel_state[3]
+            plan = mod._kernel_state[2]
             assert plan.path == "rows" and plan.rows_cfg["ilv"] == ilv
             assert (plan.ridx64.data_ptr() != mod.indices.data_ptr()) == ilv
             _close(y, yr, 3e-3)

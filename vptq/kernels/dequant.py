@@ -204,11 +204,12 @@ class DequantPlan:
         # view is a placeholder without 16-byte stores); not prepared while a CUDA graph is being
         # captured (the byte check below waits for the device)
         if not self.sim and not torch.cuda.is_current_stream_capturing():
-            self._keep[dtype] = args[:-5]
             rec = nb.prepare_tail(kern, (cfg["grid"], 1), cfg["threads"], cfg["shmem"], args[:-5], args[-3:])
+            placeholder = None if cfg["vec"] else args[-4]
             # kept only if its first launch writes the dispatcher's bytes (one device sync a layer and dtype)
-            if rec is not None and torch.equal(self._launch_fast(dtype, rec, None if cfg["vec"] else args[-4]), out):
-                self._fast[dtype] = (rec, None if cfg["vec"] else args[-4])
+            if rec is not None and torch.equal(self._launch_fast(dtype, rec, placeholder), out):
+                self._keep[dtype] = args[:-5]
+                self._fast[dtype] = (rec, placeholder)
         return out
 
     def _launch_fast(self, dtype: torch.dtype, rec: tuple, placeholder: torch.Tensor | None) -> torch.Tensor:

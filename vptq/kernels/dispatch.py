@@ -128,10 +128,9 @@ def _layer_state(mod):
         p = PackedLayer.from_module(mod)
         check_layer(p, kernel=True, check_values=True)
         plan = GemvPlan(p, checked=True, ilv=interleave_codes_wanted()) if _kernel_layer_dtypes(p) else None
-        colmap = column_map(p)
-        st = (key, p, colmap, plan, DequantPlan(p, colmap), chunked_rows_wanted())
+        st = (key, p, plan, DequantPlan(p, column_map(p)), chunked_rows_wanted())
         mod._kernel_state = st
-    return st[1], st[3], st[4], st[5]
+    return st[1:]
 
 
 def vq_linear_forward(mod, x: torch.Tensor, *, force: bool = False) -> torch.Tensor | None:
