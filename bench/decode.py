@@ -38,7 +38,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.kernel_table import PERM, gpu_tag  # noqa: E402
+from bench.kernel_table import NORM, PERM, gpu_tag  # noqa: E402
 from vptq.layers import VQuantLinear, share_inputs  # noqa: E402
 
 PROMPT = "The history of the transistor begins with"
@@ -51,7 +51,7 @@ def random_vq(lin: nn.Linear, v: int, k: int, *, device, gen: torch.Generator, k
     kr: a residual codebook of kr centroids (the 3- and 4-bit presets: v5-k1024-32, v4-k1024-64)."""
     n, m = lin.in_features, lin.out_features
     with torch.device(device):
-        q = VQuantLinear(n, m, [-1, v], [-1, k], [-1, kr if kr else -1], 1, n, 0, enable_norm=True, enable_perm=PERM,
+        q = VQuantLinear(n, m, [-1, v], [-1, k], [-1, kr if kr else -1], 1, n, 0, enable_norm=NORM, enable_perm=PERM,
                          bias=lin.bias is not None, dtype=torch.float16)
     with torch.no_grad():
         q.indices.copy_(torch.randint(-(2**31), 2**31 - 1, q.indices.shape, generator=gen, dtype=torch.int32,
@@ -63,8 +63,9 @@ def random_vq(lin: nn.Linear, v: int, k: int, *, device, gen: torch.Generator, k
         perm = torch.randperm(n, generator=gen, device=device)
         if PERM:
             q.perm.copy_(torch.where(perm >= 2**15, perm - 2**16, perm).to(torch.int16))
-        q.weight_scale.copy_(torch.rand(n, generator=gen, device=device) + 0.5)
-        q.weight_bias.copy_(0.01 * torch.randn(n, generator=gen, device=device))
+        if NORM:
+            q.weight_scale.copy_(torch.rand(n, generator=gen, device=device) + 0.5)
+            q.weight_bias.copy_(0.01 * torch.randn(n, generator=gen, device=device))
         if lin.bias is not None:
             q.bias.copy_(lin.bias)
     return q
@@ -214,7 +215,7 @@ def bench_cpu(new: int) -> dict:
     res = {"device": "cpu", "threads": torch.get_num_threads(), "model": "SmolLM2-135M (GGUF -> FP32)",
            "prompt_tokens": ids.shape[1], "new_tokens": new,
            "format": f"v{cfg.vector_len}-k{cfg.num_centroids} (the repo's 2-bit preset), G=1, "
-                     f"{'perm+' if PERM else ''}norm, random codes"}
+                     f"{'+'.join(['perm'] * PERM + ['norm'] * NORM) or 'no perm, no norm'}, random codes"}
     fp = weight_bytes(model)
     dt, toks_fp = run_generate(model, ids, new)
     res["fp"] = {**fp, "seconds": dt, "tokens_per_s": new / dt, "ms_per_token": 1e3 * dt / new,
@@ -249,7 +250,7 @@ def bench_gpu(new: int, layers: int, formats: list[str]) -> dict:
         bits = (math.log2(k) + (math.log2(kr) if kr else 0)) / v
         res = f"-{kr}" if kr else ""
         return (f"{bits:g} bit v{v}-k{k}{res} ({(k + kr) * v * 2 // 1024} KiB fp16 codebooks per linear), G=1, "
-                f"{'perm+' if PERM else ''}norm, random codes")
+                f"{'+'.join(['perm'] * PERM + ['norm'] * NORM) or 'no perm, no norm'}, random codes")
 
     res = {"device": torch.cuda.get_device_name(), "model": f"Llama-2-7B shape ({layers} blocks), random fp16",
            "prompt_tokens": ids.shape[1], "new_tokens": new, "format": describe(formats[0])}
@@ -316,7 +317,7 @@ def main() -> None:
             ap.error(str(e))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"command": ("" if PERM else "VPTQ_BENCH_PERM=0 ") + "python bench/decode.py " + " ".join(sys.argv[1:]),
+    meta = {"command": ("" if PERM else "VPTQ_BENCH_PERM=0 ") + ("" if NORM else "VPTQ_BENCH_NORM=0 ") + "python bench/decode.py " + " ".join(sys.argv[1:]),
             "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": platform.node(),
             "cpu_count": os.cpu_count(), "versions": versions()}
     if args.cpu:

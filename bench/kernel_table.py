@@ -78,11 +78,14 @@ BATCH_FORMATS = ("v8k65536", "v6k4096")  # also timed at batch 2, 4, 8 on the 40
 # VPTQ_BENCH_PERM=0: benchmark layers without a permutation, the layout the quantizer stores for
 # one group and no outliers (every preset, vptq/quantizer.py); default 1: a random one, as before
 PERM = os.environ.get("VPTQ_BENCH_PERM", "1") != "0"
+# VPTQ_BENCH_NORM=0: no per-column scale/bias either, the presets' layout (enable_norm=False in every preset,
+# vptq/config.py); with VPTQ_BENCH_PERM=0 the kernels then read x as is. Default 1: scale and bias, as before
+NORM = os.environ.get("VPTQ_BENCH_NORM", "1") != "0"
 
 
 def make_layer(m: int, n: int, k_res: int = 0, seed: int = 0, v: int = 8, k: int = 65536,
                device: str = "cuda", perm: bool | None = None) -> PackedLayer:
-    """G=1, norm, a random permutation unless perm is false (default PERM), no outliers; random
+    """G=1, norm unless VPTQ_BENCH_NORM=0, a random permutation unless perm is false (default PERM), no outliers; random
     packed words (every bit pattern is a valid code of the stored format: main index = low log2 k
     bits, residual = the rest) and random codebooks."""
     g = torch.Generator(device=device).manual_seed(seed)
@@ -93,8 +96,8 @@ def make_layer(m: int, n: int, k_res: int = 0, seed: int = 0, v: int = 8, k: int
     res = (0.005 * torch.randn(1, k_res * v, device=device, generator=g)).half() if k_res else None
     pv = torch.randperm(n, device=device, generator=g)
     perm16 = torch.where(pv >= 2**15, pv - 2**16, pv).to(torch.int16) if (PERM if perm is None else perm) else None
-    scale = (torch.rand(n, device=device, generator=g) + 0.5).half()
-    wb = (0.01 * torch.randn(n, device=device, generator=g)).half()
+    scale = (torch.rand(n, device=device, generator=g) + 0.5).half() if NORM else None
+    wb = (0.01 * torch.randn(n, device=device, generator=g)).half() if NORM else None
     return PackedLayer(in_features=n, out_features=m, vector_len=v, num_centroids=k, group_num=1,
                        group_size=n, indices=idx, centroids=cb, num_res_centroids=k_res, res_centroids=res,
                        perm=perm16, weight_scale=scale, weight_bias=wb)
@@ -161,14 +164,15 @@ def host_overhead() -> dict:
     slow = GemvPlan(p, checked=True)
     slow._fast = _NoFastPath()
     with torch.device("cuda"):
-        mod = VQuantLinear(4096, 4096, [-1, 8], [-1, 65536], [-1, -1], 1, 4096, 0, enable_norm=True,
+        mod = VQuantLinear(4096, 4096, [-1, 8], [-1, 65536], [-1, -1], 1, 4096, 0, enable_norm=NORM,
                            enable_perm=True)
     with torch.no_grad():
         mod.indices.copy_(p.indices)
         mod.centroids.weight.copy_(p.centroids)
         mod.perm.copy_(p.perm)
-        mod.weight_scale.copy_(p.weight_scale)
-        mod.weight_bias.copy_(p.weight_bias)
+        if NORM:
+            mod.weight_scale.copy_(p.weight_scale)
+            mod.weight_bias.copy_(p.weight_bias)
     w = torch.randn(4096, 4096, device="cuda", dtype=torch.float16)
     x3 = x[None]
     res = {}
@@ -540,7 +544,7 @@ def main() -> None:
         shapes = names[:1]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"command": ("" if PERM else "VPTQ_BENCH_PERM=0 ") + "python bench/kernel_table.py " + " ".join(sys.argv[1:]),
+    meta = {"command": ("" if PERM else "VPTQ_BENCH_PERM=0 ") + ("" if NORM else "VPTQ_BENCH_NORM=0 ") + "python bench/kernel_table.py " + " ".join(sys.argv[1:]),
             "date": datetime.now(UTC).isoformat(timespec="seconds"), "versions": versions()}
     print(json.dumps(meta), flush=True)
     if args.sweep or args.graph_check or args.check or args.sweep_smem:
