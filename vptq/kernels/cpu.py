@@ -132,6 +132,7 @@ class CpuPlan:
         if not 1 <= p.vector_len <= MAX_V:
             raise ValueError(f"vector_len: {p.vector_len} not supported on CPU (1..{MAX_V})")
         v = p.vector_len
+        self.bits, self.words = p.code_bits, p.indices.shape[-1]  # the code stream's width and words per row
         self.idxs = List([q.indices.contiguous().reshape(-1).numpy() for q in layers])  # views: no copy
         self.cbs = List([_coords(q.centroids, v) for q in layers])
         self.rcbs = List([_coords(q.res_centroids, v) if q.num_res_centroids
@@ -150,8 +151,8 @@ class CpuPlan:
                                     for q in layers]) if has_bias else np.zeros(0, np.float32)
         self.out_features = int(self.moffs[-1])
         self.mode = batch1_mode(v, p.num_centroids, p.num_res_centroids, p.group_size)
-        self.args = (self.src, self.scale, self.wbias, self.bias, self.idxs, p.indices.shape[-1], self.cbs,
-                     p.num_centroids, self.rcbs, p.num_res_centroids or 1, p.group_size, p.code_bits, p.main_bits,
+        self.args = (self.src, self.scale, self.wbias, self.bias, self.idxs, self.words, self.cbs,
+                     p.num_centroids, self.rcbs, p.num_res_centroids or 1, p.group_size, self.bits, p.main_bits,
                      oidx, _f32(p.outlier_centroids), max(p.outlier_vector_len, 1))
 
     @classmethod
@@ -182,7 +183,7 @@ class CpuPlan:
         rows = x.shape[0]
         if rows > MAX_ROWS:
             return self.dense(x)
-        res, bits = self.p.num_res_centroids > 0, self.p.code_bits
+        res, bits = self.p.num_res_centroids > 0, self.bits
         if rows <= rows_apart(res) and self.mode == "hist":  # a histogram per token row, one call for all
             run = kernel(self.p.vector_len, res, "hist", bits, rows)
         elif rows == 1:
@@ -204,8 +205,8 @@ class CpuPlan:
             return gemm_ref(x, p)  # outlier columns: rare (no preset has them), the torch oracle
         w = torch.empty(self.out_features, p.in_features, dtype=torch.float32)
         dequant_kernel(p.vector_len, p.num_res_centroids > 0)(
-            self.idxs, p.indices.shape[-1], self.cbs, p.num_centroids, self.rcbs, p.num_res_centroids or 1,
-            p.group_size, p.code_bits, p.main_bits, w.numpy(), self.starts, self.moffs)
+            self.idxs, self.words, self.cbs, p.num_centroids, self.rcbs, p.num_res_centroids or 1,
+            p.group_size, self.bits, p.main_bits, w.numpy(), self.starts, self.moffs)
         xs = x
         if p.weight_scale is not None:
             xs = x * p.weight_scale.float()
