@@ -11,6 +11,8 @@
 #           DQ_VARIANTS, DQ_SHAPES override; default: the kernel and, where it reads consecutive codes
 #           together (no permutation), the same without that: contig=0)
 #   block7b the Llama-2-7B-shaped block quantized with the default k-means iterations (bench/block7b.py)
+#   graph   the server's lone-sequence CUDA graph (serve/graph.py): logits against the eager engine, decode rate
+#           with and without it (bench/serve_graph_check.py; SERVE_FORMATS, SERVE_CONFIG as for serve)
 #   serve   `vptq serve --device cuda` under load (bench/serve_load.py, clients SERVE_CLIENTS, default
 #           1,8,32): fp16 weights and the 2-bit preset's layout (random codes), the model of shape
 #           SERVE_CONFIG (a config.json + tokenizer folder; default .gpu/smol, SmolLM2-135M's). Needs .whl.
@@ -77,7 +79,9 @@ for s in "${stages[@]}"; do
                 --clients "${SERVE_CLIENTS:-1,8,32}" --max-batch 32 --requests "${SERVE_REQUESTS:-4}" \
                 --max-tokens "${SERVE_TOKENS:-64}" --out "$OUT/serve_cuda_$f.json" > "$OUT/serve_$f.log" 2>&1
             done ;;
-    *) echo "unknown stage $s (tests, probe, table, decode, floor, dequant, block7b, serve)"; exit 2 ;;
+    graph)  $PY -u bench/serve_graph_check.py --config "${SERVE_CONFIG:-.gpu/smol}" --formats "${SERVE_FORMATS:-fp16,v5k1024}" \
+              --out "$OUT/serve_graph.json" > "$OUT/graph.log" 2>&1 ;;
+    *) echo "unknown stage $s (tests, probe, table, decode, floor, dequant, block7b, serve, graph)"; exit 2 ;;
   esac
   echo "   rc=$? $(date -u +%H:%M:%S)"; tail -n 3 "$OUT"/*"$s"*.log 2>/dev/null | tail -n 8
 done

@@ -145,7 +145,9 @@ def main() -> None:
               "cpu_count": os.cpu_count(), "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
               "versions": versions(), "device": a.device, "model": str(a.source) if a.source else
               f"{a.config or 'SmolLM2-135M'}, {a.format} (block linears: random codes when vNkK)",
-              "max_tokens": a.max_tokens, "max_batch": a.max_batch, "levels": rows}
+              "max_tokens": a.max_tokens, "max_batch": a.max_batch,
+              "env": {k: os.environ[k] for k in ("VPTQ_SERVE_GRAPHS", "VPTQ_CHUNKED_ROWS") if k in os.environ},
+              "levels": rows}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {a.out}")

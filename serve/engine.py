@@ -72,17 +72,32 @@ def _pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
 
 
 class Batch:
-    """The running sequences' shared KV cache (transformers DynamicCache layers) and mask (B, L)."""
+    """The running sequences' shared KV cache (transformers DynamicCache layers) and mask (B, L); or, while
+    one sequence runs alone on CUDA, `static`: the GraphStep holding its keys/values (cache and mask None)."""
 
     def __init__(self):
         self.seqs: list[Sequence] = []
         self.cache = None
         self.mask: torch.Tensor | None = None
+        self.static = None  # serve/graph.py GraphStep
+
+    def to_static(self, graph) -> bool:
+        """Move the lone sequence's keys/values into graph's static cache (False: it does not fit there)."""
+        if not graph.fits(int(self.mask[0].sum())) or not graph.load(self.cache, self.mask[0]):
+            return False
+        self.static, self.cache, self.mask = graph, None, None
+        return True
+
+    def to_dynamic(self) -> None:
+        if self.static is not None:
+            self.cache, self.mask = self.static.unload()
+            self.static = None
 
     def __len__(self) -> int:
         return len(self.seqs)
 
     def add(self, seqs: list[Sequence], cache, mask: torch.Tensor) -> None:
+        self.to_dynamic()
         if self.cache is None:
             self.seqs, self.cache, self.mask = list(seqs), cache, mask
             return
@@ -99,6 +114,7 @@ class Batch:
         if len(keep) == len(self.seqs):
             return
         if not keep:
+            self.to_dynamic()  # empties the static cache for the next lone sequence
             self.seqs, self.cache, self.mask = [], None, None
             return
         idx = torch.tensor(keep, device=self.mask.device)
@@ -128,11 +144,21 @@ def sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> in
 class Engine:
     """The model, its tokenizer and the scheduler thread (start() / stop())."""
 
-    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_queue: int = 64):
+    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_queue: int = 64, graphs: bool | None = None):
+        """graphs: a lone sequence decodes through serve/graph.py's static cache (captured in a CUDA graph
+        on a GPU, eager elsewhere); default: on CUDA unless VPTQ_SERVE_GRAPHS=0."""
         self.model, self.tok = model, tokenizer
         self.device = next(model.parameters()).device
         self.max_batch, self.max_queue = max_batch, max_queue
         self.context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+        if graphs is None:
+            graphs = self.device.type == "cuda" and os.environ.get("VPTQ_SERVE_GRAPHS", "1") != "0"
+        self.graph = None
+        if graphs:
+            from .graph import GraphStep
+
+            tokens = min(self.context, int(os.environ.get("VPTQ_SERVE_GRAPH_TOKENS", "4096")))
+            self.graph = GraphStep(model, tokens, capture=self.device.type == "cuda")
         eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos), 0)
@@ -239,17 +265,35 @@ class Engine:
         for i, s in enumerate(seqs):
             self._append(s, sample(logits[i], s.sampling, s.generator))
 
+    def prepare_graph(self) -> None:
+        """Capture the lone-sequence step now (before the port opens), on a two-token dummy sequence."""
+        if self.graph is None:
+            return
+        with torch.no_grad():
+            ids = torch.full((1, 2), self.pad, dtype=torch.long, device=self.device)
+            out = self.model(input_ids=ids, use_cache=True)
+            if self.graph.fits(2) and self.graph.load(out.cache, torch.ones(2, dtype=torch.long)):
+                self.graph.step(self.pad)
+                self.graph.unload()
+
     def _decode(self) -> None:
         b = self.batch
-        last = torch.tensor([[s.out_ids[-1] if s.out_ids else self.pad] for s in b.seqs], device=self.device)
-        pos = b.mask.sum(1, keepdim=True)
-        mask = torch.cat([b.mask, b.mask.new_ones((len(b), 1))], 1)
-        out = self.model(input_ids=last, attention_mask=mask, position_ids=pos, cache=b.cache,
-                         use_cache=True)
-        b.cache, b.mask = out.cache, mask
+        last = [s.out_ids[-1] if s.out_ids else self.pad for s in b.seqs]
+        if b.static is not None and not b.static.fits(b.static.length):
+            b.to_dynamic()  # the static cache is full: eager from here
+        elif self.graph is not None and len(b) == 1 and b.static is None:
+            b.to_static(self.graph)
+        if b.static is not None:
+            logits = b.static.step(last[0])[:, -1].float().cpu()
+        else:
+            pos = b.mask.sum(1, keepdim=True)
+            mask = torch.cat([b.mask, b.mask.new_ones((len(b), 1))], 1)
+            out = self.model(input_ids=torch.tensor([[t] for t in last], device=self.device), attention_mask=mask,
+                             position_ids=pos, cache=b.cache, use_cache=True)
+            b.cache, b.mask = out.cache, mask
+            logits = out.logits[:, -1].float().cpu()
         if self.on_decode:
             self.on_decode(len(b))
-        logits = out.logits[:, -1].float().cpu()
         for i, s in enumerate(b.seqs):
             if not (s.finish or s.cancelled):
                 self._append(s, sample(logits[i], s.sampling, s.generator))

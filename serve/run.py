@@ -25,7 +25,12 @@ def load_engine(path: str, device: str = "cpu", max_batch: int = 8, max_queue: i
     if model.device.type == "cpu" and available():
         use_cpu_kernels(model)
     warm_up(model)
-    return Engine(model, tok, max_batch=max_batch, max_queue=max_queue)
+    engine = Engine(model, tok, max_batch=max_batch, max_queue=max_queue)
+    if engine.graph is not None:  # CUDA: the lone-sequence step captured before the port opens (serve/graph.py)
+        logging.getLogger("vptq.serve").info("capturing the batch-1 decode step in a CUDA graph (%d cache slots)",
+                                             engine.graph.max_len)
+        engine.prepare_graph()
+    return engine
 
 
 def warm_up_rows(device_type: str) -> tuple[int, ...]:

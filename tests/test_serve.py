@@ -9,6 +9,7 @@ import time
 
 import httpx
 import pytest
+import torch
 
 openai = pytest.importorskip("openai")
 
@@ -252,3 +253,50 @@ def test_cuda_warm_up_compiles_every_kernel_route_before_the_port_opens():
     cuda = warm_up_rows("cuda")
     assert set(range(1, FUSED_MAX_ROWS + 1)) <= set(cuda) and max(cuda) > FUSED_MAX_ROWS
     assert warm_up_rows("cpu") == (2, 1)
+
+
+def test_lone_sequence_static_cache_gives_the_dynamic_paths_logits(quantized_dir, monkeypatch):  # noqa: F811
+    """On CUDA a lone sequence decodes through serve/graph.py (its keys/values in a static cache, the step a
+    CUDA graph). The same static-cache step, run eagerly here, must give the logits the dynamic cache gives on
+    the same schedule: A alone (moved in), B joining mid-way (A moved back out and batched with B), B done (A
+    moved in again), and a static cache too short for A (back to the dynamic cache when it fills). Logits, not
+    only tokens: a tiny random model's greedy tokens hardly depend on the cache."""
+    import vptq_service.serve.engine as engine_mod
+    from vptq_service.serve.engine import Engine, Sampling, Sequence
+
+    from vptq.generate import load_for_generation
+
+    model, tok = load_for_generation(str(quantized_dir), "cpu")
+    seen: list[torch.Tensor] = []
+    sample = engine_mod.sample
+    monkeypatch.setattr(engine_mod, "sample", lambda logits, s, gen: seen.append(logits) or sample(logits, s, gen))
+
+    def run(graphs: bool, tokens: int = 4096) -> tuple[list[torch.Tensor], int]:
+        seen.clear()
+        eng = Engine(model, tok, max_batch=4, graphs=graphs)
+        if graphs:
+            eng.graph.max_len = tokens
+        a = Sequence(eng.encode("The cat sat on the"), Sampling(max_tokens=24, temperature=0), emit=lambda e: None)
+        b = Sequence(eng.encode("A long time ago in a galaxy far far away there lived a small robot who"),
+                     Sampling(max_tokens=6, temperature=0), emit=lambda e: None)
+        eng.submit(a)
+        static_steps = 0
+        for i in range(30):
+            if i == 5:
+                eng.submit(b)
+            eng.step()
+            static_steps += eng.batch.static is not None
+            if a.finish and b.finish:
+                break
+        assert a.finish == "length" and b.finish == "length"
+        return list(seen), static_steps
+
+    dyn, none = run(False)
+    static, some = run(True)
+    assert none == 0 and some >= 15  # A ran alone before B joined and after B finished
+    assert len(static) == len(dyn)
+    for x, y in zip(static, dyn, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+    full, _ = run(True, tokens=20)  # A's prompt + 24 tokens outgrow 20 slots: back to the dynamic cache
+    for x, y in zip(full, dyn, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)

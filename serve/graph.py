@@ -1,0 +1,117 @@
+"""A lone sequence's decode steps as one CUDA graph replay (`vptq serve --device cuda`, batch 1).
+
+At one running sequence a decode step is a few hundred small kernel launches (each quantized linear's gemv,
+norms, attention), and the host's launch time is most of the step. Here that sequence's keys and values move
+into a transformers StaticCache (fixed addresses; the position is a tensor), the one-token forward pass is
+captured once in a CUDA graph and each step replays it. When a second sequence joins, or the sequence would
+outgrow the static cache, its keys and values go back to a dynamic cache and the engine decodes eagerly
+(serve/engine.py). Without a GPU (the tests) the same static-cache step runs eagerly: `capture=False`.
+
+Only models whose every cache layer is a full-attention one take it: a sliding-window layer's static form
+keeps a rolling window that a copied-in prefix would not fill as its own updates do. A capture that fails
+turns the graph off for the server's life (logged once); the eager path serves on.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger("vptq.serve")
+
+
+class GraphStep:
+    """One sequence's static cache, its captured step and its length (tokens in the cache)."""
+
+    def __init__(self, model, max_len: int, capture: bool = True):
+        self.model, self.max_len, self.capture = model, max_len, capture
+        self.device = next(model.parameters()).device
+        self.cache = None
+        self.graph = None
+        self.ok = True  # False once a capture failed or the model's cache has sliding layers
+        self.length = 0
+        self.ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.logits = None
+
+    def _new_cache(self):
+        from transformers import StaticCache
+
+        cache = StaticCache(config=self.model.config, max_cache_len=self.max_len)
+        kinds = {type(layer).__name__ for layer in cache.layers}
+        if kinds != {"StaticLayer"}:
+            log.info("CUDA graphs off: the model's cache has %s layers", ", ".join(sorted(kinds - {"StaticLayer"})))
+            self.ok = False
+            return None
+        return cache
+
+    def fits(self, tokens: int) -> bool:
+        """Room for a sequence of `tokens` tokens plus the step that follows."""
+        return self.ok and tokens + 1 < self.max_len
+
+    def load(self, cache, mask_row: torch.Tensor) -> bool:
+        """Copy one sequence's keys/values in (a dynamic cache of batch 1; mask_row says which positions
+        are its own: left padding stays out). False where the model cannot take the static cache."""
+        if self.cache is None:
+            self.cache = self._new_cache()
+            if self.cache is None:
+                return False
+        self.cache.reset()  # in place (a batch dropped after a failed step may have left a sequence here)
+        keep = mask_row.nonzero().squeeze(1).to(self.device)
+        for i, layer in enumerate(cache.layers):  # in place: the captured graph keeps the addresses
+            self.cache.update(layer.keys[:, :, keep], layer.values[:, :, keep], i)
+        self.length = keep.numel()
+        return True
+
+    def unload(self):
+        """(a dynamic cache holding the sequence's keys/values, its mask (1, length))."""
+        from transformers import DynamicCache
+
+        dyn = DynamicCache(config=self.model.config)
+        for i, layer in enumerate(self.cache.layers):
+            dyn.update(layer.keys[:, :, : self.length].clone(), layer.values[:, :, : self.length].clone(), i)
+        mask = torch.ones((1, self.length), dtype=torch.long, device=self.device)
+        self.cache.reset()  # zeros in place; the slots past a sequence's length are masked anyway
+        self.length = 0
+        return dyn, mask
+
+    def _forward(self):
+        return self.model(input_ids=self.ids, cache_position=self.pos, position_ids=self.pos[None],
+                          cache=self.cache, use_cache=True).logits
+
+    def _capture(self) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up off the default stream, as torch.cuda.graphs asks
+            for _ in range(2):
+                self._forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.logits = self._forward()
+        self.graph = graph
+        # a static layer writes at its own running count (cumulative_length), which the two warm-up steps
+        # advanced: back to the sequence's length (the slots they wrote are rewritten before any step reads them)
+        for layer in self.cache.layers:
+            layer.cumulative_length.fill_(self.length)
+
+    def step(self, token: int) -> torch.Tensor:
+        """Logits (1, 1, vocab) of the next token after `token`, which goes in at position `length`."""
+        self.ids.fill_(token)
+        self.pos.fill_(self.length)
+        if self.capture and self.graph is None:
+            try:
+                self._capture()  # its warm-up steps write this same token at this same slot
+            except Exception as e:  # an operation the capture refuses: eager from now on
+                log.warning("CUDA graph capture failed (%s: %s); decoding without graphs",
+                            type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                self.capture, self.graph = False, None
+                torch.cuda.synchronize()
+        if self.graph is not None:
+            self.graph.replay()
+            out = self.logits
+        else:
+            out = self._forward()
+        self.length += 1
+        return out
