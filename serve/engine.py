@@ -114,8 +114,9 @@ class Batch:
         if len(keep) == len(self.seqs):
             return
         if not keep:
-            self.to_dynamic()  # empties the static cache for the next lone sequence
-            self.seqs, self.cache, self.mask = [], None, None
+            if self.static is not None:
+                self.static.clear()
+            self.seqs, self.cache, self.mask, self.static = [], None, None, None
             return
         idx = torch.tensor(keep, device=self.mask.device)
         mask = self.mask[idx]

@@ -76,25 +76,28 @@ class GraphStep:
         self.length = 0
         return dyn, mask
 
-    def _forward(self):
+    def clear(self) -> None:
+        """Forget the sequence (it finished): the next load starts from an empty cache."""
+        if self.cache is not None:
+            self.cache.reset()
+        self.length = 0
+
+    def eager_step(self):
         return self.model(input_ids=self.ids, cache_position=self.pos, position_ids=self.pos[None],
                           cache=self.cache, use_cache=True).logits
 
-    def _capture(self) -> None:
+    def capture_graph(self) -> None:
+        """Capture the step (its input tensors already set): two warm-up steps on a side stream, then the graph."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up off the default stream, as torch.cuda.graphs asks
             for _ in range(2):
-                self._forward()
+                self.eager_step()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self.logits = self._forward()
+            self.logits = self.eager_step()
         self.graph = graph
-        # a static layer writes at its own running count (cumulative_length), which the two warm-up steps
-        # advanced: back to the sequence's length (the slots they wrote are rewritten before any step reads them)
-        for layer in self.cache.layers:
-            layer.cumulative_length.fill_(self.length)
 
     def step(self, token: int) -> torch.Tensor:
         """Logits (1, 1, vocab) of the next token after `token`, which goes in at position `length`."""
@@ -102,16 +105,21 @@ class GraphStep:
         self.pos.fill_(self.length)
         if self.capture and self.graph is None:
             try:
-                self._capture()  # its warm-up steps write this same token at this same slot
-            except Exception as e:  # an operation the capture refuses: eager from now on
+                self.capture_graph()  # its warm-up steps write this same token at this same slot
+            except Exception as e:  # an operation the capture refuses: this step eager, then the dynamic cache
                 log.warning("CUDA graph capture failed (%s: %s); decoding without graphs",
                             type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-                self.capture, self.graph = False, None
-                torch.cuda.synchronize()
+                self.capture, self.graph, self.ok = False, None, False
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+            # a static layer writes at its own running count (cumulative_length), which the warm-up steps
+            # advanced: back to the sequence's length (the slots they wrote are rewritten before any step reads them)
+            for layer in self.cache.layers:
+                layer.cumulative_length.fill_(self.length)
         if self.graph is not None:
             self.graph.replay()
             out = self.logits
         else:
-            out = self._forward()
+            out = self.eager_step()
         self.length += 1
         return out

@@ -255,7 +255,7 @@ def test_cuda_warm_up_compiles_every_kernel_route_before_the_port_opens():
     assert warm_up_rows("cpu") == (2, 1)
 
 
-def test_lone_sequence_static_cache_gives_the_dynamic_paths_logits(quantized_dir, monkeypatch):  # noqa: F811
+def test_lone_sequence_static_cache_gives_the_dynamic_paths_logits(quantized_dir, monkeypatch, caplog):  # noqa: F811
     """On CUDA a lone sequence decodes through serve/graph.py (its keys/values in a static cache, the step a
     CUDA graph). The same static-cache step, run eagerly here, must give the logits the dynamic cache gives on
     the same schedule: A alone (moved in), B joining mid-way (A moved back out and batched with B), B done (A
@@ -263,9 +263,11 @@ def test_lone_sequence_static_cache_gives_the_dynamic_paths_logits(quantized_dir
     only tokens: a tiny random model's greedy tokens hardly depend on the cache."""
     import vptq_service.serve.engine as engine_mod
     from vptq_service.serve.engine import Engine, Sampling, Sequence
+    from vptq_service.serve.graph import GraphStep
 
     from vptq.generate import load_for_generation
 
+    orig_init = GraphStep.__init__
     model, tok = load_for_generation(str(quantized_dir), "cpu")
     seen: list[torch.Tensor] = []
     sample = engine_mod.sample
@@ -299,4 +301,19 @@ def test_lone_sequence_static_cache_gives_the_dynamic_paths_logits(quantized_dir
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
     full, _ = run(True, tokens=20)  # A's prompt + 24 tokens outgrow 20 slots: back to the dynamic cache
     for x, y in zip(full, dyn, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+
+    # a capture that fails after its warm-up steps ran (they advance the static cache's write position):
+    # that step eager at the right slot, the sequence back on the dynamic cache after it, a warning logged
+    def failing(self):
+        for _ in range(2):
+            self.eager_step()
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(GraphStep, "capture_graph", failing)
+    monkeypatch.setattr(GraphStep, "__init__", lambda self, *a, capture=True, **k: orig_init(self, *a, **k))
+    failed, steps = run(True)
+    assert steps == 1  # the failed step only: then the dynamic cache
+    assert "CUDA graph capture failed (RuntimeError: operation not permitted" in caplog.text
+    for x, y in zip(failed, dyn, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
