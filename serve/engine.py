@@ -268,7 +268,7 @@ class Engine:
 
     def prepare_graph(self) -> None:
         """Capture the lone-sequence step now (before the port opens), on a two-token dummy sequence."""
-        if self.graph is None:
+        if self.graph is None or not self.graph.ok:
             return
         with torch.no_grad():
             ids = torch.full((1, 2), self.pad, dtype=torch.long, device=self.device)

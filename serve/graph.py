@@ -59,8 +59,14 @@ class GraphStep:
                 return False
         self.cache.reset()  # in place (a batch dropped after a failed step may have left a sequence here)
         keep = mask_row.nonzero().squeeze(1).to(self.device)
-        for i, layer in enumerate(cache.layers):  # in place: the captured graph keeps the addresses
-            self.cache.update(layer.keys[:, :, keep], layer.values[:, :, keep], i)
+        try:
+            for i, layer in enumerate(cache.layers):  # in place: the captured graph keeps the addresses
+                self.cache.update(layer.keys[:, :, keep], layer.values[:, :, keep], i)
+        except Exception as e:  # a cache layout this copy does not know: the dynamic cache (still whole) serves on
+            log.warning("CUDA graphs off: the static cache did not take the sequence (%s: %s)", type(e).__name__,
+                        str(e).splitlines()[0] if str(e) else "")
+            self.ok = False
+            return False
         self.length = keep.numel()
         return True
 

@@ -315,5 +315,17 @@ def test_lone_sequence_static_cache_gives_the_dynamic_paths_logits(quantized_dir
     failed, steps = run(True)
     assert steps == 1  # the failed step only: then the dynamic cache
     assert "CUDA graph capture failed (RuntimeError: operation not permitted" in caplog.text
+
+    # a static cache that refuses the copy: the dynamic cache serves on, nothing lost
+    from transformers import StaticCache
+
+    def refuse(self, *a, **k):
+        raise ValueError("unexpected cache layout")
+
+    monkeypatch.setattr(StaticCache, "update", refuse)
+    refused, steps = run(True)
+    assert steps == 0 and "the static cache did not take the sequence (ValueError" in caplog.text
+    for x, y in zip(refused, dyn, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
     for x, y in zip(failed, dyn, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
