@@ -147,19 +147,17 @@ class Engine:
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_queue: int = 64, graphs: bool | None = None):
         """graphs: a lone sequence decodes through serve/graph.py's static cache (captured in a CUDA graph
-        on a GPU, eager elsewhere); default: on CUDA unless VPTQ_SERVE_GRAPHS=0."""
+        on a GPU, eager elsewhere); default: on CUDA unless VPTQ_SERVE_GRAPHS=0 (serve/graph.py settings)."""
         self.model, self.tok = model, tokenizer
         self.device = next(model.parameters()).device
         self.max_batch, self.max_queue = max_batch, max_queue
         self.context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
-        if graphs is None:
-            graphs = self.device.type == "cuda" and os.environ.get("VPTQ_SERVE_GRAPHS", "1") != "0"
-        self.graph = None
-        if graphs:
-            from .graph import GraphStep
+        from .graph import GraphStep, settings
 
-            tokens = min(self.context, int(os.environ.get("VPTQ_SERVE_GRAPH_TOKENS", "4096")))
-            self.graph = GraphStep(model, tokens, capture=self.device.type == "cuda")
+        wanted, tokens = settings()
+        if graphs is None:
+            graphs = self.device.type == "cuda" and wanted
+        self.graph = GraphStep(model, min(self.context, tokens), capture=self.device.type == "cuda") if graphs else None
         eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos), 0)

@@ -15,10 +15,28 @@ turns the graph off for the server's life (logged once); the eager path serves o
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
 log = logging.getLogger("vptq.serve")
+
+GRAPHS_ENV, TOKENS_ENV = "VPTQ_SERVE_GRAPHS", "VPTQ_SERVE_GRAPH_TOKENS"
+DEFAULT_TOKENS = 4096
+
+
+def settings() -> tuple[bool, int]:
+    """(graphs wanted on CUDA, the static cache's length) from VPTQ_SERVE_GRAPHS (1/0) and
+    VPTQ_SERVE_GRAPH_TOKENS; a bad value is refused by name (vptq.config.ConfigError: a usage error)."""
+    from vptq.config import ConfigError
+
+    on = os.environ.get(GRAPHS_ENV, "1").strip() or "1"
+    if on not in ("0", "1"):
+        raise ConfigError(f"{GRAPHS_ENV}: {on!r} is not 1 (on) or 0 (off)")
+    tokens = os.environ.get(TOKENS_ENV, "").strip() or str(DEFAULT_TOKENS)
+    if not tokens.isdigit() or int(tokens) < 2:
+        raise ConfigError(f"{TOKENS_ENV}: {tokens!r} is not a number of tokens (2 or more)")
+    return on == "1", int(tokens)
 
 
 class GraphStep:

@@ -241,6 +241,20 @@ def test_public_bind_without_key_warns_in_one_line(quantized_dir, monkeypatch): 
     assert "warning" not in err
 
 
+def test_bad_graph_settings_are_refused_by_name_before_loading(quantized_dir, monkeypatch):  # noqa: F811
+    """VPTQ_SERVE_GRAPHS / VPTQ_SERVE_GRAPH_TOKENS with a bad value: one usage line naming the setting (exit 2),
+    before the model is loaded."""
+    import vptq.generate
+
+    monkeypatch.setattr(vptq.generate, "load_for_generation", lambda *a, **k: pytest.fail("the model was loaded"))
+    for env, val in (("VPTQ_SERVE_GRAPH_TOKENS", "lots"), ("VPTQ_SERVE_GRAPH_TOKENS", "1"),
+                     ("VPTQ_SERVE_GRAPHS", "yes")):
+        monkeypatch.setenv(env, val)
+        code, out, err = run("serve", quantized_dir)
+        assert code == 2 and err.startswith(f"error: {env}: {val!r}") and len(err.strip().splitlines()) == 1, err
+        monkeypatch.delenv(env)
+
+
 def test_cuda_warm_up_compiles_every_kernel_route_before_the_port_opens():
     """The CUDA gemv kernels are compiled per token-row count (1..FUSED_MAX_ROWS) and more rows take the
     dequantize kernel: a warm-up at 2 and 1 rows left each new prompt length to compile on its first request
