@@ -38,7 +38,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.kernel_table import NORM, PERM, gpu_tag  # noqa: E402
+from bench.kernel_table import LAYOUT, NORM, PERM, gpu_tag  # noqa: E402
 from vptq.layers import VQuantLinear, share_inputs  # noqa: E402
 
 PROMPT = "The history of the transistor begins with"
@@ -215,7 +215,7 @@ def bench_cpu(new: int) -> dict:
     res = {"device": "cpu", "threads": torch.get_num_threads(), "model": "SmolLM2-135M (GGUF -> FP32)",
            "prompt_tokens": ids.shape[1], "new_tokens": new,
            "format": f"v{cfg.vector_len}-k{cfg.num_centroids} (the repo's 2-bit preset), G=1, "
-                     f"{'+'.join(['perm'] * PERM + ['norm'] * NORM) or 'no perm, no norm'}, random codes"}
+                     f"{LAYOUT}, random codes"}
     fp = weight_bytes(model)
     dt, toks_fp = run_generate(model, ids, new)
     res["fp"] = {**fp, "seconds": dt, "tokens_per_s": new / dt, "ms_per_token": 1e3 * dt / new,
@@ -250,7 +250,7 @@ def bench_gpu(new: int, layers: int, formats: list[str]) -> dict:
         bits = (math.log2(k) + (math.log2(kr) if kr else 0)) / v
         res = f"-{kr}" if kr else ""
         return (f"{bits:g} bit v{v}-k{k}{res} ({(k + kr) * v * 2 // 1024} KiB fp16 codebooks per linear), G=1, "
-                f"{'+'.join(['perm'] * PERM + ['norm'] * NORM) or 'no perm, no norm'}, random codes")
+                f"{LAYOUT}, random codes")
 
     res = {"device": torch.cuda.get_device_name(), "model": f"Llama-2-7B shape ({layers} blocks), random fp16",
            "prompt_tokens": ids.shape[1], "new_tokens": new, "format": describe(formats[0])}

@@ -81,6 +81,7 @@ PERM = os.environ.get("VPTQ_BENCH_PERM", "1") != "0"
 # VPTQ_BENCH_NORM=0: no per-column scale/bias either, the presets' layout (enable_norm=False in every preset,
 # vptq/config.py); with VPTQ_BENCH_PERM=0 the kernels then read x as is. Default 1: scale and bias, as before
 NORM = os.environ.get("VPTQ_BENCH_NORM", "1") != "0"
+LAYOUT = "+".join(["perm"] * PERM + ["norm"] * NORM) or "no perm, no norm"  # how the records name it
 
 
 def make_layer(m: int, n: int, k_res: int = 0, seed: int = 0, v: int = 8, k: int = 65536,

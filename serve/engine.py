@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .graph import GraphStep, settings
+
 log = logging.getLogger("vptq.serve")
 
 
@@ -79,11 +81,13 @@ class Batch:
         self.seqs: list[Sequence] = []
         self.cache = None
         self.mask: torch.Tensor | None = None
-        self.static = None  # serve/graph.py GraphStep
+        self.static: GraphStep | None = None
 
-    def to_static(self, graph) -> bool:
-        """Move the lone sequence's keys/values into graph's static cache (False: it does not fit there)."""
-        if not graph.fits(int(self.mask[0].sum())) or not graph.load(self.cache, self.mask[0]):
+    def to_static(self, graph: GraphStep) -> bool:
+        """Move the lone sequence's keys/values into graph's static cache (False: it does not fit there).
+        Its mask's width bounds its length (a lone row's unused columns are cut: they are equal), so a
+        sequence that stays eager costs no device read a step."""
+        if not graph.fits(self.mask.shape[1]) or not graph.load(self.cache, self.mask[0]):
             return False
         self.static, self.cache, self.mask = graph, None, None
         return True
@@ -152,8 +156,6 @@ class Engine:
         self.device = next(model.parameters()).device
         self.max_batch, self.max_queue = max_batch, max_queue
         self.context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
-        from .graph import GraphStep, settings
-
         wanted, tokens = settings()
         if graphs is None:
             graphs = self.device.type == "cuda" and wanted

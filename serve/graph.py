@@ -25,6 +25,10 @@ GRAPHS_ENV, TOKENS_ENV = "VPTQ_SERVE_GRAPHS", "VPTQ_SERVE_GRAPH_TOKENS"
 DEFAULT_TOKENS = 4096
 
 
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 def settings() -> tuple[bool, int]:
     """(graphs wanted on CUDA, the static cache's length) from VPTQ_SERVE_GRAPHS (1/0) and
     VPTQ_SERVE_GRAPH_TOKENS; a bad value is refused by name (vptq.config.ConfigError: a usage error)."""
@@ -65,7 +69,7 @@ class GraphStep:
         return cache
 
     def fits(self, tokens: int) -> bool:
-        """Room for a sequence of `tokens` tokens plus the step that follows."""
+        """Room for a sequence of `tokens` tokens (or fewer) plus the step that follows."""
         return self.ok and tokens + 1 < self.max_len
 
     def load(self, cache, mask_row: torch.Tensor) -> bool:
@@ -81,8 +85,7 @@ class GraphStep:
             for i, layer in enumerate(cache.layers):  # in place: the captured graph keeps the addresses
                 self.cache.update(layer.keys[:, :, keep], layer.values[:, :, keep], i)
         except Exception as e:  # a cache layout this copy does not know: the dynamic cache (still whole) serves on
-            log.warning("CUDA graphs off: the static cache did not take the sequence (%s: %s)", type(e).__name__,
-                        str(e).splitlines()[0] if str(e) else "")
+            log.warning("CUDA graphs off: the static cache did not take the sequence (%s)", _first_line(e))
             self.ok = False
             return False
         self.length = keep.numel()
@@ -96,8 +99,7 @@ class GraphStep:
         for i, layer in enumerate(self.cache.layers):
             dyn.update(layer.keys[:, :, : self.length].clone(), layer.values[:, :, : self.length].clone(), i)
         mask = torch.ones((1, self.length), dtype=torch.long, device=self.device)
-        self.cache.reset()  # zeros in place; the slots past a sequence's length are masked anyway
-        self.length = 0
+        self.clear()
         return dyn, mask
 
     def clear(self) -> None:
@@ -131,8 +133,7 @@ class GraphStep:
             try:
                 self.capture_graph()  # its warm-up steps write this same token at this same slot
             except Exception as e:  # an operation the capture refuses: this step eager, then the dynamic cache
-                log.warning("CUDA graph capture failed (%s: %s); decoding without graphs",
-                            type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                log.warning("CUDA graph capture failed (%s); decoding without graphs", _first_line(e))
                 self.capture, self.graph, self.ok = False, None, False
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
