@@ -52,8 +52,14 @@ SUPPORTED = {
                                      "shared_expert_intermediate_size": 32}),  # + shared expert and its gate
     # 8 experts, top-1, 64 calibration tokens: experts with < 16 tokens take the pooled Hessian (a warning)
     "qwen3_moe": ("Qwen3MoeConfig", {"num_experts": 8, "num_experts_per_tok": 1, "moe_intermediate_size": 32}),
+    # a dense first block, then routed experts (stored per expert) beside a shared one; multi-head latent
+    # attention (q_a/q_b, kv_a/kv_b projections)
+    "deepseek_v3": ("DeepseekV3Config", {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                         "n_shared_experts": 1, "first_k_dense_replace": 1, "n_group": 1,
+                                         "topk_group": 1, "kv_lora_rank": 16, "q_lora_rank": 16,
+                                         "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16}),
 }
-MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
 SECONDS: dict[str, float] = {}
 
 
@@ -97,6 +103,8 @@ def block_linears(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def same(a, b) -> bool:
+    if isinstance(a, driver.PerWindow):
+        return isinstance(b, driver.PerWindow) and same(a.value, b.value)
     if isinstance(a, torch.Tensor):
         return isinstance(b, torch.Tensor) and torch.equal(a, b)
     if isinstance(a, (tuple, list)):
@@ -149,8 +157,9 @@ def test_family_quantizes_whole_saves_loads_and_generates(family, smol_tokenizer
     assert 0 < rep.bpw < 16 and rep.bpw < rep.bits_per_param < 32  # the embeddings stay fp32
     if family in MOE:  # every expert's matrices quantized; routers (and Qwen2-MoE's shared-expert gate) stay fp
         experts = [n for n in lins if ".mlp.experts." in n]
-        n_exp = fp.config.num_local_experts if family == "mixtral" else fp.config.num_experts
-        assert len(experts) == 2 * 2 * n_exp and not any(isinstance(m, VQuantLinear)
+        n_exp = {"mixtral": "num_local_experts", "deepseek_v3": "n_routed_experts"}.get(family, "num_experts")
+        moe_blocks = 1 if family == "deepseek_v3" else 2  # its first block is dense
+        assert len(experts) == moe_blocks * 2 * getattr(fp.config, n_exp) and not any(isinstance(m, VQuantLinear)
                                                          for n, m in model.named_modules() if is_router(n, m))
         few = [w for w in rep.warnings if "Hessian pooled over" in w]
         assert all(".mlp.experts." in w for w in few) and (few or family != "qwen3_moe")
@@ -348,5 +357,75 @@ def test_target_globs_and_routers():
     assert selected("self_attn.q_proj", ("*",)) and selected("self_attn.q_proj", ("q_proj",))
     assert selected("self_attn.qkv_proj", ("*",)) and selected("mlp.gate_up_proj", ("*proj",))
     assert not selected("mlp.gate_proj", ("self_attn.*",)) and selected("mlp.experts.down_proj.3", ("mlp.experts.*",))
-    for router in ("mlp.gate", "mlp.shared_expert_gate", "mlp.router"):
+    assert not is_router("mlp.gate_proj") and not is_router("mlp.gate_up_proj") and not is_router("gate_proj.lora")
+    for router in ("mlp.gate", "mlp.shared_expert_gate", "mlp.router", "mlp.gate.wg"):  # HunYuan-MoE: gate.wg
         assert not selected(router, ("*",)) and not selected(router, ("mlp.*",)) and selected(router, (router,))
+
+
+# ----------------------------------------------------------------------------- families beyond the matrix
+
+def _beyond(family: str, tokenizer):
+    """Tiny models of families whose blocks differ from the matrix's in what the driver and the loaders must
+    handle (bench/arch_sweep.py found each failing): RoBERTa-style decoders (blocks inside an encoder whose
+    forward starts from hidden states, the mask passed positionally, decoder weight and bias tied to other
+    tensors), BLOOM (ALiBi biases with one slice per window of a batch), GPT-BigCode (its _init_weights
+    reaches into c_proj.weight from the MLP, which transformers' loader runs around a VQuantLinear), Gemma 3's
+    vision-language checkpoint (the decoder's depth in its text config, the vision tower left floating point)."""
+    ids = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+           "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    torch.manual_seed(0)
+    if family == "camembert":
+        return transformers.CamembertForCausalLM(transformers.CamembertConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, is_decoder=True,
+            max_position_embeddings=128, **ids))
+    if family == "gemma3_vision":  # a vision-language checkpoint (Gemma-3 4B and up): its text decoder is quantized
+        text = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "head_dim": 16, "sliding_window": 16, "max_position_embeddings": 256,
+                "layer_types": ["sliding_attention", "full_attention"], **ids}
+        vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                  "image_size": 28, "patch_size": 14}
+        return transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
+            text_config=text, vision_config=vision, mm_tokens_per_image=4, boi_token_index=1, eoi_token_index=2,
+            image_token_index=3))
+    if family == "bloom":
+        return transformers.BloomForCausalLM(transformers.BloomConfig(hidden_size=64, n_layer=2, n_head=4, **ids))
+    return transformers.GPTBigCodeForCausalLM(transformers.GPTBigCodeConfig(
+        n_embd=64, n_layer=2, n_head=4, n_positions=128, n_inner=128, **ids))
+
+
+@pytest.mark.parametrize("family", ["camembert", "bloom", "gpt_bigcode", "gemma3_vision"])
+def test_families_beyond_the_matrix_quantize_whole_and_load_both_ways(family, smol_tokenizer, calib, tmp_path):
+    from vptq.pipeline import compress
+
+    src, out = tmp_path / family, tmp_path / "q"
+    fp = _beyond(family, smol_tokenizer).eval()
+    fp.save_pretrained(src)
+    smol_tokenizer.save_pretrained(src)
+    # 3 windows: blocks run on batches of several windows (BLOOM's biases must be repeated per window)
+    res, model, _ = compress(str(src), CFG, out, calib=calib, nsamples=3, seqlen=16)
+    lins = block_linears(model)
+    assert lins and all(isinstance(m, VQuantLinear) for m in lins.values())
+    assert len(res.report.layers) == len(lins)
+    assert family != "gemma3_vision" or (  # the text decoder's blocks, not the vision tower's
+        all(".language_model.layers." in n for n in lins) and len(lins) == 14
+        and not any(isinstance(m, VQuantLinear) for n, m in model.named_modules() if "vision_tower" in n))
+    ids = torch.randint(0, len(smol_tokenizer), (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits
+        assert torch.isfinite(want).all()
+        assert torch.equal(vptq.from_pretrained(out)(ids).logits, want)  # tied copies stored once, tied again
+        vptq.patch_transformers(allow_cpu=True)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+        assert torch.equal(hf(ids).logits, want)
+
+
+def test_blocks_split_across_lists_are_refused_before_any_work(smol_tokenizer):
+    """XLM keeps attentions, norms and FFNs in separate lists: no list holds whole blocks, so none is taken
+    for the decoder blocks (a half-block chain would quantize and run the attentions alone)."""
+    from vptq.targets import check_model
+
+    torch.manual_seed(0)
+    xlm = transformers.XLMWithLMHeadModel(transformers.XLMConfig(
+        vocab_size=len(smol_tokenizer), emb_dim=64, n_layers=2, n_heads=4, max_position_embeddings=64))
+    with pytest.raises(ConfigError, match="XLMWithLMHeadModel: its blocks are split across transformer.attentions"):
+        check_model(xlm, CFG)

@@ -19,6 +19,7 @@ in the signatures below is one block's kwargs dict. Which linears are quantized:
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -45,6 +46,18 @@ class _Stop(Exception):
     """Raised by a capturing block to end the model's forward early (nothing after it is needed)."""
 
 
+def _backbone(model: nn.Module, path: str) -> nn.Module:
+    """The module whose forward takes token ids and calls the blocks at `path`: the nearest ancestor of the
+    blocks that accepts `input_ids` (the blocks' parent for Llama-like models; BERT-like models keep their
+    blocks in an encoder whose forward starts from hidden states), without the LM head where it can."""
+    parts = path.split(".")
+    for depth in range(len(parts) - 1, -1, -1):
+        mod = model.get_submodule(".".join(parts[:depth])) if depth else model
+        if "input_ids" in inspect.signature(mod.forward).parameters:
+            return mod
+    return model
+
+
 @torch.no_grad()
 def _capture(model: nn.Module, ids: torch.Tensor, upto: int) -> list[tuple[torch.Tensor, dict]]:
     """(hidden states in, keyword arguments) of blocks 0..upto as the model's own forward calls them.
@@ -55,14 +68,20 @@ def _capture(model: nn.Module, ids: torch.Tensor, upto: int) -> list[tuple[torch
     and sliding-window masks, position ids) is exactly what its forward gives each block."""
     path = layers_path(model)
     layers = model.get_submodule(path)
-    base = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
+    base = _backbone(model, path)
     seen: list[tuple[torch.Tensor, dict]] = []
 
+    # a block's parameters by name (self dropped): positional arguments (BERT-like encoders pass the mask so)
+    # are recorded as the keyword arguments they bind to, so that run_block can hand every one back by name
+    params = list(inspect.signature(type(layers[0]).forward).parameters.values())[1:]
+    named = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
     def record(*args, **kwargs):
-        x = args[0] if args else kwargs.pop("hidden_states")
-        if len(args) > 1:
-            raise ValueError(f"{type(model).__name__}: its blocks take positional arguments besides the hidden "
-                             "states; this architecture is not supported")
+        if len(args) > len(named) or not named or any(p.kind == p.POSITIONAL_ONLY for p in params):
+            raise ValueError(f"{type(model).__name__}: its blocks take positional arguments that cannot be passed "
+                             "by name; this architecture is not supported")
+        kwargs = {**dict(zip(named, args, strict=False)), **kwargs}  # len(args) <= len(named)
+        x = kwargs.pop(named[0])
         seen.append((x, kwargs))
         if len(seen) > upto:
             raise _Stop
@@ -86,12 +105,54 @@ def _capture(model: nn.Module, ids: torch.Tensor, upto: int) -> list[tuple[torch
     return seen
 
 
+@dataclass(frozen=True, eq=False)
+class PerWindow:
+    """A block argument holding one slice per window, window-major along its first dimension (BLOOM's
+    ALiBi biases, the masks of models that check them against the batch): captured for one window, repeated
+    for a batch of windows by run_block. Every window has the same length and no padding, so the slices
+    are equal."""
+
+    value: torch.Tensor
+
+
+def _mark_per_window(one, two):
+    """one window's kwargs, with each tensor that the two-window capture holds twice along dim 0 a PerWindow."""
+    if isinstance(one, torch.Tensor) and isinstance(two, torch.Tensor):
+        if one.dim() and two.shape[0] == 2 * one.shape[0] and two.shape[1:] == one.shape[1:]:
+            return PerWindow(one)
+        return one
+    if isinstance(one, (tuple, list)) and isinstance(two, (tuple, list)) and len(one) == len(two):
+        return type(one)(_mark_per_window(a, b) for a, b in zip(one, two, strict=True))
+    if isinstance(one, dict) and isinstance(two, dict):
+        return {k: _mark_per_window(v, two.get(k)) for k, v in one.items()}
+    return one
+
+
+def _for_batch(o, n: int):
+    """Block kwargs with every PerWindow repeated for n windows (the plain value otherwise)."""
+    if isinstance(o, PerWindow):
+        v = o.value
+        if n == 1:
+            return v
+        # one slice per window (masks): a broadcast view, no copy; several (BLOOM's heads): repeated
+        return v.expand(n, *v.shape[1:]) if v.shape[0] == 1 else v.repeat(n, *[1] * (v.dim() - 1))
+    if isinstance(o, tuple):
+        return tuple(_for_batch(v, n) for v in o)
+    if isinstance(o, list):
+        return [_for_batch(v, n) for v in o]
+    if isinstance(o, dict):
+        return {k: _for_batch(v, n) for k, v in o.items()}
+    return o
+
+
 def to_device(obj, device: str | torch.device):
     """A block's keyword arguments (tensors in tuples, lists, dicts) on `device`; tensors shared
     between blocks (one mask or rotary table for many) stay shared."""
     memo: dict[int, torch.Tensor] = {}
 
     def move(o):
+        if isinstance(o, PerWindow):
+            return PerWindow(move(o.value))
         if isinstance(o, torch.Tensor):
             if id(o) not in memo:
                 memo[id(o)] = o.to(device)
@@ -117,16 +178,19 @@ def embed(model: nn.Module, ids: torch.Tensor, batch: int = BATCH) -> torch.Tens
 
 def block_kwargs(model: nn.Module, seqlen: int, device: str | torch.device = "cpu") -> list[dict]:
     """What the model's forward gives each block besides its hidden states, for windows of `seqlen`
-    tokens (one dict per block, captured on a batch of one: masks and tables broadcast over a batch),
+    tokens (one dict per block, captured on a batch of one: masks and tables broadcast over a batch;
+    what a batch holds once per window is marked PerWindow, found by capturing two windows as well),
     on `device`. The values depend on the window length only, never on its tokens (no padding)."""
-    seen = _capture(model, torch.zeros(1, seqlen, dtype=torch.long), len(decoder_layers(model)) - 1)
-    return to_device([kw for _, kw in seen], device)
+    last = len(decoder_layers(model)) - 1
+    one = _capture(model, torch.zeros(1, seqlen, dtype=torch.long), last)
+    two = _capture(model, torch.zeros(2, seqlen, dtype=torch.long), last)
+    return to_device([_mark_per_window(a, b) for (_, a), (_, b) in zip(one, two, strict=True)], device)
 
 
 def run_block(block: nn.Module, x: torch.Tensor, kw: dict | None) -> torch.Tensor:
     """One decoder block on hidden states x (batch, seqlen, d) -> its output hidden states.
     kw: the block's keyword arguments from block_kwargs."""
-    out = block(x, **(kw or {}))
+    out = block(x, **_for_batch(kw or {}, x.shape[0]))
     return out[0] if isinstance(out, tuple) else out
 
 

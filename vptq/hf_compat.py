@@ -55,7 +55,33 @@ def replace_with_vptq_linear(model, modules_to_not_convert: list[str] | None = N
         from transformers.utils import logging
 
         logging.get_logger(__name__).warning("vptq: no linear of the model is named in the quantization_config")
+    _init_around_quantized(model)
     return model
+
+
+def _init_around_quantized(model) -> None:
+    """transformers initialises every module the checkpoint did not mark as loaded; some models' own
+    `_init_weights` reach into a child linear's `.weight` from its parent (GPT-BigCode's MLP rescales
+    `c_proj.weight`), which a VQuantLinear does not have: its tensors come from the checkpoint, so that
+    step is skipped for parents of quantized linears only (any other AttributeError still raises)."""
+    from transformers import PreTrainedModel
+
+    from .layers import VQuantLinear
+
+    for m in model.modules():
+        if not isinstance(m, PreTrainedModel) or getattr(m._init_weights, _PATCHED_MARK, False):
+            continue
+        own = m._init_weights
+
+        def init(module, own=own):
+            try:
+                own(module)
+            except AttributeError:
+                if not any(isinstance(c, VQuantLinear) for c in module.children()):
+                    raise
+
+        setattr(init, _PATCHED_MARK, True)
+        m._init_weights = init
 
 
 def patch_transformers(allow_cpu: bool = False) -> None:

@@ -56,9 +56,25 @@ def quantization_config(model: nn.Module) -> dict:
 
 
 def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors to write, each stored once: a tied copy (lm_head.weight of a tied model, BioGPT's
+    output_projection, RoBERTa's decoder bias) is dropped, as transformers' save_pretrained drops it, and
+    tied again on load (safetensors refuses two names for one storage)."""
     sd = model.state_dict()
     if getattr(model.config, "tie_word_embeddings", False):
         sd.pop("lm_head.weight", None)  # tied to embed_tokens: stored once
+    targets = set(getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or ())
+    first: dict[tuple, str] = {}
+    for k in list(sd):
+        v = sd[k]
+        if v.device.type == "meta" or v.numel() == 0:
+            continue
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()))
+        if key not in first:
+            first[key] = k
+            continue
+        drop = first[key] if first[key] in targets and k not in targets else k  # keep the tie's source
+        sd.pop(drop)
+        first[key] = k if drop != k else first[key]
     return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
 
 
@@ -318,13 +334,21 @@ def _owner(key: str, layers: dict) -> str:
     return ""
 
 
-def check_tensors(model: nn.Module, layers: dict[str, VQuantLinear], headers: dict, tied: bool) -> None:
+def tied_keys(model: nn.Module) -> set[str]:
+    """The state-dict keys the model ties to another tensor on load (lm_head.weight of a model with tied
+    embeddings, BioGPT's output_projection.weight, RoBERTa's decoder bias): a checkpoint may omit them."""
+    keys = set(getattr(model, "all_tied_weights_keys", None) or ())
+    if getattr(model.config, "tie_word_embeddings", False):
+        keys.add("lm_head.weight")
+    return keys
+
+
+def check_tensors(model: nn.Module, layers: dict[str, VQuantLinear], headers: dict, tied: set[str]) -> None:
     """Every state-dict key of the built model is in the files with the right shape (and, for
-    index tensors, the right dtype), and nothing else is: else CheckpointError naming the layer."""
+    index tensors, the right dtype), and nothing else is: else CheckpointError naming the layer.
+    `tied`: keys the model ties on load (tied_keys), which the files need not hold."""
     problems: list[tuple[str, str]] = []
-    expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
-    if tied:
-        expected.pop("lm_head.weight", None)
+    expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items() if k not in tied}
     for key, (shape, dtype) in expected.items():
         layer = _owner(key, layers)
         if key not in headers:
@@ -339,7 +363,7 @@ def check_tensors(model: nn.Module, layers: dict[str, VQuantLinear], headers: di
         elif dtype.is_floating_point and (got_dtype is None or not got_dtype.is_floating_point):
             problems.append((layer, f"tensor {key} is {got_dtype}, expected a floating-point tensor"))
     for key in headers:
-        if key not in expected and not (tied and key == "lm_head.weight"):
+        if key not in expected and key not in tied:
             problems.append((_owner(key, layers), f"unexpected tensor {key} (not in the model the "
                                                   "quantization_config describes)"))
     if problems:
@@ -391,15 +415,13 @@ def load_quantized(folder: str | Path, device: str | torch.device = "cpu") -> nn
         raise CheckpointError(f"{folder}/config.json: not a transformers model config ({str(e).splitlines()[0]})") from None
     cb_dtype = next((h[1] for k, h in headers.items() if k.endswith("centroids.weight")), torch.float16)
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
+    tied = tied_keys(model)
     layers = replace_linears(model, qc.get("config_for_layers") or {}, cb_dtype, qc.get("shared_layer_config"),
                              qc.get("modules_to_not_convert"))
     check_tensors(model, layers, headers, tied)
     check_index_ranges(layers, headers)
     for f in sorted({h[2] for h in headers.values()}):
-        sd = load_file(f)
-        if tied:
-            sd.pop("lm_head.weight", None)
+        sd = {k: v for k, v in load_file(f).items() if k not in tied}
         model.load_state_dict(sd, strict=False)  # key sets were checked above, over all shards
     if tied:
         model.tie_weights()

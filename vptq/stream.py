@@ -124,8 +124,13 @@ def open_streamed(folder: str | Path, dtype: torch.dtype = torch.float32) -> Str
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, nn.ModuleList):
         return None
-    stored = {n[len(BLOCK_PREFIX) + 2:] for n in wmap if n.startswith(f"{BLOCK_PREFIX}0.")}
-    if stored != set(layers[0].state_dict()):
+    stored: dict[str, set[str]] = defaultdict(set)
+    for n in wmap:
+        if n.startswith(BLOCK_PREFIX):
+            index, _, rest = n[len(BLOCK_PREFIX):].partition(".")
+            stored[index].add(rest)
+    # every block, not only block 0: DeepSeek-V3 keeps its first blocks dense and stores its experts per expert
+    if any(stored.get(str(i), set()) != set(layer.state_dict()) for i, layer in enumerate(layers)):
         # keys that transformers converts on load (Mixtral's experts.N.w1/w2/w3 -> fused 3-D experts):
         # only a whole-model load (from_pretrained, which converts them) reads this checkpoint
         return None
@@ -136,7 +141,10 @@ def open_streamed(folder: str | Path, dtype: torch.dtype = torch.float32) -> Str
         model.tie_weights()
     inner = model.model
     if hasattr(inner, "rotary_emb"):  # non-persistent buffers: computed, not stored
-        inner.rotary_emb = type(inner.rotary_emb)(config=config)
+        try:  # from the backbone's own config (a sub-config in composite models)
+            inner.rotary_emb = type(inner.rotary_emb)(config=getattr(inner, "config", config))
+        except (TypeError, AttributeError, ValueError):
+            pass  # built otherwise: init_buffers computes its tables, or the model is loaded whole
     init_buffers(model)
     for n, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.is_meta and not n.startswith(BLOCK_PREFIX):

@@ -39,13 +39,21 @@ def layers_path(model: nn.Module) -> str:
     inner = getattr(model, "model", None)
     if isinstance(getattr(inner, "layers", None), nn.ModuleList):
         return "model.layers"
-    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    config = getattr(model, "config", None)
+    # composite (vision-language) models keep the decoder's depth in their text config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = getattr(text, "num_hidden_layers", None)
     found = [name for name, m in model.named_modules()
              if isinstance(m, nn.ModuleList) and n is not None and len(m) == n and name]
     if not found:
         raise ValueError(f"{type(model).__name__}: no decoder blocks (no model.layers, no ModuleList of "
                          f"config.num_hidden_layers={n} blocks): not a decoder-only causal LM")
-    return min(found, key=lambda name: name.count("."))
+    depth = min(name.count(".") for name in found)
+    top = [name for name in found if name.count(".") == depth]
+    if len(top) > 1:  # XLM: attentions, ffns and norms in lists of their own, each a part of a block
+        raise ValueError(f"{type(model).__name__}: its blocks are split across {', '.join(top)} (one list per part, "
+                         "not one module per block): not supported")
+    return top[0]
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -69,9 +77,10 @@ def unfused(block: nn.Module) -> nn.Module:
 
 
 def is_router(name: str, module: nn.Module | None = None) -> bool:
-    """A MoE router or gate: by its last name component, or a module class named *Router*."""
-    leaf = name.rsplit(".", 1)[-1]
-    if any(fnmatch.fnmatchcase(leaf, p) for p in ROUTER_NAMES):
+    """A MoE router or gate: by its last name component or its parent's (HunYuan-MoE keeps its router's
+    linear as `mlp.gate.wg`), or a module class named *Router*."""
+    parts = name.split(".")
+    if any(fnmatch.fnmatchcase(part, p) for part in parts[-2:] for p in ROUTER_NAMES):
         return True
     return module is not None and "router" in type(module).__name__.lower()
 
