@@ -383,7 +383,11 @@ def report_selection(results: Path) -> None:
     # README's quality table: the presets (and what they are compared with), from the same records
     labels = {"fp": "FP (GGUF dequantized)", "gptq3": "GPTQ 3-bit, group 64 (ours, one-shot)",
               "preset2-oneshot": "2-bit preset, one-shot (no fine-tuning: the CPU path)",
-              **{run: f"{bits}-bit preset (fine-tuned)" for bits, run in PRESET_RUNS.items()}}
+              **{run: f"{bits}-bit preset (fine-tuned)" for bits, run in PRESET_RUNS.items()},
+              # what a job gets without --calib: the calibration mix (docs/calibration-mix.md)
+              "gptq3+mix": "GPTQ 3-bit, calibrated on the default mix",
+              **{f"{run}+mix": f"{bits}-bit preset (fine-tuned), calibrated on the default mix"
+                 for bits, run in PRESET_RUNS.items()}}
     short = ["| model | bpw all-in | seeds | selection ppl (valid) | test ppl | "
              + " | ".join(f"{c} (x FP)" for c in corpora) + " |", "|---|---|---|---|---|" + "---|" * len(corpora)]
     for name in [n for n in labels if n in runs]:
