@@ -255,3 +255,19 @@ def test_a_one_shot_request_defaults_to_sequential_hessians():
     assert JobSpec(source="smollm2", name="x").hessians == "original"
     spec = JobSpec(source="smollm2", name="x", hessians="true-sequential", runner="dask")
     assert (spec.hessians, spec.runner) == ("true-sequential", "dask")
+
+
+def test_a_block_of_linears_only_keeps_computing_in_float32_once_quantized():
+    """NanoChat's blocks hold no weight besides their linears (weightless RMSNorms): once those are
+    VQuantLinears, the block's dtype must not be taken from their fp16 codebooks (the driver then fed the block
+    fp16 hidden states, and its value states met fp32 queries)."""
+    from torch import nn
+
+    from vptq.layers import VQuantLinear
+
+    block = nn.Sequential(VQuantLinear(8, 8, vector_lens=[-1, 4], num_centroids=[-1, 16], num_res_centroids=[-1, -1],
+                                       group_num=1, group_size=8, outlier_size=0, bias=False))
+    assert {p.dtype for p in block.parameters() if p.is_floating_point()} == {torch.float16}
+    assert driver.block_dtype(block) == torch.float32
+    block.append(nn.LayerNorm(8, dtype=torch.bfloat16))
+    assert driver.block_dtype(block) == torch.bfloat16  # a weight of its own decides, as before

@@ -196,10 +196,11 @@ def run_block(block: nn.Module, x: torch.Tensor, kw: dict | None) -> torch.Tenso
 
 def block_dtype(block: nn.Module) -> torch.dtype:
     """The dtype a block computes in: its floating-point weights' outside VQuantLinears (whose fp16
-    codebooks are not the block's dtype: a quantized block keeps computing in the original one)."""
+    codebooks are not the block's dtype: a quantized block keeps computing in the original one); a block
+    with none (NanoChat's weightless norms around its linears) computes in float32."""
     skip = {id(p) for m in block.modules() if isinstance(m, VQuantLinear) for p in m.parameters()}
     return next((p.dtype for p in block.parameters() if id(p) not in skip and p.is_floating_point()),
-                next(block.parameters()).dtype)
+                torch.float32)
 
 
 @torch.no_grad()
