@@ -122,7 +122,7 @@ def child(model_type: str, work: Path) -> dict:
         g = generate_text(ours, tok, "The quick brown fox", max_new_tokens=4)
         return {**base, "status": "ok", "exit": 0, "generated": g.tokens,
                 "bpw": summary.get("bpw"), "float_params": summary.get("float_params"),
-                "quantized_weights": summary.get("weights")}
+                "quantized_layers": summary.get("layers")}
     except Exception as e:  # noqa: BLE001 - a load or generate failure is the finding
         return {**base, "status": "crash", "exit": 0,
                 "message": f"after compress: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}

@@ -75,9 +75,10 @@ def _capture(model: nn.Module, ids: torch.Tensor, upto: int) -> list[tuple[torch
     # are recorded as the keyword arguments they bind to, so that run_block can hand every one back by name
     params = list(inspect.signature(type(layers[0]).forward).parameters.values())[1:]
     named = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    by_name = bool(named) and not any(p.kind == p.POSITIONAL_ONLY for p in params)
 
     def record(*args, **kwargs):
-        if len(args) > len(named) or not named or any(p.kind == p.POSITIONAL_ONLY for p in params):
+        if not by_name or len(args) > len(named):
             raise ValueError(f"{type(model).__name__}: its blocks take positional arguments that cannot be passed "
                              "by name; this architecture is not supported")
         kwargs = {**dict(zip(named, args, strict=False)), **kwargs}  # len(args) <= len(named)

@@ -62,19 +62,21 @@ def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     sd = model.state_dict()
     if getattr(model.config, "tie_word_embeddings", False):
         sd.pop("lm_head.weight", None)  # tied to embed_tokens: stored once
-    targets = set(getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or ())
-    first: dict[tuple, str] = {}
+    targets = tied_keys(model)  # the names the loader ties again: of two sharing one storage, these go
+    kept: dict[tuple, str] = {}  # a storage (and view) -> the name kept for it
     for k in list(sd):
         v = sd[k]
         if v.device.type == "meta" or v.numel() == 0:
             continue
         key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()))
-        if key not in first:
-            first[key] = k
+        other = kept.setdefault(key, k)
+        if other == k:
             continue
-        drop = first[key] if first[key] in targets and k not in targets else k  # keep the tie's source
-        sd.pop(drop)
-        first[key] = k if drop != k else first[key]
+        if other in targets and k not in targets:  # keep the tie's source
+            sd.pop(other)
+            kept[key] = k
+        else:
+            sd.pop(k)
     return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
 
 
