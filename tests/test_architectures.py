@@ -8,7 +8,8 @@ nn.Linear of the blocks (fused Phi-3 projections included) is quantized; generat
 view of the folder (vptq/stream.py) equals a whole-model load, inputs and block kwargs included. MoE
 families (Mixtral, Qwen2-MoE, Qwen3-MoE: experts as 3-D parameters) are quantized one linear per expert.
 Two families also go through the CLI (`vptq compress DIR --bits 2 --json`); one whose block weights are
-not nn.Linear (GPT-2's Conv1D) is refused before any work, one line naming it, exit 2, nothing at --out.
+not linears in any form (Mamba's state-space parameters) is refused before any work, one line naming it, exit 2,
+nothing at --out.
 
 Budget: the whole file must stay under ~90 s on 2 cores (tiny k-means, 2 windows x 32 tokens).
 """
@@ -26,8 +27,8 @@ from torch import nn
 
 import vptq
 from vptq import driver
+from vptq.as_linear import as_linears
 from vptq.config import ConfigError, QuantConfig
-from vptq.experts import unfuse_experts
 from vptq.layers import VQuantLinear
 from vptq.targets import is_router
 
@@ -227,7 +228,7 @@ def test_compress_command_quantizes_every_linear_and_says_what_stays_fp(family, 
     code, stdout, err = cli("compress", src, "--bits", "2", "--json", "--out", out, "--calib", calib, *CLI_TINY)
     assert code == 0, err
     s = json.loads(stdout)
-    unfuse_experts(fp)  # MoE experts: one linear each, as they are quantized
+    as_linears(fp)  # MoE experts one linear each (Conv1D as nn.Linear), as they are quantized
     names = list(block_linears(fp))
     assert s["layers"] == len(names) and s["bits_per_param"] > s["bpw"] > 0
     floating = s["float_tensors"]
@@ -318,21 +319,22 @@ def test_layer_rules_match_paths_and_blocks_and_round_trip():
 
 
 def test_an_unsupported_architecture_is_refused_by_the_command(smol_tokenizer, calib, home, tmp_path):
-    """GPT-2 keeps its block weights in Conv1D modules, not nn.Linear: refused, never half-quantized."""
-    src, out = tmp_path / "gpt2", tmp_path / "q"
+    """Mamba's blocks hold state-space parameters (A_log, a depthwise conv) that are no linear in any form:
+    refused, never half-quantized."""
+    src, out = tmp_path / "mamba", tmp_path / "q"
     torch.manual_seed(0)
-    transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=len(smol_tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=256,
+    transformers.MambaForCausalLM(transformers.MambaConfig(
+        vocab_size=len(smol_tokenizer), hidden_size=64, state_size=8, num_hidden_layers=2,
         bos_token_id=smol_tokenizer.bos_token_id, eos_token_id=smol_tokenizer.eos_token_id)).save_pretrained(src)
     smol_tokenizer.save_pretrained(src)
     code, stdout, err = cli("compress", src, "--bits", "2", "--json", "--out", out, "--calib", calib, *CLI_TINY)
     lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and "GPT2LMHeadModel is not supported: transformer.h.0." in lines[0], err
+    assert code == 2 and len(lines) == 1 and "MambaForCausalLM is not supported: backbone.layers.0." in lines[0], err
     assert "Traceback" not in err and stdout == "" and not out.exists()
     # refused before any work: from the model's config (no weights loaded), before a job row exists
     code, stdout, err = cli("submit", src, "--bits", "2", "--name", "g", "--calib", calib, *CLI_TINY)
     lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and "GPT2LMHeadModel is not supported" in lines[0], err
+    assert code == 2 and len(lines) == 1 and "MambaForCausalLM is not supported" in lines[0], err
     assert jobs_left(home) == []
 
 
@@ -370,7 +372,9 @@ def _beyond(family: str, tokenizer):
     forward starts from hidden states, the mask passed positionally, decoder weight and bias tied to other
     tensors), BLOOM (ALiBi biases with one slice per window of a batch), GPT-BigCode (its _init_weights
     reaches into c_proj.weight from the MLP, which transformers' loader runs around a VQuantLinear), Gemma 3's
-    vision-language checkpoint (the decoder's depth in its text config, the vision tower left floating point)."""
+    vision-language checkpoint (the decoder's depth in its text config, the vision tower left floating point),
+    GPT-2 (Conv1D modules: the weight stored in x out) and MoE experts in transposed 3-D layouts (Llama 4: every
+    expert runs on every token, unrouted rows zeroed; GPT-OSS: biases, interleaved gate/up, a clamped SwiGLU)."""
     ids = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     torch.manual_seed(0)
@@ -389,11 +393,30 @@ def _beyond(family: str, tokenizer):
             image_token_index=3))
     if family == "bloom":
         return transformers.BloomForCausalLM(transformers.BloomConfig(hidden_size=64, n_layer=2, n_head=4, **ids))
+    if family == "gpt2":  # block weights in Conv1D modules (stored in x out)
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                                                                    **ids))
+    moe = {"hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 256, **ids}
+    if family == "llama4_text":  # experts (E, in, out), every expert run on all tokens, unrouted ones zeroed
+        return transformers.Llama4ForCausalLM(transformers.Llama4TextConfig(
+            intermediate_size_mlp=128, num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=1, **moe))
+    if family == "gpt_oss":  # experts (E, in, out) with biases, gate and up interleaved, a clamped SwiGLU
+        return transformers.GptOssForCausalLM(transformers.GptOssConfig(
+            num_local_experts=4, num_experts_per_tok=2, sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"], **moe))
+    if family == "aria_text":  # experts (E, in, out) without biases, beside shared experts
+        return transformers.AriaTextForCausalLM(transformers.AriaTextConfig(
+            moe_num_experts=4, moe_topk=2, moe_num_shared_experts=1, **moe))
+    if family == "mixtral":  # experts (E, out, in)
+        return transformers.MixtralForCausalLM(transformers.MixtralConfig(
+            num_local_experts=4, num_experts_per_tok=2, **moe))
     return transformers.GPTBigCodeForCausalLM(transformers.GPTBigCodeConfig(
         n_embd=64, n_layer=2, n_head=4, n_positions=128, n_inner=128, **ids))
 
 
-@pytest.mark.parametrize("family", ["camembert", "bloom", "gpt_bigcode", "gemma3_vision"])
+@pytest.mark.parametrize("family", ["camembert", "bloom", "gpt_bigcode", "gemma3_vision", "gpt2", "llama4_text",
+                                    "gpt_oss"])
 def test_families_beyond_the_matrix_quantize_whole_and_load_both_ways(family, smol_tokenizer, calib, tmp_path):
     from vptq.pipeline import compress
 
@@ -409,6 +432,10 @@ def test_families_beyond_the_matrix_quantize_whole_and_load_both_ways(family, sm
     assert family != "gemma3_vision" or (  # the text decoder's blocks, not the vision tower's
         all(".language_model.layers." in n for n in lins) and len(lins) == 14
         and not any(isinstance(m, VQuantLinear) for n, m in model.named_modules() if "vision_tower" in n))
+    if family in ("llama4_text", "gpt_oss"):  # every expert's matrices, one linear each; routers stay fp
+        experts = [n for n in lins if ".experts." in n]
+        assert len(experts) == 2 * 2 * 4 and not any(
+            isinstance(m, VQuantLinear) for n, m in model.named_modules() if is_router(n, m))
     ids = torch.randint(0, len(smol_tokenizer), (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = model(ids).logits
@@ -429,3 +456,37 @@ def test_blocks_split_across_lists_are_refused_before_any_work(smol_tokenizer):
         vocab_size=len(smol_tokenizer), emb_dim=64, n_layers=2, n_heads=4, max_position_embeddings=64))
     with pytest.raises(ConfigError, match="XLMWithLMHeadModel: its blocks are split across transformer.attentions"):
         check_model(xlm, CFG)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama4_text", "gpt_oss", "aria_text", "mixtral"])
+def test_linears_in_other_forms_compute_as_before_once_rewritten(family, smol_tokenizer):
+    """Conv1D and every 3-D experts layout become nn.Linear modules (one per expert and projection) that give
+    the model's logits as before (to float rounding); nothing of the blocks is left outside nn.Linear."""
+    from vptq.as_linear import as_linears
+    from vptq.targets import decoder_layers, unsupported_weights
+
+    model = _beyond(family, smol_tokenizer).eval()
+    ids = torch.randint(0, len(smol_tokenizer), (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits
+        for block in decoder_layers(model):
+            assert as_linears(block) and not unsupported_weights(block)
+        got = model(ids).logits
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (got - want).abs().max()
+
+
+def test_moe_experts_kept_fp_by_the_targets_load_back(smol_tokenizer, calib, tmp_path):
+    """Attention-only targets on a MoE model: its experts were rewritten one linear each and saved in floating
+    point that way, and both loaders read them back."""
+    from vptq.pipeline import compress
+
+    src, out = tmp_path / "mixtral", tmp_path / "q"
+    _beyond("mixtral", smol_tokenizer).save_pretrained(src)
+    smol_tokenizer.save_pretrained(src)
+    _, model, _ = compress(str(src), CFG.with_(targets=("self_attn.*",)), out, calib=calib, nsamples=2, seqlen=16)
+    ids = torch.randint(0, len(smol_tokenizer), (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits
+        assert torch.equal(vptq.from_pretrained(out)(ids).logits, want)
+        vptq.patch_transformers(allow_cpu=True)
+        assert torch.equal(transformers.AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits, want)

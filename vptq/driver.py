@@ -26,9 +26,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .as_linear import as_linears
 from .callorder import call_groups, trace_calls
 from .config import QuantConfig
-from .experts import collect_expert_hessians, expert_key, unfuse_experts, with_pooled_fallback
+from .experts import collect_expert_hessians, expert_key, with_pooled_fallback
 from .finetune import finetune_block
 from .hessian import collect_hessians
 from .layers import VQuantLinear
@@ -264,7 +265,7 @@ def original_hessians(model: nn.Module, calib: torch.Tensor, device: str | torch
             b = block(i).to(device)
         else:
             b = layers[i] if device.type == "cpu" else copy.deepcopy(layers[i]).to(device)
-        unfuse_experts(b)  # the same values, one linear per expert: their Hessians are over routed tokens
+        as_linears(b)  # the same values as nn.Linear (experts one each: their Hessians over routed tokens)
         hs, x = block_hessians(b, x, kws[i], device, batch)
         yield i, hs
 
@@ -380,7 +381,7 @@ class BlockStep:
     def __init__(self, block: nn.Module, index: int, cfg: QuantConfig, device: str | torch.device,
                  inputs: BlockInputs | None = None, pe: dict | None = None, batch: int = BATCH,
                  path: str = "model.layers"):
-        unfuse_experts(block)  # MoE experts as one linear each (same values): vptq.experts
+        as_linears(block)  # experts one linear each, Conv1D as nn.Linear (same values): vptq.as_linear
         self.block, self.index, self.cfg, self.batch = block, index, cfg, batch
         self.device = torch.device(device)
         self.prefix = block_prefix(index, path)

@@ -2,8 +2,11 @@
 
 transformers 5 stores a block's experts as two 3-D parameters (`MixtralExperts`, `Qwen2MoeExperts`,
 `Qwen3MoeExperts`, ...): `gate_up_proj` (E, 2I, H) and `down_proj` (E, H, I), called as
-`experts(hidden_states, top_k_index, top_k_weights)`. `LinearExperts` computes exactly that with
-`gate_up_proj[e]` / `down_proj[e]` as `nn.Linear` modules (`mlp.experts.gate_up_proj.3`), which the
+`experts(hidden_states, top_k_index, top_k_weights)`; others store them transposed, (E, in, out) (Aria,
+GPT-OSS with per-expert biases and its own gate, Llama 4, whose experts each run on every token with the
+unrouted ones zeroed), or ungated (`up_proj`): `Layout` says which, read from transformers' experts-interface
+flags on the module. `LinearExperts` computes exactly that with `gate_up_proj[e]` (or `up_proj[e]`) /
+`down_proj[e]` as `nn.Linear` modules (`mlp.experts.gate_up_proj.3`), which the
 generic target search, the Hessian hooks, VQuantLinear and the checkpoint's `config_for_layers` then
 treat like any other linear: this is our extension of the VPTQ format (the authors' loader has no
 per-expert layout); vptq/io.py and vptq/hf_compat.py unfuse the experts before they build
@@ -17,54 +20,132 @@ where no expert of a projection saw any token fails with one line (a MoE without
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections import defaultdict
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 MIN_EXPERT_TOKENS = 16  # fewer routed tokens than this: the expert's Hessian is the block's pooled one
 # an expert's linear: ours (`experts.gate_up_proj.3`) or a ModuleList of expert MLPs (`experts.3.w1`)
-_OURS = re.compile(r"^(.*\bexperts\.(?:gate_up_proj|down_proj))\.\d+$")
+_OURS = re.compile(r"^(.*\bexperts\.(?:gate_up_proj|up_proj|down_proj))\.\d+$")
 _LISTED = re.compile(r"^(.*\bexperts)\.\d+\.(.+)$")
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How a fused experts module stores and runs its matrices (transformers' experts interface flags).
+
+    transposed: (E, in, out) rather than (E, out, in); bias: per-expert biases beside each matrix; gate:
+    `gate_up_proj` (a gated MLP) rather than `up_proj`; dense: Llama 4's `forward(hidden_states)` over every
+    expert, each reading all tokens with the unrouted ones zeroed (the others are called as
+    `experts(hidden_states, top_k_index, top_k_weights)`)."""
+
+    transposed: bool = False
+    bias: bool = False
+    gate: bool = True
+    dense: bool = False
+
+    @property
+    def up_name(self) -> str:
+        return "gate_up_proj" if self.gate else "up_proj"
+
+
+def experts_layout(mod: nn.Module) -> Layout | None:
+    """The Layout of a fused experts module (3-D `gate_up_proj`/`up_proj` and `down_proj`, optional biases),
+    None for any other module. transformers' experts interface says the layout in flags on the module;
+    a module without them (Llama 4's) is told by its shapes and its forward's arguments."""
+    own = dict(mod.named_parameters(recurse=False))
+    gate = "gate_up_proj" in own
+    up, dn = own.get("gate_up_proj" if gate else "up_proj"), own.get("down_proj")
+    if up is None or dn is None or up.dim() != 3 or dn.dim() != 3 or not hasattr(mod, "act_fn") and not gate:
+        return None
+    if hasattr(mod, "is_transposed"):
+        layout = Layout(bool(mod.is_transposed), bool(getattr(mod, "has_bias", False)), gate)
+    else:
+        n_args = len(inspect.signature(mod.forward).parameters)
+        layout = Layout(transposed=n_args == 1, gate=gate, dense=n_args == 1)
+    e = up.shape[0]
+    hidden, inner = (up.shape[1], dn.shape[1]) if layout.transposed else (up.shape[2], dn.shape[2])
+    width = 2 * inner if gate else inner
+    want_up, want_dn = ((e, hidden, width), (e, inner, hidden)) if layout.transposed else \
+        ((e, width, hidden), (e, hidden, inner))
+    names = {layout.up_name, "down_proj"} | ({f"{layout.up_name}_bias", "down_proj_bias"} if layout.bias else set())
+    if tuple(up.shape) != want_up or tuple(dn.shape) != want_dn or set(own) != names:
+        return None
+    if gate and not (hasattr(mod, "act_fn") or hasattr(type(mod), "_apply_gate")):
+        return None
+    return layout
+
+
 def is_fused_experts(mod: nn.Module) -> bool:
-    """transformers 5's fused experts: 3-D gate_up_proj (E, 2I, H) and down_proj (E, H, I), no biases."""
-    gu, dn = getattr(mod, "gate_up_proj", None), getattr(mod, "down_proj", None)
-    if not (isinstance(gu, nn.Parameter) and isinstance(dn, nn.Parameter) and gu.dim() == 3 and dn.dim() == 3):
-        return False
-    e, two_i, h = gu.shape
-    own = {n for n, _ in mod.named_parameters(recurse=False)}
-    return dn.shape == (e, h, two_i // 2) and own == {"gate_up_proj", "down_proj"} and hasattr(mod, "act_fn")
+    """A fused experts module this file rewrites as one linear per expert (see experts_layout)."""
+    return experts_layout(mod) is not None
+
+
+def _default_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return self.act_fn(gate) * up
 
 
 class LinearExperts(nn.Module):
     """The fused experts' forward with one linear per expert and projection (see the module doc)."""
 
-    def __init__(self, num_experts: int, hidden: int, intermediate: int, act_fn: nn.Module,
-                 device=None, dtype=None):
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, act_fn: nn.Module | None,
+                 layout: Layout = Layout(), device=None, dtype=None):
         super().__init__()
         self.num_experts, self.hidden_dim, self.intermediate_dim = num_experts, hidden, intermediate
-        kw = {"bias": False, "device": device, "dtype": dtype}
-        self.gate_up_proj = nn.ModuleList(nn.Linear(hidden, 2 * intermediate, **kw) for _ in range(num_experts))
+        self.layout = layout
+        kw = {"bias": layout.bias, "device": device, "dtype": dtype}
+        width = 2 * intermediate if layout.gate else intermediate
+        self.add_module(layout.up_name, nn.ModuleList(nn.Linear(hidden, width, **kw) for _ in range(num_experts)))
         self.down_proj = nn.ModuleList(nn.Linear(intermediate, hidden, **kw) for _ in range(num_experts))
         self.act_fn = act_fn
+        self.gate_fn = _default_gate  # a fused module's own `_apply_gate` (GPT-OSS: interleaved, clamped)
 
     @classmethod
     def from_fused(cls, mod: nn.Module) -> LinearExperts:
-        e, two_i, h = mod.gate_up_proj.shape
-        new = cls(e, h, two_i // 2, mod.act_fn, device=mod.gate_up_proj.device, dtype=mod.gate_up_proj.dtype)
-        if not mod.gate_up_proj.is_meta:
+        layout = experts_layout(mod)
+        up_w, dn_w = getattr(mod, layout.up_name), mod.down_proj
+        e = up_w.shape[0]
+        hidden, inner = (up_w.shape[1], dn_w.shape[1]) if layout.transposed else (up_w.shape[2], dn_w.shape[2])
+        new = cls(e, hidden, inner, getattr(mod, "act_fn", None), layout, device=up_w.device, dtype=up_w.dtype)
+        # the scalars a custom gate reads (GPT-OSS's alpha and limit), and its post-expert norm if any
+        new.__dict__.update({k: v for k, v in vars(mod).items()
+                             if not k.startswith("_") and isinstance(v, (bool, int, float)) and k not in vars(new)})
+        if getattr(mod, "has_gate", True) and hasattr(type(mod), "_apply_gate"):
+            new.gate_fn = type(mod)._apply_gate
+        if getattr(mod, "has_post_expert_norm", False):
+            new.post_expert_norm = mod.post_expert_norm
+        if not up_w.is_meta:
             with torch.no_grad():
                 for i in range(e):
-                    new.gate_up_proj[i].weight.copy_(mod.gate_up_proj[i])
-                    new.down_proj[i].weight.copy_(mod.down_proj[i])
+                    for lins, w in ((getattr(new, layout.up_name), layout.up_name), (new.down_proj, "down_proj")):
+                        t = getattr(mod, w)[i]
+                        lins[i].weight.copy_(t.T if layout.transposed else t)
+                        if layout.bias:
+                            lins[i].bias.copy_(getattr(mod, f"{w}_bias")[i])
         return new
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                top_k_weights: torch.Tensor) -> torch.Tensor:
+    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        h = getattr(self, self.layout.up_name)[e](x)
+        h = self.gate_fn(self, h) if self.layout.gate else self.act_fn(h)
+        h = self.down_proj[e](h)
+        return self.post_expert_norm(h) if hasattr(self, "post_expert_norm") else h
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor | None = None,
+                top_k_weights: torch.Tensor | None = None) -> torch.Tensor:
+        if self.layout.dense:  # every expert over all tokens; an unrouted (zeroed) row gives zero, so skip it
+            x = hidden_states.view(self.num_experts, -1, self.hidden_dim)
+            out = torch.zeros_like(x)
+            for e in range(self.num_experts):
+                rows = x[e].ne(0).any(-1).nonzero().squeeze(-1)
+                if rows.numel():
+                    out[e, rows] = self._expert(e, x[e, rows]).to(out.dtype)
+            return out.view(-1, self.hidden_dim)
         out = torch.zeros_like(hidden_states)
         with torch.no_grad():
             mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
@@ -74,8 +155,7 @@ class LinearExperts(nn.Module):
             if e == self.num_experts:
                 continue
             pos, tok = torch.where(mask[e])
-            gate, up = self.gate_up_proj[e](hidden_states[tok]).chunk(2, dim=-1)
-            y = self.down_proj[e](self.act_fn(gate) * up) * top_k_weights[tok, pos, None]
+            y = self._expert(e, hidden_states[tok]) * top_k_weights[tok, pos, None]
             out.index_add_(0, tok, y.to(out.dtype))
         return out
 

@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .as_linear import as_linears
 from .config import QuantConfig
-from .experts import unfuse_experts
 from .kmeans import nearest
 from .layers import VQuantLinear
 from .packing import from_int16, pack_indices
@@ -353,7 +353,7 @@ def finetune_model(
     if windows.ndim != 2 or windows.shape[0] < 1 or windows.shape[1] < 2:
         raise ValueError(f"fine-tuning needs calibration windows (n, seqlen >= 2), got shape {tuple(windows.shape)}")
     cfg.validate()
-    unfuse_experts(teacher)  # MoE experts one linear each, as in the student (same values: vptq.experts)
+    as_linears(teacher)  # experts one linear each, Conv1D as nn.Linear, as in the student (same values)
     _check_teacher(student, teacher)
     student.to(device)
     teacher.to(device).eval()

@@ -24,13 +24,12 @@ def replace_with_vptq_linear(model, modules_to_not_convert: list[str] | None = N
     from torch import nn
     from transformers.quantizers.quantizers_utils import should_convert_module
 
-    from .experts import expert_key, unfuse_experts
     from .layers import VQuantLinear
+    from .targets import rewrite_for_checkpoint
 
     shared = quantization_config.shared_layer_config or {}
     layers = quantization_config.config_for_layers or {}
-    if any(expert_key(n) for n in layers):  # our per-expert layout of fused MoE experts (vptq/experts.py)
-        unfuse_experts(model)
+    rewrite_for_checkpoint(model, layers)  # the blocks the driver rewrote (experts, Conv1D): vptq.as_linear
     replaced = False
     for name, module in list(model.named_modules()):  # a list: the loop replaces modules
         if not isinstance(module, nn.Linear) or not should_convert_module(name, modules_to_not_convert):

@@ -25,8 +25,8 @@ from torch import nn
 
 from .config import ConfigError
 from .errors import SourceError
-from .experts import expert_key, unfuse_experts
 from .layers import VQuantLinear, share_inputs
+from .targets import rewrite_for_checkpoint
 from .transformers_env import prepare_transformers
 
 WEIGHTS = "model.safetensors"
@@ -226,8 +226,7 @@ def replace_linears(model: nn.Module, config_for_layers: dict[str, dict], dtype=
     config_for_layers, else its last component in shared_layer_config (lm_head and
     modules_to_not_convert excepted). Returns {name: new module}.
     """
-    if any(expert_key(n) for n in config_for_layers):  # per-expert linears of fused MoE experts (vptq.experts)
-        unfuse_experts(model)
+    rewrite_for_checkpoint(model, config_for_layers)
     modules = dict(model.named_modules())
     plan: dict[str, dict] = {}
     for name, entry in config_for_layers.items():

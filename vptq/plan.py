@@ -307,9 +307,9 @@ def _input_groups(calls: list[tuple[str, torch.Tensor]], lins: dict[str, nn.Line
 def probe(parts: Parts, shapes: Shapes, cfg: QuantConfig, windows: torch.Tensor, dev: torch.device,
           log=None) -> dict:
     """Time block 0's Hessian forward, one or two real linears' VPTQ and one fine-tuning step."""
+    from .as_linear import as_linears
     from .callorder import call_groups, trace_calls
     from .driver import block_kwargs, embed, forward_all, run_block, target_linears
-    from .experts import unfuse_experts
     from .hessian import collect_hessians
     from .quantizer import quantize_linear
 
@@ -317,7 +317,7 @@ def probe(parts: Parts, shapes: Shapes, cfg: QuantConfig, windows: torch.Tensor,
     say = log or (lambda _msg: None)
     nwin = windows.shape[0]
     block = copy.deepcopy(parts.block0).to(dev).eval()
-    unfuse_experts(block)  # MoE experts as the linears the job quantizes (vptq.experts)
+    as_linears(block)  # as the job quantizes it: experts one linear each, Conv1D as nn.Linear
     x = embed(parts.model, windows)  # as the model's forward hands block 0 its inputs (scaled, ...)
     pe = block_kwargs(parts.model, x.shape[1], dev)[0]
     lins = target_linears(block, cfg)

@@ -10,11 +10,11 @@ sends tokens to the wrong ones. `QuantConfig.targets` holds globs that narrow or
   attention only, `("*proj",)` every linear whose name ends in proj;
 * a router/gate is taken only when a pattern names it without wildcards (`mlp.shared_expert_gate`).
 
-MoE experts that transformers 5 stores as 3-D parameters are seen as one `nn.Linear` per expert
-(vptq/experts.py: `mlp.experts.gate_up_proj.3`). A model is refused before any work (`check_model`,
-ConfigError: one line naming the architecture and the tensor) when its blocks hold other matrix
-weights outside `nn.Linear` (GPT-2 style Conv1D, experts with biases): quantizing the rest would
-leave a half-quantized model that reports a bpw over a fraction of its weights.
+Linears in other forms are rewritten as `nn.Linear` first (vptq/as_linear.py): MoE experts that
+transformers 5 stores as 3-D parameters, one linear per expert (`mlp.experts.gate_up_proj.3`), and GPT-2's
+Conv1D. A model is refused before any work (`check_model`, ConfigError: one line naming the architecture
+and the tensor) when its blocks hold other matrix weights (state-space parameters, convolutions):
+quantizing the rest would leave a half-quantized model that reports a bpw over a fraction of its weights.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import re
 
 from torch import nn
 
+from .as_linear import as_linears, needs_rewrite, rewrite_blocks_holding
 from .config import ConfigError, LayerLayout, QuantConfig, layer_rule_matches
-from .experts import is_fused_experts, unfuse_experts
 
 # last path components of MoE routers and gates (they stay floating point): Mixtral's `gate` when it is
 # an nn.Linear (transformers 4.x), Qwen2-MoE's `shared_expert_gate`, a `router`
@@ -67,13 +67,20 @@ def block_prefix(index: int, path: str = "model.layers") -> str:
 
 
 def unfused(block: nn.Module) -> nn.Module:
-    """The block with MoE experts as one nn.Linear each (vptq.experts): itself when it has none, else a
-    copy (the model is left as it is)."""
-    if not any(is_fused_experts(m) for m in block.modules()):
+    """The block with its linears in other forms rewritten as nn.Linear (vptq.as_linear): itself when it has
+    none, else a copy (the model is left as it is)."""
+    if not needs_rewrite(block):
         return block
     block = copy.deepcopy(block)
-    unfuse_experts(block)
+    as_linears(block)
     return block
+
+
+def rewrite_for_checkpoint(model: nn.Module, quantized) -> list[str]:
+    """A freshly built model made to match a checkpoint the driver wrote: the blocks holding one of the
+    `quantized` layer names get their linears in other forms rewritten as the driver did (vptq.as_linear).
+    A model with nothing to rewrite is left alone, whatever its layout."""
+    return rewrite_blocks_holding(model, layers_path(model), quantized) if needs_rewrite(model) else []
 
 
 def is_router(name: str, module: nn.Module | None = None) -> bool:
@@ -104,7 +111,8 @@ def target_linears(block: nn.Module, cfg: QuantConfig) -> dict[str, nn.Linear]:
 
 def unsupported_weights(block: nn.Module) -> list[str]:
     """Matrix weights (2-D and up) of a block that are not an nn.Linear's, a router's or a norm's:
-    what this quantizer cannot handle (3-D expert tensors, Conv1D); names inside the block."""
+    what this quantizer cannot handle (state-space parameters, convolutions, expert tensors of a layout
+    vptq.experts does not know); names inside the block (after vptq.as_linear's rewrite)."""
     out = []
     for mname, mod in block.named_modules():
         if isinstance(mod, (nn.Linear, nn.Embedding)) or is_router(mname or "block", mod):
