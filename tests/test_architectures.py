@@ -405,6 +405,10 @@ def _beyond(family: str, tokenizer):
         return transformers.GptOssForCausalLM(transformers.GptOssConfig(
             num_local_experts=4, num_experts_per_tok=2, sliding_window=16,
             layer_types=["sliding_attention", "full_attention"], **moe))
+    if family == "trocr":  # a decoder with cross-attention, run without an encoder: those linears never run
+        return transformers.TrOCRForCausalLM(transformers.TrOCRConfig(
+            d_model=64, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=128, max_position_embeddings=128,
+            **ids))
     if family == "aria_text":  # experts (E, in, out) without biases, beside shared experts
         return transformers.AriaTextForCausalLM(transformers.AriaTextConfig(
             moe_num_experts=4, moe_topk=2, moe_num_shared_experts=1, **moe))
@@ -416,7 +420,7 @@ def _beyond(family: str, tokenizer):
 
 
 @pytest.mark.parametrize("family", ["camembert", "bloom", "gpt_bigcode", "gemma3_vision", "gpt2", "llama4_text",
-                                    "gpt_oss"])
+                                    "gpt_oss", "trocr"])
 def test_families_beyond_the_matrix_quantize_whole_and_load_both_ways(family, smol_tokenizer, calib, tmp_path):
     from vptq.pipeline import compress
 
@@ -436,6 +440,8 @@ def test_families_beyond_the_matrix_quantize_whole_and_load_both_ways(family, sm
         experts = [n for n in lins if ".experts." in n]
         assert len(experts) == 2 * 2 * 4 and not any(
             isinstance(m, VQuantLinear) for n, m in model.named_modules() if is_router(n, m))
+    never = [w for w in res.report.warnings if "never ran during calibration" in w]
+    assert all(".encoder_attn." in w for w in never) and (len(never) == 2 * 4 if family == "trocr" else not never)
     ids = torch.randint(0, len(smol_tokenizer), (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = model(ids).logits

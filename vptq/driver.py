@@ -31,7 +31,7 @@ from .callorder import call_groups, trace_calls
 from .config import QuantConfig
 from .experts import collect_expert_hessians, expert_key, with_pooled_fallback
 from .finetune import finetune_block
-from .hessian import collect_hessians
+from .hessian import Hessians, collect_hessians
 from .layers import VQuantLinear
 from .quantizer import LayerReport
 from .rescue import quantize_with_rescue
@@ -223,13 +223,6 @@ def all_linears(block: nn.Module) -> dict[str, nn.Linear]:
 
 # -- Hessians ------------------------------------------------------------------------------------
 
-class Hessians(dict):
-    """{linear name: H}, and `warnings` {name: why its H is not its own} (MoE experts that saw too few
-    calibration tokens get the pooled H of their projection: vptq.experts)."""
-
-    warnings: dict[str, str]
-
-
 def block_hessians(block: nn.Module, x: torch.Tensor, pe, device, batch: int = BATCH,
                    lins: dict[str, nn.Linear] | None = None) -> tuple[Hessians, torch.Tensor]:
     """H = E[x x^T] of the block's linears (all of them by default) on inputs x, and the block's outputs.
@@ -239,12 +232,11 @@ def block_hessians(block: nn.Module, x: torch.Tensor, pe, device, batch: int = B
     plain = {n: m for n, m in lins.items() if n not in experts}
     with collect_hessians(plain) as hs, collect_expert_hessians(experts) as (ehs, counts):
         out = forward_all(block, x, pe, device, batch)
-    res = Hessians(hs)
-    res.warnings = {}
     if experts:
-        pooled, res.warnings = with_pooled_fallback(ehs, counts, list(experts))
-        res.update(pooled)
-    return res, out
+        pooled, few = with_pooled_fallback(ehs, counts, list(experts))
+        hs.update(pooled)
+        hs.warnings.update(few)
+    return hs, out
 
 
 def original_hessians(model: nn.Module, calib: torch.Tensor, device: str | torch.device = "cpu",

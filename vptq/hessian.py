@@ -28,6 +28,19 @@ class HessianAccumulator:
         return self.h.float()
 
 
+NEVER_RAN = ("never ran during calibration (a branch the calibration windows do not take, e.g. cross-attention "
+             "without an encoder): quantized without data (H = I)")
+
+
+class Hessians(dict):
+    """{linear name: H}, and `warnings` {name: why its H is not its own}: a linear the calibration never
+    ran (NEVER_RAN), an MoE expert that saw too few tokens (vptq.experts)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.warnings: dict[str, str] = {}
+
+
 @contextmanager
 def collect_hessians(modules: dict[str, nn.Linear]):
     """Forward hooks accumulating H for every named linear while the model/block runs.
@@ -35,7 +48,9 @@ def collect_hessians(modules: dict[str, nn.Linear]):
     Linears called one after another on the *same tensor object* (q/k/v, gate/up) share one
     accumulator: the Hessian is identical, so it is computed once. The last input is held by
     reference, so its memory cannot be reused by another tensor and fool the identity check.
-    Yields a dict that is filled with name -> H (float32) when the context exits.
+    Yields a Hessians dict that is filled with name -> H (float32) when the context exits. A linear
+    that never ran gets the identity, so it is quantized like the rest (never left half-done), with a
+    warning: its inputs are unknown, and the identity weighs every column alike.
     """
     accs: dict[str, HessianAccumulator] = {}
     owner: dict[str, str] = {}  # name -> name of the accumulator it shares
@@ -55,7 +70,7 @@ def collect_hessians(modules: dict[str, nn.Linear]):
 
     for name, mod in modules.items():
         handles.append(mod.register_forward_hook(make_hook(name)))
-    result: dict[str, torch.Tensor] = {}
+    result = Hessians()
     try:
         yield result
     finally:
@@ -65,5 +80,8 @@ def collect_hessians(modules: dict[str, nn.Linear]):
     for name in modules:
         src = accs.get(name) or accs.get(owner.get(name, ""))
         if src is None:
-            raise RuntimeError(f"linear {name} never ran during calibration")
+            w = modules[name].weight
+            result[name] = torch.eye(w.shape[1], dtype=torch.float32, device=w.device)
+            result.warnings[name] = NEVER_RAN
+            continue
         result[name] = src.value()
