@@ -496,3 +496,18 @@ def test_moe_experts_kept_fp_by_the_targets_load_back(smol_tokenizer, calib, tmp
         assert torch.equal(vptq.from_pretrained(out)(ids).logits, want)
         vptq.patch_transformers(allow_cpu=True)
         assert torch.equal(transformers.AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits, want)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama4_text"])
+def test_plan_probes_blocks_whose_model_names_its_final_norm_otherwise(family, smol_tokenizer, calib, home, tmp_path):
+    """`vptq plan` times block 0 and a fine-tuning step through the final norm and the head: GPT-2 calls its
+    final norm `ln_f` (not `norm`), Llama 4's experts are rewritten as linears; both are planned, every linear
+    of the blocks counted."""
+    src = tmp_path / family
+    _beyond(family, smol_tokenizer).save_pretrained(src)
+    smol_tokenizer.save_pretrained(src)
+    code, stdout, err = cli("plan", src, "--bits", "2", "--json", "--calib", calib, *PLAN_TINY)
+    assert code == 0, err
+    p = json.loads(stdout)
+    assert p["linears"] == {"gpt2": 2 * 4, "llama4_text": 2 * (4 + 3 + 2 * 4)}[family]
+    assert p["bits_per_param"] > p["bpw"] > 0

@@ -39,6 +39,7 @@ from .finetune import e2e_batch, teacher_cache_bytes
 from .kmeans import tile_rows
 from .quantizer import refines_codebooks
 from .stream import open_streamed
+from .targets import final_norm
 
 GiB = 1 << 30
 RUNTIME_BYTES = 900 << 20  # Python + torch + transformers + prefect of a running job (measured RSS ~0.9 GiB)
@@ -244,14 +245,13 @@ def _streamed(src) -> Parts | None:
     s = open_streamed(src.path)
     if s is None:
         return None
-    inner = s.model.model
-    return Parts(s.model, s.model.get_input_embeddings(), s.block(0), inner.norm, s.model.get_output_embeddings(),
-                 False, time.perf_counter() - t0, _file_bytes(src))
+    return Parts(s.model, s.model.get_input_embeddings(), s.block(0), final_norm(s.model),
+                 s.model.get_output_embeddings(), False, time.perf_counter() - t0, _file_bytes(src))
 
 
 def load_parts(src) -> Parts:
     """What the probe runs, streamed where the source allows (see _streamed), else the whole model."""
-    from .driver import decoder_layers, layers_path
+    from .driver import decoder_layers
 
     if src.kind == "hf":
         try:
@@ -268,8 +268,7 @@ def load_parts(src) -> Parts:
         layers = decoder_layers(model)
     except ValueError as e:
         raise ConfigError(f"{src.uri}: {e}") from None
-    base = model.get_submodule(layers_path(model).rsplit(".", 1)[0])
-    return Parts(model, model.get_input_embeddings(), layers[0], base.norm, model.get_output_embeddings(),
+    return Parts(model, model.get_input_embeddings(), layers[0], final_norm(model), model.get_output_embeddings(),
                  True, time.perf_counter() - t0, _file_bytes(src))
 
 

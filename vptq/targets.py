@@ -61,6 +61,16 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return model.get_submodule(layers_path(model))
 
 
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm between the last decoder block and the head: the last norm module (by class name) among the
+    children of the module holding the blocks (Llama's `model.norm`, GPT-2's `transformer.ln_f`); an
+    identity where there is none there (BERT-style decoders keep it in the head)."""
+    path = layers_path(model)
+    parent = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
+    norms = [m for name, m in parent.named_children() if "norm" in type(m).__name__.lower()]
+    return norms[-1] if norms else nn.Identity()
+
+
 def block_prefix(index: int, path: str = "model.layers") -> str:
     """The module-name prefix of block `index`'s submodules in the whole model."""
     return f"{path}.{index}."
