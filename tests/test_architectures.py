@@ -396,6 +396,9 @@ def _beyond(family: str, tokenizer):
     if family == "gpt2":  # block weights in Conv1D modules (stored in x out)
         return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128,
                                                                     **ids))
+    if family == "openai-gpt":  # Conv1D too, and its blocks return a list
+        return transformers.OpenAIGPTLMHeadModel(transformers.OpenAIGPTConfig(n_embd=64, n_layer=2, n_head=4,
+                                                                              n_positions=128, **ids))
     moe = {"hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
            "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 256, **ids}
     if family == "llama4_text":  # experts (E, in, out), every expert run on all tokens, unrouted ones zeroed
@@ -420,7 +423,7 @@ def _beyond(family: str, tokenizer):
 
 
 @pytest.mark.parametrize("family", ["camembert", "bloom", "gpt_bigcode", "gemma3_vision", "gpt2", "llama4_text",
-                                    "gpt_oss", "trocr"])
+                                    "gpt_oss", "trocr", "openai-gpt"])
 def test_families_beyond_the_matrix_quantize_whole_and_load_both_ways(family, smol_tokenizer, calib, tmp_path):
     from vptq.pipeline import compress
 

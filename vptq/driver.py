@@ -193,7 +193,7 @@ def run_block(block: nn.Module, x: torch.Tensor, kw: dict | None) -> torch.Tenso
     """One decoder block on hidden states x (batch, seqlen, d) -> its output hidden states.
     kw: the block's keyword arguments from block_kwargs."""
     out = block(x, **_for_batch(kw or {}, x.shape[0]))
-    return out[0] if isinstance(out, tuple) else out
+    return out[0] if isinstance(out, (tuple, list)) else out  # older blocks return (h, attentions...)
 
 
 def block_dtype(block: nn.Module) -> torch.dtype:
