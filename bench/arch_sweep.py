@@ -1,7 +1,7 @@
 """Every causal-LM family of the installed transformers through `vptq compress`, as a new user would (issue 24).
 
-tests/test_architectures.py checks 13 families in CI; this sweep takes every model type in transformers'
-causal-LM mapping, builds a tiny random model of it from its own config class (2 blocks, hidden 64, SmolLM2's
+tests/test_architectures.py checks 14 families and 9 more beyond its matrix in CI; this sweep takes every model
+type in transformers' causal-LM mapping, builds a tiny random model of it from its own config class (2 blocks, hidden 64, SmolLM2's
 tokenizer), runs the command line (`vptq compress DIR --bits 2 --json`, tiny codebooks) in a fresh process and
 classifies what a user would see:
 
