@@ -319,22 +319,23 @@ def test_layer_rules_match_paths_and_blocks_and_round_trip():
 
 
 def test_an_unsupported_architecture_is_refused_by_the_command(smol_tokenizer, calib, home, tmp_path):
-    """Mamba's blocks hold state-space parameters (A_log, a depthwise conv) that are no linear in any form:
-    refused, never half-quantized."""
-    src, out = tmp_path / "mamba", tmp_path / "q"
+    """JetMoE keeps its experts (attention and MLP) in 3-D `ParallelExperts` tensors of no layout vptq knows,
+    most of its block weights: refused, never half-quantized."""
+    src, out = tmp_path / "jetmoe", tmp_path / "q"
     torch.manual_seed(0)
-    transformers.MambaForCausalLM(transformers.MambaConfig(
-        vocab_size=len(smol_tokenizer), hidden_size=64, state_size=8, num_hidden_layers=2,
+    transformers.JetMoeForCausalLM(transformers.JetMoeConfig(
+        vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_local_experts=4,
+        num_experts_per_tok=2, num_key_value_heads=2, kv_channels=16, max_position_embeddings=256,
         bos_token_id=smol_tokenizer.bos_token_id, eos_token_id=smol_tokenizer.eos_token_id)).save_pretrained(src)
     smol_tokenizer.save_pretrained(src)
     code, stdout, err = cli("compress", src, "--bits", "2", "--json", "--out", out, "--calib", calib, *CLI_TINY)
     lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and "MambaForCausalLM is not supported: backbone.layers.0." in lines[0], err
+    assert code == 2 and len(lines) == 1 and "JetMoeForCausalLM is not supported: model.layers.0." in lines[0], err
     assert "Traceback" not in err and stdout == "" and not out.exists()
     # refused before any work: from the model's config (no weights loaded), before a job row exists
     code, stdout, err = cli("submit", src, "--bits", "2", "--name", "g", "--calib", calib, *CLI_TINY)
     lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and "MambaForCausalLM is not supported" in lines[0], err
+    assert code == 2 and len(lines) == 1 and "JetMoeForCausalLM is not supported" in lines[0], err
     assert jobs_left(home) == []
 
 
@@ -412,6 +413,18 @@ def _beyond(family: str, tokenizer):
         return transformers.TrOCRForCausalLM(transformers.TrOCRConfig(
             d_model=64, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=128, max_position_embeddings=128,
             **ids))
+    if family == "qwen3_next":  # gated delta-net (a depthwise conv) and full attention, MoE blocks
+        return transformers.Qwen3NextForCausalLM(transformers.Qwen3NextConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+            shared_expert_intermediate_size=32, linear_num_value_heads=4, linear_num_key_heads=2,
+            linear_key_head_dim=16, linear_value_head_dim=16, layer_types=["linear_attention", "full_attention"],
+            max_position_embeddings=256, **ids))
+    if family == "falcon_h1":  # hybrid attention + Mamba-2 blocks; a non-persistent buffer (mup_vector) per block
+        return transformers.FalconH1ForCausalLM(transformers.FalconH1Config(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1,
+            max_position_embeddings=256, **ids))
     if family == "aria_text":  # experts (E, in, out) without biases, beside shared experts
         return transformers.AriaTextForCausalLM(transformers.AriaTextConfig(
             moe_num_experts=4, moe_topk=2, moe_num_shared_experts=1, **moe))
@@ -423,7 +436,7 @@ def _beyond(family: str, tokenizer):
 
 
 @pytest.mark.parametrize("family", ["camembert", "bloom", "gpt_bigcode", "gemma3_vision", "gpt2", "llama4_text",
-                                    "gpt_oss", "trocr", "openai-gpt"])
+                                    "gpt_oss", "trocr", "openai-gpt", "qwen3_next", "falcon_h1"])
 def test_families_beyond_the_matrix_quantize_whole_and_load_both_ways(family, smol_tokenizer, calib, tmp_path):
     from vptq.pipeline import compress
 
@@ -443,6 +456,10 @@ def test_families_beyond_the_matrix_quantize_whole_and_load_both_ways(family, sm
         experts = [n for n in lins if ".experts." in n]
         assert len(experts) == 2 * 2 * 4 and not any(
             isinstance(m, VQuantLinear) for n, m in model.named_modules() if is_router(n, m))
+    if family == "qwen3_next":  # the delta-net's short depthwise convolution stays fp, and is reported so
+        from vptq.targets import float_tensors
+
+        assert "model.layers.*.linear_attn.conv1d.weight" in float_tensors(fp, CFG)["groups"]
     never = [w for w in res.report.warnings if "never ran during calibration" in w]
     assert all(".encoder_attn." in w for w in never) and (len(never) == 2 * 4 if family == "trocr" else not never)
     ids = torch.randint(0, len(smol_tokenizer), (2, 12), generator=torch.Generator().manual_seed(1))
@@ -514,3 +531,18 @@ def test_plan_probes_blocks_whose_model_names_its_final_norm_otherwise(family, s
     p = json.loads(stdout)
     assert p["linears"] == {"gpt2": 2 * 4, "llama4_text": 2 * (4 + 3 + 2 * 4)}[family]
     assert p["bits_per_param"] > p["bpw"] > 0
+
+
+def test_streamed_blocks_compute_their_non_persistent_buffers(smol_tokenizer, tmp_path):
+    """Falcon-H1 keeps a computed multiplier (`mamba.mup_vector`) in each block, never stored, and computed by its
+    backbone's init: a block read from the shards had uninitialised memory there (and the quantization NaN). Such a
+    checkpoint is loaded whole (transformers' loader computes it), or its streamed blocks carry the right values."""
+    from vptq.stream import open_streamed
+
+    fp = _beyond("falcon_h1", smol_tokenizer).eval()
+    fp.save_pretrained(tmp_path)
+    s = open_streamed(tmp_path)
+    for i, want in enumerate(driver.decoder_layers(fp) if s is not None else []):
+        got = dict(s.block(i).named_buffers())
+        assert got.keys() == dict(want.named_buffers()).keys()
+        assert all(torch.equal(got[n], b) for n, b in want.named_buffers()), i

@@ -71,6 +71,7 @@ class StreamedModel:
         if missing or unexpected:
             raise KeyError(f"{self.folder}: block {index} does not fit its tensors (missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]})")
+        init_block_buffers(self.model, block)
         return block.eval()
 
     def linear(self, index: int, name: str) -> nn.Linear:
@@ -106,6 +107,32 @@ def init_buffers(model: nn.Module) -> None:
         init(tmp)
         for n in meta:
             mod.register_buffer(n, getattr(tmp, n), persistent=False)
+
+
+def init_block_buffers(model: nn.Module, block: nn.Module) -> bool:
+    """A block's non-persistent buffers (Falcon-H1's `mamba.mup_vector`, rotary tables kept in a block), which
+    the shards do not hold, computed by the model's `_init_weights` on a throwaway copy of their module, as
+    transformers' loader computes them. Those it leaves unset are NaN; whether none is."""
+    stored = set(block.state_dict())
+    init = getattr(model, "_init_weights", None)
+    ok = True
+    for name, mod in block.named_modules():
+        own = [n for n, b in mod.named_buffers(recurse=False)
+               if b is not None and (f"{name}.{n}" if name else n) not in stored]
+        if not own:
+            continue
+        tmp = copy.deepcopy(mod)
+        for n in own:
+            b = getattr(tmp, n)
+            if b.is_floating_point():
+                b.fill_(float("nan"))
+        if init is not None:
+            init(tmp)
+        for n in own:
+            b = getattr(tmp, n)
+            ok = ok and not (b.is_floating_point() and bool(b.isnan().any()))
+            mod.register_buffer(n, b, persistent=False)
+    return ok
 
 
 def open_streamed(folder: str | Path, dtype: torch.dtype = torch.float32) -> StreamedModel | None:
@@ -149,5 +176,7 @@ def open_streamed(folder: str | Path, dtype: torch.dtype = torch.float32) -> Str
     for n, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.is_meta and not n.startswith(BLOCK_PREFIX):
             return None  # something the shards do not hold: load the model whole instead
+    if not init_block_buffers(model, copy.deepcopy(layers[0]).to_empty(device="cpu")):
+        return None  # a block buffer transformers' init does not compute: load the model whole instead
     model.eval()
     return s

@@ -12,9 +12,11 @@ sends tokens to the wrong ones. `QuantConfig.targets` holds globs that narrow or
 
 Linears in other forms are rewritten as `nn.Linear` first (vptq/as_linear.py): MoE experts that
 transformers 5 stores as 3-D parameters, one linear per expert (`mlp.experts.gate_up_proj.3`), and GPT-2's
-Conv1D. A model is refused before any work (`check_model`, ConfigError: one line naming the architecture
-and the tensor) when its blocks hold other matrix weights (state-space parameters, convolutions):
-quantizing the rest would leave a half-quantized model that reports a bpw over a fraction of its weights.
+Conv1D. Convolutions in the blocks (hybrid blocks' short depthwise ones) stay floating point while they are a small
+part of the block weights (MAX_CONV_WEIGHTS); beyond that, or with any other matrix weight outside a linear
+(state-space parameters, expert tensors of an unknown layout), a model is refused before any work (`check_model`,
+ConfigError: one line naming the architecture and the tensor): quantizing the rest would leave a half-quantized
+model that reports a bpw over a fraction of its weights.
 """
 
 from __future__ import annotations
@@ -28,6 +30,12 @@ from torch import nn
 from .as_linear import as_linears, needs_rewrite, rewrite_blocks_holding
 from .config import ConfigError, LayerLayout, QuantConfig, layer_rule_matches
 
+# Convolutions in the blocks (the short depthwise convolutions of hybrid linear-attention or state-space blocks:
+# Qwen3-Next, Falcon-H1, Nemotron-H, LFM2) stay floating point, listed in float_tensors, while their weights are at
+# most this fraction of the blocks' linear weights (~1 % in real checkpoints, 1-2 % in the tests' 64-wide ones);
+# beyond it, or with any other matrix weight outside a linear (Mamba's A_log, JetMoE's 3-D experts), the model is
+# refused: a bpw over a part of its weights would hide that the rest was not quantized.
+MAX_CONV_WEIGHTS = 0.10
 # last path components of MoE routers and gates (they stay floating point): Mixtral's `gate` when it is
 # an nn.Linear (transformers 4.x), Qwen2-MoE's `shared_expert_gate`, a `router`
 ROUTER_NAMES = ("gate", "router", "shared_expert_gate", "*_router", "*_gate")
@@ -142,12 +150,19 @@ def check_model(model: nn.Module, cfg: QuantConfig) -> list[dict[str, nn.Linear]
     except ValueError as e:
         raise ConfigError(str(e)) from None
     layers = [unfused(b) for b in decoder_layers(model)]
-    bad = unsupported_weights(layers[0])
-    if bad:
-        more = f" (+{len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise ConfigError(f"{arch} is not supported: {path}.0.{bad[0]}{more} is a "
-                          f"{tuple(layers[0].get_parameter(bad[0]).shape)} weight outside nn.Linear "
-                          "(e.g. fused 3-D MoE experts); nothing was quantized")
+    bad = [(i, n) for i, b in enumerate(layers) for n in unsupported_weights(b)]
+    convs = [(i, n) for i, n in bad
+             if isinstance(layers[i].get_submodule(n.rpartition(".")[0]), (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    other = [(i, n) for i, n in bad if (i, n) not in convs]
+    conv = sum(layers[i].get_parameter(n).numel() for i, n in convs)
+    linear = sum(m.weight.numel() for b in layers for m in b.modules() if isinstance(m, nn.Linear))
+    if other or conv > MAX_CONV_WEIGHTS * linear:
+        i, n = (other or convs)[0]
+        more = f" (+{len(other or convs) - 1} more)" if len(other or convs) > 1 else ""
+        why = ("" if other else f", and convolutions are {conv / max(linear, 1):.0%} of its blocks' linear weights "
+                                f"(at most {MAX_CONV_WEIGHTS:.0%} stay floating point)")
+        raise ConfigError(f"{arch} is not supported: {path}.{i}.{n}{more} is a {tuple(layers[i].get_parameter(n).shape)} "
+                          f"weight outside nn.Linear{why}; nothing was quantized")
     lins = [target_linears(b, cfg) for b in layers]
     unused = [p for p in cfg.targets if not any(selected(n, (p,), m) for blk in lins for n, m in blk.items())]
     if unused:
