@@ -61,7 +61,13 @@ def tiny_config(model_type: str, tokenizer):
     ids = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
     kw = {k: v for k, v in {**TINY, **ids}.items() if k in known}
-    return cls(**kw)
+    cfg = cls(**kw)
+    # hybrid stacks (Qwen3-Next, Qwen3.5) cut to 2 layers may keep only linear-attention layers, which transformers'
+    # mask code refuses: the last layer made a full-attention one, as the real stacks end
+    types = getattr(cfg, "layer_types", None)
+    if isinstance(types, list) and types and "full_attention" not in types and "layer_types" in known:
+        cfg = cls(**kw, layer_types=[*types[:-1], "full_attention"])
+    return cfg
 
 
 def child(model_type: str, work: Path) -> dict:
