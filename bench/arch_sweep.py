@@ -47,6 +47,17 @@ TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "nu
         "attention_window_size": 16, "expert_interval": 1, "num_kv_heads": 2, "multi_query": False}
 
 
+# the same for the other towers of composite configs (vision, audio): small enough to build, never quantized
+TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "depth": 1,
+         "num_heads": 2, "embed_dim": 32, "num_key_value_heads": 2, "head_dim": 16, "out_hidden_size": 64,
+         "vision_output_dim": 32, "projector_input_dim": 32, "projector_output_dim": 64,
+         "num_global_layers": 1, "output_dim": 64}
+
+
+def _known(cls) -> set[str]:
+    return set(inspect.signature(cls.__init__).parameters) | set(getattr(cls, "attribute_map", {}))
+
+
 def causal_lm_types() -> list[str]:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -57,17 +68,34 @@ def tiny_config(model_type: str, tokenizer):
     from transformers import CONFIG_MAPPING
 
     cls = CONFIG_MAPPING[model_type]
-    known = set(inspect.signature(cls.__init__).parameters) | set(getattr(cls, "attribute_map", {}))
+    known = _known(cls)
     ids = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
     kw = {k: v for k, v in {**TINY, **ids}.items() if k in known}
-    cfg = cls(**kw)
-    # hybrid stacks (Qwen3-Next, Qwen3.5) cut to 2 layers may keep only linear-attention layers, which transformers'
-    # mask code refuses: the last layer made a full-attention one, as the real stacks end
-    types = getattr(cfg, "layer_types", None)
-    if isinstance(types, list) and types and "full_attention" not in types and "layer_types" in known:
-        cfg = cls(**kw, layer_types=[*types[:-1], "full_attention"])
-    return cfg
+    if getattr(cls, "sub_configs", None):  # composite: a tiny text config, and tiny towers beside it
+        default = cls()
+        for name in cls.sub_configs:
+            part = getattr(default, name, None)
+            if part is None or name not in known:
+                continue
+            values = {**TINY, **ids} if name == "text_config" else TOWER
+            part_kw = {k: v for k, v in values.items() if k in _known(type(part))}
+            kw[name] = {"model_type": part.model_type, **_with_full_attention(type(part), part_kw)}
+    return cls(**_with_full_attention(cls, kw))
+
+
+def _with_full_attention(cls, kw: dict) -> dict:
+    """Hybrid stacks (Qwen3-Next, Qwen3.5) cut to 2 layers may keep only linear-attention layers, which
+    transformers' mask code refuses: the last layer made a full-attention one, as the real stacks end."""
+    if "layer_types" not in _known(cls):
+        return kw
+    try:
+        types = getattr(cls(**kw), "layer_types", None)
+    except Exception:  # noqa: BLE001 - the config itself is judged when it is built
+        return kw
+    if isinstance(types, list) and types and "full_attention" not in types:
+        return {**kw, "layer_types": [*types[:-1], "full_attention"]}
+    return kw
 
 
 def child(model_type: str, work: Path) -> dict:
