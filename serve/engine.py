@@ -6,7 +6,11 @@ prompts prefilled together, left-padded), then one forward pass of one token for
 sequence. The running sequences share one KV cache, left-padded to a common length with an attention
 mask (the layout of Hugging Face's batched generation, positions counted per sequence); a sequence
 joining is prefilled on its own cache and concatenated along the batch, one leaving is cut out of it.
-So a new request starts at the next step, never waiting for the batch to drain.
+So a new request starts at the next step, never waiting for the batch to drain. Caches that such a
+concatenation cannot merge (sliding-window layers that keep only the last window, linear-attention and
+state-space layers that keep a recurrent state, chunked attention: anything but transformers' plain
+DynamicLayer) are kept one per sequence instead ("lanes"): each step decodes every lane in turn, so a
+joining request still starts at the next step, at the cost of one forward pass per sequence.
 
 Requests reach the engine through a bounded queue (`submit` raises QueueFull beyond `max_queue`
 waiting); events go back to each request's asyncio queue on its own event loop: ("text", str) as
@@ -146,6 +150,18 @@ def sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> in
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
+def mergeable_cache(model, device) -> bool:
+    """Whether the model's KV cache is made of transformers' plain DynamicLayers only (keys and values that
+    grow by one token a step), which Batch can pad and concatenate across sequences: one token's forward
+    tells."""
+    from transformers.cache_utils import DynamicLayer
+
+    with torch.no_grad():
+        out = model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=True)
+    layers = getattr(getattr(out, "past_key_values", None) or getattr(out, "cache", None), "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
 class Engine:
     """The model, its tokenizer and the scheduler thread (start() / stop())."""
 
@@ -166,6 +182,8 @@ class Engine:
         self.tok_lock = threading.Lock()  # a fast tokenizer is not safe to share between threads
         self.waiting: deque[Sequence] = deque()
         self.batch = Batch()
+        self.lanes: list[Batch] = []  # one sequence each, when the model's caches cannot be merged
+        self.separate: bool | None = None  # decided by the first step (a one-token forward: mergeable_cache)
         self.cond = threading.Condition()
         self.stopping = False
         self.thread: threading.Thread | None = None
@@ -200,7 +218,7 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return len(self.batch)
+        return len(self.batch) + len(self.lanes)
 
     # ------------------------------------------------------------------ the engine thread
     def start(self) -> None:
@@ -217,7 +235,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self.cond:
-                while not self.stopping and not self.waiting and not self.batch.seqs:
+                while not self.stopping and not self.waiting and not self.batch.seqs and not self.lanes:
                     self.cond.wait(timeout=1.0)
                 if self.stopping:
                     break
@@ -228,11 +246,23 @@ class Engine:
                 for s in self.batch.seqs:
                     self._finish(s, None, f"internal error while decoding: {type(e).__name__}")
                 self.batch = Batch()
-        for s in list(self.waiting) + self.batch.seqs:
+        for s in list(self.waiting) + self.batch.seqs + [s for lane in self.lanes for s in lane.seqs]:
             self._finish(s, None, "the server is shutting down")
+
+    def _decide_lanes(self) -> None:
+        """Once, before the first pass: whether sequences run on caches of their own (see the module doc)."""
+        if self.separate is None:
+            self.separate = not mergeable_cache(self.model, self.device)
+            if self.separate:
+                self.graph = None  # the static cache holds plain keys/values only
+                log.info("caches of %s cannot be merged across sequences: one forward pass per running sequence",
+                         type(self.model).__name__)
 
     @torch.no_grad()
     def step(self) -> None:
+        self._decide_lanes()
+        if self.separate:
+            return self._step_lanes()
         self.cancelled += sum(1 for s in self.batch.seqs if s.cancelled and not s.finish)
         self.batch.keep([i for i, s in enumerate(self.batch.seqs) if not (s.cancelled or s.finish)])
         new = []
@@ -251,7 +281,36 @@ class Engine:
         if any(not (s.finish or s.cancelled) for s in self.batch.seqs):
             self._decode()  # the new sequences too: the token their prefill sampled goes in
 
-    def _prefill(self, seqs: list[Sequence]) -> None:
+    def _step_lanes(self) -> None:
+        """step() for caches that cannot be merged: each running sequence on its own cache; a failure fails
+        only the sequence whose pass it was."""
+        self.cancelled += sum(1 for lane in self.lanes for s in lane.seqs if s.cancelled and not s.finish)
+        self.lanes = [lane for lane in self.lanes if not (lane.seqs[0].cancelled or lane.seqs[0].finish)]
+        new = []
+        with self.cond:
+            while self.waiting and len(self.lanes) + len(new) < self.max_batch:
+                s = self.waiting.popleft()
+                if not s.cancelled:
+                    new.append(s)
+        for s in new:
+            lane = Batch()
+            try:
+                self._prefill([s], lane)
+                self.lanes.append(lane)
+            except Exception as e:
+                log.error("prefill failed: %s: %s", type(e).__name__, e)
+                self._finish(s, None, f"internal error in prefill: {type(e).__name__}")
+        for lane in self.lanes:
+            s = lane.seqs[0]
+            if s.finish or s.cancelled:
+                continue
+            try:
+                self._decode(lane)
+            except Exception as e:
+                log.error("decode step failed: %s: %s", type(e).__name__, e)
+                self._finish(s, None, f"internal error while decoding: {type(e).__name__}")
+
+    def _prefill(self, seqs: list[Sequence], batch: Batch | None = None) -> None:
         n = max(len(s.prompt_ids) for s in seqs)
         ids = torch.full((len(seqs), n), self.pad, dtype=torch.long)
         mask = torch.zeros((len(seqs), n), dtype=torch.long)
@@ -262,12 +321,13 @@ class Engine:
         pos = (mask.cumsum(1) - 1).clamp_min(0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1].float().cpu()  # sampling on the CPU: the per-request generators live there
-        self.batch.add(seqs, out.cache, mask)
+        (self.batch if batch is None else batch).add(seqs, out.cache, mask)
         for i, s in enumerate(seqs):
             self._append(s, sample(logits[i], s.sampling, s.generator))
 
     def prepare_graph(self) -> None:
         """Capture the lone-sequence step now (before the port opens), on a two-token dummy sequence."""
+        self._decide_lanes()
         if self.graph is None or not self.graph.ok:
             return
         with torch.no_grad():
@@ -277,8 +337,8 @@ class Engine:
                 self.graph.step(self.pad)
                 self.graph.unload()
 
-    def _decode(self) -> None:
-        b = self.batch
+    def _decode(self, lane: Batch | None = None) -> None:
+        b = self.batch if lane is None else lane
         last = [s.out_ids[-1] if s.out_ids else self.pad for s in b.seqs]
         if b.static is not None and not b.static.fits(b.static.length):
             b.to_dynamic()  # the static cache is full: eager from here

@@ -367,7 +367,7 @@ def test_target_globs_and_routers():
 
 # ----------------------------------------------------------------------------- families beyond the matrix
 
-def _beyond(family: str, tokenizer):
+def tiny_family(family: str, tokenizer):
     """Tiny models of families whose blocks differ from the matrix's in what the driver and the loaders must
     handle (bench/arch_sweep.py found each failing): RoBERTa-style decoders (blocks inside an encoder whose
     forward starts from hidden states, the mask passed positionally, decoder weight and bias tied to other
@@ -441,7 +441,7 @@ def test_families_beyond_the_matrix_quantize_whole_and_load_both_ways(family, sm
     from vptq.pipeline import compress
 
     src, out = tmp_path / family, tmp_path / "q"
-    fp = _beyond(family, smol_tokenizer).eval()
+    fp = tiny_family(family, smol_tokenizer).eval()
     fp.save_pretrained(src)
     smol_tokenizer.save_pretrained(src)
     # 3 windows: blocks run on batches of several windows (BLOOM's biases must be repeated per window)
@@ -491,7 +491,7 @@ def test_linears_in_other_forms_compute_as_before_once_rewritten(family, smol_to
     from vptq.as_linear import as_linears
     from vptq.targets import decoder_layers, unsupported_weights
 
-    model = _beyond(family, smol_tokenizer).eval()
+    model = tiny_family(family, smol_tokenizer).eval()
     ids = torch.randint(0, len(smol_tokenizer), (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = model(ids).logits
@@ -507,7 +507,7 @@ def test_moe_experts_kept_fp_by_the_targets_load_back(smol_tokenizer, calib, tmp
     from vptq.pipeline import compress
 
     src, out = tmp_path / "mixtral", tmp_path / "q"
-    _beyond("mixtral", smol_tokenizer).save_pretrained(src)
+    tiny_family("mixtral", smol_tokenizer).save_pretrained(src)
     smol_tokenizer.save_pretrained(src)
     _, model, _ = compress(str(src), CFG.with_(targets=("self_attn.*",)), out, calib=calib, nsamples=2, seqlen=16)
     ids = torch.randint(0, len(smol_tokenizer), (2, 12), generator=torch.Generator().manual_seed(1))
@@ -524,7 +524,7 @@ def test_plan_probes_blocks_whose_model_names_its_final_norm_otherwise(family, s
     final norm `ln_f` (not `norm`), Llama 4's experts are rewritten as linears; both are planned, every linear
     of the blocks counted."""
     src = tmp_path / family
-    _beyond(family, smol_tokenizer).save_pretrained(src)
+    tiny_family(family, smol_tokenizer).save_pretrained(src)
     smol_tokenizer.save_pretrained(src)
     code, stdout, err = cli("plan", src, "--bits", "2", "--json", "--calib", calib, *PLAN_TINY)
     assert code == 0, err
@@ -539,7 +539,7 @@ def test_streamed_blocks_compute_their_non_persistent_buffers(smol_tokenizer, tm
     checkpoint is loaded whole (transformers' loader computes it), or its streamed blocks carry the right values."""
     from vptq.stream import open_streamed
 
-    fp = _beyond("falcon_h1", smol_tokenizer).eval()
+    fp = tiny_family("falcon_h1", smol_tokenizer).eval()
     fp.save_pretrained(tmp_path)
     s = open_streamed(tmp_path)
     for i, want in enumerate(driver.decoder_layers(fp) if s is not None else []):

@@ -343,3 +343,37 @@ def test_lone_sequence_static_cache_gives_the_dynamic_paths_logits(quantized_dir
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
     for x, y in zip(failed, dyn, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen3_next", "falcon_h1", "llama4_text"])
+def test_a_joining_request_on_caches_that_cannot_be_merged(family, smol_tokenizer, tmp_path):
+    """Sliding-window layers (Mistral, Gemma), linear-attention or state-space layers (Qwen3-Next, Falcon-H1) and
+    chunked attention (Llama 4) keep caches that the batch's left-padded concatenation cannot merge: a request
+    joining a running one failed (or made both fail). Each sequence then decodes on its own cache, every step:
+    both give the tokens they give alone."""
+    from vptq_service.serve.engine import Engine, Sampling, Sequence
+
+    from tests.test_architectures import build, tiny_family
+
+    model = (build(family, smol_tokenizer, tmp_path) if family == "mistral" else tiny_family(family, smol_tokenizer))
+    model.eval()
+    prompts = [("The cat sat on the mat and looked at the", 12),  # past Mistral's 16-token window
+               ("A long time ago in a galaxy far far away there lived a small robot who", 6)]
+
+    def run(which: list[int], join_at: int = 3) -> list[tuple]:
+        eng = Engine(model, smol_tokenizer, max_batch=4, graphs=False)
+        seqs = [Sequence(eng.encode(prompts[i][0]), Sampling(max_tokens=prompts[i][1], temperature=0),
+                         emit=lambda e: None) for i in which]
+        eng.submit(seqs[0])
+        for step in range(40):
+            if step == join_at:
+                for s in seqs[1:]:
+                    eng.submit(s)
+            eng.step()
+            if all(s.finish for s in seqs):
+                break
+        return [(s.finish, s.out_ids) for s in seqs]
+
+    alone = [run([0])[0], run([1])[0]]
+    assert [a[0] for a in alone] == ["length", "length"]
+    assert run([0, 1]) == alone
