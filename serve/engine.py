@@ -265,12 +265,7 @@ class Engine:
             return self._step_lanes()
         self.cancelled += sum(1 for s in self.batch.seqs if s.cancelled and not s.finish)
         self.batch.keep([i for i, s in enumerate(self.batch.seqs) if not (s.cancelled or s.finish)])
-        new = []
-        with self.cond:
-            while self.waiting and len(self.batch) + len(new) < self.max_batch:
-                s = self.waiting.popleft()
-                if not s.cancelled:
-                    new.append(s)
+        new = self._admit(len(self.batch))
         if new:
             try:
                 self._prefill(new)
@@ -281,18 +276,22 @@ class Engine:
         if any(not (s.finish or s.cancelled) for s in self.batch.seqs):
             self._decode()  # the new sequences too: the token their prefill sampled goes in
 
+    def _admit(self, running: int) -> list[Sequence]:
+        """Waiting sequences (cancelled ones dropped) up to max_batch running."""
+        new = []
+        with self.cond:
+            while self.waiting and running + len(new) < self.max_batch:
+                s = self.waiting.popleft()
+                if not s.cancelled:
+                    new.append(s)
+        return new
+
     def _step_lanes(self) -> None:
         """step() for caches that cannot be merged: each running sequence on its own cache; a failure fails
         only the sequence whose pass it was."""
         self.cancelled += sum(1 for lane in self.lanes for s in lane.seqs if s.cancelled and not s.finish)
         self.lanes = [lane for lane in self.lanes if not (lane.seqs[0].cancelled or lane.seqs[0].finish)]
-        new = []
-        with self.cond:
-            while self.waiting and len(self.lanes) + len(new) < self.max_batch:
-                s = self.waiting.popleft()
-                if not s.cancelled:
-                    new.append(s)
-        for s in new:
+        for s in self._admit(len(self.lanes)):
             lane = Batch()
             try:
                 self._prefill([s], lane)
