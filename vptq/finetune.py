@@ -183,7 +183,10 @@ def _train(
                     t[f"buffer.{m_name + '.' if m_name else ''}indices"] = m.indices
         checkpoint.save({"step": step, "steps": steps, "before": before, "loss": loss, "reassign": events}, t)
 
-    model.train()
+    # the student learns the model's inference behaviour, so it runs as at inference (eval mode; gradients flow
+    # all the same): training mode would turn on dropout, MoE router jitter, and training-only fused paths that
+    # read a linear's weight directly (Falcon-H1's mixer), none of which the quantized model meets when it is used
+    model.eval()
     t0 = time.perf_counter()
     for step in range(start, steps):
         if cosine:
