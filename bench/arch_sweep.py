@@ -93,9 +93,14 @@ def _with_full_attention(cls, kw: dict) -> dict:
         types = getattr(cls(**kw), "layer_types", None)
     except Exception:  # noqa: BLE001 - the config itself is judged when it is built
         return kw
-    if isinstance(types, list) and types and "full_attention" not in types:
-        return {**kw, "layer_types": [*types[:-1], "full_attention"]}
-    return kw
+    if not (isinstance(types, list) and types and "full_attention" not in types):
+        return kw
+    fixed = {**kw, "layer_types": [*types[:-1], "full_attention"]}
+    try:  # a config whose layer_types is derived (Falcon-H1's property) takes no such argument
+        cls(**fixed)
+    except Exception:  # noqa: BLE001
+        return kw
+    return fixed
 
 
 def child(model_type: str, work: Path) -> dict:

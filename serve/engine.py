@@ -158,7 +158,7 @@ def mergeable_cache(model, device) -> bool:
 
     with torch.no_grad():
         out = model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=True)
-    layers = getattr(getattr(out, "past_key_values", None) or getattr(out, "cache", None), "layers", None)
+    layers = getattr(out.cache, "layers", None)  # the attribute _prefill reads
     return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
 

@@ -9,7 +9,8 @@ The target search, the Hessian hooks, VQuantLinear and both loaders know one kin
   stored (in, out): an `nn.Linear` holding its transpose.
 
 The driver rewrites each block it quantizes; the loaders rewrite the blocks that hold quantized layers
-(the blocks the driver went through), so the saved names and shapes are those of the rewritten modules.
+(the blocks the driver went through: vptq.targets.rewrite_for_checkpoint), so the saved names and shapes are
+those of the rewritten modules.
 """
 
 from __future__ import annotations
@@ -53,15 +54,4 @@ def as_linears(module: nn.Module) -> list[str]:
     for n in convs:
         module.set_submodule(n, linear_from_conv1d(module.get_submodule(n)))
     return names + convs
-
-
-def rewrite_blocks_holding(model: nn.Module, path: str, names) -> list[str]:
-    """as_linears on each block of the ModuleList at `path` that holds one of `names` (full module names):
-    what a loader does before it builds the quantized layers of a checkpoint the driver wrote."""
-    prefixes = {".".join(n[len(path) + 1:].split(".")[:1]) for n in names if n.startswith(path + ".")}
-    done = []
-    for i, block in enumerate(model.get_submodule(path)):
-        if str(i) in prefixes:
-            done += [f"{path}.{i}.{n}" for n in as_linears(block)]
-    return done
 

@@ -206,7 +206,6 @@ def _train(
         if progress:
             eta = (time.perf_counter() - t0) / (done - start) * (steps - done)
             progress(done, steps, f"loss {loss:.4f} eta {_fmt_eta(eta)}")
-    model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     for m in quant:

@@ -94,44 +94,46 @@ def init_buffers(model: nn.Module) -> None:
     """Non-persistent buffers of the shell still on the meta device (computed at init, never stored:
     Gemma 3's embedding scale, per-layer-type rotary tables), computed as transformers' own
     `_init_weights` does, on a throwaway copy of their module (whose loaded weights stay untouched)."""
-    init = getattr(model, "_init_weights", None)
-    if init is None:
+    if getattr(model, "_init_weights", None) is None:
         return
     for name, mod in model.named_modules():
         if name.startswith(BLOCK_PREFIX.rstrip(".")):
             continue
         meta = [n for n, b in mod.named_buffers(recurse=False) if b is not None and b.is_meta]
-        if not meta:
-            continue
-        tmp = copy.deepcopy(mod).to_empty(device="cpu")
-        init(tmp)
-        for n in meta:
-            mod.register_buffer(n, getattr(tmp, n), persistent=False)
+        if meta:
+            _computed_buffers(model, mod, meta)
 
 
 def init_block_buffers(model: nn.Module, block: nn.Module) -> bool:
     """A block's non-persistent buffers (Falcon-H1's `mamba.mup_vector`, rotary tables kept in a block), which
-    the shards do not hold, computed by the model's `_init_weights` on a throwaway copy of their module, as
-    transformers' loader computes them. Those it leaves unset are NaN; whether none is."""
+    the shards do not hold, computed as init_buffers computes the shell's. Whether every one was set."""
     stored = set(block.state_dict())
-    init = getattr(model, "_init_weights", None)
     ok = True
     for name, mod in block.named_modules():
         own = [n for n, b in mod.named_buffers(recurse=False)
                if b is not None and (f"{name}.{n}" if name else n) not in stored]
-        if not own:
-            continue
-        tmp = copy.deepcopy(mod)
-        for n in own:
-            b = getattr(tmp, n)
-            if b.is_floating_point():
-                b.fill_(float("nan"))
-        if init is not None:
-            init(tmp)
-        for n in own:
-            b = getattr(tmp, n)
-            ok = ok and not (b.is_floating_point() and bool(b.isnan().any()))
-            mod.register_buffer(n, b, persistent=False)
+        if own:
+            ok = _computed_buffers(model, mod, own) and ok
+    return ok
+
+
+def _computed_buffers(model: nn.Module, mod: nn.Module, names: list[str]) -> bool:
+    """Register `mod`'s non-persistent buffers `names` as the model's `_init_weights` computes them (transformers'
+    loader does the same), on a throwaway copy of `mod` whose loaded weights stay untouched; the copy's buffers
+    start as NaN, so one that init leaves unset shows. Whether every one was set."""
+    init = getattr(model, "_init_weights", None)
+    tmp = copy.deepcopy(mod).to_empty(device="cpu")
+    for n in names:
+        b = getattr(tmp, n)
+        if b.is_floating_point():
+            b.fill_(float("nan"))
+    if init is not None:
+        init(tmp)
+    ok = True
+    for n in names:
+        b = getattr(tmp, n)
+        ok = ok and not (b.is_floating_point() and bool(b.isnan().any()))
+        mod.register_buffer(n, b, persistent=False)
     return ok
 
 

@@ -27,7 +27,7 @@ import re
 
 from torch import nn
 
-from .as_linear import as_linears, needs_rewrite, rewrite_blocks_holding
+from .as_linear import as_linears, needs_rewrite
 from .config import ConfigError, LayerLayout, QuantConfig, layer_rule_matches
 
 # Convolutions in the blocks (the short depthwise convolutions of hybrid linear-attention or state-space blocks:
@@ -98,7 +98,14 @@ def rewrite_for_checkpoint(model: nn.Module, quantized) -> list[str]:
     """A freshly built model made to match a checkpoint the driver wrote: the blocks holding one of the
     `quantized` layer names get their linears in other forms rewritten as the driver did (vptq.as_linear).
     A model with nothing to rewrite is left alone, whatever its layout."""
-    return rewrite_blocks_holding(model, layers_path(model), quantized) if needs_rewrite(model) else []
+    if not needs_rewrite(model):
+        return []
+    path, done = layers_path(model), []
+    for i, block in enumerate(decoder_layers(model)):
+        prefix = block_prefix(i, path)
+        if any(n.startswith(prefix) for n in quantized):
+            done += [prefix + n for n in as_linears(block)]
+    return done
 
 
 def is_router(name: str, module: nn.Module | None = None) -> bool:
