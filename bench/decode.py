@@ -41,6 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.kernel_table import LAYOUT, NORM, PERM, gpu_tag  # noqa: E402
 from vptq.layers import VQuantLinear, share_inputs  # noqa: E402
 
+# VPTQ_BENCH_COMPILE=1: also the graph step through torch.compile, both sides (run_graph's `compiled`)
+COMPILE = os.environ.get("VPTQ_BENCH_COMPILE", "0") == "1"
 PROMPT = "The history of the transistor begins with"
 
 
@@ -129,10 +131,14 @@ def run_generate(model, ids, new: int) -> tuple[float, list[int]]:
     return dt, toks
 
 
-def run_graph(model, ids, new: int) -> tuple[float, float, list[int]]:
+def run_graph(model, ids, new: int, *, compiled: bool = False) -> tuple[float, float, list[int]]:
     """Greedy loop over a StaticCache, decode step captured in one CUDA graph.
 
-    Returns (seconds for prefill + `new` tokens, seconds per decode step, tokens).
+    compiled: the step goes through torch.compile (inductor) before the capture, so the ops between
+    the linears (norms, rotary, cache writes, residual adds, SiLU x up) run as fused kernels; a
+    VQuantLinear is opaque to it (its forward is torch.compiler.disable'd: a graph break, the numba launch
+    captured as in eager). The prefill stays eager. Returns (seconds for prefill + `new` tokens,
+    seconds per decode step, tokens).
     """
     from transformers import StaticCache
 
@@ -147,6 +153,13 @@ def run_graph(model, ids, new: int) -> tuple[float, float, list[int]]:
             return model(input_ids=static_ids, cache_position=static_pos, position_ids=static_pos[None],
                          past_key_values=cache, use_cache=True).logits
 
+        if compiled:
+            torch._dynamo.reset()  # another model (or other linears) than the last compile
+            # a graph break inside a block resumes in frames keyed on the block's own constants (its
+            # layer index): one compile per block, 32 of them, over dynamo's default limit of 8
+            torch._dynamo.config.recompile_limit = torch._dynamo.config.accumulated_recompile_limit = 4096
+            step = torch.compile(step, dynamic=False)
+
         def prefill():
             pos = torch.arange(length, device=dev)
             out = model(input_ids=ids, cache_position=pos, position_ids=pos[None], past_key_values=cache,
@@ -160,7 +173,7 @@ def run_graph(model, ids, new: int) -> tuple[float, float, list[int]]:
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
-            for _ in range(2):
+            for _ in range(3 if compiled else 2):
                 step()
         torch.cuda.current_stream().wait_stream(s)
         g = torch.cuda.CUDAGraph()
@@ -263,16 +276,29 @@ def bench_gpu(new: int, layers: int, formats: list[str]) -> dict:
         r = {**weight_bytes(model), "allocated_before_bytes": base}
         dt, toks = run_generate(model, ids, new)
         r.update(generate_seconds=dt, generate_tokens_per_s=new / dt, generate_ms_per_token=1e3 * dt / new)
+        gtoks = None
         try:
             gt, step, gtoks = run_graph(model, ids, new)
             r.update(graph_seconds=gt, graph_tokens_per_s=new / gt, graph_step_ms=1e3 * step,
                      graph_decode_tokens_per_s=1 / step, graph_matches_generate=gtoks == toks)
         except Exception as e:  # report, do not hide
             r["graph_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if COMPILE and (tag == "fp16" or tag.endswith("shared")):  # the headline pair (compiles take minutes)
+            try:
+                t0 = time.perf_counter()
+                gt, step, ctoks = run_graph(model, ids, new, compiled=True)
+                r.update(compiled_graph_seconds=gt, compiled_graph_step_ms=1e3 * step,
+                         compiled_graph_decode_tokens_per_s=1 / step, compiled_matches_graph=ctoks == gtoks,
+                         compile_and_run_seconds=time.perf_counter() - t0)
+            except Exception as e:  # report, do not hide
+                r["compiled_graph_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         r["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
         r["tokens_head"] = toks[:8]
         res[tag] = r
         print(tag, json.dumps(r), flush=True)
+
+    def ratio(tag, key="graph_step_ms"):
+        return res["fp16"].get(key, float("nan")) / res[tag].get(key, float("nan"))
 
     measure("fp16")
     for i, fmt in enumerate(formats):
@@ -284,12 +310,12 @@ def bench_gpu(new: int, layers: int, formats: list[str]) -> dict:
         if share_inputs(model):
             tag = "vptq_shared" if i == 0 else f"vptq_{fmt}_shared"
             measure(tag)
-            res[tag]["speedup_graph_decode"] = (res["fp16"].get("graph_step_ms", float("nan"))
-                                                / res[tag].get("graph_step_ms", float("nan")))
+            res[tag]["speedup_graph_decode"] = ratio(tag)
+            if COMPILE:
+                res[tag]["speedup_compiled_graph_decode"] = ratio(tag, "compiled_graph_step_ms")
         if i:
             res[f"vptq_{fmt}"]["format"] = describe(fmt)
-            res[f"vptq_{fmt}"]["speedup_graph_decode"] = (res["fp16"].get("graph_step_ms", float("nan"))
-                                                         / res[f"vptq_{fmt}"].get("graph_step_ms", float("nan")))
+            res[f"vptq_{fmt}"]["speedup_graph_decode"] = ratio(f"vptq_{fmt}")
     f, q = res["fp16"], res["vptq"]
     res["weight_ratio_block_linears"] = q["block_linears_bytes"] / f["block_linears_bytes"]
     res["weight_ratio_model"] = q["model_bytes"] / f["model_bytes"]
@@ -297,6 +323,9 @@ def bench_gpu(new: int, layers: int, formats: list[str]) -> dict:
     if "graph_step_ms" in q and "graph_step_ms" in f:
         res["speedup_graph_decode"] = f["graph_step_ms"] / q["graph_step_ms"]
         res["speedup_graph_total"] = q["graph_tokens_per_s"] / f["graph_tokens_per_s"]
+    if COMPILE:
+        res["speedup_compiled_graph_decode"] = ratio("vptq_shared" if "vptq_shared" in res else "vptq",
+                                                     "compiled_graph_step_ms")
     return res
 
 
@@ -317,7 +346,8 @@ def main() -> None:
             ap.error(str(e))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"command": ("" if PERM else "VPTQ_BENCH_PERM=0 ") + ("" if NORM else "VPTQ_BENCH_NORM=0 ") + "python bench/decode.py " + " ".join(sys.argv[1:]),
+    meta = {"command": ("" if PERM else "VPTQ_BENCH_PERM=0 ") + ("" if NORM else "VPTQ_BENCH_NORM=0 ")
+                       + ("VPTQ_BENCH_COMPILE=1 " if COMPILE else "") + "python bench/decode.py " + " ".join(sys.argv[1:]),
             "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": platform.node(),
             "cpu_count": os.cpu_count(), "versions": versions()}
     if args.cpu:

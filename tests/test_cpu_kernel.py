@@ -230,3 +230,44 @@ def test_thread_pool_keeps_torchs_thread_count():
     threads, layer = out.stdout.split()
     assert threads == "1"
     assert layer != "workqueue"
+
+
+def test_a_compiled_decode_step_gives_the_eager_logits(tiny_quantized, monkeypatch):
+    """torch.compile traces around a VQuantLinear (its forward is a graph break): greedy decode steps on a
+    static cache, compiled (dynamo and AOT autograd, no code generation: seconds), give the eager
+    steps' logits, and the numba kernels still run inside the compiled step."""
+    from transformers import StaticCache
+
+    model = load_quantized(tiny_quantized).eval()
+    use_cpu_kernels(model)
+    cache = StaticCache(config=model.config, max_cache_len=24)
+    ids = torch.randint(0, 1000, (1, 7), generator=torch.Generator().manual_seed(0))
+    tok, pos = torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+
+    def step():
+        return model(input_ids=tok, cache_position=pos, position_ids=pos[None], past_key_values=cache).logits
+
+    def decode(fn):
+        cache.reset()
+        at = torch.arange(ids.shape[1])
+        nxt = model(input_ids=ids, cache_position=at, position_ids=at[None], past_key_values=cache).logits[:, -1]
+        out = []
+        for i in range(4):
+            tok.copy_(nxt.argmax(-1)[:, None])
+            pos.fill_(ids.shape[1] + i)
+            out.append(fn().clone())
+            nxt = out[-1][:, -1]
+        return torch.cat(out)
+
+    calls = []
+    real_call = cpu.CpuPlan.__call__
+    monkeypatch.setattr(cpu.CpuPlan, "__call__", lambda self, x: calls.append(1) or real_call(self, x))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 64)  # a compile per block (its layer index)
+    with torch.no_grad():
+        want = decode(step)
+        torch._dynamo.reset()
+        eager_calls, calls[:] = len(calls), []
+        got = decode(torch.compile(step, backend="aot_eager", dynamic=False))
+    torch._dynamo.reset()
+    close(got, want)
+    assert len(calls) == eager_calls > 0

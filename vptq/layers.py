@@ -193,6 +193,10 @@ class VQuantLinear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.to_weights(), dtype)
 
+    # torch.compile traces around the layer, not into it: the numba launches, the dequantize cache and the
+    # shared-input hand-off (keyed on tensor identity) stay eager, one graph break a call (a CUDA graph
+    # captured over the compiled step removes its host cost); outside a compile it costs ~0.5 us a call.
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and not self.indices_as_float:  # the kernels read int16 outlier indices
             # numba.cuda kernels: fused gemv for <= 8 token rows, dequantize + F.linear above.
