@@ -40,6 +40,7 @@ from vptq_service.flows.heartbeat import (
 from vptq_service.flows.spec import JobSpec
 from vptq_service.tasks import (
     assemble_model,
+    check_blocks,
     evaluate_model,
     fetch_model,
     inspect_model,
@@ -192,6 +193,7 @@ def run_job(repo, job_id: int, spec: JobSpec, cfg: dict[str, Any], hb: Heartbeat
     _progress(0, 0, "sampling calibration windows")
     calib = sample_calibration(fetched["path"], spec.calib, spec.nsamples, spec.seqlen, spec.seed)
     info = inspect_model(fetched["path"], cfg)
+    check_blocks(fetched["path"], calib["path"], spec.device)  # before any work: blocks that cannot run alone
     model = repo.add_model(spec.source, fetched["sha256"], info["architecture"], info["parameter_count"])
     cset = repo.add_calibration_set(calib["source"], spec.nsamples, spec.seqlen, spec.seed, calib["hash"])
     repo.update_job(job_id, model_id=model.id, calibration_set_id=cset.id,

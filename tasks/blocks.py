@@ -138,7 +138,6 @@ def _open_step(run: str, model_path: str, calib_path: str, cfg, index: int, devi
     from vptq import driver
 
     model, _ = load_fp_model(model_path)
-    block = fp_block(model_path, index).to(device)
     inputs = pe = None
     if driver.needs_inputs(cfg, hessians is not None):
         if index == 0:
@@ -150,6 +149,10 @@ def _open_step(run: str, model_path: str, calib_path: str, cfg, index: int, devi
             t = load_tensors(src)
             inputs = driver.BlockInputs(t["x"], t.get("fp_x"))
         pe = driver.block_kwargs(model, inputs.x.shape[1], device)[index]
+    # the block is copied after the capture: a model's forward may set its blocks' state per call (BigBird
+    # switches them to full attention for windows too short for its sparse attention), and the copy must
+    # run as the model's own block runs on these windows
+    block = fp_block(model_path, index).to(device)
     return driver.BlockStep(block, index, cfg, device, inputs, pe, path=driver.layers_path(model))
 
 

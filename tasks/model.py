@@ -1,4 +1,5 @@
-"""fetch_model: resolve a model source into a local path + sha256; inspect_model: fail fast on bad input."""
+"""fetch_model: resolve a model source into a local path + sha256; inspect_model and check_blocks: fail fast on
+bad input (a configuration that does not fit, an architecture whose blocks cannot be run one at a time)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from vptq_service.tasks.workspace import digest, load_fp_model, sha256_path, work_root
+from vptq_service.tasks.workspace import digest, fp_block, load_fp_model, load_tensors, sha256_path, work_root
 
 
 def no_retry_on_bad_input(task, task_run, state) -> bool:
@@ -116,3 +117,15 @@ def inspect_model(path: str, config: dict[str, Any]) -> dict[str, Any]:
     return {"blocks": len(linears), "architecture": type(model).__name__,
             "parameter_count": sum(p.numel() for p in model.parameters()),
             "linears": sum(len(lins) for lins in linears), "float": float_tensors(model, cfg)}
+
+
+@task(cache_policy=NO_CACHE)
+def check_blocks(path: str, calib_path: str, device: str = "cpu") -> None:
+    """Block 0 run alone on the first calibration windows, as quantize_block will run it (a fresh copy read from
+    the checkpoint): an architecture whose blocks cannot be run one at a time is refused (ConfigError) here,
+    before the Hessian stage or any block (vptq.preflight)."""
+    from vptq.preflight import check_blocks_run
+
+    model, _ = load_fp_model(path)
+    ids = load_tensors(Path(calib_path))["input_ids"]
+    check_blocks_run(model, ids, device, block=lambda: fp_block(path, 0))

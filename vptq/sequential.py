@@ -25,6 +25,7 @@ from torch import nn
 from .config import QuantConfig
 from .driver import BATCH, BlockInputs, BlockStep, QuantizeFn, block_kwargs, decoder_layers, layers_path, vptq_linear
 from .finetune import finetune_model
+from .preflight import check_blocks_run
 from .quantizer import LayerReport
 from .targets import check_model, float_tensors
 
@@ -87,6 +88,7 @@ def quantize_model(
     device = torch.device(device)
     model.eval()
     check_model(model, cfg)  # an architecture that cannot be quantized whole is refused before any work
+    check_blocks_run(model, calib, device)  # and one whose blocks cannot be run one at a time
     layers = decoder_layers(model)
     n_blocks = len(layers) if blocks is None else min(blocks, len(layers))
     fl = float_tensors(model, cfg, n_blocks)
