@@ -39,6 +39,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.kernel_table import LAYOUT, NORM, PERM, gpu_tag  # noqa: E402
+from vptq.compiled import compile_step  # noqa: E402
 from vptq.layers import VQuantLinear, share_inputs  # noqa: E402
 
 # VPTQ_BENCH_COMPILE=1: also the graph step through torch.compile, both sides (run_graph's `compiled`)
@@ -134,10 +135,8 @@ def run_generate(model, ids, new: int) -> tuple[float, list[int]]:
 def run_graph(model, ids, new: int, *, compiled: bool = False) -> tuple[float, float, list[int]]:
     """Greedy loop over a StaticCache, decode step captured in one CUDA graph.
 
-    compiled: the step goes through torch.compile (inductor) before the capture, so the ops between
-    the linears (norms, rotary, cache writes, residual adds, SiLU x up) run as fused kernels; a
-    VQuantLinear is opaque to it (its forward is torch.compiler.disable'd: a graph break, the numba launch
-    captured as in eager). The prefill stays eager. Returns (seconds for prefill + `new` tokens,
+    compiled: the step goes through vptq.compiled.compile_step (inductor) before the capture, so the ops
+    between the linears run as fused kernels. The prefill stays eager. Returns (seconds for prefill + `new` tokens,
     seconds per decode step, tokens).
     """
     from transformers import StaticCache
@@ -155,10 +154,7 @@ def run_graph(model, ids, new: int, *, compiled: bool = False) -> tuple[float, f
 
         if compiled:
             torch._dynamo.reset()  # another model (or other linears) than the last compile
-            # a graph break inside a block resumes in frames keyed on the block's own constants (its
-            # layer index): one compile per block, 32 of them, over dynamo's default limit of 8
-            torch._dynamo.config.recompile_limit = torch._dynamo.config.accumulated_recompile_limit = 4096
-            step = torch.compile(step, dynamic=False)
+            step = compile_step(step)
 
         def prefill():
             pos = torch.arange(length, device=dev)

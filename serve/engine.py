@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .graph import GraphStep, settings
+from .graph import GraphStep, compile_wanted, settings
 
 log = logging.getLogger("vptq.serve")
 
@@ -173,9 +173,11 @@ class Engine:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
         wanted, tokens = settings()
-        if graphs is None:
-            graphs = self.device.type == "cuda" and wanted
-        self.graph = GraphStep(model, min(self.context, tokens), capture=self.device.type == "cuda") if graphs else None
+        compiled = compile_wanted()
+        if graphs is None:  # on CPU the static cache serves only a compiled step (eager, it gains nothing)
+            graphs = wanted and (self.device.type == "cuda" or compiled)
+        self.graph = (GraphStep(model, min(self.context, tokens), capture=self.device.type == "cuda", compile=compiled)
+                      if graphs else None)
         eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos), 0)

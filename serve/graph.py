@@ -21,7 +21,7 @@ import torch
 
 log = logging.getLogger("vptq.serve")
 
-GRAPHS_ENV, TOKENS_ENV = "VPTQ_SERVE_GRAPHS", "VPTQ_SERVE_GRAPH_TOKENS"
+GRAPHS_ENV, TOKENS_ENV, COMPILE_ENV = "VPTQ_SERVE_GRAPHS", "VPTQ_SERVE_GRAPH_TOKENS", "VPTQ_SERVE_COMPILE"
 DEFAULT_TOKENS = 4096
 
 
@@ -43,11 +43,25 @@ def settings() -> tuple[bool, int]:
     return on == "1", int(tokens)
 
 
+def compile_wanted() -> bool:
+    """VPTQ_SERVE_COMPILE=1: the lone sequence's step goes through torch.compile (vptq.compiled) before it is
+    captured (on CPU: instead of the eager step). Off by default: the compile takes up to a minute before the
+    port opens, and inductor needs a C compiler (and on CUDA triton) on the machine."""
+    from vptq.config import ConfigError
+
+    on = os.environ.get(COMPILE_ENV, "0").strip() or "0"
+    if on not in ("0", "1"):
+        raise ConfigError(f"{COMPILE_ENV}: {on!r} is not 1 (on) or 0 (off)")
+    return on == "1"
+
+
 class GraphStep:
     """One sequence's static cache, its captured step and its length (tokens in the cache)."""
 
-    def __init__(self, model, max_len: int, capture: bool = True):
+    def __init__(self, model, max_len: int, capture: bool = True, compile: bool = False):
         self.model, self.max_len, self.capture = model, max_len, capture
+        self.compile = compile  # through vptq.compiled.compile_step, once, on the first step (see _warm_up)
+        self.run = self.eager_step
         self.device = next(model.parameters()).device
         self.cache = None
         self.graph = None
@@ -112,24 +126,44 @@ class GraphStep:
         return self.model(input_ids=self.ids, cache_position=self.pos, position_ids=self.pos[None],
                           cache=self.cache, use_cache=True).logits
 
+    def _warm_up(self, steps: int) -> None:
+        """Run the step `steps` times; the first compiles it where wanted. A compile that fails is logged once
+        and the eager step serves on (graphs too): the server does not depend on inductor's toolchain."""
+        if self.compile:
+            self.compile = False
+            from vptq.compiled import compile_step
+
+            try:
+                compiled = compile_step(self.eager_step)
+                for _ in range(2):  # the compile, then a call on the compiled code
+                    compiled()
+                self.run = compiled
+                log.info("decode step compiled (torch.compile)")
+            except Exception as e:  # noqa: BLE001 - any failure of the toolchain: eager is always there
+                log.warning("torch.compile of the decode step failed (%s); serving the eager step", _first_line(e))
+                torch._dynamo.reset()
+        for _ in range(steps):
+            self.run()
+
     def capture_graph(self) -> None:
-        """Capture the step (its input tensors already set): two warm-up steps on a side stream, then the graph."""
+        """Capture the step (its input tensors already set): warm-up steps on a side stream, then the graph."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up off the default stream, as torch.cuda.graphs asks
-            for _ in range(2):
-                self.eager_step()
+            self._warm_up(2)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self.logits = self.eager_step()
+            self.logits = self.run()
         self.graph = graph
 
     def step(self, token: int) -> torch.Tensor:
         """Logits (1, 1, vocab) of the next token after `token`, which goes in at position `length`."""
         self.ids.fill_(token)
         self.pos.fill_(self.length)
+        warmed = False
         if self.capture and self.graph is None:
+            warmed = True
             try:
                 self.capture_graph()  # its warm-up steps write this same token at this same slot
             except Exception as e:  # an operation the capture refuses: this step eager, then the dynamic cache
@@ -137,6 +171,10 @@ class GraphStep:
                 self.capture, self.graph, self.ok = False, None, False
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
+        elif self.compile:  # no capture (CPU): compiled on the first step, its warm-up as above
+            warmed = True
+            self._warm_up(0)
+        if warmed:
             # a static layer writes at its own running count (cumulative_length), which the warm-up steps
             # advanced: back to the sequence's length (the slots they wrote are rewritten before any step reads them)
             for layer in self.cache.layers:
@@ -145,6 +183,6 @@ class GraphStep:
             self.graph.replay()
             out = self.logits
         else:
-            out = self.eager_step()
+            out = self.run()
         self.length += 1
         return out

@@ -17,9 +17,10 @@ def load_engine(path: str, device: str = "cpu", max_batch: int = 8, max_queue: i
     from vptq.kernels.dispatch import use_cpu_kernels
 
     from .engine import Engine
-    from .graph import settings
+    from .graph import compile_wanted, settings
 
-    settings()  # a bad VPTQ_SERVE_GRAPH* value is refused before the model loads
+    settings()  # a bad VPTQ_SERVE_GRAPH* or VPTQ_SERVE_COMPILE value is refused before the model loads
+    compile_wanted()
     model, tok = load_for_generation(path, device)
     if model.device.type == "cuda":
         # the CUDA kernels and the dense baseline both run in fp16 on a GPU (fp32 halves the throughput)

@@ -242,13 +242,13 @@ def test_public_bind_without_key_warns_in_one_line(quantized_dir, monkeypatch): 
 
 
 def test_bad_graph_settings_are_refused_by_name_before_loading(quantized_dir, monkeypatch):  # noqa: F811
-    """VPTQ_SERVE_GRAPHS / VPTQ_SERVE_GRAPH_TOKENS with a bad value: one usage line naming the setting (exit 2),
+    """VPTQ_SERVE_GRAPHS / VPTQ_SERVE_GRAPH_TOKENS / VPTQ_SERVE_COMPILE with a bad value: one usage line naming the setting (exit 2),
     before the model is loaded."""
     import vptq.generate
 
     monkeypatch.setattr(vptq.generate, "load_for_generation", lambda *a, **k: pytest.fail("the model was loaded"))
     for env, val in (("VPTQ_SERVE_GRAPH_TOKENS", "lots"), ("VPTQ_SERVE_GRAPH_TOKENS", "1"),
-                     ("VPTQ_SERVE_GRAPHS", "yes")):
+                     ("VPTQ_SERVE_GRAPHS", "yes"), ("VPTQ_SERVE_COMPILE", "on")):
         monkeypatch.setenv(env, val)
         code, out, err = run("serve", quantized_dir)
         assert code == 2 and err.startswith(f"error: {env}: {val!r}") and len(err.strip().splitlines()) == 1, err
@@ -377,3 +377,60 @@ def test_a_joining_request_on_caches_that_cannot_be_merged(family, smol_tokenize
     alone = [run([0])[0], run([1])[0]]
     assert [a[0] for a in alone] == ["length", "length"]
     assert run([0, 1]) == alone
+
+
+def test_a_compiled_lone_sequence_decodes_as_the_eager_one(quantized_dir, monkeypatch, caplog):  # noqa: F811
+    """VPTQ_SERVE_COMPILE=1: the lone sequence's step goes through torch.compile (vptq.compiled; here without
+    code generation, seconds instead of inductor's minute) and gives the eager step's logits on the schedule of
+    the static-cache test (alone, joined, alone again); on CPU, without a capture, the static cache then serves
+    the compiled step. A compile that fails leaves the eager step serving, logged once, nothing lost."""
+    import functools
+
+    import vptq_service.serve.engine as engine_mod
+    from vptq_service.serve.engine import Engine, Sampling, Sequence
+
+    import vptq.compiled
+    from vptq.generate import load_for_generation
+
+    model, tok = load_for_generation(str(quantized_dir), "cpu")
+    seen: list[torch.Tensor] = []
+    sample = engine_mod.sample
+    monkeypatch.setattr(engine_mod, "sample", lambda logits, s, gen: seen.append(logits) or sample(logits, s, gen))
+    real = vptq.compiled.compile_step
+    monkeypatch.setattr(vptq.compiled, "compile_step", functools.partial(real, backend="aot_eager"))
+
+    def run(compiled: bool) -> tuple[list[torch.Tensor], Engine]:
+        seen.clear()
+        monkeypatch.setenv("VPTQ_SERVE_COMPILE", "1" if compiled else "0")
+        eng = Engine(model, tok, max_batch=4)
+        a = Sequence(eng.encode("The cat sat on the"), Sampling(max_tokens=16, temperature=0), emit=lambda e: None)
+        b = Sequence(eng.encode("Once upon a time"), Sampling(max_tokens=4, temperature=0), emit=lambda e: None)
+        eng.submit(a)
+        for i in range(30):
+            if i == 4:
+                eng.submit(b)
+            eng.step()
+            if a.finish and b.finish:
+                break
+        assert a.finish == "length" and b.finish == "length"
+        return list(seen), eng
+
+    want, eager = run(False)
+    assert eager.graph is None  # CPU, no compile: the dynamic cache as before
+    got, eng = run(True)
+    assert eng.graph is not None and eng.graph.run is not eng.graph.eager_step  # the compiled step served
+    assert len(got) == len(want)
+    for x, y in zip(got, want, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+
+    def broken(fn, backend="inductor"):
+        def fails():
+            raise RuntimeError("no working C compiler")
+        return fails
+
+    monkeypatch.setattr(vptq.compiled, "compile_step", broken)
+    failed, eng = run(True)
+    assert eng.graph.run == eng.graph.eager_step
+    assert caplog.text.count("torch.compile of the decode step failed (RuntimeError: no working C compiler)") == 1
+    for x, y in zip(failed, want, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
