@@ -148,6 +148,35 @@ def decode(model, ids, new: int):
         return time.perf_counter() - t0
 
 
+def static_decode(model, ids, new: int, compiled: bool) -> float:
+    """Seconds of `new` greedy batch-1 steps on a StaticCache (fixed shapes: what torch.compile needs), the step
+    through vptq.compiled.compile_step (inductor) where `compiled`, after two warm-up steps (the compile)."""
+    import torch
+    from transformers import StaticCache
+
+    from vptq.compiled import compile_step
+
+    t = ids.shape[1]
+    cache = StaticCache(config=model.config, max_cache_len=t + new + 8)
+    tok, pos = torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+
+    def step():
+        return model(input_ids=tok, cache_position=pos, position_ids=pos[None], cache=cache).logits
+
+    fn = compile_step(step) if compiled else step
+    with torch.no_grad():
+        for timed in (False, True):  # the warm-up pass compiles; the cache starts empty again for the timed one
+            cache.reset()
+            at = torch.arange(t)
+            nxt = model(input_ids=ids, cache_position=at, position_ids=at[None], cache=cache).logits[:, -1].argmax(-1)
+            t0 = time.perf_counter()
+            for i in range(new if timed else 2):
+                tok.copy_(nxt[:, None])
+                pos.fill_(t + i)
+                nxt = fn()[:, -1].argmax(-1)
+        return time.perf_counter() - t0
+
+
 def first_token(model, ids, reps: int = 5) -> float:
     import torch
 
@@ -160,7 +189,8 @@ def first_token(model, ids, reps: int = 5) -> float:
     return best
 
 
-def one(config: str, new: int, batches: list[int], threads: int, long_prompt: int, shape: str | None = None) -> dict:
+def one(config: str, new: int, batches: list[int], threads: int, long_prompt: int, shape: str | None = None,
+        compiled: bool = False) -> dict:
     import psutil
     import torch
 
@@ -187,6 +217,13 @@ def one(config: str, new: int, batches: list[int], threads: int, long_prompt: in
         dt = decode(model, idsb, new)
         res[f"tokens_per_s_b{b}"] = round(b * new / dt, 2)
         res[f"ms_per_step_b{b}"] = round(1000 * dt / new, 2)
+    if compiled:  # batch 1 on a static cache, eager and compiled (the serve engine's lone sequence)
+        for mode in ("static", "compiled"):
+            t0 = time.perf_counter()
+            dt = static_decode(model, ids, new, mode == "compiled")
+            res[f"{mode}_tokens_per_s_b1"] = round(new / dt, 2)
+            res[f"{mode}_ms_per_step_b1"] = round(1000 * dt / new, 2)
+            res[f"{mode}_total_seconds"] = round(time.perf_counter() - t0, 1)
     res["block_linears_bytes"] = linears_bytes(model)
     res["rss_MB"] = round(psutil.Process().memory_info().rss / 2**20, 1)
     return res
@@ -208,16 +245,19 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cpu_decode.json")
     ap.add_argument("--shape", help=f"random weights of a named shape ({', '.join(SHAPES)}) or a config folder "
                     "instead of SmolLM2-135M's weights")
+    ap.add_argument("--compiled", action="store_true", help="also batch 1 on a static cache, eager and through "
+                    "torch.compile (vptq.compiled.compile_step; a C++ compiler needed, minutes a configuration)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one configuration, print JSON
     a = ap.parse_args()
     batches = [int(b) for b in a.batches.split(",")]
     if a.one:
-        print(json.dumps(one(a.one, a.new, batches, a.threads, a.long_prompt, a.shape)))
+        print(json.dumps(one(a.one, a.new, batches, a.threads, a.long_prompt, a.shape, a.compiled)))
         return
     rows = []
     for config in ["fp32", "bf16", *a.formats.split(",")]:
         cmd = [sys.executable, __file__, "--one", config, "--new", str(a.new), "--batches", a.batches,
-               "--threads", str(a.threads), "--long-prompt", str(a.long_prompt), *(["--shape", a.shape] if a.shape else [])]
+               "--threads", str(a.threads), "--long-prompt", str(a.long_prompt), *(["--shape", a.shape] if a.shape else []),
+               *(["--compiled"] if a.compiled else [])]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
@@ -226,6 +266,8 @@ def main() -> None:
         r["linears_vs_fp32"] = round(r["block_linears_bytes"] / fp32["block_linears_bytes"], 4)
         for b in batches:
             r[f"speedup_vs_fp32_b{b}"] = round(r[f"tokens_per_s_b{b}"] / fp32[f"tokens_per_s_b{b}"], 3)
+        for mode in ("static", "compiled") if a.compiled else ():
+            r[f"{mode}_speedup_vs_fp32_{mode}_b1"] = round(r[f"{mode}_tokens_per_s_b1"] / fp32[f"{mode}_tokens_per_s_b1"], 3)
     load = os.getloadavg()
     result = {"command": "python " + " ".join(sys.argv), "date": datetime.now(UTC).isoformat(timespec="seconds"),
               "cpu_count": os.cpu_count(), "threads": a.threads, "loadavg_at_end": [round(x, 2) for x in load],

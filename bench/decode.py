@@ -132,6 +132,13 @@ def run_generate(model, ids, new: int) -> tuple[float, list[int]]:
     return dt, toks
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 def run_graph(model, ids, new: int, *, compiled: bool = False) -> tuple[float, float, list[int]]:
     """Greedy loop over a StaticCache, decode step captured in one CUDA graph.
 
@@ -184,14 +191,18 @@ def run_graph(model, ids, new: int, *, compiled: bool = False) -> tuple[float, f
         toks = [nxt]
         torch.cuda.synchronize()
         t1 = time.perf_counter()
+        first = None
         for i in range(new - 1):
             static_ids.copy_(nxt[:, None])
             static_pos.fill_(length + i)
             g.replay()
+            if first is None:  # the first step's logits: eager and compiled steps start from the same prefill
+                first = logits[0, -1].float().clone()
             nxt = logits[:, -1].argmax(-1)
             toks.append(nxt)
         torch.cuda.synchronize()
         t2 = time.perf_counter()
+    run_graph.first_logits = first.cpu()
     return t2 - t0, (t2 - t1) / (new - 1), [int(t) for t in torch.cat(toks).tolist()]
 
 
@@ -272,9 +283,10 @@ def bench_gpu(new: int, layers: int, formats: list[str]) -> dict:
         r = {**weight_bytes(model), "allocated_before_bytes": base}
         dt, toks = run_generate(model, ids, new)
         r.update(generate_seconds=dt, generate_tokens_per_s=new / dt, generate_ms_per_token=1e3 * dt / new)
-        gtoks = None
+        gtoks = first = None
         try:
             gt, step, gtoks = run_graph(model, ids, new)
+            first = run_graph.first_logits
             r.update(graph_seconds=gt, graph_tokens_per_s=new / gt, graph_step_ms=1e3 * step,
                      graph_decode_tokens_per_s=1 / step, graph_matches_generate=gtoks == toks)
         except Exception as e:  # report, do not hide
@@ -285,6 +297,9 @@ def bench_gpu(new: int, layers: int, formats: list[str]) -> dict:
                 gt, step, ctoks = run_graph(model, ids, new, compiled=True)
                 r.update(compiled_graph_seconds=gt, compiled_graph_step_ms=1e3 * step,
                          compiled_graph_decode_tokens_per_s=1 / step, compiled_matches_graph=ctoks == gtoks,
+                         compiled_tokens_equal_before_divergence=common_prefix(ctoks, gtoks or []),
+                         compiled_first_logits_max_abs_diff=float((run_graph.first_logits - first).abs().max()),
+                         first_logits_max_abs=float(first.abs().max()),
                          compile_and_run_seconds=time.perf_counter() - t0)
             except Exception as e:  # report, do not hide
                 r["compiled_graph_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"

@@ -3,13 +3,15 @@ the eager engine's on one schedule (A alone, B joining, B done: the static cache
 and one sequence's decode rate through the engine with and without it, on the same model in the same process.
 Models: bench/serve_load.py's (random codes or dense fp16, the shape of --config).
 
-  python bench/serve_graph_check.py --config .gpu/smol --formats fp16,v5k1024 --out OUT.json
+  [VPTQ_SERVE_COMPILE=1] python bench/serve_graph_check.py --config .gpu/smol --formats fp16,v5k1024 --out OUT.json
+(with VPTQ_SERVE_COMPILE=1 the graphed engine's step is compiled before the capture, as `vptq serve` does then)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -70,6 +72,7 @@ def main() -> None:
     sample = engine_mod.sample
     engine_mod.sample = lambda logits, s, gen: seen.append(logits) or sample(logits, s, gen)
     rows = []
+    compile_env = "VPTQ_SERVE_COMPILE=1 " if os.environ.get("VPTQ_SERVE_COMPILE") == "1" else ""
     tmp = tempfile.TemporaryDirectory(prefix="vptq-graph-")
     for fmt in a.formats.split(","):
         folder = random_model(fmt, Path(tmp.name) / fmt, a.config)
@@ -83,6 +86,7 @@ def main() -> None:
             r_eager = [rate(eager, a.tokens) for _ in range(2)]
             r_graph = [rate(graphed, a.tokens) for _ in range(2)]
         row = dict(format=fmt, captured=graphed.graph is not None and graphed.graph.graph is not None,
+                   compiled=graphed.graph is not None and graphed.graph.run != graphed.graph.eager_step,
                    logits_compared=len(e), max_abs_diff=diff, max_abs_logit=scale, argmax_equal=same,
                    eager_tokens_per_s=r_eager, graph_tokens_per_s=r_graph,
                    speedup=max(r_graph) / max(r_eager))
@@ -90,7 +94,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     from bench.cpu_decode import versions
 
-    a.out.write_text(json.dumps(dict(command="python " + " ".join(sys.argv), device=torch.cuda.get_device_name(),
+    a.out.write_text(json.dumps(dict(command=compile_env + "python " + " ".join(sys.argv), device=torch.cuda.get_device_name(),
                                      date=datetime.now(UTC).isoformat(timespec="seconds"), versions=versions(),
                                      rows=rows), indent=1) + "\n")
 
