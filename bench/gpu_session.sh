@@ -23,7 +23,8 @@
 # compiles its own kernels on the host).
 # Env: TESTS_K (the tests stage's -k expression), FORMATS (default v4k256 and the 2-, 3- and 4-bit presets:
 # v5k1024, v5k1024r32, v4k1024r64); VPTQ_BENCH_PERM=0
-# (layers without a permutation, as the quantizer stores one group without outliers); PROBE_<format>
+# (layers without a permutation, as the quantizer stores one group without outliers); VPTQ_BENCH_COMPILE=1 (decode: also
+# the step through torch.compile, fp16 and the shared layouts, bench/decode.py); PROBE_<format>
 # overrides a format's probe variants. Defaults: the plan and the opt-in (interleaved codes in the
 # original column order), and 128-row tiles with it; half the codebook copies, 512-thread v4k256
 # blocks and 48 registers were slower on every shape (bench/RESULTS.md, 2026-12-03 (6)).
