@@ -247,12 +247,12 @@ def test_a_compiled_decode_step_gives_the_eager_logits(tiny_quantized, monkeypat
     tok, pos = torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
 
     def step():
-        return model(input_ids=tok, cache_position=pos, position_ids=pos[None], past_key_values=cache).logits
+        return model(input_ids=tok, cache_position=pos, position_ids=pos[None], cache=cache).logits
 
     def decode(fn):
         cache.reset()
         at = torch.arange(ids.shape[1])
-        nxt = model(input_ids=ids, cache_position=at, position_ids=at[None], past_key_values=cache).logits[:, -1]
+        nxt = model(input_ids=ids, cache_position=at, position_ids=at[None], cache=cache).logits[:, -1]
         out = []
         for i in range(4):
             tok.copy_(nxt.argmax(-1)[:, None])
