@@ -39,9 +39,13 @@ def load_engine(path: str, device: str = "cpu", max_batch: int = 8, max_queue: i
 def warm_up_rows(device_type: str) -> tuple[int, ...]:
     """Token counts of the warm-up passes. The CUDA gemv kernels are compiled per row count up to
     FUSED_MAX_ROWS and more rows take the dequantize kernel, so every count is run once (a new prompt
-    length cost its first request ~8 s on an H100 otherwise); the CPU kernels take any count."""
+    length cost its first request ~8 s on an H100 otherwise). The CPU kernels are generated per
+    histogram row count up to rows_apart, then one batched mode up to MAX_ROWS, then the dequantize:
+    one pass of each (a fresh install compiled the batched mode on the first batch of clients)."""
     if device_type != "cuda":
-        return (2, 1)
+        from vptq.kernels.cpu import BATCH_ALIGN, MAX_ROWS, rows_apart
+
+        return (MAX_ROWS + 1, BATCH_ALIGN, *range(rows_apart(False), 0, -1))
     from vptq.kernels.dispatch import FUSED_MAX_ROWS
 
     return tuple(range(FUSED_MAX_ROWS + 1, 0, -1))
@@ -54,7 +58,8 @@ def warm_up(model) -> None:
 
     import torch
 
-    rows = warm_up_rows(model.device.type)
+    context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+    rows = [n for n in warm_up_rows(model.device.type) if not context or n <= context]  # a tiny context: no longer
     log = logging.getLogger("vptq.serve")
     log.info("warming up: %d passes on %s (a fresh install compiles the kernels first)", len(rows), model.device)
     t0 = time.perf_counter()

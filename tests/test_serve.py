@@ -259,14 +259,31 @@ def test_cuda_warm_up_compiles_every_kernel_route_before_the_port_opens():
     """The CUDA gemv kernels are compiled per token-row count (1..FUSED_MAX_ROWS) and more rows take the
     dequantize kernel: a warm-up at 2 and 1 rows left each new prompt length to compile on its first request
     (H100, `vptq serve --device cuda`, 2-bit layout: time to first token 8.6 s at one client, 0.24 s once
-    compiled). On CPU the kernels are not specialised on rows: two passes stay enough."""
+    compiled)."""
     from vptq_service.serve.run import warm_up_rows
 
     from vptq.kernels.dispatch import FUSED_MAX_ROWS
 
     cuda = warm_up_rows("cuda")
     assert set(range(1, FUSED_MAX_ROWS + 1)) <= set(cuda) and max(cuda) > FUSED_MAX_ROWS
-    assert warm_up_rows("cpu") == (2, 1)
+
+
+def test_cpu_warm_up_loads_every_kernel_variant_before_the_port_opens(quantized_dir):  # noqa: F811
+    """The CPU kernels are generated per mode and, for histograms, per token-row count (1..rows_apart), with a
+    batched mode above and a dequantize above MAX_ROWS: a warm-up at 2 and 1 rows left the batched mode to compile on
+    the first batch of 4-8 rows (a 12 s stall of every client at 4 clients on a fresh install, bench/RESULTS.md,
+    "Lanes"). After the warm-up, no row count a request can bring loads a kernel."""
+    from vptq_service.serve.run import load_engine, warm_up_rows
+
+    from vptq.kernels import cpu, cpu_source
+
+    assert max(warm_up_rows("cpu")) > cpu.MAX_ROWS  # the dequantize of a long prefill
+    eng = load_engine(str(quantized_dir), "cpu")
+    loaded = cpu_source.kernel.cache_info().currsize
+    with torch.no_grad():
+        for n in range(1, cpu.MAX_ROWS + 3):
+            eng.model(input_ids=torch.zeros((1, n), dtype=torch.long))
+    assert cpu_source.kernel.cache_info().currsize == loaded
 
 
 def test_lone_sequence_static_cache_gives_the_dynamic_paths_logits(quantized_dir, monkeypatch, caplog):  # noqa: F811
