@@ -19,14 +19,12 @@ import os
 
 import torch
 
+from vptq.errors import first_line
+
 log = logging.getLogger("vptq.serve")
 
 GRAPHS_ENV, TOKENS_ENV, COMPILE_ENV = "VPTQ_SERVE_GRAPHS", "VPTQ_SERVE_GRAPH_TOKENS", "VPTQ_SERVE_COMPILE"
 DEFAULT_TOKENS = 4096
-
-
-def _first_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def settings() -> tuple[bool, int]:
@@ -99,7 +97,7 @@ class GraphStep:
             for i, layer in enumerate(cache.layers):  # in place: the captured graph keeps the addresses
                 self.cache.update(layer.keys[:, :, keep], layer.values[:, :, keep], i)
         except Exception as e:  # a cache layout this copy does not know: the dynamic cache (still whole) serves on
-            log.warning("CUDA graphs off: the static cache did not take the sequence (%s)", _first_line(e))
+            log.warning("CUDA graphs off: the static cache did not take the sequence (%s)", first_line(e))
             self.ok = False
             return False
         self.length = keep.numel()
@@ -140,7 +138,7 @@ class GraphStep:
                 self.run = compiled
                 log.info("decode step compiled (torch.compile)")
             except Exception as e:  # noqa: BLE001 - any failure of the toolchain: eager is always there
-                log.warning("torch.compile of the decode step failed (%s); serving the eager step", _first_line(e))
+                log.warning("torch.compile of the decode step failed (%s); serving the eager step", first_line(e))
                 torch._dynamo.reset()
         for _ in range(steps):
             self.run()
@@ -167,7 +165,7 @@ class GraphStep:
             try:
                 self.capture_graph()  # its warm-up steps write this same token at this same slot
             except Exception as e:  # an operation the capture refuses: this step eager, then the dynamic cache
-                log.warning("CUDA graph capture failed (%s); decoding without graphs", _first_line(e))
+                log.warning("CUDA graph capture failed (%s); decoding without graphs", first_line(e))
                 self.capture, self.graph, self.ok = False, None, False
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()

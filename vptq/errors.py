@@ -10,3 +10,9 @@ class SourceError(ValueError):
 class DependencyError(RuntimeError):
     """An installed library's version is outside what this project supports (a broken environment, not a
     bad request); the message says what to install."""
+
+
+def first_line(e: BaseException) -> str:
+    """`Type: first line of the message` (the type alone when the message is empty): an exception in one line."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__

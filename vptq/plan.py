@@ -37,7 +37,7 @@ from .config import ConfigError, LayerLayout, QuantConfig, calib_windows, layer_
 from .driver import BATCH, quantized_chain
 from .finetune import e2e_batch, teacher_cache_bytes
 from .kmeans import tile_rows
-from .preflight import check_blocks_run
+from .preflight import blocks_run_alone
 from .quantizer import refines_codebooks
 from .stream import open_streamed
 from .targets import final_norm
@@ -316,13 +316,14 @@ def probe(parts: Parts, shapes: Shapes, cfg: QuantConfig, windows: torch.Tensor,
     t_start = time.perf_counter()
     say = log or (lambda _msg: None)
     nwin = windows.shape[0]
-    x = embed(parts.model, windows)  # as the model's forward hands block 0 its inputs (scaled, ...)
-    pe = block_kwargs(parts.model, x.shape[1], dev)[0]
-    # copied after that forward, which may set the blocks' state per call (BigBird: full attention on short windows)
-    block = copy.deepcopy(parts.block0).to(dev).eval()
-    as_linears(block)  # as the job quantizes it: experts one linear each, Conv1D as nn.Linear
-    lins = target_linears(block, cfg)
-    calls = trace_calls(lambda: run_block(block, x[:1].to(dev), pe), lins)
+    with blocks_run_alone(parts.model):  # refused as a job would be, before anything is quantized
+        x = embed(parts.model, windows)  # as the model's forward hands block 0 its inputs (scaled, ...)
+        pe = block_kwargs(parts.model, x.shape[1], dev)[0]
+        # copied after that forward, which may set the blocks' state per call (BigBird: full attention on short windows)
+        block = copy.deepcopy(parts.block0).to(dev).eval()
+        as_linears(block)  # as the job quantizes it: experts one linear each, Conv1D as nn.Linear
+        lins = target_linears(block, cfg)
+        calls = trace_calls(lambda: run_block(block, x[:1].to(dev), pe), lins)
     shapes.shared_inputs = _input_groups(calls, lins)
     # true-sequential Hessians: one block pass per group of linears (vptq.callorder), else one
     passes = len(call_groups(calls, lins)) if cfg.hessians == "true-sequential" else 1
@@ -541,7 +542,6 @@ def plan(source: str, cfg: QuantConfig, nsamples: int | None = None, seqlen: int
     parts = checked_load(load_parts, src, "model")
     shapes = shapes_of(parts.model, cfg)
     windows = calibration_windows(ids, min(PROBE_WINDOWS, nsamples), seqlen, cfg.seed)
-    check_blocks_run(parts.model, windows, dev, block=lambda: parts.block0)  # refused as a job would be
     pr = probe(parts, shapes, cfg, windows, dev, say)
     bits = bits_estimate(shapes, cfg)
     mem = memory_estimate(shapes, cfg, nsamples, seqlen, dev.type)

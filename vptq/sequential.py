@@ -25,7 +25,7 @@ from torch import nn
 from .config import QuantConfig
 from .driver import BATCH, BlockInputs, BlockStep, QuantizeFn, block_kwargs, decoder_layers, layers_path, vptq_linear
 from .finetune import finetune_model
-from .preflight import check_blocks_run
+from .preflight import blocks_run_alone, run_first_block
 from .quantizer import LayerReport
 from .targets import check_model, float_tensors
 
@@ -88,15 +88,16 @@ def quantize_model(
     device = torch.device(device)
     model.eval()
     check_model(model, cfg)  # an architecture that cannot be quantized whole is refused before any work
-    check_blocks_run(model, calib, device)  # and one whose blocks cannot be run one at a time
     layers = decoder_layers(model)
+    with blocks_run_alone(model):  # and one whose blocks cannot be run one at a time (vptq.preflight)
+        inputs = BlockInputs.first(model, calib, cfg)
+        kws = block_kwargs(model, inputs.x.shape[1], device)  # what the model's forward gives each block
+        run_first_block(layers[0], inputs.x, kws[0], device)
     n_blocks = len(layers) if blocks is None else min(blocks, len(layers))
     fl = float_tensors(model, cfg, n_blocks)
     report = ModelReport(float_params=fl["params"], float_bits=fl["bits"])
     # the end-to-end stage needs the original as teacher: keep a copy (CPU) before quantizing
     teacher = copy.deepcopy(model).cpu() if cfg.e2e_steps else None
-    inputs = BlockInputs.first(model, calib, cfg)
-    kws = block_kwargs(model, inputs.x.shape[1], device)  # what the model's forward gives each block
     path = layers_path(model)
     for i in range(n_blocks):
         step = BlockStep(layers[i].to(device), i, cfg, device, inputs, kws[i], batch, path)
