@@ -193,6 +193,30 @@ def test_layers_sharing_an_input_take_one_call(batch, monkeypatch):
     assert cpu.resident_bytes(mods[0]) == sum(t.nbytes for t in mods[0].state_dict().values()) + grp._plan.nbytes
 
 
+
+def test_a_kept_output_is_handed_out_while_its_own_weights_stand(monkeypatch):
+    """A member's kept output depends on its own weights and x only: a sibling's changed weights leave it
+    standing (no call), its own changed weights compute again (the group's plan rebuilt)."""
+    from vptq.kernels.dispatch import share_input
+
+    mods = [random_layer(m=40, n=76, v=5, k=1024, kr=0, o=0, g=1, perm=False, norm=False, bias=False, seed=s)
+            for s in (1, 2, 3)]
+    share_input(mods)
+    use_cpu_kernels(nn.ModuleList(mods))
+    calls = []
+    real_call = cpu.CpuPlan.__call__
+    monkeypatch.setattr(cpu.CpuPlan, "__call__", lambda self, x: calls.append(len(self.layers)) or real_call(self, x))
+    x = torch.randn(1, 76, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        mods[0](x)
+        mods[2].centroids.weight.mul_(3)  # a sibling's weights change after the group's call
+        y1 = mods[1](x)
+        assert calls == [3]  # mods[1]'s kept output stands
+        y2 = mods[2](x)
+        assert calls == [3, 3]  # its own weights changed: computed again
+    close(y1, cpu.gemm_ref(x, PackedLayer.from_module(mods[1])))
+    close(y2, cpu.gemm_ref(x, PackedLayer.from_module(mods[2])))
+
 def test_bad_layouts_are_refused():
     mod = random_layer(v=5, k=1024, o=0, g=1, n=76)
     p = PackedLayer.from_module(mod)

@@ -151,6 +151,7 @@ class CpuPlan:
                                     for q in layers]) if has_bias else np.zeros(0, np.float32)
         self.out_features = int(self.moffs[-1])
         self.mode = batch1_mode(v, p.num_centroids, p.num_res_centroids, p.group_size)
+        self._runs: dict[int, tuple] = {}  # token rows -> (generated kernel, rows padded?)
         self.args = (self.src, self.scale, self.wbias, self.bias, self.idxs, self.words, self.cbs,
                      p.num_centroids, self.rcbs, p.num_res_centroids or 1, p.group_size, self.bits, p.main_bits,
                      oidx, _f32(p.outlier_centroids), max(p.outlier_vector_len, 1))
@@ -176,26 +177,34 @@ class CpuPlan:
         return sum(a.nbytes for a in arrays)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, N) -> y (B, sum of M) float32; B <= MAX_ROWS on the kernels, above: dequantize + matmul."""
-        x = x.detach()
+        """x (B, N) -> y (B, sum of M) float32; B <= MAX_ROWS on the kernels, above: dequantize + matmul.
+
+        Kept lean: it runs for every layer of every token (~210 calls a SmolLM2 step, each ~50-200 us of
+        kernel), so nothing here is done twice (the kernel per row count looked up once per plan)."""
+        if x.requires_grad:
+            x = x.detach()
         if x.dtype != torch.float32 or not x.is_contiguous():
             x = x.to(torch.float32).contiguous()
         rows = x.shape[0]
         if rows > MAX_ROWS:
             return self.dense(x)
-        res, bits = self.p.num_res_centroids > 0, self.bits
-        if rows <= rows_apart(res) and self.mode == "hist":  # a histogram per token row, one call for all
-            run = kernel(self.p.vector_len, res, "hist", bits, rows)
-        elif rows == 1:
-            run = kernel(self.p.vector_len, res, self.mode, bits)
-        else:  # zero rows up to the vector width: the batched loop has no scalar remainder
-            run = kernel(self.p.vector_len, res, "batched", bits)
-            pad = -rows % BATCH_ALIGN
-            if pad:
-                x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
-        y = torch.empty(x.shape[0], self.out_features, dtype=torch.float32)
+        run, batched = self._runs.get(rows) or self._runs.setdefault(rows, self._kernel_for(rows))
+        pad = -rows % BATCH_ALIGN if batched else 0  # zero rows up to the vector width: no scalar remainder
+        if pad:
+            x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
+        y = torch.empty(rows + pad, self.out_features, dtype=torch.float32)
         run(x.numpy(), *self.args, y.numpy(), self.starts, self.moffs)
-        return y[:rows]
+        return y[:rows] if pad else y
+
+    def _kernel_for(self, rows: int) -> tuple:
+        """(generated kernel, padded?) for `rows` token rows: a histogram per row up to rows_apart, the
+        one-row mode at 1, else the batched mode, whose input is padded to BATCH_ALIGN rows."""
+        res, bits, v = self.p.num_res_centroids > 0, self.bits, self.p.vector_len
+        if rows <= rows_apart(res) and self.mode == "hist":  # a histogram per token row, one call for all
+            return kernel(v, res, "hist", bits, rows), False
+        if rows == 1:
+            return kernel(v, res, self.mode, bits), False
+        return kernel(v, res, "batched", bits), True
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         """Many token rows (prefill): the dense weight of the coded columns for this call only (numba,
@@ -241,14 +250,21 @@ def forward(mod, x: torch.Tensor) -> torch.Tensor:
     if st is None or st[0] != key:
         st = (key, CpuPlan.build(PackedLayer.from_module(mod)))
         object.__setattr__(mod, "_cpu_plan", st)  # a plain attribute: not state, not a submodule
-    y = st[1](x.reshape(-1, mod.in_features))
-    return y.to(x.dtype).reshape(*x.shape[:-1], mod.out_features)
+    return _as_input(st[1](x.reshape(-1, mod.in_features)), x, mod.out_features)
+
+
+def _as_input(y: torch.Tensor, x: torch.Tensor, out_features: int) -> torch.Tensor:
+    """y (rows, M) float32 in x's dtype and leading shape (no op where they already are)."""
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
 
 
 class CpuGroup:
     """Layers always called one after another on the same x (dispatch.SharedInput's members): the
     first call computes every member's output in one kernel call and keeps the others' for their own
-    calls, handed out only for the same x object, unchanged, computed with the current plan."""
+    calls, handed out only for the same x object, unchanged, to a member whose weights are those the
+    output was computed with (a member's output depends on its own weights and x alone)."""
 
     def __init__(self, mods: list):
         self.mods = list(mods)
@@ -265,18 +281,24 @@ class CpuGroup:
 
     def forward(self, mod, x: torch.Tensor) -> torch.Tensor:
         pend, self._pending = self._pending, None
-        plan = self.plan()
-        if pend is not None and pend[0] is x and pend[1] == x._version and pend[2] is plan and mod in pend[3]:
-            y = pend[3].pop(mod)
-            if pend[3]:
+        if pend is not None and pend[0] is x and pend[1] == x._version:
+            kept = pend[2].pop(mod, None)
+            if pend[2]:
                 self._pending = pend
-            return y
+            if kept is not None and kept[1] == _key(mod):  # one key, not the group's: this runs per member
+                return kept[0]
+        plan = self.plan()
         if plan is None:
             return forward(mod, x)
         ys = plan.split(plan(x.reshape(-1, mod.in_features)))
-        outs = {m: y.to(x.dtype).reshape(*x.shape[:-1], m.out_features) for m, y in zip(self.mods, ys, strict=True)}
-        mine = outs.pop(mod)
-        self._pending = (x, x._version, plan, outs)
+        mine, keep = None, {}
+        for m, y, key in zip(self.mods, ys, self._key, strict=True):
+            y = _as_input(y, x, m.out_features)
+            if m is mod:
+                mine = y
+            else:
+                keep[m] = (y, key)
+        self._pending = (x, x._version, keep)
         return mine
 
 

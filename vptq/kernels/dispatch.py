@@ -12,6 +12,7 @@ Importing this module never imports numba; the kernels' modules import it on fir
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -268,16 +269,24 @@ def use_cpu_kernels(model: torch.nn.Module, on: bool = True) -> int:
 
 def vq_linear_forward_cpu(mod, x: torch.Tensor) -> torch.Tensor | None:
     """VQuantLinear.forward on the CPU kernels, or None for the torch path: a layer not opted in,
-    autograd needing the graph, x not a floating CPU tensor, or numba missing."""
+    autograd needing the graph, x not a floating CPU tensor, or numba missing. Runs for every layer of
+    every token: the kernels' module is imported once, not per call."""
     if not getattr(mod, "_cpu_kernel", False) or x.is_cuda or not x.is_floating_point():
         return None
     if torch.is_grad_enabled() and (x.requires_grad or any(q.requires_grad for q in mod.parameters())):
         return None
-    from . import cpu
-
-    if not cpu.available():
+    cpu = _cpu_module()
+    if cpu is None:
         return None
     shared = getattr(mod, "_vq_shared", None)  # siblings on the same x (share_input): one call for all
     if shared is not None and all(getattr(m, "_cpu_kernel", False) for m in shared.mods):
         return cpu.group_forward(shared, mod, x)
     return cpu.forward(mod, x)
+
+
+@functools.cache
+def _cpu_module():
+    """vptq.kernels.cpu where its kernels can run (numba importable), else None; looked up once."""
+    from . import cpu
+
+    return cpu if cpu.available() else None
