@@ -7,10 +7,11 @@ sequence. The running sequences share one KV cache, left-padded to a common leng
 mask (the layout of Hugging Face's batched generation, positions counted per sequence); a sequence
 joining is prefilled on its own cache and concatenated along the batch, one leaving is cut out of it.
 So a new request starts at the next step, never waiting for the batch to drain. Caches that such a
-concatenation cannot merge (sliding-window layers that keep only the last window, linear-attention and
-state-space layers that keep a recurrent state, chunked attention: anything but transformers' plain
-DynamicLayer) are kept one per sequence instead ("lanes"): each step decodes every lane in turn, so a
-joining request still starts at the next step, at the cost of one forward pass per sequence.
+concatenation cannot merge (linear-attention and state-space layers that keep a recurrent state, chunked
+attention) are kept one per sequence instead ("lanes"): each step decodes every lane in turn, so a joining
+request still starts at the next step, at the cost of one forward pass per sequence. Sliding-window layers
+(Mistral, Gemma 2/3), which keep only the last window, are replaced by plain layers that keep every token
+(the window is applied in the attention mask as well: same logits), so those models decode in one batch.
 
 Requests reach the engine through a bounded queue (`submit` raises QueueFull beyond `max_queue`
 waiting); events go back to each request's asyncio queue on its own event loop: ("text", str) as
@@ -150,16 +151,30 @@ def sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> in
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
-def mergeable_cache(model, device) -> bool:
-    """Whether the model's KV cache is made of transformers' plain DynamicLayers only (keys and values that
-    grow by one token a step), which Batch can pad and concatenate across sequences: one token's forward
-    tells."""
-    from transformers.cache_utils import DynamicLayer
+def cache_kind(model, device) -> str:
+    """How Batch can hold the model's KV caches, from the layers of one token's forward:
+
+    - "merge": transformers' plain DynamicLayers only (keys and values that grow by one token a step), which
+      Batch pads and concatenates across sequences;
+    - "plain": sliding-window layers (DynamicSlidingWindowLayer, Mistral, Gemma 2/3) beside plain ones. They
+      drop keys older than the window, so they cannot be padded to a common length, but transformers applies
+      the window in the attention mask as well: a cache of plain layers that keeps every token gives the same
+      logits (tests/test_serve.py) and merges, for the memory of the tokens beyond the window;
+    - "lanes": anything else (recurrent states of linear-attention and state-space layers, chunked attention):
+      one cache per sequence."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
     with torch.no_grad():
         out = model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=True)
-    layers = getattr(out.cache, "layers", None)  # the attribute _prefill reads
-    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+    kinds = {type(layer) for layer in getattr(out.cache, "layers", None) or ()}  # the attribute _prefill reads
+    if kinds == {DynamicLayer}:
+        return "merge"
+    # chunked attention (Llama 4) keeps its chunk in the same layer class, but its chunks start at absolute
+    # positions, which left padding shifts: only a window relative to each token may be widened
+    text = model.config.get_text_config()
+    types = set(getattr(text, "layer_types", None) or ())
+    relative = types <= {"full_attention", "sliding_attention"} and not getattr(text, "attention_chunk_size", None)
+    return "plain" if relative and kinds and kinds <= {DynamicLayer, DynamicSlidingWindowLayer} else "lanes"
 
 
 class Engine:
@@ -185,7 +200,7 @@ class Engine:
         self.waiting: deque[Sequence] = deque()
         self.batch = Batch()
         self.lanes: list[Batch] = []  # one sequence each, when the model's caches cannot be merged
-        self.separate: bool | None = None  # decided by the first step (a one-token forward: mergeable_cache)
+        self.caches: str | None = None  # "merge", "plain" or "lanes": decided by the first step (cache_kind)
         self.cond = threading.Condition()
         self.stopping = False
         self.thread: threading.Thread | None = None
@@ -252,18 +267,22 @@ class Engine:
             self._finish(s, None, "the server is shutting down")
 
     def _decide_lanes(self) -> None:
-        """Once, before the first pass: whether sequences run on caches of their own (see the module doc)."""
-        if self.separate is None:
-            self.separate = not mergeable_cache(self.model, self.device)
-            if self.separate:
-                self.graph = None  # the static cache holds plain keys/values only
+        """Once, before the first pass: how sequences keep their caches (cache_kind; the module doc)."""
+        if self.caches is None:
+            self.caches = cache_kind(self.model, self.device)
+            if self.caches != "merge":
+                self.graph = None  # the static cache holds plain keys/values of full-attention layers only
+            if self.caches == "plain":
+                log.info("sliding-window caches of %s are kept whole (the window is applied in the attention "
+                         "mask), so sequences decode in one batch", type(self.model).__name__)
+            elif self.caches == "lanes":
                 log.info("caches of %s cannot be merged across sequences: one forward pass per running sequence",
                          type(self.model).__name__)
 
     @torch.no_grad()
     def step(self) -> None:
         self._decide_lanes()
-        if self.separate:
+        if self.caches == "lanes":
             return self._step_lanes()
         self.cancelled += sum(1 for s in self.batch.seqs if s.cancelled and not s.finish)
         self.batch.keep([i for i, s in enumerate(self.batch.seqs) if not (s.cancelled or s.finish)])
@@ -320,7 +339,13 @@ class Engine:
             mask[i, n - len(s.prompt_ids):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(1) - 1).clamp_min(0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        plain = {}
+        if self.caches == "plain":
+            from transformers import DynamicCache
+
+            plain["cache"] = DynamicCache()  # built without the config: plain layers only (cache_kind)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                         **plain)
         logits = out.logits[:, -1].float().cpu()  # sampling on the CPU: the per-request generators live there
         (self.batch if batch is None else batch).add(seqs, out.cache, mask)
         for i, s in enumerate(seqs):
