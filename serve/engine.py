@@ -270,8 +270,10 @@ class Engine:
         """Once, before the first pass: how sequences keep their caches (cache_kind; the module doc)."""
         if self.caches is None:
             self.caches = cache_kind(self.model, self.device)
-            if self.caches != "merge":
-                self.graph = None  # the static cache holds plain keys/values of full-attention layers only
+            if self.caches == "lanes":
+                self.graph = None  # the static cache holds keys/values of attention layers only
+            elif self.caches == "plain" and self.graph is not None:
+                self.graph.whole = True  # full-length static layers: the window applied in the mask
             if self.caches == "plain":
                 log.info("sliding-window caches of %s are kept whole (the window is applied in the attention "
                          "mask), so sequences decode in one batch", type(self.model).__name__)

@@ -7,9 +7,11 @@ captured once in a CUDA graph and each step replays it. When a second sequence j
 outgrow the static cache, its keys and values go back to a dynamic cache and the engine decodes eagerly
 (serve/engine.py). Without a GPU (the tests) the same static-cache step runs eagerly: `capture=False`.
 
-Only models whose every cache layer is a full-attention one take it: a sliding-window layer's static form
-keeps a rolling window that a copied-in prefix would not fill as its own updates do. A capture that fails
-turns the graph off for the server's life (logged once); the eager path serves on.
+Models whose cache layers are full-attention ones take it, and sliding-window models (Mistral, Gemma 2/3)
+whose caches the engine keeps whole (serve/engine.py, cache_kind "plain"): their static cache then has
+full-length layers too, the window being applied in the attention mask (a sliding layer's static form keeps a
+rolling window that a copied-in prefix would not fill as its own updates do). A capture that fails turns the
+graph off for the server's life (logged once); the eager path serves on.
 """
 
 from __future__ import annotations
@@ -56,8 +58,10 @@ def compile_wanted() -> bool:
 class GraphStep:
     """One sequence's static cache, its captured step and its length (tokens in the cache)."""
 
-    def __init__(self, model, max_len: int, capture: bool = True, compile: bool = False):
-        self.model, self.max_len, self.capture = model, max_len, capture
+    def __init__(self, model, max_len: int, capture: bool = True, compile: bool = False, whole: bool = False):
+        """whole: every layer full-length, also where the model has sliding-window layers (their window lives in
+        the attention mask as well; the engine keeps such caches whole)."""
+        self.model, self.max_len, self.capture, self.whole = model, max_len, capture, whole
         self.compile = compile  # through vptq.compiled.compile_step, once, on the first step (see _warm_up)
         self.run = self.eager_step
         self.device = next(model.parameters()).device
@@ -71,8 +75,11 @@ class GraphStep:
 
     def _new_cache(self):
         from transformers import StaticCache
+        from transformers.cache_utils import StaticLayer
 
         cache = StaticCache(config=self.model.config, max_cache_len=self.max_len)
+        if self.whole:
+            cache.layers = [StaticLayer(max_cache_len=self.max_len) for _ in cache.layers]
         kinds = {type(layer).__name__ for layer in cache.layers}
         if kinds != {"StaticLayer"}:
             log.info("CUDA graphs off: the model's cache has %s layers", ", ".join(sorted(kinds - {"StaticLayer"})))
@@ -107,7 +114,7 @@ class GraphStep:
         """(a dynamic cache holding the sequence's keys/values, its mask (1, length))."""
         from transformers import DynamicCache
 
-        dyn = DynamicCache(config=self.model.config)
+        dyn = DynamicCache() if self.whole else DynamicCache(config=self.model.config)  # whole: plain layers
         for i, layer in enumerate(self.cache.layers):
             dyn.update(layer.keys[:, :, : self.length].clone(), layer.values[:, :, : self.length].clone(), i)
         mask = torch.ones((1, self.length), dtype=torch.long, device=self.device)

@@ -434,6 +434,47 @@ def test_sliding_window_requests_decode_as_one_batch(family, smol_tokenizer, tmp
     assert together == alone
     assert max(rows) == 3  # one pass for all three, not a lane each
 
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+def test_sliding_window_lone_sequence_takes_the_static_cache(family, smol_tokenizer, tmp_path, monkeypatch):
+    """A lone sequence of a sliding-window model decodes through serve/graph.py's static cache (on CUDA: one
+    graph a step) with full-length layers, the window applied in the mask: the logits of the dynamic path on the
+    same schedule (A alone past the 16-token window, B joining, B done), and most steps on the static cache."""
+    import vptq_service.serve.engine as engine_mod
+    from vptq_service.serve.engine import Engine, Sampling, Sequence
+
+    from tests.test_architectures import build
+
+    model = build(family, smol_tokenizer, tmp_path).eval()
+    seen: list[torch.Tensor] = []
+    sample = engine_mod.sample
+    monkeypatch.setattr(engine_mod, "sample", lambda logits, s, gen: seen.append(logits) or sample(logits, s, gen))
+
+    def run(graphs: bool) -> tuple[list[torch.Tensor], int]:
+        seen.clear()
+        eng = Engine(model, smol_tokenizer, max_batch=4, graphs=graphs)
+        a = Sequence(eng.encode("The cat sat on the mat and looked at the"), Sampling(max_tokens=24, temperature=0),
+                     emit=lambda e: None)
+        b = Sequence(eng.encode("A long time ago in a galaxy far far away"), Sampling(max_tokens=4, temperature=0),
+                     emit=lambda e: None)
+        eng.submit(a)
+        static_steps = 0
+        for i in range(30):
+            if i == 5:
+                eng.submit(b)
+            eng.step()
+            static_steps += eng.batch.static is not None
+            if a.finish and b.finish:
+                break
+        return list(seen), static_steps
+
+    dyn, none = run(False)
+    static, some = run(True)
+    assert none == 0 and some >= 15
+    assert len(static) == len(dyn)
+    for x, y in zip(static, dyn, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+
 def test_a_compiled_lone_sequence_decodes_as_the_eager_one(quantized_dir, monkeypatch, caplog):  # noqa: F811
     """VPTQ_SERVE_COMPILE=1: the lone sequence's step goes through torch.compile (vptq.compiled; here without
     code generation, seconds instead of inductor's minute) and gives the eager step's logits on the schedule of
