@@ -362,13 +362,34 @@ def test_lone_sequence_static_cache_gives_the_dynamic_paths_logits(quantized_dir
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
 
 
+
+def decode_joining(model, tok, prompts: list[tuple[str, int]], join_at: int = 3) -> tuple[list[tuple], list[int]]:
+    """Greedy requests through one Engine on CPU: the first submitted at once, the others at step join_at;
+    ((finish, tokens) per request, the rows of each decode pass)."""
+    from vptq_service.serve.engine import Engine, Sampling, Sequence
+
+    eng = Engine(model, tok, max_batch=4, graphs=False)
+    rows: list[int] = []
+    eng.on_decode = rows.append
+    seqs = [Sequence(eng.encode(text), Sampling(max_tokens=n, temperature=0), emit=lambda e: None) for text, n in prompts]
+    eng.submit(seqs[0])
+    for step in range(40):
+        if step == join_at:
+            for s in seqs[1:]:
+                eng.submit(s)
+        eng.step()
+        if all(s.finish for s in seqs):
+            break
+    return [(s.finish, s.out_ids) for s in seqs], rows
+
+
 @pytest.mark.parametrize("family", ["qwen3_next", "falcon_h1", "llama4_text"])
 def test_a_joining_request_on_caches_that_cannot_be_merged(family, smol_tokenizer, tmp_path):
     """Linear-attention or state-space layers (Qwen3-Next, Falcon-H1) and chunked attention (Llama 4) keep caches
     that the batch's left-padded concatenation cannot merge: a request joining a running one failed (or made both
     fail). Each sequence then decodes on its own cache, every step: both give the tokens they give alone.
     (Sliding-window layers, which failed the same way, now merge: test_sliding_window_requests_decode_as_one_batch.)"""
-    from vptq_service.serve.engine import Engine, Sampling, Sequence, cache_kind
+    from vptq_service.serve.engine import cache_kind
 
     from tests.test_architectures import tiny_family
 
@@ -376,25 +397,9 @@ def test_a_joining_request_on_caches_that_cannot_be_merged(family, smol_tokenize
     assert cache_kind(model, torch.device("cpu")) == "lanes"
     prompts = [("The cat sat on the mat and looked at the", 12),
                ("A long time ago in a galaxy far far away there lived a small robot who", 6)]
-
-    def run(which: list[int], join_at: int = 3) -> list[tuple]:
-        eng = Engine(model, smol_tokenizer, max_batch=4, graphs=False)
-        seqs = [Sequence(eng.encode(prompts[i][0]), Sampling(max_tokens=prompts[i][1], temperature=0),
-                         emit=lambda e: None) for i in which]
-        eng.submit(seqs[0])
-        for step in range(40):
-            if step == join_at:
-                for s in seqs[1:]:
-                    eng.submit(s)
-            eng.step()
-            if all(s.finish for s in seqs):
-                break
-        return [(s.finish, s.out_ids) for s in seqs]
-
-    alone = [run([0])[0], run([1])[0]]
+    alone = [decode_joining(model, smol_tokenizer, [p])[0][0] for p in prompts]
     assert [a[0] for a in alone] == ["length", "length"]
-    assert run([0, 1]) == alone
-
+    assert decode_joining(model, smol_tokenizer, prompts)[0] == alone
 
 
 @pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3"])
@@ -403,8 +408,6 @@ def test_sliding_window_requests_decode_as_one_batch(family, smol_tokenizer, tmp
     mask too, so plain caches that keep every token give the same logits and merge across sequences: requests
     joining at different steps, past the window, decode in one batch (not one pass per sequence) with the tokens
     each gives alone."""
-    from vptq_service.serve.engine import Engine, Sampling, Sequence
-
     from tests.test_architectures import build
 
     model = build(family, smol_tokenizer, tmp_path).eval()
@@ -412,25 +415,8 @@ def test_sliding_window_requests_decode_as_one_batch(family, smol_tokenizer, tmp
     prompts = [("The cat sat on the mat and looked at the", 14),  # past the 16-token window
                ("A long time ago in a galaxy far far away there lived a small robot who", 8),
                ("Once", 10)]
-
-    def run(which: list[int], join_at: int = 3) -> tuple[list[tuple], list[int]]:
-        eng = Engine(model, smol_tokenizer, max_batch=4, graphs=False)
-        rows = []
-        eng.on_decode = rows.append
-        seqs = [Sequence(eng.encode(prompts[i][0]), Sampling(max_tokens=prompts[i][1], temperature=0),
-                         emit=lambda e: None) for i in which]
-        eng.submit(seqs[0])
-        for step in range(40):
-            if step == join_at:
-                for s in seqs[1:]:
-                    eng.submit(s)
-            eng.step()
-            if all(s.finish for s in seqs):
-                break
-        return [(s.finish, s.out_ids) for s in seqs], rows
-
-    alone = [run([i])[0][0] for i in range(3)]
-    together, rows = run([0, 1, 2])
+    alone = [decode_joining(model, smol_tokenizer, [p])[0][0] for p in prompts]
+    together, rows = decode_joining(model, smol_tokenizer, prompts)
     assert together == alone
     assert max(rows) == 3  # one pass for all three, not a lane each
 
