@@ -341,17 +341,21 @@ class Engine:
             mask[i, n - len(s.prompt_ids):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(1) - 1).clamp_min(0)
-        plain = {}
-        if self.caches == "plain":
-            from transformers import DynamicCache
-
-            plain["cache"] = DynamicCache()  # built without the config: plain layers only (cache_kind)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
-                         **plain)
+                         **self._new_cache())
         logits = out.logits[:, -1].float().cpu()  # sampling on the CPU: the per-request generators live there
         (self.batch if batch is None else batch).add(seqs, out.cache, mask)
         for i, s in enumerate(seqs):
             self._append(s, sample(logits[i], s.sampling, s.generator))
+
+    def _new_cache(self) -> dict:
+        """The forward's cache argument for a new sequence: a config-less DynamicCache (plain layers only) where
+        sliding-window caches are kept whole (cache_kind "plain"), else none (the model builds its own)."""
+        if self.caches != "plain":
+            return {}
+        from transformers import DynamicCache
+
+        return {"cache": DynamicCache()}
 
     def prepare_graph(self) -> None:
         """Capture the lone-sequence step now (before the port opens), on a two-token dummy sequence."""
@@ -360,7 +364,7 @@ class Engine:
             return
         with torch.no_grad():
             ids = torch.full((1, 2), self.pad, dtype=torch.long, device=self.device)
-            out = self.model(input_ids=ids, use_cache=True)
+            out = self.model(input_ids=ids, use_cache=True, **self._new_cache())
             if self.graph.fits(2) and self.graph.load(out.cache, torch.ones(2, dtype=torch.long)):
                 self.graph.step(self.pad)
                 self.graph.unload()
