@@ -78,6 +78,24 @@ def _pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
+def _has_keys(layer) -> bool:
+    return isinstance(getattr(layer, "keys", None), torch.Tensor)
+
+
+def _states(a, b):
+    """(a's, b's) per-row state dicts of a linear-attention / state-space cache layer (conv windows, recurrent
+    states: {state index: (rows, ...)}); none for an attention layer."""
+    return [(getattr(a, n), getattr(b, n)) for n in ("conv_states", "recurrent_states") if isinstance(getattr(a, n, None), dict)]
+
+
+def _set_length(layer, n: int) -> None:
+    """A recurrent layer counts the tokens it has seen (the model reads its cache position from it when such a
+    layer comes first): the batch's padded width, as its attention layers hold."""
+    count = getattr(layer, "cumulative_length_linear", None)
+    if isinstance(count, torch.Tensor) and count.dim() == 0:
+        count.fill_(n)
+
+
 class Batch:
     """The running sequences' shared KV cache (transformers DynamicCache layers) and mask (B, L); or, while
     one sequence runs alone on CUDA, `static`: the GraphStep holding its keys/values (cache and mask None)."""
@@ -113,8 +131,13 @@ class Batch:
         la, lb = self.mask.shape[1], mask.shape[1]
         n = max(la, lb)
         for a, b in zip(self.cache.layers, cache.layers, strict=True):
-            a.keys = torch.cat([_pad_left(a.keys, n - la, 2), _pad_left(b.keys, n - lb, 2)], 0)
-            a.values = torch.cat([_pad_left(a.values, n - la, 2), _pad_left(b.values, n - lb, 2)], 0)
+            if _has_keys(a):
+                a.keys = torch.cat([_pad_left(a.keys, n - la, 2), _pad_left(b.keys, n - lb, 2)], 0)
+                a.values = torch.cat([_pad_left(a.values, n - la, 2), _pad_left(b.values, n - lb, 2)], 0)
+            for states, more in _states(a, b):  # recurrent layers: one state per row, nothing to pad
+                for i in states:
+                    states[i] = torch.cat([states[i], more[i]], 0)
+            _set_length(a, n)
         self.mask = torch.cat([_pad_left(self.mask, n - la, 1), _pad_left(mask, n - lb, 1)], 0)
         self.seqs += seqs
 
@@ -132,8 +155,13 @@ class Batch:
         used = mask.any(0).nonzero()
         start = int(used[0]) if used.numel() else 0
         for layer in self.cache.layers:
-            layer.keys = layer.keys[idx][:, :, start:]
-            layer.values = layer.values[idx][:, :, start:]
+            if _has_keys(layer):
+                layer.keys = layer.keys[idx][:, :, start:]
+                layer.values = layer.values[idx][:, :, start:]
+            for states, _ in _states(layer, layer):
+                for i in states:
+                    states[i] = states[i][idx.to(states[i].device)]
+            _set_length(layer, mask.shape[1] - start)
         self.mask = mask[:, start:]
         self.seqs = [self.seqs[i] for i in keep]
 
@@ -160,15 +188,27 @@ def cache_kind(model, device) -> str:
       drop keys older than the window, so they cannot be padded to a common length, but transformers applies
       the window in the attention mask as well: a cache of plain layers that keeps every token gives the same
       logits (tests/test_serve.py) and merges, for the memory of the tokens beyond the window;
-    - "lanes": anything else (recurrent states of linear-attention and state-space layers, chunked attention):
-      one cache per sequence."""
-    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+    - "states": linear-attention or state-space layers (Qwen3-Next/3.5's gated delta-net, Falcon-H1's Mamba-2)
+      beside plain attention: a recurrent state and a short convolution window per sequence, with no length to
+      pad; each sequence is prefilled alone (no padding runs through a recurrence) and its states are stacked
+      along the batch, its attention layers padded as "merge" pads them;
+    - "lanes": anything else (chunked attention, whose chunks start at absolute positions that left padding
+      would shift; recurrent layers beside sliding windows): one cache per sequence."""
+    from transformers.cache_utils import (
+        DynamicLayer,
+        DynamicSlidingWindowLayer,
+        LinearAttentionAndFullAttentionLayer,
+        LinearAttentionLayer,
+    )
 
     with torch.no_grad():
         out = model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=True)
     kinds = {type(layer) for layer in getattr(out.cache, "layers", None) or ()}  # the attribute _prefill reads
     if kinds == {DynamicLayer}:
         return "merge"
+    recurrent = {LinearAttentionLayer, LinearAttentionAndFullAttentionLayer}
+    if kinds & recurrent and kinds <= recurrent | {DynamicLayer}:
+        return "states"
     # chunked attention (Llama 4) keeps its chunk in the same layer class, but its chunks start at absolute
     # positions, which left padding shifts: only a window relative to each token may be widened
     text = model.config.get_text_config()
@@ -270,7 +310,7 @@ class Engine:
         """Once, before the first pass: how sequences keep their caches (cache_kind; the module doc)."""
         if self.caches is None:
             self.caches = cache_kind(self.model, self.device)
-            if self.caches == "lanes":
+            if self.caches in ("lanes", "states"):
                 self.graph = None  # the static cache holds keys/values of attention layers only
             elif self.caches == "plain" and self.graph is not None:
                 self.graph.whole = True  # full-length static layers: the window applied in the mask
@@ -289,12 +329,13 @@ class Engine:
         self.cancelled += sum(1 for s in self.batch.seqs if s.cancelled and not s.finish)
         self.batch.keep([i for i, s in enumerate(self.batch.seqs) if not (s.cancelled or s.finish)])
         new = self._admit(len(self.batch))
-        if new:
+        # recurrent states: each sequence prefilled alone (left padding would run through the recurrence)
+        for group in ([[s] for s in new] if self.caches == "states" else [new] if new else []):
             try:
-                self._prefill(new)
+                self._prefill(group)
             except Exception as e:
                 log.error("prefill failed: %s: %s", type(e).__name__, e)
-                for s in new:
+                for s in group:
                     self._finish(s, None, f"internal error in prefill: {type(e).__name__}")
         if any(not (s.finish or s.cancelled) for s in self.batch.seqs):
             self._decode()  # the new sequences too: the token their prefill sampled goes in

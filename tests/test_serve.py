@@ -363,32 +363,44 @@ def test_lone_sequence_static_cache_gives_the_dynamic_paths_logits(quantized_dir
 
 
 
-def decode_joining(model, tok, prompts: list[tuple[str, int]], join_at: int = 3) -> tuple[list[tuple], list[int]]:
+def decode_joining(model, tok, prompts: list[tuple[str, int]], join_at: int = 3,
+                   logits: list | None = None) -> tuple[list[tuple], list[int]]:
     """Greedy requests through one Engine on CPU: the first submitted at once, the others at step join_at;
-    ((finish, tokens) per request, the rows of each decode pass)."""
+    ((finish, tokens) per request, the rows of each decode pass). `logits`: filled with each request's list of
+    the logits its tokens were sampled from."""
+    import vptq_service.serve.engine as engine_mod
     from vptq_service.serve.engine import Engine, Sampling, Sequence
 
     eng = Engine(model, tok, max_batch=4, graphs=False)
     rows: list[int] = []
     eng.on_decode = rows.append
     seqs = [Sequence(eng.encode(text), Sampling(max_tokens=n, temperature=0), emit=lambda e: None) for text, n in prompts]
-    eng.submit(seqs[0])
-    for step in range(40):
-        if step == join_at:
-            for s in seqs[1:]:
-                eng.submit(s)
-        eng.step()
-        if all(s.finish for s in seqs):
-            break
+    seen = {id(s.sampling): [] for s in seqs}
+    sample = engine_mod.sample
+    engine_mod.sample = lambda row, s, gen: seen[id(s)].append(row) or sample(row, s, gen)
+    try:
+        eng.submit(seqs[0])
+        for step in range(40):
+            if step == join_at:
+                for s in seqs[1:]:
+                    eng.submit(s)
+            eng.step()
+            if all(s.finish for s in seqs):
+                break
+    finally:
+        engine_mod.sample = sample
+    if logits is not None:
+        logits.extend(seen[id(s.sampling)] for s in seqs)
     return [(s.finish, s.out_ids) for s in seqs], rows
 
 
-@pytest.mark.parametrize("family", ["qwen3_next", "falcon_h1", "llama4_text"])
+@pytest.mark.parametrize("family", ["llama4_text"])
 def test_a_joining_request_on_caches_that_cannot_be_merged(family, smol_tokenizer, tmp_path):
-    """Linear-attention or state-space layers (Qwen3-Next, Falcon-H1) and chunked attention (Llama 4) keep caches
-    that the batch's left-padded concatenation cannot merge: a request joining a running one failed (or made both
+    """Chunked attention (Llama 4) keeps caches that the batch's left-padded concatenation cannot merge (its chunks
+    start at absolute positions, which left padding shifts): a request joining a running one failed (or made both
     fail). Each sequence then decodes on its own cache, every step: both give the tokens they give alone.
-    (Sliding-window layers, which failed the same way, now merge: test_sliding_window_requests_decode_as_one_batch.)"""
+    (Sliding-window and recurrent-state layers, which failed the same way, now merge:
+    test_sliding_window_requests_decode_as_one_batch, test_recurrent_state_requests_decode_as_one_batch.)"""
     from vptq_service.serve.engine import cache_kind
 
     from tests.test_architectures import tiny_family
@@ -399,7 +411,48 @@ def test_a_joining_request_on_caches_that_cannot_be_merged(family, smol_tokenize
                ("A long time ago in a galaxy far far away there lived a small robot who", 6)]
     alone = [decode_joining(model, smol_tokenizer, [p])[0][0] for p in prompts]
     assert [a[0] for a in alone] == ["length", "length"]
-    assert decode_joining(model, smol_tokenizer, prompts)[0] == alone
+    together, rows = decode_joining(model, smol_tokenizer, prompts)
+    assert together == alone and max(rows) == 1
+
+
+@pytest.mark.parametrize("family", ["qwen3_next", "falcon_h1"])
+def test_recurrent_state_requests_decode_as_one_batch(family, smol_tokenizer, tmp_path):
+    """Linear-attention and state-space layers (Qwen3-Next's gated delta-net, Falcon-H1's Mamba-2 beside attention)
+    keep a recurrent state and a short convolution window per sequence, with no length to pad: each joining request
+    is prefilled alone and its states are stacked along the batch (the attention layers padded as usual), so
+    requests joining at different steps decode in one batch with the tokens each gives alone."""
+    from vptq_service.serve.engine import cache_kind
+
+    from tests.test_architectures import tiny_family
+
+    model = tiny_family(family, smol_tokenizer).eval()
+    assert cache_kind(model, torch.device("cpu")) == "states"
+    prompts = [("The cat sat on the mat and looked at the", 12),
+               ("A long time ago in a galaxy far far away there lived a small robot who", 6),
+               ("Once", 8)]
+    alone_logits, together_logits = [], []
+    alone = [decode_joining(model, smol_tokenizer, [p], logits=alone_logits)[0][0] for p in prompts]
+    together, rows = decode_joining(model, smol_tokenizer, prompts, logits=together_logits)
+    assert together == alone
+    assert max(rows) == 3
+    for mine, own in zip(together_logits, alone_logits, strict=True):  # logits, not only a random model's tokens
+        assert len(mine) == len(own)
+        for x, y in zip(mine, own, strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+
+    # the cache's own count of tokens (a recurrent layer's, which the model reads its position from where such a
+    # layer comes first) stays the batch's padded width through joins and departures
+    from vptq_service.serve.engine import Engine, Sampling, Sequence
+
+    eng = Engine(model, smol_tokenizer, max_batch=4, graphs=False)
+    seqs = [Sequence(eng.encode(text), Sampling(max_tokens=n, temperature=0), emit=lambda e: None) for text, n in prompts]
+    eng.submit(seqs[2])
+    for step in range(12):
+        if step == 2:
+            eng.submit(seqs[0]), eng.submit(seqs[1])
+        eng.step()
+        if eng.batch.seqs:
+            assert int(eng.batch.cache.get_seq_length()) == eng.batch.mask.shape[1]
 
 
 @pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3"])
@@ -415,9 +468,13 @@ def test_sliding_window_requests_decode_as_one_batch(family, smol_tokenizer, tmp
     prompts = [("The cat sat on the mat and looked at the", 14),  # past the 16-token window
                ("A long time ago in a galaxy far far away there lived a small robot who", 8),
                ("Once", 10)]
-    alone = [decode_joining(model, smol_tokenizer, [p])[0][0] for p in prompts]
-    together, rows = decode_joining(model, smol_tokenizer, prompts)
+    alone_logits, together_logits = [], []
+    alone = [decode_joining(model, smol_tokenizer, [p], logits=alone_logits)[0][0] for p in prompts]
+    together, rows = decode_joining(model, smol_tokenizer, prompts, logits=together_logits)
     assert together == alone
+    for mine, own in zip(together_logits, alone_logits, strict=True):
+        for x, y in zip(mine, own, strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
     assert max(rows) == 3  # one pass for all three, not a lane each
 
 
