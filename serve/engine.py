@@ -6,12 +6,14 @@ prompts prefilled together, left-padded), then one forward pass of one token for
 sequence. The running sequences share one KV cache, left-padded to a common length with an attention
 mask (the layout of Hugging Face's batched generation, positions counted per sequence); a sequence
 joining is prefilled on its own cache and concatenated along the batch, one leaving is cut out of it.
-So a new request starts at the next step, never waiting for the batch to drain. Caches that such a
-concatenation cannot merge (linear-attention and state-space layers that keep a recurrent state, chunked
-attention) are kept one per sequence instead ("lanes"): each step decodes every lane in turn, so a joining
-request still starts at the next step, at the cost of one forward pass per sequence. Sliding-window layers
+So a new request starts at the next step, never waiting for the batch to drain. Sliding-window layers
 (Mistral, Gemma 2/3), which keep only the last window, are replaced by plain layers that keep every token
-(the window is applied in the attention mask as well: same logits), so those models decode in one batch.
+(the window is applied in the attention mask as well: same logits); linear-attention and state-space layers
+(Qwen3-Next/3.5, Falcon-H1) have per-sequence states with no length, stacked along the batch after each
+sequence's own prefill: both decode in one batch (cache_kind). Caches that cannot be merged at all (chunked
+attention, whose chunks start at absolute positions) are kept one per sequence instead ("lanes"): each step
+decodes every lane in turn, so a joining request still starts at the next step, at the cost of one forward
+pass per sequence.
 
 Requests reach the engine through a bounded queue (`submit` raises QueueFull beyond `max_queue`
 waiting); events go back to each request's asyncio queue on its own event loop: ("text", str) as
