@@ -316,12 +316,12 @@ class Engine:
                 self.graph = None  # the static cache holds keys/values of attention layers only
             elif self.caches == "plain" and self.graph is not None:
                 self.graph.whole = True  # full-length static layers: the window applied in the mask
-            if self.caches == "plain":
-                log.info("sliding-window caches of %s are kept whole (the window is applied in the attention "
-                         "mask), so sequences decode in one batch", type(self.model).__name__)
-            elif self.caches == "lanes":
-                log.info("caches of %s cannot be merged across sequences: one forward pass per running sequence",
-                         type(self.model).__name__)
+            said = {"plain": "sliding-window caches of %s are kept whole (the window is applied in the attention "
+                             "mask), so sequences decode in one batch",
+                    "states": "recurrent states of %s are stacked along the batch (each sequence prefilled alone)",
+                    "lanes": "caches of %s cannot be merged across sequences: one forward pass per running sequence"}
+            if self.caches in said:
+                log.info(said[self.caches], type(self.model).__name__)
 
     @torch.no_grad()
     def step(self) -> None:
