@@ -286,43 +286,57 @@ def test_cpu_warm_up_loads_every_kernel_variant_before_the_port_opens(quantized_
     assert cpu_source.kernel.cache_info().currsize == loaded
 
 
+
+def decode_schedule(model, tok, a: tuple[str, int], b: tuple[str, int], graphs: bool,
+                    tokens: int | None = None) -> tuple[list[torch.Tensor], int, tuple]:
+    """Greedy request A alone, B joining at step 5, each (prompt, max_tokens), through one Engine on CPU (graphs:
+    a lone sequence on serve/graph.py's static cache, eager here; tokens: its length): (every logits row sampled
+    from, in order; the steps A ran on the static cache; the two finish reasons)."""
+    import vptq_service.serve.engine as engine_mod
+    from vptq_service.serve.engine import Engine, Sampling, Sequence
+
+    seen: list[torch.Tensor] = []
+    sample = engine_mod.sample
+    engine_mod.sample = lambda logits, s, gen: seen.append(logits) or sample(logits, s, gen)
+    try:
+        eng = Engine(model, tok, max_batch=4, graphs=graphs)
+        if graphs and tokens:
+            eng.graph.max_len = tokens
+        sa, sb = (Sequence(eng.encode(text), Sampling(max_tokens=n, temperature=0), emit=lambda e: None)
+                  for text, n in (a, b))
+        eng.submit(sa)
+        static_steps = 0
+        for i in range(30):
+            if i == 5:
+                eng.submit(sb)
+            eng.step()
+            static_steps += eng.batch.static is not None
+            if sa.finish and sb.finish:
+                break
+    finally:
+        engine_mod.sample = sample
+    return seen, static_steps, (sa.finish, sb.finish)
+
+
 def test_lone_sequence_static_cache_gives_the_dynamic_paths_logits(quantized_dir, monkeypatch, caplog):  # noqa: F811
     """On CUDA a lone sequence decodes through serve/graph.py (its keys/values in a static cache, the step a
     CUDA graph). The same static-cache step, run eagerly here, must give the logits the dynamic cache gives on
     the same schedule: A alone (moved in), B joining mid-way (A moved back out and batched with B), B done (A
     moved in again), and a static cache too short for A (back to the dynamic cache when it fills). Logits, not
     only tokens: a tiny random model's greedy tokens hardly depend on the cache."""
-    import vptq_service.serve.engine as engine_mod
-    from vptq_service.serve.engine import Engine, Sampling, Sequence
     from vptq_service.serve.graph import GraphStep
 
     from vptq.generate import load_for_generation
 
     orig_init = GraphStep.__init__
     model, tok = load_for_generation(str(quantized_dir), "cpu")
-    seen: list[torch.Tensor] = []
-    sample = engine_mod.sample
-    monkeypatch.setattr(engine_mod, "sample", lambda logits, s, gen: seen.append(logits) or sample(logits, s, gen))
 
     def run(graphs: bool, tokens: int = 4096) -> tuple[list[torch.Tensor], int]:
-        seen.clear()
-        eng = Engine(model, tok, max_batch=4, graphs=graphs)
-        if graphs:
-            eng.graph.max_len = tokens
-        a = Sequence(eng.encode("The cat sat on the"), Sampling(max_tokens=24, temperature=0), emit=lambda e: None)
-        b = Sequence(eng.encode("A long time ago in a galaxy far far away there lived a small robot who"),
-                     Sampling(max_tokens=6, temperature=0), emit=lambda e: None)
-        eng.submit(a)
-        static_steps = 0
-        for i in range(30):
-            if i == 5:
-                eng.submit(b)
-            eng.step()
-            static_steps += eng.batch.static is not None
-            if a.finish and b.finish:
-                break
-        assert a.finish == "length" and b.finish == "length"
-        return list(seen), static_steps
+        seen, static_steps, finish = decode_schedule(
+            model, tok, ("The cat sat on the", 24),
+            ("A long time ago in a galaxy far far away there lived a small robot who", 6), graphs, tokens)
+        assert finish == ("length", "length")
+        return seen, static_steps
 
     dyn, none = run(False)
     static, some = run(True)
@@ -479,37 +493,18 @@ def test_sliding_window_requests_decode_as_one_batch(family, smol_tokenizer, tmp
 
 
 @pytest.mark.parametrize("family", ["mistral", "gemma3"])
-def test_sliding_window_lone_sequence_takes_the_static_cache(family, smol_tokenizer, tmp_path, monkeypatch):
+def test_sliding_window_lone_sequence_takes_the_static_cache(family, smol_tokenizer, tmp_path):
     """A lone sequence of a sliding-window model decodes through serve/graph.py's static cache (on CUDA: one
     graph a step) with full-length layers, the window applied in the mask: the logits of the dynamic path on the
     same schedule (A alone past the 16-token window, B joining, B done), and most steps on the static cache."""
-    import vptq_service.serve.engine as engine_mod
-    from vptq_service.serve.engine import Engine, Sampling, Sequence
-
     from tests.test_architectures import build
 
     model = build(family, smol_tokenizer, tmp_path).eval()
-    seen: list[torch.Tensor] = []
-    sample = engine_mod.sample
-    monkeypatch.setattr(engine_mod, "sample", lambda logits, s, gen: seen.append(logits) or sample(logits, s, gen))
 
     def run(graphs: bool) -> tuple[list[torch.Tensor], int]:
-        seen.clear()
-        eng = Engine(model, smol_tokenizer, max_batch=4, graphs=graphs)
-        a = Sequence(eng.encode("The cat sat on the mat and looked at the"), Sampling(max_tokens=24, temperature=0),
-                     emit=lambda e: None)
-        b = Sequence(eng.encode("A long time ago in a galaxy far far away"), Sampling(max_tokens=4, temperature=0),
-                     emit=lambda e: None)
-        eng.submit(a)
-        static_steps = 0
-        for i in range(30):
-            if i == 5:
-                eng.submit(b)
-            eng.step()
-            static_steps += eng.batch.static is not None
-            if a.finish and b.finish:
-                break
-        return list(seen), static_steps
+        seen, static_steps, _ = decode_schedule(model, smol_tokenizer, ("The cat sat on the mat and looked at the", 24),
+                                                ("A long time ago in a galaxy far far away", 4), graphs)
+        return seen, static_steps
 
     dyn, none = run(False)
     static, some = run(True)
