@@ -191,11 +191,12 @@ def cache_kind(model, device) -> str:
       the window in the attention mask as well: a cache of plain layers that keeps every token gives the same
       logits (tests/test_serve.py) and merges, for the memory of the tokens beyond the window;
     - "states": linear-attention or state-space layers (Qwen3-Next/3.5's gated delta-net, Falcon-H1's Mamba-2)
-      beside plain attention: a recurrent state and a short convolution window per sequence, with no length to
+      beside plain attention layers (not pure state-space stacks: see below): a recurrent state and a short convolution window per sequence, with no length to
       pad; each sequence is prefilled alone (no padding runs through a recurrence) and its states are stacked
       along the batch, its attention layers padded as "merge" pads them;
     - "lanes": anything else (chunked attention, whose chunks start at absolute positions that left padding
-      would shift; recurrent layers beside sliding windows): one cache per sequence."""
+      would shift; pure state-space stacks such as Mamba, whose stacked states gave other logits; recurrent
+      layers beside sliding windows): one cache per sequence."""
     from transformers.cache_utils import (
         DynamicLayer,
         DynamicSlidingWindowLayer,
@@ -209,7 +210,10 @@ def cache_kind(model, device) -> str:
     if kinds == {DynamicLayer}:
         return "merge"
     recurrent = {LinearAttentionLayer, LinearAttentionAndFullAttentionLayer}
-    if kinds & recurrent and kinds <= recurrent | {DynamicLayer}:
+    # hybrids only: pure state-space stacks (Mamba, Falcon-Mamba) decoded other logits with their states stacked
+    # (bench/results/serve_cache_kinds_20261207.json), so they keep lanes
+    attention = kinds & {DynamicLayer, LinearAttentionAndFullAttentionLayer}
+    if kinds & recurrent and kinds <= recurrent | {DynamicLayer} and attention:
         return "states"
     # chunked attention (Llama 4) keeps its chunk in the same layer class, but its chunks start at absolute
     # positions, which left padding shifts: only a window relative to each token may be widened

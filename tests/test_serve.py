@@ -408,25 +408,43 @@ def decode_joining(model, tok, prompts: list[tuple[str, int]], join_at: int = 3,
     return [(s.finish, s.out_ids) for s in seqs], rows
 
 
-@pytest.mark.parametrize("family", ["llama4_text"])
+@pytest.mark.parametrize("family", ["llama4_text", "mamba", "falcon_mamba"])
 def test_a_joining_request_on_caches_that_cannot_be_merged(family, smol_tokenizer, tmp_path):
     """Chunked attention (Llama 4) keeps caches that the batch's left-padded concatenation cannot merge (its chunks
     start at absolute positions, which left padding shifts): a request joining a running one failed (or made both
-    fail). Each sequence then decodes on its own cache, every step: both give the tokens they give alone.
+    fail). Pure state-space stacks (Mamba, Falcon-Mamba) decoded wrong logits when their states were stacked along
+    the batch (bench/results/serve_cache_kinds_20261207.json). Each sequence then decodes on its own cache, every
+    step: both give the logits they give alone.
     (Sliding-window and recurrent-state layers, which failed the same way, now merge:
     test_sliding_window_requests_decode_as_one_batch, test_recurrent_state_requests_decode_as_one_batch.)"""
     from vptq_service.serve.engine import cache_kind
 
     from tests.test_architectures import tiny_family
 
-    model = tiny_family(family, smol_tokenizer).eval()
-    assert cache_kind(model, torch.device("cpu")) == "lanes"
+    model = tiny_family(family, smol_tokenizer) if family == "llama4_text" else tiny_mamba(family, smol_tokenizer)
+    assert cache_kind(model.eval(), torch.device("cpu")) == "lanes"
     prompts = [("The cat sat on the mat and looked at the", 12),
                ("A long time ago in a galaxy far far away there lived a small robot who", 6)]
-    alone = [decode_joining(model, smol_tokenizer, [p])[0][0] for p in prompts]
+    alone_logits, together_logits = [], []
+    alone = [decode_joining(model, smol_tokenizer, [p], logits=alone_logits)[0][0] for p in prompts]
     assert [a[0] for a in alone] == ["length", "length"]
-    together, rows = decode_joining(model, smol_tokenizer, prompts)
+    together, rows = decode_joining(model, smol_tokenizer, prompts, logits=together_logits)
     assert together == alone and max(rows) == 1
+    for mine, own in zip(together_logits, alone_logits, strict=True):
+        for x, y in zip(mine, own, strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+
+
+def tiny_mamba(model_type: str, tokenizer):
+    """A 2-block random Mamba or Falcon-Mamba (hidden 64): pure state-space stacks, no attention layer."""
+    import transformers
+
+    cls = {"mamba": (transformers.MambaConfig, transformers.MambaForCausalLM),
+           "falcon_mamba": (transformers.FalconMambaConfig, transformers.FalconMambaForCausalLM)}[model_type]
+    torch.manual_seed(0)
+    return cls[1](cls[0](vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, state_size=16,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id))
 
 
 @pytest.mark.parametrize("family", ["qwen3_next", "falcon_h1"])
