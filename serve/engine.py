@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vptq.errors import first_line
+
 from .graph import GraphStep, compile_wanted, settings
 
 log = logging.getLogger("vptq.serve")
@@ -316,6 +318,8 @@ class Engine:
         """Once, before the first pass: how sequences keep their caches (cache_kind; the module doc)."""
         if self.caches is None:
             self.caches = cache_kind(self.model, self.device)
+            if self.caches in ("plain", "states"):
+                self.caches = "lanes" if not self._merge_holds() else self.caches
             if self.caches in ("lanes", "states"):
                 self.graph = None  # the static cache holds keys/values of attention layers only
             elif self.caches == "plain" and self.graph is not None:
@@ -380,20 +384,25 @@ class Engine:
                 self._finish(s, None, f"internal error while decoding: {type(e).__name__}")
 
     def _prefill(self, seqs: list[Sequence], batch: Batch | None = None) -> None:
-        n = max(len(s.prompt_ids) for s in seqs)
-        ids = torch.full((len(seqs), n), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), n), dtype=torch.long)
+        logits = self._prefill_into(self.batch if batch is None else batch, seqs, [s.prompt_ids for s in seqs])
         for i, s in enumerate(seqs):
-            ids[i, n - len(s.prompt_ids):] = torch.tensor(s.prompt_ids)
-            mask[i, n - len(s.prompt_ids):] = 1
+            self._append(s, sample(logits[i], s.sampling, s.generator))
+
+    def _prefill_into(self, batch: Batch, seqs: list, prompts: list[list[int]]) -> torch.Tensor:
+        """Prefill prompts (left-padded together), add them to batch; their last logits (rows, vocab) on the CPU
+        (sampling runs there: the per-request generators live there)."""
+        n = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), n), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), n), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, n - len(p):] = torch.tensor(p)
+            mask[i, n - len(p):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(1) - 1).clamp_min(0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
                          **self._new_cache())
-        logits = out.logits[:, -1].float().cpu()  # sampling on the CPU: the per-request generators live there
-        (self.batch if batch is None else batch).add(seqs, out.cache, mask)
-        for i, s in enumerate(seqs):
-            self._append(s, sample(logits[i], s.sampling, s.generator))
+        batch.add(seqs, out.cache, mask)
+        return out.logits[:, -1].float().cpu()
 
     def _new_cache(self) -> dict:
         """The forward's cache argument for a new sequence: a config-less DynamicCache (plain layers only) where
@@ -426,17 +435,61 @@ class Engine:
         if b.static is not None:
             logits = b.static.step(last[0])[:, -1].float().cpu()
         else:
-            pos = b.mask.sum(1, keepdim=True)
-            mask = torch.cat([b.mask, b.mask.new_ones((len(b), 1))], 1)
-            out = self.model(input_ids=torch.tensor([[t] for t in last], device=self.device), attention_mask=mask,
-                             position_ids=pos, cache=b.cache, use_cache=True)
-            b.cache, b.mask = out.cache, mask
-            logits = out.logits[:, -1].float().cpu()
+            logits = self._decode_step(b, last)
         if self.on_decode:
             self.on_decode(len(b))
         for i, s in enumerate(b.seqs):
             if not (s.finish or s.cancelled):
                 self._append(s, sample(logits[i], s.sampling, s.generator))
+
+    def _decode_step(self, b: Batch, last: list[int]) -> torch.Tensor:
+        """One token for every row of b's dynamic cache: the logits (rows, vocab) on the CPU."""
+        pos = b.mask.sum(1, keepdim=True)
+        mask = torch.cat([b.mask, b.mask.new_ones((len(b.mask), 1))], 1)
+        out = self.model(input_ids=torch.tensor([[t] for t in last], device=self.device), attention_mask=mask,
+                         position_ids=pos, cache=b.cache, use_cache=True)
+        b.cache, b.mask = out.cache, mask
+        return out.logits[:, -1].float().cpu()
+
+    def _merge_holds(self) -> bool:
+        """Whether joining sequences in one batch gives this model's logits of each sequence alone: two short
+        sequences, alone and then B joining A after A's first step, two steps together, on the engine's own prefill,
+        merge and decode (a wrong merge moves logits by about their own size; rounding between batch sizes is far
+        below the bound).
+        An error counts as no."""
+        vocab = int(self.model.get_output_embeddings().weight.shape[0]) if self.model.get_output_embeddings() is not None \
+            else int(self.model.config.get_text_config().vocab_size)
+        a, b = [t % vocab for t in (11, 12, 13)], [t % vocab for t in (21, 22, 23, 24, 25)]
+        steps = [t % vocab for t in (31, 32, 33)]
+
+        def alone(prompt: list[int], n: int) -> list[torch.Tensor]:
+            batch = Batch()
+            out = [self._prefill_into(batch, [None], [prompt])[0]]
+            out += [self._decode_step(batch, [t])[0] for t in steps[:n]]
+            return out
+
+        try:
+            with torch.no_grad():
+                ra, rb = alone(a, 3), alone(b, 2)
+                batch = Batch()
+                got = [(self._prefill_into(batch, [None], [a])[0], ra[0]), (self._decode_step(batch, [steps[0]])[0], ra[1])]
+                got.append((self._prefill_into(batch, [None], [b])[0], rb[0]))
+                for k in (1, 2):
+                    rows = self._decode_step(batch, [steps[k], steps[k - 1]])
+                    got += [(rows[0], ra[k + 1]), (rows[1], rb[k])]
+        except Exception as e:  # noqa: BLE001 - any failure of the merge: the lanes serve
+            log.warning("joining sequences failed on %s (%s)", type(self.model).__name__, first_line(e))
+            return False
+        scale = max(float(y.abs().max()) for _, y in got) + 1e-6
+        worst = max(float((x - y).abs().max()) for x, y in got)
+        # relative to the logits and to the weights' precision: rounding between batch sizes stays within a few
+        # of its units (fp32 1e-7, fp16 1e-3, bf16 8e-3), a wrong merge moves logits by about their own size
+        eps = torch.finfo(next(self.model.parameters()).dtype).eps if next(self.model.parameters()).is_floating_point() \
+            else 1e-3
+        if worst > max(1e-4, 4 * eps) * scale:
+            log.warning("joining sequences changed %s's logits by %.3g (of %.3g)", type(self.model).__name__, worst, scale)
+            return False
+        return True
 
     def _append(self, s: Sequence, tok: int) -> None:
         if s.first_token_at is None:

@@ -531,6 +531,43 @@ def test_sliding_window_lone_sequence_takes_the_static_cache(family, smol_tokeni
     for x, y in zip(static, dyn, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
 
+
+@pytest.mark.parametrize("family", ["qwen3_next", "mistral"])
+def test_a_merge_that_changes_the_logits_falls_back_to_lanes(family, smol_tokenizer, tmp_path, monkeypatch, caplog):
+    """Before its first pass the engine checks a merge on the model itself (two short sequences, alone and
+    together): some hybrid families of transformers 5.25 (Kimi-Linear, LFM3, Bailing-hybrid: shapes that do not
+    stack) failed when joined, and Dory failed on plain layers even alone (bench/results/serve_cache_kinds_20261207.json).
+    A merge that fails or changes the logits leaves the model in lanes: every request as it decodes alone."""
+    import vptq_service.serve.engine as engine_mod
+
+    from tests.test_architectures import build, tiny_family
+
+    model = (tiny_family(family, smol_tokenizer) if family == "qwen3_next" else build(family, smol_tokenizer, tmp_path))
+    model.eval()
+    real_add = engine_mod.Batch.add
+
+    def bad_add(self, seqs, cache, mask):  # a merge that swaps the first layer's rows, as a wrong stacking would
+        merged = self.cache is not None
+        real_add(self, seqs, cache, mask)
+        layer = self.cache.layers[0]
+        if merged and getattr(layer, "keys", None) is not None and layer.keys.numel():
+            layer.keys = layer.keys.flip(0)
+        for states, _ in engine_mod._states(layer, layer) if merged else ():
+            for i in states:
+                states[i] = states[i].flip(0)
+
+    monkeypatch.setattr(engine_mod.Batch, "add", bad_add)
+    prompts = [("The cat sat on the mat and looked at the", 8), ("A long time ago in a galaxy far far away", 5)]
+    alone_logits, together_logits = [], []
+    with caplog.at_level("WARNING", logger="vptq.serve"):
+        alone = [decode_joining(model, smol_tokenizer, [p], logits=alone_logits)[0][0] for p in prompts]
+        together, rows = decode_joining(model, smol_tokenizer, prompts, logits=together_logits)
+    assert together == alone and max(rows) == 1
+    for mine, own in zip(together_logits, alone_logits, strict=True):
+        for x, y in zip(mine, own, strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+    assert "joining sequences changed" in caplog.text
+
 def test_a_compiled_lone_sequence_decodes_as_the_eager_one(quantized_dir, monkeypatch, caplog):  # noqa: F811
     """VPTQ_SERVE_COMPILE=1: the lone sequence's step goes through torch.compile (vptq.compiled; here without
     code generation, seconds instead of inductor's minute) and gives the eager step's logits on the schedule of
