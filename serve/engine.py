@@ -86,10 +86,10 @@ def _has_keys(layer) -> bool:
     return isinstance(getattr(layer, "keys", None), torch.Tensor)
 
 
-def _states(a, b):
-    """(a's, b's) per-row state dicts of a linear-attention / state-space cache layer (conv windows, recurrent
-    states: {state index: (rows, ...)}); none for an attention layer."""
-    return [(getattr(a, n), getattr(b, n)) for n in ("conv_states", "recurrent_states") if isinstance(getattr(a, n, None), dict)]
+def _state_dicts(layer) -> list[dict]:
+    """The per-row state dicts of a linear-attention / state-space cache layer (conv windows, recurrent states:
+    {state index: (rows, ...)}); none for an attention layer."""
+    return [d for d in (getattr(layer, n, None) for n in ("conv_states", "recurrent_states")) if isinstance(d, dict)]
 
 
 def _set_length(layer, n: int) -> None:
@@ -138,7 +138,7 @@ class Batch:
             if _has_keys(a):
                 a.keys = torch.cat([_pad_left(a.keys, n - la, 2), _pad_left(b.keys, n - lb, 2)], 0)
                 a.values = torch.cat([_pad_left(a.values, n - la, 2), _pad_left(b.values, n - lb, 2)], 0)
-            for states, more in _states(a, b):  # recurrent layers: one state per row, nothing to pad
+            for states, more in zip(_state_dicts(a), _state_dicts(b), strict=True):  # one state per row: no padding
                 for i in states:
                     states[i] = torch.cat([states[i], more[i]], 0)
             _set_length(a, n)
@@ -162,7 +162,7 @@ class Batch:
             if _has_keys(layer):
                 layer.keys = layer.keys[idx][:, :, start:]
                 layer.values = layer.values[idx][:, :, start:]
-            for states, _ in _states(layer, layer):
+            for states in _state_dicts(layer):
                 for i in states:
                     states[i] = states[i][idx.to(states[i].device)]
             _set_length(layer, mask.shape[1] - start)
@@ -193,9 +193,10 @@ def cache_kind(model, device) -> str:
       the window in the attention mask as well: a cache of plain layers that keeps every token gives the same
       logits (tests/test_serve.py) and merges, for the memory of the tokens beyond the window;
     - "states": linear-attention or state-space layers (Qwen3-Next/3.5's gated delta-net, Falcon-H1's Mamba-2)
-      beside plain attention layers (not pure state-space stacks: see below): a recurrent state and a short convolution window per sequence, with no length to
-      pad; each sequence is prefilled alone (no padding runs through a recurrence) and its states are stacked
-      along the batch, its attention layers padded as "merge" pads them;
+      beside plain attention layers (not pure state-space stacks: see below): a recurrent state and a short
+      convolution window per sequence, with no length to pad; each sequence is prefilled alone (no padding runs
+      through a recurrence) and its states are stacked along the batch, its attention layers padded as "merge"
+      pads them;
     - "lanes": anything else (chunked attention, whose chunks start at absolute positions that left padding
       would shift; pure state-space stacks such as Mamba, whose stacked states gave other logits; recurrent
       layers beside sliding windows): one cache per sequence."""
@@ -248,7 +249,7 @@ class Engine:
         self.waiting: deque[Sequence] = deque()
         self.batch = Batch()
         self.lanes: list[Batch] = []  # one sequence each, when the model's caches cannot be merged
-        self.caches: str | None = None  # "merge", "plain" or "lanes": decided by the first step (cache_kind)
+        self.caches: str | None = None  # cache_kind's answer, "lanes" where _merge_holds says no: decided once
         self.cond = threading.Condition()
         self.stopping = False
         self.thread: threading.Thread | None = None
@@ -318,8 +319,8 @@ class Engine:
         """Once, before the first pass: how sequences keep their caches (cache_kind; the module doc)."""
         if self.caches is None:
             self.caches = cache_kind(self.model, self.device)
-            if self.caches in ("plain", "states"):
-                self.caches = "lanes" if not self._merge_holds() else self.caches
+            if self.caches in ("plain", "states") and not self._merge_holds():
+                self.caches = "lanes"
             if self.caches in ("lanes", "states"):
                 self.graph = None  # the static cache holds keys/values of attention layers only
             elif self.caches == "plain" and self.graph is not None:
@@ -457,10 +458,6 @@ class Engine:
         merge and decode (a wrong merge moves logits by about their own size; rounding between batch sizes is far
         below the bound).
         An error counts as no."""
-        vocab = int(self.model.get_output_embeddings().weight.shape[0]) if self.model.get_output_embeddings() is not None \
-            else int(self.model.config.get_text_config().vocab_size)
-        a, b = [t % vocab for t in (11, 12, 13)], [t % vocab for t in (21, 22, 23, 24, 25)]
-        steps = [t % vocab for t in (31, 32, 33)]
 
         def alone(prompt: list[int], n: int) -> list[torch.Tensor]:
             batch = Batch()
@@ -469,6 +466,9 @@ class Engine:
             return out
 
         try:
+            vocab = int(self.model.get_input_embeddings().num_embeddings)  # token ids it can embed
+            a, b = [t % vocab for t in (11, 12, 13)], [t % vocab for t in (21, 22, 23, 24, 25)]
+            steps = [t % vocab for t in (31, 32, 33)]
             with torch.no_grad():
                 ra, rb = alone(a, 3), alone(b, 2)
                 batch = Batch()
@@ -484,8 +484,8 @@ class Engine:
         worst = max(float((x - y).abs().max()) for x, y in got)
         # relative to the logits and to the weights' precision: rounding between batch sizes stays within a few
         # of its units (fp32 1e-7, fp16 1e-3, bf16 8e-3), a wrong merge moves logits by about their own size
-        eps = torch.finfo(next(self.model.parameters()).dtype).eps if next(self.model.parameters()).is_floating_point() \
-            else 1e-3
+        dtype = next(self.model.parameters()).dtype
+        eps = torch.finfo(dtype).eps if dtype.is_floating_point else 1e-3
         if worst > max(1e-4, 4 * eps) * scale:
             log.warning("joining sequences changed %s's logits by %.3g (of %.3g)", type(self.model).__name__, worst, scale)
             return False

@@ -163,21 +163,29 @@ def test_loaded_model_gives_the_torch_paths_logits(tiny_quantized):
     assert sum(cpu.resident_bytes(m) for m in vq) == stored + sum(m._cpu_plan[1].nbytes for m in vq)
 
 
+def shared_on_cpu(mods: list, monkeypatch) -> list[int]:
+    """mods marked as reading one x (share_input) on the CPU kernels; the list that each CpuPlan call then
+    appends its member count to."""
+    from vptq.kernels.dispatch import share_input
+
+    share_input(mods)
+    use_cpu_kernels(nn.ModuleList(mods))
+    calls: list[int] = []
+    real_call = cpu.CpuPlan.__call__
+    monkeypatch.setattr(cpu.CpuPlan, "__call__", lambda self, x: calls.append(len(self.layers)) or real_call(self, x))
+    return calls
+
+
 @pytest.mark.parametrize("batch", [1, 3, cpu.MAX_ROWS + 1])
 def test_layers_sharing_an_input_take_one_call(batch, monkeypatch):
     """q/k/v-like layers of one layout (no perm, no norm) marked by share_input: the first call computes
     all three in one kernel call, the others get their part; same numbers as each layer alone; another
     x, or a changed weight, computes again."""
-    from vptq.kernels.dispatch import share_input
 
     v, k, kr = PRESETS["3bit_v5k1024r32"]
     mods = [random_layer(m=m, n=76, v=v, k=k, kr=kr, o=0, g=1, perm=False, norm=False, bias=m != 20, seed=m)
             for m in (67, 20, 20)]
-    share_input(mods)
-    use_cpu_kernels(nn.ModuleList(mods))
-    calls = []
-    real_call = cpu.CpuPlan.__call__
-    monkeypatch.setattr(cpu.CpuPlan, "__call__", lambda self, x: calls.append(len(self.layers)) or real_call(self, x))
+    calls = shared_on_cpu(mods, monkeypatch)
     x = torch.randn(batch, 76, generator=torch.Generator().manual_seed(batch))
     with torch.no_grad():
         ys = [m(x) for m in mods]
@@ -197,15 +205,10 @@ def test_layers_sharing_an_input_take_one_call(batch, monkeypatch):
 def test_a_kept_output_is_handed_out_while_its_own_weights_stand(monkeypatch):
     """A member's kept output depends on its own weights and x only: a sibling's changed weights leave it
     standing (no call), its own changed weights compute again (the group's plan rebuilt)."""
-    from vptq.kernels.dispatch import share_input
 
     mods = [random_layer(m=40, n=76, v=5, k=1024, kr=0, o=0, g=1, perm=False, norm=False, bias=False, seed=s)
             for s in (1, 2, 3)]
-    share_input(mods)
-    use_cpu_kernels(nn.ModuleList(mods))
-    calls = []
-    real_call = cpu.CpuPlan.__call__
-    monkeypatch.setattr(cpu.CpuPlan, "__call__", lambda self, x: calls.append(len(self.layers)) or real_call(self, x))
+    calls = shared_on_cpu(mods, monkeypatch)
     x = torch.randn(1, 76, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         mods[0](x)

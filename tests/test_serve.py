@@ -341,12 +341,9 @@ def test_lone_sequence_static_cache_gives_the_dynamic_paths_logits(quantized_dir
     dyn, none = run(False)
     static, some = run(True)
     assert none == 0 and some >= 15  # A ran alone before B joined and after B finished
-    assert len(static) == len(dyn)
-    for x, y in zip(static, dyn, strict=True):
-        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+    assert_same_logits(static, dyn)
     full, _ = run(True, tokens=20)  # A's prompt + 24 tokens outgrow 20 slots: back to the dynamic cache
-    for x, y in zip(full, dyn, strict=True):
-        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+    assert_same_logits(full, dyn)
 
     # a capture that fails after its warm-up steps ran (they advance the static cache's write position):
     # that step eager at the right slot, the sequence back on the dynamic cache after it, a warning logged
@@ -370,11 +367,17 @@ def test_lone_sequence_static_cache_gives_the_dynamic_paths_logits(quantized_dir
     monkeypatch.setattr(StaticCache, "update", refuse)
     refused, steps = run(True)
     assert steps == 0 and "the static cache did not take the sequence (ValueError" in caplog.text
-    for x, y in zip(refused, dyn, strict=True):
-        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
-    for x, y in zip(failed, dyn, strict=True):
-        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+    assert_same_logits(refused, dyn)
+    assert_same_logits(failed, dyn)
 
+
+
+
+def assert_same_logits(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
+    """As many logits rows as wanted, each equal to its twin to 1e-4."""
+    assert len(got) == len(want)
+    for x, y in zip(got, want, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
 
 
 def decode_joining(model, tok, prompts: list[tuple[str, int]], join_at: int = 3,
@@ -431,8 +434,7 @@ def test_a_joining_request_on_caches_that_cannot_be_merged(family, smol_tokenize
     together, rows = decode_joining(model, smol_tokenizer, prompts, logits=together_logits)
     assert together == alone and max(rows) == 1
     for mine, own in zip(together_logits, alone_logits, strict=True):
-        for x, y in zip(mine, own, strict=True):
-            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+        assert_same_logits(mine, own)
 
 
 def tiny_mamba(model_type: str, tokenizer):
@@ -468,9 +470,7 @@ def test_recurrent_state_requests_decode_as_one_batch(family, smol_tokenizer, tm
     assert together == alone
     assert max(rows) == 3
     for mine, own in zip(together_logits, alone_logits, strict=True):  # logits, not only a random model's tokens
-        assert len(mine) == len(own)
-        for x, y in zip(mine, own, strict=True):
-            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+        assert_same_logits(mine, own)
 
     # the cache's own count of tokens (a recurrent layer's, which the model reads its position from where such a
     # layer comes first) stays the batch's padded width through joins and departures
@@ -505,8 +505,7 @@ def test_sliding_window_requests_decode_as_one_batch(family, smol_tokenizer, tmp
     together, rows = decode_joining(model, smol_tokenizer, prompts, logits=together_logits)
     assert together == alone
     for mine, own in zip(together_logits, alone_logits, strict=True):
-        for x, y in zip(mine, own, strict=True):
-            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+        assert_same_logits(mine, own)
     assert max(rows) == 3  # one pass for all three, not a lane each
 
 
@@ -527,9 +526,7 @@ def test_sliding_window_lone_sequence_takes_the_static_cache(family, smol_tokeni
     dyn, none = run(False)
     static, some = run(True)
     assert none == 0 and some >= 15
-    assert len(static) == len(dyn)
-    for x, y in zip(static, dyn, strict=True):
-        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+    assert_same_logits(static, dyn)
 
 
 @pytest.mark.parametrize("family", ["qwen3_next", "mistral"])
@@ -552,8 +549,9 @@ def test_a_merge_that_changes_the_logits_falls_back_to_lanes(family, smol_tokeni
         layer = self.cache.layers[0]
         if merged and getattr(layer, "keys", None) is not None and layer.keys.numel():
             layer.keys = layer.keys.flip(0)
-        for states, _ in engine_mod._states(layer, layer) if merged else ():
-            for i in states:
+        for name in ("conv_states", "recurrent_states") if merged else ():  # transformers' recurrent layers
+            states = getattr(layer, name, None)
+            for i in states if isinstance(states, dict) else ():
                 states[i] = states[i].flip(0)
 
     monkeypatch.setattr(engine_mod.Batch, "add", bad_add)
@@ -564,8 +562,7 @@ def test_a_merge_that_changes_the_logits_falls_back_to_lanes(family, smol_tokeni
         together, rows = decode_joining(model, smol_tokenizer, prompts, logits=together_logits)
     assert together == alone and max(rows) == 1
     for mine, own in zip(together_logits, alone_logits, strict=True):
-        for x, y in zip(mine, own, strict=True):
-            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+        assert_same_logits(mine, own)
     assert "joining sequences changed" in caplog.text
 
 def test_a_compiled_lone_sequence_decodes_as_the_eager_one(quantized_dir, monkeypatch, caplog):  # noqa: F811
@@ -609,8 +606,7 @@ def test_a_compiled_lone_sequence_decodes_as_the_eager_one(quantized_dir, monkey
     got, eng = run(True)
     assert eng.graph is not None and eng.graph.run is not eng.graph.eager_step  # the compiled step served
     assert len(got) == len(want)
-    for x, y in zip(got, want, strict=True):
-        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+    assert_same_logits(got, want)
 
     def broken(fn, backend="inductor"):
         def fails():
@@ -621,5 +617,4 @@ def test_a_compiled_lone_sequence_decodes_as_the_eager_one(quantized_dir, monkey
     failed, eng = run(True)
     assert eng.graph.run == eng.graph.eager_step
     assert caplog.text.count("torch.compile of the decode step failed (RuntimeError: no working C compiler)") == 1
-    for x, y in zip(failed, want, strict=True):
-        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+    assert_same_logits(failed, want)
