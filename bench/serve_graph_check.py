@@ -85,7 +85,7 @@ def main() -> None:
             same = sum(int(x.argmax()) == int(y.argmax()) for x, y in zip(g, e, strict=True))
             r_eager = [rate(eager, a.tokens) for _ in range(2)]
             r_graph = [rate(graphed, a.tokens) for _ in range(2)]
-        row = dict(format=fmt, captured=graphed.graph is not None and graphed.graph.graph is not None,
+        row = dict(format=fmt, config=a.config, caches=graphed.caches, captured=graphed.graph is not None and graphed.graph.graph is not None,
                    compiled=graphed.graph is not None and graphed.graph.run != graphed.graph.eager_step,
                    logits_compared=len(e), max_abs_diff=diff, max_abs_logit=scale, argmax_equal=same,
                    eager_tokens_per_s=r_eager, graph_tokens_per_s=r_graph,
