@@ -13,7 +13,9 @@ So a new request starts at the next step, never waiting for the batch to drain. 
 sequence's own prefill: both decode in one batch (cache_kind). Caches that cannot be merged at all (chunked
 attention, whose chunks start at absolute positions) are kept one per sequence instead ("lanes"): each step
 decodes every lane in turn, so a joining request still starts at the next step, at the cost of one forward
-pass per sequence.
+pass per sequence. Before the first pass (Engine.decide) the engine checks on the model itself that it reads no
+later token (an encoder is refused), where its positions start (0, or padding_idx + 1 for RoBERTa-style
+embeddings: first_position) and that joining sequences keeps each one's logits (else lanes).
 
 Requests reach the engine through a bounded queue (`submit` raises QueueFull beyond `max_queue`
 waiting); events go back to each request's asyncio queue on its own event loop: ("text", str) as
@@ -226,6 +228,47 @@ def cache_kind(model, device) -> str:
     return "plain" if relative and kinds and kinds <= {DynamicLayer, DynamicSlidingWindowLayer} else "lanes"
 
 
+def first_position(model, device) -> int:
+    """The position id the model gives a sequence's first token when none is passed, which the engine then passes
+    itself (left padding needs explicit positions): 0 for most, padding_idx + 1 for RoBERTa-style embeddings
+    (CamemBERT, XLM-RoBERTa). Found on the model itself: its own uncached forward on five tokens against forwards
+    given the positions from each candidate. SourceError where its logits at a token change with a later token (an
+    encoder, e.g. a BERT-style checkpoint without is_decoder: it cannot generate text token by token) or where no
+    candidate gives its own logits."""
+    from vptq.errors import SourceError
+
+    name = type(model).__name__
+    vocab = int(model.get_input_embeddings().num_embeddings)
+    ids = torch.tensor([[t % vocab for t in (11, 12, 13, 14, 15)]], device=device)
+    later = ids.clone()
+    later[0, -1] = 16 % vocab
+    with torch.no_grad():
+        own, moved = (model(input_ids=x).logits.float() for x in (ids, later))
+        if not _close(moved[:, :-1], own[:, :-1], model):
+            raise SourceError(f"{name} reads later tokens (its logits at a token change with the tokens after it): "
+                              "it is an encoder and cannot generate text token by token. A BERT-style checkpoint "
+                              "decodes only as a decoder: set is_decoder=true in its config.json")
+        pad = getattr(model.config.get_text_config(), "pad_token_id", None)
+        for start in dict.fromkeys([0] + ([int(pad) + 1] if isinstance(pad, int) else [])):
+            pos = torch.arange(start, start + ids.shape[1], device=device)[None]
+            try:
+                if _close(model(input_ids=ids, position_ids=pos).logits.float(), own, model):
+                    return start
+            except Exception:  # noqa: BLE001 - positions the model refuses are not its own
+                continue
+    raise SourceError(f"{name} numbers positions in a way the server cannot pass for left-padded sequences "
+                      "(neither from 0 nor from its padding id + 1)")
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, model) -> bool:
+    """Equal up to rounding: within a few units of the weights' precision (fp32 1e-7, fp16 1e-3, bf16 8e-3) of the
+    logits' size, at least 1e-4 of it; a different computation moves logits by about their own size."""
+    dtype = next(model.parameters()).dtype
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else 1e-3
+    scale = float(want.abs().max()) + 1e-6
+    return float((got - want).abs().max()) <= max(1e-4, 4 * eps) * scale
+
+
 class Engine:
     """The model, its tokenizer and the scheduler thread (start() / stop())."""
 
@@ -250,6 +293,7 @@ class Engine:
         self.batch = Batch()
         self.lanes: list[Batch] = []  # one sequence each, when the model's caches cannot be merged
         self.caches: str | None = None  # cache_kind's answer, "lanes" where _merge_holds says no: decided once
+        self.first = 0  # the position id of a sequence's first token (first_position): decided with the caches
         self.cond = threading.Condition()
         self.stopping = False
         self.thread: threading.Thread | None = None
@@ -315,11 +359,17 @@ class Engine:
         for s in list(self.waiting) + self.batch.seqs + [s for lane in self.lanes for s in lane.seqs]:
             self._finish(s, None, "the server is shutting down")
 
-    def _decide_lanes(self) -> None:
-        """Once, before the first pass: how sequences keep their caches (cache_kind; the module doc)."""
+    def decide(self) -> None:
+        """Once, before the first pass (load_engine calls it before the port opens): the position of a sequence's
+        first token (first_position, which refuses a model that reads later tokens) and how sequences keep their
+        caches (cache_kind; the module doc)."""
         if self.caches is None:
+            self.first = first_position(self.model, self.device)
+            self.context -= self.first  # positions first .. first + context - 1 exist
+            if self.graph is not None:
+                self.graph.first, self.graph.max_len = self.first, min(self.graph.max_len, self.context)
             self.caches = cache_kind(self.model, self.device)
-            if self.caches in ("plain", "states") and not self._merge_holds():
+            if self.caches != "lanes" and not self._merge_holds():
                 self.caches = "lanes"
             if self.caches in ("lanes", "states"):
                 self.graph = None  # the static cache holds keys/values of attention layers only
@@ -334,7 +384,7 @@ class Engine:
 
     @torch.no_grad()
     def step(self) -> None:
-        self._decide_lanes()
+        self.decide()
         if self.caches == "lanes":
             return self._step_lanes()
         self.cancelled += sum(1 for s in self.batch.seqs if s.cancelled and not s.finish)
@@ -399,11 +449,16 @@ class Engine:
             ids[i, n - len(p):] = torch.tensor(p)
             mask[i, n - len(p):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        pos = (mask.cumsum(1) - 1).clamp_min(0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+        pos = (mask.cumsum(1) - 1).clamp_min(0) + self.first
+        out = self.model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1, **self._mask(mask),
                          **self._new_cache())
         batch.add(seqs, out.cache, mask)
         return out.logits[:, -1].float().cpu()
+
+    def _mask(self, mask: torch.Tensor) -> dict:
+        """The forward's attention mask argument: none in lanes, whose one sequence is never padded (Mamba's decode
+        step misread the mask passed with it and decoded other logits than its own forward: tests/test_serve.py)."""
+        return {} if self.caches == "lanes" else {"attention_mask": mask}
 
     def _new_cache(self) -> dict:
         """The forward's cache argument for a new sequence: a config-less DynamicCache (plain layers only) where
@@ -416,7 +471,7 @@ class Engine:
 
     def prepare_graph(self) -> None:
         """Capture the lone-sequence step now (before the port opens), on a two-token dummy sequence."""
-        self._decide_lanes()
+        self.decide()
         if self.graph is None or not self.graph.ok:
             return
         with torch.no_grad():
@@ -445,10 +500,10 @@ class Engine:
 
     def _decode_step(self, b: Batch, last: list[int]) -> torch.Tensor:
         """One token for every row of b's dynamic cache: the logits (rows, vocab) on the CPU."""
-        pos = b.mask.sum(1, keepdim=True)
+        pos = b.mask.sum(1, keepdim=True) + self.first
         mask = torch.cat([b.mask, b.mask.new_ones((len(b.mask), 1))], 1)
-        out = self.model(input_ids=torch.tensor([[t] for t in last], device=self.device), attention_mask=mask,
-                         position_ids=pos, cache=b.cache, use_cache=True)
+        out = self.model(input_ids=torch.tensor([[t] for t in last], device=self.device), position_ids=pos,
+                         cache=b.cache, use_cache=True, **self._mask(mask))
         b.cache, b.mask = out.cache, mask
         return out.logits[:, -1].float().cpu()
 
@@ -480,14 +535,10 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - any failure of the merge: the lanes serve
             log.warning("joining sequences failed on %s (%s)", type(self.model).__name__, first_line(e))
             return False
-        scale = max(float(y.abs().max()) for _, y in got) + 1e-6
-        worst = max(float((x - y).abs().max()) for x, y in got)
-        # relative to the logits and to the weights' precision: rounding between batch sizes stays within a few
-        # of its units (fp32 1e-7, fp16 1e-3, bf16 8e-3), a wrong merge moves logits by about their own size
-        dtype = next(self.model.parameters()).dtype
-        eps = torch.finfo(dtype).eps if dtype.is_floating_point else 1e-3
-        if worst > max(1e-4, 4 * eps) * scale:
-            log.warning("joining sequences changed %s's logits by %.3g (of %.3g)", type(self.model).__name__, worst, scale)
+        mine, own = torch.stack([x for x, _ in got]), torch.stack([y for _, y in got])
+        if not _close(mine, own, self.model):  # rounding between batch sizes stays within _close's bound
+            log.warning("joining sequences changed %s's logits by %.3g (of %.3g)", type(self.model).__name__,
+                        float((mine - own).abs().max()), float(own.abs().max()))
             return False
         return True
 

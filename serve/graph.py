@@ -71,6 +71,7 @@ class GraphStep:
         self.length = 0
         self.ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.first = 0  # the position id of the first token (the engine's first_position)
         self.logits = None
 
     def _new_cache(self):
@@ -128,7 +129,7 @@ class GraphStep:
         self.length = 0
 
     def eager_step(self):
-        return self.model(input_ids=self.ids, cache_position=self.pos, position_ids=self.pos[None],
+        return self.model(input_ids=self.ids, cache_position=self.pos, position_ids=self.pos[None] + self.first,
                           cache=self.cache, use_cache=True).logits
 
     def _warm_up(self, steps: int) -> None:

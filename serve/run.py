@@ -29,6 +29,7 @@ def load_engine(path: str, device: str = "cpu", max_batch: int = 8, max_queue: i
         use_cpu_kernels(model)
     warm_up(model)
     engine = Engine(model, tok, max_batch=max_batch, max_queue=max_queue)
+    engine.decide()  # a model that cannot be served is refused here, before the port opens
     if engine.graph is not None:  # CUDA: the lone-sequence step captured before the port opens (serve/graph.py)
         logging.getLogger("vptq.serve").info("capturing the batch-1 decode step in a CUDA graph (%d cache slots)",
                                              engine.graph.max_len)

@@ -435,6 +435,11 @@ def test_a_joining_request_on_caches_that_cannot_be_merged(family, smol_tokenize
     assert together == alone and max(rows) == 1
     for mine, own in zip(together_logits, alone_logits, strict=True):
         assert_same_logits(mine, own)
+    # and alone, the model's own logits: Mamba's decode step read the attention mask passed with it as if it were
+    # the prompt's and decoded other logits (3.9 off at logits of 6; transformers' generate does the same)
+    for (text, _), (_, out), logits in zip(prompts, alone, alone_logits, strict=True):
+        ids = smol_tokenizer(text).input_ids
+        assert_same_logits(logits, [own_logits(model, ids + out[:k]) for k in range(len(logits))])
 
 
 def tiny_mamba(model_type: str, tokenizer):
@@ -529,12 +534,14 @@ def test_sliding_window_lone_sequence_takes_the_static_cache(family, smol_tokeni
     assert_same_logits(static, dyn)
 
 
-@pytest.mark.parametrize("family", ["qwen3_next", "mistral"])
+@pytest.mark.parametrize("family", ["qwen3_next", "mistral", "llama"])
 def test_a_merge_that_changes_the_logits_falls_back_to_lanes(family, smol_tokenizer, tmp_path, monkeypatch, caplog):
     """Before its first pass the engine checks a merge on the model itself (two short sequences, alone and
     together): some hybrid families of transformers 5.25 (Kimi-Linear, LFM3, Bailing-hybrid: shapes that do not
     stack) failed when joined, and Dory failed on plain layers even alone (bench/results/serve_cache_kinds_20261207.json).
-    A merge that fails or changes the logits leaves the model in lanes: every request as it decodes alone."""
+    Plain caches too: GIT's joined requests decoded other logits (0.74 off) and MiniMax's failed, unchecked
+    (bench/results/serve_cache_kinds_20261207c_first.json). A merge that fails or changes the logits leaves the model in
+    lanes: every request as it decodes alone."""
     import vptq_service.serve.engine as engine_mod
 
     from tests.test_architectures import build, tiny_family
@@ -564,6 +571,64 @@ def test_a_merge_that_changes_the_logits_falls_back_to_lanes(family, smol_tokeni
     for mine, own in zip(together_logits, alone_logits, strict=True):
         assert_same_logits(mine, own)
     assert "joining sequences changed" in caplog.text
+
+def own_logits(model, ids: list[int]) -> torch.Tensor:
+    """The model's own next-token logits after ids: one uncached pass, no positions or mask given (its definition)."""
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+
+
+def roberta_decoder(family: str, tokenizer, is_decoder: bool = True):
+    """A 2-block random CamemBERT or XLM-RoBERTa-XL language model (hidden 64); is_decoder=False is the encoder
+    that attends to later tokens (a BERT-style checkpoint as it is most often published)."""
+    import transformers
+
+    cls = {"camembert": (transformers.CamembertConfig, transformers.CamembertForCausalLM),
+           "xlm-roberta-xl": (transformers.XLMRobertaXLConfig, transformers.XLMRobertaXLForCausalLM)}[family]
+    torch.manual_seed(0)
+    return cls[1](cls[0](vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=128, is_decoder=is_decoder,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)).eval()
+
+
+@pytest.mark.parametrize("family", ["camembert", "xlm-roberta-xl"])
+def test_a_decoder_whose_positions_start_past_zero_decodes_its_own_logits(family, smol_tokenizer):
+    """RoBERTa-style decoders (CamemBERT, XLM-RoBERTa and -XL) number a sequence's positions from padding_idx + 1,
+    not 0: the engine passed 0-based position ids and decoded other logits than the model's own (0.5 off at logits
+    of 0.8). Requests alone and joining give, at every token, the logits of the model's own uncached forward over
+    the prompt and the tokens so far, in one batch."""
+    model = roberta_decoder(family, smol_tokenizer)
+    prompts = [("The cat sat on the mat and looked at the", 8), ("A long time ago in a galaxy far far away", 5)]
+    alone_logits, together_logits = [], []
+    alone = [decode_joining(model, smol_tokenizer, [p], logits=alone_logits)[0][0] for p in prompts]
+    for (text, _), (_, out), logits in zip(prompts, alone, alone_logits, strict=True):
+        ids = smol_tokenizer(text).input_ids
+        assert_same_logits(logits, [own_logits(model, ids + out[:k]) for k in range(len(logits))])
+    together, rows = decode_joining(model, smol_tokenizer, prompts, logits=together_logits)
+    assert together == alone and max(rows) == 2
+    for mine, own in zip(together_logits, alone_logits, strict=True):
+        assert_same_logits(mine, own)
+
+
+def test_a_model_that_reads_later_tokens_is_refused_before_serving(smol_tokenizer, tmp_path):
+    """A BERT-style checkpoint without is_decoder attends to later tokens: token by token it decodes logits unrelated
+    to its own forward (bench/serve_cache_kinds.py's five 'differ from generate' types were such encoders). The
+    server refuses it when it loads, before the port opens, with the fix in the message; a decoder loads."""
+    from vptq_service.serve.run import load_engine
+
+    from vptq.errors import SourceError
+
+    for is_decoder in (False, True):
+        folder = tmp_path / f"decoder-{is_decoder}"
+        roberta_decoder("camembert", smol_tokenizer, is_decoder).save_pretrained(folder)
+        smol_tokenizer.save_pretrained(folder)
+        if is_decoder:
+            assert load_engine(str(folder)).caches == "merge"
+            continue
+        with pytest.raises(SourceError, match="later tokens.*is_decoder"):
+            load_engine(str(folder))
+
 
 def test_a_compiled_lone_sequence_decodes_as_the_eager_one(quantized_dir, monkeypatch, caplog):  # noqa: F811
     """VPTQ_SERVE_COMPILE=1: the lone sequence's step goes through torch.compile (vptq.compiled; here without
