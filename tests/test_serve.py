@@ -435,8 +435,8 @@ def test_a_joining_request_on_caches_that_cannot_be_merged(family, smol_tokenize
     assert together == alone and max(rows) == 1
     for mine, own in zip(together_logits, alone_logits, strict=True):
         assert_same_logits(mine, own)
-    # and alone, the model's own logits: Mamba's decode step read the attention mask passed with it as if it were
-    # the prompt's and decoded other logits (3.9 off at logits of 6; transformers' generate does the same)
+    # and alone, the model's own logits: Mamba's decode step misread the attention mask passed with it (without the
+    # cache positions transformers' generate passes too) and decoded other logits (3.9 off at logits of 6)
     for (text, _), (_, out), logits in zip(prompts, alone, alone_logits, strict=True):
         ids = smol_tokenizer(text).input_ids
         assert_same_logits(logits, [own_logits(model, ids + out[:k]) for k in range(len(logits))])
