@@ -628,6 +628,9 @@ def test_a_model_that_reads_later_tokens_is_refused_before_serving(smol_tokenize
             continue
         with pytest.raises(SourceError, match="later tokens.*is_decoder"):
             load_engine(str(folder))
+        code, out, err = run("serve", folder)  # the command: one usage line, no traceback, no port opened
+        assert code == 2 and err.startswith("error: CamembertForCausalLM reads later tokens"), err
+        assert len(err.strip().splitlines()) == 1 and "set is_decoder=true" in err
 
 
 def test_a_compiled_lone_sequence_decodes_as_the_eager_one(quantized_dir, monkeypatch, caplog):  # noqa: F811
