@@ -6,7 +6,7 @@ Every type of transformers' causal-LM mapping as a tiny random model (bench/arch
 tokenizer; BERT-style configs made decoders, is_decoder=True, as a checkpoint that generates is, and MLA configs given
 as many key/value heads as heads, as MLA checkpoints have: the sweep's grouped heads fail batched prefill there, in
 transformers' attention): serve/engine.py's
-cache_kind ("merge", "plain", "states", "lanes"), and three greedy requests through the engine, the second and third
+cache_kind ("merge", "plain", "states", "recurrent", "lanes"), and three greedy requests through the engine, the second and third
 joining at step 3, against each alone: tokens equal, the largest |logit difference|, the most rows in one pass; the
 first request alone against the model's own uncached forward at every step (the largest |logit difference|) and
 against transformers' own `generate` (greedy; transformers 5.25 passes RoBERTa-style models positions from 0, not

@@ -195,13 +195,13 @@ def cache_kind(model, device) -> str:
       the window in the attention mask as well: a cache of plain layers that keeps every token gives the same
       logits (tests/test_serve.py) and merges, for the memory of the tokens beyond the window;
     - "states": linear-attention or state-space layers (Qwen3-Next/3.5's gated delta-net, Falcon-H1's Mamba-2)
-      beside plain attention layers (not pure state-space stacks: see below): a recurrent state and a short
-      convolution window per sequence, with no length to pad; each sequence is prefilled alone (no padding runs
-      through a recurrence) and its states are stacked along the batch, its attention layers padded as "merge"
-      pads them;
+      beside plain attention layers: a recurrent state and a short convolution window per sequence, with no
+      length to pad; each sequence is prefilled alone (no padding runs through a recurrence) and its states are
+      stacked along the batch, its attention layers padded as "merge" pads them;
+    - "recurrent": state-space layers only (Mamba, Falcon-Mamba): as "states", with no attention mask passed
+      (nothing is padded, and their decode step misreads one: other logits than their own forward);
     - "lanes": anything else (chunked attention, whose chunks start at absolute positions that left padding
-      would shift; pure state-space stacks such as Mamba, whose stacked states gave other logits; recurrent
-      layers beside sliding windows): one cache per sequence."""
+      would shift; recurrent layers beside sliding windows): one cache per sequence."""
     from transformers.cache_utils import (
         DynamicLayer,
         DynamicSlidingWindowLayer,
@@ -215,11 +215,8 @@ def cache_kind(model, device) -> str:
     if kinds == {DynamicLayer}:
         return "merge"
     recurrent = {LinearAttentionLayer, LinearAttentionAndFullAttentionLayer}
-    # hybrids only: pure state-space stacks (Mamba, Falcon-Mamba) decoded other logits with their states stacked
-    # (bench/results/serve_cache_kinds_20261207.json), so they keep lanes
-    attention = kinds & {DynamicLayer, LinearAttentionAndFullAttentionLayer}
-    if kinds & recurrent and kinds <= recurrent | {DynamicLayer} and attention:
-        return "states"
+    if kinds & recurrent and kinds <= recurrent | {DynamicLayer}:
+        return "states" if kinds & {DynamicLayer, LinearAttentionAndFullAttentionLayer} else "recurrent"
     # chunked attention (Llama 4) keeps its chunk in the same layer class, but its chunks start at absolute
     # positions, which left padding shifts: only a window relative to each token may be widened
     text = model.config.get_text_config()
@@ -371,7 +368,7 @@ class Engine:
             self.caches = cache_kind(self.model, self.device)
             if self.caches != "lanes" and not self._merge_holds():
                 self.caches = "lanes"
-            if self.caches in ("lanes", "states"):
+            if self.caches in ("lanes", "states", "recurrent"):
                 self.graph = None  # the static cache holds keys/values of attention layers only
             elif self.caches == "plain" and self.graph is not None:
                 self.graph.whole = True  # full-length static layers: the window applied in the mask
@@ -379,6 +376,7 @@ class Engine:
                              "mask), so sequences decode in one batch",
                     "states": "recurrent states of %s are stacked along the batch (each sequence prefilled alone)",
                     "lanes": "caches of %s cannot be merged across sequences: one forward pass per running sequence"}
+            said["recurrent"] = said["states"]
             if self.caches in said:
                 log.info(said[self.caches], type(self.model).__name__)
 
@@ -391,7 +389,7 @@ class Engine:
         self.batch.keep([i for i, s in enumerate(self.batch.seqs) if not (s.cancelled or s.finish)])
         new = self._admit(len(self.batch))
         # recurrent states: each sequence prefilled alone (left padding would run through the recurrence)
-        for group in ([[s] for s in new] if self.caches == "states" else [new] if new else []):
+        for group in ([[s] for s in new] if self.caches in ("states", "recurrent") else [new] if new else []):
             try:
                 self._prefill(group)
             except Exception as e:
@@ -456,9 +454,10 @@ class Engine:
         return out.logits[:, -1].float().cpu()
 
     def _mask(self, mask: torch.Tensor) -> dict:
-        """The forward's attention mask argument: none in lanes, whose one sequence is never padded (Mamba's decode
-        step misread the mask passed with it and decoded other logits than its own forward: tests/test_serve.py)."""
-        return {} if self.caches == "lanes" else {"attention_mask": mask}
+        """The forward's attention mask argument: none in lanes, whose one sequence is never padded, nor for
+        state-space stacks, which pad nothing (Mamba's decode step misread the mask passed with it and decoded other
+        logits than its own forward: tests/test_serve.py)."""
+        return {} if self.caches in ("lanes", "recurrent") else {"attention_mask": mask}
 
     def _new_cache(self) -> dict:
         """The forward's cache argument for a new sequence: a config-less DynamicCache (plain layers only) where

@@ -411,20 +411,18 @@ def decode_joining(model, tok, prompts: list[tuple[str, int]], join_at: int = 3,
     return [(s.finish, s.out_ids) for s in seqs], rows
 
 
-@pytest.mark.parametrize("family", ["llama4_text", "mamba", "falcon_mamba"])
+@pytest.mark.parametrize("family", ["llama4_text"])
 def test_a_joining_request_on_caches_that_cannot_be_merged(family, smol_tokenizer, tmp_path):
     """Chunked attention (Llama 4) keeps caches that the batch's left-padded concatenation cannot merge (its chunks
     start at absolute positions, which left padding shifts): a request joining a running one failed (or made both
-    fail). Pure state-space stacks (Mamba, Falcon-Mamba) decoded wrong logits when their states were stacked along
-    the batch (bench/results/serve_cache_kinds_20261207.json). Each sequence then decodes on its own cache, every
-    step: both give the logits they give alone.
+    fail). Each sequence then decodes on its own cache, every step: both give the logits they give alone.
     (Sliding-window and recurrent-state layers, which failed the same way, now merge:
     test_sliding_window_requests_decode_as_one_batch, test_recurrent_state_requests_decode_as_one_batch.)"""
     from vptq_service.serve.engine import cache_kind
 
     from tests.test_architectures import tiny_family
 
-    model = tiny_family(family, smol_tokenizer) if family == "llama4_text" else tiny_mamba(family, smol_tokenizer)
+    model = tiny_family(family, smol_tokenizer)
     assert cache_kind(model.eval(), torch.device("cpu")) == "lanes"
     prompts = [("The cat sat on the mat and looked at the", 12),
                ("A long time ago in a galaxy far far away there lived a small robot who", 6)]
@@ -435,8 +433,31 @@ def test_a_joining_request_on_caches_that_cannot_be_merged(family, smol_tokenize
     assert together == alone and max(rows) == 1
     for mine, own in zip(together_logits, alone_logits, strict=True):
         assert_same_logits(mine, own)
-    # and alone, the model's own logits: Mamba's decode step misread the attention mask passed with it (without the
-    # cache positions transformers' generate passes too) and decoded other logits (3.9 off at logits of 6)
+    for (text, _), (_, out), logits in zip(prompts, alone, alone_logits, strict=True):  # and alone, its own logits
+        ids = smol_tokenizer(text).input_ids
+        assert_same_logits(logits, [own_logits(model, ids + out[:k]) for k in range(len(logits))])
+
+
+@pytest.mark.parametrize("family", ["mamba", "falcon_mamba"])
+def test_state_space_requests_decode_as_one_batch(family, smol_tokenizer):
+    """Pure state-space stacks (Mamba, Falcon-Mamba: no attention layer) decoded other logits with their states
+    stacked along the batch, and so were served one pass per sequence; the cause was the attention mask passed with
+    each step, which their decode step misreads (3.9 off the model's own forward at logits of 6, alone too; without
+    the cache positions transformers' generate passes). Their states need no mask (each sequence is prefilled
+    alone, every row takes one token a step): none is passed, and requests joining at different steps decode in one
+    batch with, at every token, the model's own logits."""
+    from vptq_service.serve.engine import cache_kind
+
+    model = tiny_mamba(family, smol_tokenizer).eval()
+    assert cache_kind(model, torch.device("cpu")) == "recurrent"
+    prompts = [("The cat sat on the mat and looked at the", 12),
+               ("A long time ago in a galaxy far far away there lived a small robot who", 6), ("Once", 8)]
+    alone_logits, together_logits = [], []
+    alone = [decode_joining(model, smol_tokenizer, [p], logits=alone_logits)[0][0] for p in prompts]
+    together, rows = decode_joining(model, smol_tokenizer, prompts, logits=together_logits)
+    assert together == alone and max(rows) == 3
+    for mine, own in zip(together_logits, alone_logits, strict=True):
+        assert_same_logits(mine, own)
     for (text, _), (_, out), logits in zip(prompts, alone, alone_logits, strict=True):
         ids = smol_tokenizer(text).input_ids
         assert_same_logits(logits, [own_logits(model, ids + out[:k]) for k in range(len(logits))])
