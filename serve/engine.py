@@ -142,7 +142,8 @@ class Batch:
                 a.values = torch.cat([_pad_left(a.values, n - la, 2), _pad_left(b.values, n - lb, 2)], 0)
             for states, more in zip(_state_dicts(a), _state_dicts(b), strict=True):  # one state per row: no padding
                 for i in states:
-                    states[i] = torch.cat([states[i], more[i]], 0)
+                    if states[i] is not None:  # None: a state the layer has not (LFM3's convolutions: no recurrence)
+                        states[i] = torch.cat([states[i], more[i]], 0)
             _set_length(a, n)
         self.mask = torch.cat([_pad_left(self.mask, n - la, 1), _pad_left(mask, n - lb, 1)], 0)
         self.seqs += seqs
@@ -166,7 +167,8 @@ class Batch:
                 layer.values = layer.values[idx][:, :, start:]
             for states in _state_dicts(layer):
                 for i in states:
-                    states[i] = states[i][idx.to(states[i].device)]
+                    if states[i] is not None:
+                        states[i] = states[i][idx.to(states[i].device)]
             _set_length(layer, mask.shape[1] - start)
         self.mask = mask[:, start:]
         self.seqs = [self.seqs[i] for i in keep]
