@@ -411,6 +411,29 @@ def decode_joining(model, tok, prompts: list[tuple[str, int]], join_at: int = 3,
     return [(s.finish, s.out_ids) for s in seqs], rows
 
 
+def assert_joined_as_alone(model, tok, prompts: list[tuple[str, int]], rows: int, own: bool = False) -> list[tuple]:
+    """Each request decoded alone, then all of them joining (decode_joining): the same tokens, each token's logits
+    equal, and `rows` rows in the widest decode pass (1: one pass per sequence). own: every token's logits alone
+    also equal the model's own uncached forward over the prompt and the tokens before it (own_logits). The requests'
+    (finish, tokens) alone."""
+    alone_logits, together_logits = [], []
+    alone = [decode_joining(model, tok, [p], logits=alone_logits)[0][0] for p in prompts]
+    together, passes = decode_joining(model, tok, prompts, logits=together_logits)
+    assert together == alone and max(passes) == rows
+    for mine, want in zip(together_logits, alone_logits, strict=True):  # logits, not only a random model's tokens
+        assert_same_logits(mine, want)
+    for (text, _), (_, out), logits in zip(prompts, alone, alone_logits, strict=True) if own else ():
+        ids = tok(text).input_ids
+        assert_same_logits(logits, [own_logits(model, ids + out[:k]) for k in range(len(logits))])
+    return alone
+
+
+def own_logits(model, ids: list[int]) -> torch.Tensor:
+    """The model's own next-token logits after ids: one uncached pass, no positions or mask given (its definition)."""
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+
+
 @pytest.mark.parametrize("family", ["llama4_text"])
 def test_a_joining_request_on_caches_that_cannot_be_merged(family, smol_tokenizer, tmp_path):
     """Chunked attention (Llama 4) keeps caches that the batch's left-padded concatenation cannot merge (its chunks
@@ -426,16 +449,8 @@ def test_a_joining_request_on_caches_that_cannot_be_merged(family, smol_tokenize
     assert cache_kind(model.eval(), torch.device("cpu")) == "lanes"
     prompts = [("The cat sat on the mat and looked at the", 12),
                ("A long time ago in a galaxy far far away there lived a small robot who", 6)]
-    alone_logits, together_logits = [], []
-    alone = [decode_joining(model, smol_tokenizer, [p], logits=alone_logits)[0][0] for p in prompts]
+    alone = assert_joined_as_alone(model, smol_tokenizer, prompts, rows=1, own=True)
     assert [a[0] for a in alone] == ["length", "length"]
-    together, rows = decode_joining(model, smol_tokenizer, prompts, logits=together_logits)
-    assert together == alone and max(rows) == 1
-    for mine, own in zip(together_logits, alone_logits, strict=True):
-        assert_same_logits(mine, own)
-    for (text, _), (_, out), logits in zip(prompts, alone, alone_logits, strict=True):  # and alone, its own logits
-        ids = smol_tokenizer(text).input_ids
-        assert_same_logits(logits, [own_logits(model, ids + out[:k]) for k in range(len(logits))])
 
 
 @pytest.mark.parametrize("family", ["mamba", "falcon_mamba"])
@@ -452,15 +467,7 @@ def test_state_space_requests_decode_as_one_batch(family, smol_tokenizer):
     assert cache_kind(model, torch.device("cpu")) == "recurrent"
     prompts = [("The cat sat on the mat and looked at the", 12),
                ("A long time ago in a galaxy far far away there lived a small robot who", 6), ("Once", 8)]
-    alone_logits, together_logits = [], []
-    alone = [decode_joining(model, smol_tokenizer, [p], logits=alone_logits)[0][0] for p in prompts]
-    together, rows = decode_joining(model, smol_tokenizer, prompts, logits=together_logits)
-    assert together == alone and max(rows) == 3
-    for mine, own in zip(together_logits, alone_logits, strict=True):
-        assert_same_logits(mine, own)
-    for (text, _), (_, out), logits in zip(prompts, alone, alone_logits, strict=True):
-        ids = smol_tokenizer(text).input_ids
-        assert_same_logits(logits, [own_logits(model, ids + out[:k]) for k in range(len(logits))])
+    assert_joined_as_alone(model, smol_tokenizer, prompts, rows=3, own=True)
 
 
 def tiny_mamba(model_type: str, tokenizer):
@@ -503,13 +510,7 @@ def test_recurrent_state_requests_decode_as_one_batch(family, smol_tokenizer, tm
     prompts = [("The cat sat on the mat and looked at the", 12),
                ("A long time ago in a galaxy far far away there lived a small robot who", 6),
                ("Once", 8)]
-    alone_logits, together_logits = [], []
-    alone = [decode_joining(model, smol_tokenizer, [p], logits=alone_logits)[0][0] for p in prompts]
-    together, rows = decode_joining(model, smol_tokenizer, prompts, logits=together_logits)
-    assert together == alone
-    assert max(rows) == 3
-    for mine, own in zip(together_logits, alone_logits, strict=True):  # logits, not only a random model's tokens
-        assert_same_logits(mine, own)
+    assert_joined_as_alone(model, smol_tokenizer, prompts, rows=3)
 
     # the cache's own count of tokens (a recurrent layer's, which the model reads its position from where such a
     # layer comes first) stays the batch's padded width through joins and departures
@@ -539,13 +540,7 @@ def test_sliding_window_requests_decode_as_one_batch(family, smol_tokenizer, tmp
     prompts = [("The cat sat on the mat and looked at the", 14),  # past the 16-token window
                ("A long time ago in a galaxy far far away there lived a small robot who", 8),
                ("Once", 10)]
-    alone_logits, together_logits = [], []
-    alone = [decode_joining(model, smol_tokenizer, [p], logits=alone_logits)[0][0] for p in prompts]
-    together, rows = decode_joining(model, smol_tokenizer, prompts, logits=together_logits)
-    assert together == alone
-    for mine, own in zip(together_logits, alone_logits, strict=True):
-        assert_same_logits(mine, own)
-    assert max(rows) == 3  # one pass for all three, not a lane each
+    assert_joined_as_alone(model, smol_tokenizer, prompts, rows=3)  # one pass for all three, not a lane each
 
 
 @pytest.mark.parametrize("family", ["mistral", "gemma3"])
@@ -597,20 +592,9 @@ def test_a_merge_that_changes_the_logits_falls_back_to_lanes(family, smol_tokeni
 
     monkeypatch.setattr(engine_mod.Batch, "add", bad_add)
     prompts = [("The cat sat on the mat and looked at the", 8), ("A long time ago in a galaxy far far away", 5)]
-    alone_logits, together_logits = [], []
     with caplog.at_level("WARNING", logger="vptq.serve"):
-        alone = [decode_joining(model, smol_tokenizer, [p], logits=alone_logits)[0][0] for p in prompts]
-        together, rows = decode_joining(model, smol_tokenizer, prompts, logits=together_logits)
-    assert together == alone and max(rows) == 1
-    for mine, own in zip(together_logits, alone_logits, strict=True):
-        assert_same_logits(mine, own)
+        assert_joined_as_alone(model, smol_tokenizer, prompts, rows=1)
     assert "joining sequences changed" in caplog.text
-
-def own_logits(model, ids: list[int]) -> torch.Tensor:
-    """The model's own next-token logits after ids: one uncached pass, no positions or mask given (its definition)."""
-    with torch.no_grad():
-        return model(input_ids=torch.tensor([ids])).logits[0, -1].float()
-
 
 def roberta_decoder(family: str, tokenizer, is_decoder: bool = True):
     """A 2-block random CamemBERT or XLM-RoBERTa-XL language model (hidden 64); is_decoder=False is the encoder
@@ -634,15 +618,7 @@ def test_a_decoder_whose_positions_start_past_zero_decodes_its_own_logits(family
     the prompt and the tokens so far, in one batch."""
     model = roberta_decoder(family, smol_tokenizer)
     prompts = [("The cat sat on the mat and looked at the", 8), ("A long time ago in a galaxy far far away", 5)]
-    alone_logits, together_logits = [], []
-    alone = [decode_joining(model, smol_tokenizer, [p], logits=alone_logits)[0][0] for p in prompts]
-    for (text, _), (_, out), logits in zip(prompts, alone, alone_logits, strict=True):
-        ids = smol_tokenizer(text).input_ids
-        assert_same_logits(logits, [own_logits(model, ids + out[:k]) for k in range(len(logits))])
-    together, rows = decode_joining(model, smol_tokenizer, prompts, logits=together_logits)
-    assert together == alone and max(rows) == 2
-    for mine, own in zip(together_logits, alone_logits, strict=True):
-        assert_same_logits(mine, own)
+    assert_joined_as_alone(model, smol_tokenizer, prompts, rows=2, own=True)
 
 
 def test_a_model_that_reads_later_tokens_is_refused_before_serving(smol_tokenizer, tmp_path):
