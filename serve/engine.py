@@ -192,19 +192,22 @@ def cache_kind(model, device) -> str:
 
     - "merge": transformers' plain DynamicLayers only (keys and values that grow by one token a step), which
       Batch pads and concatenates across sequences;
-    - "plain": sliding-window layers (DynamicSlidingWindowLayer, Mistral, Gemma 2/3) beside plain ones. They
-      drop keys older than the window, so they cannot be padded to a common length, but transformers applies
-      the window in the attention mask as well: a cache of plain layers that keeps every token gives the same
-      logits (tests/test_serve.py) and merges, for the memory of the tokens beyond the window;
-    - "states": linear-attention or state-space layers (Qwen3-Next/3.5's gated delta-net, Falcon-H1's Mamba-2)
-      beside plain attention layers: a recurrent state and a short convolution window per sequence, with no
+    - "plain": sliding-window layers (DynamicSlidingWindowLayer, Mistral, Gemma 2/3) or chunked attention (Llama
+      4) beside plain ones. They drop keys older than the window or the chunk, so they cannot be padded to a common
+      length, but transformers applies the window and the chunks in the attention mask as well (its chunks start
+      at each row's first unpadded token): a cache of plain layers that keeps every token gives the same logits
+      (tests/test_serve.py) and merges, for the memory of the tokens beyond the window;
+    - "states": linear-attention or state-space layers (Qwen3-Next/3.5's gated delta-net, Falcon-H1's and
+      Nemotron-H's Mamba-2) beside plain attention layers and layers with no cache (DummyLayer: Nemotron-H's MLP
+      blocks): a recurrent state and a short convolution window per sequence, with no
       length to pad; each sequence is prefilled alone (no padding runs through a recurrence) and its states are
       stacked along the batch, its attention layers padded as "merge" pads them;
     - "recurrent": state-space layers only (Mamba, Falcon-Mamba): as "states", with no attention mask passed
       (nothing is padded, and their decode step misreads one: other logits than their own forward);
-    - "lanes": anything else (chunked attention, whose chunks start at absolute positions that left padding
-      would shift; recurrent layers beside sliding windows): one cache per sequence."""
+    - "lanes": anything else (an EncoderDecoderCache of BERT-style decoders, DeepSeek-V4's compressed cache,
+      recurrent layers beside sliding windows): one cache per sequence."""
     from transformers.cache_utils import (
+        DummyLayer,
         DynamicLayer,
         DynamicSlidingWindowLayer,
         LinearAttentionAndFullAttentionLayer,
@@ -217,13 +220,12 @@ def cache_kind(model, device) -> str:
     if kinds == {DynamicLayer}:
         return "merge"
     recurrent = {LinearAttentionLayer, LinearAttentionAndFullAttentionLayer}
-    if kinds & recurrent and kinds <= recurrent | {DynamicLayer}:
+    if kinds & recurrent and kinds <= recurrent | {DynamicLayer, DummyLayer}:
         return "states" if kinds & {DynamicLayer, LinearAttentionAndFullAttentionLayer} else "recurrent"
-    # chunked attention (Llama 4) keeps its chunk in the same layer class, but its chunks start at absolute
-    # positions, which left padding shifts: only a window relative to each token may be widened
+    # a window or chunks relative to each row's start (the mask's left padding), which a whole cache keeps right
     text = model.config.get_text_config()
     types = set(getattr(text, "layer_types", None) or ())
-    relative = types <= {"full_attention", "sliding_attention"} and not getattr(text, "attention_chunk_size", None)
+    relative = types <= {"full_attention", "sliding_attention", "chunked_attention"}
     return "plain" if relative and kinds and kinds <= {DynamicLayer, DynamicSlidingWindowLayer} else "lanes"
 
 

@@ -434,23 +434,55 @@ def own_logits(model, ids: list[int]) -> torch.Tensor:
         return model(input_ids=torch.tensor([ids])).logits[0, -1].float()
 
 
-@pytest.mark.parametrize("family", ["llama4_text"])
-def test_a_joining_request_on_caches_that_cannot_be_merged(family, smol_tokenizer, tmp_path):
-    """Chunked attention (Llama 4) keeps caches that the batch's left-padded concatenation cannot merge (its chunks
-    start at absolute positions, which left padding shifts): a request joining a running one failed (or made both
-    fail). Each sequence then decodes on its own cache, every step: both give the logits they give alone.
-    (Sliding-window and recurrent-state layers, which failed the same way, now merge:
-    test_sliding_window_requests_decode_as_one_batch, test_recurrent_state_requests_decode_as_one_batch.)"""
+def test_a_joining_request_on_caches_that_cannot_be_merged(smol_tokenizer):
+    """Caches the batch cannot merge (a BERT-style decoder's EncoderDecoderCache; Llama 4 took this path until its
+    chunked attention was found to merge: test_chunked_attention_requests_decode_as_one_batch): a request joining a
+    running one failed (or made both fail). Each sequence then decodes on its own cache, every step: both give the
+    logits they give alone, and the model's own. (Sliding-window and recurrent-state layers, which failed the same
+    way, now merge: test_sliding_window_requests_decode_as_one_batch, test_recurrent_state_requests_decode_as_one_batch.)"""
+    import transformers
     from vptq_service.serve.engine import cache_kind
 
-    from tests.test_architectures import tiny_family
-
-    model = tiny_family(family, smol_tokenizer)
-    assert cache_kind(model.eval(), torch.device("cpu")) == "lanes"
+    torch.manual_seed(0)
+    tok = smol_tokenizer
+    model = transformers.MegatronBertForCausalLM(transformers.MegatronBertConfig(
+        vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=256, is_decoder=True, pad_token_id=tok.pad_token_id)).eval()
+    assert cache_kind(model, torch.device("cpu")) == "lanes"
     prompts = [("The cat sat on the mat and looked at the", 12),
                ("A long time ago in a galaxy far far away there lived a small robot who", 6)]
-    alone = assert_joined_as_alone(model, smol_tokenizer, prompts, rows=1, own=True)
+    alone = assert_joined_as_alone(model, tok, prompts, rows=1, own=True)
     assert [a[0] for a in alone] == ["length", "length"]
+
+
+def tiny_chunked(tokenizer):
+    """A 4-block random Llama 4 text model (hidden 64) whose chunked attention has 8-token chunks (three chunked
+    layers, then a full-attention one, as Llama 4 interleaves them), so that short prompts cross chunk boundaries."""
+    import transformers
+
+    torch.manual_seed(0)
+    return transformers.Llama4ForCausalLM(transformers.Llama4TextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=32, intermediate_size_mlp=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256, num_local_experts=4,
+        num_experts_per_tok=1, interleave_moe_layer_step=1, attention_chunk_size=8, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+
+
+def test_chunked_attention_requests_decode_as_one_batch(smol_tokenizer):
+    """Llama 4's chunked attention was served in lanes (one pass per sequence): its chunks start at absolute
+    positions, which left padding shifts. But transformers counts each row's left padding in the chunked mask
+    (chunks start at the row's first token), so plain caches that keep every token merge: requests joining at
+    different steps, across chunk boundaries, decode in one batch with the logits of each alone and of the
+    model's own forward."""
+    from vptq_service.serve.engine import cache_kind
+
+    model = tiny_chunked(smol_tokenizer).eval()
+    assert model.config.layer_types.count("chunked_attention") == 3
+    assert cache_kind(model, torch.device("cpu")) == "plain"
+    prompts = [("The cat sat on the mat and looked at the", 14),  # 10 + 14 tokens: three chunks of 8
+               ("A long time ago in a galaxy far far away there lived a small robot who", 8),
+               ("Once", 10)]
+    assert_joined_as_alone(model, smol_tokenizer, prompts, rows=3, own=True)
 
 
 @pytest.mark.parametrize("family", ["mamba", "falcon_mamba"])
@@ -494,18 +526,33 @@ def tiny_lfm3(tokenizer):
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
 
 
-@pytest.mark.parametrize("family", ["qwen3_next", "falcon_h1", "lfm3"])
+def tiny_nemotron_h(tokenizer):
+    """A 4-block random Nemotron-H (hidden 64): a Mamba-2 block, an MLP block, an attention block, an MLP block; the
+    MLP blocks hold no cache (DummyLayer in transformers' cache)."""
+    import transformers
+
+    torch.manual_seed(0)
+    return transformers.NemotronHForCausalLM(transformers.NemotronHConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, max_position_embeddings=256, layers_block_type=["linear_attention", "mlp", "full_attention", "mlp"],
+        ssm_state_size=16, mamba_num_heads=8, mamba_head_dim=16, n_groups=1, chunk_size=16, use_mamba_kernels=False,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+
+
+@pytest.mark.parametrize("family", ["qwen3_next", "falcon_h1", "lfm3", "nemotron_h"])
 def test_recurrent_state_requests_decode_as_one_batch(family, smol_tokenizer, tmp_path):
     """Linear-attention and state-space layers (Qwen3-Next's gated delta-net, Falcon-H1's Mamba-2 beside attention)
     keep a recurrent state and a short convolution window per sequence, with no length to pad: each joining request
     is prefilled alone and its states are stacked along the batch (the attention layers padded as usual), so
     requests joining at different steps decode in one batch with the tokens each gives alone. (LFM3's convolution
-    layers hold None for the recurrent state they do not have: its merge failed, and it was served in lanes.)"""
+    layers hold None for the recurrent state they do not have: its merge failed, and it was served in lanes.
+    Nemotron-H's MLP blocks hold no cache at all, a DummyLayer each: it was served in lanes too.)"""
     from vptq_service.serve.engine import cache_kind
 
     from tests.test_architectures import tiny_family
 
-    model = (tiny_lfm3(smol_tokenizer) if family == "lfm3" else tiny_family(family, smol_tokenizer)).eval()
+    builders = {"lfm3": tiny_lfm3, "nemotron_h": tiny_nemotron_h}
+    model = (builders[family](smol_tokenizer) if family in builders else tiny_family(family, smol_tokenizer)).eval()
     assert cache_kind(model, torch.device("cpu")) == "states"
     prompts = [("The cat sat on the mat and looked at the", 12),
                ("A long time ago in a galaxy far far away there lived a small robot who", 6),
@@ -543,14 +590,15 @@ def test_sliding_window_requests_decode_as_one_batch(family, smol_tokenizer, tmp
     assert_joined_as_alone(model, smol_tokenizer, prompts, rows=3)  # one pass for all three, not a lane each
 
 
-@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+@pytest.mark.parametrize("family", ["mistral", "gemma3", "llama4_chunked"])
 def test_sliding_window_lone_sequence_takes_the_static_cache(family, smol_tokenizer, tmp_path):
     """A lone sequence of a sliding-window model decodes through serve/graph.py's static cache (on CUDA: one
     graph a step) with full-length layers, the window applied in the mask: the logits of the dynamic path on the
-    same schedule (A alone past the 16-token window, B joining, B done), and most steps on the static cache."""
+    same schedule (A alone past the 16-token window, B joining, B done), and most steps on the static cache.
+    The same for chunked attention (8-token chunks), whose chunks the mask applies too."""
     from tests.test_architectures import build
 
-    model = build(family, smol_tokenizer, tmp_path).eval()
+    model = (tiny_chunked(smol_tokenizer) if family == "llama4_chunked" else build(family, smol_tokenizer, tmp_path)).eval()
 
     def run(graphs: bool) -> tuple[list[torch.Tensor], int]:
         seen, static_steps, _ = decode_schedule(model, smol_tokenizer, ("The cat sat on the mat and looked at the", 24),
