@@ -15,7 +15,8 @@
 #           with and without it (bench/serve_graph_check.py; SERVE_FORMATS, SERVE_CONFIG as for serve)
 #   serve   `vptq serve --device cuda` under load (bench/serve_load.py, clients SERVE_CLIENTS, default
 #           1,8,32): fp16 weights and the 2-bit preset's layout (random codes), the model of shape
-#           SERVE_CONFIG (a config.json + tokenizer folder; default .gpu/smol, SmolLM2-135M's). Needs .whl.
+#           SERVE_CONFIG (a config.json + tokenizer folder; default .gpu/smol, SmolLM2-135M's; other attention
+#           layouts of that shape: bench/serve_shapes.py, e.g. gemma3_sw .gpu/gemma3_sw). Needs .whl.
 # Output under $OUT (default bench/results/gpu_session), one log per stage; the raw records the
 # scripts write go there too. Usage: bash bench/gpu_session.sh [stage ...]
 # .gpu/wheels/*.whl (make gpu-wheels; carry [".gpu"]) are installed first: with pytest-xdist the
