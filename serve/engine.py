@@ -196,7 +196,9 @@ def cache_kind(model, device) -> str:
       4) beside plain ones. They drop keys older than the window or the chunk, so they cannot be padded to a common
       length, but transformers applies the window and the chunks in the attention mask as well (its chunks start
       at each row's first unpadded token): a cache of plain layers that keeps every token gives the same logits
-      (tests/test_serve.py) and merges, for the memory of the tokens beyond the window;
+      (tests/test_serve.py) and merges, for the memory of the tokens beyond the window. Also BERT-style decoders
+      (Megatron-BERT, RemBERT, RoC-BERT), which build an encoder-decoder cache whose cross-attention half stays
+      empty without an encoder: given a plain cache they keep their keys and values in it;
     - "states": linear-attention or state-space layers (Qwen3-Next/3.5's gated delta-net, Falcon-H1's and
       Nemotron-H's Mamba-2) beside plain attention layers and layers with no cache (DummyLayer: Nemotron-H's MLP
       blocks): a recurrent state and a short convolution window per sequence, with no
@@ -204,18 +206,25 @@ def cache_kind(model, device) -> str:
       stacked along the batch, its attention layers padded as "merge" pads them;
     - "recurrent": state-space layers only (Mamba, Falcon-Mamba): as "states", with no attention mask passed
       (nothing is padded, and their decode step misreads one: other logits than their own forward);
-    - "lanes": anything else (an EncoderDecoderCache of BERT-style decoders, DeepSeek-V4's compressed cache,
-      recurrent layers beside sliding windows): one cache per sequence."""
+    - "lanes": anything else (DeepSeek-V4's compressed cache, recurrent layers beside sliding windows): one cache
+      per sequence."""
+    from transformers import DynamicCache
     from transformers.cache_utils import (
         DummyLayer,
         DynamicLayer,
         DynamicSlidingWindowLayer,
+        EncoderDecoderCache,
         LinearAttentionAndFullAttentionLayer,
         LinearAttentionLayer,
     )
 
+    ids = torch.zeros((1, 1), dtype=torch.long, device=device)
     with torch.no_grad():
-        out = model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=True)
+        out = model(input_ids=ids, use_cache=True)
+        if isinstance(out.cache, EncoderDecoderCache) and not out.cache.cross_attention_cache.get_seq_length():
+            given = model(input_ids=ids, use_cache=True, cache=DynamicCache()).cache  # as "plain" prefills
+            if {type(layer) for layer in getattr(given, "layers", None) or ()} == {DynamicLayer}:
+                return "plain"
     kinds = {type(layer) for layer in getattr(out.cache, "layers", None) or ()}  # the attribute _prefill reads
     if kinds == {DynamicLayer}:
         return "merge"
@@ -465,7 +474,8 @@ class Engine:
 
     def _new_cache(self) -> dict:
         """The forward's cache argument for a new sequence: a config-less DynamicCache (plain layers only) where
-        sliding-window caches are kept whole (cache_kind "plain"), else none (the model builds its own)."""
+        sliding-window or chunked caches are kept whole, or in place of a BERT-style decoder's encoder-decoder cache
+        (cache_kind "plain"), else none (the model builds its own)."""
         if self.caches != "plain":
             return {}
         from transformers import DynamicCache

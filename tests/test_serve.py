@@ -435,24 +435,62 @@ def own_logits(model, ids: list[int]) -> torch.Tensor:
 
 
 def test_a_joining_request_on_caches_that_cannot_be_merged(smol_tokenizer):
-    """Caches the batch cannot merge (a BERT-style decoder's EncoderDecoderCache; Llama 4 took this path until its
-    chunked attention was found to merge: test_chunked_attention_requests_decode_as_one_batch): a request joining a
-    running one failed (or made both fail). Each sequence then decodes on its own cache, every step: both give the
-    logits they give alone, and the model's own. (Sliding-window and recurrent-state layers, which failed the same
-    way, now merge: test_sliding_window_requests_decode_as_one_batch, test_recurrent_state_requests_decode_as_one_batch.)"""
+    """Caches the batch cannot merge (DeepSeek-V4's compressed attention cache; Llama 4 and BERT-style decoders took
+    this path until they were found to merge: test_chunked_attention_requests_decode_as_one_batch,
+    test_bert_style_decoders_decode_as_one_batch): a request joining a running one failed (or made both fail). Each
+    sequence then decodes on its own cache, every step: both give the logits they give alone, and the model's own.
+    (Sliding-window and recurrent-state layers, which failed the same way, now merge:
+    test_sliding_window_requests_decode_as_one_batch, test_recurrent_state_requests_decode_as_one_batch.)"""
     import transformers
     from vptq_service.serve.engine import cache_kind
 
     torch.manual_seed(0)
     tok = smol_tokenizer
-    model = transformers.MegatronBertForCausalLM(transformers.MegatronBertConfig(
-        vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-        max_position_embeddings=256, is_decoder=True, pad_token_id=tok.pad_token_id)).eval()
+    model = transformers.DeepseekV4ForCausalLM(transformers.DeepseekV4Config(
+        vocab_size=len(tok), hidden_size=64, moe_intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, q_lora_rank=16, num_experts_per_tok=2, n_routed_experts=4,
+        n_shared_experts=1, max_position_embeddings=256, sliding_window=16, o_lora_rank=64,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).eval()
     assert cache_kind(model, torch.device("cpu")) == "lanes"
     prompts = [("The cat sat on the mat and looked at the", 12),
                ("A long time ago in a galaxy far far away there lived a small robot who", 6)]
     alone = assert_joined_as_alone(model, tok, prompts, rows=1, own=True)
     assert [a[0] for a in alone] == ["length", "length"]
+
+
+def bert_style_decoder(family: str, tokenizer):
+    """A 2-block random Megatron-BERT, RemBERT or RoC-BERT language model (hidden 64) made a decoder (is_decoder, as a
+    checkpoint that generates is): they build an encoder-decoder cache of their own."""
+    import transformers
+
+    kw = dict(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+              intermediate_size=128, max_position_embeddings=256, is_decoder=True, pad_token_id=tokenizer.pad_token_id)
+    cls = {"megatron-bert": (transformers.MegatronBertConfig, transformers.MegatronBertForCausalLM, {}),
+           "rembert": (transformers.RemBertConfig, transformers.RemBertForCausalLM,
+                       {"input_embedding_size": 64, "output_embedding_size": 64}),
+           "roc_bert": (transformers.RoCBertConfig, transformers.RoCBertForCausalLM,
+                        {"pronunciation_vocab_size": 16, "shape_vocab_size": 16, "pronunciation_embed_dim": 16,
+                         "shape_embed_dim": 16})}[family]
+    torch.manual_seed(0)
+    return cls[1](cls[0](**kw, **cls[2]))
+
+
+@pytest.mark.parametrize("family", ["megatron-bert", "rembert", "roc_bert"])
+def test_bert_style_decoders_decode_as_one_batch(family, smol_tokenizer):
+    """BERT-style decoders build an encoder-decoder cache (a self-attention part and an empty cross-attention one,
+    there being no encoder), which the batch could not merge: they were served in lanes. Given a plain cache they
+    keep their keys and values in it: requests joining at different steps decode in one batch with the logits of
+    each alone and of the model's own forward."""
+    from vptq_service.serve.engine import cache_kind
+
+    model = bert_style_decoder(family, smol_tokenizer).eval()
+    with torch.no_grad():
+        own = model(input_ids=torch.zeros((1, 1), dtype=torch.long), use_cache=True).cache
+    assert type(own).__name__ == "EncoderDecoderCache"
+    assert cache_kind(model, torch.device("cpu")) == "plain"
+    prompts = [("The cat sat on the mat and looked at the", 12),
+               ("A long time ago in a galaxy far far away there lived a small robot who", 6), ("Once", 8)]
+    assert_joined_as_alone(model, smol_tokenizer, prompts, rows=3, own=True)
 
 
 def tiny_chunked(tokenizer):
@@ -590,15 +628,17 @@ def test_sliding_window_requests_decode_as_one_batch(family, smol_tokenizer, tmp
     assert_joined_as_alone(model, smol_tokenizer, prompts, rows=3)  # one pass for all three, not a lane each
 
 
-@pytest.mark.parametrize("family", ["mistral", "gemma3", "llama4_chunked"])
+@pytest.mark.parametrize("family", ["mistral", "gemma3", "llama4_chunked", "megatron-bert"])
 def test_sliding_window_lone_sequence_takes_the_static_cache(family, smol_tokenizer, tmp_path):
     """A lone sequence of a sliding-window model decodes through serve/graph.py's static cache (on CUDA: one
     graph a step) with full-length layers, the window applied in the mask: the logits of the dynamic path on the
     same schedule (A alone past the 16-token window, B joining, B done), and most steps on the static cache.
-    The same for chunked attention (8-token chunks), whose chunks the mask applies too."""
+    The same for chunked attention (8-token chunks), whose chunks the mask applies too, and for a BERT-style decoder
+    (its static cache in place of its encoder-decoder one)."""
     from tests.test_architectures import build
 
-    model = (tiny_chunked(smol_tokenizer) if family == "llama4_chunked" else build(family, smol_tokenizer, tmp_path)).eval()
+    builders = {"llama4_chunked": tiny_chunked, "megatron-bert": lambda tok: bert_style_decoder("megatron-bert", tok)}
+    model = (builders[family](smol_tokenizer) if family in builders else build(family, smol_tokenizer, tmp_path)).eval()
 
     def run(graphs: bool) -> tuple[list[torch.Tensor], int]:
         seen, static_steps, _ = decode_schedule(model, smol_tokenizer, ("The cat sat on the mat and looked at the", 24),
