@@ -475,6 +475,23 @@ def bert_style_decoder(family: str, tokenizer):
     return cls[1](cls[0](**kw, **cls[2]))
 
 
+def test_a_decoder_that_refuses_a_plain_cache_stays_in_lanes(smol_tokenizer, monkeypatch):
+    """The plain cache is tried on the model before it is used: a decoder with an encoder-decoder cache that fails
+    when given a plain one is served in lanes on its own cache (not refused, not failing every request)."""
+    from vptq_service.serve.engine import cache_kind
+
+    model = bert_style_decoder("megatron-bert", smol_tokenizer).eval()
+    real = model.forward
+
+    def forward(*args, cache=None, **kwargs):
+        if type(cache).__name__ == "DynamicCache":
+            raise TypeError("this model takes only its own cache")
+        return real(*args, cache=cache, **kwargs)
+
+    monkeypatch.setattr(model, "forward", forward)
+    assert cache_kind(model, torch.device("cpu")) == "lanes"
+
+
 @pytest.mark.parametrize("family", ["megatron-bert", "rembert", "roc_bert"])
 def test_bert_style_decoders_decode_as_one_batch(family, smol_tokenizer):
     """BERT-style decoders build an encoder-decoder cache (a self-attention part and an empty cross-attention one,
