@@ -9,9 +9,9 @@ outgrow the static cache, its keys and values go back to a dynamic cache and the
 
 Models whose cache layers are full-attention ones take it, and sliding-window or chunked-attention models
 (Mistral, Gemma 2/3, Llama 4) whose caches the engine keeps whole (serve/engine.py, cache_kind "plain"): their
-static cache then has full-length layers too, the window or the chunks being applied in the attention mask (a sliding layer's static form keeps a
-rolling window that a copied-in prefix would not fill as its own updates do). A capture that fails turns the
-graph off for the server's life (logged once); the eager path serves on.
+static cache then has full-length layers too, the window or the chunks being applied in the attention mask (a
+sliding layer's static form keeps a rolling window that a copied-in prefix would not fill as its own updates do).
+A capture that fails turns the graph off for the server's life (logged once); the eager path serves on.
 """
 
 from __future__ import annotations
