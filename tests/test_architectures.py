@@ -420,6 +420,12 @@ def test_target_globs_and_routers():
 
 # ----------------------------------------------------------------------------- families beyond the matrix
 
+def token_ids(tokenizer) -> dict:
+    """The config fields a tiny model takes from the tokenizer it is run with: vocabulary size, pad/bos/eos ids."""
+    return {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+
+
 def tiny_family(family: str, tokenizer):
     """Tiny models of families whose blocks differ from the matrix's in what the driver and the loaders must
     handle (bench/arch_sweep.py found each failing): RoBERTa-style decoders (blocks inside an encoder whose
@@ -429,8 +435,7 @@ def tiny_family(family: str, tokenizer):
     vision-language checkpoint (the decoder's depth in its text config, the vision tower left floating point),
     GPT-2 (Conv1D modules: the weight stored in x out) and MoE experts in transposed 3-D layouts (Llama 4: every
     expert runs on every token, unrouted rows zeroed; GPT-OSS: biases, interleaved gate/up, a clamped SwiGLU)."""
-    ids = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
-           "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    ids = token_ids(tokenizer)
     torch.manual_seed(0)
     if family == "camembert":
         return transformers.CamembertForCausalLM(transformers.CamembertConfig(

@@ -15,6 +15,7 @@ openai = pytest.importorskip("openai")
 
 from vptq_service.serve.run import exposure_warning  # noqa: E402
 
+from tests.test_architectures import token_ids  # noqa: E402 - the tiny models' tokenizer fields
 from tests.test_generate import home, run  # noqa: E402,F401 - VPTQ_HOME, the CLI (the tiny folder: conftest)
 
 KEY = "test-key"
@@ -447,10 +448,9 @@ def test_a_joining_request_on_caches_that_cannot_be_merged(smol_tokenizer):
     torch.manual_seed(0)
     tok = smol_tokenizer
     model = transformers.DeepseekV4ForCausalLM(transformers.DeepseekV4Config(
-        vocab_size=len(tok), hidden_size=64, moe_intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, q_lora_rank=16, num_experts_per_tok=2, n_routed_experts=4,
-        n_shared_experts=1, max_position_embeddings=256, sliding_window=16, o_lora_rank=64,
-        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).eval()
+        hidden_size=64, moe_intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, q_lora_rank=16, num_experts_per_tok=2, n_routed_experts=4, n_shared_experts=1,
+        max_position_embeddings=256, sliding_window=16, o_lora_rank=64, **token_ids(tok))).eval()
     assert cache_kind(model, torch.device("cpu")) == "lanes"
     prompts = [("The cat sat on the mat and looked at the", 12),
                ("A long time ago in a galaxy far far away there lived a small robot who", 6)]
@@ -517,10 +517,9 @@ def tiny_chunked(tokenizer):
 
     torch.manual_seed(0)
     return transformers.Llama4ForCausalLM(transformers.Llama4TextConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=32, intermediate_size_mlp=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256, num_local_experts=4,
-        num_experts_per_tok=1, interleave_moe_layer_step=1, attention_chunk_size=8, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+        hidden_size=64, intermediate_size=32, intermediate_size_mlp=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, num_local_experts=4, num_experts_per_tok=1,
+        interleave_moe_layer_step=1, attention_chunk_size=8, **token_ids(tokenizer)))
 
 
 def test_chunked_attention_requests_decode_as_one_batch(smol_tokenizer):
@@ -564,9 +563,7 @@ def tiny_mamba(model_type: str, tokenizer):
     cls = {"mamba": (transformers.MambaConfig, transformers.MambaForCausalLM),
            "falcon_mamba": (transformers.FalconMambaConfig, transformers.FalconMambaForCausalLM)}[model_type]
     torch.manual_seed(0)
-    return cls[1](cls[0](vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, state_size=16,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id))
+    return cls[1](cls[0](hidden_size=64, num_hidden_layers=2, state_size=16, **token_ids(tokenizer)))
 
 
 def tiny_lfm3(tokenizer):
@@ -576,9 +573,8 @@ def tiny_lfm3(tokenizer):
 
     torch.manual_seed(0)
     return transformers.Lfm3ForCausalLM(transformers.Lfm3Config(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, layer_types=["conv", "full_attention"],
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, max_position_embeddings=256, layer_types=["conv", "full_attention"], **token_ids(tokenizer)))
 
 
 def tiny_nemotron_h(tokenizer):
@@ -588,10 +584,10 @@ def tiny_nemotron_h(tokenizer):
 
     torch.manual_seed(0)
     return transformers.NemotronHForCausalLM(transformers.NemotronHConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=16, max_position_embeddings=256, layers_block_type=["linear_attention", "mlp", "full_attention", "mlp"],
+        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        max_position_embeddings=256, layers_block_type=["linear_attention", "mlp", "full_attention", "mlp"],
         ssm_state_size=16, mamba_num_heads=8, mamba_head_dim=16, n_groups=1, chunk_size=16, use_mamba_kernels=False,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+        **token_ids(tokenizer)))
 
 
 @pytest.mark.parametrize("family", ["qwen3_next", "falcon_h1", "lfm3", "nemotron_h"])
@@ -709,10 +705,8 @@ def roberta_decoder(family: str, tokenizer, is_decoder: bool = True):
     cls = {"camembert": (transformers.CamembertConfig, transformers.CamembertForCausalLM),
            "xlm-roberta-xl": (transformers.XLMRobertaXLConfig, transformers.XLMRobertaXLForCausalLM)}[family]
     torch.manual_seed(0)
-    return cls[1](cls[0](vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=128, is_decoder=is_decoder,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)).eval()
+    return cls[1](cls[0](hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         max_position_embeddings=128, is_decoder=is_decoder, **token_ids(tokenizer))).eval()
 
 
 @pytest.mark.parametrize("family", ["camembert", "xlm-roberta-xl"])
