@@ -10,6 +10,7 @@ Prints the largest logit difference against the original model on a short text (
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -47,8 +48,7 @@ def main() -> None:
 
     out, seed = Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 0
     ref, tok = load_model(resolve("smollm2"))
-    model, _ = load_model(resolve("smollm2"))
-    model = model.double()
+    model = copy.deepcopy(ref).double()  # the GGUF parsed once
     rotate(model, seed)
     model = model.float()
     model.save_pretrained(out)
