@@ -9,8 +9,9 @@ classifies what a user would see:
               vptq.patch_transformers() (logits equal, finite) and generates
   refused     exit 2 with one line on stderr, no traceback, nothing at --out (an architecture we cannot support)
   crash       anything else: a traceback, another exit code, output left behind, a load that fails or differs
-  not-built   the tiny config or model could not be built (a family needing images/audio, or options this
-              script does not set): nothing about vptq is learnt from it
+  not-built   the tiny config or model could not be built, or the floating-point model fails transformers' own
+              generate (a family needing images/audio, or options this script does not set): nothing about vptq
+              is learnt from it
   timeout     the family's work ran past --timeout seconds
 
     python bench/arch_sweep.py --out bench/results/arch_sweep_<date>.jsonl [--only llama,qwen2] [--timeout 240]
@@ -116,8 +117,10 @@ def child(model_type: str, work: Path) -> dict:
         torch.manual_seed(0)
         cfg = tiny_config(model_type, tok)
         model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-        with torch.no_grad():  # the tiny config must make a working model before vptq is asked anything
-            model(input_ids=torch.zeros(4, 16, dtype=torch.long))
+        with torch.no_grad():  # the tiny config must make a working model before vptq is asked anything: a forward,
+            model(input_ids=torch.zeros(4, 16, dtype=torch.long))  # and (as checked after compress) generation
+            model.generate(torch.ones(1, 4, dtype=torch.long), max_new_tokens=2, do_sample=False,
+                           pad_token_id=tok.pad_token_id)
         model.save_pretrained(src)
         tok.save_pretrained(src)
         arch = type(model).__name__

@@ -8,8 +8,9 @@ nn.Linear of the blocks (fused Phi-3 projections included) is quantized; generat
 view of the folder (vptq/stream.py) equals a whole-model load, inputs and block kwargs included. MoE
 families (Mixtral, Qwen2-MoE, Qwen3-MoE: experts as 3-D parameters) are quantized one linear per expert.
 Two families also go through the CLI (`vptq compress DIR --bits 2 --json`); one whose block weights are
-not linears in any form (Mamba's state-space parameters) is refused before any work, one line naming it, exit 2,
-nothing at --out; so are those whose blocks cannot be run one at a time (CPM-Ant, ProphetNet: vptq/preflight.py).
+mostly not linears in any form (JetMoE's experts) is refused before any work, one line naming it, exit 2,
+nothing at --out; so are those whose blocks cannot be run one at a time (CPM-Ant, ProphetNet, RWKV:
+vptq/preflight.py). Small matrix weights outside linears (Mamba's A_log and convolution) stay floating point.
 
 Budget: the whole file must stay under ~110 s on 2 cores (tiny k-means, 2 windows x 32 tokens).
 """
@@ -339,7 +340,7 @@ def test_an_unsupported_architecture_is_refused_by_the_command(smol_tokenizer, c
     assert jobs_left(home) == []
 
 
-@pytest.mark.parametrize("family", ["cpmant", "prophetnet"])
+@pytest.mark.parametrize("family", ["cpmant", "prophetnet", "rwkv"])
 def test_an_architecture_whose_blocks_cannot_run_alone_is_refused(family, smol_tokenizer, calib, home, tmp_path):
     """Blocks that fail when run one at a time on what the model's forward gives them (here: capturing those
     inputs, the model's loop reading each block's output in a form of its own), before any linear is quantized:
@@ -486,6 +487,14 @@ def tiny_family(family: str, tokenizer):
     if family == "aria_text":  # experts (E, in, out) without biases, beside shared experts
         return transformers.AriaTextForCausalLM(transformers.AriaTextConfig(
             moe_num_experts=4, moe_topk=2, moe_num_shared_experts=1, **moe))
+    if family == "mamba":  # a state-space stack: A_log (d_inner, d_state) and a depthwise conv beside its linears
+        return transformers.MambaForCausalLM(transformers.MambaConfig(hidden_size=64, num_hidden_layers=2,
+                                                                      state_size=16, **ids))
+    if family == "rwkv":  # its loop unpacks (hidden states, state, attentions) from each block: refused (preflight)
+        return transformers.RwkvForCausalLM(transformers.RwkvConfig(
+            hidden_size=64, num_hidden_layers=2, attention_hidden_size=64, intermediate_size=128,
+            context_length=128, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id))
     if family == "mixtral":  # experts (E, out, in)
         return transformers.MixtralForCausalLM(transformers.MixtralConfig(
             num_local_experts=4, num_experts_per_tok=2, **moe))
@@ -508,7 +517,7 @@ def tiny_family(family: str, tokenizer):
 
 
 @pytest.mark.parametrize("family", ["camembert", "bloom", "gpt_bigcode", "gemma3_vision", "gpt2", "llama4_text",
-                                    "gpt_oss", "trocr", "openai-gpt", "qwen3_next", "falcon_h1"])
+                                    "gpt_oss", "trocr", "openai-gpt", "qwen3_next", "falcon_h1", "mamba"])
 def test_families_beyond_the_matrix_quantize_whole_and_load_both_ways(family, smol_tokenizer, calib, tmp_path):
     from vptq.pipeline import compress
 
@@ -521,6 +530,9 @@ def test_families_beyond_the_matrix_quantize_whole_and_load_both_ways(family, sm
     cfg = CFG.with_(finetune_steps=1, e2e_steps=1) if family == "falcon_h1" else CFG
     res, model, _ = compress(str(src), cfg, out, calib=calib, nsamples=3, seqlen=16)
     lins = block_linears(model)
+    if family == "mamba":  # its mixer reads dt_proj's weight and never calls it: that linear stays fp
+        read = {n: lins.pop(n) for n in list(lins) if n.endswith(".mixer.dt_proj")}
+        assert len(read) == 2 and all(type(m) is nn.Linear for m in read.values())
     assert lins and all(isinstance(m, VQuantLinear) for m in lins.values())
     assert len(res.report.layers) == len(lins)
     assert family != "gemma3_vision" or (  # the text decoder's blocks, not the vision tower's
@@ -534,6 +546,12 @@ def test_families_beyond_the_matrix_quantize_whole_and_load_both_ways(family, sm
         from vptq.targets import float_tensors
 
         assert "model.layers.*.linear_attn.conv1d.weight" in float_tensors(fp, CFG)["groups"]
+    if family == "mamba":  # its state-space parameters and convolution stay fp, and are reported so
+        from vptq.targets import float_tensors
+
+        kept = float_tensors(fp, CFG)["groups"]
+        assert {"backbone.layers.*.mixer.A_log", "backbone.layers.*.mixer.conv1d.weight",
+                "backbone.layers.*.mixer.dt_proj.weight"} <= set(kept), kept
     never = [w for w in res.report.warnings if "never ran during calibration" in w]
     assert all(".encoder_attn." in w for w in never) and (len(never) == 2 * 4 if family == "trocr" else not never)
     ids = torch.randint(0, len(smol_tokenizer), (2, 12), generator=torch.Generator().manual_seed(1))
@@ -620,3 +638,75 @@ def test_streamed_blocks_compute_their_non_persistent_buffers(smol_tokenizer, tm
         got = dict(s.block(i).named_buffers())
         assert got.keys() == dict(want.named_buffers()).keys()
         assert all(torch.equal(got[n], b) for n, b in want.named_buffers()), i
+
+
+def test_experts_whose_gate_reads_an_unset_limit_compute_as_before_once_rewritten():
+    """Ling's (BailingHybrid) experts clamp in their own `_apply_gate` when a per-layer limit is set and keep
+    `limit = None` where it is not: the rewrite carries None over too (it carried numbers only, and the rewritten
+    experts failed with "no attribute 'limit'" after the Hessians were collected)."""
+    from transformers.models.bailing_hybrid.modeling_bailing_hybrid import BailingHybridExperts
+
+    torch.manual_seed(0)
+    for limits in (None, [7.0, 0.0]):  # no limit anywhere; a limit on layer 0, none (0) on layer 1
+        cfg = transformers.BailingHybridConfig(hidden_size=64, moe_intermediate_size=32, num_experts=4,
+                                               num_experts_per_tok=2, num_hidden_layers=2, swiglu_limits=limits)
+        for layer in (0, 1):
+            mod = BailingHybridExperts(cfg, layer)
+            nn.init.normal_(mod.gate_up_proj, std=0.5)
+            nn.init.normal_(mod.down_proj, std=0.5)
+            x = torch.randn(6, 64)
+            idx, w = torch.randint(0, 4, (6, 2)), torch.rand(6, 2)
+            with torch.no_grad():
+                want = mod(x, idx, w)
+                holder = nn.Module()
+                holder.experts = mod
+                assert as_linears(holder) == ["experts"]
+                got = holder.experts(x, idx, w)
+            assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (limits, layer, (got - want).abs().max())
+
+
+def test_a_linear_subclass_is_quantized_only_where_it_computes_a_linear_map():
+    """A subclass of nn.Linear with a forward of its own is quantized only where that forward computes x W^T + b
+    (Falcon's FalconLinear, on real weights and on the meta device); DeepSeek-V4's grouped output projection,
+    which multiplies each head group by its own block of W, stays floating point (a VQuantLinear in its place
+    multiplied the whole input by W: a shape error after the Hessians were collected), counted among the weights
+    outside linears."""
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4GroupedLinear
+    from transformers.models.falcon.modeling_falcon import FalconLinear
+
+    from vptq.targets import plain_linear, target_linears, unsupported_weights
+
+    torch.manual_seed(0)
+    block = nn.Module()
+    block.falcon = FalconLinear(64, 96, bias=True)
+    block.grouped = DeepseekV4GroupedLinear(16, 32, n_groups=4)
+    block.plain = nn.Linear(64, 64)
+    assert plain_linear(block.falcon) and plain_linear(block.plain) and not plain_linear(block.grouped)
+    assert list(target_linears(block, CFG)) == ["falcon", "plain"]
+    assert unsupported_weights(block) == ["grouped.weight"]
+    with torch.device("meta"):
+        meta = FalconLinear(64, 96), DeepseekV4GroupedLinear(16, 32, n_groups=4)
+    assert plain_linear(meta[0]) and not plain_linear(meta[1])
+
+
+def test_linears_whose_weight_the_model_reads_stay_floating_point():
+    """Mamba's mixer multiplies by `self.dt_proj.weight` and never calls dt_proj (nor do Falcon-Mamba and Jamba
+    outside the branch transformers keeps for its own quantizers); reads of every projection's weight in Mamba's
+    fused training branch are not counted: only dt_proj stays floating point. A VQuantLinear there had no weight
+    to read ("no attribute 'weight'" after the block was quantized). BLOOM reads its MLP's weights in an optional
+    tensor-parallel path and calls them otherwise: quantized."""
+    from vptq.targets import read_as_weights
+
+    cfg = {"hidden_size": 64, "num_hidden_layers": 2, "state_size": 16, "vocab_size": 128}
+    small = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "vocab_size": 128}
+    for model, want in (
+            (transformers.MambaForCausalLM(transformers.MambaConfig(**cfg)), {"mixer.dt_proj"}),
+            (transformers.FalconMambaForCausalLM(transformers.FalconMambaConfig(**cfg)), {"mixer.dt_proj"}),
+            (transformers.JambaForCausalLM(transformers.JambaConfig(
+                num_hidden_layers=2, num_key_value_heads=2, mamba_d_state=8, mamba_dt_rank=4, attn_layer_period=2,
+                attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1, num_experts=2, **small)),
+             {"mamba.dt_proj"}),
+            (transformers.BloomForCausalLM(transformers.BloomConfig(hidden_size=64, n_layer=1, n_head=4,
+                                                                    vocab_size=128)), set()),
+            (transformers.LlamaForCausalLM(transformers.LlamaConfig(num_hidden_layers=1, **small)), set())):
+        assert read_as_weights(driver.decoder_layers(model)[0]) == want, type(model).__name__

@@ -113,9 +113,9 @@ class LinearExperts(nn.Module):
         e = up_w.shape[0]
         hidden, inner = (up_w.shape[1], dn_w.shape[1]) if layout.transposed else (up_w.shape[2], dn_w.shape[2])
         new = cls(e, hidden, inner, getattr(mod, "act_fn", None), layout, device=up_w.device, dtype=up_w.dtype)
-        # the scalars a custom gate reads (GPT-OSS's alpha and limit), and its post-expert norm if any
+        # the scalars a custom gate reads (GPT-OSS's alpha and limit; Ling's limit, None where off), and its post-expert norm if any
         new.__dict__.update({k: v for k, v in vars(mod).items()
-                             if not k.startswith("_") and isinstance(v, (bool, int, float)) and k not in vars(new)})
+                             if not k.startswith("_") and isinstance(v, (bool, int, float, type(None))) and k not in vars(new)})
         if getattr(mod, "has_gate", True) and hasattr(type(mod), "_apply_gate"):
             new.gate_fn = type(mod)._apply_gate
         if getattr(mod, "has_post_expert_norm", False):

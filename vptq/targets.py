@@ -12,30 +12,37 @@ sends tokens to the wrong ones. `QuantConfig.targets` holds globs that narrow or
 
 Linears in other forms are rewritten as `nn.Linear` first (vptq/as_linear.py): MoE experts that
 transformers 5 stores as 3-D parameters, one linear per expert (`mlp.experts.gate_up_proj.3`), and GPT-2's
-Conv1D. Convolutions in the blocks (hybrid blocks' short depthwise ones) stay floating point while they are a small
-part of the block weights (MAX_CONV_WEIGHTS); beyond that, or with any other matrix weight outside a linear
-(state-space parameters, expert tensors of an unknown layout), a model is refused before any work (`check_model`,
-ConfigError: one line naming the architecture and the tensor): quantizing the rest would leave a half-quantized
-model that reports a bpw over a fraction of its weights.
+Conv1D. Other matrix weights in the blocks (hybrid blocks' short depthwise convolutions, Mamba's state-space
+`A_log`, RWKV's time-mix vectors) stay floating point, listed by `float_tensors`, while together they are a small
+part of the blocks' weights (MAX_FLOAT_WEIGHTS); beyond that (expert tensors of an unknown layout: JetMoE's), a
+model is refused before any work (`check_model`, ConfigError: one line naming the architecture and the largest
+such tensor): quantizing the rest would leave a half-quantized model that reports a bpw over a fraction of its
+weights.
 """
 
 from __future__ import annotations
 
+import ast
 import copy
 import fnmatch
+import functools
+import inspect
 import re
+import textwrap
 
+import torch
 from torch import nn
 
 from .as_linear import as_linears, needs_rewrite
 from .config import ConfigError, LayerLayout, QuantConfig, layer_rule_matches
 
-# Convolutions in the blocks (the short depthwise convolutions of hybrid linear-attention or state-space blocks:
-# Qwen3-Next, Falcon-H1, Nemotron-H, LFM2) stay floating point, listed in float_tensors, while their weights are at
-# most this fraction of the blocks' linear weights (~1 % in real checkpoints, 1-2 % in the tests' 64-wide ones);
-# beyond it, or with any other matrix weight outside a linear (Mamba's A_log, JetMoE's 3-D experts), the model is
-# refused: a bpw over a part of its weights would hide that the rest was not quantized.
-MAX_CONV_WEIGHTS = 0.10
+# Matrix weights of the blocks outside any linear (the short depthwise convolutions of hybrid linear-attention or
+# state-space blocks: Qwen3-Next, Falcon-H1, Nemotron-H, LFM2; Mamba's A_log (d_inner, d_state); RWKV's (1, 1, C)
+# time-mix vectors) stay floating point, listed in float_tensors, while together they are at most this fraction of
+# the blocks' matrix weights (~1 % in real checkpoints: Mamba-130m 0.8 %; 2-8 % in the tests' 64-wide ones); beyond it
+# (JetMoE's 3-D experts, which are most of its weights) the model is refused: a bpw over a part of its weights would
+# hide that the rest was not quantized.
+MAX_FLOAT_WEIGHTS = 0.10
 # last path components of MoE routers and gates (they stay floating point): Mixtral's `gate` when it is
 # an nn.Linear (transformers 4.x), Qwen2-MoE's `shared_expert_gate`, a `router`
 ROUTER_NAMES = ("gate", "router", "shared_expert_gate", "*_router", "*_gate")
@@ -129,9 +136,91 @@ def selected(name: str, patterns: tuple[str, ...] | list[str], module: nn.Module
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(leaf, p) for p in patterns)
 
 
+def _self_attr(node: ast.AST, attr: str | None = None) -> str | None:
+    """X where node is `self.X` (and X == attr when given)."""
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self":
+        return node.attr if attr is None or node.attr == attr else None
+    return None
+
+
+def _skipped_branch(test: ast.expr) -> bool:
+    """An `if` whose body this quantizer's models never take at inference: training-only paths (`self.training`:
+    Mamba's fused kernel reads every projection's weight) and transformers' hook for its own quantizers
+    (`hasattr(self.config, "_is_quantized")`: Falcon-Mamba and Jamba call dt_proj there, never set for ours)."""
+    return any(_self_attr(n, "training") or isinstance(n, ast.Constant) and n.value == "_is_quantized"
+               for n in ast.walk(test))
+
+
+@functools.cache
+def _weights_read(cls: type) -> frozenset[str]:
+    """The attributes X whose weight the class's forward reads (`self.X.weight`) and which it never calls
+    (`self.X(...)`) on the paths taken at inference, from its source (none where the source cannot be read)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))  # through functools.wraps decorators
+    except (OSError, TypeError, AttributeError, SyntaxError):
+        return frozenset()
+    reads: set[str] = set()
+    calls: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _skipped_branch(node.test):
+            for n in node.orelse:
+                visit(n)
+            return
+        if isinstance(node, ast.Attribute) and node.attr == "weight" and (x := _self_attr(node.value)):
+            reads.add(x)
+        if isinstance(node, ast.Call) and (x := _self_attr(node.func)):
+            calls.add(x)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return frozenset(reads - calls)
+
+
+def read_as_weights(block: nn.Module) -> set[str]:
+    """Linears of `block` whose weight their parent's forward reads and which it never calls (Mamba's mixer
+    computes `self.dt_proj.weight @ x` and adds dt_proj's bias in its scan; so do Falcon-Mamba and Jamba): they
+    stay floating point, since a VQuantLinear has no weight to read (and such a linear never runs, so it has no
+    Hessian either). A linear the forward also calls is quantized (BLOOM reads its MLP's weight only in an
+    optional tensor-parallel path). Found in the parent class's source, so that a job, `vptq plan` and the loaders
+    agree before anything runs."""
+    out = set()
+    for name, mod in block.named_modules():
+        for child in _weights_read(type(mod)):
+            if isinstance(getattr(mod, child, None), nn.Linear):
+                out.add(f"{name}.{child}" if name else child)
+    return out
+
+
+def plain_linear(mod: nn.Module) -> bool:
+    """An nn.Linear that computes x W^T + b: the class itself, or a subclass whose own forward does the same
+    (Falcon's FalconLinear), checked on a probe input (shapes only on the meta device). A subclass computing
+    something else from its weight (DeepSeek-V4's grouped output projection: one block of W per head group)
+    is no linear to this quantizer: a VQuantLinear in its place would compute x W^T; it stays floating point."""
+    if not isinstance(mod, nn.Linear):
+        return False
+    if type(mod).forward is nn.Linear.forward:
+        return True
+    w = mod.weight
+    try:
+        with torch.no_grad():
+            if w.is_meta:
+                x = torch.empty(1, 7, mod.in_features, device="meta", dtype=w.dtype)
+                return tuple(mod(x).shape) == (1, 7, mod.out_features)
+            x = torch.randn(1, 7, mod.in_features, generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
+            y, want = mod(x), nn.functional.linear(x, w, mod.bias)
+            return y.shape == want.shape and torch.allclose(y.float(), want.float(), rtol=1e-2, atol=1e-3)
+    except Exception:  # noqa: BLE001 - a forward that cannot take a plain (batch, seq, in) input is no plain linear
+        return False
+
+
 def target_linears(block: nn.Module, cfg: QuantConfig) -> dict[str, nn.Linear]:
-    """The block's linears the config quantizes, in the order they are quantized (module order)."""
-    return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear) and selected(n, cfg.targets, m)}
+    """The block's linears the config quantizes, in the order they are quantized (module order); never those
+    read as weights (read_as_weights)."""
+    direct = read_as_weights(block)
+    return {n: m for n, m in block.named_modules()
+            if plain_linear(m) and n not in direct and selected(n, cfg.targets, m)}
 
 
 def unsupported_weights(block: nn.Module) -> list[str]:
@@ -140,7 +229,7 @@ def unsupported_weights(block: nn.Module) -> list[str]:
     vptq.experts does not know); names inside the block (after vptq.as_linear's rewrite)."""
     out = []
     for mname, mod in block.named_modules():
-        if isinstance(mod, (nn.Linear, nn.Embedding)) or is_router(mname or "block", mod):
+        if plain_linear(mod) or isinstance(mod, nn.Embedding) or is_router(mname or "block", mod):
             continue
         for pname, p in mod.named_parameters(recurse=False):
             if p.dim() >= 2:
@@ -157,19 +246,15 @@ def check_model(model: nn.Module, cfg: QuantConfig) -> list[dict[str, nn.Linear]
     except ValueError as e:
         raise ConfigError(str(e)) from None
     layers = [unfused(b) for b in decoder_layers(model)]
-    bad = [(i, n) for i, b in enumerate(layers) for n in unsupported_weights(b)]
-    convs = [(i, n) for i, n in bad
-             if isinstance(layers[i].get_submodule(n.rpartition(".")[0]), (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
-    other = [(i, n) for i, n in bad if (i, n) not in convs]
-    conv = sum(layers[i].get_parameter(n).numel() for i, n in convs)
-    linear = sum(m.weight.numel() for b in layers for m in b.modules() if isinstance(m, nn.Linear))
-    if other or conv > MAX_CONV_WEIGHTS * linear:
-        i, n = (other or convs)[0]
-        more = f" (+{len(other or convs) - 1} more)" if len(other or convs) > 1 else ""
-        why = ("" if other else f", and convolutions are {conv / max(linear, 1):.0%} of its blocks' linear weights "
-                                f"(at most {MAX_CONV_WEIGHTS:.0%} stay floating point)")
-        raise ConfigError(f"{arch} is not supported: {path}.{i}.{n}{more} is a {tuple(layers[i].get_parameter(n).shape)} "
-                          f"weight outside nn.Linear{why}; nothing was quantized")
+    bad = [(i, n, layers[i].get_parameter(n)) for i, b in enumerate(layers) for n in unsupported_weights(b)]
+    kept = sum(p.numel() for _, _, p in bad)
+    linear = sum(m.weight.numel() for b in layers for m in b.modules() if plain_linear(m))
+    if kept > MAX_FLOAT_WEIGHTS * (kept + linear):
+        i, n, p = max(bad, key=lambda t: t[2].numel())
+        more = f" (+{len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise ConfigError(f"{arch} is not supported: {path}.{i}.{n}{more} is a {tuple(p.shape)} weight outside a plain "
+                          f"nn.Linear; such weights are {kept / (kept + linear):.0%} of its blocks' matrix weights "
+                          f"(at most {MAX_FLOAT_WEIGHTS:.0%} stay floating point); nothing was quantized")
     lins = [target_linears(b, cfg) for b in layers]
     unused = [p for p in cfg.targets if not any(selected(n, (p,), m) for blk in lins for n, m in blk.items())]
     if unused:
