@@ -6,9 +6,10 @@ found not listed), save, load with vptq.from_pretrained and with transformers af
 vptq.patch_transformers(); the loaded model's logits equal the in-memory quantized model's; every
 nn.Linear of the blocks (fused Phi-3 projections included) is quantized; generation runs; the streamed
 view of the folder (vptq/stream.py) equals a whole-model load, inputs and block kwargs included. MoE
-families (Mixtral, Qwen2-MoE, Qwen3-MoE: experts as 3-D parameters) are quantized one linear per expert.
+families (Mixtral, Qwen2-MoE, Qwen3-MoE: experts as 3-D parameters; JetMoE's ParallelExperts beyond the matrix)
+are quantized one linear per expert.
 Two families also go through the CLI (`vptq compress DIR --bits 2 --json`); one whose block weights are
-mostly not linears in any form (JetMoE's experts) is refused before any work, one line naming it, exit 2,
+mostly not linear maps (DeepSeek-V4's grouped projections, made large here) is refused before any work, one line naming it, exit 2,
 nothing at --out; so are those whose blocks cannot be run one at a time (CPM-Ant, ProphetNet, RWKV:
 vptq/preflight.py). Small matrix weights outside linears (Mamba's A_log and convolution) stay floating point.
 
@@ -320,23 +321,25 @@ def test_layer_rules_match_paths_and_blocks_and_round_trip():
 
 
 def test_an_unsupported_architecture_is_refused_by_the_command(smol_tokenizer, calib, home, tmp_path):
-    """JetMoE keeps its experts (attention and MLP) in 3-D `ParallelExperts` tensors of no layout vptq knows,
-    most of its block weights: refused, never half-quantized."""
-    src, out = tmp_path / "jetmoe", tmp_path / "q"
+    """DeepSeek-V4's grouped output projections (an nn.Linear subclass multiplying each head group by its own block
+    of W: no linear map to this quantizer) are here a third of its block weights: refused, never half-quantized."""
+    src, out = tmp_path / "deepseek_v4", tmp_path / "q"
     torch.manual_seed(0)
-    transformers.JetMoeForCausalLM(transformers.JetMoeConfig(
-        vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_local_experts=4,
-        num_experts_per_tok=2, num_key_value_heads=2, kv_channels=16, max_position_embeddings=256,
-        bos_token_id=smol_tokenizer.bos_token_id, eos_token_id=smol_tokenizer.eos_token_id)).save_pretrained(src)
+    transformers.DeepseekV4ForCausalLM(transformers.DeepseekV4Config(
+        hidden_size=64, moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=16, num_key_value_heads=1,
+        head_dim=64, q_lora_rank=16, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, o_groups=4,
+        o_lora_rank=16, max_position_embeddings=256, index_n_heads=4, index_head_dim=16, sliding_window=16,
+        **token_ids(smol_tokenizer))).save_pretrained(src)
     smol_tokenizer.save_pretrained(src)
     code, stdout, err = cli("compress", src, "--bits", "2", "--json", "--out", out, "--calib", calib, *CLI_TINY)
     lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and "JetMoeForCausalLM is not supported: model.layers.0." in lines[0], err
+    says = "DeepseekV4ForCausalLM is not supported: model.layers.0.self_attn.o_a_proj.weight (+"
+    assert code == 2 and len(lines) == 1 and says in lines[0] and "of its blocks' matrix weights" in lines[0], err
     assert "Traceback" not in err and stdout == "" and not out.exists()
     # refused before any work: from the model's config (no weights loaded), before a job row exists
     code, stdout, err = cli("submit", src, "--bits", "2", "--name", "g", "--calib", calib, *CLI_TINY)
     lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and "JetMoeForCausalLM is not supported" in lines[0], err
+    assert code == 2 and len(lines) == 1 and says in lines[0], err
     assert jobs_left(home) == []
 
 
@@ -495,6 +498,10 @@ def tiny_family(family: str, tokenizer):
             hidden_size=64, num_hidden_layers=2, attention_hidden_size=64, intermediate_size=128,
             context_length=128, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id))
+    if family == "jetmoe":  # ParallelExperts (E, out, in) called on rows sorted by expert, in its MLP and attention
+        return transformers.JetMoeForCausalLM(transformers.JetMoeConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
+            num_key_value_heads=2, kv_channels=16, max_position_embeddings=256, **ids))
     if family == "mixtral":  # experts (E, out, in)
         return transformers.MixtralForCausalLM(transformers.MixtralConfig(
             num_local_experts=4, num_experts_per_tok=2, **moe))
@@ -517,7 +524,7 @@ def tiny_family(family: str, tokenizer):
 
 
 @pytest.mark.parametrize("family", ["camembert", "bloom", "gpt_bigcode", "gemma3_vision", "gpt2", "llama4_text",
-                                    "gpt_oss", "trocr", "openai-gpt", "qwen3_next", "falcon_h1", "mamba"])
+                                    "gpt_oss", "trocr", "openai-gpt", "qwen3_next", "falcon_h1", "mamba", "jetmoe"])
 def test_families_beyond_the_matrix_quantize_whole_and_load_both_ways(family, smol_tokenizer, calib, tmp_path):
     from vptq.pipeline import compress
 
@@ -538,9 +545,9 @@ def test_families_beyond_the_matrix_quantize_whole_and_load_both_ways(family, sm
     assert family != "gemma3_vision" or (  # the text decoder's blocks, not the vision tower's
         all(".language_model.layers." in n for n in lins) and len(lins) == 14
         and not any(isinstance(m, VQuantLinear) for n, m in model.named_modules() if "vision_tower" in n))
-    if family in ("llama4_text", "gpt_oss"):  # every expert's matrices, one linear each; routers stay fp
-        experts = [n for n in lins if ".experts." in n]
-        assert len(experts) == 2 * 2 * 4 and not any(
+    if family in ("llama4_text", "gpt_oss", "jetmoe"):  # every expert's matrices, one linear each; routers stay fp
+        experts = [n for n in lins if ".experts." in n]  # JetMoE: its MLP's and its attention's experts
+        assert len(experts) == 2 * 2 * 4 * (2 if family == "jetmoe" else 1) and not any(
             isinstance(m, VQuantLinear) for n, m in model.named_modules() if is_router(n, m))
     if family == "qwen3_next":  # the delta-net's short depthwise convolution stays fp, and is reported so
         from vptq.targets import float_tensors
@@ -576,7 +583,7 @@ def test_blocks_split_across_lists_are_refused_before_any_work(smol_tokenizer):
         check_model(xlm, CFG)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama4_text", "gpt_oss", "aria_text", "mixtral"])
+@pytest.mark.parametrize("family", ["gpt2", "llama4_text", "gpt_oss", "aria_text", "mixtral", "jetmoe"])
 def test_linears_in_other_forms_compute_as_before_once_rewritten(family, smol_tokenizer):
     """Conv1D and every 3-D experts layout become nn.Linear modules (one per expert and projection) that give
     the model's logits as before (to float rounding); nothing of the blocks is left outside nn.Linear."""

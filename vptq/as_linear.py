@@ -3,8 +3,8 @@
 The target search, the Hessian hooks, VQuantLinear and both loaders know one kind of matrix weight, the
 `nn.Linear`. Two other forms compute the same thing and are rewritten before any of them looks at a block:
 
-* fused MoE experts, 3-D parameters in any of transformers' layouts: one linear per expert and projection
-  (vptq/experts.py);
+* fused MoE experts, 3-D parameters in any of transformers' layouts, and JetMoE's ParallelExperts: one linear
+  per expert and projection (vptq/experts.py);
 * GPT-2's `Conv1D` (GPT-2, GPT-Neo's relatives, openai-gpt, gpt-sw3): `x @ weight + bias` with the weight
   stored (in, out): an `nn.Linear` holding its transpose.
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .experts import is_fused_experts, unfuse_experts
+from .experts import is_fused_experts, is_parallel_experts, unfuse_experts
 
 
 def is_conv1d(mod: nn.Module) -> bool:
@@ -44,7 +44,7 @@ def linear_from_conv1d(mod: nn.Module) -> nn.Linear:
 
 def needs_rewrite(module: nn.Module) -> bool:
     """Whether `module` holds a linear in another form."""
-    return any(is_fused_experts(m) or is_conv1d(m) for m in module.modules())
+    return any(is_fused_experts(m) or is_parallel_experts(m) or is_conv1d(m) for m in module.modules())
 
 
 def as_linears(module: nn.Module) -> list[str]:

@@ -5,7 +5,9 @@ transformers 5 stores a block's experts as two 3-D parameters (`MixtralExperts`,
 `experts(hidden_states, top_k_index, top_k_weights)`; others store them transposed, (E, in, out) (Aria,
 GPT-OSS with per-expert biases and its own gate, Llama 4, whose experts each run on every token with the
 unrouted ones zeroed), or ungated (`up_proj`): `Layout` says which, read from transformers' experts-interface
-flags on the module. `LinearExperts` computes exactly that with `gate_up_proj[e]` (or `up_proj[e]`) /
+flags on the module. JetMoE keeps each projection of its MLP and of its mixture-of-attention heads in a
+`ParallelExperts` (one (E, out, in) `weight`, called on the routed rows sorted by expert with one split per
+expert): `ParallelLinears` holds one `nn.Linear` per expert (`mlp.input_linear.experts.3`). `LinearExperts` computes exactly that with `gate_up_proj[e]` (or `up_proj[e]`) /
 `down_proj[e]` as `nn.Linear` modules (`mlp.experts.gate_up_proj.3`), which the
 generic target search, the Hessian hooks, VQuantLinear and the checkpoint's `config_for_layers` then
 treat like any other linear: this is our extension of the VPTQ format (the authors' loader has no
@@ -33,6 +35,8 @@ MIN_EXPERT_TOKENS = 16  # fewer routed tokens than this: the expert's Hessian is
 # an expert's linear: ours (`experts.gate_up_proj.3`) or a ModuleList of expert MLPs (`experts.3.w1`)
 _OURS = re.compile(r"^(.*\bexperts\.(?:gate_up_proj|up_proj|down_proj))\.\d+$")
 _LISTED = re.compile(r"^(.*\bexperts)\.\d+\.(.+)$")
+# a rewritten ParallelExperts (JetMoE): one linear per expert in a list of its own (`mlp.input_linear.experts.3`)
+_PARALLEL = re.compile(r"^(.*\bexperts)\.\d+$")
 
 
 @dataclass(frozen=True)
@@ -160,11 +164,49 @@ class LinearExperts(nn.Module):
         return out
 
 
+def is_parallel_experts(mod: nn.Module) -> bool:
+    """JetMoE's ParallelExperts (its MLP's and its mixture-of-attention's projections): one (E, out, in) `weight`,
+    called as `forward(inputs, expert_size)` on the routed rows sorted by expert, one split per expert."""
+    own = dict(mod.named_parameters(recurse=False))
+    if set(own) != {"weight"} or own["weight"].dim() != 3 or getattr(mod, "num_experts", None) != own["weight"].shape[0]:
+        return False
+    return list(inspect.signature(mod.forward).parameters) == ["inputs", "expert_size"]
+
+
+class ParallelLinears(nn.Module):
+    """A ParallelExperts' forward with one nn.Linear per expert (`experts.3`)."""
+
+    def __init__(self, num_experts: int, input_size: int, output_size: int, device=None, dtype=None):
+        super().__init__()
+        self.num_experts, self.input_size, self.output_size = num_experts, input_size, output_size
+        self.experts = nn.ModuleList(nn.Linear(input_size, output_size, bias=False, device=device, dtype=dtype)
+                                     for _ in range(num_experts))
+
+    @classmethod
+    def from_parallel(cls, mod: nn.Module) -> ParallelLinears:
+        w = mod.weight
+        new = cls(w.shape[0], w.shape[2], w.shape[1], device=w.device, dtype=w.dtype)
+        if not w.is_meta:
+            with torch.no_grad():
+                for i, lin in enumerate(new.experts):
+                    lin.weight.copy_(w[i])
+        return new
+
+    def forward(self, inputs: torch.Tensor, expert_size) -> torch.Tensor:
+        # an expert no row was routed to is not run (its hooks would see an empty input)
+        parts = inputs.split(expert_size, dim=0)
+        return torch.cat([lin(x) if x.shape[0] else x.new_zeros(0, lin.out_features)
+                          for lin, x in zip(self.experts, parts, strict=True)], dim=0)
+
+
 def unfuse_experts(model: nn.Module) -> list[str]:
-    """Replace every fused experts module under `model` by a LinearExperts (same values); their names."""
-    names = [n for n, m in model.named_modules() if is_fused_experts(m)]
+    """Replace every fused experts module under `model` by a LinearExperts, every ParallelExperts by a
+    ParallelLinears (same values); their names."""
+    names = [n for n, m in model.named_modules() if is_fused_experts(m) or is_parallel_experts(m)]
     for n in names:
-        model.set_submodule(n, LinearExperts.from_fused(model.get_submodule(n)))
+        mod = model.get_submodule(n)
+        model.set_submodule(n, ParallelLinears.from_parallel(mod) if is_parallel_experts(mod)
+                            else LinearExperts.from_fused(mod))
     return names
 
 
@@ -175,7 +217,10 @@ def expert_key(name: str) -> str | None:
     if m:
         return f"{m[1]}.*"
     m = _LISTED.match(name)
-    return f"{m[1]}.*.{m[2]}" if m else None
+    if m:
+        return f"{m[1]}.*.{m[2]}"
+    m = _PARALLEL.match(name)
+    return f"{m[1]}.*" if m else None
 
 
 def with_pooled_fallback(hs: dict[str, torch.Tensor], counts: dict[str, int],
