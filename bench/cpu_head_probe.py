@@ -35,9 +35,9 @@ def main() -> None:
 
     import re
 
+    import cpu_decode as cd
     import torch
 
-    import cpu_decode as cd
     from vptq.kernels.dispatch import use_cpu_kernels
 
     configs = ["fp32", "v5k1024"] + [f"v5k1024+head:{h}" for h in a.heads.split(",") if h]
