@@ -48,6 +48,13 @@ TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "nu
         "attention_window_size": 16, "expert_interval": 1, "num_kv_heads": 2, "multi_query": False}
 
 
+# per type, where TINY alone gives a model that does not run: Falcon's default (old) decoder takes no grouped key/value
+# heads; Jamba's first attention layer is its fifth by default (2 blocks of Mamba alone fail in the mask code)
+OVERRIDES = {"falcon": {"num_kv_heads": 4, "new_decoder_architecture": True},
+             "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1,
+                       "mamba_d_state": 8, "mamba_dt_rank": 4}}
+
+
 # the same for the other towers of composite configs (vision, audio): small enough to build, never quantized
 TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "depth": 1,
          "num_heads": 2, "embed_dim": 32, "num_key_value_heads": 2, "head_dim": 16, "out_hidden_size": 64,
@@ -72,7 +79,7 @@ def tiny_config(model_type: str, tokenizer):
     known = _known(cls)
     ids = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
-    kw = {k: v for k, v in {**TINY, **ids}.items() if k in known}
+    kw = {k: v for k, v in {**TINY, **ids}.items() if k in known} | OVERRIDES.get(model_type, {})
     if getattr(cls, "sub_configs", None):  # composite: a tiny text config, and tiny towers beside it
         default = cls()
         for name in cls.sub_configs:

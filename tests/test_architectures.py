@@ -498,6 +498,15 @@ def tiny_family(family: str, tokenizer):
             hidden_size=64, num_hidden_layers=2, attention_hidden_size=64, intermediate_size=128,
             context_length=128, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id))
+    if family == "falcon":  # FalconLinear: an nn.Linear subclass with a forward of its own computing x W^T + b
+        return transformers.FalconForCausalLM(transformers.FalconConfig(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=4, new_decoder_architecture=True,
+            **ids))
+    if family == "jamba":  # Mamba (dt_proj read as a weight), attention and MoE blocks in one stack
+        return transformers.JambaForCausalLM(transformers.JambaConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            mamba_d_state=8, mamba_dt_rank=4, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+            expert_layer_offset=1, num_experts=2, max_position_embeddings=256, **ids))
     if family == "jetmoe":  # ParallelExperts (E, out, in) called on rows sorted by expert, in its MLP and attention
         return transformers.JetMoeForCausalLM(transformers.JetMoeConfig(
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
@@ -524,7 +533,8 @@ def tiny_family(family: str, tokenizer):
 
 
 @pytest.mark.parametrize("family", ["camembert", "bloom", "gpt_bigcode", "gemma3_vision", "gpt2", "llama4_text",
-                                    "gpt_oss", "trocr", "openai-gpt", "qwen3_next", "falcon_h1", "mamba", "jetmoe"])
+                                    "gpt_oss", "trocr", "openai-gpt", "qwen3_next", "falcon_h1", "mamba", "jetmoe",
+                                    "falcon", "jamba"])
 def test_families_beyond_the_matrix_quantize_whole_and_load_both_ways(family, smol_tokenizer, calib, tmp_path):
     from vptq.pipeline import compress
 
@@ -537,9 +547,9 @@ def test_families_beyond_the_matrix_quantize_whole_and_load_both_ways(family, sm
     cfg = CFG.with_(finetune_steps=1, e2e_steps=1) if family == "falcon_h1" else CFG
     res, model, _ = compress(str(src), cfg, out, calib=calib, nsamples=3, seqlen=16)
     lins = block_linears(model)
-    if family == "mamba":  # its mixer reads dt_proj's weight and never calls it: that linear stays fp
-        read = {n: lins.pop(n) for n in list(lins) if n.endswith(".mixer.dt_proj")}
-        assert len(read) == 2 and all(type(m) is nn.Linear for m in read.values())
+    if family in ("mamba", "jamba"):  # the mixer reads dt_proj's weight and never calls it: that linear stays fp
+        read = {n: lins.pop(n) for n in list(lins) if n.endswith("dt_proj")}
+        assert len(read) == (2 if family == "mamba" else 1) and all(type(m) is nn.Linear for m in read.values())
     assert lins and all(isinstance(m, VQuantLinear) for m in lins.values())
     assert len(res.report.layers) == len(lins)
     assert family != "gemma3_vision" or (  # the text decoder's blocks, not the vision tower's
