@@ -49,10 +49,18 @@ TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "nu
 
 
 # per type, where TINY alone gives a model that does not run: Falcon's default (old) decoder takes no grouped key/value
-# heads; Jamba's first attention layer is its fifth by default (2 blocks of Mamba alone fail in the mask code)
+# heads; hybrid stacks whose first attention layer lies past two blocks (Jamba, Bamba, Granite 4 hybrid, RecurrentGemma:
+# Mamba or recurrent blocks alone fail in transformers' mask code) get one of each; Mamba-2's heads must fill its
+# inner width; GPT-Neo's attention types list must cover its layers
+_MAMBA2 = {"mamba_n_heads": 4, "mamba_d_head": 32, "mamba_n_groups": 1, "mamba_d_state": 8, "mamba_chunk_size": 16}
 OVERRIDES = {"falcon": {"num_kv_heads": 4, "new_decoder_architecture": True},
              "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1,
-                       "mamba_d_state": 8, "mamba_dt_rank": 4}}
+                       "mamba_d_state": 8, "mamba_dt_rank": 4},
+             "bamba": {"attn_layer_indices": [1], **_MAMBA2},
+             "granitemoehybrid": {"layer_types": ["mamba", "attention"], **_MAMBA2},
+             "recurrent_gemma": {"block_types": ["recurrent", "attention"], "attention_window_size": 16, "lru_width": 64},
+             "mamba2": {"num_heads": 4, "head_dim": 32, "n_groups": 1, "state_size": 8, "chunk_size": 16, "expand": 2},
+             "gpt_neo": {"num_layers": 2, "attention_types": [[["global", "local"], 1]], "window_size": 16}}
 
 
 # the same for the other towers of composite configs (vision, audio): small enough to build, never quantized
