@@ -203,6 +203,22 @@ def plain_linear(mod: nn.Module) -> bool:
     if type(mod).forward is nn.Linear.forward:
         return True
     w = mod.weight
+    # what the class's forward computes, not its values: probed once per class, settings (shapes, DeepSeek-V4's
+    # n_groups), bias, dtype and device kind (the driver, the checks and the reports ask for every layer of every
+    # block several times)
+    settings = tuple(sorted((k, v) for k, v in vars(mod).items()
+                            if not k.startswith("_") and isinstance(v, (bool, int, float, str))))
+    key = (type(mod), settings, mod.bias is None, w.dtype, w.device.type)
+    if key not in _PROBED:
+        _PROBED[key] = _computes_linear(mod)
+    return _PROBED[key]
+
+
+_PROBED: dict[tuple, bool] = {}
+
+
+def _computes_linear(mod: nn.Linear) -> bool:
+    w = mod.weight
     try:
         with torch.no_grad():
             if w.is_meta:
