@@ -5,10 +5,11 @@ transformers 5 stores a block's experts as two 3-D parameters (`MixtralExperts`,
 `experts(hidden_states, top_k_index, top_k_weights)`; others store them transposed, (E, in, out) (Aria,
 GPT-OSS with per-expert biases and its own gate, Llama 4, whose experts each run on every token with the
 unrouted ones zeroed), or ungated (`up_proj`): `Layout` says which, read from transformers' experts-interface
-flags on the module. JetMoE keeps each projection of its MLP and of its mixture-of-attention heads in a
-`ParallelExperts` (one (E, out, in) `weight`, called on the routed rows sorted by expert with one split per
-expert): `ParallelLinears` holds one `nn.Linear` per expert (`mlp.input_linear.experts.3`). `LinearExperts` computes exactly that with `gate_up_proj[e]` (or `up_proj[e]`) /
-`down_proj[e]` as `nn.Linear` modules (`mlp.experts.gate_up_proj.3`), which the
+flags on the module. `LinearExperts` computes exactly that with `gate_up_proj[e]` (or `up_proj[e]`) /
+`down_proj[e]` as `nn.Linear` modules (`mlp.experts.gate_up_proj.3`). JetMoE keeps each projection of its MLP and
+of its mixture-of-attention heads in a `ParallelExperts` (one (E, out, in) `weight`, called on the routed rows
+sorted by expert with one split per expert): `ParallelLinears` holds one `nn.Linear` per expert
+(`mlp.input_linear.experts.3`). The rewritten linears are what the
 generic target search, the Hessian hooks, VQuantLinear and the checkpoint's `config_for_layers` then
 treat like any other linear: this is our extension of the VPTQ format (the authors' loader has no
 per-expert layout); vptq/io.py and vptq/hf_compat.py unfuse the experts before they build
@@ -117,9 +118,11 @@ class LinearExperts(nn.Module):
         e = up_w.shape[0]
         hidden, inner = (up_w.shape[1], dn_w.shape[1]) if layout.transposed else (up_w.shape[2], dn_w.shape[2])
         new = cls(e, hidden, inner, getattr(mod, "act_fn", None), layout, device=up_w.device, dtype=up_w.dtype)
-        # the scalars a custom gate reads (GPT-OSS's alpha and limit; Ling's limit, None where off), and its post-expert norm if any
+        # the scalars a custom gate reads (GPT-OSS's alpha and limit; Ling's limit, None where off), and its
+        # post-expert norm if any
+        scalars = (bool, int, float, type(None))
         new.__dict__.update({k: v for k, v in vars(mod).items()
-                             if not k.startswith("_") and isinstance(v, (bool, int, float, type(None))) and k not in vars(new)})
+                             if not k.startswith("_") and isinstance(v, scalars) and k not in vars(new)})
         if getattr(mod, "has_gate", True) and hasattr(type(mod), "_apply_gate"):
             new.gate_fn = type(mod)._apply_gate
         if getattr(mod, "has_post_expert_norm", False):

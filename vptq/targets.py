@@ -14,8 +14,8 @@ Linears in other forms are rewritten as `nn.Linear` first (vptq/as_linear.py): M
 transformers 5 stores as 3-D parameters, one linear per expert (`mlp.experts.gate_up_proj.3`), and GPT-2's
 Conv1D. Other matrix weights in the blocks (hybrid blocks' short depthwise convolutions, Mamba's state-space
 `A_log`, RWKV's time-mix vectors) stay floating point, listed by `float_tensors`, while together they are a small
-part of the blocks' weights (MAX_FLOAT_WEIGHTS); beyond that (expert tensors of an unknown layout: JetMoE's), a
-model is refused before any work (`check_model`, ConfigError: one line naming the architecture and the largest
+part of the blocks' weights (MAX_FLOAT_WEIGHTS); beyond that (expert tensors of a layout vptq/experts.py does not
+know, large `nn.Linear` subclasses that compute no linear map: `plain_linear`), a model is refused before any work (`check_model`, ConfigError: one line naming the architecture and the largest
 such tensor): quantizing the rest would leave a half-quantized model that reports a bpw over a fraction of its
 weights.
 """
@@ -40,8 +40,8 @@ from .config import ConfigError, LayerLayout, QuantConfig, layer_rule_matches
 # state-space blocks: Qwen3-Next, Falcon-H1, Nemotron-H, LFM2; Mamba's A_log (d_inner, d_state); RWKV's (1, 1, C)
 # time-mix vectors) stay floating point, listed in float_tensors, while together they are at most this fraction of
 # the blocks' matrix weights (~1 % in real checkpoints: Mamba-130m 0.8 %; 2-8 % in the tests' 64-wide ones); beyond it
-# (JetMoE's 3-D experts, which are most of its weights) the model is refused: a bpw over a part of its weights would
-# hide that the rest was not quantized.
+# (3-D experts of a layout vptq/experts.py does not know, which are most of a MoE's weights) the model is refused: a
+# bpw over a part of its weights would hide that the rest was not quantized.
 MAX_FLOAT_WEIGHTS = 0.10
 # last path components of MoE routers and gates (they stay floating point): Mixtral's `gate` when it is
 # an nn.Linear (transformers 4.x), Qwen2-MoE's `shared_expert_gate`, a `router`
@@ -240,9 +240,10 @@ def target_linears(block: nn.Module, cfg: QuantConfig) -> dict[str, nn.Linear]:
 
 
 def unsupported_weights(block: nn.Module) -> list[str]:
-    """Matrix weights (2-D and up) of a block that are not an nn.Linear's, a router's or a norm's:
-    what this quantizer cannot handle (state-space parameters, convolutions, expert tensors of a layout
-    vptq.experts does not know); names inside the block (after vptq.as_linear's rewrite)."""
+    """Matrix weights (2-D and up) of a block that are not a plain linear's (plain_linear), a router's or a norm's:
+    what stays floating point beside the quantized linears (state-space parameters, convolutions, linear subclasses
+    computing something else, expert tensors of a layout vptq.experts does not know); names inside the block (after
+    vptq.as_linear's rewrite)."""
     out = []
     for mname, mod in block.named_modules():
         if plain_linear(mod) or isinstance(mod, nn.Embedding) or is_router(mname or "block", mod):
