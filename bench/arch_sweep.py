@@ -61,6 +61,8 @@ OVERRIDES = {"falcon": {"num_kv_heads": 4, "new_decoder_architecture": True},
              "recurrent_gemma": {"block_types": ["recurrent", "attention"], "attention_window_size": 16, "lru_width": 64},
              "mamba2": {"num_heads": 4, "head_dim": 32, "n_groups": 1, "state_size": 8, "chunk_size": 16, "expand": 2},
              "gpt_neo": {"num_layers": 2, "attention_types": [[["global", "local"], 1]], "window_size": 16},
+             # multi-head latent attention keeps one key/value head per query head
+             "glm4_moe_lite": {"num_key_value_heads": 4},
              # Zamba 2's generation with a cache fails in transformers on its tiny config: the cache off
              "zamba2": {"layers_block_type": ["mamba", "hybrid"], "n_mamba_heads": 4, "mamba_d_state": 8,
                         "mamba_ngroups": 1, "num_mem_blocks": 1, "use_mamba_kernels": False, "use_cache": False}}
