@@ -63,6 +63,13 @@ OVERRIDES = {"falcon": {"num_kv_heads": 4, "new_decoder_architecture": True},
              "gpt_neo": {"num_layers": 2, "attention_types": [[["global", "local"], 1]], "window_size": 16},
              # multi-head latent attention keeps one key/value head per query head
              "glm4_moe_lite": {"num_key_value_heads": 4},
+             "kimi_linear": {"layer_types": ["linear_attention", "full_attention"], "mlp_layer_types": ["dense", "sparse"],
+                             "linear_num_heads": 4, "linear_head_dim": 16},
+             "lfm2_moe": {"num_dense_layers": 1, "layer_types": ["conv", "full_attention"]},
+             # Gemma 3n's text model: no layers sharing another's cache (it has two), an attention-only pattern
+             "gemma3n_text": {"num_kv_shared_layers": 0, "layer_types": ["sliding_attention", "full_attention"],
+                              "laurel_rank": 8, "hidden_size_per_layer_input": 16, "intermediate_size": [128, 128],
+                              "activation_sparsity_pattern": [0.0, 0.0]},
              # Zamba 2's generation with a cache fails in transformers on its tiny config: the cache off
              "zamba2": {"layers_block_type": ["mamba", "hybrid"], "n_mamba_heads": 4, "mamba_d_state": 8,
                         "mamba_ngroups": 1, "num_mem_blocks": 1, "use_mamba_kernels": False, "use_cache": False}}

@@ -343,7 +343,7 @@ def test_an_unsupported_architecture_is_refused_by_the_command(smol_tokenizer, c
     assert jobs_left(home) == []
 
 
-@pytest.mark.parametrize("family", ["cpmant", "prophetnet", "rwkv"])
+@pytest.mark.parametrize("family", ["cpmant", "prophetnet", "rwkv", "gemma3n_text"])
 def test_an_architecture_whose_blocks_cannot_run_alone_is_refused(family, smol_tokenizer, calib, home, tmp_path):
     """Blocks that fail when run one at a time on what the model's forward gives them (here: capturing those
     inputs, the model's loop reading each block's output in a form of its own), before any linear is quantized:
@@ -513,6 +513,13 @@ def tiny_family(family: str, tokenizer):
             num_local_experts=4, num_experts_per_tok=2, layer_types=["mamba", "attention"], mamba_n_heads=4,
             mamba_d_head=32, mamba_n_groups=1, mamba_d_state=8, mamba_chunk_size=16, max_position_embeddings=256,
             **ids))
+    if family == "gemma3n_text":  # per-layer inputs computed from the tokens (refused: the blocks' arguments are
+        # captured once per window length); its text model's init computes buffers from its own hidden size
+        return transformers.Gemma3nForCausalLM(transformers.Gemma3nTextConfig(
+            hidden_size=64, intermediate_size=[128, 128], num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, sliding_window=16, max_position_embeddings=256, num_kv_shared_layers=0,
+            layer_types=["sliding_attention", "full_attention"], laurel_rank=8, hidden_size_per_layer_input=16,
+            activation_sparsity_pattern=[0.0, 0.0], **ids))
     if family == "jetmoe":  # ParallelExperts (E, out, in) called on rows sorted by expert, in its MLP and attention
         return transformers.JetMoeForCausalLM(transformers.JetMoeConfig(
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
@@ -648,15 +655,22 @@ def test_plan_probes_blocks_whose_model_names_its_final_norm_otherwise(family, s
     assert p["bits_per_param"] > p["bpw"] > 0
 
 
-def test_streamed_blocks_compute_their_non_persistent_buffers(smol_tokenizer, tmp_path):
+@pytest.mark.parametrize("family", ["falcon_h1", "gemma3n_text"])
+def test_streamed_blocks_compute_their_non_persistent_buffers(family, smol_tokenizer, tmp_path):
     """Falcon-H1 keeps a computed multiplier (`mamba.mup_vector`) in each block, never stored, and computed by its
     backbone's init: a block read from the shards had uninitialised memory there (and the quantization NaN). Such a
-    checkpoint is loaded whole (transformers' loader computes it), or its streamed blocks carry the right values."""
+    checkpoint is loaded whole (transformers' loader computes it), or its streamed blocks carry the right values.
+    Gemma 3n's text model computes its buffers (per-layer input scales) in its own `_init_weights`, from its own
+    hidden size, which the head's init does not have: the streamed shell failed with "no attribute 'hidden_size'"."""
     from vptq.stream import open_streamed
 
-    fp = tiny_family("falcon_h1", smol_tokenizer).eval()
+    fp = tiny_family(family, smol_tokenizer).eval()
     fp.save_pretrained(tmp_path)
     s = open_streamed(tmp_path)
+    if s is not None:  # the shell's computed buffers, outside the blocks, as the whole load has them
+        want = {n: b for n, b in fp.named_buffers() if not n.startswith("model.layers.")}
+        got = {n: b for n, b in s.model.named_buffers() if not n.startswith("model.layers.")}
+        assert got.keys() == want.keys() and all(torch.equal(got[n], b) for n, b in want.items())
     for i, want in enumerate(driver.decoder_layers(fp) if s is not None else []):
         got = dict(s.block(i).named_buffers())
         assert got.keys() == dict(want.named_buffers()).keys()

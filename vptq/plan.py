@@ -85,7 +85,9 @@ def shapes_of(model: nn.Module, cfg: QuantConfig) -> Shapes:
     lins = [[(n, m.out_features, m.in_features) for n, m in blk.items()] for blk in found]
     c = model.config
     hidden = int(getattr(c, "hidden_size", 0) or lins[0][0][2])
-    inter = int(getattr(c, "intermediate_size", 0) or max(i for b in lins for _, _, i in b))
+    inter = getattr(c, "intermediate_size", 0)
+    inter = max(inter) if isinstance(inter, (list, tuple)) else inter  # Gemma 3n: one per layer
+    inter = int(inter or max(i for b in lins for _, _, i in b))
     vocab = int(model.get_output_embeddings().weight.shape[0]) if model.get_output_embeddings() is not None \
         else int(getattr(c, "vocab_size", 0))
     return Shapes(blocks=len(layers), hidden=hidden, intermediate=inter,

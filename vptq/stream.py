@@ -101,7 +101,19 @@ def init_buffers(model: nn.Module) -> None:
             continue
         meta = [n for n, b in mod.named_buffers(recurse=False) if b is not None and b.is_meta]
         if meta:
-            _computed_buffers(model, mod, meta)
+            _computed_buffers(_init_for(model, name), mod, meta)
+
+
+def _init_for(model: nn.Module, name: str):
+    """The `_init_weights` transformers applies to the module at `name`: that of the nearest module from it up to
+    the root that has one (a PreTrainedModel inside another: Gemma 3n's text model computes its buffers from its own
+    hidden size, which its causal-LM head does not have)."""
+    parts = name.split(".") if name else []
+    for depth in range(len(parts), -1, -1):
+        init = getattr(model.get_submodule(".".join(parts[:depth])) if depth else model, "_init_weights", None)
+        if init is not None:
+            return init
+    return None
 
 
 def init_block_buffers(model: nn.Module, block: nn.Module) -> bool:
@@ -113,15 +125,14 @@ def init_block_buffers(model: nn.Module, block: nn.Module) -> bool:
         own = [n for n, b in mod.named_buffers(recurse=False)
                if b is not None and (f"{name}.{n}" if name else n) not in stored]
         if own:
-            ok = _computed_buffers(model, mod, own) and ok
+            ok = _computed_buffers(_init_for(model, BLOCK_PREFIX.rstrip(".")), mod, own) and ok
     return ok
 
 
-def _computed_buffers(model: nn.Module, mod: nn.Module, names: list[str]) -> bool:
-    """Register `mod`'s non-persistent buffers `names` as the model's `_init_weights` computes them (transformers'
-    loader does the same), on a throwaway copy of `mod` whose loaded weights stay untouched; the copy's buffers
-    start as NaN, so one that init leaves unset shows. Whether every one was set."""
-    init = getattr(model, "_init_weights", None)
+def _computed_buffers(init, mod: nn.Module, names: list[str]) -> bool:
+    """Register `mod`'s non-persistent buffers `names` as `init` (its owner's `_init_weights`: _init_for) computes
+    them (transformers' loader does the same), on a throwaway copy of `mod` whose loaded weights stay untouched; the
+    copy's buffers start as NaN, so one that init leaves unset shows. Whether every one was set."""
     tmp = copy.deepcopy(mod).to_empty(device="cpu")
     for n in names:
         b = getattr(tmp, n)
