@@ -507,6 +507,11 @@ def tiny_family(family: str, tokenizer):
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             mamba_d_state=8, mamba_dt_rank=4, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
             expert_layer_offset=1, num_experts=2, max_position_embeddings=256, **ids))
+    if family == "bamba":  # Mamba-2 and attention blocks, each returning (hidden states, attention weights)
+        return transformers.BambaForCausalLM(transformers.BambaConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=32, mamba_n_groups=1, mamba_d_state=8,
+            mamba_chunk_size=16, max_position_embeddings=256, **ids))
     if family == "granitemoehybrid":  # Granite 4 hybrid: a Mamba-2 block and an attention block, MoE MLPs
         return transformers.GraniteMoeHybridForCausalLM(transformers.GraniteMoeHybridConfig(
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -547,7 +552,7 @@ def tiny_family(family: str, tokenizer):
 
 @pytest.mark.parametrize("family", ["camembert", "bloom", "gpt_bigcode", "gemma3_vision", "gpt2", "llama4_text",
                                     "gpt_oss", "trocr", "openai-gpt", "qwen3_next", "falcon_h1", "mamba", "jetmoe",
-                                    "falcon", "jamba", "granitemoehybrid"])
+                                    "falcon", "jamba", "granitemoehybrid", "bamba"])
 def test_families_beyond_the_matrix_quantize_whole_and_load_both_ways(family, smol_tokenizer, calib, tmp_path):
     from vptq.pipeline import compress
 

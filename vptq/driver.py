@@ -18,8 +18,11 @@ in the signatures below is one block's kwargs dict. Which linears are quantized:
 
 from __future__ import annotations
 
+import ast
 import copy
+import functools
 import inspect
+import textwrap
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -59,6 +62,19 @@ def _backbone(model: nn.Module, path: str) -> nn.Module:
     return model
 
 
+@functools.cache
+def _tuple_returned(cls: type) -> int:
+    """n where every `return` of the block class's forward is a tuple display of n values (Bamba's
+    `return hidden_states, self_attn_weights`), else 0 (a bare tensor, or a shape its source does not show)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+    except (OSError, TypeError, SyntaxError):
+        return 0
+    sizes = {len(r.value.elts) if isinstance(r.value, ast.Tuple) else 0
+             for r in ast.walk(tree) if isinstance(r, ast.Return) and r.value is not None}
+    return sizes.pop() if len(sizes) == 1 else 0
+
+
 @torch.no_grad()
 def _capture(model: nn.Module, ids: torch.Tensor, upto: int) -> list[tuple[torch.Tensor, dict]]:
     """(hidden states in, keyword arguments) of blocks 0..upto as the model's own forward calls them.
@@ -77,6 +93,9 @@ def _capture(model: nn.Module, ids: torch.Tensor, upto: int) -> list[tuple[torch
     params = list(inspect.signature(type(layers[0]).forward).parameters.values())[1:]
     named = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     by_name = bool(named) and not any(p.kind == p.POSITIONAL_ONLY for p in params)
+    # handed back in the shape the model's loop unpacks (Bamba: `hidden_states, attn_weights = layer(...)`), the
+    # other values None, as a block run without caches or attention outputs gives them
+    arity = _tuple_returned(type(layers[0]))
 
     def record(*args, **kwargs):
         if not by_name or len(args) > len(named):
@@ -87,7 +106,7 @@ def _capture(model: nn.Module, ids: torch.Tensor, upto: int) -> list[tuple[torch
         seen.append((x, kwargs))
         if len(seen) > upto:
             raise _Stop
-        return x
+        return (x,) + (None,) * (arity - 1) if arity else x
 
     training = model.training
     model.eval()  # no embedding dropout in what the blocks are given
