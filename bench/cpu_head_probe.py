@@ -22,7 +22,6 @@ from pathlib import Path
 # bench/ itself off the path: bench/kernels.py would shadow Hugging Face's `kernels`, which transformers imports
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(1, str(Path(__file__).resolve().parent))
 
 
 def main() -> None:
@@ -35,9 +34,9 @@ def main() -> None:
 
     import re
 
-    import cpu_decode as cd
     import torch
 
+    from bench import cpu_decode as cd
     from vptq.kernels.dispatch import use_cpu_kernels
 
     configs = ["fp32", "v5k1024"] + [f"v5k1024+head:{h}" for h in a.heads.split(",") if h]

@@ -187,6 +187,11 @@ def sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> in
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
+def layer_kinds(cache) -> set[type]:
+    """The classes of a cache's layers (the attribute _prefill reads); none for no cache or one without layers."""
+    return {type(layer) for layer in getattr(cache, "layers", None) or ()}
+
+
 def cache_kind(model, device) -> str:
     """How Batch can hold the model's KV caches, from the layers of one token's forward:
 
@@ -226,9 +231,9 @@ def cache_kind(model, device) -> str:
                 given = model(input_ids=ids, use_cache=True, cache=DynamicCache()).cache
             except Exception:  # noqa: BLE001 - a model that takes only its own cache: lanes (below)
                 given = None
-            if {type(layer) for layer in getattr(given, "layers", None) or ()} == {DynamicLayer}:
+            if layer_kinds(given) == {DynamicLayer}:
                 return "plain"
-    kinds = {type(layer) for layer in getattr(out.cache, "layers", None) or ()}  # the attribute _prefill reads
+    kinds = layer_kinds(out.cache)
     if kinds == {DynamicLayer}:
         return "merge"
     recurrent = {LinearAttentionLayer, LinearAttentionAndFullAttentionLayer}

@@ -490,9 +490,10 @@ def tiny_family(family: str, tokenizer):
     if family == "aria_text":  # experts (E, in, out) without biases, beside shared experts
         return transformers.AriaTextForCausalLM(transformers.AriaTextConfig(
             moe_num_experts=4, moe_topk=2, moe_num_shared_experts=1, **moe))
-    if family == "mamba":  # a state-space stack: A_log (d_inner, d_state) and a depthwise conv beside its linears
-        return transformers.MambaForCausalLM(transformers.MambaConfig(hidden_size=64, num_hidden_layers=2,
-                                                                      state_size=16, **ids))
+    if family in ("mamba", "falcon_mamba"):  # state-space stacks: A_log (d_inner, d_state), a depthwise conv
+        cls = {"mamba": (transformers.MambaConfig, transformers.MambaForCausalLM),
+               "falcon_mamba": (transformers.FalconMambaConfig, transformers.FalconMambaForCausalLM)}[family]
+        return cls[1](cls[0](hidden_size=64, num_hidden_layers=2, state_size=16, **ids))
     if family == "rwkv":  # its loop unpacks (hidden states, state, attentions) from each block: refused (preflight)
         return transformers.RwkvForCausalLM(transformers.RwkvConfig(
             hidden_size=64, num_hidden_layers=2, attention_hidden_size=64, intermediate_size=128,
@@ -731,7 +732,7 @@ def test_a_linear_subclass_is_quantized_only_where_it_computes_a_linear_map():
     assert plain_linear(meta[0]) and not plain_linear(meta[1])
 
 
-def test_linears_whose_weight_the_model_reads_stay_floating_point():
+def test_linears_whose_weight_the_model_reads_stay_floating_point(smol_tokenizer):
     """Mamba's mixer multiplies by `self.dt_proj.weight` and never calls dt_proj (nor do Falcon-Mamba and Jamba
     outside the branch transformers keeps for its own quantizers); reads of every projection's weight in Mamba's
     fused training branch are not counted: only dt_proj stays floating point. A VQuantLinear there had no weight
@@ -739,16 +740,9 @@ def test_linears_whose_weight_the_model_reads_stay_floating_point():
     tensor-parallel path and calls them otherwise: quantized."""
     from vptq.targets import read_as_weights
 
-    cfg = {"hidden_size": 64, "num_hidden_layers": 2, "state_size": 16, "vocab_size": 128}
-    small = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "vocab_size": 128}
-    for model, want in (
-            (transformers.MambaForCausalLM(transformers.MambaConfig(**cfg)), {"mixer.dt_proj"}),
-            (transformers.FalconMambaForCausalLM(transformers.FalconMambaConfig(**cfg)), {"mixer.dt_proj"}),
-            (transformers.JambaForCausalLM(transformers.JambaConfig(
-                num_hidden_layers=2, num_key_value_heads=2, mamba_d_state=8, mamba_dt_rank=4, attn_layer_period=2,
-                attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1, num_experts=2, **small)),
-             {"mamba.dt_proj"}),
-            (transformers.BloomForCausalLM(transformers.BloomConfig(hidden_size=64, n_layer=1, n_head=4,
-                                                                    vocab_size=128)), set()),
-            (transformers.LlamaForCausalLM(transformers.LlamaConfig(num_hidden_layers=1, **small)), set())):
-        assert read_as_weights(driver.decoder_layers(model)[0]) == want, type(model).__name__
+    for family, want in (("mamba", {"mixer.dt_proj"}), ("falcon_mamba", {"mixer.dt_proj"}),
+                         ("jamba", {"mamba.dt_proj"}), ("bloom", set())):
+        assert read_as_weights(driver.decoder_layers(tiny_family(family, smol_tokenizer))[0]) == want, family
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, vocab_size=128))
+    assert read_as_weights(driver.decoder_layers(llama)[0]) == set()

@@ -549,21 +549,13 @@ def test_state_space_requests_decode_as_one_batch(family, smol_tokenizer):
     batch with, at every token, the model's own logits."""
     from vptq_service.serve.engine import cache_kind
 
-    model = tiny_mamba(family, smol_tokenizer).eval()
+    from tests.test_architectures import tiny_family
+
+    model = tiny_family(family, smol_tokenizer).eval()
     assert cache_kind(model, torch.device("cpu")) == "recurrent"
     prompts = [("The cat sat on the mat and looked at the", 12),
                ("A long time ago in a galaxy far far away there lived a small robot who", 6), ("Once", 8)]
     assert_joined_as_alone(model, smol_tokenizer, prompts, rows=3, own=True)
-
-
-def tiny_mamba(model_type: str, tokenizer):
-    """A 2-block random Mamba or Falcon-Mamba (hidden 64): pure state-space stacks, no attention layer."""
-    import transformers
-
-    cls = {"mamba": (transformers.MambaConfig, transformers.MambaForCausalLM),
-           "falcon_mamba": (transformers.FalconMambaConfig, transformers.FalconMambaForCausalLM)}[model_type]
-    torch.manual_seed(0)
-    return cls[1](cls[0](hidden_size=64, num_hidden_layers=2, state_size=16, **token_ids(tokenizer)))
 
 
 def tiny_lfm3(tokenizer):

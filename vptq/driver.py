@@ -22,7 +22,6 @@ import ast
 import copy
 import functools
 import inspect
-import textwrap
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -34,6 +33,7 @@ from .callorder import call_groups, trace_calls
 from .config import QuantConfig
 from .experts import collect_expert_hessians, expert_key, with_pooled_fallback
 from .finetune import finetune_block
+from .forward_source import forward_tree
 from .hessian import Hessians, collect_hessians
 from .layers import VQuantLinear
 from .quantizer import LayerReport
@@ -66,9 +66,8 @@ def _backbone(model: nn.Module, path: str) -> nn.Module:
 def _tuple_returned(cls: type) -> int:
     """n where every `return` of the block class's forward is a tuple display of n values (Bamba's
     `return hidden_states, self_attn_weights`), else 0 (a bare tensor, or a shape its source does not show)."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
-    except (OSError, TypeError, SyntaxError):
+    tree = forward_tree(cls)
+    if tree is None:
         return 0
     sizes = {len(r.value.elts) if isinstance(r.value, ast.Tuple) else 0
              for r in ast.walk(tree) if isinstance(r, ast.Return) and r.value is not None}

@@ -205,12 +205,11 @@ class ParallelLinears(nn.Module):
 def unfuse_experts(model: nn.Module) -> list[str]:
     """Replace every fused experts module under `model` by a LinearExperts, every ParallelExperts by a
     ParallelLinears (same values); their names."""
-    names = [n for n, m in model.named_modules() if is_fused_experts(m) or is_parallel_experts(m)]
-    for n in names:
-        mod = model.get_submodule(n)
-        model.set_submodule(n, ParallelLinears.from_parallel(mod) if is_parallel_experts(mod)
-                            else LinearExperts.from_fused(mod))
-    return names
+    found = [(n, ParallelLinears.from_parallel if is_parallel_experts(m) else LinearExperts.from_fused)
+             for n, m in model.named_modules() if is_fused_experts(m) or is_parallel_experts(m)]
+    for n, rewrite in found:
+        model.set_submodule(n, rewrite(model.get_submodule(n)))
+    return [n for n, _ in found]
 
 
 def expert_key(name: str) -> str | None:

@@ -120,12 +120,13 @@ def init_block_buffers(model: nn.Module, block: nn.Module) -> bool:
     """A block's non-persistent buffers (Falcon-H1's `mamba.mup_vector`, rotary tables kept in a block), which
     the shards do not hold, computed as init_buffers computes the shell's. Whether every one was set."""
     stored = set(block.state_dict())
+    init = _init_for(model, BLOCK_PREFIX.rstrip("."))  # the blocks' owner's, as for the shell's modules
     ok = True
     for name, mod in block.named_modules():
         own = [n for n, b in mod.named_buffers(recurse=False)
                if b is not None and (f"{name}.{n}" if name else n) not in stored]
         if own:
-            ok = _computed_buffers(_init_for(model, BLOCK_PREFIX.rstrip(".")), mod, own) and ok
+            ok = _computed_buffers(init, mod, own) and ok
     return ok
 
 

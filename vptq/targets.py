@@ -26,15 +26,14 @@ import ast
 import copy
 import fnmatch
 import functools
-import inspect
 import re
-import textwrap
 
 import torch
 from torch import nn
 
 from .as_linear import as_linears, needs_rewrite
 from .config import ConfigError, LayerLayout, QuantConfig, layer_rule_matches
+from .forward_source import forward_tree, self_attr
 
 # Matrix weights of the blocks outside any linear (the short depthwise convolutions of hybrid linear-attention or
 # state-space blocks: Qwen3-Next, Falcon-H1, Nemotron-H, LFM2; Mamba's A_log (d_inner, d_state); RWKV's (1, 1, C)
@@ -136,18 +135,11 @@ def selected(name: str, patterns: tuple[str, ...] | list[str], module: nn.Module
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(leaf, p) for p in patterns)
 
 
-def _self_attr(node: ast.AST, attr: str | None = None) -> str | None:
-    """X where node is `self.X` (and X == attr when given)."""
-    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self":
-        return node.attr if attr is None or node.attr == attr else None
-    return None
-
-
 def _skipped_branch(test: ast.expr) -> bool:
     """An `if` whose body this quantizer's models never take at inference: training-only paths (`self.training`:
     Mamba's fused kernel reads every projection's weight) and transformers' hook for its own quantizers
     (`hasattr(self.config, "_is_quantized")`: Falcon-Mamba and Jamba call dt_proj there, never set for ours)."""
-    return any(_self_attr(n, "training") or isinstance(n, ast.Constant) and n.value == "_is_quantized"
+    return any(self_attr(n, "training") or isinstance(n, ast.Constant) and n.value == "_is_quantized"
                for n in ast.walk(test))
 
 
@@ -155,9 +147,8 @@ def _skipped_branch(test: ast.expr) -> bool:
 def _weights_read(cls: type) -> frozenset[str]:
     """The attributes X whose weight the class's forward reads (`self.X.weight`) and which it never calls
     (`self.X(...)`) on the paths taken at inference, from its source (none where the source cannot be read)."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))  # through functools.wraps decorators
-    except (OSError, TypeError, AttributeError, SyntaxError):
+    tree = forward_tree(cls)
+    if tree is None:
         return frozenset()
     reads: set[str] = set()
     calls: set[str] = set()
@@ -167,9 +158,9 @@ def _weights_read(cls: type) -> frozenset[str]:
             for n in node.orelse:
                 visit(n)
             return
-        if isinstance(node, ast.Attribute) and node.attr == "weight" and (x := _self_attr(node.value)):
+        if isinstance(node, ast.Attribute) and node.attr == "weight" and (x := self_attr(node.value)):
             reads.add(x)
-        if isinstance(node, ast.Call) and (x := _self_attr(node.func)):
+        if isinstance(node, ast.Call) and (x := self_attr(node.func)):
             calls.add(x)
         for child in ast.iter_child_nodes(node):
             visit(child)
